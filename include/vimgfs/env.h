@@ -1,0 +1,92 @@
+// Host file access. Nothing under src/engine or src/formats calls POSIX directly: they go
+// through File and Env so tests can swap in an in-memory or fault-injecting Env.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "vimgfs/status.h"
+
+namespace vimgfs {
+
+// Names what a write is for, so a fault-injection rule can aim at one exact step
+// (the idea of qemu's blkdebug events).
+enum class IoTag {
+  kData,
+  kCowData,
+  kHeader,
+  kL1,
+  kL2,
+  kRefTable,
+  kRefBlock,
+  kBlockMap,
+  kGrainTable,
+  kGrainDir,
+  kOther,
+};
+
+enum class OpenMode { kReadOnly, kReadWrite };
+
+// One run of a sparse host file as SEEK_DATA/SEEK_HOLE report it.
+struct HostExtent {
+  bool data = true;     // false: a hole (reads as zeros)
+  uint64_t length = 0;  // bytes from the queried offset; 0 at or past EOF
+};
+
+// A host file. Thread-safe: PRead/PWrite at distinct offsets may run concurrently.
+class File {
+ public:
+  virtual ~File() = default;
+
+  // Reads buf.size() bytes at off. Bytes past the end of the file read as zeros.
+  virtual Status PRead(uint64_t off, std::span<std::byte> buf) = 0;
+  // Writes all of buf at off, growing the file if needed.
+  virtual Status PWrite(uint64_t off, std::span<const std::byte> buf, IoTag tag = IoTag::kData) = 0;
+  // Makes every completed write durable (fdatasync when data_only, else fsync).
+  virtual Status Sync(bool data_only = true) = 0;
+  virtual Result<uint64_t> Size() = 0;
+  virtual Status Truncate(uint64_t size) = 0;
+  // Deallocates [off, off+len) keeping the size; reads return zeros. kUnsupported if the
+  // host can't.
+  virtual Status PunchHole(uint64_t off, uint64_t len) = 0;
+  // Reserves disk blocks for [off, off+len) (fallocate mode 0), growing the file.
+  virtual Status Allocate(uint64_t off, uint64_t len) = 0;
+  // Whether off is in data or a hole, and how far that run goes (SEEK_DATA/SEEK_HOLE).
+  virtual Result<HostExtent> ProbeExtent(uint64_t off) = 0;
+  // Bytes the file occupies on the host (st_blocks * 512).
+  virtual Result<uint64_t> AllocatedSize() = 0;
+
+  virtual const std::string& path() const = 0;
+  virtual bool writable() const = 0;
+  // The OS descriptor, or -1 (in-memory files). Used for qemu-compatible locks.
+  virtual int fd() const { return -1; }
+};
+
+struct FileStat {
+  bool exists = false;
+  bool regular = false;
+  bool directory = false;
+  uint64_t size = 0;
+};
+
+class Env {
+ public:
+  virtual ~Env() = default;
+  // The process-wide POSIX Env. Never deleted.
+  static Env* Default();
+
+  virtual Result<std::unique_ptr<File>> Open(const std::string& path, OpenMode mode) = 0;
+  // Creates (or truncates, unless exclusive) a regular file for reading and writing.
+  virtual Result<std::unique_ptr<File>> Create(const std::string& path, bool exclusive = false) = 0;
+  virtual Status Remove(const std::string& path) = 0;
+  // Follows symlinks, like stat(2). A missing file is not an error: exists = false.
+  virtual Result<FileStat> Stat(const std::string& path) = 0;
+};
+
+// Creates an in-memory Env (tests, fuzzing). Files persist for the Env's lifetime.
+std::unique_ptr<Env> NewMemEnv();
+
+}  // namespace vimgfs

@@ -1,0 +1,242 @@
+// The plug-in contract between the engine and the image formats.
+//
+// A format answers "where does guest byte N live" (Lookup) and "make guest bytes N..M
+// live somewhere new" (PrepareWrite / CommitWrite); the engine (vimgfs::Image) moves every
+// byte: it splits requests, reads data, decompresses, falls back to the backing image,
+// fills copy-on-write heads and tails, and writes data before it commits a mapping.
+//
+// Threading: the engine calls every ClusterMap method with its metadata mutex held, so a
+// format needs no locking of its own. Data I/O is done by the engine with no lock held.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "vimgfs/env.h"
+#include "vimgfs/status.h"
+
+namespace vimgfs {
+
+enum class Codec {
+  kNone,
+  kDeflateRaw,  // raw deflate, no header (qcow2 zlib clusters)
+  kZlib,        // zlib stream with header (VMDK streamOptimized grains)
+  kZstd,        // zstd frame(s) (qcow2 compression_type=zstd)
+};
+
+// Where a run of guest bytes lives.
+struct Mapping {
+  enum class Kind {
+    kUnallocated,  // not in this image: read the backing image, or zeros without one
+    kZero,         // reads as zeros; the backing image is not consulted
+    kData,         // plain data at file+host_offset
+    kCompressed,   // one compressed unit; decompress, then take the slice
+  };
+  Kind kind = Kind::kUnallocated;
+  uint64_t length = 0;          // guest bytes covered, starting at the looked-up offset
+  File* file = nullptr;         // kData, kCompressed: the host file (owned by the format)
+  uint64_t host_offset = 0;     // kData: host offset of the first guest byte of this run
+                                // kCompressed: host offset of the compressed stream
+  // kCompressed only:
+  uint64_t compressed_length = 0;  // bytes to read from host_offset (an upper bound is fine)
+  uint64_t unit_guest_offset = 0;  // guest offset where the compressed unit begins
+  uint32_t unit_size = 0;          // decompressed size of the unit
+  Codec codec = Codec::kNone;
+  // kData: the bytes may be overwritten in place (qcow2: refcount 1, i.e. not shared with
+  // a snapshot). When false, a write needs PrepareWrite even though data is present.
+  bool writable = false;
+
+  bool operator==(const Mapping&) const = default;
+};
+
+// Host space a format reserved for a write. The engine writes the whole range
+// [guest_offset, guest_offset+length) to file at host_offset — the caller's bytes where
+// the request covers it, the current content (copy-on-write) elsewhere — then commits.
+struct WritePlan {
+  uint64_t guest_offset = 0;
+  uint64_t length = 0;
+  File* file = nullptr;
+  uint64_t host_offset = 0;
+  uint64_t cookie[4] = {0, 0, 0, 0};  // format-private
+};
+
+struct SnapshotInfo {
+  std::string id;
+  std::string name;
+  uint64_t vm_state_size = 0;
+  uint64_t date_sec = 0;
+  uint32_t date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+  uint64_t icount = UINT64_MAX;  // UINT64_MAX: absent
+  uint64_t disk_size = 0;
+};
+
+// What the engine needs to open a backing image.
+struct BackingRef {
+  std::string name;    // as stored in the image
+  std::string format;  // backing-format hint, may be empty
+};
+
+// Format-level facts for `info`.
+struct FormatInfo {
+  std::string format;           // "qcow2", "vmdk", "vdi", "raw"
+  uint64_t virtual_size = 0;
+  uint64_t cluster_size = 0;    // 0: none (raw)
+  bool dirty = false;
+  bool encrypted = false;
+  std::vector<SnapshotInfo> snapshots;
+  nlohmann::json format_specific;  // qemu-img info's "format-specific" object (or null)
+};
+
+struct CheckReport {
+  int64_t corruptions = 0;
+  int64_t leaks = 0;
+  int64_t check_errors = 0;
+  int64_t corruptions_fixed = 0;
+  int64_t leaks_fixed = 0;
+  uint64_t image_end_offset = 0;   // 0: not reported
+  uint64_t total_clusters = 0;     // 0: not reported
+  uint64_t allocated_clusters = 0;
+  uint64_t fragmented_clusters = 0;
+  uint64_t compressed_clusters = 0;
+  std::vector<std::string> messages;  // "ERROR cluster 5 refcount=0 reference=1" lines
+};
+
+enum class RepairMode { kNone, kLeaks, kAll };
+
+// One open image's mapping. Created by FormatDriver::Open, driven by vimgfs::Image.
+class ClusterMap {
+ public:
+  virtual ~ClusterMap() = default;
+
+  virtual uint64_t virtual_size() const = 0;
+  // The allocation unit (qcow2 cluster, VMDK grain, VDI block); raw: 1 MiB nominal.
+  virtual uint64_t cluster_size() const = 0;
+  virtual bool read_only() const = 0;
+
+  // Appends mappings covering exactly [guest_off, guest_off+len) in order. Never
+  // allocates; may load tables into the cache. REQUIRES: range inside virtual_size().
+  virtual Status Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) = 0;
+
+  // Reserves host space for a write starting at guest_off (refcounts or bitmaps updated
+  // in the cache, nothing linked yet). The plan starts at or before guest_off and covers
+  // at least the first allocation unit; it may cover less than len (the engine loops).
+  virtual Result<WritePlan> PrepareWrite(uint64_t guest_off, uint64_t len) {
+    return Status::Unsupported("writing this format is not supported");
+  }
+  // Links the plan's host space into the tables. Called after the data write succeeded.
+  virtual Status CommitWrite(const WritePlan& plan) { return Status::Unsupported("write"); }
+  // Returns reserved space after a failed data write (a leak is acceptable).
+  virtual void AbortWrite(const WritePlan& plan) {}
+
+  // Makes [guest_off, guest_off+len) read as zeros without writing data, freeing the host
+  // space when unmap. REQUIRES: aligned to cluster_size() (the end may be virtual_size()).
+  // kUnsupported: the engine writes zeros instead.
+  virtual Status ZeroRange(uint64_t guest_off, uint64_t len, bool unmap) {
+    return Status::Unsupported("zero clusters");
+  }
+  // Frees the host space of [guest_off, guest_off+len); the range then reads as zeros or
+  // from the backing image, as the format does it. Same alignment rule as ZeroRange.
+  virtual Status Discard(uint64_t guest_off, uint64_t len) { return Status::Ok(); }
+
+  // Writes dirty metadata in dependency order and makes data and metadata durable.
+  virtual Status Flush() = 0;
+  // Flushes and marks the image clean (dirty bit cleared). The map is unusable after.
+  virtual Status Close() = 0;
+
+  virtual std::optional<BackingRef> backing() const { return std::nullopt; }
+  virtual FormatInfo Info() = 0;
+  // Host files other than the main one (data file, extents), for `info` and locking.
+  virtual std::vector<File*> host_files() { return {}; }
+
+  virtual Result<CheckReport> Check(RepairMode mode) {
+    return Status::Unsupported("this format cannot be checked");
+  }
+  virtual Status Resize(uint64_t new_size, bool allow_shrink) {
+    return Status::Unsupported("resizing this format is not supported");
+  }
+  virtual Status SnapshotCreate(const std::string& name) {
+    return Status::Unsupported("this format has no internal snapshots");
+  }
+  virtual Status SnapshotApply(const std::string& name) {
+    return Status::Unsupported("this format has no internal snapshots");
+  }
+  virtual Status SnapshotDelete(const std::string& name) {
+    return Status::Unsupported("this format has no internal snapshots");
+  }
+  // Rewrites the backing reference in the header (rebase -u, commit).
+  virtual Status SetBacking(const std::optional<BackingRef>& ref) {
+    return Status::Unsupported("this format has no backing file");
+  }
+};
+
+// Options a user passes at open time.
+struct OpenOptions {
+  Env* env = nullptr;           // nullptr: Env::Default()
+  std::string format;           // empty: probe
+  bool read_only = false;
+  bool untrusted = false;       // refuse every external reference (DESIGN.md section 3)
+  bool open_backing = true;     // false: leave the chain unopened (info without --backing-chain)
+  std::string snapshot;         // qcow2 internal snapshot to view read-only
+  uint64_t cache_bytes = 32ull << 20;  // metadata cache cap per image
+  int max_chain_depth = 64;
+};
+
+// Resolves a file name an image refers to (backing file, data file, extent) against the
+// referring image's folder and checks the rules of DESIGN.md section 3: regular files
+// only, no `json:` or `proto:` names, nothing outside the folder when untrusted.
+// Returns the path to open.
+Result<std::string> ResolveReference(Env& env, const std::string& referrer_path,
+                                     const std::string& name, bool untrusted,
+                                     bool confine_to_folder);
+
+// What FormatDriver::Open gets.
+struct OpenContext {
+  Env* env = nullptr;
+  std::string path;
+  std::unique_ptr<File> file;   // the image file, opened in the right mode
+  OpenOptions options;
+};
+
+// What FormatDriver::Create gets. `options` are qemu-img's -o pairs, already split.
+struct CreateContext {
+  Env* env = nullptr;
+  std::string path;
+  uint64_t size = 0;
+  std::map<std::string, std::string> options;
+  std::optional<BackingRef> backing;
+};
+
+struct CreateOptionHelp {
+  std::string name;
+  std::string type;  // "size", "bool", "string", "number"
+  std::string help;
+};
+
+// A format: stateless, registered in formats/registry.cc.
+class FormatDriver {
+ public:
+  virtual ~FormatDriver() = default;
+  virtual const char* name() const = 0;
+  // How sure the driver is that `head` (the first bytes of the file, up to 4 KiB) is
+  // its format: 0 no, 100 certain (qemu's probe scores).
+  virtual int Probe(std::span<const std::byte> head, const std::string& path) const = 0;
+  virtual Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const = 0;
+  virtual Status Create(const CreateContext& ctx) const {
+    return Status::Unsupported("creating {} images is not supported", name());
+  }
+  virtual std::vector<CreateOptionHelp> CreateOptions() const { return {}; }
+};
+
+// All registered drivers, in probe order.
+const std::vector<const FormatDriver*>& AllFormats();
+const FormatDriver* FindFormat(std::string_view name);
+
+}  // namespace vimgfs

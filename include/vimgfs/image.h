@@ -1,0 +1,118 @@
+// vimgfs::Image: the engine. One open image (and its backing chain) as a block device.
+// The mount and every command use this and nothing below it.
+//
+// Thread-safety: every public method may be called from many threads at once. Reads and
+// in-place writes of different or the same clusters run in parallel; allocating writes,
+// zeroing and discards take an exclusive lock on the clusters they touch only; calls into
+// the format (table lookups and updates) serialize on one metadata mutex, with no data
+// I/O done under it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "vimgfs/env.h"
+#include "vimgfs/format.h"
+#include "vimgfs/status.h"
+
+namespace vimgfs {
+
+// One run of `map`: what the guest range [offset, offset+length) is.
+struct BlockStatus {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  int depth = 0;        // 0: this image; n: the n-th backing image; chain length: none
+  bool present = false; // some image in the chain has it (data or zero)
+  bool zero = false;    // reads as zeros
+  bool data = false;    // backed by data (may still be zero bytes)
+  bool has_offset = false;
+  uint64_t host_offset = 0;  // valid with has_offset (plain data only)
+  std::string filename;      // the host file holding it (has_offset)
+  bool compressed = false;
+
+  // Whether two adjacent runs can be merged, as qemu-img map does.
+  bool Continues(const BlockStatus& prev) const;
+};
+
+class RangeLock;
+
+class Image {
+ public:
+  // Opens path (probing its format unless options.format is set) and its backing chain.
+  static Result<std::unique_ptr<Image>> Open(const std::string& path, const OpenOptions& options);
+  // Creates a new image of `format` (options as qemu-img -o). A backing file named in
+  // ctx.backing is checked to exist unless `unsafe` (qemu-img create -u).
+  static Status Create(const std::string& format, CreateContext ctx, bool unsafe = false);
+  // Detects the format of path from its content ("raw" when nothing matches).
+  static Result<std::string> Probe(Env& env, const std::string& path);
+
+  ~Image();
+  Image(const Image&) = delete;
+  Image& operator=(const Image&) = delete;
+
+  uint64_t size() const { return size_; }
+  const std::string& path() const { return path_; }
+  const std::string& format() const { return format_; }
+  bool read_only() const { return read_only_; }
+  Image* backing() const { return backing_.get(); }
+  // The backing reference stored in the image, whether or not it was opened.
+  const std::optional<BackingRef>& backing_ref() const { return backing_ref_; }
+  // The path the backing reference resolved to ("" if none or not opened).
+  const std::string& backing_path() const { return backing_path_; }
+
+  Status Read(uint64_t off, std::span<std::byte> buf);
+  Status Write(uint64_t off, std::span<const std::byte> buf);
+  // Makes the range read as zeros; whole clusters are zero-flagged (and freed when
+  // unmap) where the format can, the rest is written with zeros.
+  Status WriteZeroes(uint64_t off, uint64_t len, bool unmap);
+  // Frees host space of whole clusters in the range; content of the range afterwards
+  // is format-defined (zeros or backing data), like qemu's discard.
+  Status Discard(uint64_t off, uint64_t len);
+  // All acknowledged writes durable, data and metadata.
+  Status Flush();
+  // Flushes, marks clean and closes the chain. Called by the destructor if not before.
+  Status Close();
+
+  // What [off, off+len) is, merged into runs, looking through the backing chain
+  // (qemu-img map semantics). With this_image_only, depth is 0 or 1 (1 = not here).
+  Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool this_image_only = false);
+  // The raw mappings of this image alone (no backing), for tools that copy allocated data.
+  Status Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out);
+
+  FormatInfo Info();
+  ClusterMap& cluster_map() { return *map_; }
+  Env& env() { return *env_; }
+  // The image file itself.
+  File& file() { return *file_; }
+
+ private:
+  Image() = default;
+  Status ReadUnlocked(uint64_t off, std::span<std::byte> buf);
+  Status ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> buf);
+  Status WriteAllocating(uint64_t off, std::span<const std::byte> buf);
+  Status ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard);
+
+  Env* env_ = nullptr;
+  std::string path_;
+  std::string format_;
+  bool read_only_ = false;
+  uint64_t size_ = 0;
+  uint64_t cluster_size_ = 0;
+  File* file_ = nullptr;                    // owned by map_
+  std::unique_ptr<ClusterMap> map_;
+  std::unique_ptr<Image> backing_;
+  std::optional<BackingRef> backing_ref_;
+  std::string backing_path_;
+  std::mutex meta_mu_;                      // guards every call into map_
+  std::unique_ptr<RangeLock> range_lock_;   // cluster-range locks for writers
+  bool closed_ = false;
+};
+
+// Parses qemu-img size strings: "10G", "512", "1.5M", "64k" (binary units, B k K M G T P E).
+Result<uint64_t> ParseSize(std::string_view text);
+
+}  // namespace vimgfs

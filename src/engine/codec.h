@@ -1,0 +1,23 @@
+// Compression codecs for compressed clusters and grains (zlib/deflate and zstd).
+#pragma once
+
+#include <cstddef>
+#include <span>
+#include <vector>
+
+#include "vimgfs/format.h"
+#include "vimgfs/status.h"
+
+namespace vimgfs {
+
+// Decompresses `in` into exactly out.size() bytes. Trailing input is ignored (qcow2
+// compressed clusters are stored in whole sectors). Fails with kCorrupt when the stream
+// is bad or produces fewer bytes than out.size().
+Status Decompress(Codec codec, std::span<const std::byte> in, std::span<std::byte> out);
+
+// Compresses `in`; returns the stream, or an empty vector when it would not be smaller
+// than max_out bytes (the caller then stores the data uncompressed). level < 0: default.
+Result<std::vector<std::byte>> Compress(Codec codec, std::span<const std::byte> in,
+                                        size_t max_out, int level = -1);
+
+}  // namespace vimgfs
