@@ -1,0 +1,13 @@
+// The built-in format drivers. Each is defined in its folder under src/formats/.
+#pragma once
+
+#include "vimgfs/format.h"
+
+namespace vimgfs {
+
+const FormatDriver* RawDriver();
+const FormatDriver* Qcow2Driver();
+const FormatDriver* VmdkDriver();
+const FormatDriver* VdiDriver();
+
+}  // namespace vimgfs

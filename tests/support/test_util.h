@@ -1,0 +1,54 @@
+// Helpers shared by the tests: temp dirs, running commands (qemu-img is the oracle),
+// hashing files, seeded random data.
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace vimgfs::test {
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;  // stdout
+  std::string err;  // stderr
+};
+
+// Runs `sh -c command`, capturing stdout and stderr.
+CommandResult RunCommand(const std::string& command);
+// Shell-quotes one argument.
+std::string Quote(const std::string& s);
+// Whether a program is on PATH.
+bool HaveProgram(const std::string& name);
+// Path of the built vimgfs binary (from the VIMGFS_BINARY compile definition / env var).
+std::string VimgfsBinary();
+// Path of ../shared/corpus (env VIMGFS_CORPUS overrides); "" if absent.
+std::string CorpusDir();
+
+// A fresh directory removed (recursively) on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string File(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+std::string Sha256OfFile(const std::string& path);
+std::vector<uint8_t> ReadWholeFile(const std::string& path);
+void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data);
+// Deterministic pseudo-random bytes.
+std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed);
+
+// Skips the current test when qemu-img is missing (CI always has it).
+#define REQUIRE_QEMU_IMG()                                                \
+  do {                                                                    \
+    if (!::vimgfs::test::HaveProgram("qemu-img"))                         \
+      GTEST_SKIP() << "qemu-img not installed (apt-get install qemu-utils)"; \
+  } while (0)
+
+}  // namespace vimgfs::test
