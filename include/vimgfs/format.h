@@ -181,6 +181,7 @@ class ClusterMap {
 struct OpenOptions {
   Env* env = nullptr;           // nullptr: Env::Default()
   std::string format;           // empty: probe
+  const class FormatDriver* driver = nullptr;  // tests: use this driver, skip the registry
   bool read_only = false;
   bool untrusted = false;       // refuse every external reference (DESIGN.md section 3)
   bool open_backing = true;     // false: leave the chain unopened (info without --backing-chain)

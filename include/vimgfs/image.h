@@ -90,7 +90,11 @@ class Image {
   File& file() { return *file_; }
 
  private:
+  friend struct ImageOpener;
   Image() = default;
+  Status CheckProbedRawHead(uint64_t off, std::span<const std::byte> buf);
+  bool KnownZero(uint64_t off, uint64_t len);
+  Status WriteZeroChunks(uint64_t off, uint64_t len);
   Status ReadUnlocked(uint64_t off, std::span<std::byte> buf);
   Status ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> buf);
   Status WriteAllocating(uint64_t off, std::span<const std::byte> buf);
@@ -100,6 +104,7 @@ class Image {
   std::string path_;
   std::string format_;
   bool read_only_ = false;
+  bool probed_raw_ = false;  // format guessed as raw: protect sector 0 (see Write)
   uint64_t size_ = 0;
   uint64_t cluster_size_ = 0;
   File* file_ = nullptr;                    // owned by map_

@@ -44,6 +44,7 @@ class [[nodiscard]] Status {
   static Status Name(fmt::format_string<Args...> f, Args&&... args) {           \
     return Error(ErrorKind::Kind, Errno, fmt::format(f, std::forward<Args>(args)...)); \
   }
+  VIMGFS_STATUS_FACTORY(Io, kIo, EIO)
   VIMGFS_STATUS_FACTORY(InvalidFormat, kInvalidFormat, EINVAL)
   VIMGFS_STATUS_FACTORY(Unsupported, kUnsupported, ENOTSUP)
   VIMGFS_STATUS_FACTORY(Corrupt, kCorrupt, EIO)

@@ -1,0 +1,65 @@
+// vimgfs: dispatch to a command, or mount when the first argument is not one.
+#include <cstdio>
+#include <cstring>
+#include <string_view>
+
+#include "cli/commands.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*run)(int, char**);
+  const char* synopsis;
+};
+
+const Command kCommands[] = {
+    {"mount", vimgfs::cli::RunMount, "mount [options] IMAGE MOUNTPOINT   serve the image as a raw file"},
+    {"create", vimgfs::cli::RunCreate, "create [-f fmt] [-o opts] [-b backing [-F fmt]] [-u] file [size]"},
+    {"info", vimgfs::cli::RunInfo, "info [-f fmt] [--output=human|json] [--backing-chain] file"},
+    {"check", vimgfs::cli::RunCheck, "check [-f fmt] [--output=human|json] [-r leaks|all] file"},
+    {"convert", vimgfs::cli::RunConvert, "convert [-f fmt] [-O fmt] [-o opts] [-c] [-p] file... output"},
+    {"compare", vimgfs::cli::RunCompare, "compare [-f fmt] [-F fmt] [-s] file1 file2"},
+    {"map", vimgfs::cli::RunMap, "map [-f fmt] [--output=human|json] file"},
+    {"resize", vimgfs::cli::RunResize, "resize [-f fmt] [--shrink] file [+|-]size"},
+    {"snapshot", vimgfs::cli::RunSnapshot, "snapshot [-l | -c name | -a name | -d name] file"},
+    {"rebase", vimgfs::cli::RunRebase, "rebase [-f fmt] [-u] -b backing [-F fmt] file"},
+    {"commit", vimgfs::cli::RunCommit, "commit [-f fmt] [-d] [-b base] file"},
+};
+
+void PrintUsage(FILE* out) {
+  std::fprintf(out,
+               "vimgfs %s - mount VM disk images as a raw file; qemu-img compatible tools\n\n"
+               "usage: vimgfs [mount-options] IMAGE MOUNTPOINT\n"
+               "       vimgfs COMMAND [options] ...\n\n"
+               "Commands:\n",
+               VIMGFS_VERSION);
+  for (const Command& c : kCommands) std::fprintf(out, "  %s\n", c.synopsis);
+  std::fprintf(out,
+               "\nFormats: qcow2, vmdk, vdi, raw (detected from content unless -f is given).\n"
+               "Run 'vimgfs COMMAND --help' for a command's options, 'vimgfs mount --help'\n"
+               "for the mount options, and see vimgfs(1).\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    PrintUsage(stderr);
+    return 1;
+  }
+  std::string_view first = argv[1];
+  if (first == "--help" || first == "-h" || first == "help") {
+    PrintUsage(stdout);
+    return 0;
+  }
+  if (first == "--version" || first == "-V") {
+    std::printf("vimgfs version %s\n", VIMGFS_VERSION);
+    return 0;
+  }
+  for (const Command& c : kCommands) {
+    if (first == c.name) return c.run(argc - 1, argv + 1);
+  }
+  // Shorthand mount: `vimgfs [options] IMAGE MOUNTPOINT` (also what mount.fuse3 runs).
+  return vimgfs::cli::RunMount(argc, argv);
+}

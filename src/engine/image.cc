@@ -1,0 +1,562 @@
+// The engine: one format-independent implementation of read, write, zero, discard and
+// flush over a ClusterMap and its backing chain.
+//
+// Locking (in this order, never the reverse):
+//   1. range_lock_: cluster-granular. Reads and in-place writes hold their clusters
+//      shared; allocating writes, zeroing and discards hold them exclusive, so nobody
+//      reads a mapping that is being replaced or frees a cluster under a reader.
+//   2. meta_mu_: held for every call into the format, never across data I/O.
+//
+// Write ordering: data (with the copy-on-write head and tail) is written before
+// CommitWrite links it; the format's caches then order metadata write-back.
+#include "vimgfs/image.h"
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <condition_variable>
+#include <cstring>
+#include <list>
+#include <set>
+
+#include "engine/codec.h"
+#include "engine/range_lock.h"
+#include "util/checked.h"
+#include "util/limits.h"
+
+namespace vimgfs {
+namespace {
+
+constexpr size_t kProbeBytes = 4096;
+constexpr uint64_t kZeroChunk = 1 << 20;
+
+const std::byte* ZeroBuffer() {
+  static const std::byte* zeros = [] {
+    auto* z = new std::byte[kZeroChunk];
+    std::memset(z, 0, kZeroChunk);
+    return z;
+  }();
+  return zeros;
+}
+
+// The last decompressed unit of each thread: sequential reads of a compressed image touch
+// one unit with several requests.
+struct DecompressedUnit {
+  const File* file = nullptr;
+  uint64_t host_offset = UINT64_MAX;
+  uint64_t generation = 0;
+  std::vector<std::byte> data;
+};
+thread_local DecompressedUnit tls_unit;
+std::atomic<uint64_t> g_write_generation{1};
+
+}  // namespace
+
+bool BlockStatus::Continues(const BlockStatus& prev) const {
+  if (prev.offset + prev.length != offset) return false;
+  if (depth != prev.depth || present != prev.present || zero != prev.zero || data != prev.data ||
+      compressed != prev.compressed || has_offset != prev.has_offset)
+    return false;
+  if (has_offset) return filename == prev.filename && prev.host_offset + prev.length == host_offset;
+  return true;
+}
+
+Result<std::string> Image::Probe(Env& env, const std::string& path) {
+  ASSIGN_OR_RETURN(auto file, env.Open(path, OpenMode::kReadOnly));
+  std::vector<std::byte> head(kProbeBytes);
+  RETURN_IF_ERROR(file->PRead(0, head));
+  ASSIGN_OR_RETURN(uint64_t size, file->Size());
+  std::span<const std::byte> h(head.data(), std::min<uint64_t>(size, kProbeBytes));
+  const FormatDriver* best = nullptr;
+  int best_score = 0;
+  for (const FormatDriver* d : AllFormats()) {
+    int score = d->Probe(h, path);
+    if (score > best_score) {
+      best = d;
+      best_score = score;
+    }
+  }
+  return std::string(best ? best->name() : "raw");
+}
+
+// Opening is a static member so it can fill private state; the chain walk recurses.
+struct ImageOpener {
+  static Result<std::unique_ptr<Image>> Open(const std::string& path, const OpenOptions& options,
+                                             int depth, std::set<std::string>* seen) {
+    Env* env = options.env ? options.env : Env::Default();
+    ASSIGN_OR_RETURN(FileStat st, env->Stat(path));
+    if (!st.exists) return Status::NotFound("Could not open '{}': No such file or directory", path);
+    if (st.directory) return Status::InvalidArgument("Could not open '{}': Is a directory", path);
+
+    char real[PATH_MAX];
+    std::string key = realpath(path.c_str(), real) ? std::string(real) : path;
+    if (!seen->insert(key).second)
+      return Status::InvalidFormat("Could not open '{}': backing chain loops back to this file", path);
+    if (depth > std::min(options.max_chain_depth, limits::kMaxChainDepth))
+      return Status::InvalidFormat("Could not open '{}': backing chain deeper than {} images", path,
+                                   limits::kMaxChainDepth);
+
+    std::string format = options.driver ? options.driver->name() : options.format;
+    bool probed = format.empty();
+    if (probed) {
+      ASSIGN_OR_RETURN(format, Image::Probe(*env, path));
+    }
+    const FormatDriver* driver = options.driver ? options.driver : FindFormat(format);
+    if (!driver) return Status::InvalidArgument("Unknown driver '{}'", format);
+
+    bool read_only = options.read_only || !options.snapshot.empty();
+    ASSIGN_OR_RETURN(auto file, env->Open(path, read_only ? OpenMode::kReadOnly : OpenMode::kReadWrite));
+    std::unique_ptr<Image> img(new Image());
+    img->env_ = env;
+    img->path_ = path;
+    img->format_ = format;
+    img->file_ = file.get();
+    img->probed_raw_ = probed && format == "raw";
+
+    OpenContext ctx;
+    ctx.env = env;
+    ctx.path = path;
+    ctx.file = std::move(file);
+    ctx.options = options;
+    ctx.options.env = env;
+    ctx.options.read_only = read_only;
+    ASSIGN_OR_RETURN(img->map_, driver->Open(std::move(ctx)));
+    img->read_only_ = read_only || img->map_->read_only();
+    img->size_ = img->map_->virtual_size();
+    img->cluster_size_ = img->map_->cluster_size();
+    if (img->cluster_size_ == 0 || !IsPowerOfTwo(img->cluster_size_))
+      return Status::InvalidFormat("'{}': cluster size {} is not a power of two", path, img->cluster_size_);
+    img->range_lock_ = std::make_unique<RangeLock>();
+    img->backing_ref_ = img->map_->backing();
+
+    if (img->backing_ref_ && options.open_backing) {
+      ASSIGN_OR_RETURN(img->backing_path_,
+                       ResolveReference(*env, path, img->backing_ref_->name, options.untrusted, false));
+      OpenOptions bo = options;
+      bo.env = env;
+      bo.read_only = true;
+      bo.snapshot.clear();
+      bo.format = img->backing_ref_->format;
+      bo.driver = nullptr;
+      if (!bo.format.empty() && !FindFormat(bo.format))
+        return Status::Unsupported("'{}': unknown backing format '{}'", path, bo.format);
+      auto backing = Open(img->backing_path_, bo, depth + 1, seen);
+      if (!backing.ok())
+        return backing.error().WithContext("Could not open backing file of '{}'", path);
+      img->backing_ = std::move(backing).value();
+    }
+    return img;
+  }
+};
+
+Result<std::unique_ptr<Image>> Image::Open(const std::string& path, const OpenOptions& options) {
+  std::set<std::string> seen;
+  return ImageOpener::Open(path, options, 0, &seen);
+}
+
+Status Image::Create(const std::string& format, CreateContext ctx, bool unsafe) {
+  const FormatDriver* driver = FindFormat(format);
+  if (!driver) return Status::InvalidArgument("Unknown file format '{}'", format);
+  if (!ctx.env) ctx.env = Env::Default();
+  if (ctx.backing && !unsafe) {
+    // qemu-img opens the backing file to check it (and to take its size when none given).
+    ASSIGN_OR_RETURN(std::string bpath, ResolveReference(*ctx.env, ctx.path, ctx.backing->name, false, false));
+    OpenOptions bo;
+    bo.env = ctx.env;
+    bo.read_only = true;
+    bo.format = ctx.backing->format;
+    auto b = Image::Open(bpath, bo);
+    if (!b.ok()) return b.error().WithContext("Could not open backing image");
+    if (ctx.size == 0) ctx.size = (*b)->size();
+    if (ctx.backing->format.empty()) ctx.backing->format = (*b)->format();
+  }
+  return driver->Create(ctx);
+}
+
+Image::~Image() {
+  if (!closed_) (void)Close();
+}
+
+Status Image::Close() {
+  if (closed_) return Status::Ok();
+  closed_ = true;
+  // Invalidates every thread's decompressed-unit cache: the File it names goes away.
+  g_write_generation.fetch_add(1, std::memory_order_release);
+  Status s;
+  {
+    std::lock_guard lk(meta_mu_);
+    s = map_->Close();
+  }
+  if (backing_) {
+    Status b = backing_->Close();
+    if (s.ok()) s = b;
+  }
+  return s;
+}
+
+Status Image::Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out) {
+  if (off > size_ || len > size_ - off)
+    return Status::OutOfRange("'{}': range {:#x}+{:#x} is past the end of the disk ({} bytes)", path_,
+                              off, len, size_);
+  std::lock_guard lk(meta_mu_);
+  size_t first = out->size();
+  RETURN_IF_ERROR(map_->Lookup(off, len, out));
+  // A format bug or a hostile table must not make us read or write outside the buffer.
+  uint64_t covered = 0;
+  for (size_t i = first; i < out->size(); i++) covered += (*out)[i].length;
+  if (covered != len)
+    return Status::Corrupt("'{}': mapping of {:#x}+{:#x} covers {:#x} bytes", path_, off, len, covered);
+  return Status::Ok();
+}
+
+Status Image::ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> buf) {
+  switch (m.kind) {
+    case Mapping::Kind::kData:
+      return m.file->PRead(m.host_offset, buf);
+    case Mapping::Kind::kZero:
+      std::memset(buf.data(), 0, buf.size());
+      return Status::Ok();
+    case Mapping::Kind::kUnallocated: {
+      uint64_t from_backing = 0;
+      if (backing_ && off < backing_->size()) {
+        from_backing = std::min<uint64_t>(buf.size(), backing_->size() - off);
+        RETURN_IF_ERROR(backing_->ReadUnlocked(off, buf.first(from_backing)));
+      }
+      std::memset(buf.data() + from_backing, 0, buf.size() - from_backing);
+      return Status::Ok();
+    }
+    case Mapping::Kind::kCompressed: {
+      if (m.unit_size == 0 || m.unit_size > limits::kMaxCompressedUnit ||
+          m.compressed_length > 2 * limits::kMaxCompressedUnit + 4096 || off < m.unit_guest_offset ||
+          off - m.unit_guest_offset + buf.size() > m.unit_size)
+        return Status::Corrupt("'{}': compressed unit at {:#x} has an impossible size", path_, m.host_offset);
+      DecompressedUnit& u = tls_unit;
+      uint64_t gen = g_write_generation.load(std::memory_order_acquire);
+      if (u.file != m.file || u.host_offset != m.host_offset || u.generation != gen ||
+          u.data.size() != m.unit_size) {
+        std::vector<std::byte> in(m.compressed_length);
+        RETURN_IF_ERROR(m.file->PRead(m.host_offset, in));
+        u.data.resize(m.unit_size);
+        u.file = nullptr;
+        RETURN_IF_ERROR(Decompress(m.codec, in, u.data)
+                            .WithContext("'{}': compressed cluster at {:#x}", path_, m.host_offset));
+        u.file = m.file;
+        u.host_offset = m.host_offset;
+        u.generation = gen;
+      }
+      std::memcpy(buf.data(), u.data.data() + (off - m.unit_guest_offset), buf.size());
+      return Status::Ok();
+    }
+  }
+  return Status::Corrupt("'{}': unknown mapping kind", path_);
+}
+
+Status Image::ReadUnlocked(uint64_t off, std::span<std::byte> buf) {
+  std::vector<Mapping> maps;
+  RETURN_IF_ERROR(Lookup(off, buf.size(), &maps));
+  uint64_t pos = 0;
+  for (const Mapping& m : maps) {
+    RETURN_IF_ERROR(ReadMapping(m, off + pos, buf.subspan(pos, m.length)));
+    pos += m.length;
+  }
+  return Status::Ok();
+}
+
+Status Image::Read(uint64_t off, std::span<std::byte> buf) {
+  if (off > size_ || buf.size() > size_ - off)
+    return Status::OutOfRange("'{}': read of {:#x}+{:#x} is past the end of the disk ({} bytes)",
+                              path_, off, buf.size(), size_);
+  if (buf.empty()) return Status::Ok();
+  RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), off + buf.size(), false);
+  return ReadUnlocked(off, buf);
+}
+
+Status Image::CheckProbedRawHead(uint64_t off, std::span<const std::byte> buf) {
+  // qemu refuses writes that would make a probed raw image look like another format:
+  // the next open would then parse guest-controlled data as image metadata.
+  if (!probed_raw_ || off >= 512) return Status::Ok();
+  std::vector<std::byte> head(512);
+  RETURN_IF_ERROR(ReadUnlocked(0, std::span(head).first(std::min<uint64_t>(512, size_))));
+  std::memcpy(head.data() + off, buf.data(), std::min<uint64_t>(buf.size(), 512 - off));
+  for (const FormatDriver* d : AllFormats()) {
+    if (std::string_view(d->name()) != "raw" && d->Probe(head, path_) > 0)
+      return Status::Error(ErrorKind::kReadOnly, EPERM,
+                           fmt::format("'{}': refusing to write a {} header into an image probed as "
+                                       "raw (open it with -f raw)", path_, d->name()));
+  }
+  return Status::Ok();
+}
+
+Status Image::Write(uint64_t off, std::span<const std::byte> buf) {
+  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
+  if (off > size_ || buf.size() > size_ - off)
+    return Status::OutOfRange("'{}': write of {:#x}+{:#x} is past the end of the disk ({} bytes)",
+                              path_, off, buf.size(), size_);
+  if (buf.empty()) return Status::Ok();
+  uint64_t lock_start = AlignDown(off, cluster_size_);
+  uint64_t lock_end = off + buf.size();
+  {
+    // Fast path: every byte already has a writable home.
+    RangeLock::Guard g(*range_lock_, lock_start, lock_end, false);
+    RETURN_IF_ERROR(CheckProbedRawHead(off, buf));
+    std::vector<Mapping> maps;
+    RETURN_IF_ERROR(Lookup(off, buf.size(), &maps));
+    bool in_place = std::all_of(maps.begin(), maps.end(), [](const Mapping& m) {
+      return m.kind == Mapping::Kind::kData && m.writable;
+    });
+    if (in_place) {
+      uint64_t pos = 0;
+      for (const Mapping& m : maps) {
+        RETURN_IF_ERROR(m.file->PWrite(m.host_offset, buf.subspan(pos, m.length), IoTag::kData));
+        pos += m.length;
+      }
+      return Status::Ok();
+    }
+  }
+  RangeLock::Guard g(*range_lock_, lock_start, AlignUp(lock_end, cluster_size_), true);
+  return WriteAllocating(off, buf);
+}
+
+Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
+  // REQUIRES: the clusters of [off, off+len) locked exclusive.
+  const uint64_t end = off + buf.size();
+  uint64_t pos = off;
+  std::vector<Mapping> maps;
+  std::vector<std::byte> staging;
+  while (pos < end) {
+    maps.clear();
+    RETURN_IF_ERROR(Lookup(pos, end - pos, &maps));
+    const Mapping& m = maps.front();
+    if (m.kind == Mapping::Kind::kData && m.writable) {
+      RETURN_IF_ERROR(m.file->PWrite(m.host_offset, buf.subspan(pos - off, m.length), IoTag::kData));
+      pos += m.length;
+      continue;
+    }
+    Result<WritePlan> planned = [&]() -> Result<WritePlan> {
+      std::lock_guard lk(meta_mu_);
+      return map_->PrepareWrite(pos, end - pos);
+    }();
+    if (!planned.ok()) return planned.error();
+    const WritePlan plan = *planned;
+    const uint64_t plan_end = plan.guest_offset + plan.length;
+    if (plan.guest_offset > pos || plan_end <= pos || plan_end > AlignUp(size_, cluster_size_) ||
+        plan.file == nullptr) {
+      std::lock_guard lk(meta_mu_);
+      map_->AbortWrite(plan);
+      return Status::Corrupt("'{}': format planned {:#x}+{:#x} for a write at {:#x}", path_,
+                             plan.guest_offset, plan.length, pos);
+    }
+    const uint64_t data_end = std::min(end, plan_end);
+    Status s;
+    if (plan.guest_offset == pos && data_end == plan_end) {
+      // The request covers the plan: write straight from the caller's buffer.
+      s = plan.file->PWrite(plan.host_offset, buf.subspan(pos - off, plan.length), IoTag::kData);
+    } else {
+      // Copy-on-write: head and tail keep the current content (backing, compressed, zero).
+      staging.resize(plan.length);
+      std::span<std::byte> st(staging);
+      uint64_t head = pos - plan.guest_offset;
+      uint64_t readable_end = std::min(plan_end, size_);
+      if (head) s = ReadUnlocked(plan.guest_offset, st.first(head));
+      std::memcpy(staging.data() + head, buf.data() + (pos - off), data_end - pos);
+      if (s.ok() && data_end < readable_end)
+        s = ReadUnlocked(data_end, st.subspan(data_end - plan.guest_offset, readable_end - data_end));
+      if (readable_end < plan_end)  // past the disk end inside the last cluster
+        std::memset(staging.data() + (readable_end - plan.guest_offset), 0, plan_end - readable_end);
+      if (s.ok()) s = plan.file->PWrite(plan.host_offset, st, IoTag::kCowData);
+    }
+    std::lock_guard lk(meta_mu_);
+    if (!s.ok()) {
+      map_->AbortWrite(plan);
+      return s;
+    }
+    RETURN_IF_ERROR(map_->CommitWrite(plan));
+    g_write_generation.fetch_add(1, std::memory_order_release);
+    pos = data_end;
+  }
+  return Status::Ok();
+}
+
+// Whether [off, off+len) already reads as zeros without any I/O (zero or unallocated
+// with nothing behind it).
+bool Image::KnownZero(uint64_t off, uint64_t len) {
+  std::vector<Mapping> maps;
+  if (!Lookup(off, len, &maps).ok()) return false;
+  for (const Mapping& m : maps) {
+    if (m.kind == Mapping::Kind::kZero) continue;
+    if (m.kind == Mapping::Kind::kUnallocated && !backing_) continue;
+    return false;
+  }
+  return true;
+}
+
+Status Image::WriteZeroChunks(uint64_t off, uint64_t len) {
+  while (len > 0) {
+    uint64_t n = std::min(len, kZeroChunk);
+    if (!KnownZero(off, n)) RETURN_IF_ERROR(WriteAllocating(off, {ZeroBuffer(), n}));
+    off += n;
+    len -= n;
+  }
+  return Status::Ok();
+}
+
+Status Image::ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard) {
+  // REQUIRES: clusters of the range locked exclusive.
+  const uint64_t end = off + len;
+  uint64_t a = AlignUp(off, cluster_size_);
+  uint64_t b = end == size_ ? end : AlignDown(end, cluster_size_);
+  if (a >= b || a > end) {  // no whole cluster inside
+    return discard ? Status::Ok() : WriteZeroChunks(off, len);
+  }
+  if (!discard && off < a) RETURN_IF_ERROR(WriteZeroChunks(off, a - off));
+  Status s;
+  {
+    std::lock_guard lk(meta_mu_);
+    s = discard ? map_->Discard(a, b - a) : map_->ZeroRange(a, b - a, unmap);
+    g_write_generation.fetch_add(1, std::memory_order_release);
+  }
+  if (!discard && s.kind() == ErrorKind::kUnsupported) s = WriteZeroChunks(a, b - a);
+  if (discard && s.kind() == ErrorKind::kUnsupported) s = Status::Ok();  // discard is advisory
+  RETURN_IF_ERROR(s);
+  if (!discard && b < end) RETURN_IF_ERROR(WriteZeroChunks(b, end - b));
+  return Status::Ok();
+}
+
+Status Image::WriteZeroes(uint64_t off, uint64_t len, bool unmap) {
+  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
+  if (off > size_ || len > size_ - off)
+    return Status::OutOfRange("'{}': zeroing {:#x}+{:#x} is past the end of the disk", path_, off, len);
+  if (len == 0) return Status::Ok();
+  RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
+  return ZeroUnlocked(off, len, unmap, false);
+}
+
+Status Image::Discard(uint64_t off, uint64_t len) {
+  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
+  if (off > size_ || len > size_ - off)
+    return Status::OutOfRange("'{}': discard of {:#x}+{:#x} is past the end of the disk", path_, off, len);
+  if (len == 0) return Status::Ok();
+  RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
+  return ZeroUnlocked(off, len, false, true);
+}
+
+Status Image::Flush() {
+  if (read_only_) return Status::Ok();
+  std::lock_guard lk(meta_mu_);
+  return map_->Flush();
+}
+
+FormatInfo Image::Info() {
+  std::lock_guard lk(meta_mu_);
+  return map_->Info();
+}
+
+Result<std::vector<BlockStatus>> Image::Map(uint64_t off, uint64_t len, bool this_image_only) {
+  if (off > size_ || len > size_ - off)
+    return Status::OutOfRange("'{}': map of {:#x}+{:#x} is past the end of the disk", path_, off, len);
+  std::vector<BlockStatus> out;
+  auto push = [&out](const BlockStatus& bs) {
+    if (bs.length == 0) return;
+    if (!out.empty() && bs.Continues(out.back())) {
+      out.back().length += bs.length;
+    } else {
+      out.push_back(bs);
+    }
+  };
+  // Walk in bounded steps so a huge sparse disk needs no huge mapping vector.
+  constexpr uint64_t kStep = 1ull << 30;
+  std::vector<Mapping> maps;
+  for (uint64_t pos = off; pos < off + len;) {
+    uint64_t n = std::min(kStep, off + len - pos);
+    maps.clear();
+    RETURN_IF_ERROR(Lookup(pos, n, &maps));
+    for (const Mapping& m : maps) {
+      BlockStatus bs;
+      bs.offset = pos;
+      bs.length = m.length;
+      switch (m.kind) {
+        case Mapping::Kind::kData:
+          bs.present = bs.data = true;
+          bs.has_offset = true;
+          bs.host_offset = m.host_offset;
+          bs.filename = m.file->path();
+          push(bs);
+          break;
+        case Mapping::Kind::kCompressed:
+          bs.present = bs.data = bs.compressed = true;
+          push(bs);
+          break;
+        case Mapping::Kind::kZero:
+          bs.present = bs.zero = true;
+          if (m.file) {
+            bs.has_offset = true;
+            bs.host_offset = m.host_offset;
+            bs.filename = m.file->path();
+          }
+          push(bs);
+          break;
+        case Mapping::Kind::kUnallocated: {
+          if (this_image_only || !backing_) {
+            bs.depth = this_image_only ? 1 : 0;
+            bs.zero = !backing_;
+            push(bs);
+            break;
+          }
+          uint64_t in_backing = pos < backing_->size() ? std::min(m.length, backing_->size() - pos) : 0;
+          if (in_backing) {
+            ASSIGN_OR_RETURN(auto sub, backing_->Map(pos, in_backing, false));
+            for (BlockStatus& b : sub) {
+              b.depth += 1;
+              push(b);
+            }
+          }
+          if (in_backing < m.length) {
+            BlockStatus tail;
+            tail.offset = pos + in_backing;
+            tail.length = m.length - in_backing;
+            tail.depth = 1;
+            tail.zero = true;
+            push(tail);
+          }
+          break;
+        }
+      }
+      pos += m.length;
+    }
+  }
+  return out;
+}
+
+Result<uint64_t> ParseSize(std::string_view text) {
+  if (text.empty()) return Status::InvalidArgument("empty size");
+  std::string s(text);
+  char* end = nullptr;
+  errno = 0;
+  double value = std::strtod(s.c_str(), &end);
+  if (end == s.c_str() || errno != 0 || value < 0)
+    return Status::InvalidArgument("Invalid image size specified. You may use k, M, G, T, P or E "
+                                   "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes "
+                                   "and exabytes.");
+  std::string_view suffix(end);
+  double mult = 1;
+  if (!suffix.empty()) {
+    if (suffix.size() > 1 && !(suffix.size() == 2 && (suffix[1] == 'B' || suffix[1] == 'b')))
+      return ParseSize("x");  // the same error
+    switch (suffix[0]) {
+      case 'b': case 'B': mult = 1; break;
+      case 'k': case 'K': mult = 1024.0; break;
+      case 'm': case 'M': mult = 1024.0 * 1024; break;
+      case 'g': case 'G': mult = 1024.0 * 1024 * 1024; break;
+      case 't': case 'T': mult = 1024.0 * 1024 * 1024 * 1024; break;
+      case 'p': case 'P': mult = 1024.0 * 1024 * 1024 * 1024 * 1024; break;
+      case 'e': case 'E': mult = 1024.0 * 1024 * 1024 * 1024 * 1024 * 1024; break;
+      default: return ParseSize("x");
+    }
+  }
+  double bytes = value * mult;
+  if (bytes >= 9.2e18) return Status::InvalidArgument("Image size must be less than 8 EiB!");
+  if (suffix.empty() && s.find('.') != std::string::npos) return ParseSize("x");
+  return static_cast<uint64_t>(bytes);
+}
+
+}  // namespace vimgfs

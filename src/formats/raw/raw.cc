@@ -1,0 +1,139 @@
+// raw: the file is the disk. Holes (SEEK_HOLE) are reported as zero runs so block
+// status, map and sparse copies see them; writes into holes fill them in place.
+#include <algorithm>
+
+#include "formats/drivers.h"
+#include "util/checked.h"
+
+namespace vimgfs {
+namespace {
+
+constexpr uint64_t kSector = 512;
+
+class RawMap final : public ClusterMap {
+ public:
+  RawMap(std::unique_ptr<File> file, uint64_t size, bool read_only)
+      : file_(std::move(file)), size_(size), read_only_(read_only) {}
+
+  uint64_t virtual_size() const override { return size_; }
+  uint64_t cluster_size() const override { return kSector; }
+  bool read_only() const override { return read_only_; }
+
+  Status Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out) override {
+    uint64_t end = off + len;
+    while (off < end) {
+      ASSIGN_OR_RETURN(HostExtent ext, file_->ProbeExtent(off));
+      Mapping m;
+      // Past the host EOF (the file shrank under us) reads as zeros.
+      m.length = ext.length == 0 ? end - off : std::min(ext.length, end - off);
+      m.kind = ext.data ? Mapping::Kind::kData : Mapping::Kind::kZero;
+      m.file = file_.get();
+      m.host_offset = off;
+      m.writable = !read_only_;
+      out->push_back(m);
+      off += m.length;
+    }
+    return Status::Ok();
+  }
+
+  // A hole: the bytes land where they belong, nothing to link.
+  Result<WritePlan> PrepareWrite(uint64_t off, uint64_t len) override {
+    if (read_only_) return Status::ReadOnly("'{}' is opened read-only", file_->path());
+    WritePlan p;
+    p.guest_offset = off;
+    p.length = len;
+    p.file = file_.get();
+    p.host_offset = off;
+    return p;
+  }
+  Status CommitWrite(const WritePlan&) override { return Status::Ok(); }
+
+  Status ZeroRange(uint64_t off, uint64_t len, bool) override {
+    return file_->PunchHole(off, std::min(len, size_ - off));
+  }
+  Status Discard(uint64_t off, uint64_t len) override {
+    Status s = file_->PunchHole(off, std::min(len, size_ - off));
+    return s.kind() == ErrorKind::kUnsupported ? Status::Ok() : s;
+  }
+  Status Flush() override { return read_only_ ? Status::Ok() : file_->Sync(true); }
+  Status Close() override { return Flush(); }
+
+  FormatInfo Info() override {
+    FormatInfo fi;
+    fi.format = "raw";
+    fi.virtual_size = size_;
+    fi.format_specific = nullptr;
+    return fi;
+  }
+
+  Result<CheckReport> Check(RepairMode) override {
+    return Status::Unsupported("This image format does not support checks");
+  }
+
+  Status Resize(uint64_t new_size, bool allow_shrink) override {
+    if (read_only_) return Status::ReadOnly("'{}' is opened read-only", file_->path());
+    if (new_size < size_ && !allow_shrink)
+      return Status::InvalidArgument("Use the --shrink option to perform a shrink operation.");
+    RETURN_IF_ERROR(file_->Truncate(new_size));
+    size_ = new_size;
+    return Status::Ok();
+  }
+
+ private:
+  std::unique_ptr<File> file_;
+  uint64_t size_;
+  bool read_only_;
+};
+
+class RawDriverImpl final : public FormatDriver {
+ public:
+  const char* name() const override { return "raw"; }
+  int Probe(std::span<const std::byte>, const std::string&) const override { return 1; }
+
+  Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override {
+    if (!ctx.options.snapshot.empty())
+      return Status::Unsupported("'{}': raw images have no snapshots", ctx.path);
+    ASSIGN_OR_RETURN(uint64_t size, ctx.file->Size());
+    bool ro = ctx.options.read_only || !ctx.file->writable();
+    return std::unique_ptr<ClusterMap>(new RawMap(std::move(ctx.file), size, ro));
+  }
+
+  Status Create(const CreateContext& ctx) const override {
+    if (ctx.backing) return Status::Unsupported("'{}': raw images cannot have a backing file", ctx.path);
+    std::string prealloc = "off";
+    for (const auto& [k, v] : ctx.options) {
+      if (k == "preallocation") {
+        prealloc = v;
+      } else {
+        return Status::InvalidArgument("Invalid parameter '{}'", k);
+      }
+    }
+    if (prealloc != "off" && prealloc != "falloc" && prealloc != "full")
+      return Status::InvalidArgument("Invalid preallocation mode: '{}'", prealloc);
+    ASSIGN_OR_RETURN(auto f, ctx.env->Create(ctx.path));
+    RETURN_IF_ERROR(f->Truncate(ctx.size));
+    if (prealloc == "falloc" && ctx.size) RETURN_IF_ERROR(f->Allocate(0, ctx.size));
+    if (prealloc == "full") {
+      std::vector<std::byte> zeros(1 << 20);
+      for (uint64_t off = 0; off < ctx.size; off += zeros.size()) {
+        uint64_t n = std::min<uint64_t>(zeros.size(), ctx.size - off);
+        RETURN_IF_ERROR(f->PWrite(off, std::span(zeros.data(), n)));
+      }
+    }
+    return f->Sync(false);
+  }
+
+  std::vector<CreateOptionHelp> CreateOptions() const override {
+    return {{"preallocation", "string",
+             "Preallocation mode (allowed values: off, falloc, full)"}};
+  }
+};
+
+}  // namespace
+
+const FormatDriver* RawDriver() {
+  static RawDriverImpl driver;
+  return &driver;
+}
+
+}  // namespace vimgfs

@@ -1,0 +1,107 @@
+#include "support/test_util.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstring>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <stdexcept>
+
+namespace vimgfs::test {
+
+namespace {
+std::string Slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+}  // namespace
+
+CommandResult RunCommand(const std::string& command) {
+  char out_tmpl[] = "/tmp/vimgfs-out-XXXXXX";
+  char err_tmpl[] = "/tmp/vimgfs-err-XXXXXX";
+  int ofd = mkstemp(out_tmpl);
+  int efd = mkstemp(err_tmpl);
+  close(ofd);
+  close(efd);
+  std::string full = "(" + command + ") >" + out_tmpl + " 2>" + err_tmpl + " </dev/null";
+  int status = std::system(full.c_str());
+  CommandResult r;
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  r.out = Slurp(out_tmpl);
+  r.err = Slurp(err_tmpl);
+  unlink(out_tmpl);
+  unlink(err_tmpl);
+  return r;
+}
+
+std::string Quote(const std::string& s) {
+  std::string q = "'";
+  for (char c : s) {
+    if (c == '\'') q += "'\\''";
+    else q += c;
+  }
+  return q + "'";
+}
+
+bool HaveProgram(const std::string& name) {
+  return RunCommand("command -v " + Quote(name)).exit_code == 0;
+}
+
+std::string VimgfsBinary() {
+  if (const char* e = std::getenv("VIMGFS_BINARY")) return e;
+  return VIMGFS_BINARY;
+}
+
+std::string CorpusDir() {
+  std::string dir = std::getenv("VIMGFS_CORPUS") ? std::getenv("VIMGFS_CORPUS") : VIMGFS_CORPUS;
+  return std::filesystem::exists(dir + "/MANIFEST.tsv") ? dir : "";
+}
+
+TempDir::TempDir() {
+  const char* base = std::getenv("VIMGFS_TEST_TMPDIR");
+  std::string tmpl = std::string(base ? base : "/tmp") + "/vimgfs-test-XXXXXX";
+  std::vector<char> buf(tmpl.begin(), tmpl.end());
+  buf.push_back('\0');
+  if (!mkdtemp(buf.data())) throw std::runtime_error("mkdtemp failed");
+  path_ = buf.data();
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  std::filesystem::remove_all(path_, ec);
+}
+
+std::string Sha256OfFile(const std::string& path) {
+  CommandResult r = RunCommand("sha256sum " + Quote(path));
+  return r.out.substr(0, 64);
+}
+
+std::vector<uint8_t> ReadWholeFile(const std::string& path) {
+  std::string s = Slurp(path);
+  return std::vector<uint8_t>(s.begin(), s.end());
+}
+
+void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+}
+
+std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<uint8_t> v(n);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t x = rng();
+    std::memcpy(v.data() + i, &x, 8);
+  }
+  for (; i < n; i++) v[i] = static_cast<uint8_t>(rng());
+  return v;
+}
+
+}  // namespace vimgfs::test
