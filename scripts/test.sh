@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs dependencies, builds, and runs every test: once on a normal build, once under
+# AddressSanitizer + UndefinedBehaviorSanitizer. End-to-end mount tests need root,
+# /dev/fuse and loop devices; without them they skip and say why.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+
+jobs=$(nproc)
+scripts/build.sh build
+(cd build && ctest --output-on-failure -j"$jobs" --timeout 1500)
+
+scripts/build.sh build-asan -DVIMGFS_SANITIZE=ON
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+(cd build-asan && ctest --output-on-failure -j"$jobs" --timeout 1500)
