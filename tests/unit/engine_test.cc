@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "engine/codec.h"
+#include "support/fault_env.h"
 #include "vimgfs/image.h"
 
 namespace vimgfs {
@@ -298,6 +299,33 @@ TEST_F(EngineTest, ReadOnlyImageRefusesWrites) {
   ASSERT_TRUE(img.ok());
   std::vector<std::byte> b(10);
   EXPECT_EQ((*img)->Write(0, b).kind(), ErrorKind::kReadOnly);
+}
+
+TEST_F(EngineTest, FailedDataWriteReachesCallerAndCommitsNothing) {
+  auto base = env_.get();
+  test::FaultEnv fenv(base);
+  auto f = base->Create("/a");
+  ToyStates()["/a"] = ToyState{{}, {}, std::nullopt, 8 * kCluster, 0};
+  OpenOptions o;
+  o.env = &fenv;
+  o.driver = &driver_;
+  auto img = Image::Open("/a", o);
+  ASSERT_TRUE(img.ok());
+  auto first = Bytes(kCluster, 1);
+  ASSERT_TRUE((*img)->Write(0, first).ok());
+  for (int err : {EIO, ENOSPC}) {
+    fenv.SetRule({IoTag::kCowData, 1, err});
+    Status s = (*img)->Write(kCluster + 1, Bytes(10, 2));
+    EXPECT_EQ(s.err(), err);
+    EXPECT_EQ(s.kind(), err == ENOSPC ? ErrorKind::kNoSpace : ErrorKind::kIo);
+    EXPECT_TRUE(fenv.triggered());
+  }
+  fenv.ClearRule();
+  EXPECT_EQ(ToyStates()["/a"].commits, 1);  // only the successful write linked anything
+  std::vector<std::byte> back(2 * kCluster);
+  ASSERT_TRUE((*img)->Read(0, back).ok());
+  EXPECT_TRUE(std::equal(first.begin(), first.end(), back.begin()));
+  EXPECT_EQ(back[kCluster + 1], std::byte{0});
 }
 
 TEST(ParseSizeTest, QemuSuffixes) {
