@@ -37,7 +37,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
         uint64_t n = std::min<uint64_t>(buf.size(), sz - std::min(off, sz));
         (void)im.Read(off, std::span(buf.data(), n));
       }
-      (void)im.Map(0, std::min<uint64_t>(sz, 1ull << 32));
+      (void)im.Map(0, std::min<uint64_t>(sz, 64ull << 20));
       if (write && sz > 0) {
         std::vector<std::byte> w(4096, std::byte{0xab});
         (void)im.Write(sz / 3, std::span(w.data(), std::min<uint64_t>(w.size(), sz - sz / 3)));
