@@ -1,0 +1,516 @@
+// FUSE low-level operations over one Image (see server.h).
+//
+// Each libfuse callback is a thin lambda inside Dispatch(): the lambda returns a Status
+// and replies through a Reply object on success; Dispatch replies with the error when
+// the lambda did not, and maps exceptions (bad_alloc -> ENOMEM, anything else -> EIO).
+// Exactly one reply per request, always.
+#include "fuse/server.h"
+
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <sys/statvfs.h>
+#include <syslog.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <new>
+#include <vector>
+
+namespace vimgfs::mount {
+namespace {
+
+constexpr double kAttrTimeout = 1.0;
+constexpr uint64_t kSeekWindow = 1ull << 30;  // Map() at most this much per call
+
+// Replies to one request, at most once.
+class Reply {
+ public:
+  explicit Reply(fuse_req_t req) : req_(req) {}
+  bool done() const { return done_; }
+
+  void Err(int err) { if (Take()) fuse_reply_err(req_, err); }
+  void Ok() { Err(0); }
+  void Entry(const fuse_entry_param& e) { if (Take()) fuse_reply_entry(req_, &e); }
+  void Attr(const struct stat& st) { if (Take()) fuse_reply_attr(req_, &st, kAttrTimeout); }
+  void Open(const fuse_file_info* fi) { if (Take()) fuse_reply_open(req_, fi); }
+  void Buf(const void* data, size_t n) {
+    if (Take()) fuse_reply_buf(req_, static_cast<const char*>(data), n);
+  }
+  void Write(size_t n) { if (Take()) fuse_reply_write(req_, n); }
+  void Statfs(const struct statvfs& s) { if (Take()) fuse_reply_statfs(req_, &s); }
+  void Lseek(off_t off) { if (Take()) fuse_reply_lseek(req_, off); }
+  void None() { if (Take()) fuse_reply_none(req_); }
+
+ private:
+  bool Take() {
+    if (done_) return false;  // a handler bug; the first reply stands
+    done_ = true;
+    return true;
+  }
+  fuse_req_t req_;
+  bool done_ = false;
+};
+
+Server* Srv(fuse_req_t req) { return static_cast<Server*>(fuse_req_userdata(req)); }
+
+// Errors worth a log line: the host or the image misbehaved (not ENOENT, EROFS, ...).
+bool Loggable(const Status& st) {
+  switch (st.kind()) {
+    case ErrorKind::kIo:
+    case ErrorKind::kCorrupt:
+    case ErrorKind::kNoSpace:
+    case ErrorKind::kInvalidFormat:
+    case ErrorKind::kUnsupported:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// The one way into a handler. fn: Status(Reply&). noexcept: nothing escapes to libfuse.
+template <typename Fn>
+void Dispatch(fuse_req_t req, const char* op, Fn&& fn) noexcept {
+  Reply reply(req);
+  Status st;
+  try {
+    st = fn(reply);
+  } catch (const std::bad_alloc&) {
+    st = Status::Error(ErrorKind::kIo, ENOMEM, std::string());
+  } catch (...) {
+    st = Status::Error(ErrorKind::kIo, EIO, std::string());
+  }
+  if (reply.done()) return;
+  int err = st.ok() ? EIO : (st.err() > 0 ? st.err() : EIO);
+  try {
+    if (st.ok()) Srv(req)->Log(fmt::format("{}: internal error: no reply", op));
+    else if (Loggable(st) || st.message().empty())
+      Srv(req)->Log(fmt::format("{}: {}", op, st.message().empty() ? std::strerror(err) : st.message()));
+  } catch (...) {
+  }
+  reply.Err(err);
+}
+
+// A per-thread buffer for reads and non-contiguous writes: grown, never shrunk, so the
+// steady state allocates nothing.
+std::span<std::byte> ThreadBuffer(size_t n) {
+  thread_local std::vector<std::byte> buf;
+  if (buf.size() < n) buf.resize(n);
+  return {buf.data(), n};
+}
+
+bool AllZero(const std::byte* p, size_t n) {
+  if (n == 0) return true;
+  // Cheap reject on the first word, then memcmp against the shifted self.
+  size_t head = std::min<size_t>(n, 16);
+  for (size_t i = 0; i < head; ++i)
+    if (p[i] != std::byte{0}) return false;
+  return n <= 16 || std::memcmp(p, p + 16, n - 16) == 0;
+}
+
+int64_t ToNs(const struct timespec& ts) {
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+struct timespec FromNs(int64_t ns) {
+  struct timespec ts {};
+  ts.tv_sec = ns / 1000000000;
+  ts.tv_nsec = ns % 1000000000;
+  return ts;
+}
+int64_t NowNs() {
+  struct timespec ts {};
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return ToNs(ts);
+}
+
+bool IsFile(Server* s, fuse_ino_t ino) { return ino == s->file_ino(); }
+bool IsDir(Server* s, fuse_ino_t ino) { return !s->options().root_is_file && ino == Server::kRootIno; }
+
+Status CheckKnown(Server* s, fuse_ino_t ino) {
+  if (IsFile(s, ino) || IsDir(s, ino)) return Status::Ok();
+  return Status::NotFound("no inode {}", ino);
+}
+
+// ---- operations ----
+
+void OpInit(void* userdata, fuse_conn_info* conn) {
+  auto* s = static_cast<Server*>(userdata);
+  // 1 MiB requests (libfuse's buffer holds FUSE_MAX_MAX_PAGES pages; it sets max_pages).
+  conn->max_write = 1u << 20;
+  conn->max_readahead = std::min<unsigned>(conn->max_readahead, 1u << 20);
+  // Memory buffers, no splice: the engine wants the bytes in hand.
+  conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
+  // No writeback cache: every write is handed to us at once, so an fsync acknowledges
+  // exactly the writes the kernel has already sent, and size stays fixed.
+  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
+  (void)s;
+}
+
+void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  Dispatch(req, "lookup", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    if (!IsDir(s, parent)) return Status::Error(ErrorKind::kNotFound, ENOTDIR, "not a directory");
+    if (std::strcmp(name, Server::kDiskName) != 0) return Status::NotFound("no such file");
+    fuse_entry_param e{};
+    e.ino = Server::kDiskIno;
+    e.generation = 1;
+    e.attr = s->FileAttr();
+    e.attr_timeout = kAttrTimeout;
+    e.entry_timeout = kAttrTimeout;
+    r.Entry(e);
+    return Status::Ok();
+  });
+}
+
+void OpGetattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  Dispatch(req, "getattr", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    RETURN_IF_ERROR(CheckKnown(s, ino));
+    r.Attr(IsFile(s, ino) ? s->FileAttr() : s->DirAttr());
+    return Status::Ok();
+  });
+}
+
+void OpSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info*) {
+  Dispatch(req, "setattr", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    RETURN_IF_ERROR(CheckKnown(s, ino));
+    if (to_set & FUSE_SET_ATTR_SIZE) {
+      if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+      if (s->options().read_only) return Status::ReadOnly("read-only mount");
+      if (static_cast<uint64_t>(attr->st_size) != s->image().size()) {
+        s->Log(fmt::format("refusing to change the size of the raw view to {} (it is {}): "
+                           "use 'vimgfs resize' on the unmounted image",
+                           attr->st_size, s->image().size()));
+        return Status::Error(ErrorKind::kInvalidArgument, EPERM, "size is fixed");
+      }
+    }
+    if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))
+      return Status::Error(ErrorKind::kInvalidArgument, EPERM, "mode and owner are fixed");
+    s->SetTimes(*attr, to_set);
+    r.Attr(IsFile(s, ino) ? s->FileAttr() : s->DirAttr());
+    return Status::Ok();
+  });
+}
+
+void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Dispatch(req, "open", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    RETURN_IF_ERROR(CheckKnown(s, ino));
+    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+    if ((fi->flags & O_ACCMODE) != O_RDONLY && s->options().read_only)
+      return Status::ReadOnly("read-only mount");
+    fi->keep_cache = 1;  // we are the only writer: cached pages stay valid across opens
+    r.Open(fi);
+    return Status::Ok();
+  });
+}
+
+void OpOpendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Dispatch(req, "opendir", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    if (!IsDir(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, ENOTDIR, "not a directory");
+    r.Open(fi);
+    return Status::Ok();
+  });
+}
+
+void OpReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  Dispatch(req, "readdir", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    if (!IsDir(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, ENOTDIR, "not a directory");
+    struct Ent { const char* name; struct stat st; };
+    Ent ents[3] = {{".", s->DirAttr()}, {"..", s->DirAttr()}, {Server::kDiskName, s->FileAttr()}};
+    std::vector<char> buf(size);
+    size_t used = 0;
+    for (off_t i = std::max<off_t>(off, 0); i < 3; ++i) {
+      size_t need = fuse_add_direntry(req, nullptr, 0, ents[i].name, nullptr, 0);
+      if (used + need > size) break;
+      fuse_add_direntry(req, buf.data() + used, size - used, ents[i].name, &ents[i].st, i + 1);
+      used += need;
+    }
+    r.Buf(buf.data(), used);
+    return Status::Ok();
+  });
+}
+
+void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+  Dispatch(req, "read", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+    uint64_t end = s->image().size();
+    if (off < 0) return Status::InvalidArgument("negative offset");
+    if (static_cast<uint64_t>(off) >= end || size == 0) {
+      r.Buf(nullptr, 0);
+      return Status::Ok();
+    }
+    size_t n = static_cast<size_t>(std::min<uint64_t>(size, end - static_cast<uint64_t>(off)));
+    std::span<std::byte> buf = ThreadBuffer(n);
+    RETURN_IF_ERROR(s->image().Read(static_cast<uint64_t>(off), buf));
+    r.Buf(buf.data(), n);
+    return Status::Ok();
+  });
+}
+
+void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse_file_info*) {
+  Dispatch(req, "write", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+    if (s->options().read_only) return Status::ReadOnly("read-only mount");
+    size_t total = fuse_buf_size(in);
+    uint64_t end = s->image().size();
+    if (off < 0) return Status::InvalidArgument("negative offset");
+    if (total == 0) {
+      r.Write(0);
+      return Status::Ok();
+    }
+    if (static_cast<uint64_t>(off) >= end)  // a disk does not grow: as a block device
+      return Status::NoSpace("write at {} past the end of the disk ({})", off, end);
+    size_t n = static_cast<size_t>(std::min<uint64_t>(total, end - static_cast<uint64_t>(off)));
+    const fuse_buf& first = in->buf[in->idx];
+    std::span<const std::byte> data;
+    if (in->count - in->idx == 1 && !(first.flags & FUSE_BUF_IS_FD) &&
+        first.size - in->off >= n) {
+      data = {static_cast<const std::byte*>(first.mem) + in->off, n};  // no copy
+    } else {
+      std::span<std::byte> tmp = ThreadBuffer(n);
+      fuse_bufvec dst = FUSE_BUFVEC_INIT(n);
+      dst.buf[0].mem = tmp.data();
+      ssize_t got = fuse_buf_copy(&dst, in, static_cast<fuse_buf_copy_flags>(0));
+      if (got < 0) return Status::FromErrno(static_cast<int>(-got), "reading the write request");
+      data = {tmp.data(), static_cast<size_t>(got)};
+    }
+    RETURN_IF_ERROR(s->WriteData(static_cast<uint64_t>(off), data));
+    s->Touch();
+    r.Write(data.size());
+    return Status::Ok();
+  });
+}
+
+Status FlushImage(Server* s) {
+  if (s->options().read_only) return Status::Ok();
+  return s->image().Flush();
+}
+
+void OpFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  Dispatch(req, "flush", [&](Reply& r) -> Status {
+    RETURN_IF_ERROR(FlushImage(Srv(req)));
+    r.Ok();
+    return Status::Ok();
+  });
+}
+
+void OpFsync(fuse_req_t req, fuse_ino_t ino, int, fuse_file_info*) {
+  Dispatch(req, "fsync", [&](Reply& r) -> Status {
+    RETURN_IF_ERROR(FlushImage(Srv(req)));
+    r.Ok();
+    return Status::Ok();
+  });
+}
+
+void OpFsyncdir(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) {
+  Dispatch(req, "fsyncdir", [&](Reply& r) -> Status {
+    r.Ok();
+    return Status::Ok();
+  });
+}
+
+void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len, fuse_file_info*) {
+  Dispatch(req, "fallocate", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+    if (s->options().read_only) return Status::ReadOnly("read-only mount");
+    if (off < 0 || len <= 0) return Status::InvalidArgument("bad range");
+    uint64_t end = s->image().size();
+    uint64_t start = static_cast<uint64_t>(off);
+    uint64_t stop = start + static_cast<uint64_t>(len);
+    if (stop < start) return Status::Error(ErrorKind::kInvalidArgument, EFBIG, "range overflows");
+    bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
+    int kind = mode & ~FALLOC_FL_KEEP_SIZE;
+    if (kind == FALLOC_FL_PUNCH_HOLE) {
+      if (!keep_size) return Status::Unsupported("PUNCH_HOLE needs KEEP_SIZE");  // as Linux
+      if (start < end) RETURN_IF_ERROR(s->image().WriteZeroes(start, std::min(stop, end) - start, true));
+    } else if (kind == FALLOC_FL_ZERO_RANGE) {
+      if (stop > end && !keep_size)
+        return Status::Error(ErrorKind::kNoSpace, EFBIG, "the disk size is fixed");
+      if (start < end) RETURN_IF_ERROR(s->image().WriteZeroes(start, std::min(stop, end) - start, false));
+    } else if (kind == 0) {
+      // Preallocation inside the disk: nothing to grow; the formats allocate on write.
+      if (stop > end && !keep_size)
+        return Status::Error(ErrorKind::kNoSpace, EFBIG, "the disk size is fixed");
+    } else {
+      return Status::Error(ErrorKind::kUnsupported, EOPNOTSUPP, std::string());
+    }
+    s->Touch();
+    r.Ok();
+    return Status::Ok();
+  });
+}
+
+void OpLseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info*) {
+  Dispatch(req, "lseek", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+    if (whence != SEEK_DATA && whence != SEEK_HOLE) return Status::InvalidArgument("whence");
+    if (off < 0) return Status::Error(ErrorKind::kOutOfRange, ENXIO, std::string());
+    ASSIGN_OR_RETURN(uint64_t pos, s->Seek(static_cast<uint64_t>(off), whence));
+    r.Lseek(static_cast<off_t>(pos));
+    return Status::Ok();
+  });
+}
+
+void OpStatfs(fuse_req_t req, fuse_ino_t) {
+  Dispatch(req, "statfs", [&](Reply& r) -> Status {
+    Server* s = Srv(req);
+    struct statvfs st {};
+    int fd = s->image().file().fd();
+    if (fd < 0 || fstatvfs(fd, &st) != 0) {
+      st = {};
+      st.f_bsize = st.f_frsize = 4096;
+      st.f_blocks = s->image().size() / 4096;
+    }
+    st.f_files = 2;
+    st.f_ffree = 0;
+    st.f_favail = 0;
+    st.f_namemax = 255;
+    r.Statfs(st);
+    return Status::Ok();
+  });
+}
+
+}  // namespace
+
+Server::Server(Image* image, ServerOptions options)
+    : image_(image), opt_(options), size_(image->size()) {
+  uint64_t cs = image->cluster_map().cluster_size();
+  zero_unit_ = (cs >= 512 && cs <= (64ull << 20)) ? cs : (64ull << 10);
+  int64_t t = ToNs(opt_.time);
+  atime_ns_ = t;
+  mtime_ns_ = t;
+  ctime_ns_ = t;
+}
+
+const fuse_lowlevel_ops& Server::Ops() {
+  static const fuse_lowlevel_ops ops = [] {
+    fuse_lowlevel_ops o{};
+    o.init = OpInit;
+    o.lookup = OpLookup;
+    o.getattr = OpGetattr;
+    o.setattr = OpSetattr;
+    o.open = OpOpen;
+    o.read = OpRead;
+    o.write_buf = OpWriteBuf;
+    o.flush = OpFlush;
+    o.fsync = OpFsync;
+    o.opendir = OpOpendir;
+    o.readdir = OpReaddir;
+    o.fsyncdir = OpFsyncdir;
+    o.statfs = OpStatfs;
+    o.fallocate = OpFallocate;
+    o.lseek = OpLseek;
+    return o;
+  }();
+  return ops;
+}
+
+Status Server::WriteData(uint64_t off, std::span<const std::byte> data) {
+  if (!opt_.detect_zeroes) return image_->Write(off, data);
+  // Walk the request in zero_unit_-aligned pieces; only whole units may become zero
+  // writes. Runs of the same kind are issued as one call.
+  const uint64_t end = off + data.size();
+  uint64_t run_start = off;
+  bool run_zero = false;
+  uint64_t pos = off;
+  auto issue = [&](uint64_t from, uint64_t to, bool zero) -> Status {
+    if (to <= from) return Status::Ok();
+    if (zero) return image_->WriteZeroes(from, to - from, false);
+    return image_->Write(from, data.subspan(from - off, to - from));
+  };
+  while (pos < end) {
+    uint64_t unit_end = std::min((pos / zero_unit_ + 1) * zero_unit_, end);
+    bool whole = pos % zero_unit_ == 0 && (unit_end - pos == zero_unit_ || unit_end == size_);
+    bool zero = whole && AllZero(data.data() + (pos - off), unit_end - pos);
+    if (zero != run_zero) {
+      RETURN_IF_ERROR(issue(run_start, pos, run_zero));
+      run_start = pos;
+      run_zero = zero;
+    }
+    pos = unit_end;
+  }
+  return issue(run_start, end, run_zero);
+}
+
+Result<uint64_t> Server::Seek(uint64_t off, int whence) {
+  if (off >= size_) return Status::Error(ErrorKind::kOutOfRange, ENXIO, std::string());
+  uint64_t pos = off;
+  while (pos < size_) {
+    uint64_t len = std::min(size_ - pos, kSeekWindow);
+    ASSIGN_OR_RETURN(std::vector<BlockStatus> runs, image_->Map(pos, len));
+    for (const BlockStatus& b : runs) {
+      if (b.length == 0) continue;
+      bool data = !b.zero;
+      if ((whence == SEEK_DATA) == data) return std::max(b.offset, off);
+    }
+    pos += len;
+  }
+  if (whence == SEEK_DATA) return Status::Error(ErrorKind::kOutOfRange, ENXIO, std::string());
+  return size_;  // the implicit hole at the end of the file
+}
+
+void Server::Log(const std::string& line) const {
+  if (opt_.foreground) std::fprintf(stderr, "vimgfs: %s\n", line.c_str());
+  else syslog(LOG_ERR, "%s", line.c_str());
+}
+
+struct stat Server::FileAttr() const {
+  struct stat st {};
+  st.st_ino = file_ino();
+  st.st_mode = S_IFREG | opt_.file_mode;
+  st.st_nlink = 1;
+  st.st_uid = opt_.uid;
+  st.st_gid = opt_.gid;
+  st.st_size = static_cast<off_t>(size_);
+  st.st_blksize = 4096;
+  auto alloc = image_->file().AllocatedSize();
+  st.st_blocks = alloc.ok() ? static_cast<blkcnt_t>(*alloc / 512) : static_cast<blkcnt_t>(size_ / 512);
+  st.st_atim = FromNs(atime_ns_.load(std::memory_order_relaxed));
+  st.st_mtim = FromNs(mtime_ns_.load(std::memory_order_relaxed));
+  st.st_ctim = FromNs(ctime_ns_.load(std::memory_order_relaxed));
+  return st;
+}
+
+struct stat Server::DirAttr() const {
+  struct stat st {};
+  st.st_ino = kRootIno;
+  st.st_mode = S_IFDIR | 0755;
+  st.st_nlink = 2;
+  st.st_uid = opt_.uid;
+  st.st_gid = opt_.gid;
+  st.st_blksize = 4096;
+  st.st_atim = FromNs(atime_ns_.load(std::memory_order_relaxed));
+  st.st_mtim = FromNs(mtime_ns_.load(std::memory_order_relaxed));
+  st.st_ctim = FromNs(ctime_ns_.load(std::memory_order_relaxed));
+  return st;
+}
+
+void Server::Touch() {
+  int64_t now = NowNs();
+  mtime_ns_.store(now, std::memory_order_relaxed);
+  ctime_ns_.store(now, std::memory_order_relaxed);
+}
+
+void Server::SetTimes(const struct stat& attr, int to_set) {
+  int64_t now = NowNs();
+  if (to_set & FUSE_SET_ATTR_ATIME_NOW) atime_ns_ = now;
+  else if (to_set & FUSE_SET_ATTR_ATIME) atime_ns_ = ToNs(attr.st_atim);
+  if (to_set & FUSE_SET_ATTR_MTIME_NOW) mtime_ns_ = now;
+  else if (to_set & FUSE_SET_ATTR_MTIME) mtime_ns_ = ToNs(attr.st_mtim);
+  if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
+                FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME))
+    ctime_ns_ = now;
+}
+
+}  // namespace vimgfs::mount

@@ -1,0 +1,76 @@
+// The FUSE low-level front end: one image shown as one regular file.
+//
+// Inodes are fixed: with a directory mount point, inode 1 is the root directory holding
+// "disk.raw" (inode 2); with a regular-file mount point, inode 1 is the raw view itself.
+// Every request goes through one noexcept dispatcher (Dispatch in server.cc) that turns a
+// Status or an exception into exactly one reply; handlers never throw across libfuse.
+//
+// Thread-safety: the handlers run on libfuse's worker threads at once; the Image is
+// thread-safe and the server's own state is immutable after construction except the
+// atomics (times).
+#pragma once
+
+#include <fuse_lowlevel.h>  // FUSE_USE_VERSION=314 comes from CMake
+
+#include <sys/stat.h>
+
+#include <atomic>
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "vimgfs/image.h"
+#include "vimgfs/status.h"
+
+namespace vimgfs::mount {
+
+struct ServerOptions {
+  bool read_only = false;
+  bool detect_zeroes = true;
+  bool root_is_file = false;  // the mount point is a regular file
+  bool foreground = false;    // log to stderr (else syslog)
+  unsigned file_mode = 0644;  // permission bits of the raw view
+  uid_t uid = 0;
+  gid_t gid = 0;
+  struct timespec time {};    // initial atime/mtime/ctime (the image file's mtime)
+};
+
+class Server {
+ public:
+  // image must outlive the server.
+  Server(Image* image, ServerOptions options);
+
+  // The operation table to hand to fuse_session_new (userdata: this Server).
+  static const fuse_lowlevel_ops& Ops();
+
+  static constexpr fuse_ino_t kRootIno = FUSE_ROOT_ID;
+  static constexpr fuse_ino_t kDiskIno = 2;
+  static constexpr const char* kDiskName = "disk.raw";
+
+  // Writes data at off, turning whole zero clusters into WriteZeroes when detect_zeroes.
+  Status WriteData(uint64_t off, std::span<const std::byte> data);
+  // SEEK_DATA / SEEK_HOLE over the whole chain: zero runs are holes, as qemu's export.
+  Result<uint64_t> Seek(uint64_t off, int whence);
+
+  // Logs one line (stderr in the foreground, syslog once backgrounded).
+  void Log(const std::string& line) const;
+
+  Image& image() { return *image_; }
+  const ServerOptions& options() const { return opt_; }
+  fuse_ino_t file_ino() const { return opt_.root_is_file ? kRootIno : kDiskIno; }
+  struct stat FileAttr() const;
+  struct stat DirAttr() const;
+  void Touch();  // mtime/ctime = now (after a write)
+  void SetTimes(const struct stat& attr, int to_set);
+
+ private:
+  Image* image_;
+  ServerOptions opt_;
+  uint64_t size_;
+  uint64_t zero_unit_;  // granularity of zero detection (the image's cluster size)
+  std::atomic<int64_t> atime_ns_;
+  std::atomic<int64_t> mtime_ns_;
+  std::atomic<int64_t> ctime_ns_;
+};
+
+}  // namespace vimgfs::mount
