@@ -8,7 +8,7 @@ const std::vector<const FormatDriver*>& AllFormats() {
   static const std::vector<const FormatDriver*> formats = {
       // Qcow2Driver(),
       // VmdkDriver(),
-      // VdiDriver(),
+      VdiDriver(),
       RawDriver(),
   };
   return formats;

@@ -1,0 +1,391 @@
+// VdiMap: the VDI block map as a ClusterMap, and opening an image.
+#include <algorithm>
+#include <cstring>
+
+#include "formats/vdi/vdi_internal.h"
+#include "util/checked.h"
+#include "util/endian.h"
+#include "util/limits.h"
+
+namespace vimgfs::vdi {
+
+Result<std::unique_ptr<ClusterMap>> OpenVdi(OpenContext ctx) {
+  File* file = ctx.file.get();
+  ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
+  std::array<std::byte, kSectorSize> sector{};
+  RETURN_IF_ERROR(file->PRead(0, sector).WithContext("'{}': reading the VDI header", ctx.path));
+  ASSIGN_OR_RETURN(Header h, ParseHeader(sector, file_size, ctx.path));
+
+  // Version 1.x keeps the map sector-aligned with room up to offset_data: hold whole
+  // sectors so that a changed entry is written back as the sector around it.
+  uint64_t bmap_size = h.bmap_bytes();
+  if (h.writable_layout()) bmap_size = AlignUp(bmap_size, kSectorSize);
+  std::vector<std::byte> bmap(bmap_size);
+  if (bmap_size > 0) {
+    RETURN_IF_ERROR(file->PRead(h.offset_bmap, bmap)
+                        .WithContext("'{}': reading the VDI block map at 0x{:x}", ctx.path,
+                                     h.offset_bmap));
+  }
+  const bool read_only =
+      ctx.options.read_only || !file->writable() || !h.writable_layout();
+  return std::unique_ptr<ClusterMap>(std::make_unique<VdiMap>(
+      ctx.path, std::move(ctx.file), std::move(h), std::move(bmap), read_only));
+}
+
+VdiMap::VdiMap(std::string path, std::unique_ptr<File> file, Header header,
+               std::vector<std::byte> bmap, bool read_only)
+    : path_(std::move(path)),
+      file_(std::move(file)),
+      h_(std::move(header)),
+      bmap_(std::move(bmap)),
+      read_only_(read_only) {
+  count_ = free_top_ = disk_count_ = h_.blocks_allocated;
+  if (!read_only_) ScanForInconsistency();
+}
+
+uint32_t VdiMap::entry(uint64_t block) const { return LoadLE32(&bmap_[block * 4]); }
+
+void VdiMap::SetEntry(uint64_t block, uint32_t value) {
+  StoreLE32(&bmap_[block * 4], value);
+  dirty_sectors_.insert(block * 4 / kSectorSize);
+}
+
+void VdiMap::ScanForInconsistency() {
+  const uint32_t limit = std::min(h_.blocks_allocated, h_.blocks_in_image);
+  std::vector<bool> used(limit);
+  for (uint64_t b = 0; b < h_.blocks_in_image; ++b) {
+    const uint32_t e = entry(b);
+    if (!IsAllocated(e)) continue;
+    if (e >= limit) {
+      inconsistency_ = fmt::format(
+          "block map entry {} points to data block {}, past the {} allocated blocks", b, e,
+          limit);
+      return;
+    }
+    if (used[e]) {
+      inconsistency_ = fmt::format("data block {} is used by two block map entries", e);
+      return;
+    }
+    used[e] = true;
+  }
+}
+
+Status VdiMap::CheckWritable(const char* what) const {
+  if (closed_) return Status::InvalidArgument("'{}': image is closed", path_);
+  if (!h_.writable_layout()) {
+    return Status::Unsupported("'{}': cannot {}: writing VDI version {}.{} images is not supported",
+                               path_, what, h_.version >> 16, h_.version & 0xffff);
+  }
+  if (read_only_) return Status::ReadOnly("'{}': cannot {}: image is opened read-only", path_, what);
+  if (!inconsistency_.empty()) {
+    return Status::Corrupt("'{}': cannot {}: {} (run 'vimgfs check')", path_, what,
+                           inconsistency_);
+  }
+  return Status::Ok();
+}
+
+Status VdiMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
+  if (guest_off > h_.virtual_size || len > h_.virtual_size - guest_off) {
+    return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_,
+                              len, guest_off, h_.virtual_size);
+  }
+  const size_t first = out->size();
+  const bool writable = !read_only_ && inconsistency_.empty();
+  while (len > 0) {
+    const uint64_t block = guest_off / h_.block_size;
+    const uint64_t in_block = guest_off % h_.block_size;
+    const uint64_t n = std::min<uint64_t>(len, h_.block_size - in_block);
+    const uint32_t e = entry(block);
+    Mapping m;
+    m.length = n;
+    if (IsAllocated(e)) {
+      m.kind = Mapping::Kind::kData;
+      m.file = file_.get();
+      m.host_offset = HostOffset(e) + in_block;
+      m.writable = writable;
+    } else {
+      // Free and zero blocks both read as zeros: VDI has no backing file here, and qemu
+      // reports both as unallocated.
+      m.kind = Mapping::Kind::kUnallocated;
+    }
+    Mapping* prev = out->size() > first ? &out->back() : nullptr;
+    if (prev && prev->kind == m.kind &&
+        (m.kind == Mapping::Kind::kUnallocated ||
+         (prev->host_offset + prev->length == m.host_offset && prev->writable == m.writable))) {
+      prev->length += n;
+    } else {
+      out->push_back(m);
+    }
+    guest_off += n;
+    len -= n;
+  }
+  return Status::Ok();
+}
+
+Result<WritePlan> VdiMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
+  RETURN_IF_ERROR(CheckWritable("write"));
+  if (guest_off >= h_.virtual_size) {
+    return Status::OutOfRange("'{}': write at {} is past the disk size {}", path_, guest_off,
+                              h_.virtual_size);
+  }
+  const uint64_t block = guest_off / h_.block_size;
+  WritePlan plan;
+  plan.guest_offset = block * h_.block_size;
+  // Whole blocks, as qemu writes them (the engine zero-fills past the disk end).
+  plan.length = h_.block_size;
+  plan.file = file_.get();
+  plan.cookie[0] = block;
+  const uint32_t e = entry(block);
+  if (IsAllocated(e)) {  // already there (e.g. allocated while the engine waited)
+    plan.host_offset = HostOffset(e);
+    plan.cookie[1] = e;
+    plan.cookie[2] = 0;
+    return plan;
+  }
+  uint32_t idx;
+  if (!reusable_.empty()) {
+    idx = reusable_.back();
+    reusable_.pop_back();
+  } else {
+    // Blocks freed since the last flush may still be named by durable entries: make the
+    // frees durable before their indices are handed out again.
+    if (free_top_ < count_) RETURN_IF_ERROR(WriteMetadata());
+    if (count_ >= h_.blocks_in_image || count_ >= kBlockZero) {
+      return Status::Corrupt(
+          "'{}': no free VDI block left ({} of {} blocks allocated; run 'vimgfs check')", path_,
+          count_, h_.blocks_in_image);
+    }
+    idx = count_++;
+    free_top_ = count_;
+  }
+  plan.host_offset = HostOffset(idx);
+  plan.cookie[1] = idx;
+  plan.cookie[2] = 1;
+  return plan;
+}
+
+Status VdiMap::CommitWrite(const WritePlan& plan) {
+  if (plan.cookie[2] != 1) return Status::Ok();
+  const uint64_t block = plan.cookie[0];
+  const uint32_t idx = static_cast<uint32_t>(plan.cookie[1]);
+  if (block >= h_.blocks_in_image || IsAllocated(entry(block))) {
+    return Status::Corrupt("'{}': VDI block {} was allocated twice", path_, block);
+  }
+  // The entry reaches the disk at the next flush, after the data is synced.
+  SetEntry(block, idx);
+  return Status::Ok();
+}
+
+void VdiMap::AbortWrite(const WritePlan& plan) {
+  if (plan.cookie[2] != 1) return;
+  const uint32_t idx = static_cast<uint32_t>(plan.cookie[1]);
+  if (idx + 1 == count_ && free_top_ == count_) {
+    --count_;
+    --free_top_;
+  } else {
+    reusable_.push_back(idx);  // never referenced: safe to hand out again
+  }
+}
+
+Status VdiMap::ZeroHostBlock(uint64_t block, uint32_t e) {
+  const uint64_t len =
+      std::min<uint64_t>(h_.block_size, h_.virtual_size - block * h_.block_size);
+  Status st = file_->PunchHole(HostOffset(e), len);
+  if (st.ok() || st.kind() != ErrorKind::kUnsupported) return st;
+  static const std::vector<std::byte> zeros(1 << 20);
+  for (uint64_t done = 0; done < len;) {
+    const uint64_t n = std::min<uint64_t>(len - done, zeros.size());
+    RETURN_IF_ERROR(
+        file_->PWrite(HostOffset(e) + done, std::span(zeros.data(), n), IoTag::kData));
+    done += n;
+  }
+  return Status::Ok();
+}
+
+Status VdiMap::ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t new_entry) {
+  // Only the block at the top of the data area can be given back (the next one is always
+  // appended at blocks_allocated); the others keep their place and are zeroed in place
+  // (hole punched). Taking the highest first frees a run of top blocks in one go.
+  std::vector<std::pair<uint32_t, uint64_t>> allocated;  // (data index, block)
+  for (uint64_t b = first_block; b < end_block; ++b) {
+    if (IsAllocated(entry(b))) allocated.emplace_back(entry(b), b);
+  }
+  std::sort(allocated.rbegin(), allocated.rend());
+  const bool can_free = h_.image_type != kTypeStatic;
+  for (const auto& [e, b] : allocated) {
+    if (can_free && e + 1 == free_top_) {
+      SetEntry(b, new_entry);
+      --free_top_;
+    } else {
+      RETURN_IF_ERROR(ZeroHostBlock(b, e)
+                          .WithContext("'{}': zeroing VDI block {} at 0x{:x}", path_, b,
+                                       HostOffset(e)));
+    }
+  }
+  return Status::Ok();
+}
+
+Status VdiMap::ZeroRange(uint64_t guest_off, uint64_t len, bool unmap) {
+  RETURN_IF_ERROR(CheckWritable("zero"));
+  if (guest_off % h_.block_size != 0 || guest_off > h_.virtual_size ||
+      len > h_.virtual_size - guest_off ||
+      ((guest_off + len) % h_.block_size != 0 && guest_off + len != h_.virtual_size)) {
+    return Status::InvalidArgument("'{}': zero range {}+{} is not aligned to VDI blocks", path_,
+                                   guest_off, len);
+  }
+  const uint64_t first = guest_off / h_.block_size;
+  const uint64_t end = DivRoundUp(guest_off + len, h_.block_size);
+  return ClearBlocks(first, end, kBlockZero);
+}
+
+Status VdiMap::Discard(uint64_t guest_off, uint64_t len) {
+  RETURN_IF_ERROR(CheckWritable("discard"));
+  if (guest_off > h_.virtual_size || len > h_.virtual_size - guest_off) {
+    return Status::OutOfRange("'{}': discard {}+{} is past the disk size", path_, guest_off,
+                              len);
+  }
+  // Whole blocks only; partial ones keep their data.
+  const uint64_t first = DivRoundUp(guest_off, h_.block_size);
+  const uint64_t end_off = guest_off + len;
+  const uint64_t end = end_off == h_.virtual_size ? DivRoundUp(end_off, h_.block_size)
+                                                  : end_off / h_.block_size;
+  if (first >= end) return Status::Ok();
+  return ClearBlocks(first, end, kBlockFree);
+}
+
+Status VdiMap::WriteHeader() {
+  h_.blocks_allocated = count_;
+  EncodeHeader(&h_);
+  return file_->PWrite(0, h_.raw, IoTag::kHeader)
+      .WithContext("'{}': writing the VDI header", path_);
+}
+
+Status VdiMap::WriteMetadata() {
+  if (read_only_) return Status::Ok();
+  const bool grow = count_ > disk_count_;
+  if (grow) {
+    // Raise the count first: once an entry is durable, its index must be counted.
+    RETURN_IF_ERROR(WriteHeader());
+    disk_count_ = count_;
+  }
+  // Data (and the raised count) durable before any entry points at the data.
+  RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
+  if (!dirty_sectors_.empty()) {
+    auto it = dirty_sectors_.begin();
+    while (it != dirty_sectors_.end()) {
+      const uint64_t start = *it;
+      uint64_t end = start + 1;
+      auto next = std::next(it);
+      while (next != dirty_sectors_.end() && *next == end) {
+        ++end;
+        ++next;
+      }
+      const uint64_t lo = start * kSectorSize;
+      const uint64_t hi = std::min<uint64_t>(end * kSectorSize, bmap_.size());
+      RETURN_IF_ERROR(file_->PWrite(h_.offset_bmap + lo,
+                                    std::span<const std::byte>(bmap_.data() + lo, hi - lo),
+                                    IoTag::kBlockMap)
+                          .WithContext("'{}': writing the VDI block map", path_));
+      it = dirty_sectors_.erase(it, next);
+    }
+    RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
+  }
+  if (free_top_ < count_) {
+    // The cleared entries are durable: the top blocks can be given back.
+    count_ = free_top_;
+    std::erase_if(reusable_, [&](uint32_t i) { return i >= count_; });
+  }
+  if (count_ < disk_count_) {
+    RETURN_IF_ERROR(WriteHeader());
+    RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
+    disk_count_ = count_;
+    const uint64_t end = HostOffset(count_);
+    ASSIGN_OR_RETURN(uint64_t size, file_->Size());
+    if (size > end) RETURN_IF_ERROR(file_->Truncate(end));
+  } else if (grow) {
+    // qemu writes whole blocks; keep the file ending on a block like it does, even when
+    // the last block is only partly inside the disk.
+    const uint64_t end = HostOffset(count_);
+    ASSIGN_OR_RETURN(uint64_t size, file_->Size());
+    if (size < end) RETURN_IF_ERROR(file_->Truncate(end));
+  }
+  return Status::Ok();
+}
+
+Status VdiMap::Flush() {
+  if (closed_ || read_only_) return Status::Ok();
+  return WriteMetadata();
+}
+
+Status VdiMap::Close() {
+  if (closed_) return Status::Ok();
+  Status st = Flush();
+  closed_ = true;
+  return st;
+}
+
+FormatInfo VdiMap::Info() {
+  FormatInfo info;
+  info.format = "vdi";
+  info.virtual_size = h_.virtual_size;
+  info.cluster_size = h_.block_size;
+  return info;
+}
+
+Result<CheckReport> VdiMap::Check(RepairMode mode) {
+  // qemu-img check -r on a VDI image fails with this message (exit 63).
+  if (mode != RepairMode::kNone) {
+    return Status::Unsupported("This image format does not support checks");
+  }
+  return CheckBlockMap(h_, bmap_, count_);
+}
+
+Status VdiMap::Resize(uint64_t new_size, bool allow_shrink) {
+  RETURN_IF_ERROR(CheckWritable("resize"));
+  new_size = AlignUp(new_size, kSectorSize);
+  if (new_size < h_.virtual_size) {
+    return Status::Unsupported("'{}': shrinking VDI images is not supported", path_);
+  }
+  if (new_size == h_.virtual_size) return Status::Ok();
+  if (new_size > kMaxDiskSize) {
+    return Status::Unsupported(
+        "'{}': Unsupported VDI image size (size is 0x{:x}, max supported is 0x{:x})", path_,
+        new_size, kMaxDiskSize);
+  }
+  const uint64_t blocks = DivRoundUp(new_size, h_.block_size);
+  const uint64_t room = (h_.offset_data - h_.offset_bmap) / 4;
+  if (blocks > room || blocks * 4 > limits::kMaxMapBytes) {
+    return Status::Unsupported(
+        "'{}': the VDI block map has room for {} blocks ({} bytes); growing beyond that "
+        "would move data blocks, which vimgfs does not do",
+        path_, room, room * h_.block_size);
+  }
+  RETURN_IF_ERROR(WriteMetadata());
+  const uint64_t old_blocks = h_.blocks_in_image;
+  const bool is_static = h_.image_type == kTypeStatic;
+  if (blocks > old_blocks) {
+    if (is_static && !reusable_.empty()) {
+      return Status::Unsupported("'{}': cannot grow a static VDI image after a failed write",
+                                 path_);
+    }
+    bmap_.resize(AlignUp(blocks * 4, kSectorSize));
+    for (uint64_t b = old_blocks; b < blocks; ++b) {
+      SetEntry(b, is_static ? count_++ : kBlockFree);
+    }
+    free_top_ = count_;
+    if (is_static) {
+      RETURN_IF_ERROR(file_->Truncate(HostOffset(count_)));
+      RETURN_IF_ERROR(WriteHeader());  // count raised before entries name the blocks
+      disk_count_ = count_;
+    }
+    // New entries durable before the header makes them part of the disk.
+    RETURN_IF_ERROR(WriteMetadata());
+  }
+  h_.disk_size = new_size;
+  h_.virtual_size = new_size;
+  h_.blocks_in_image = static_cast<uint32_t>(blocks);
+  RETURN_IF_ERROR(WriteHeader());
+  return file_->Sync(true).WithContext("'{}': syncing", path_);
+}
+
+}  // namespace vimgfs::vdi
