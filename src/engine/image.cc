@@ -185,7 +185,7 @@ Status Image::Close() {
   Status s;
   {
     std::lock_guard lk(meta_mu_);
-    s = map_->Close();
+    if (map_) s = map_->Close();  // null when the format's Open failed
   }
   if (backing_) {
     Status b = backing_->Close();
