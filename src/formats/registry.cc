@@ -6,8 +6,8 @@ namespace vimgfs {
 
 const std::vector<const FormatDriver*>& AllFormats() {
   static const std::vector<const FormatDriver*> formats = {
-      // Qcow2Driver(),
-      // VmdkDriver(),
+      Qcow2Driver(),
+      VmdkDriver(),
       VdiDriver(),
       RawDriver(),
   };

@@ -1,0 +1,299 @@
+// The vmdk driver: probe, open (monolithic sparse file, or descriptor + extents), and the
+// ClusterMap that lays the extents end to end in guest order and routes each request to
+// the extents it touches.
+#include <algorithm>
+
+#include "formats/drivers.h"
+#include "formats/vmdk/vmdk_internal.h"
+#include "util/checked.h"
+#include "util/endian.h"
+#include "util/limits.h"
+
+namespace vimgfs {
+namespace vmdk {
+namespace {
+
+bool KnownCreateType(const std::string& t) {
+  for (const char* k : {"monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
+                        "twoGbMaxExtentFlat", "streamOptimized", "vmfs", "vmfsSparse", "vmfsThin",
+                        "vmfsPreallocated", "vmfsEagerZeroedThick", "vmfsRaw", "vmfsRawDeviceMap",
+                        "vmfsPassthroughRawDeviceMap", "custom"}) {
+    if (t == k) return true;
+  }
+  return false;
+}
+
+class VmdkMap final : public ClusterMap {
+ public:
+  std::unique_ptr<File> main_file;  // the descriptor file (separate descriptor case)
+  std::vector<std::unique_ptr<Extent>> extents;
+  uint64_t size = 0;
+  uint64_t cluster = 65536;
+  bool ro = false;
+  std::string create_type;
+  uint32_t cid = 0xffffffff, parent_cid = 0xffffffff;
+  std::optional<BackingRef> parent;
+
+  uint64_t virtual_size() const override { return size; }
+  uint64_t cluster_size() const override { return cluster; }
+  bool read_only() const override { return ro; }
+  std::optional<BackingRef> backing() const override { return parent; }
+
+  size_t Find(uint64_t off) const {
+    auto it = std::upper_bound(extents.begin(), extents.end(), off,
+                               [](uint64_t o, const std::unique_ptr<Extent>& e) { return o < e->start; });
+    return static_cast<size_t>(it - extents.begin()) - 1;
+  }
+
+  Status Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out) override {
+    while (len > 0) {
+      Extent& e = *extents[Find(off)];
+      uint64_t rel = off - e.start;
+      uint64_t n = std::min(len, e.length - rel);
+      size_t first = out->size();
+      RETURN_IF_ERROR(e.Lookup(rel, n, out));
+      for (size_t i = first; i < out->size(); i++) {
+        if ((*out)[i].kind == Mapping::Kind::kCompressed) (*out)[i].unit_guest_offset += e.start;
+      }
+      off += n;
+      len -= n;
+    }
+    return Status::Ok();
+  }
+
+  Result<WritePlan> PrepareWrite(uint64_t off, uint64_t len) override {
+    size_t i = Find(off);
+    Extent& e = *extents[i];
+    uint64_t rel = off - e.start;
+    ASSIGN_OR_RETURN(WritePlan plan, e.PrepareWrite(rel, std::min(len, e.length - rel)));
+    plan.guest_offset += e.start;
+    plan.cookie[0] = i;
+    return plan;
+  }
+
+  Status CommitWrite(const WritePlan& plan) override {
+    if (plan.cookie[0] >= extents.size()) return Status::Corrupt("vmdk: bad write plan");
+    Extent& e = *extents[plan.cookie[0]];
+    WritePlan p = plan;
+    p.guest_offset -= e.start;
+    return e.CommitWrite(p);
+  }
+
+  Status ZeroRange(uint64_t off, uint64_t len, bool unmap) override {
+    if (ro) return Status::ReadOnly("image is read-only");
+    while (len > 0) {
+      Extent& e = *extents[Find(off)];
+      uint64_t rel = off - e.start;
+      uint64_t n = std::min(len, e.length - rel);
+      RETURN_IF_ERROR(e.ZeroRange(rel, n));
+      off += n;
+      len -= n;
+    }
+    return Status::Ok();
+  }
+
+  Status Flush() override {
+    if (ro) return Status::Ok();
+    for (auto& e : extents) RETURN_IF_ERROR(e->Flush());
+    return Status::Ok();
+  }
+  Status Close() override { return Flush(); }
+
+  FormatInfo Info() override {
+    FormatInfo fi;
+    fi.format = "vmdk";
+    fi.virtual_size = size;
+    // qemu: the first extent's grain, when it is sparse and every extent agrees.
+    uint64_t g = extents.empty() ? 0 : extents[0]->grain_bytes();
+    for (auto& e : extents) {
+      if (e->grain_bytes() != g) g = 0;
+    }
+    fi.cluster_size = g;
+    nlohmann::json ex = nlohmann::json::array();
+    for (auto& e : extents) ex.push_back(e->Info());
+    fi.format_specific = {{"type", "vmdk"},
+                          {"data",
+                           {{"cid", cid},
+                            {"parent-cid", parent_cid},
+                            {"create-type", create_type},
+                            {"extents", ex}}}};
+    return fi;
+  }
+
+  std::vector<File*> host_files() override {
+    std::vector<File*> files;
+    for (auto& e : extents) {
+      File* f = e->file();
+      if (f && f != main_file.get() && std::find(files.begin(), files.end(), f) == files.end())
+        files.push_back(f);
+    }
+    return files;
+  }
+
+  Result<CheckReport> Check(RepairMode mode) override {
+    if (mode != RepairMode::kNone)
+      return Status::Unsupported("'{}': this image format does not support repairs", Path());
+    return CheckExtents(extents);
+  }
+
+  std::string Path() const {
+    if (main_file) return main_file->path();
+    return extents.empty() || !extents[0]->file() ? std::string() : extents[0]->file()->path();
+  }
+};
+
+Status AddExtentsFromDescriptor(VmdkMap* map, const Descriptor& d, const std::string& desc_path,
+                                const OpenContext& ctx) {
+  Env& env = *ctx.env;
+  for (const ExtentLine& line : d.extents) {
+    uint64_t bytes = line.sectors * kSector;
+    if (line.type == "ZERO" || line.access == Access::kNoAccess) {
+      auto z = NewZeroExtent(bytes);
+      z->read_only = line.access != Access::kRW;
+      if (line.access == Access::kNoAccess) z->type = line.type;
+      map->extents.push_back(std::move(z));
+      continue;
+    }
+    if (line.type == "SESPARSE" || line.type == "VMFSRDM" || line.type == "VMFSRAW")
+      return Status::Unsupported("'{}': {} extents are not supported", desc_path, line.type);
+    ASSIGN_OR_RETURN(std::string path,
+                     ResolveReference(env, desc_path, line.file, ctx.options.untrusted, ctx.options.untrusted));
+    bool ro = ctx.options.read_only || line.access == Access::kRdOnly;
+    auto opened = env.Open(path, ro ? OpenMode::kReadOnly : OpenMode::kReadWrite);
+    if (!opened.ok())
+      return opened.error().WithContext("'{}': Could not open extent '{}'", desc_path, line.file);
+    std::unique_ptr<File> f = std::move(opened).value();
+    File* raw = f.get();
+    if (line.type == "FLAT" || line.type == "VMFS") {
+      map->extents.push_back(NewFlatExtent(raw, std::move(f), line.offset * kSector, bytes, ro, line.type));
+      continue;
+    }
+    // SPARSE (KDMV) or VMFSSPARSE (COWD): the header's capacity is the extent's size.
+    auto r = OpenSparseExtent(raw, std::move(f), ro, ctx.options.cache_bytes / 4);
+    if (!r.ok()) return r.error().WithContext("'{}': extent '{}'", desc_path, line.file);
+    if (!r->extent)
+      return Status::InvalidFormat("'{}': extent '{}' holds a descriptor, not a sparse extent", desc_path,
+                                   line.file);
+    r->extent->type = line.type;
+    map->extents.push_back(std::move(r->extent));
+  }
+  return Status::Ok();
+}
+
+void ApplyDescriptorKeys(VmdkMap* map, const Descriptor& d) {
+  map->cid = d.cid;
+  map->parent_cid = d.parent_cid;
+  if (d.parent_hint) map->parent = BackingRef{*d.parent_hint, "vmdk"};
+}
+
+Result<std::unique_ptr<ClusterMap>> OpenVmdk(OpenContext ctx) {
+  auto map = std::make_unique<VmdkMap>();
+  const std::string path = ctx.path;
+  ASSIGN_OR_RETURN(uint64_t file_size, ctx.file->Size());
+  if (file_size < 4) return Status::InvalidFormat("'{}': File is too small, not a valid image", path);
+  std::byte head[4] = {};
+  RETURN_IF_ERROR(ctx.file->PRead(0, head));
+  uint32_t magic = LoadLE32(head);
+
+  std::string desc_text;
+  bool container = false;
+  if (magic == kMagicKdmv && file_size >= kSector) {
+    // A capacity-0 sparse file with a descriptor is only a descriptor container (qemu).
+    std::byte hdr[kSector];
+    RETURN_IF_ERROR(ctx.file->PRead(0, hdr));
+    SparseHeader h = DecodeSparseHeader(hdr);
+    if (h.capacity == 0 && h.desc_offset != 0 && h.gd_offset != kGdAtEnd) {
+      ASSIGN_OR_RETURN(desc_text, ReadEmbeddedDescriptor(*ctx.file, h));
+      container = true;
+    }
+  }
+  if ((magic == kMagicKdmv || magic == kMagicCowd) && !container) {
+    File* raw = ctx.file.get();
+    ASSIGN_OR_RETURN(SparseOpenResult r,
+                     OpenSparseExtent(raw, std::move(ctx.file), ctx.options.read_only, ctx.options.cache_bytes));
+    if (!r.extent) return Status::InvalidFormat("'{}': invalid sparse VMDK header", path);
+    bool compressed = r.extent->compressed();
+    map->extents.push_back(std::move(r.extent));
+    map->create_type = compressed ? "streamOptimized" : "monolithicSparse";
+    if (!r.embedded_desc.empty()) {
+      ASSIGN_OR_RETURN(Descriptor d, ParseDescriptor(r.embedded_desc, path));
+      ApplyDescriptorKeys(map.get(), d);
+    }
+  } else {
+    if (!container) {
+      if (file_size > limits::kMaxDescriptorBytes)
+        return Status::InvalidFormat("'{}': VMDK descriptor file too big ({} bytes, at most {})", path,
+                                     file_size, limits::kMaxDescriptorBytes);
+      desc_text.resize(file_size);
+      RETURN_IF_ERROR(
+          ctx.file->PRead(0, std::as_writable_bytes(std::span(desc_text.data(), desc_text.size()))));
+    }
+    map->main_file = std::move(ctx.file);
+    ASSIGN_OR_RETURN(Descriptor d, ParseDescriptor(desc_text, path));
+    if (d.create_type.empty())
+      return Status::InvalidFormat("'{}': invalid VMDK image descriptor (no createType)", path);
+    if (!KnownCreateType(d.create_type))
+      return Status::Unsupported("'{}': Unsupported image type '{}'", path, d.create_type);
+    map->create_type = d.create_type;
+    ApplyDescriptorKeys(map.get(), d);
+    if (d.extents.empty()) return Status::InvalidFormat("'{}': the VMDK descriptor names no extents", path);
+    RETURN_IF_ERROR(AddExtentsFromDescriptor(map.get(), d, path, ctx));
+  }
+
+  uint64_t pos = 0;
+  uint64_t max_grain = 0;
+  for (auto& e : map->extents) {
+    e->start = pos;
+    auto next = CheckedAdd(pos, e->length);
+    if (!next || *next > limits::kMaxVirtualSize)
+      return Status::InvalidFormat("'{}': the extents add up to more than {} bytes", path,
+                                   limits::kMaxVirtualSize);
+    pos = *next;
+    max_grain = std::max(max_grain, e->grain_bytes());
+    if (e->read_only) map->ro = true;
+  }
+  // Zero-length extents (a capacity-0 sparse file) add nothing and are dropped from routing.
+  std::erase_if(map->extents, [](const std::unique_ptr<Extent>& e) { return e->length == 0; });
+  if (map->extents.empty() && pos == 0) {
+    map->extents.push_back(NewZeroExtent(0));
+  }
+  map->size = pos;
+  map->cluster = max_grain ? max_grain : 65536;
+  map->ro = map->ro || ctx.options.read_only;
+  if (!ctx.options.snapshot.empty())
+    return Status::Unsupported("'{}': vmdk images have no internal snapshots", path);
+  return std::unique_ptr<ClusterMap>(std::move(map));
+}
+
+class VmdkDriverImpl final : public FormatDriver {
+ public:
+  const char* name() const override { return "vmdk"; }
+  int Probe(std::span<const std::byte> head, const std::string&) const override {
+    if (head.size() >= 4) {
+      uint32_t magic = LoadLE32(head.data());
+      if (magic == kMagicKdmv || magic == kMagicCowd) return 100;
+    }
+    std::string_view text(reinterpret_cast<const char*>(head.data()), head.size());
+    return LooksLikeDescriptor(text) ? 100 : 0;
+  }
+  Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override {
+    if (!ctx.env) ctx.env = ctx.options.env ? ctx.options.env : Env::Default();
+    return OpenVmdk(std::move(ctx));
+  }
+  Status Create(const CreateContext& ctx) const override {
+    CreateContext c = ctx;
+    if (!c.env) c.env = Env::Default();
+    return CreateVmdk(c);
+  }
+  std::vector<CreateOptionHelp> CreateOptions() const override { return VmdkCreateOptions(); }
+};
+
+}  // namespace
+}  // namespace vmdk
+
+const FormatDriver* VmdkDriver() {
+  static vmdk::VmdkDriverImpl driver;
+  return &driver;
+}
+
+}  // namespace vimgfs
