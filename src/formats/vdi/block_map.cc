@@ -104,13 +104,13 @@ Status VdiMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* ou
       m.host_offset = HostOffset(e) + in_block;
       m.writable = writable;
     } else {
-      // Free and zero blocks both read as zeros: VDI has no backing file here, and qemu
-      // reports both as unallocated.
-      m.kind = Mapping::Kind::kUnallocated;
+      // Free and zero blocks both read as zeros (VDI has no backing file here); qemu
+      // reports both as present zeros ("present": true, "zero": true in qemu-img map).
+      m.kind = Mapping::Kind::kZero;
     }
     Mapping* prev = out->size() > first ? &out->back() : nullptr;
     if (prev && prev->kind == m.kind &&
-        (m.kind == Mapping::Kind::kUnallocated ||
+        (m.kind == Mapping::Kind::kZero ||
          (prev->host_offset + prev->length == m.host_offset && prev->writable == m.writable))) {
       prev->length += n;
     } else {

@@ -6,6 +6,7 @@
 // is the index of a block in the data area (host = offset_data + index * block_size), or
 //   0xFFFFFFFF  free: never allocated (reads as zeros here, since VDI has no backing)
 //   0xFFFFFFFE  zero: discarded, reads as zeros
+// Both are Mapping::kZero: qemu reports them as present zeros.
 // Blocks are only ever appended at index blocks_allocated; the header's blocks_allocated
 // counts the entries that point into the data area.
 //
