@@ -203,6 +203,11 @@ void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
     if ((fi->flags & O_ACCMODE) != O_RDONLY && s->options().read_only)
       return Status::ReadOnly("read-only mount");
+    // libfuse enables atomic O_TRUNC: the truncation arrives here, not as a setattr.
+    if ((fi->flags & O_TRUNC) && s->image().size() != 0) {
+      s->Log("refusing O_TRUNC on the raw view: its size is fixed (use 'vimgfs resize')");
+      return Status::Error(ErrorKind::kInvalidArgument, EPERM, "size is fixed");
+    }
     fi->keep_cache = 1;  // we are the only writer: cached pages stay valid across opens
     r.Open(fi);
     return Status::Ok();
