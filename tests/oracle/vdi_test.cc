@@ -344,6 +344,35 @@ TEST(VdiOracle, CorpusVirtualBoxImagesReadWithRecordedSha256) {
     }
   }
   EXPECT_GE(seen, 5);
+
+  // Writing into a VirtualBox layout (block map at 1 MiB, data at 2 MiB) keeps it valid.
+  for (const auto& row : ManifestRows(corpus)) {
+    if (row[4] != "vdi" || row[0].rfind("good/", 0) != 0) continue;
+    const std::string copy = dir.File("vbox.vdi"), raw = dir.File("vbox.raw");
+    std::filesystem::copy_file(corpus + "/" + row[0], copy,
+                               std::filesystem::copy_options::overwrite_existing);
+    std::filesystem::remove(raw);
+    if (test::HaveProgram("qemu-img")) {
+      ASSERT_EQ(RunCommand("qemu-img convert -f vdi -O raw " + Quote(copy) + " " + Quote(raw))
+                    .exit_code,
+                0);
+    } else {
+      ReadAllTo(copy, raw);
+    }
+    {
+      auto img = OpenOrDie(copy, false);
+      ASSERT_NE(img, nullptr);
+      RandomWrites(*img, raw, 11, 12, 700 * 1024);
+      ASSERT_TRUE(img->Close().ok());
+    }
+    if (test::HaveProgram("qemu-img")) {
+      ExpectQemuCheckClean(copy);
+      ExpectQemuCompareEqual(copy, raw);
+    }
+    auto check = OpenOrDie(copy, true)->cluster_map().Check(RepairMode::kNone);
+    ASSERT_TRUE(check.ok());
+    EXPECT_EQ(check->corruptions, 0) << row[0];
+  }
   // No bad file is a VDI: opened as VDI each is refused with one line.
   for (const auto& e : std::filesystem::directory_iterator(corpus + "/bad")) {
     OpenOptions o;
