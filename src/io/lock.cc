@@ -98,7 +98,8 @@ Status CheckImageLockable(int fd, const std::string& path, bool write) {
   return Status::Ok();
 }
 
-Status LockImage(File& f, bool write) {
+// One attempt: take our bytes, then look for conflicting ones.
+static Status LockImageOnce(File& f, bool write) {
   int fd = f.fd();
   if (fd < 0) return Status::Ok();
   PermSet s = PermsFor(write);
@@ -124,6 +125,14 @@ Status LockImage(File& f, bool write) {
   Status st = CheckImageLockable(fd, f.path(), write);
   if (!st.ok()) UnlockImage(f);
   return st;
+}
+
+Status LockImage(File& f, bool write, int wait_ms) {
+  for (int waited = 0;; waited += 20) {
+    Status st = LockImageOnce(f, write);
+    if (st.kind() != ErrorKind::kBusy || waited >= wait_ms) return st;
+    ::usleep(20 * 1000);
+  }
 }
 
 void UnlockImage(File& f) {

@@ -35,7 +35,11 @@ enum class LockPerm : int {
 // other processes. On conflict the locks just taken are released and kBusy is returned:
 // "'a.qcow2': Failed to get "write" lock: is another process using the image?".
 // A File without a descriptor (in-memory) or a host without OFD locks: Ok, nothing done.
-Status LockImage(File& f, bool write);
+//
+// A conflict is retried for up to wait_ms (polling every 20 ms): `fusermount3 -u` returns
+// before the vimgfs daemon has closed the image and dropped its locks, so a command run on
+// the next line of a script would otherwise race the exiting daemon.
+Status LockImage(File& f, bool write, int wait_ms = 1000);
 
 // Drops every lock LockImage took on f (closing f does the same).
 void UnlockImage(File& f);
