@@ -1,0 +1,439 @@
+// qcow2 open and lookup: L1 in memory, L2 tables through the TableCache, standard and
+// extended (subcluster) L2 entries, zero flags and compressed clusters.
+#include <algorithm>
+#include <cstring>
+
+#include "formats/qcow2/qcow2_internal.h"
+#include "util/endian.h"
+#include "util/limits.h"
+
+namespace vimgfs::qcow2 {
+
+Qcow2Map::~Qcow2Map() {
+  if (!closed_) (void)Close();
+}
+
+Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
+  auto m = std::make_unique<Qcow2Map>();
+  m->path_ = ctx.path;
+  m->env_ = ctx.env ? ctx.env : Env::Default();
+  m->file_ = std::move(ctx.file);
+  const std::string& path = m->path_;
+  ASSIGN_OR_RETURN(uint64_t file_size, m->file_->Size());
+  ASSIGN_OR_RETURN(m->header_, ParseHeader(*m->file_, path, file_size));
+  Header& h = m->header_;
+  m->v3_ = h.version >= 3;
+  m->cluster_bits_ = h.cluster_bits;
+  m->cluster_size_ = h.cluster_size();
+  m->extended_l2_ = h.extended_l2();
+  m->l2_entries_ = m->cluster_size_ / m->l2_entry_bytes();
+  m->subcluster_size_ = m->extended_l2_ ? m->cluster_size_ / kSubclusters : m->cluster_size_;
+  m->refcount_bits_ = h.refcount_bits();
+  m->refcount_max_ = m->refcount_bits_ == 64 ? UINT64_MAX : (1ull << m->refcount_bits_) - 1;
+  m->refblock_entries_ = m->cluster_size_ * 8 / m->refcount_bits_;
+  m->corrupt_ = h.incompatible_features & kIncompatCorrupt;
+  m->size_ = h.size;
+  m->snapshot_view_ = !ctx.options.snapshot.empty();
+  m->read_only_ = ctx.options.read_only || m->snapshot_view_ || !m->file_->writable() || m->corrupt_;
+  m->host_end_ = AlignUp(file_size, m->cluster_size_);
+
+  if (h.has_data_file()) {
+    if (!h.data_file || h.data_file->empty())
+      return Status::InvalidFormat("'{}': image uses an external data file but does not name it", path);
+    ASSIGN_OR_RETURN(std::string dpath,
+                     ResolveReference(*m->env_, path, *h.data_file, ctx.options.untrusted, false));
+    ASSIGN_OR_RETURN(m->data_file_,
+                     m->env_->Open(dpath, m->read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite));
+    m->data_ = m->data_file_.get();
+  } else {
+    m->data_ = m->file_.get();
+  }
+
+  ASSIGN_OR_RETURN(m->snapshots_, ParseSnapshotTable(*m->file_, path, h, file_size));
+
+  uint64_t l1_offset = h.l1_table_offset;
+  uint64_t l1_size = h.l1_size;
+  if (m->snapshot_view_) {
+    const Snapshot* found = nullptr;
+    for (const Snapshot& s : m->snapshots_)
+      if (s.id == ctx.options.snapshot) found = &s;
+    if (!found)
+      for (const Snapshot& s : m->snapshots_)
+        if (s.name == ctx.options.snapshot) found = &s;
+    if (!found)
+      return Status::NotFound("'{}': no snapshot '{}' in the image", path, ctx.options.snapshot);
+    l1_offset = found->l1_table_offset;
+    l1_size = found->l1_size;
+    if (found->has_disk_size) m->size_ = found->disk_size;
+    if (m->size_ > limits::kMaxVirtualSize || m->L1EntriesFor(m->size_) > l1_size)
+      return Status::InvalidFormat("'{}': snapshot '{}' has a size its L1 table cannot describe", path,
+                                   ctx.options.snapshot);
+  }
+  m->l1_offset_ = l1_offset;
+  m->l1_.resize(l1_size);
+  if (l1_size) {
+    std::vector<std::byte> raw(l1_size * 8);
+    RETURN_IF_ERROR(m->file_->PRead(l1_offset, raw).WithContext("'{}': reading the L1 table", path));
+    for (uint64_t i = 0; i < l1_size; i++) m->l1_[i] = LoadBE64(raw.data() + i * 8);
+  }
+
+  uint64_t rt_entries = uint64_t{h.refcount_table_clusters} * m->cluster_size_ / 8;
+  m->reftable_.resize(rt_entries);
+  {
+    std::vector<std::byte> raw(rt_entries * 8);
+    RETURN_IF_ERROR(m->file_->PRead(h.refcount_table_offset, raw)
+                        .WithContext("'{}': reading the refcount table", path));
+    for (uint64_t i = 0; i < rt_entries; i++) m->reftable_[i] = LoadBE64(raw.data() + i * 8);
+  }
+
+  uint64_t cache = ctx.options.cache_bytes ? ctx.options.cache_bytes : limits::kDefaultCacheBytes;
+  m->l2_cache_ = std::make_unique<TableCache>(m->file_.get(), static_cast<uint32_t>(m->cluster_size_),
+                                              cache / 4 * 3 / m->cluster_size_, IoTag::kL2);
+  m->ref_cache_ = std::make_unique<TableCache>(m->file_.get(), static_cast<uint32_t>(m->cluster_size_),
+                                               cache / 4 / m->cluster_size_, IoTag::kRefBlock);
+
+  if (!m->read_only_) {
+    bool rewrite = false;
+    if (h.incompatible_features & kIncompatDirty) {
+      // Lazy refcounts left the counts stale: recount from the tables before any write.
+      RETURN_IF_ERROR(m->RebuildRefcounts().WithContext("'{}': repairing refcounts of a dirty image", path));
+      h.incompatible_features &= ~kIncompatDirty;
+      rewrite = true;
+    }
+    // Auto-clear features we do not maintain must be cleared before we write.
+    uint64_t keep = h.autoclear_features & kAutoclearDataFileRaw;
+    if (keep != h.autoclear_features) {
+      h.autoclear_features = keep;
+      rewrite = true;
+    }
+    if (rewrite) {
+      RETURN_IF_ERROR(m->FlushAll());
+      RETURN_IF_ERROR(m->WriteHeader());
+      RETURN_IF_ERROR(m->file_->Sync(true));
+    }
+  }
+  return std::unique_ptr<ClusterMap>(std::move(m));
+}
+
+Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path, const Header& h,
+                                                 uint64_t file_size) {
+  std::vector<Snapshot> out;
+  uint64_t pos = h.snapshots_offset;
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < h.nb_snapshots; i++) {
+    std::byte fixed[40];
+    if (pos + 40 > file_size)
+      return Status::InvalidFormat("'{}': snapshot table is past the end of the file", path);
+    RETURN_IF_ERROR(file.PRead(pos, fixed));
+    Snapshot s;
+    s.l1_table_offset = LoadBE64(fixed);
+    s.l1_size = LoadBE32(fixed + 8);
+    uint16_t id_len = LoadBE16(fixed + 12);
+    uint16_t name_len = LoadBE16(fixed + 14);
+    s.date_sec = LoadBE32(fixed + 16);
+    s.date_nsec = LoadBE32(fixed + 20);
+    s.vm_clock_nsec = LoadBE64(fixed + 24);
+    s.vm_state_size = LoadBE32(fixed + 32);
+    uint32_t extra_len = LoadBE32(fixed + 36);
+    uint64_t entry = AlignUp(40ull + extra_len + id_len + name_len, 8);
+    total += entry;
+    if (extra_len > limits::kMaxHeaderExtensionBytes || total > limits::kMaxSnapshotTableBytes ||
+        pos + entry > file_size)
+      return Status::InvalidFormat("'{}': snapshot table entry {} is invalid or past the end of the file",
+                                   path, i);
+    std::vector<std::byte> rest(entry - 40);
+    RETURN_IF_ERROR(file.PRead(pos + 40, rest));
+    s.extra.assign(rest.begin(), rest.begin() + extra_len);
+    if (extra_len >= 8) s.vm_state_size = LoadBE64(s.extra.data());
+    if (extra_len >= 16) {
+      s.disk_size = LoadBE64(s.extra.data() + 8);
+      s.has_disk_size = true;
+    }
+    if (extra_len >= 24) s.icount = LoadBE64(s.extra.data() + 16);
+    s.id.assign(reinterpret_cast<const char*>(rest.data() + extra_len), id_len);
+    s.name.assign(reinterpret_cast<const char*>(rest.data() + extra_len + id_len), name_len);
+    if (!s.has_disk_size) s.disk_size = h.size;
+    uint64_t cs = h.cluster_size();
+    if (uint64_t{s.l1_size} * 8 > limits::kMaxL1Bytes)
+      return Status::InvalidFormat("'{}': snapshot '{}' has an L1 table that is too large", path, s.name);
+    if (s.l1_size && (!IsAligned(s.l1_table_offset, cs) || s.l1_table_offset == 0 ||
+                      s.l1_table_offset + uint64_t{s.l1_size} * 8 > file_size))
+      return Status::InvalidFormat("'{}': snapshot '{}' has an invalid L1 table offset {:#x}", path, s.name,
+                                   s.l1_table_offset);
+    out.push_back(std::move(s));
+    pos += entry;
+  }
+  return out;
+}
+
+std::vector<std::byte> SerializeSnapshotTable(const std::vector<Snapshot>& snaps) {
+  std::vector<std::byte> out;
+  for (const Snapshot& s : snaps) {
+    std::vector<std::byte> extra = s.extra;
+    if (extra.size() < 24) extra.resize(24);
+    StoreBE64(extra.data(), s.vm_state_size);
+    StoreBE64(extra.data() + 8, s.disk_size);
+    StoreBE64(extra.data() + 16, s.icount);
+    size_t at = out.size();
+    size_t entry = AlignUp(40 + extra.size() + s.id.size() + s.name.size(), 8);
+    out.resize(at + entry);
+    std::byte* p = out.data() + at;
+    StoreBE64(p, s.l1_table_offset);
+    StoreBE32(p + 8, s.l1_size);
+    StoreBE16(p + 12, static_cast<uint16_t>(s.id.size()));
+    StoreBE16(p + 14, static_cast<uint16_t>(s.name.size()));
+    StoreBE32(p + 16, s.date_sec);
+    StoreBE32(p + 20, s.date_nsec);
+    StoreBE64(p + 24, s.vm_clock_nsec);
+    StoreBE32(p + 32, static_cast<uint32_t>(std::min<uint64_t>(s.vm_state_size, UINT32_MAX)));
+    StoreBE32(p + 36, static_cast<uint32_t>(extra.size()));
+    std::memcpy(p + 40, extra.data(), extra.size());
+    std::memcpy(p + 40 + extra.size(), s.id.data(), s.id.size());
+    std::memcpy(p + 40 + extra.size() + s.id.size(), s.name.data(), s.name.size());
+  }
+  return out;
+}
+
+Status Qcow2Map::ValidateTableOffset(uint64_t off, const char* what) {
+  if (!IsAligned(off, cluster_size_))
+    return Status::Corrupt("'{}': {} offset {:#x} is not aligned to a cluster", path_, what, off);
+  if (off < cluster_size_)
+    return Status::Corrupt("'{}': {} offset {:#x} overlaps the header", path_, what, off);
+  return Status::Ok();
+}
+
+Result<uint64_t> Qcow2Map::L2Offset(uint64_t l1_index) {
+  if (l1_index >= l1_.size()) return uint64_t{0};
+  uint64_t off = L1EntryOffset(l1_[l1_index]);
+  if (off == 0) return uint64_t{0};
+  RETURN_IF_ERROR(ValidateTableOffset(off, "L2 table"));
+  return off;
+}
+
+uint64_t Qcow2Map::LoadL2(const TableRef& t, uint64_t idx, uint64_t* bitmap) const {
+  const std::byte* p = t.data() + idx * l2_entry_bytes();
+  if (bitmap) *bitmap = extended_l2_ ? LoadBE64(p + 8) : 0;
+  return LoadBE64(p);
+}
+
+void Qcow2Map::StoreL2(const TableRef& t, uint64_t idx, uint64_t entry, uint64_t bitmap) const {
+  std::byte* p = t.data() + idx * l2_entry_bytes();
+  StoreBE64(p, entry);
+  if (extended_l2_) StoreBE64(p + 8, bitmap);
+  t.MarkDirty();
+}
+
+namespace {
+
+// Appends m, merging it into the previous mapping of this call when they continue.
+void Push(std::vector<Mapping>* out, size_t first, const Mapping& m) {
+  if (m.length == 0) return;
+  if (out->size() > first) {
+    Mapping& p = out->back();
+    bool same = p.kind == m.kind && p.file == m.file && p.writable == m.writable;
+    if (same && m.kind == Mapping::Kind::kData && p.host_offset + p.length == m.host_offset) {
+      p.length += m.length;
+      return;
+    }
+    if (same && m.kind == Mapping::Kind::kUnallocated) {
+      p.length += m.length;
+      return;
+    }
+    if (same && m.kind == Mapping::Kind::kZero &&
+        (m.file == nullptr || p.host_offset + p.length == m.host_offset)) {
+      p.length += m.length;
+      return;
+    }
+  }
+  out->push_back(m);
+}
+
+}  // namespace
+
+Status Qcow2Map::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
+  const size_t first = out->size();
+  const uint64_t end = guest_off + len;
+  uint64_t pos = guest_off;
+  const bool writable_ok = !read_only_;
+  while (pos < end) {
+    uint64_t cluster = ClusterIndex(pos);
+    uint64_t l1i = L1Index(cluster);
+    ASSIGN_OR_RETURN(uint64_t l2_off, L2Offset(l1i));
+    uint64_t l2_span_end = std::min(end, (l1i + 1) * l2_entries_ * cluster_size_);
+    if (l2_off == 0) {
+      Mapping m;
+      m.length = l2_span_end - pos;
+      Push(out, first, m);
+      pos = l2_span_end;
+      continue;
+    }
+    ASSIGN_OR_RETURN(TableRef l2, l2_cache_->Get(l2_off));
+    while (pos < l2_span_end) {
+      cluster = ClusterIndex(pos);
+      uint64_t cstart = cluster << cluster_bits_;
+      uint64_t cend = std::min(cstart + cluster_size_, l2_span_end);
+      uint64_t bitmap = 0;
+      uint64_t e = LoadL2(l2, L2Index(cluster), &bitmap);
+      Mapping m;
+      if (IsCompressed(e)) {
+        if (header_.has_data_file())
+          return Status::Corrupt("'{}': compressed cluster in an image with an external data file", path_);
+        m.kind = Mapping::Kind::kCompressed;
+        m.file = file_.get();
+        m.host_offset = CompressedHostOffset(e, cluster_bits_);
+        m.compressed_length = CompressedLength(e, cluster_bits_);
+        m.unit_guest_offset = cstart;
+        m.unit_size = static_cast<uint32_t>(cluster_size_);
+        m.codec = header_.compression_type == kCompressionZstd ? Codec::kZstd : Codec::kDeflateRaw;
+        m.length = cend - pos;
+        out->push_back(m);
+        pos = cend;
+        continue;
+      }
+      uint64_t host = L2EntryOffset(e);
+      bool has_host = host != 0 || (header_.has_data_file() && IsCopied(e));
+      if (has_host && !IsAligned(host, cluster_size_))
+        return Status::Corrupt("'{}': L2 entry for guest offset {:#x} has an unaligned host offset {:#x}",
+                               path_, cstart, host);
+      if (!extended_l2_) {
+        if (v3_ && HasZeroFlag(e)) {
+          m.kind = Mapping::Kind::kZero;
+          if (has_host) {
+            m.file = data_;
+            m.host_offset = host + (pos - cstart);
+          }
+        } else if (has_host) {
+          m.kind = Mapping::Kind::kData;
+          m.file = data_;
+          m.host_offset = host + (pos - cstart);
+          m.writable = writable_ok && IsCopied(e);
+        }
+        m.length = cend - pos;
+        Push(out, first, m);
+        pos = cend;
+        continue;
+      }
+      // Extended L2: one run per group of subclusters in the same state.
+      uint32_t alloc = SubAllocBits(bitmap), zero = SubZeroBits(bitmap);
+      if (alloc & zero)
+        return Status::Corrupt("'{}': subcluster of guest offset {:#x} is both allocated and zero", path_,
+                               cstart);
+      if (alloc && !has_host)
+        return Status::Corrupt("'{}': allocated subclusters at guest offset {:#x} have no host cluster",
+                               path_, cstart);
+      while (pos < cend) {
+        int sc = static_cast<int>((pos - cstart) / subcluster_size_);
+        Mapping s;
+        if (alloc & (1u << sc)) {
+          s.kind = Mapping::Kind::kData;
+          s.file = data_;
+          s.host_offset = host + (pos - cstart);
+          s.writable = writable_ok && IsCopied(e);
+        } else if (zero & (1u << sc)) {
+          s.kind = Mapping::Kind::kZero;
+        }
+        uint64_t send = std::min(cend, cstart + (sc + 1) * subcluster_size_);
+        s.length = send - pos;
+        Push(out, first, s);
+        pos = send;
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+Result<TableRef> Qcow2Map::GetL2(uint64_t l1_index, bool allocate) {
+  if (l1_index >= l1_.size())
+    return Status::Corrupt("'{}': L1 index {} is past the L1 table", path_, l1_index);
+  uint64_t l1e = l1_[l1_index];
+  ASSIGN_OR_RETURN(uint64_t off, L2Offset(l1_index));
+  if (off != 0 && (!allocate || IsCopied(l1e))) return l2_cache_->Get(off);
+  if (!allocate) return TableRef();
+  // A new table, or a private copy of one shared with a snapshot.
+  ASSIGN_OR_RETURN(uint64_t new_off, AllocClusters(1));
+  l2_cache_->SetDependency(ref_cache_.get());
+  std::vector<std::byte> copy;
+  if (off != 0) {
+    ASSIGN_OR_RETURN(TableRef old, l2_cache_->Get(off));
+    copy.assign(old.bytes().begin(), old.bytes().end());
+  }
+  ASSIGN_OR_RETURN(TableRef t, l2_cache_->GetEmpty(new_off));
+  if (!copy.empty()) {
+    std::memcpy(t.data(), copy.data(), copy.size());
+    // The data clusters are still shared: no entry of the copy may claim refcount one.
+    for (uint64_t i = 0; i < l2_entries_; i++) {
+      uint64_t bm;
+      uint64_t e = LoadL2(t, i, &bm);
+      if (IsCopied(e)) {
+        ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(L2EntryOffset(e) >> cluster_bits_));
+        if (rc != 1) StoreL2(t, i, e & ~kFlagCopied, bm);
+      }
+    }
+  }
+  t.MarkDirty();
+  l1_[l1_index] = new_off | kFlagCopied;
+  l1_dirty_ = true;
+  if (off != 0) {
+    // The shared table loses the active L1's reference only once the new L1 is on disk.
+    RETURN_IF_ERROR(l2_cache_->Flush());
+    RETURN_IF_ERROR(WriteL1());
+    RETURN_IF_ERROR(file_->Sync(true));
+    RETURN_IF_ERROR(AddRefcount(off >> cluster_bits_, -1));
+  }
+  return t;
+}
+
+std::optional<BackingRef> Qcow2Map::backing() const {
+  if (header_.backing_file.empty()) return std::nullopt;
+  BackingRef r;
+  r.name = header_.backing_file;
+  r.format = header_.backing_format.value_or("");
+  return r;
+}
+
+std::vector<File*> Qcow2Map::host_files() {
+  if (data_file_) return {data_file_.get()};
+  return {};
+}
+
+FormatInfo Qcow2Map::Info() {
+  FormatInfo fi;
+  fi.format = "qcow2";
+  fi.virtual_size = size_;
+  fi.cluster_size = cluster_size_;
+  fi.dirty = header_.incompatible_features & kIncompatDirty;
+  fi.encrypted = false;
+  for (const Snapshot& s : snapshots_) {
+    SnapshotInfo si;
+    si.id = s.id;
+    si.name = s.name;
+    si.vm_state_size = s.vm_state_size;
+    si.date_sec = s.date_sec;
+    si.date_nsec = s.date_nsec;
+    si.vm_clock_nsec = s.vm_clock_nsec;
+    si.icount = s.icount;
+    si.disk_size = s.disk_size;
+    fi.snapshots.push_back(si);
+  }
+  nlohmann::ordered_json data;
+  data["compat"] = v3_ ? "1.1" : "0.10";
+  data["compression-type"] = header_.compression_type == kCompressionZstd ? "zstd" : "zlib";
+  if (v3_) data["lazy-refcounts"] = (header_.compatible_features & kCompatLazyRefcounts) != 0;
+  // qemu prints bitmaps here when present; we only keep them.
+  data["refcount-bits"] = refcount_bits_;
+  if (header_.has_data_file()) {
+    data["data-file"] = header_.data_file.value_or("");
+    data["data-file-raw"] = (header_.autoclear_features & kAutoclearDataFileRaw) != 0;
+  }
+  if (v3_) {
+    data["corrupt"] = corrupt_;
+    data["extended-l2"] = extended_l2_;
+  }
+  nlohmann::ordered_json fs;
+  fs["type"] = "qcow2";
+  fs["data"] = data;
+  fi.format_specific = nlohmann::json::parse(fs.dump());
+  return fi;
+}
+
+}  // namespace vimgfs::qcow2

@@ -1,0 +1,301 @@
+// qcow2 create (qemu-img create -f qcow2 -o ...) and the FormatDriver.
+//
+// Layout, as qemu lays out a new image: header cluster, refcount table, refcount
+// block(s), L1 table, then (with preallocation) each L2 table followed by its data.
+#include <algorithm>
+#include <cstring>
+
+#include "formats/drivers.h"
+#include "formats/qcow2/qcow2_internal.h"
+#include "util/endian.h"
+#include "util/limits.h"
+#include "vimgfs/image.h"
+
+namespace vimgfs::qcow2 {
+namespace {
+
+Result<bool> ParseBool(const std::string& key, const std::string& v) {
+  if (v == "on" || v == "true" || v == "yes") return true;
+  if (v == "off" || v == "false" || v == "no") return false;
+  return Status::InvalidArgument("Parameter '{}' expects 'on' or 'off'", key);
+}
+
+struct CreateParams {
+  uint64_t size = 0;
+  uint32_t cluster_bits = 16;
+  int version = 3;
+  bool lazy_refcounts = false;
+  uint32_t refcount_order = 4;
+  uint8_t compression = kCompressionZlib;
+  bool extended_l2 = false;
+  std::string prealloc = "off";
+  std::optional<BackingRef> backing;
+  std::string data_file;
+  bool data_file_raw = false;
+};
+
+Result<CreateParams> ParseParams(const CreateContext& ctx) {
+  CreateParams p;
+  p.size = ctx.size;
+  p.backing = ctx.backing;
+  std::optional<uint32_t> refcount_bits;
+  bool compression_set = false;
+  for (const auto& [key, v] : ctx.options) {
+    if (key == "size") {
+      ASSIGN_OR_RETURN(p.size, ParseSize(v));
+    } else if (key == "cluster_size") {
+      ASSIGN_OR_RETURN(uint64_t cs, ParseSize(v));
+      if (!IsPowerOfTwo(cs) || cs < 512 || cs > (2u << 20))
+        return Status::InvalidArgument("Cluster size must be a power of two between 512 and 2048k");
+      p.cluster_bits = static_cast<uint32_t>(__builtin_ctzll(cs));
+    } else if (key == "compat") {
+      if (v == "0.10" || v == "v2") p.version = 2;
+      else if (v == "1.1" || v == "v3") p.version = 3;
+      else return Status::InvalidArgument("Invalid parameter '{}'", v);
+    } else if (key == "lazy_refcounts") {
+      ASSIGN_OR_RETURN(p.lazy_refcounts, ParseBool(key, v));
+    } else if (key == "refcount_bits") {
+      char* endp = nullptr;
+      unsigned long b = strtoul(v.c_str(), &endp, 10);
+      if (v.empty() || *endp || !IsPowerOfTwo(b) || b > 64)
+        return Status::InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits");
+      refcount_bits = static_cast<uint32_t>(b);
+      p.refcount_order = static_cast<uint32_t>(__builtin_ctzll(b));
+    } else if (key == "compression_type") {
+      if (v == "zlib") p.compression = kCompressionZlib;
+      else if (v == "zstd") p.compression = kCompressionZstd;
+      else return Status::InvalidArgument("Parameter 'compression_type' does not accept value '{}'", v);
+      compression_set = true;
+    } else if (key == "extended_l2") {
+      ASSIGN_OR_RETURN(p.extended_l2, ParseBool(key, v));
+    } else if (key == "preallocation") {
+      if (v != "off" && v != "metadata" && v != "falloc" && v != "full")
+        return Status::InvalidArgument("Parameter 'preallocation' does not accept value '{}'", v);
+      p.prealloc = v;
+    } else if (key == "backing_file") {
+      if (!p.backing) p.backing = BackingRef{};
+      p.backing->name = v;
+    } else if (key == "backing_fmt") {
+      if (!p.backing) p.backing = BackingRef{};
+      p.backing->format = v;
+    } else if (key == "data_file") {
+      p.data_file = v;
+    } else if (key == "data_file_raw") {
+      ASSIGN_OR_RETURN(p.data_file_raw, ParseBool(key, v));
+    } else if (key == "encryption" || key.rfind("encrypt.", 0) == 0) {
+      if (key == "encryption" && v == "off") continue;
+      return Status::Unsupported("encrypted qcow2 images are not supported");
+    } else {
+      return Status::InvalidArgument("Invalid parameter '{}'", key);
+    }
+  }
+  if (p.backing && p.backing->name.empty())
+    return Status::InvalidArgument("Backing file format given without a backing file");
+  if (p.version == 2) {
+    if (p.lazy_refcounts)
+      return Status::InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above "
+                                     "(use compat=1.1 or greater)");
+    if (refcount_bits && *refcount_bits != 16)
+      return Status::InvalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 "
+                                     "or above (use compat=1.1 or greater)");
+    if (compression_set && p.compression != kCompressionZlib)
+      return Status::InvalidArgument("Compression type can only be used with compatibility level 1.1 and above");
+    if (p.extended_l2)
+      return Status::InvalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and above");
+    if (!p.data_file.empty())
+      return Status::InvalidArgument("External data files are only supported with compatibility level 1.1 and above");
+  }
+  if (p.extended_l2 && p.cluster_bits < 14)
+    return Status::InvalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16 KB");
+  if (p.data_file_raw && p.data_file.empty())
+    return Status::InvalidArgument("data-file-raw requires data-file");
+  if (p.data_file_raw && p.backing)
+    return Status::InvalidArgument("Backing file and data-file-raw cannot be used at the same time");
+  if (p.size > limits::kMaxVirtualSize) return Status::InvalidArgument("Image size is too large");
+  if (p.backing && p.backing->name.size() > limits::kMaxBackingNameBytes)
+    return Status::InvalidArgument("Backing file name too long");
+  return p;
+}
+
+}  // namespace
+
+Status CreateImage(const CreateContext& ctx) {
+  ASSIGN_OR_RETURN(CreateParams p, ParseParams(ctx));
+  Env* env = ctx.env ? ctx.env : Env::Default();
+  const uint64_t cs = 1ull << p.cluster_bits;
+  const uint64_t l2_entries = cs / (p.extended_l2 ? 16 : 8);
+  // qemu aligns the virtual size up to 512 bytes.
+  const uint64_t size = AlignUp(p.size, 512);
+  const uint64_t guest_clusters = DivRoundUp(size, cs);
+  const uint64_t l1_entries = DivRoundUp(guest_clusters, l2_entries);
+  if (l1_entries * 8 > limits::kMaxL1Bytes)
+    return Status::InvalidArgument("Image size is too large for this cluster size");
+  const uint64_t l1_clusters = std::max<uint64_t>(1, DivRoundUp(l1_entries * 8, cs));
+  const bool prealloc = p.prealloc != "off";
+  const bool has_data_file = !p.data_file.empty();
+  // Clusters after the L1 table: L2 tables, and data clusters unless in a data file.
+  const uint64_t l2_tables = prealloc ? l1_entries : 0;
+  const uint64_t data_clusters = prealloc && !has_data_file ? guest_clusters : 0;
+  const uint64_t rb_entries = cs * 8 / (1u << p.refcount_order);
+  uint64_t rt_clusters = 1, rb_count = 1;
+  for (int i = 0; i < 64; i++) {
+    uint64_t total = 1 + rt_clusters + rb_count + l1_clusters + l2_tables + data_clusters;
+    uint64_t rb = DivRoundUp(total, rb_entries);
+    uint64_t rt = std::max<uint64_t>(1, DivRoundUp(rb * 8, cs));
+    if (rb == rb_count && rt == rt_clusters) break;
+    rb_count = std::max(rb, rb_count);
+    rt_clusters = std::max(rt, rt_clusters);
+  }
+  if (rt_clusters * cs > limits::kMaxRefTableBytes)
+    return Status::InvalidArgument("Image size is too large for this cluster size and refcount width");
+  const uint64_t rt_off = cs;
+  const uint64_t rb_off = rt_off + rt_clusters * cs;
+  const uint64_t l1_off = rb_off + rb_count * cs;
+  const uint64_t meta_end = l1_off + l1_clusters * cs;
+  const uint64_t total_clusters = meta_end / cs + l2_tables + data_clusters;
+
+  Header h;
+  h.version = p.version;
+  h.cluster_bits = p.cluster_bits;
+  h.size = size;
+  h.l1_size = static_cast<uint32_t>(l1_entries);
+  h.l1_table_offset = l1_off;
+  h.refcount_table_offset = rt_off;
+  h.refcount_table_clusters = static_cast<uint32_t>(rt_clusters);
+  h.refcount_order = p.refcount_order;
+  if (p.version >= 3) {
+    h.header_length = kV3HeaderLengthWithCompression;
+    h.compression_type = p.compression;
+    if (p.compression != kCompressionZlib) h.incompatible_features |= kIncompatCompression;
+    if (p.extended_l2) h.incompatible_features |= kIncompatExtendedL2;
+    if (p.lazy_refcounts) h.compatible_features |= kCompatLazyRefcounts;
+    if (has_data_file) {
+      h.incompatible_features |= kIncompatDataFile;
+      h.data_file = p.data_file;
+      if (p.data_file_raw) h.autoclear_features |= kAutoclearDataFileRaw;
+    }
+  } else {
+    h.header_length = kV2HeaderLength;
+  }
+  if (p.backing) {
+    h.backing_file = p.backing->name;
+    if (!p.backing->format.empty()) h.backing_format = p.backing->format;
+  }
+  ASSIGN_OR_RETURN(std::vector<std::byte> head, SerializeHeader(h));
+
+  if (has_data_file) {
+    if (p.data_file.rfind("json:", 0) == 0)
+      return Status::Unsupported("data file '{}': only plain file names are supported", p.data_file);
+    // The data file is created next to the image, under the name the header stores.
+    std::string name = p.data_file;
+    if (!name.empty() && name[0] != '/') {
+      auto slash = ctx.path.rfind('/');
+      if (slash != std::string::npos) name = ctx.path.substr(0, slash + 1) + name;
+    }
+    ASSIGN_OR_RETURN(auto df, env->Create(name));
+    RETURN_IF_ERROR(df->Truncate(size));
+    if (p.prealloc == "falloc" || p.prealloc == "full") RETURN_IF_ERROR(df->Allocate(0, size));
+    RETURN_IF_ERROR(df->Sync(false));
+  }
+
+  ASSIGN_OR_RETURN(auto f, env->Create(ctx.path));
+  RETURN_IF_ERROR(f->Truncate(0));
+  RETURN_IF_ERROR(f->PWrite(0, head, IoTag::kHeader));
+
+  // Refcount table and blocks.
+  {
+    std::vector<std::byte> rt(rt_clusters * cs);
+    for (uint64_t i = 0; i < rb_count; i++) StoreBE64(rt.data() + i * 8, rb_off + i * cs);
+    RETURN_IF_ERROR(f->PWrite(rt_off, rt, IoTag::kRefTable));
+    std::vector<std::byte> block(cs);
+    const uint32_t bits = 1u << p.refcount_order;
+    for (uint64_t b = 0; b < rb_count; b++) {
+      std::memset(block.data(), 0, cs);
+      uint64_t first = b * rb_entries;
+      uint64_t n = std::min(rb_entries, total_clusters > first ? total_clusters - first : 0);
+      for (uint64_t i = 0; i < n; i++) {
+        switch (bits) {
+          case 8: block[i] = std::byte{1}; break;
+          case 16: StoreBE16(block.data() + i * 2, 1); break;
+          case 32: StoreBE32(block.data() + i * 4, 1); break;
+          case 64: StoreBE64(block.data() + i * 8, 1); break;
+          default: {
+            uint64_t bit = i * bits;
+            block[bit / 8] |= static_cast<std::byte>(1u << (bit % 8));
+          }
+        }
+      }
+      RETURN_IF_ERROR(f->PWrite(rb_off + b * cs, block, IoTag::kRefBlock));
+    }
+  }
+
+  // L1 (and L2 tables with their data when preallocating).
+  std::vector<std::byte> l1(l1_entries * 8);
+  uint64_t next = meta_end;
+  if (prealloc) {
+    std::vector<std::byte> l2(cs);
+    const uint32_t eb = p.extended_l2 ? 16 : 8;
+    for (uint64_t t = 0; t < l1_entries; t++) {
+      uint64_t l2_off = next;
+      next += cs;
+      StoreBE64(l1.data() + t * 8, l2_off | kFlagCopied);
+      std::memset(l2.data(), 0, cs);
+      uint64_t first = t * l2_entries;
+      uint64_t n = std::min(l2_entries, guest_clusters - first);
+      for (uint64_t i = 0; i < n; i++) {
+        uint64_t host = has_data_file ? (first + i) * cs : next;
+        if (!has_data_file) next += cs;
+        StoreBE64(l2.data() + i * eb, host | kFlagCopied);
+        if (p.extended_l2) StoreBE64(l2.data() + i * eb + 8, MakeSubBitmap(0xffffffffu, 0));
+      }
+      RETURN_IF_ERROR(f->PWrite(l2_off, l2, IoTag::kL2));
+    }
+  }
+  if (!l1.empty()) RETURN_IF_ERROR(f->PWrite(l1_off, l1, IoTag::kL1));
+  if (p.prealloc == "falloc" || p.prealloc == "full") {
+    if (!has_data_file && next > meta_end) RETURN_IF_ERROR(f->Allocate(meta_end, next - meta_end));
+  }
+  if (next > meta_end) RETURN_IF_ERROR(f->Truncate(next));
+  return f->Sync(false);
+}
+
+namespace {
+
+class Qcow2Driver final : public FormatDriver {
+ public:
+  const char* name() const override { return "qcow2"; }
+  int Probe(std::span<const std::byte> head, const std::string&) const override {
+    if (head.size() >= 8 && LoadBE32(head.data()) == kMagic && LoadBE32(head.data() + 4) >= 2) return 100;
+    return 0;
+  }
+  Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override {
+    return Qcow2Map::Open(std::move(ctx));
+  }
+  Status Create(const CreateContext& ctx) const override { return CreateImage(ctx); }
+  std::vector<CreateOptionHelp> CreateOptions() const override {
+    return {
+        {"backing_file", "string", "File name of a base image"},
+        {"backing_fmt", "string", "Image format of the base image"},
+        {"cluster_size", "size", "qcow2 cluster size"},
+        {"compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])"},
+        {"compression_type", "string", "Compression method used for image cluster compression"},
+        {"data_file", "string", "File name of an external data file"},
+        {"data_file_raw", "bool", "The external data file must stay valid as a raw image"},
+        {"extended_l2", "bool", "Extended L2 tables"},
+        {"lazy_refcounts", "bool", "Postpone refcount updates"},
+        {"preallocation", "string", "Preallocation mode (allowed values: off, metadata, falloc, full)"},
+        {"refcount_bits", "number", "Width of a reference count entry in bits"},
+        {"size", "size", "Virtual disk size"},
+    };
+  }
+};
+
+}  // namespace
+}  // namespace vimgfs::qcow2
+
+namespace vimgfs {
+const FormatDriver* Qcow2Driver() {
+  static const qcow2::Qcow2Driver driver;
+  return &driver;
+}
+}  // namespace vimgfs

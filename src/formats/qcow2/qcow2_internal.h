@@ -1,0 +1,289 @@
+// qcow2 internals: the header model, table-entry bit helpers and the ClusterMap.
+//
+// Files of this driver, by concern:
+//   header.cc       parse / validate / serialize the header and its extensions
+//   cluster_map.cc  open, L1/L2 lookup (standard and extended L2), snapshot table, info
+//   refcount.cc     refcount get/set (1..64 bit), allocation, refcount table growth,
+//                   the full rebuild used for dirty lazy-refcount images
+//   write.cc        PrepareWrite / CommitWrite, zeroing, discard, flush, close
+//   resize.cc       Resize, SetBacking, snapshots create/apply/delete
+//   create.cc       Create, -o options, the FormatDriver
+//
+// Spec: qemu docs/interop/qcow2.rst. Everything is big-endian.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/table_cache.h"
+#include "util/checked.h"
+#include "vimgfs/format.h"
+
+namespace vimgfs::qcow2 {
+
+inline constexpr uint32_t kMagic = 0x514649fb;  // "QFI\xfb"
+inline constexpr uint32_t kV2HeaderLength = 72;
+inline constexpr uint32_t kV3HeaderLength = 104;
+inline constexpr uint32_t kV3HeaderLengthWithCompression = 112;
+
+// Header extension types.
+inline constexpr uint32_t kExtEnd = 0;
+inline constexpr uint32_t kExtBackingFormat = 0xe2792aca;
+inline constexpr uint32_t kExtFeatureTable = 0x6803f857;
+inline constexpr uint32_t kExtBitmaps = 0x23852875;
+inline constexpr uint32_t kExtCrypto = 0x0537be77;
+inline constexpr uint32_t kExtDataFile = 0x44415441;
+
+// Feature bits.
+inline constexpr uint64_t kIncompatDirty = 1ull << 0;
+inline constexpr uint64_t kIncompatCorrupt = 1ull << 1;
+inline constexpr uint64_t kIncompatDataFile = 1ull << 2;
+inline constexpr uint64_t kIncompatCompression = 1ull << 3;
+inline constexpr uint64_t kIncompatExtendedL2 = 1ull << 4;
+inline constexpr uint64_t kIncompatKnown = 0x1f;
+inline constexpr uint64_t kCompatLazyRefcounts = 1ull << 0;
+inline constexpr uint64_t kAutoclearBitmaps = 1ull << 0;
+inline constexpr uint64_t kAutoclearDataFileRaw = 1ull << 1;
+
+inline constexpr uint8_t kCompressionZlib = 0;
+inline constexpr uint8_t kCompressionZstd = 1;
+
+// ---- table entries ----
+
+inline constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ull;  // bits 9..55
+inline constexpr uint64_t kFlagCopied = 1ull << 63;              // refcount exactly one
+inline constexpr uint64_t kFlagCompressed = 1ull << 62;
+inline constexpr uint64_t kFlagZero = 1ull << 0;                 // v3 standard descriptor
+// Reserved bits of a standard L2 entry (1..8, 56..61) and of an L1 entry (0..8, 56..62).
+inline constexpr uint64_t kL2StandardReserved = 0x3f000000000001feull;
+inline constexpr uint64_t kL1Reserved = 0x7f000000000001ffull;
+
+inline uint64_t L1EntryOffset(uint64_t e) { return e & kOffsetMask; }
+inline uint64_t L2EntryOffset(uint64_t e) { return e & kOffsetMask; }
+inline bool IsCompressed(uint64_t e) { return (e & kFlagCompressed) != 0; }
+inline bool IsCopied(uint64_t e) { return (e & kFlagCopied) != 0; }
+inline bool HasZeroFlag(uint64_t e) { return !IsCompressed(e) && (e & kFlagZero) != 0; }
+
+// Compressed cluster descriptor: x = 62 - (cluster_bits - 8) bits of host offset, then
+// the count of additional 512-byte sectors.
+inline uint32_t CompressedOffsetBits(uint32_t cluster_bits) { return 62 - (cluster_bits - 8); }
+inline uint64_t CompressedHostOffset(uint64_t e, uint32_t cluster_bits) {
+  return e & ((1ull << CompressedOffsetBits(cluster_bits)) - 1);
+}
+inline uint64_t CompressedSectors(uint64_t e, uint32_t cluster_bits) {
+  uint32_t x = CompressedOffsetBits(cluster_bits);
+  return ((e & ~(kFlagCompressed | kFlagCopied)) >> x) + 1;  // including the first sector
+}
+// Bytes of compressed data stored from the host offset on (to the end of the last sector).
+inline uint64_t CompressedLength(uint64_t e, uint32_t cluster_bits) {
+  uint64_t off = CompressedHostOffset(e, cluster_bits);
+  return CompressedSectors(e, cluster_bits) * 512 - (off & 511);
+}
+inline uint64_t MakeCompressedEntry(uint64_t host_off, uint64_t len, uint32_t cluster_bits) {
+  uint64_t sectors = ((host_off + len - 1) / 512) - (host_off / 512);  // additional sectors
+  return kFlagCompressed | (sectors << CompressedOffsetBits(cluster_bits)) | host_off;
+}
+
+// Extended L2 subcluster bitmap: bits 0..31 allocated, 32..63 reads as zeros.
+inline constexpr int kSubclusters = 32;
+inline uint32_t SubAllocBits(uint64_t bitmap) { return static_cast<uint32_t>(bitmap); }
+inline uint32_t SubZeroBits(uint64_t bitmap) { return static_cast<uint32_t>(bitmap >> 32); }
+inline uint64_t MakeSubBitmap(uint32_t alloc, uint32_t zero) {
+  return static_cast<uint64_t>(alloc) | (static_cast<uint64_t>(zero) << 32);
+}
+// Bits first..last-1 set (0 <= first <= last <= 32).
+inline uint32_t SubMask(int first, int last) {
+  uint64_t m = ((1ull << last) - 1) & ~((1ull << first) - 1);
+  return static_cast<uint32_t>(m);
+}
+
+// ---- header ----
+
+struct UnknownExtension {
+  uint32_t type = 0;
+  std::vector<std::byte> data;
+};
+
+struct Header {
+  uint32_t version = 3;
+  uint64_t backing_file_offset = 0;
+  uint32_t backing_file_size = 0;
+  uint32_t cluster_bits = 16;
+  uint64_t size = 0;
+  uint32_t crypt_method = 0;
+  uint32_t l1_size = 0;
+  uint64_t l1_table_offset = 0;
+  uint64_t refcount_table_offset = 0;
+  uint32_t refcount_table_clusters = 0;
+  uint32_t nb_snapshots = 0;
+  uint64_t snapshots_offset = 0;
+  uint64_t incompatible_features = 0;
+  uint64_t compatible_features = 0;
+  uint64_t autoclear_features = 0;
+  uint32_t refcount_order = 4;
+  uint32_t header_length = kV3HeaderLengthWithCompression;
+  uint8_t compression_type = kCompressionZlib;
+  std::vector<std::byte> extra_header_fields;  // bytes 105..header_length (preserved)
+
+  // Extensions and the backing name.
+  std::string backing_file;
+  std::optional<std::string> backing_format;
+  std::optional<std::string> data_file;
+  bool has_feature_table = false;
+  std::optional<std::vector<std::byte>> bitmaps_ext;  // preserved as is
+  std::vector<UnknownExtension> unknown_extensions;   // preserved on rewrite
+
+  uint64_t cluster_size() const { return 1ull << cluster_bits; }
+  bool extended_l2() const { return incompatible_features & kIncompatExtendedL2; }
+  bool has_data_file() const { return incompatible_features & kIncompatDataFile; }
+  uint32_t refcount_bits() const { return 1u << refcount_order; }
+};
+
+// Parses and validates the header in the first cluster. `file_size` bounds every offset.
+Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_size);
+// Serializes header + extensions (+ feature table) + backing name into one cluster-sized
+// buffer. Fails when it does not fit in cluster 0.
+Result<std::vector<std::byte>> SerializeHeader(const Header& h);
+
+// ---- snapshots ----
+
+struct Snapshot {
+  uint64_t l1_table_offset = 0;
+  uint32_t l1_size = 0;
+  std::string id;
+  std::string name;
+  uint32_t date_sec = 0;
+  uint32_t date_nsec = 0;
+  uint64_t vm_clock_nsec = 0;
+  uint64_t vm_state_size = 0;
+  uint64_t disk_size = 0;
+  bool has_disk_size = false;
+  uint64_t icount = UINT64_MAX;
+  std::vector<std::byte> extra;  // extra data as stored (preserved)
+};
+
+Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path,
+                                                 const Header& h, uint64_t file_size);
+std::vector<std::byte> SerializeSnapshotTable(const std::vector<Snapshot>& snaps);
+
+// ---- the map ----
+
+class Qcow2Map final : public ClusterMap {
+ public:
+  static Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx);
+  ~Qcow2Map() override;
+
+  uint64_t virtual_size() const override { return size_; }
+  uint64_t cluster_size() const override { return cluster_size_; }
+  bool read_only() const override { return read_only_; }
+
+  Status Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) override;
+  Result<WritePlan> PrepareWrite(uint64_t guest_off, uint64_t len) override;
+  Status CommitWrite(const WritePlan& plan) override;
+  void AbortWrite(const WritePlan& plan) override;
+  Status ZeroRange(uint64_t guest_off, uint64_t len, bool unmap) override;
+  Status Discard(uint64_t guest_off, uint64_t len) override;
+  Status Flush() override;
+  Status Close() override;
+  std::optional<BackingRef> backing() const override;
+  FormatInfo Info() override;
+  std::vector<File*> host_files() override;
+  Result<CheckReport> Check(RepairMode mode) override;
+  Status Resize(uint64_t new_size, bool allow_shrink) override;
+  Status SetBacking(const std::optional<BackingRef>& ref) override;
+  Status SnapshotCreate(const std::string& name) override;
+  Status SnapshotApply(const std::string& name) override;
+  Status SnapshotDelete(const std::string& name) override;
+
+  // ---- internals shared by the .cc files ----
+  Qcow2Map() = default;
+
+  // L1/L2 geometry.
+  uint64_t l2_entries() const { return l2_entries_; }
+  uint32_t l2_entry_bytes() const { return extended_l2_ ? 16 : 8; }
+  uint64_t ClusterIndex(uint64_t guest) const { return guest >> cluster_bits_; }
+  uint64_t L1Index(uint64_t cluster) const { return cluster / l2_entries_; }
+  uint64_t L2Index(uint64_t cluster) const { return cluster % l2_entries_; }
+  // Clusters needed to describe `size` bytes, and L1 entries for it.
+  uint64_t L1EntriesFor(uint64_t size) const {
+    return DivRoundUp(DivRoundUp(size, cluster_size_), l2_entries_);
+  }
+
+  // Reads a validated L2 table offset for l1 index (0: none).
+  Result<uint64_t> L2Offset(uint64_t l1_index);
+  Status ValidateTableOffset(uint64_t off, const char* what);
+  // The L2 table for l1_index, allocating (or copying a shared one) when `allocate`.
+  Result<TableRef> GetL2(uint64_t l1_index, bool allocate);
+  uint64_t LoadL2(const TableRef& t, uint64_t idx, uint64_t* bitmap) const;
+  void StoreL2(const TableRef& t, uint64_t idx, uint64_t entry, uint64_t bitmap) const;
+
+  // Refcounts (refcount.cc).
+  Result<uint64_t> GetRefcount(uint64_t cluster);
+  Status SetRefcount(uint64_t cluster, uint64_t value);
+  Status AddRefcount(uint64_t cluster, int64_t delta);
+  // Allocates n contiguous clusters with refcount 1; returns the host offset.
+  Result<uint64_t> AllocClusters(uint64_t n);
+  // Drops one reference of each cluster touched by [off, off+len).
+  Status FreeRange(uint64_t off, uint64_t len);
+  // Drops the reference an L2 entry holds (data, zero-alloc or compressed).
+  Status FreeL2Entry(uint64_t entry);
+  Status EnsureRefBlock(uint64_t block_index);
+  Status GrowRefTable(uint64_t min_entries);
+  Result<uint64_t> FindFree(uint64_t n);
+  uint64_t refblock_entries() const { return refblock_entries_; }
+  // Recomputes every refcount from the tables (dirty lazy-refcount images).
+  Status RebuildRefcounts();
+  // Counts references of every cluster reachable from the header (check and rebuild).
+  Status CountReferences(std::vector<uint32_t>* refs, CheckReport* report);
+
+  // Header / L1 write-out.
+  Status WriteHeader();
+  Status WriteL1();
+  Status WriteRefTableEntries(uint64_t first, uint64_t count);
+  Status FlushAll();
+  Status CheckWritable();
+
+  // State.
+  std::string path_;
+  Env* env_ = nullptr;
+  std::unique_ptr<File> file_;
+  std::unique_ptr<File> data_file_;  // external data file, if any
+  File* data_ = nullptr;             // where guest clusters live (file_ or data_file_)
+  Header header_;
+  std::vector<Snapshot> snapshots_;
+  uint64_t size_ = 0;
+  uint32_t cluster_bits_ = 16;
+  uint64_t cluster_size_ = 65536;
+  uint64_t l2_entries_ = 8192;
+  bool extended_l2_ = false;
+  uint64_t subcluster_size_ = 0;
+  bool read_only_ = true;
+  bool corrupt_ = false;
+  bool snapshot_view_ = false;
+  bool closed_ = false;
+  bool v3_ = true;
+
+  std::vector<uint64_t> l1_;
+  uint64_t l1_offset_ = 0;
+  bool l1_dirty_ = false;
+  bool header_dirty_ = false;
+
+  std::vector<uint64_t> reftable_;
+  uint64_t refblock_entries_ = 0;
+  uint32_t refcount_bits_ = 16;
+  uint64_t refcount_max_ = 0xffff;
+  uint64_t free_hint_ = 0;           // no free cluster below this one
+  uint64_t host_end_ = 0;            // clusters at or past this offset are unused
+  uint64_t reserved_start_ = 0;      // clusters FindFree must skip (refcount table growth)
+  uint64_t reserved_end_ = 0;
+  bool growing_reftable_ = false;
+
+  std::unique_ptr<TableCache> l2_cache_;
+  std::unique_ptr<TableCache> ref_cache_;
+  bool clear_dirty_on_close_ = false;
+};
+
+}  // namespace vimgfs::qcow2
