@@ -1,0 +1,289 @@
+#include "cli/cli_util.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <numeric>
+
+namespace vimgfs::cli {
+
+void PrintError(const std::string& msg) { std::fprintf(stderr, "vimgfs: %s\n", msg.c_str()); }
+
+namespace {
+
+// Drops a leading "'path': " the format layer already put on the message.
+std::string StripPathPrefix(const std::string& path, const std::string& msg) {
+  std::string prefix = "'" + path + "': ";
+  if (msg.rfind(prefix, 0) == 0) return msg.substr(prefix.size());
+  return msg;
+}
+
+bool NamesPath(const std::string& path, const std::string& msg) {
+  return msg.find("'" + path + "'") != std::string::npos;
+}
+
+}  // namespace
+
+void PrintFileError(const std::string& path, const Status& s) {
+  const std::string& msg = s.message();
+  if (NamesPath(path, msg) && msg.rfind("'" + path + "': ", 0) != 0) {
+    PrintError(msg);
+  } else {
+    PrintError(path + ": " + StripPathPrefix(path, msg));
+  }
+}
+
+std::string OpenErrorMessage(const std::string& path, const Status& s) {
+  const std::string& msg = s.message();
+  if (msg.rfind("Could not open '" + path + "'", 0) == 0) return msg;
+  return "Could not open '" + path + "': " + StripPathPrefix(path, msg);
+}
+
+int UsageError(const std::string& command, const std::string& msg) {
+  PrintError(msg);
+  std::fprintf(stderr, "Try 'vimgfs %s --help' for more information\n", command.c_str());
+  return 1;
+}
+
+std::string SizeToStr(uint64_t v) {
+  static const char* kSuffixes[] = {"", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"};
+  int e = 0;
+  std::frexp(static_cast<double>(v) / (1000.0 / 1024.0), &e);
+  int i = (e - 1) / 10;
+  if (i < 0) i = 0;
+  if (i > 6) i = 6;
+  uint64_t div = 1ull << (i * 10);
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%0.3g %sB", static_cast<double>(v) / static_cast<double>(div),
+                kSuffixes[i]);
+  return buf;
+}
+
+namespace {
+
+// qemu's QDict bucket of a key (qobject/qdict.c: tdb_hash modulo 512).
+unsigned QdictBucket(const std::string& key) {
+  uint32_t value = 0x238F13AFu * static_cast<uint32_t>(key.size());
+  for (size_t i = 0; i < key.size(); i++)
+    value += static_cast<uint32_t>(static_cast<unsigned char>(key[i])) << (i * 5 % 24);
+  return (1103515243u * value + 12345u) % 512;
+}
+
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\b': out += "\\b"; break;
+      case '\f': out += "\\f"; break;
+      case '\n': out += "\\n"; break;
+      case '\r': out += "\\r"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (c < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04X", c);
+          out += buf;
+        } else {
+          out += static_cast<char>(c);
+        }
+    }
+  }
+  return out + "\"";
+}
+
+void DumpJson(const nlohmann::ordered_json& j, int level, std::string* out) {
+  std::string pad(static_cast<size_t>(level + 1) * 4, ' ');
+  std::string close_pad(static_cast<size_t>(level) * 4, ' ');
+  if (j.is_object()) {
+    if (j.empty()) {
+      *out += "{}";
+      return;
+    }
+    *out += "{\n";
+    bool first = true;
+    for (const std::string& k : QemuKeyOrder(j)) {
+      if (!first) *out += ",\n";
+      first = false;
+      *out += pad + JsonString(k) + ": ";
+      DumpJson(j.at(k), level + 1, out);
+    }
+    *out += "\n" + close_pad + "}";
+  } else if (j.is_array()) {
+    if (j.empty()) {
+      *out += "[]";
+      return;
+    }
+    *out += "[\n";
+    bool first = true;
+    for (const auto& e : j) {
+      if (!first) *out += ",\n";
+      first = false;
+      *out += pad;
+      DumpJson(e, level + 1, out);
+    }
+    *out += "\n" + close_pad + "]";
+  } else if (j.is_string()) {
+    *out += JsonString(j.get<std::string>());
+  } else {
+    *out += j.dump();
+  }
+}
+
+}  // namespace
+
+std::vector<std::string> QemuKeyOrder(const nlohmann::ordered_json& obj) {
+  // Iteration goes bucket by bucket; inside a bucket the newest key comes first.
+  std::vector<std::string> keys;
+  for (auto it = obj.begin(); it != obj.end(); ++it) keys.push_back(it.key());
+  std::reverse(keys.begin(), keys.end());
+  std::stable_sort(keys.begin(), keys.end(), [](const std::string& a, const std::string& b) {
+    return QdictBucket(a) < QdictBucket(b);
+  });
+  return keys;
+}
+
+std::string QemuJson(const nlohmann::ordered_json& j) {
+  std::string out;
+  DumpJson(j, 0, &out);
+  return out;
+}
+
+std::string QemuHumanDump(const nlohmann::ordered_json& j, int indent) {
+  std::string out;
+  std::string pad(static_cast<size_t>(indent) * 4, ' ');
+  auto scalar = [](const nlohmann::ordered_json& v) -> std::string {
+    if (v.is_string()) return v.get<std::string>();
+    if (v.is_boolean()) return v.get<bool>() ? "true" : "false";
+    if (v.is_null()) return "";
+    return v.dump();
+  };
+  if (j.is_object()) {
+    for (const std::string& k : QemuKeyOrder(j)) {
+      const auto& v = j.at(k);
+      std::string key = k;
+      std::replace(key.begin(), key.end(), '-', ' ');
+      bool composite = v.is_object() || v.is_array();
+      out += pad + key + ":" + (composite ? "\n" : " ");
+      if (composite) {
+        out += QemuHumanDump(v, indent + 1);
+      } else {
+        out += scalar(v) + "\n";
+      }
+    }
+  } else if (j.is_array()) {
+    int i = 0;
+    for (const auto& v : j) {
+      bool composite = v.is_object() || v.is_array();
+      out += pad + "[" + std::to_string(i++) + "]:" + (composite ? "\n" : " ");
+      if (composite) {
+        out += QemuHumanDump(v, indent + 1);
+      } else {
+        out += scalar(v) + "\n";
+      }
+    }
+  } else {
+    out += scalar(j);
+  }
+  return out;
+}
+
+Status ParseOptionList(const std::string& text,
+                       std::vector<std::pair<std::string, std::string>>* out) {
+  size_t i = 0;
+  while (i < text.size()) {
+    std::string key;
+    while (i < text.size() && text[i] != '=' && text[i] != ',') key += text[i++];
+    std::string value;
+    bool has_value = false;
+    if (i < text.size() && text[i] == '=') {
+      has_value = true;
+      i++;
+      while (i < text.size()) {
+        if (text[i] == ',') {
+          if (i + 1 < text.size() && text[i + 1] == ',') {
+            value += ',';
+            i += 2;
+            continue;
+          }
+          break;
+        }
+        value += text[i++];
+      }
+    }
+    if (i < text.size() && text[i] == ',') i++;
+    if (key.empty()) {
+      if (!has_value && value.empty()) continue;
+      return Status::InvalidArgument("Invalid option list '{}': empty option name", text);
+    }
+    if (!has_value) value = "on";
+    auto it = std::find_if(out->begin(), out->end(), [&](const auto& p) { return p.first == key; });
+    if (it != out->end()) {
+      it->second = value;
+    } else {
+      out->emplace_back(key, value);
+    }
+  }
+  return Status::Ok();
+}
+
+bool IsHelpOption(const std::string& text) {
+  std::vector<std::pair<std::string, std::string>> kv;
+  if (!ParseOptionList(text, &kv).ok()) return false;
+  for (const auto& [k, v] : kv) {
+    if ((k == "help" || k == "?") && v == "on") return true;
+  }
+  return false;
+}
+
+Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpen& o) {
+  OpenOptions opts;
+  opts.format = o.format;
+  opts.read_only = o.read_only;
+  opts.untrusted = o.untrusted;
+  opts.open_backing = o.open_backing;
+  opts.snapshot = o.snapshot;
+  if (!o.format.empty() && !FindFormat(o.format))
+    return Status::InvalidArgument("Unknown driver '{}'", o.format);
+  return Image::Open(path, opts);
+}
+
+std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o) {
+  auto r = OpenImage(path, o);
+  if (!r.ok()) {
+    PrintError(OpenErrorMessage(path, r.error()));
+    return nullptr;
+  }
+  return std::move(r).value();
+}
+
+std::string PathCombine(const std::string& base, const std::string& name) {
+  if (name.empty() || name[0] == '/') return name;
+  auto slash = base.rfind('/');
+  if (slash == std::string::npos) return name;
+  return base.substr(0, slash + 1) + name;
+}
+
+bool StdoutIsTty() { return isatty(STDOUT_FILENO) == 1; }
+
+void Progress::Update(double fraction) {
+  if (!enabled_) return;
+  double pct = std::clamp(fraction, 0.0, 1.0) * 100.0;
+  if (last_ >= 0 && pct - last_ < 0.01 && pct < 100.0) return;
+  last_ = pct;
+  std::printf("    (%3.2f/100%%)\r", pct);
+  std::fflush(stdout);
+}
+
+void Progress::Done() {
+  if (!enabled_) return;
+  Update(1.0);
+  std::printf("\n");
+  std::fflush(stdout);
+}
+
+}  // namespace vimgfs::cli

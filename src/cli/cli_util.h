@@ -1,0 +1,73 @@
+// Shared pieces of the qemu-img compatible commands: option parsing in qemu-img's
+// manner, error lines, qemu's size and JSON formatting, and opening images.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "vimgfs/image.h"
+#include "vimgfs/status.h"
+
+namespace vimgfs::cli {
+
+// Prints "vimgfs: <msg>" on stderr.
+void PrintError(const std::string& msg);
+// Prints "vimgfs: <path>: <msg>" unless msg already names path, then "vimgfs: <msg>".
+void PrintFileError(const std::string& path, const Status& s);
+// The message of an error opening `path`, as qemu-img words it: "Could not open 'x': ...".
+std::string OpenErrorMessage(const std::string& path, const Status& s);
+// Reports a bad command line like qemu-img: the message and a pointer to --help. Returns 1.
+int UsageError(const std::string& command, const std::string& msg);
+
+// qemu's size_to_str: "1 GiB", "396 KiB", "1.5 MiB" (three significant digits).
+std::string SizeToStr(uint64_t v);
+
+// Serializes JSON exactly as qemu's QObject JSON writer does (4-space indent, object keys
+// in QDict hash-bucket order, as qemu-img prints them).
+std::string QemuJson(const nlohmann::ordered_json& j);
+// Iterates an object's keys in qemu's QDict order.
+std::vector<std::string> QemuKeyOrder(const nlohmann::ordered_json& obj);
+// qemu-img info's human dump of a "format-specific" data object.
+std::string QemuHumanDump(const nlohmann::ordered_json& j, int indent);
+
+// Splits qemu -o text ("a=1,b=x,,y") into ordered pairs; ",," is a literal comma and a
+// bare key means "on". Appends to *out (later keys override earlier ones).
+Status ParseOptionList(const std::string& text, std::vector<std::pair<std::string, std::string>>* out);
+bool IsHelpOption(const std::string& text);  // "help" or "?" inside an -o list
+
+struct ImageOpen {
+  std::string format;       // -f; empty: probe
+  bool read_only = true;
+  bool untrusted = false;
+  bool open_backing = true;
+  std::string snapshot;
+};
+// Opens an image; on failure prints the error line and returns nullptr.
+std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o);
+Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpen& o);
+
+// qemu's path_combine: the name a backing reference has relative to the image's folder.
+std::string PathCombine(const std::string& base, const std::string& name);
+
+// Whether stdout is a terminal (progress bars).
+bool StdoutIsTty();
+
+// A progress bar like qemu-img -p: "    (12.34/100%)\r".
+class Progress {
+ public:
+  explicit Progress(bool enabled) : enabled_(enabled) {}
+  void Update(double fraction);
+  void Done();
+
+ private:
+  bool enabled_;
+  double last_ = -1;
+};
+
+}  // namespace vimgfs::cli

@@ -1,0 +1,175 @@
+// vimgfs check: qemu-img check (human and JSON, -r leaks|all).
+#include <getopt.h>
+
+#include <cinttypes>
+#include <cstdio>
+
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+
+namespace vimgfs::cli {
+namespace {
+
+const char kUsage[] =
+    "usage: vimgfs check [-f fmt] [--output=human|json] [-r leaks|all] [-q] [-U] [--untrusted]\n"
+    "                    filename\n"
+    "\n"
+    "Checks an image's metadata for consistency, and repairs it with -r.\n"
+    "  -r leaks   free leaked clusters;  -r all   also fix corruptions\n"
+    "Exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only,\n"
+    "63 the format cannot be checked.\n";
+
+void DumpHuman(const CheckReport& r, bool quiet) {
+  if (quiet) return;
+  if (!(r.corruptions || r.leaks || r.check_errors)) {
+    std::printf("No errors were found on the image.\n");
+  } else {
+    if (r.corruptions)
+      std::printf("\n%" PRId64 " errors were found on the image.\n"
+                  "Data may be corrupted, or further writes to the image may corrupt it.\n",
+                  r.corruptions);
+    if (r.leaks)
+      std::printf("\n%" PRId64 " leaked clusters were found on the image.\n"
+                  "This means waste of disk space, but no harm to data.\n",
+                  r.leaks);
+    if (r.check_errors)
+      std::printf("\n%" PRId64 " internal errors have occurred during the check.\n", r.check_errors);
+  }
+  if (r.total_clusters != 0 && r.allocated_clusters != 0) {
+    std::printf("%" PRIu64 "/%" PRIu64 " = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed "
+                "clusters\n",
+                r.allocated_clusters, r.total_clusters,
+                r.allocated_clusters * 100.0 / r.total_clusters,
+                r.fragmented_clusters * 100.0 / r.allocated_clusters,
+                r.compressed_clusters * 100.0 / r.allocated_clusters);
+  }
+  if (r.image_end_offset) std::printf("Image end offset: %" PRIu64 "\n", r.image_end_offset);
+}
+
+void DumpJson(const CheckReport& r, const std::string& filename, const std::string& format,
+              int64_t leaks_fixed, int64_t corruptions_fixed) {
+  nlohmann::ordered_json j;
+  j["filename"] = filename;
+  j["format"] = format;
+  j["check-errors"] = r.check_errors;
+  if (r.image_end_offset) j["image-end-offset"] = r.image_end_offset;
+  if (r.corruptions) j["corruptions"] = r.corruptions;
+  if (r.leaks) j["leaks"] = r.leaks;
+  if (corruptions_fixed) j["corruptions-fixed"] = corruptions_fixed;
+  if (leaks_fixed) j["leaks-fixed"] = leaks_fixed;
+  if (r.total_clusters) j["total-clusters"] = r.total_clusters;
+  if (r.allocated_clusters) j["allocated-clusters"] = r.allocated_clusters;
+  if (r.fragmented_clusters) j["fragmented-clusters"] = r.fragmented_clusters;
+  if (r.compressed_clusters) j["compressed-clusters"] = r.compressed_clusters;
+  std::printf("%s\n", QemuJson(j).c_str());
+}
+
+}  // namespace
+
+int RunCheck(int argc, char** argv) {
+  std::string fmt, output = "human";
+  bool untrusted = false, quiet = false;
+  RepairMode mode = RepairMode::kNone;
+  enum { kOutput = 256, kUntrusted, kImageOpts, kObject };
+  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                 {"format", required_argument, nullptr, 'f'},
+                                 {"repair", required_argument, nullptr, 'r'},
+                                 {"output", required_argument, nullptr, kOutput},
+                                 {"force-share", no_argument, nullptr, 'U'},
+                                 {"untrusted", no_argument, nullptr, kUntrusted},
+                                 {"image-opts", no_argument, nullptr, kImageOpts},
+                                 {"object", required_argument, nullptr, kObject},
+                                 {nullptr, 0, nullptr, 0}};
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, ":hf:r:T:qU", kLong, nullptr)) != -1) {
+    switch (c) {
+      case 'h': std::fputs(kUsage, stdout); return 0;
+      case 'f': fmt = optarg; break;
+      case 'r':
+        if (std::string(optarg) == "leaks") {
+          mode = RepairMode::kLeaks;
+        } else if (std::string(optarg) == "all") {
+          mode = RepairMode::kAll;
+        } else {
+          return UsageError("check", "Invalid option for -r. Use -r leaks or -r all.");
+        }
+        break;
+      case 'T': break;
+      case 'q': quiet = true; break;
+      case 'U': break;
+      case kOutput: output = optarg; break;
+      case kUntrusted: untrusted = true; break;
+      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
+      case kObject: break;
+      case ':': return UsageError("check", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
+      default: return UsageError("check", fmt::format("invalid option -- '{}'", argv[optind - 1]));
+    }
+  }
+  if (output != "human" && output != "json") {
+    PrintError("--output must be used with human or json as argument.");
+    return 1;
+  }
+  if (optind != argc - 1) return UsageError("check", "Expecting one image file name");
+  std::string filename = argv[optind];
+  ImageOpen o;
+  o.format = fmt;
+  o.untrusted = untrusted;
+  o.read_only = mode == RepairMode::kNone;
+  o.open_backing = false;  // check looks at this image's metadata only
+  std::unique_ptr<Image> img = OpenOrReport(filename, o);
+  if (!img) return 1;
+
+  auto res = img->cluster_map().Check(mode);
+  if (!res.ok()) {
+    if (res.error().kind() == ErrorKind::kUnsupported) {
+      PrintError("This image format does not support checks");
+      return 63;
+    }
+    PrintError(fmt::format("Check failed: {}", res.error().message()));
+    return 1;
+  }
+  CheckReport r = *res;
+  for (const std::string& m : r.messages) std::fprintf(stderr, "%s\n", m.c_str());
+  int64_t leaks_fixed = r.leaks_fixed, corruptions_fixed = r.corruptions_fixed;
+  if (mode != RepairMode::kNone && (leaks_fixed || corruptions_fixed)) {
+    if (output == "human" && !quiet)
+      std::printf("The following inconsistencies were found and repaired:\n\n"
+                  "    %" PRId64 " leaked clusters\n"
+                  "    %" PRId64 " corruptions\n\n"
+                  "Double checking the fixed image now...\n",
+                  leaks_fixed, corruptions_fixed);
+    Status fl = img->Flush();
+    if (!fl.ok()) {
+      PrintFileError(filename, fl);
+      return 1;
+    }
+    auto again = img->cluster_map().Check(RepairMode::kNone);
+    if (!again.ok()) {
+      PrintError(fmt::format("Check failed: {}", again.error().message()));
+      return 1;
+    }
+    r = *again;
+    for (const std::string& m : r.messages) std::fprintf(stderr, "%s\n", m.c_str());
+  }
+  if (output == "human") {
+    DumpHuman(r, quiet);
+  } else {
+    DumpJson(r, filename, img->format(), leaks_fixed, corruptions_fixed);
+  }
+  Status cl = img->Close();
+  if (!cl.ok() && mode != RepairMode::kNone) {
+    PrintFileError(filename, cl);
+    return 1;
+  }
+  if (r.check_errors) {
+    PrintError("Check failed");
+    return 1;
+  }
+  if (r.corruptions) return 2;
+  if (r.leaks) return 3;
+  return 0;
+}
+
+}  // namespace vimgfs::cli

@@ -1,0 +1,135 @@
+// vimgfs info: qemu-img info (human and JSON, --backing-chain).
+#include <getopt.h>
+
+#include <cstdio>
+#include <ctime>
+#include <set>
+
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+#include "cli/info_render.h"
+
+namespace vimgfs::cli {
+namespace {
+
+const char kUsage[] =
+    "usage: vimgfs info [-f fmt] [--output=human|json] [--backing-chain] [-U] [--untrusted]\n"
+    "                   filename\n"
+    "\n"
+    "Shows the format, virtual size, disk usage, backing file, snapshots and format details\n"
+    "of an image. The backing file is named but not opened unless --backing-chain is given.\n"
+    "  -f fmt            image format (probed from the content when absent)\n"
+    "  --output=FMT      'human' (default) or 'json'\n"
+    "  --backing-chain   show every image of the backing chain\n"
+    "  -U, --force-share accepted for qemu-img compatibility (info never writes)\n"
+    "  --untrusted       do not follow references the image makes to other files\n";
+
+}  // namespace
+
+nlohmann::ordered_json ImageInfoJson(Image& img) {
+  nlohmann::ordered_json j;
+  FormatInfo fi = img.Info();
+  if (!fi.snapshots.empty()) {
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const SnapshotInfo& s : fi.snapshots) list.push_back(SnapshotJson(s));
+    j["snapshots"] = list;
+  }
+  j["virtual-size"] = img.size();
+  j["filename"] = img.path();
+  if (fi.cluster_size) j["cluster-size"] = fi.cluster_size;
+  j["format"] = img.format();
+  uint64_t actual = 0;
+  bool have_actual = false;
+  if (auto a = img.file().AllocatedSize(); a.ok()) {
+    actual = *a;
+    have_actual = true;
+  }
+  for (File* f : img.cluster_map().host_files()) {
+    if (f == &img.file()) continue;
+    if (auto a = f->AllocatedSize(); a.ok()) actual += *a;
+  }
+  if (have_actual) j["actual-size"] = actual;
+  if (fi.encrypted) j["encrypted"] = true;
+  if (!fi.format_specific.is_null()) {
+    nlohmann::ordered_json fs = nlohmann::ordered_json::parse(fi.format_specific.dump());
+    if (fs.is_object() && fs.contains("type") && fs.contains("data")) {
+      j["format-specific"] = fs;
+    } else {
+      j["format-specific"] = {{"type", img.format()}, {"data", fs}};
+    }
+  }
+  if (const auto& b = img.backing_ref()) {
+    j["backing-filename"] = b->name;
+    j["full-backing-filename"] = PathCombine(img.path(), b->name);
+    if (!b->format.empty()) j["backing-filename-format"] = b->format;
+  }
+  j["dirty-flag"] = fi.dirty;
+  return j;
+}
+
+int RunInfo(int argc, char** argv) {
+  std::string fmt, output = "human";
+  bool chain = false, untrusted = false;
+  enum { kOutput = 256, kBackingChain, kUntrusted, kImageOpts, kObject };
+  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                 {"format", required_argument, nullptr, 'f'},
+                                 {"output", required_argument, nullptr, kOutput},
+                                 {"backing-chain", no_argument, nullptr, kBackingChain},
+                                 {"force-share", no_argument, nullptr, 'U'},
+                                 {"untrusted", no_argument, nullptr, kUntrusted},
+                                 {"image-opts", no_argument, nullptr, kImageOpts},
+                                 {"object", required_argument, nullptr, kObject},
+                                 {nullptr, 0, nullptr, 0}};
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, ":f:hU", kLong, nullptr)) != -1) {
+    switch (c) {
+      case 'h': std::fputs(kUsage, stdout); return 0;
+      case 'f': fmt = optarg; break;
+      case 'U': break;
+      case kOutput: output = optarg; break;
+      case kBackingChain: chain = true; break;
+      case kUntrusted: untrusted = true; break;
+      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
+      case kObject: break;
+      case ':': return UsageError("info", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
+      default: return UsageError("info", fmt::format("invalid option -- '{}'", argv[optind - 1]));
+    }
+  }
+  if (output != "human" && output != "json") {
+    PrintError(fmt::format("--output must be used with human or json as argument."));
+    return 1;
+  }
+  if (optind != argc - 1) return UsageError("info", "Expecting one image file name");
+  std::string filename = argv[optind];
+
+  ImageOpen o;
+  o.format = fmt;
+  o.read_only = true;
+  o.untrusted = untrusted;
+  o.open_backing = chain;
+  std::unique_ptr<Image> img = OpenOrReport(filename, o);
+  if (!img) return 1;
+
+  std::vector<nlohmann::ordered_json> infos;
+  for (Image* i = img.get(); i; i = chain ? i->backing() : nullptr) infos.push_back(ImageInfoJson(*i));
+
+  if (output == "json") {
+    if (chain) {
+      nlohmann::ordered_json arr = nlohmann::ordered_json::array();
+      for (auto& j : infos) arr.push_back(j);
+      std::printf("%s\n", QemuJson(arr).c_str());
+    } else {
+      std::printf("%s\n", QemuJson(infos[0]).c_str());
+    }
+    return 0;
+  }
+  for (size_t i = 0; i < infos.size(); i++) {
+    if (i) std::printf("\n");
+    std::fputs(HumanImageInfo(infos[i]).c_str(), stdout);
+  }
+  return 0;
+}
+
+}  // namespace vimgfs::cli

@@ -1,0 +1,171 @@
+// vimgfs map: qemu-img map (human and JSON).
+#include <getopt.h>
+
+#include <cinttypes>
+#include <cstdio>
+
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+
+namespace vimgfs::cli {
+namespace {
+
+const char kUsage[] =
+    "usage: vimgfs map [-f fmt] [--output=human|json] [--start-offset=N] [--max-length=N]\n"
+    "                  [-U] [--untrusted] filename\n"
+    "\n"
+    "Shows where the guest's data lives: human output lists the data runs and the host file\n"
+    "and offset holding each; JSON lists every run with depth, present, zero, data, offset.\n";
+
+struct Entry {
+  uint64_t start = 0, length = 0;
+  int depth = 0;
+  bool present = false, zero = false, data = false, has_offset = false;
+  uint64_t offset = 0;
+  std::string filename;
+};
+
+bool Mergeable(const Entry& a, const Entry& b) {
+  if (a.length == 0) return false;
+  if (a.zero != b.zero || a.data != b.data || a.depth != b.depth || a.present != b.present ||
+      a.has_offset != b.has_offset)
+    return false;
+  if (a.filename != b.filename) return false;
+  if (a.has_offset && a.offset + a.length != b.offset) return false;
+  return true;
+}
+
+// Prints one entry; returns false when human output cannot show it.
+bool Dump(bool json, const Entry& e, Entry* next) {
+  if (!json) {
+    if (e.data && !e.has_offset) {
+      PrintError("File contains external, encrypted or compressed clusters.");
+      return false;
+    }
+    if (e.data && !e.zero) {
+      std::printf("%#-16" PRIx64 "%#-16" PRIx64 "%#-16" PRIx64 "%s\n", e.start, e.length,
+                  e.has_offset ? e.offset : 0, e.filename.c_str());
+    }
+    if (next && (!next->data || next->zero) && (!e.data || e.zero)) {
+      next->data = false;
+      next->zero = true;
+    }
+    return true;
+  }
+  std::printf("{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %d, \"present\": %s, "
+              "\"zero\": %s, \"data\": %s",
+              e.start, e.length, e.depth, e.present ? "true" : "false", e.zero ? "true" : "false",
+              e.data ? "true" : "false");
+  if (e.has_offset) std::printf(", \"offset\": %" PRIu64, e.offset);
+  std::putchar('}');
+  if (next) std::puts(",");
+  return true;
+}
+
+}  // namespace
+
+int RunMap(int argc, char** argv) {
+  std::string fmt, output = "human";
+  bool untrusted = false;
+  uint64_t start = 0;
+  std::optional<uint64_t> max_length;
+  enum { kOutput = 256, kStart, kMaxLen, kUntrusted, kImageOpts, kObject };
+  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                 {"format", required_argument, nullptr, 'f'},
+                                 {"output", required_argument, nullptr, kOutput},
+                                 {"start-offset", required_argument, nullptr, kStart},
+                                 {"max-length", required_argument, nullptr, kMaxLen},
+                                 {"force-share", no_argument, nullptr, 'U'},
+                                 {"untrusted", no_argument, nullptr, kUntrusted},
+                                 {"image-opts", no_argument, nullptr, kImageOpts},
+                                 {"object", required_argument, nullptr, kObject},
+                                 {nullptr, 0, nullptr, 0}};
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, ":f:hU", kLong, nullptr)) != -1) {
+    switch (c) {
+      case 'h': std::fputs(kUsage, stdout); return 0;
+      case 'f': fmt = optarg; break;
+      case 'U': break;
+      case kOutput: output = optarg; break;
+      case kStart:
+      case kMaxLen: {
+        auto v = ParseSize(optarg);
+        if (!v.ok()) {
+          PrintError(fmt::format("Invalid {}: '{}'", c == kStart ? "start offset" : "max length", optarg));
+          return 1;
+        }
+        if (c == kStart) start = *v; else max_length = *v;
+        break;
+      }
+      case kUntrusted: untrusted = true; break;
+      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
+      case kObject: break;
+      case ':': return UsageError("map", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
+      default: return UsageError("map", fmt::format("invalid option -- '{}'", argv[optind - 1]));
+    }
+  }
+  if (output != "human" && output != "json") {
+    PrintError("--output must be used with human or json as argument.");
+    return 1;
+  }
+  if (optind != argc - 1) return UsageError("map", "Expecting one image file name");
+  std::string filename = argv[optind];
+  ImageOpen o;
+  o.format = fmt;
+  o.untrusted = untrusted;
+  std::unique_ptr<Image> img = OpenOrReport(filename, o);
+  if (!img) return 1;
+
+  bool json = output == "json";
+  uint64_t size = img->size();
+  uint64_t end = size;
+  if (max_length && start < size && *max_length < size - start) end = start + *max_length;
+  if (json) {
+    std::printf("[");
+  } else {
+    std::printf("%-16s%-16s%-16s%s\n", "Offset", "Length", "Mapped to", "File");
+  }
+  Entry curr;
+  bool have = false;
+  bool ok = true;
+  // Walk in slices so a huge image needs bounded memory.
+  constexpr uint64_t kSlice = 64ull << 30;
+  for (uint64_t pos = start; pos < end && ok;) {
+    uint64_t n = std::min(kSlice, end - pos);
+    auto runs = img->Map(pos, n);
+    if (!runs.ok()) {
+      PrintFileError(filename, runs.error());
+      return 1;
+    }
+    for (const BlockStatus& b : *runs) {
+      Entry next;
+      next.start = b.offset;
+      next.length = b.length;
+      next.depth = b.depth;
+      next.present = b.present;
+      next.zero = b.zero;
+      next.data = b.data;
+      next.has_offset = b.has_offset;
+      next.offset = b.host_offset;
+      if (b.has_offset) next.filename = b.filename;
+      if (have && Mergeable(curr, next)) {
+        curr.length += next.length;
+        continue;
+      }
+      if (have && curr.length > 0 && !Dump(json, curr, &next)) {
+        ok = false;
+        break;
+      }
+      curr = next;
+      have = true;
+    }
+    pos += n;
+  }
+  if (ok && have) ok = Dump(json, curr, nullptr);
+  if (json) std::printf("]\n");
+  return ok ? 0 : 1;
+}
+
+}  // namespace vimgfs::cli

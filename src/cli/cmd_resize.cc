@@ -1,0 +1,128 @@
+// vimgfs resize: qemu-img resize ([+|-]size, --shrink).
+#include <getopt.h>
+
+#include <cstdio>
+
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+
+namespace vimgfs::cli {
+namespace {
+
+const char kUsage[] =
+    "usage: vimgfs resize [-f fmt] [--shrink] [-q] [--untrusted] filename [+|-]size\n"
+    "\n"
+    "Changes the virtual size of an image. '+N' grows by N, '-N' shrinks by N (needs\n"
+    "--shrink: data past the new end is lost). Suffixes k, M, G, T, P, E.\n";
+
+}  // namespace
+
+int RunResize(int argc, char** argv) {
+  for (int i = 1; i < argc; i++) {
+    std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    }
+  }
+  // The size goes last and may start with '-': take it before getopt sees it.
+  if (argc < 3) return UsageError("resize", "Expecting image file name and size");
+  std::string size_text = argv[argc - 1];
+  argc--;
+  std::string fmt;
+  bool quiet = false, shrink = false, untrusted = false;
+  enum { kShrink = 256, kUntrusted, kPrealloc, kImageOpts, kObject };
+  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                 {"format", required_argument, nullptr, 'f'},
+                                 {"shrink", no_argument, nullptr, kShrink},
+                                 {"untrusted", no_argument, nullptr, kUntrusted},
+                                 {"preallocation", required_argument, nullptr, kPrealloc},
+                                 {"image-opts", no_argument, nullptr, kImageOpts},
+                                 {"object", required_argument, nullptr, kObject},
+                                 {nullptr, 0, nullptr, 0}};
+  optind = 0;
+  opterr = 0;
+  int c;
+  std::string prealloc;
+  while ((c = getopt_long(argc, argv, ":f:hq", kLong, nullptr)) != -1) {
+    switch (c) {
+      case 'h': std::fputs(kUsage, stdout); return 0;
+      case 'f': fmt = optarg; break;
+      case 'q': quiet = true; break;
+      case kShrink: shrink = true; break;
+      case kUntrusted: untrusted = true; break;
+      case kPrealloc: prealloc = optarg; break;
+      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
+      case kObject: break;
+      case ':': return UsageError("resize", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
+      default: return UsageError("resize", fmt::format("invalid option -- '{}'", argv[optind - 1]));
+    }
+  }
+  if (!prealloc.empty() && prealloc != "off") {
+    PrintError(fmt::format("Preallocation mode '{}' is not supported by resize", prealloc));
+    return 1;
+  }
+  if (optind != argc - 1) return UsageError("resize", "Expecting one image file name");
+  std::string filename = argv[optind];
+  if (size_text == "--") return UsageError("resize", "Expecting a size");
+
+  int sign = 0;
+  std::string digits = size_text;
+  if (!digits.empty() && (digits[0] == '+' || digits[0] == '-')) {
+    sign = digits[0] == '+' ? 1 : -1;
+    digits = digits.substr(1);
+  }
+  auto delta = ParseSize(digits);
+  if (!delta.ok()) {
+    PrintError("Parameter 'size' expects a non-negative number below 2^64");
+    std::fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                         "and exabytes, respectively.\n");
+    return 1;
+  }
+
+  ImageOpen o;
+  o.format = fmt;
+  o.read_only = false;
+  o.untrusted = untrusted;
+  o.open_backing = false;
+  auto img = OpenOrReport(filename, o);
+  if (!img) return 1;
+  uint64_t current = img->size();
+  uint64_t target;
+  if (sign == 0) {
+    target = *delta;
+  } else if (sign > 0) {
+    if (*delta > UINT64_MAX / 2 - current) {
+      PrintError("Image size must be less than 8 EiB!");
+      return 1;
+    }
+    target = current + *delta;
+  } else {
+    if (*delta >= current) {
+      PrintError("New image size must be positive");
+      return 1;
+    }
+    target = current - *delta;
+  }
+  if (target == 0) {
+    PrintError("New image size must be positive");
+    return 1;
+  }
+  if (target < current && !shrink) {
+    PrintError("Use the --shrink option to perform a shrink operation.");
+    std::fprintf(stderr, "vimgfs: warning: Shrinking an image will delete all data beyond the shrunken "
+                         "image's end. Before performing such an operation, make sure there is no "
+                         "important data there.\n");
+    return 1;
+  }
+  Status s = img->cluster_map().Resize(target, shrink);
+  if (s.ok()) s = img->Close();
+  if (!s.ok()) {
+    PrintFileError(filename, s);
+    return 1;
+  }
+  if (!quiet) std::printf("Image resized.\n");
+  return 0;
+}
+
+}  // namespace vimgfs::cli

@@ -1,0 +1,97 @@
+#include "cli/info_render.h"
+
+#include <cinttypes>
+#include <cstdio>
+#include <ctime>
+
+#include "cli/cli_util.h"
+
+namespace vimgfs::cli {
+
+nlohmann::ordered_json SnapshotJson(const SnapshotInfo& s) {
+  nlohmann::ordered_json j;
+  j["id"] = s.id;
+  j["name"] = s.name;
+  j["vm-state-size"] = s.vm_state_size;
+  j["date-sec"] = s.date_sec;
+  j["date-nsec"] = s.date_nsec;
+  j["vm-clock-sec"] = s.vm_clock_nsec / 1000000000ull;
+  j["vm-clock-nsec"] = s.vm_clock_nsec % 1000000000ull;
+  if (s.icount != UINT64_MAX) j["icount"] = s.icount;
+  return j;
+}
+
+std::string SnapshotTableHeader() {
+  char buf[128];
+  std::snprintf(buf, sizeof buf, "%-10s%-17s%8s%20s%13s%11s", "ID", "TAG", "VM SIZE", "DATE",
+                "VM CLOCK", "ICOUNT");
+  return buf;
+}
+
+std::string SnapshotTableRow(const SnapshotInfo& s) {
+  char date[64] = "";
+  time_t t = static_cast<time_t>(s.date_sec);
+  struct tm tm;
+  if (localtime_r(&t, &tm)) std::strftime(date, sizeof date, "%Y-%m-%d %H:%M:%S", &tm);
+  uint64_t secs = s.vm_clock_nsec / 1000000000ull;
+  char clock[64];
+  std::snprintf(clock, sizeof clock, "%02d:%02d:%02d.%03d", static_cast<int>(secs / 3600),
+                static_cast<int>((secs / 60) % 60), static_cast<int>(secs % 60),
+                static_cast<int>((s.vm_clock_nsec / 1000000) % 1000));
+  char icount[32] = "";
+  if (s.icount != UINT64_MAX) std::snprintf(icount, sizeof icount, "%" PRId64, static_cast<int64_t>(s.icount));
+  std::string size = SizeToStr(s.vm_state_size);
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "%-9s %-16s %8s%20s%13s%11s", s.id.c_str(), s.name.c_str(),
+                size.c_str(), date, clock, icount);
+  return buf;
+}
+
+std::string HumanImageInfo(const nlohmann::ordered_json& j) {
+  std::string out;
+  uint64_t vsize = j.value("virtual-size", uint64_t{0});
+  out += fmt::format("image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\n",
+                     j.value("filename", ""), j.value("format", ""), SizeToStr(vsize), vsize);
+  if (j.contains("actual-size")) {
+    out += "disk size: " + SizeToStr(j["actual-size"].get<uint64_t>()) + "\n";
+  } else {
+    out += "disk size: unavailable\n";
+  }
+  if (j.contains("cluster-size")) out += fmt::format("cluster_size: {}\n", j["cluster-size"].get<uint64_t>());
+  if (j.value("encrypted", false)) out += "encrypted: yes\n";
+  if (j.value("dirty-flag", false)) out += "cleanly shut down: no\n";
+  if (j.contains("backing-filename")) {
+    std::string b = j["backing-filename"].get<std::string>();
+    out += "backing file: " + b;
+    if (!j.contains("full-backing-filename")) {
+      out += " (cannot determine actual path)";
+    } else if (j["full-backing-filename"].get<std::string>() != b) {
+      out += " (actual path: " + j["full-backing-filename"].get<std::string>() + ")";
+    }
+    out += "\n";
+    if (j.contains("backing-filename-format"))
+      out += "backing file format: " + j["backing-filename-format"].get<std::string>() + "\n";
+  }
+  if (j.contains("snapshots")) {
+    out += "Snapshot list:\n" + SnapshotTableHeader() + "\n";
+    for (const auto& s : j["snapshots"]) {
+      SnapshotInfo si;
+      si.id = s.value("id", "");
+      si.name = s.value("name", "");
+      si.vm_state_size = s.value("vm-state-size", uint64_t{0});
+      si.date_sec = s.value("date-sec", uint64_t{0});
+      si.date_nsec = s.value("date-nsec", uint32_t{0});
+      si.vm_clock_nsec = s.value("vm-clock-sec", uint64_t{0}) * 1000000000ull + s.value("vm-clock-nsec", uint64_t{0});
+      si.icount = s.contains("icount") ? s["icount"].get<uint64_t>() : UINT64_MAX;
+      out += SnapshotTableRow(si) + "\n";
+    }
+  }
+  if (j.contains("format-specific")) {
+    out += "Format specific information:\n";
+    const auto& fs = j["format-specific"];
+    if (fs.contains("data")) out += QemuHumanDump(fs["data"], 1);
+  }
+  return out;
+}
+
+}  // namespace vimgfs::cli

@@ -1,0 +1,43 @@
+// Helpers for the CLI oracle tests: run vimgfs and qemu-img side by side in one folder.
+#pragma once
+
+#include <string>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "support/test_util.h"
+
+namespace vimgfs::test {
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    if (!HaveProgram("qemu-img")) GTEST_SKIP() << "qemu-img not installed (apt-get install qemu-utils)";
+  }
+  // Runs `vimgfs ARGS` / `qemu-img ARGS` / any shell line inside the temp folder.
+  CommandResult V(const std::string& args) { return Sh(Quote(VimgfsBinary()) + " " + args); }
+  CommandResult Q(const std::string& args) { return Sh("qemu-img " + args); }
+  CommandResult Io(const std::string& args) { return Sh("qemu-io " + args); }
+  CommandResult Sh(const std::string& line) { return RunCommand("cd " + Quote(dir_.path()) + " && " + line); }
+  // Runs a command that must succeed.
+  std::string Ok(const CommandResult& r) {
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    return r.out;
+  }
+  void MustSh(const std::string& line) {
+    CommandResult r = Sh(line);
+    ASSERT_EQ(r.exit_code, 0) << line << "\n" << r.out << r.err;
+  }
+  nlohmann::json Json(const CommandResult& r) {
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    auto j = nlohmann::json::parse(r.out, nullptr, false);
+    EXPECT_FALSE(j.is_discarded()) << r.out;
+    return j;
+  }
+  std::string F(const std::string& name) const { return dir_.File(name); }
+
+  TempDir dir_;
+};
+
+}  // namespace vimgfs::test
