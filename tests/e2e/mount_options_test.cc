@@ -235,6 +235,23 @@ TEST_F(MountOptions, SnapshotIsReadOnlyView) {
   EXPECT_EQ(r.exit_code, 1);
 }
 
+TEST_F(MountOptions, UntrustedRefusesExternalReferences) {
+  std::string top = dir_.File("top.qcow2");
+  QemuCreate("-f qcow2 -b a.qcow2 -F qcow2 " + Quote(top));
+  auto r = mount_.Start({"--untrusted", top, mnt_}, mnt_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("a.qcow2"), std::string::npos) << "the message names the reference: " << r.err;
+  EXPECT_FALSE(IsMountPoint(mnt_));
+  r = mount_.Start({top, mnt_, "-o", "ro,untrusted"}, mnt_);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_FALSE(IsMountPoint(mnt_));
+  // Without external references the option changes nothing.
+  r = mount_.Start({"--untrusted", image_, mnt_}, mnt_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ByteAt(Disk(), 0), 0x11);
+  EXPECT_EQ(mount_.Stop(), 0);
+}
+
 TEST_F(MountOptions, DetectZeroesFreesClusters) {
   // Zero clusters written through the mount become zero clusters, not data.
   auto r = mount_.Start({image_, mnt_}, mnt_);
