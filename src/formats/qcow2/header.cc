@@ -298,6 +298,7 @@ Result<std::vector<std::byte>> SerializeHeader(const Header& h) {
     if (h.backing_file.size() > limits::kMaxBackingNameBytes)
       return Status::InvalidArgument("backing file name is too long ({} bytes, max {})",
                                      h.backing_file.size(), limits::kMaxBackingNameBytes);
+    p = out.data();  // PutExtension above may have reallocated `out` [fix by the mount helper]
     StoreBE64(p + 8, out.size());
     StoreBE32(p + 16, static_cast<uint32_t>(h.backing_file.size()));
     auto b = AsBytes(h.backing_file);
