@@ -171,6 +171,12 @@ class ClusterMap {
   virtual Status SnapshotDelete(const std::string& name) {
     return Status::Unsupported("this format has no internal snapshots");
   }
+  // Stores the whole allocation unit at guest_off (aligned to cluster_size()) as one
+  // already-compressed stream in the image's own codec (convert -c): the stream is written
+  // to the file, then linked. kUnsupported where the format has no compressed units.
+  virtual Status WriteCompressed(uint64_t guest_off, std::span<const std::byte> stream) {
+    return Status::Unsupported("this format cannot store compressed clusters");
+  }
   // Rewrites the backing reference in the header (rebase -u, commit).
   virtual Status SetBacking(const std::optional<BackingRef>& ref) {
     return Status::Unsupported("this format has no backing file");

@@ -1,12 +1,264 @@
-// vimgfs convert (in progress).
+// vimgfs convert: qemu-img convert (any supported format to any, sparse, -c on all cores).
+#include <getopt.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <thread>
+
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/convert.h"
+#include "cli/create_options.h"
+#include "formats/vmdk/stream_writer.h"
 
 namespace vimgfs::cli {
+namespace {
 
-int RunConvert(int, char**) {
-  PrintError("convert: not implemented yet");
-  return 1;
+const char kUsage[] =
+    "usage: vimgfs convert [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [-q] [-n] [-S size]\n"
+    "                      [-B backing_file [-F backing_fmt]] [-l snapshot.name=NAME] [-m N] [-W]\n"
+    "                      [--target-is-zero] [-U] [--untrusted] filename [filename2 [...]] output\n"
+    "\n"
+    "Converts one or more images (concatenated) into 'output' of format output_fmt (default\n"
+    "raw). Only allocated data is read; zero areas stay unallocated in the target.\n"
+    "  -O fmt           output format: qcow2, vmdk, vdi, raw\n"
+    "  -o options       output format options ('-o help' lists them)\n"
+    "  -c               compress the output (qcow2: zlib or -o compression_type=zstd;\n"
+    "                   vmdk streamOptimized is always compressed), on every core\n"
+    "  -S size          zero runs of at least this many bytes are not written (default 4k;\n"
+    "                   0 allocates the whole output)\n"
+    "  -n               do not create the output; write into an existing image\n"
+    "  --target-is-zero with -n: the existing output already reads as zeros\n"
+    "  -B backing_file  the output is based on this image: copy only what differs from it\n"
+    "  -F backing_fmt   format of the -B image\n"
+    "  -l snapshot.name=NAME   convert a qcow2 internal snapshot\n"
+    "  -p               show progress on a terminal;  -q  quiet\n"
+    "  -m N, -W         accepted for qemu-img compatibility\n";
+
+Codec TargetCodec(Image& img) {
+  FormatInfo fi = img.Info();
+  const nlohmann::json* data = &fi.format_specific;
+  if (data->is_object() && data->contains("data")) data = &(*data)["data"];
+  if (data->is_object() && data->contains("compression-type") &&
+      (*data)["compression-type"] == "zstd")
+    return Codec::kZstd;
+  return Codec::kDeflateRaw;
+}
+
+}  // namespace
+
+int RunConvert(int argc, char** argv) {
+  std::string fmt, out_fmt = "raw", out_backing, out_backing_fmt, snapshot;
+  std::vector<std::string> option_texts;
+  bool compress = false, progress = false, quiet = false, no_create = false;
+  bool target_is_zero = false, untrusted = false;
+  uint64_t min_sparse = 4096;
+  enum { kTargetIsZero = 256, kUntrusted, kImageOpts, kObject, kSalvage, kBitmaps, kTargetImageOpts };
+  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                 {"target-is-zero", no_argument, nullptr, kTargetIsZero},
+                                 {"force-share", no_argument, nullptr, 'U'},
+                                 {"untrusted", no_argument, nullptr, kUntrusted},
+                                 {"image-opts", no_argument, nullptr, kImageOpts},
+                                 {"target-image-opts", no_argument, nullptr, kTargetImageOpts},
+                                 {"object", required_argument, nullptr, kObject},
+                                 {"salvage", no_argument, nullptr, kSalvage},
+                                 {"bitmaps", no_argument, nullptr, kBitmaps},
+                                 {nullptr, 0, nullptr, 0}};
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", kLong, nullptr)) != -1) {
+    switch (c) {
+      case 'h': std::fputs(kUsage, stdout); return 0;
+      case 'f': fmt = optarg; break;
+      case 'O': out_fmt = optarg; break;
+      case 'B': out_backing = optarg; break;
+      case 'F': out_backing_fmt = optarg; break;
+      case 'c': compress = true; break;
+      case 'C': break;
+      case 'o': option_texts.push_back(optarg); break;
+      case 'l': {
+        std::string v = optarg;
+        if (v.rfind("snapshot.name=", 0) == 0) {
+          snapshot = v.substr(14);
+        } else if (v.rfind("snapshot.id=", 0) == 0) {
+          snapshot = v.substr(12);
+        } else {
+          snapshot = v;
+        }
+        break;
+      }
+      case 'S': {
+        auto v = ParseSize(optarg);
+        if (!v.ok()) {
+          PrintError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16M.");
+          return 1;
+        }
+        if (*v % 512 != 0 || *v > (16u << 20)) {
+          PrintError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16M.");
+          return 1;
+        }
+        min_sparse = *v;
+        break;
+      }
+      case 'p': progress = true; break;
+      case 't': case 'T': case 'm': case 'W': case 'U': case 'r': break;
+      case 'q': quiet = true; break;
+      case 'n': no_create = true; break;
+      case kTargetIsZero: target_is_zero = true; break;
+      case kUntrusted: untrusted = true; break;
+      case kImageOpts: case kTargetImageOpts: PrintError("--image-opts is not supported"); return 1;
+      case kBitmaps: PrintError("--bitmaps is not supported"); return 1;
+      case kObject: case kSalvage: break;
+      case ':': return UsageError("convert", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
+      default: return UsageError("convert", fmt::format("invalid option -- '{}'", argv[optind - 1]));
+    }
+  }
+  if (quiet) progress = false;
+
+  std::vector<std::pair<std::string, std::string>> opts;
+  bool want_help = false;
+  for (const std::string& t : option_texts) {
+    if (IsHelpOption(t)) {
+      want_help = true;
+      continue;
+    }
+    if (Status s = ParseOptionList(t, &opts); !s.ok()) {
+      PrintError(s.message());
+      return 1;
+    }
+  }
+  const FormatDriver* driver = FindFormat(out_fmt);
+  if (want_help) {
+    if (!driver) {
+      PrintError(fmt::format("Unknown file format '{}'", out_fmt));
+      return 1;
+    }
+    PrintCreateOptionHelp(*driver);
+    return 0;
+  }
+  if (argc - optind < 2) return UsageError("convert", "Expecting source and target file names");
+  std::string out_name = argv[argc - 1];
+  std::vector<std::string> sources(argv + optind, argv + argc - 1);
+  if (!driver) {
+    PrintError(fmt::format("Unknown file format '{}'", out_fmt));
+    return 1;
+  }
+  if (target_is_zero && !no_create) {
+    PrintError("--target-is-zero requires use of -n flag");
+    return 1;
+  }
+  if (!snapshot.empty() && sources.size() > 1) {
+    PrintError("No support for concatenating multiple snapshot");
+    return 1;
+  }
+  for (auto& [k, v] : opts) {
+    if (k == "backing_file" && out_backing.empty()) out_backing = v;
+    if (k == "backing_fmt" && out_backing_fmt.empty()) out_backing_fmt = v;
+  }
+  opts.erase(std::remove_if(opts.begin(), opts.end(),
+                            [](const auto& p) { return p.first == "backing_file" || p.first == "backing_fmt"; }),
+             opts.end());
+  if (!out_backing.empty() && out_backing_fmt.empty() && !no_create) {
+    PrintError("Use of backing file requires explicit backing format");
+    return 1;
+  }
+  if (!out_backing.empty() && no_create) {
+    PrintError("-B makes no sense when concatenating multiple input images with -n");  // as qemu
+    return 1;
+  }
+  std::string unknown = UnknownCreateOption(*driver, opts);
+  if (!unknown.empty()) {
+    PrintError(fmt::format("{}: Invalid parameter '{}'", out_name, unknown));
+    return 1;
+  }
+  std::string subformat;
+  for (const auto& [k, v] : opts)
+    if (k == "subformat") subformat = v;
+  const bool stream_vmdk = out_fmt == "vmdk" && subformat == "streamOptimized";
+  if (compress && out_fmt != "qcow2" && out_fmt != "vmdk") {
+    PrintError("Compression not supported for this file format");
+    return 1;
+  }
+  if (stream_vmdk && (no_create || !out_backing.empty())) {
+    PrintError(fmt::format("{}: streamOptimized output must be created fresh, without a backing file",
+                           out_name));
+    return 1;
+  }
+
+  // Sources.
+  std::vector<std::unique_ptr<Image>> images;
+  for (const std::string& name : sources) {
+    ImageOpen o;
+    o.format = fmt;
+    o.untrusted = untrusted;
+    o.snapshot = snapshot;
+    auto img = OpenOrReport(name, o);
+    if (!img) return 1;
+    images.push_back(std::move(img));
+  }
+  ConcatSource src(std::move(images));
+
+  ConvertSettings cs;
+  cs.min_sparse = min_sparse;
+  cs.progress = progress && StdoutIsTty();
+  cs.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  cs.target_has_backing = !out_backing.empty();
+  cs.target_fresh = !no_create || target_is_zero;
+
+  std::map<std::string, std::string> create_opts;
+  for (const auto& [k, v] : opts) create_opts[k] = v;
+
+  if (stream_vmdk) {
+    auto w = StreamOptimizedWriter::Open(*Env::Default(), out_name, src.size(), create_opts);
+    if (!w.ok()) {
+      PrintFileError(out_name, w.error());
+      return 1;
+    }
+    Status s = ConvertToStream(src, **w, cs);
+    if (!s.ok()) {
+      PrintFileError(out_name, s);
+      return 1;
+    }
+    return 0;
+  }
+
+  if (!no_create) {
+    CreateContext ctx;
+    ctx.env = Env::Default();
+    ctx.path = out_name;
+    ctx.size = src.size();
+    ctx.options = create_opts;
+    if (!out_backing.empty()) ctx.backing = BackingRef{out_backing, out_backing_fmt};
+    Status s = Image::Create(out_fmt, ctx, false);
+    if (!s.ok()) {
+      PrintFileError(out_name, s);
+      return 1;
+    }
+  }
+  ImageOpen to;
+  to.format = out_fmt;
+  to.read_only = false;
+  to.untrusted = untrusted;
+  to.open_backing = cs.target_has_backing;  // partial-cluster writes copy from it
+  auto target = OpenOrReport(out_name, to);
+  if (!target) return 1;
+  if (target->size() < src.size()) {
+    PrintError(fmt::format("{}: target image is smaller than the source ({} < {} bytes)", out_name,
+                           target->size(), src.size()));
+    return 1;
+  }
+  if (compress && out_fmt == "qcow2") {
+    cs.compress = true;
+    cs.codec = TargetCodec(*target);
+  }
+  Status s = ConvertToImage(src, *target, cs);
+  if (s.ok()) s = target->Close();
+  if (!s.ok()) {
+    PrintFileError(out_name, s);
+    return 1;
+  }
+  return 0;
 }
 
 }  // namespace vimgfs::cli

@@ -197,6 +197,8 @@ class Qcow2Map final : public ClusterMap {
   Status SnapshotCreate(const std::string& name) override;
   Status SnapshotApply(const std::string& name) override;
   Status SnapshotDelete(const std::string& name) override;
+  // compressed_write.cc (convert -c): packs streams back to back like qemu's alloc_bytes.
+  Status WriteCompressed(uint64_t guest_off, std::span<const std::byte> stream) override;
 
   // ---- internals shared by the .cc files ----
   Qcow2Map() = default;
@@ -284,6 +286,9 @@ class Qcow2Map final : public ClusterMap {
   std::unique_ptr<TableCache> l2_cache_;
   std::unique_ptr<TableCache> ref_cache_;
   bool clear_dirty_on_close_ = false;
+  // Packing state of WriteCompressed: next free byte and end of the clusters it owns.
+  uint64_t comp_next_ = 0;
+  uint64_t comp_end_ = 0;
 };
 
 }  // namespace vimgfs::qcow2

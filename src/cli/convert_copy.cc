@@ -1,0 +1,264 @@
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "cli/convert.h"
+#include "engine/codec.h"
+#include "formats/vmdk/stream_writer.h"
+
+namespace vimgfs::cli {
+namespace {
+
+constexpr uint64_t kMapWindow = 1ull << 30;
+constexpr uint64_t kCopyChunk = 2ull << 20;
+
+bool AllZero(const std::byte* p, size_t n) {
+  // Word at a time; the buffers come from std::vector (suitably aligned).
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    if (w) return false;
+  }
+  for (; i < n; i++)
+    if (p[i] != std::byte{0}) return false;
+  return true;
+}
+
+Status WithOffset(const Status& s, const char* what, uint64_t off) {
+  return Status::Error(s.kind(), s.err(), fmt::format("error while {} at byte {}: {}", what, off, s.message()));
+}
+
+}  // namespace
+
+ConcatSource::ConcatSource(std::vector<std::unique_ptr<Image>> images) : images_(std::move(images)) {
+  for (const auto& img : images_) {
+    starts_.push_back(size_);
+    size_ += img->size();
+  }
+}
+
+const std::string& ConcatSource::NameAt(uint64_t off) const {
+  size_t i = std::upper_bound(starts_.begin(), starts_.end(), off) - starts_.begin();
+  return images_[i ? i - 1 : 0]->path();
+}
+
+Status ConcatSource::Read(uint64_t off, std::span<std::byte> buf) {
+  uint64_t done = 0;
+  for (size_t i = 0; i < images_.size() && done < buf.size(); i++) {
+    uint64_t start = starts_[i], end = start + images_[i]->size();
+    uint64_t pos = off + done;
+    if (pos >= end) continue;
+    uint64_t n = std::min<uint64_t>(buf.size() - done, end - pos);
+    RETURN_IF_ERROR(images_[i]->Read(pos - start, buf.subspan(done, n)));
+    done += n;
+  }
+  if (done != buf.size()) return Status::OutOfRange("read past the end of the sources");
+  return Status::Ok();
+}
+
+Result<std::vector<BlockStatus>> ConcatSource::Map(uint64_t off, uint64_t len, bool top_only) {
+  std::vector<BlockStatus> out;
+  uint64_t stop = off + len;
+  for (size_t i = 0; i < images_.size(); i++) {
+    uint64_t start = starts_[i], end = start + images_[i]->size();
+    if (end <= off || start >= stop) continue;
+    uint64_t a = std::max(off, start), b = std::min(stop, end);
+    ASSIGN_OR_RETURN(auto runs, images_[i]->Map(a - start, b - a, top_only));
+    for (BlockStatus& r : runs) {
+      r.offset += start;
+      out.push_back(std::move(r));
+    }
+  }
+  return out;
+}
+
+namespace {
+
+// Writes [off, off+len) of data already in buf: blocks of min_sparse bytes that are all
+// zeros are skipped (fresh target) or zeroed, the rest is written.
+Status WriteSparse(Image& target, uint64_t off, std::span<const std::byte> buf, const ConvertSettings& s) {
+  const bool skip_zeros = s.target_fresh && !s.target_has_backing;
+  if (s.min_sparse == 0) {
+    return target.Write(off, buf);
+  }
+  uint64_t pos = 0;
+  const uint64_t n = buf.size();
+  while (pos < n) {
+    // Block boundaries are aligned to absolute offsets, as qemu does.
+    uint64_t blk_end = std::min(n, (off + pos) / s.min_sparse * s.min_sparse + s.min_sparse - off);
+    bool zero = AllZero(buf.data() + pos, blk_end - pos);
+    uint64_t run_end = blk_end;
+    while (run_end < n) {
+      uint64_t next = std::min(n, run_end + s.min_sparse);
+      if (AllZero(buf.data() + run_end, next - run_end) != zero) break;
+      run_end = next;
+    }
+    if (!zero) {
+      RETURN_IF_ERROR(target.Write(off + pos, buf.subspan(pos, run_end - pos)));
+    } else if (!skip_zeros) {
+      RETURN_IF_ERROR(target.WriteZeroes(off + pos, run_end - pos, !s.target_has_backing));
+    }
+    pos = run_end;
+  }
+  return Status::Ok();
+}
+
+Status CopyPlain(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
+  std::vector<std::byte> buf(kCopyChunk);
+  const uint64_t size = src.size();
+  for (uint64_t win = 0; win < size; win += kMapWindow) {
+    uint64_t wlen = std::min(kMapWindow, size - win);
+    ASSIGN_OR_RETURN(auto runs, src.Map(win, wlen, s.target_has_backing));
+    for (const BlockStatus& r : runs) {
+      if (s.target_has_backing && r.depth > 0) continue;  // the target's backing has it
+      if (r.zero && s.min_sparse != 0) {
+        if (!s.target_fresh || s.target_has_backing) {
+          Status st = target.WriteZeroes(r.offset, r.length, !s.target_has_backing);
+          if (!st.ok()) return WithOffset(st, "writing", r.offset);
+        }
+        continue;
+      }
+      for (uint64_t pos = r.offset; pos < r.offset + r.length;) {
+        uint64_t n = std::min<uint64_t>(kCopyChunk - pos % kCopyChunk, r.offset + r.length - pos);
+        std::span<std::byte> b(buf.data(), n);
+        if (r.zero) {
+          std::memset(b.data(), 0, n);
+        } else {
+          Status st = src.Read(pos, b);
+          if (!st.ok()) return WithOffset(st, "reading", pos);
+        }
+        Status st = WriteSparse(target, pos, b, s);
+        if (!st.ok()) return WithOffset(st, "writing", pos);
+        pos += n;
+        bar.Update(static_cast<double>(pos) / size);
+      }
+    }
+    bar.Update(static_cast<double>(win + wlen) / size);
+  }
+  return Status::Ok();
+}
+
+// One cluster of a compressed conversion.
+struct Unit {
+  uint64_t off = 0;
+  bool zero = true;      // nothing to store
+  std::vector<std::byte> data;    // cluster_size bytes (tail zero-padded)
+  std::vector<std::byte> stream;  // compressed; empty: store data as is
+  Status status;
+};
+
+void CompressUnits(std::vector<Unit>& units, Codec codec, uint64_t cluster, int threads) {
+  auto work = [&](size_t first, size_t step) {
+    for (size_t i = first; i < units.size(); i += step) {
+      Unit& u = units[i];
+      if (u.zero) continue;
+      // A stream must be shorter than the cluster to be worth it (qemu's rule).
+      auto r = Compress(codec, u.data, cluster - 1);
+      if (!r.ok()) {
+        u.status = r.error();
+        continue;
+      }
+      u.stream = std::move(r).value();
+    }
+  };
+  int n = std::max(1, std::min<int>(threads, static_cast<int>(units.size())));
+  std::vector<std::thread> pool;
+  for (int t = 1; t < n; t++) pool.emplace_back(work, t, n);
+  work(0, n);
+  for (auto& th : pool) th.join();
+}
+
+// Fills units (cluster-aligned, starting at `start`) with source content; zero clusters are
+// found from the map without reading.
+Status ReadUnits(ConcatSource& src, uint64_t start, uint64_t cluster, std::vector<Unit>& units,
+                 const ConvertSettings& s) {
+  const uint64_t size = src.size();
+  uint64_t end = std::min(size, start + cluster * units.size());
+  ASSIGN_OR_RETURN(auto runs, src.Map(start, end - start, s.target_has_backing));
+  for (size_t i = 0; i < units.size(); i++) {
+    Unit& u = units[i];
+    u.off = start + i * cluster;
+    u.zero = true;
+    u.stream.clear();
+    u.status = Status::Ok();
+    if (u.off >= size) continue;
+    uint64_t uend = std::min(size, u.off + cluster);
+    // Needs reading if any run overlapping it has data (or top-layer zeros over a backing).
+    bool need = false;
+    for (const BlockStatus& r : runs) {
+      if (r.offset + r.length <= u.off || r.offset >= uend) continue;
+      if (s.target_has_backing && r.depth > 0) continue;
+      if (!r.zero || s.target_has_backing) need = true;
+    }
+    if (!need) continue;
+    u.data.resize(cluster);
+    std::span<std::byte> b(u.data.data(), uend - u.off);
+    Status st = src.Read(u.off, b);
+    if (!st.ok()) return WithOffset(st, "reading", u.off);
+    std::memset(u.data.data() + b.size(), 0, cluster - b.size());
+    u.zero = AllZero(u.data.data(), cluster);
+  }
+  return Status::Ok();
+}
+
+Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
+  const uint64_t cluster = target.cluster_map().cluster_size();
+  const uint64_t size = src.size();
+  const size_t batch = static_cast<size_t>(std::max(1, s.threads)) * 16;
+  std::vector<Unit> units(batch);
+  for (uint64_t start = 0; start < size; start += cluster * batch) {
+    RETURN_IF_ERROR(ReadUnits(src, start, cluster, units, s));
+    CompressUnits(units, s.codec, cluster, s.threads);
+    for (Unit& u : units) {
+      if (u.off >= size) break;
+      uint64_t len = std::min(cluster, size - u.off);
+      if (!u.status.ok()) return WithOffset(u.status, "compressing", u.off);
+      Status st;
+      if (u.zero) {
+        if (!s.target_fresh || s.target_has_backing) st = target.WriteZeroes(u.off, len, !s.target_has_backing);
+      } else if (u.stream.empty()) {
+        st = target.Write(u.off, std::span<const std::byte>(u.data.data(), len));
+      } else {
+        st = target.cluster_map().WriteCompressed(u.off, u.stream);
+      }
+      if (!st.ok()) return WithOffset(st, "writing", u.off);
+    }
+    bar.Update(static_cast<double>(std::min(size, start + cluster * batch)) / size);
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ConvertToImage(ConcatSource& src, Image& target, const ConvertSettings& s) {
+  Progress bar(s.progress);
+  Status st = s.compress ? CopyCompressed(src, target, s, bar) : CopyPlain(src, target, s, bar);
+  bar.Done();
+  return st;
+}
+
+Status ConvertToStream(ConcatSource& src, StreamOptimizedWriter& w, const ConvertSettings& s) {
+  Progress bar(s.progress);
+  const uint64_t grain = w.grain_size();
+  const uint64_t size = src.size();
+  const size_t batch = 64;
+  std::vector<Unit> units(batch);
+  ConvertSettings rs = s;
+  rs.target_has_backing = false;
+  for (uint64_t start = 0; start < size; start += grain * batch) {
+    RETURN_IF_ERROR(ReadUnits(src, start, grain, units, rs));
+    for (Unit& u : units) {
+      if (u.off >= size) break;
+      if (u.zero) continue;
+      uint64_t len = std::min(grain, size - u.off);
+      Status st = w.WriteGrain(u.off / grain, std::span<const std::byte>(u.data.data(), len));
+      if (!st.ok()) return WithOffset(st, "writing", u.off);
+    }
+    bar.Update(static_cast<double>(std::min(size, start + grain * batch)) / size);
+  }
+  bar.Done();
+  return w.Finish();
+}
+
+}  // namespace vimgfs::cli

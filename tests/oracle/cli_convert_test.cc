@@ -1,0 +1,189 @@
+// `vimgfs convert` judged by qemu-img: every source format to every target format and
+// subformat compares equal, passes `qemu-img check`, and is the format qemu detects.
+#include <sys/stat.h>
+
+#include "cli_test_helpers.h"
+
+namespace vimgfs::test {
+namespace {
+
+class CliConvertTest : public CliTest {
+ protected:
+  // Writes a pattern qemu-io understands into an image: random-ish data, text-like data,
+  // a zeroed range and a hole.
+  void Fill(const std::string& fmt, const std::string& name) {
+    MustSh("qemu-io -f " + fmt + " -c 'write -P 0x41 0 100k' -c 'write -P 0x5a 1M 64k' "
+           "-c 'write -P 0 3M 128k' -c 'write -P 0x17 5000k 300k' " + name + " >/dev/null");
+  }
+  // The sources of the matrix, made by qemu.
+  void MakeSources() {
+    // qcow2 with a backing file, a compressed cluster and data in both layers.
+    MustSh("qemu-img create -q -f qcow2 base.qcow2 8M");
+    Fill("qcow2", "base.qcow2");
+    MustSh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 src.qcow2");
+    MustSh("qemu-io -c 'write -P 0x66 64k 64k' -c 'write -c -P 0x77 2M 64k' -c 'write -z 5M 64k' "
+           "src.qcow2 >/dev/null");
+    MustSh("qemu-img create -q -f vmdk src.vmdk 8M");
+    Fill("vmdk", "src.vmdk");
+    MustSh("qemu-img create -q -f vdi src.vdi 8M");
+    Fill("vdi", "src.vdi");
+    MustSh("qemu-img create -q -f raw src.raw 8M");
+    Fill("raw", "src.raw");
+  }
+  // Converts with vimgfs and judges the output with qemu-img.
+  void ConvertAndJudge(const std::string& src, const std::string& src_fmt, const std::string& args,
+                       const std::string& out, const std::string& out_fmt) {
+    SCOPED_TRACE("convert " + args + " " + src + " -> " + out);
+    CommandResult v = V("convert -f " + src_fmt + " " + args + " " + src + " " + out);
+    ASSERT_EQ(v.exit_code, 0) << v.err;
+    EXPECT_EQ(v.out, "");
+    CommandResult cmp = Q("compare -f " + src_fmt + " -F " + out_fmt + " " + src + " " + out);
+    EXPECT_EQ(cmp.exit_code, 0) << cmp.out << cmp.err;
+    CommandResult chk = Q("check -f " + out_fmt + " " + out);
+    EXPECT_TRUE(chk.exit_code == 0 || (chk.exit_code == 63 && out_fmt == "raw")) << chk.out << chk.err;
+    nlohmann::json info = Json(Q("info --output=json " + out));
+    EXPECT_EQ(info["format"], out_fmt);
+    EXPECT_EQ(info["virtual-size"], 8 << 20);
+  }
+};
+
+struct Target {
+  std::string args, fmt, ext;
+};
+
+TEST_F(CliConvertTest, Matrix) {
+  MakeSources();
+  const std::vector<std::pair<std::string, std::string>> sources = {
+      {"src.qcow2", "qcow2"}, {"src.vmdk", "vmdk"}, {"src.vdi", "vdi"}, {"src.raw", "raw"}};
+  const std::vector<Target> targets = {
+      {"-O qcow2", "qcow2", "qcow2"},
+      {"-O qcow2 -c", "qcow2", "qcow2"},
+      {"-O qcow2 -c -o compression_type=zstd", "qcow2", "qcow2"},
+      {"-O qcow2 -o compat=0.10", "qcow2", "qcow2"},
+      {"-O qcow2 -o cluster_size=4k", "qcow2", "qcow2"},
+      {"-O vmdk", "vmdk", "vmdk"},
+      {"-O vmdk -o subformat=streamOptimized", "vmdk", "vmdk"},
+      {"-O vmdk -o subformat=monolithicFlat", "vmdk", "vmdk"},
+      {"-O vmdk -o subformat=twoGbMaxExtentSparse", "vmdk", "vmdk"},
+      {"-O vdi", "vdi", "vdi"},
+      {"-O vdi -o static=on", "vdi", "vdi"},
+      {"-O raw", "raw", "raw"},
+  };
+  int n = 0;
+  for (const auto& [src, sfmt] : sources) {
+    for (const Target& t : targets) {
+      std::string out = "out" + std::to_string(n++) + "." + t.ext;
+      ConvertAndJudge(src, sfmt, t.args, out, t.fmt);
+    }
+  }
+}
+
+TEST_F(CliConvertTest, CompressedOutputIsCompressed) {
+  MustSh("qemu-img create -q -f raw text.raw 4M");
+  // Text-like, compressible data over every cluster.
+  MustSh("yes 'the quick brown fox jumps over the lazy dog' | head -c 4194304 > text.raw");
+  for (const std::string& ct : {std::string("zlib"), std::string("zstd")}) {
+    SCOPED_TRACE(ct);
+    std::string out = "c-" + ct + ".qcow2";
+    Ok(V("convert -c -O qcow2 -o compression_type=" + ct + " text.raw " + out));
+    EXPECT_EQ(Q("compare text.raw " + out).exit_code, 0);
+    CommandResult chk = Q("check " + out);
+    EXPECT_EQ(chk.exit_code, 0) << chk.out << chk.err;
+    EXPECT_NE(chk.out.find("100.00% compressed clusters"), std::string::npos) << chk.out;
+    struct stat st;
+    ASSERT_EQ(stat(F(out).c_str(), &st), 0);
+    EXPECT_LT(st.st_size, 1 << 20);
+    nlohmann::json info = Json(Q("info --output=json " + out));
+    EXPECT_EQ(info["format-specific"]["data"]["compression-type"], ct);
+  }
+}
+
+TEST_F(CliConvertTest, SparseOutputAndFullAllocation) {
+  MustSh("qemu-img create -q -f raw s.raw 64M");
+  MustSh("qemu-io -f raw -c 'write -P 0x33 32M 64k' s.raw >/dev/null");
+  Ok(V("convert -O raw s.raw sparse.raw"));
+  Ok(V("convert -S 0 -O raw s.raw full.raw"));
+  Ok(V("convert -O qcow2 s.raw sparse.qcow2"));
+  EXPECT_EQ(Q("compare s.raw sparse.raw").exit_code, 0);
+  EXPECT_EQ(Q("compare s.raw full.raw").exit_code, 0);
+  struct stat sp, fu, q2;
+  ASSERT_EQ(stat(F("sparse.raw").c_str(), &sp), 0);
+  ASSERT_EQ(stat(F("full.raw").c_str(), &fu), 0);
+  ASSERT_EQ(stat(F("sparse.qcow2").c_str(), &q2), 0);
+  EXPECT_LT(sp.st_blocks * 512, 1 << 20);
+  EXPECT_GE(fu.st_blocks * 512, 60 << 20);
+  EXPECT_LT(q2.st_size, 1 << 20);
+  // Zero data inside an allocated range is not written either.
+  MustSh("qemu-io -f raw -c 'write -P 0 0 8M' s.raw >/dev/null");
+  Ok(V("convert -O qcow2 s.raw z.qcow2"));
+  nlohmann::json map = Json(Q("map --output=json z.qcow2"));
+  for (const auto& e : map)
+    if (e["data"] == true) EXPECT_EQ(e["start"], 32 << 20) << e.dump();
+}
+
+TEST_F(CliConvertTest, BackingTargetKeepsOnlyTheTopLayer) {
+  MakeSources();
+  Ok(V("convert -O qcow2 -B base.qcow2 -F qcow2 src.qcow2 thin.qcow2"));
+  EXPECT_EQ(Q("compare src.qcow2 thin.qcow2").exit_code, 0);
+  EXPECT_EQ(Q("check thin.qcow2").exit_code, 0);
+  nlohmann::json info = Json(Q("info --output=json thin.qcow2"));
+  EXPECT_EQ(info["backing-filename"], "base.qcow2");
+  // Only the top layer's clusters are allocated in the thin copy.
+  nlohmann::json vmap = Json(Q("map --output=json thin.qcow2"));
+  nlohmann::json smap = Json(Q("map --output=json src.qcow2"));
+  auto depth0 = [](const nlohmann::json& m) {
+    uint64_t n = 0;
+    for (const auto& e : m)
+      if (e["depth"] == 0 && e["present"] == true) n += e["length"].get<uint64_t>();
+    return n;
+  };
+  EXPECT_EQ(depth0(vmap), depth0(smap));
+  // -B without -F is refused, as by qemu-img.
+  EXPECT_EQ(V("convert -O qcow2 -B base.qcow2 src.qcow2 x.qcow2").exit_code, 1);
+}
+
+TEST_F(CliConvertTest, ConcatenatesSourcesLikeQemu) {
+  MakeSources();
+  Ok(V("convert -O qcow2 src.raw src.vdi src.qcow2 cat.qcow2"));
+  Ok(Q("convert -O raw src.raw src.vdi src.qcow2 qcat.raw"));
+  EXPECT_EQ(Q("compare cat.qcow2 qcat.raw").exit_code, 0);
+  nlohmann::json info = Json(Q("info --output=json cat.qcow2"));
+  EXPECT_EQ(info["virtual-size"], 24 << 20);
+}
+
+TEST_F(CliConvertTest, ExistingTargetAndSnapshot) {
+  MakeSources();
+  MustSh("qemu-img create -q -f qcow2 existing.qcow2 8M");
+  MustSh("qemu-io -c 'write -P 0x99 0 8M' existing.qcow2 >/dev/null");
+  Ok(V("convert -n -O qcow2 src.vdi existing.qcow2"));
+  EXPECT_EQ(Q("compare src.vdi existing.qcow2").exit_code, 0);
+  EXPECT_EQ(Q("check existing.qcow2").exit_code, 0);
+  EXPECT_EQ(V("convert --target-is-zero -O qcow2 src.vdi x.qcow2").exit_code, 1);
+
+  MustSh("qemu-img create -q -f qcow2 snap.qcow2 8M");
+  Fill("qcow2", "snap.qcow2");
+  MustSh("qemu-img snapshot -c s1 snap.qcow2");
+  MustSh("qemu-io -c 'write -P 0x12 0 1M' snap.qcow2 >/dev/null");
+  Ok(V("convert -l snapshot.name=s1 -O raw snap.qcow2 v.raw"));
+  Ok(Q("convert -l snapshot.name=s1 -O raw snap.qcow2 q.raw"));
+  EXPECT_EQ(Q("compare v.raw q.raw").exit_code, 0);
+  EXPECT_NE(Q("compare v.raw snap.qcow2").exit_code, 0);
+}
+
+TEST_F(CliConvertTest, Errors) {
+  CommandResult r = V("convert -O qcow2 missing.qcow2 out.qcow2");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(r.err, "vimgfs: Could not open 'missing.qcow2': No such file or directory\n");
+  MustSh("qemu-img create -q -f raw r.raw 1M");
+  r = V("convert -c -O raw r.raw out.raw");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("Compression not supported"), std::string::npos);
+  r = V("convert -O nosuch r.raw out.img");
+  EXPECT_EQ(r.exit_code, 1);
+  r = V("convert -O qcow2 -o help");
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_NE(r.out.find("compression_type"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace vimgfs::test
