@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
+#include <set>
 #include <random>
 #include <thread>
 #include <vector>
@@ -75,6 +77,15 @@ TEST_P(MountIo, ReadWriteAndBounds) {
   ASSERT_EQ(stat(Disk().c_str(), &st), 0);
   EXPECT_TRUE(S_ISREG(st.st_mode));
   EXPECT_EQ(static_cast<uint64_t>(st.st_size), 64 * kMiB);
+
+  // The folder holds disk.raw and nothing else; nothing can be created in it.
+  std::set<std::string> names;
+  for (const auto& e : std::filesystem::directory_iterator(mnt_)) names.insert(e.path().filename());
+  EXPECT_EQ(names, std::set<std::string>{"disk.raw"});
+  errno = 0;
+  EXPECT_LT(open((mnt_ + "/other").c_str(), O_RDWR | O_CREAT, 0644), 0);
+  EXPECT_NE(stat((mnt_ + "/other").c_str(), &st), 0);
+  EXPECT_EQ(errno, ENOENT);
 
   std::vector<uint8_t> model(64 * kMiB, 0);
   int fd = open(Disk().c_str(), O_RDWR);
@@ -283,7 +294,7 @@ TEST_P(MountIo, ReadOnlyMount) {
 TEST_P(MountIo, RegularFileMountPoint) {
   std::string target = dir_.File("view.raw");
   test::WriteWholeFile(target, {});
-  auto r = mount_.Start({"-F", GetParam(), image_, target}, target);
+  auto r = mount_.Start({"-s", "-F", GetParam(), image_, target}, target);  // single-threaded too
   ASSERT_EQ(r.exit_code, 0) << r.err;
   struct stat st {};
   ASSERT_EQ(stat(target.c_str(), &st), 0);

@@ -160,6 +160,8 @@ const ExactCase kExactCases[] = {
      "-c 'write -P 0xc2 3000000 5000' img >/dev/null"},
 };
 
+void PrintTo(const ExactCase& c, std::ostream* os) { *os << c.name; }
+
 class ByteExact : public ::testing::TestWithParam<ExactCase> {};
 
 TEST_P(ByteExact, DiskRawEqualsQemuConvert) {
