@@ -209,6 +209,7 @@ void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
       return Status::Error(ErrorKind::kInvalidArgument, EPERM, "size is fixed");
     }
     fi->keep_cache = 1;  // we are the only writer: cached pages stay valid across opens
+    fi->fh = (fi->flags & O_ACCMODE) != O_RDONLY ? 1 : 0;  // 1: may have written (see OpFlush)
     r.Open(fi);
     return Status::Ok();
   });
@@ -300,9 +301,11 @@ Status FlushImage(Server* s) {
   return s->image().Flush();
 }
 
-void OpFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+// close(2) of a descriptor: make what it wrote durable (as NFS's close-to-open would),
+// so `dd of=disk.raw; qemu-img ...` sees it; read-only descriptors cost nothing.
+void OpFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Dispatch(req, "flush", [&](Reply& r) -> Status {
-    RETURN_IF_ERROR(FlushImage(Srv(req)));
+    if (fi == nullptr || fi->fh != 0) RETURN_IF_ERROR(FlushImage(Srv(req)));
     r.Ok();
     return Status::Ok();
   });

@@ -130,6 +130,20 @@ TEST_F(MountOptions, LockConflictWithQemu) {
   auto q = RunCommand("qemu-io -c 'write 0 4k' " + Quote(image_));
   EXPECT_NE(q.exit_code, 0);
   EXPECT_NE(q.err.find("Failed to get \"write\" lock"), std::string::npos) << q.err;
+  // A second vimgfs mount of the same image is refused as well.
+  std::string mnt2 = dir_.File("mnt2");
+  ASSERT_EQ(mkdir(mnt2.c_str(), 0755), 0);
+  Mount second;
+  r = second.Start({"-r", image_, mnt2}, mnt2);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("lock"), std::string::npos) << r.err;
+  EXPECT_EQ(mount_.Stop(), 0);
+  // Two read-only mounts share the image.
+  ASSERT_EQ(mount_.Start({"-r", image_, mnt_}, mnt_).exit_code, 0);
+  r = second.Start({"-r", image_, mnt2}, mnt2);
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(ByteAt(mnt2 + "/disk.raw", 0), 0x11);
+  EXPECT_EQ(second.Stop(), 0);
   EXPECT_EQ(mount_.Stop(), 0);
 
   // qemu holds the image for writing: vimgfs refuses, in the foreground, exit 1.
