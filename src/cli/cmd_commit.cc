@@ -1,12 +1,157 @@
-// vimgfs commit (in progress).
+// vimgfs commit: qemu-img commit (write an overlay's data into its backing file).
+#include <getopt.h>
+
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 
 namespace vimgfs::cli {
+namespace {
 
-int RunCommit(int, char**) {
-  PrintError("commit: not implemented yet");
-  return 1;
+const char kUsage[] =
+    "usage: vimgfs commit [-f fmt] [-b base] [-d] [-p] [-q] [--untrusted] filename\n"
+    "\n"
+    "Writes the data of 'filename' (an overlay) into its backing file, or into the image\n"
+    "'base' further down the backing chain (-b): everything allocated above base is copied.\n"
+    "  -d   keep the overlay's data (accepted; vimgfs always leaves the overlay as it is,\n"
+    "       which reads the same once its data is in the base)\n";
+
+constexpr uint64_t kChunk = 2 << 20;
+
+std::string RealPath(const std::string& p) {
+  char buf[PATH_MAX];
+  return realpath(p.c_str(), buf) ? std::string(buf) : p;
+}
+
+}  // namespace
+
+int RunCommit(int argc, char** argv) {
+  std::string fmt, base_name;
+  bool progress = false, quiet = false, untrusted = false;
+  enum { kUntrusted = 256, kImageOpts, kObject };
+  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
+                                 {"untrusted", no_argument, nullptr, kUntrusted},
+                                 {"image-opts", no_argument, nullptr, kImageOpts},
+                                 {"object", required_argument, nullptr, kObject},
+                                 {nullptr, 0, nullptr, 0}};
+  optind = 0;
+  opterr = 0;
+  int c;
+  while ((c = getopt_long(argc, argv, ":f:ht:b:dpqr:", kLong, nullptr)) != -1) {
+    switch (c) {
+      case 'h': std::fputs(kUsage, stdout); return 0;
+      case 'f': fmt = optarg; break;
+      case 'b': base_name = optarg; break;
+      case 'd': break;
+      case 'p': progress = true; break;
+      case 'q': quiet = true; break;
+      case 't': case 'r': case kObject: break;
+      case kUntrusted: untrusted = true; break;
+      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
+      case ':': return UsageError("commit", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
+      default: return UsageError("commit", fmt::format("invalid option -- '{}'", argv[optind - 1]));
+    }
+  }
+  if (quiet) progress = false;
+  if (optind != argc - 1) return UsageError("commit", "Expecting one image file name");
+  std::string filename = argv[optind];
+
+  ImageOpen o;
+  o.format = fmt;
+  o.read_only = true;
+  o.untrusted = untrusted;
+  auto top = OpenOrReport(filename, o);
+  if (!top) return 1;
+  if (!top->backing()) {
+    PrintError("Image does not have a backing file");
+    return 1;
+  }
+  // The base: the backing file, or the chain member -b names.
+  Image* base = top->backing();
+  int base_depth = 1;
+  if (!base_name.empty()) {
+    std::string want = RealPath(base_name);
+    for (; base && RealPath(base->path()) != want; base = base->backing()) base_depth++;
+    if (!base) {
+      PrintError(fmt::format("Did not find '{}' in the backing chain of '{}'", base_name, filename));
+      return 1;
+    }
+  }
+  const std::string base_path = base->path();
+  const std::string base_fmt = base->format();
+
+  // Everything allocated above the base, collected before the base changes.
+  std::vector<BlockStatus> runs;
+  for (uint64_t pos = 0; pos < top->size(); pos += 1ull << 30) {
+    uint64_t n = std::min<uint64_t>(1ull << 30, top->size() - pos);
+    auto r = top->Map(pos, n);
+    if (!r.ok()) {
+      PrintFileError(filename, r.error());
+      return 1;
+    }
+    for (const BlockStatus& b : *r)
+      if (b.present && b.depth < base_depth) runs.push_back(b);
+  }
+
+  ImageOpen bo;
+  bo.format = base_fmt;
+  bo.read_only = false;
+  bo.untrusted = untrusted;
+  auto wbase = OpenOrReport(base_path, bo);
+  if (!wbase) return 1;
+  if (wbase->size() < top->size()) {
+    Status s = wbase->cluster_map().Resize(top->size(), false);
+    if (s.ok()) s = wbase->Close();
+    if (!s.ok()) {
+      PrintFileError(base_path, s);
+      return 1;
+    }
+    wbase = OpenOrReport(base_path, bo);
+    if (!wbase) return 1;
+  }
+
+  Progress bar(progress && StdoutIsTty());
+  uint64_t total = 0, done = 0;
+  for (const BlockStatus& b : runs) total += b.length;
+  std::vector<std::byte> buf(kChunk);
+  for (const BlockStatus& b : runs) {
+    if (b.zero) {
+      Status s = wbase->WriteZeroes(b.offset, b.length, false);
+      if (!s.ok()) {
+        PrintFileError(base_path, s);
+        return 1;
+      }
+    } else {
+      for (uint64_t pos = b.offset; pos < b.offset + b.length;) {
+        uint64_t n = std::min<uint64_t>(kChunk, b.offset + b.length - pos);
+        std::span<std::byte> sp(buf.data(), n);
+        Status s = top->Read(pos, sp);
+        if (!s.ok()) {
+          PrintFileError(filename, s);
+          return 1;
+        }
+        s = wbase->Write(pos, sp);
+        if (!s.ok()) {
+          PrintFileError(base_path, s);
+          return 1;
+        }
+        pos += n;
+        bar.Update(total ? static_cast<double>(done + (pos - b.offset)) / total : 1.0);
+      }
+    }
+    done += b.length;
+  }
+  bar.Done();
+  Status s = wbase->Close();
+  if (!s.ok()) {
+    PrintFileError(base_path, s);
+    return 1;
+  }
+  if (!quiet) std::printf("Image committed.\n");
+  return 0;
 }
 
 }  // namespace vimgfs::cli

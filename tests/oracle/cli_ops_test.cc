@@ -1,0 +1,115 @@
+// resize, snapshot, rebase and commit: vimgfs and qemu-img on copies of the same images
+// must leave images that compare equal and check clean.
+#include "cli_test_helpers.h"
+
+namespace vimgfs::test {
+namespace {
+
+class CliOpsTest : public CliTest {
+ protected:
+  // Runs `vimgfs ARGS v.EXT` and `qemu-img ARGS q.EXT` on copies; same exit code and stdout.
+  void Both(const std::string& args_before, const std::string& file_ext, const std::string& args_after = "") {
+    SCOPED_TRACE(args_before + " <file> " + args_after);
+    CommandResult v = V(args_before + " v." + file_ext + " " + args_after);
+    CommandResult q = Q(args_before + " q." + file_ext + " " + args_after);
+    EXPECT_EQ(v.exit_code, q.exit_code) << v.err << "\nqemu: " << q.err;
+    EXPECT_EQ(v.out, q.out);
+  }
+  void Copies(const std::string& ext) { MustSh("cp orig." + ext + " v." + ext + " && cp orig." + ext + " q." + ext); }
+  void ExpectSameImages(const std::string& ext) {
+    CommandResult c = Q("compare v." + ext + " q." + ext);
+    EXPECT_EQ(c.exit_code, 0) << c.out << c.err;
+    nlohmann::json vi = Json(Q("info --output=json v." + ext)), qi = Json(Q("info --output=json q." + ext));
+    EXPECT_EQ(vi["virtual-size"], qi["virtual-size"]);
+  }
+};
+
+TEST_F(CliOpsTest, ResizeEveryResizableFormat) {
+  for (const std::string& fmt : {"qcow2", "raw"}) {
+    SCOPED_TRACE(fmt);
+    MustSh("qemu-img create -q -f " + fmt + " orig." + fmt + " 8M");
+    MustSh("qemu-io -f " + fmt + " -c 'write -P 1 0 8M' orig." + fmt + " >/dev/null");
+    Copies(fmt);
+    Both("resize -f " + fmt, fmt, "+4M");
+    ExpectSameImages(fmt);
+    Both("resize -f " + fmt, fmt, "16M");
+    Both("resize -f " + fmt, fmt, "2M");  // shrinking needs --shrink
+    Both("resize -f " + fmt + " --shrink", fmt, "-- -1M");
+    Both("resize -f " + fmt + " --shrink", fmt, "5M");
+    ExpectSameImages(fmt);
+    Both("resize -q -f " + fmt, fmt, "6M");
+    if (fmt == "qcow2") EXPECT_EQ(Q("check v.qcow2").exit_code, 0);
+  }
+}
+
+TEST_F(CliOpsTest, Snapshots) {
+  MustSh("qemu-img create -q -f qcow2 orig.qcow2 8M");
+  MustSh("qemu-io -c 'write -P 1 0 1M' orig.qcow2 >/dev/null");
+  Copies("qcow2");
+  Both("snapshot -c s1", "qcow2");
+  MustSh("qemu-io -c 'write -P 2 0 512k' v.qcow2 >/dev/null && qemu-io -c 'write -P 2 0 512k' q.qcow2 >/dev/null");
+  Both("snapshot -c s2", "qcow2");
+  CommandResult v = V("snapshot -l v.qcow2");
+  EXPECT_NE(v.out.find(" s1 "), std::string::npos) << v.out;
+  EXPECT_NE(v.out.find(" s2 "), std::string::npos);
+  Both("snapshot -a s1", "qcow2");
+  ExpectSameImages("qcow2");
+  Both("snapshot -d s2", "qcow2");
+  Both("snapshot -d nosuch", "qcow2");
+  Both("snapshot -a nosuch", "qcow2");
+  EXPECT_EQ(Q("check v.qcow2").exit_code, 0);
+  nlohmann::json vi = Json(Q("info --output=json v.qcow2"));
+  ASSERT_EQ(vi["snapshots"].size(), 1u);
+  EXPECT_EQ(vi["snapshots"][0]["name"], "s1");
+  // Formats without internal snapshots.
+  MustSh("qemu-img create -q -f raw r.raw 1M");
+  EXPECT_EQ(V("snapshot -l r.raw").exit_code, 0);
+  EXPECT_EQ(V("snapshot -c x r.raw").exit_code, 1);
+}
+
+TEST_F(CliOpsTest, RebaseSafeAndUnsafe) {
+  MustSh("qemu-img create -q -f qcow2 old.qcow2 4M && qemu-io -c 'write -P 1 0 1M' old.qcow2 >/dev/null");
+  MustSh("qemu-img create -q -f qcow2 new.qcow2 4M && qemu-io -c 'write -P 1 0 512k' -c 'write -P 4 3M 64k' "
+         "new.qcow2 >/dev/null");
+  MustSh("qemu-img create -q -f qcow2 -b old.qcow2 -F qcow2 orig.qcow2");
+  MustSh("qemu-io -c 'write -P 7 2M 64k' orig.qcow2 >/dev/null");
+  MustSh("qemu-img convert -O raw orig.qcow2 before.raw");
+  Copies("qcow2");
+  Both("rebase -b new.qcow2 -F qcow2", "qcow2");
+  EXPECT_EQ(Q("compare before.raw v.qcow2").exit_code, 0);
+  EXPECT_EQ(Q("check v.qcow2").exit_code, 0);
+  nlohmann::json vi = Json(Q("info --output=json v.qcow2"));
+  EXPECT_EQ(vi["backing-filename"], "new.qcow2");
+  // Same clusters copied as qemu did.
+  EXPECT_EQ(Q("map --output=json v.qcow2").out.size() > 0, true);
+  EXPECT_EQ(Json(Q("map --output=json v.qcow2")).size(), Json(Q("map --output=json q.qcow2")).size());
+  // Detach entirely.
+  Both("rebase -b ''", "qcow2");
+  EXPECT_EQ(Q("compare before.raw v.qcow2").exit_code, 0);
+  EXPECT_FALSE(Json(Q("info --output=json v.qcow2")).contains("backing-filename"));
+  // -u rewrites the name only.
+  Copies("qcow2");
+  Both("rebase -u -b new.qcow2 -F qcow2", "qcow2");
+  ExpectSameImages("qcow2");
+  Both("rebase -b new.qcow2", "qcow2");  // no -F: refused
+}
+
+TEST_F(CliOpsTest, Commit) {
+  MustSh("qemu-img create -q -f qcow2 base.qcow2 4M && qemu-io -c 'write -P 1 0 1M' base.qcow2 >/dev/null");
+  MustSh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2");
+  MustSh("qemu-io -c 'write -P 7 512k 1M' -c 'write -z 3M 64k' top.qcow2 >/dev/null");
+  MustSh("qemu-img convert -O raw top.qcow2 want.raw");
+  CommandResult v = V("commit top.qcow2");
+  EXPECT_EQ(v.exit_code, 0) << v.err;
+  EXPECT_EQ(v.out, "Image committed.\n");
+  EXPECT_EQ(Q("compare want.raw base.qcow2").exit_code, 0);
+  EXPECT_EQ(Q("compare want.raw top.qcow2").exit_code, 0);
+  EXPECT_EQ(Q("check base.qcow2").exit_code, 0);
+  EXPECT_EQ(Q("check top.qcow2").exit_code, 0);
+  v = V("commit base.qcow2");
+  EXPECT_EQ(v.exit_code, 1);
+  EXPECT_EQ(v.err, "vimgfs: Image does not have a backing file\n");
+}
+
+}  // namespace
+}  // namespace vimgfs::test
