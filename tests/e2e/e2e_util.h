@@ -55,8 +55,9 @@ class Mount {
   // Returns false (and reaps the child) if it exits first.
   bool StartForeground(const std::vector<std::string>& args, const std::string& mountpoint);
 
-  // Unmounts (fusermount3 -u, retrying while busy) and waits for the daemon to exit.
-  // Returns the daemon's exit status when it is our child, else 0 when it went away.
+  // Unmounts (fusermount3 -u, retrying while busy for 3 s, then lazily) and waits for the
+  // daemon to exit. Returns the daemon's exit status when it is our child, else 0 when it
+  // went away; -1 when the mount was busy or the daemon hung (then it is killed).
   int Stop();
   // kill -9 the daemon, then detach the dead mount.
   void Kill();

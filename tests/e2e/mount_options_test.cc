@@ -105,6 +105,35 @@ TEST_F(MountOptions, MountFuse3Helper) {
   EXPECT_EQ(out.find("Pattern verification failed"), std::string::npos) << out;
 }
 
+TEST_F(MountOptions, MountTypeAndFstabAsInstalled) {
+  // `cmake --install` puts vimgfs in /usr/local/bin, which is on mount(8)'s PATH. Simulate
+  // that in a private mount namespace (a tmpfs over /usr/local/bin holding a link to the
+  // built binary, a bind-mounted /etc/fstab), then use mount(8) as a user would.
+  if (!test::HaveProgram("unshare") || !test::HaveProgram("mount.fuse3"))
+    GTEST_SKIP() << "unshare or mount.fuse3 not installed";
+  std::string fstab = dir_.File("fstab");
+  std::string line = image_ + " " + mnt_ + " fuse.vimgfs ro,format=qcow2,noauto,nofail 0 0\n";
+  test::WriteWholeFile(fstab, std::vector<uint8_t>(line.begin(), line.end()));
+  std::string script =
+      "set -e; mount -t tmpfs none /usr/local/bin; ln -s " + Quote(test::VimgfsBinary()) +
+      " /usr/local/bin/vimgfs; mount --bind " + Quote(fstab) + " /etc/fstab; "
+      // fstab line
+      "mount " + Quote(mnt_) + "; grep ' " + mnt_ + " fuse.vimgfs ro,' /proc/self/mounts; "
+      "od -An -tx1 -N1 " + Quote(Disk()) + "; umount " + Quote(mnt_) + "; "
+      // mount -t with options after the positionals
+      "mount -t fuse.vimgfs " + Quote(image_) + " " + Quote(mnt_) + " -o rw; "
+      "grep ' " + mnt_ + " fuse.vimgfs rw,' /proc/self/mounts; "
+      "printf '\\125' | dd of=" + Quote(Disk()) + " bs=1 seek=7 conv=notrunc,fsync 2>/dev/null; "
+      "umount " + Quote(mnt_);
+  auto r = RunCommand("unshare --mount --propagation private sh -c " + Quote(script));
+  ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find(" 11"), std::string::npos) << r.out;
+  // The daemon lived in the namespace; once it closed the image qemu can open it.
+  for (int i = 0; i < 100 && RunCommand("qemu-img check " + Quote(image_)).exit_code != 0; ++i) usleep(20000);
+  auto out = MustRun("qemu-io -c 'read -P 0x55 7 1' " + Quote(image_));
+  EXPECT_EQ(out.find("verification failed"), std::string::npos) << out;
+}
+
 TEST_F(MountOptions, ErrorsBeforeBackgrounding) {
   auto r = mount_.Start({dir_.File("missing.qcow2"), mnt_}, mnt_);
   EXPECT_EQ(r.exit_code, 1);
