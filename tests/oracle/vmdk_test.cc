@@ -259,6 +259,7 @@ TEST(VmdkOracle, WritesOverAParentKeepTheParentAndMatchQemu) {
   ctx.path = child;
   ctx.backing = BackingRef{"base.vmdk", "vmdk"};
   ASSERT_TRUE(Image::Create("vmdk", ctx).ok());
+  const auto cid_before = QemuInfo(child)["format-specific"]["data"]["cid"];
   {
     auto img = OpenOrDie(child, false);
     ASSERT_NE(img, nullptr);
@@ -272,6 +273,8 @@ TEST(VmdkOracle, WritesOverAParentKeepTheParentAndMatchQemu) {
   ExpectSameAsQemuRaw(dir, child);
   auto info = QemuInfo(child);
   EXPECT_EQ(info["backing-filename"], "base.vmdk");
+  // Like qemu, the first write gives the image a new CID; the parent link is kept.
+  EXPECT_NE(info["format-specific"]["data"]["cid"], cid_before);
   EXPECT_EQ(info["format-specific"]["data"]["parent-cid"],
             QemuInfo(base)["format-specific"]["data"]["cid"]);
 }

@@ -2,6 +2,7 @@
 // ClusterMap that lays the extents end to end in guest order and routes each request to
 // the extents it touches.
 #include <algorithm>
+#include <random>
 
 #include "formats/drivers.h"
 #include "formats/vmdk/vmdk_internal.h"
@@ -26,6 +27,14 @@ bool KnownCreateType(const std::string& t) {
 class VmdkMap final : public ClusterMap {
  public:
   std::unique_ptr<File> main_file;  // the descriptor file (separate descriptor case)
+  File* image_file = nullptr;       // the file the user named (descriptor or sparse file)
+  // Where the descriptor lives, for the CID update on the first write (as qemu does it, so
+  // a child made against the old content sees that its parent changed).
+  File* desc_file = nullptr;
+  uint64_t desc_offset = 0;
+  uint64_t desc_capacity = 0;  // bytes available in place (embedded: desc_size sectors)
+  std::string desc_text;
+  bool cid_updated = false;
   std::vector<std::unique_ptr<Extent>> extents;
   uint64_t size = 0;
   uint64_t cluster = 65536;
@@ -76,7 +85,38 @@ class VmdkMap final : public ClusterMap {
     Extent& e = *extents[plan.cookie[0]];
     WritePlan p = plan;
     p.guest_offset -= e.start;
-    return e.CommitWrite(p);
+    RETURN_IF_ERROR(e.CommitWrite(p));
+    return UpdateCid();
+  }
+
+  // qemu gives the image a new random CID the first time it writes to it.
+  Status UpdateCid() {
+    if (cid_updated || !desc_file || ro) return Status::Ok();
+    cid_updated = true;
+    auto p = desc_text.find("\nCID=");
+    if (desc_text.rfind("CID=", 0) == 0) p = 0;
+    else if (p != std::string::npos) p += 1;
+    if (p == std::string::npos) return Status::Ok();
+    auto end = desc_text.find('\n', p);
+    if (end == std::string::npos) return Status::Ok();
+    if (end > p && desc_text[end - 1] == '\r') end--;
+    uint32_t fresh;
+    do {
+      fresh = static_cast<uint32_t>(std::random_device{}());
+    } while (fresh == cid || fresh == 0xffffffff);
+    std::string text = desc_text.substr(0, p) + fmt::format("CID={:x}", fresh) + desc_text.substr(end);
+    if (text.size() > desc_capacity) return Status::Ok();  // no room in place: keep the old one
+    std::string out = text;
+    if (desc_capacity == UINT64_MAX) {
+      // A descriptor file: rewritten whole at its new length.
+      if (text.size() < desc_text.size()) RETURN_IF_ERROR(desc_file->Truncate(text.size()));
+    } else if (out.size() < desc_text.size()) {
+      out.append(desc_text.size() - out.size(), '\0');  // embedded: NUL-terminated text
+    }
+    RETURN_IF_ERROR(desc_file->PWrite(desc_offset, std::as_bytes(std::span(out)), IoTag::kHeader));
+    desc_text = text;
+    cid = fresh;
+    return Status::Ok();
   }
 
   Status ZeroRange(uint64_t off, uint64_t len, bool unmap) override {
@@ -89,7 +129,7 @@ class VmdkMap final : public ClusterMap {
       off += n;
       len -= n;
     }
-    return Status::Ok();
+    return UpdateCid();
   }
 
   Status Flush() override {
@@ -124,7 +164,7 @@ class VmdkMap final : public ClusterMap {
     std::vector<File*> files;
     for (auto& e : extents) {
       File* f = e->file();
-      if (f && f != main_file.get() && std::find(files.begin(), files.end(), f) == files.end())
+      if (f && f != image_file && std::find(files.begin(), files.end(), f) == files.end())
         files.push_back(f);
     }
     return files;
@@ -137,8 +177,7 @@ class VmdkMap final : public ClusterMap {
   }
 
   std::string Path() const {
-    if (main_file) return main_file->path();
-    return extents.empty() || !extents[0]->file() ? std::string() : extents[0]->file()->path();
+    return image_file ? image_file->path() : std::string();
   }
 };
 
@@ -195,13 +234,19 @@ Result<std::unique_ptr<ClusterMap>> OpenVmdk(OpenContext ctx) {
   RETURN_IF_ERROR(ctx.file->PRead(0, head));
   uint32_t magic = LoadLE32(head);
 
+  map->image_file = ctx.file.get();
   std::string desc_text;
   bool container = false;
+  uint64_t embedded_desc_offset = 0, embedded_desc_bytes = 0;
   if (magic == kMagicKdmv && file_size >= kSector) {
     // A capacity-0 sparse file with a descriptor is only a descriptor container (qemu).
     std::byte hdr[kSector];
     RETURN_IF_ERROR(ctx.file->PRead(0, hdr));
     SparseHeader h = DecodeSparseHeader(hdr);
+    if (h.desc_offset != 0 && h.desc_offset < UINT64_MAX / kSector && h.desc_size < (1ull << 40)) {
+      embedded_desc_offset = h.desc_offset * kSector;
+      embedded_desc_bytes = h.desc_size * kSector;
+    }
     if (h.capacity == 0 && h.desc_offset != 0 && h.gd_offset != kGdAtEnd) {
       ASSIGN_OR_RETURN(desc_text, ReadEmbeddedDescriptor(*ctx.file, h));
       container = true;
@@ -218,6 +263,10 @@ Result<std::unique_ptr<ClusterMap>> OpenVmdk(OpenContext ctx) {
     if (!r.embedded_desc.empty()) {
       ASSIGN_OR_RETURN(Descriptor d, ParseDescriptor(r.embedded_desc, path));
       ApplyDescriptorKeys(map.get(), d);
+      map->desc_file = map->image_file;
+      map->desc_offset = embedded_desc_offset;
+      map->desc_capacity = embedded_desc_bytes ? embedded_desc_bytes - 1 : 0;
+      map->desc_text = std::move(r.embedded_desc);
     }
   } else {
     if (!container) {
@@ -236,6 +285,11 @@ Result<std::unique_ptr<ClusterMap>> OpenVmdk(OpenContext ctx) {
       return Status::Unsupported("'{}': Unsupported image type '{}'", path, d.create_type);
     map->create_type = d.create_type;
     ApplyDescriptorKeys(map.get(), d);
+    if (!container) {
+      map->desc_file = map->main_file.get();
+      map->desc_capacity = UINT64_MAX;
+      map->desc_text = desc_text;
+    }
     if (d.extents.empty()) return Status::InvalidFormat("'{}': the VMDK descriptor names no extents", path);
     RETURN_IF_ERROR(AddExtentsFromDescriptor(map.get(), d, path, ctx));
   }
