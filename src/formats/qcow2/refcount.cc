@@ -82,7 +82,9 @@ Status Qcow2Map::AddRefcount(uint64_t cluster, int64_t delta) {
 }
 
 Result<uint64_t> Qcow2Map::FindFree(uint64_t n) {
-  uint64_t c = free_hint_;
+  // Cluster 0 is the header: a hostile refcount of 0 there must not make it allocatable
+  // (a refcount block placed at offset 0 would read as "no block" and recurse forever).
+  uint64_t c = std::max<uint64_t>(free_hint_, 1);
   uint64_t run_start = c, run = 0;
   bool first_free_seen = false;
   const uint64_t limit = kMaxHostOffset >> cluster_bits_;
