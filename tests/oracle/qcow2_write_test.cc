@@ -204,5 +204,100 @@ TEST(Qcow2WriteOracle, QemuReadsWhatVimgfsWrote) {
   ExpectCheckClean(img);
 }
 
+TEST(Qcow2WriteOracle, ExternalDataFile) {
+  REQUIRE_QEMU_IMG();
+  for (const char* raw_bit : {"off", "on"}) {
+    SCOPED_TRACE(raw_bit);
+    test::TempDir dir;
+    std::string img = dir.File("d.qcow2"), raw = dir.File("d.raw");
+    const uint64_t size = 20 << 20;
+    Status s = CreateWithVimgfs(img, size, {{"data_file", dir.File("d.data")}, {"data_file_raw", raw_bit}});
+    ASSERT_TRUE(s.ok()) << s.message();
+    Sh("truncate -s " + std::to_string(size) + " " + Quote(raw));
+    RandomWorkload(img, raw, 300, 20);
+    ExpectCheckClean(img);
+    ExpectCompareEqual(img, raw);
+    if (std::string(raw_bit) == "on") {
+      // The data file itself is the disk.
+      auto r = RunCommand("cmp " + Quote(dir.File("d.data")) + " " + Quote(raw));
+      EXPECT_EQ(r.exit_code, 0) << r.out;
+    }
+  }
+}
+
+TEST(Qcow2WriteOracle, ResizeBackingAndSnapshotsStayClean) {
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  std::string img = dir.File("r.qcow2"), base = dir.File("b.qcow2");
+  Sh("qemu-img create -q -f qcow2 " + Quote(base) + " 8M");
+  Sh("qemu-io -f qcow2 -c 'write -P 0x0b 0 8M' " + Quote(base));
+  ASSERT_TRUE(CreateWithVimgfs(img, 4 << 20, {{"cluster_size", "4k"}}).ok());
+  auto open = [&] {
+    auto r = Image::Open(img, OpenOptions{});
+    EXPECT_TRUE(r.ok()) << r.error().message();
+    return std::move(r).value();
+  };
+  std::vector<std::byte> a(300000, std::byte{0xa1}), b(300000, std::byte{0xb2});
+  {
+    auto i = open();
+    ASSERT_TRUE(i->Write(100, a).ok());
+    // 4 KiB clusters: 8 GiB needs a larger L1 table than 4 MiB had.
+    ASSERT_TRUE(i->cluster_map().Resize(8ull << 30, false).ok());
+    ASSERT_TRUE(i->Close().ok());
+  }
+  ExpectCheckClean(img);
+  {
+    auto i = open();
+    EXPECT_EQ(i->size(), 8ull << 30);
+    ASSERT_TRUE(i->Write((8ull << 30) - 5000, std::span(b).first(5000)).ok());
+    ASSERT_TRUE(i->Write((6ull << 30) + 7, b).ok());
+    ASSERT_TRUE(i->cluster_map().SnapshotCreate("one").ok());
+    ASSERT_TRUE(i->Write(200, b).ok());
+    ASSERT_TRUE(i->cluster_map().SnapshotCreate("two").ok());
+    ASSERT_TRUE(i->Write(0, a).ok());
+    ASSERT_TRUE(i->Close().ok());
+  }
+  ExpectCheckClean(img);
+  auto r = RunCommand("qemu-img snapshot -l " + Quote(img));
+  EXPECT_NE(r.out.find("one"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("two"), std::string::npos) << r.out;
+  // qemu sees snapshot "one" as vimgfs wrote it.
+  r = RunCommand("qemu-img convert -l snapshot.name=one -O raw " + Quote(img) + " " + Quote(dir.File("one.raw")));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = RunCommand("qemu-io -f raw -c 'read -P 0 0 100' -c 'read -P 0xa1 100 300000' -c 'read -P 0xb2 " +
+                 std::to_string((6ull << 30) + 7) + " 300000' " + Quote(dir.File("one.raw")));
+  EXPECT_EQ(r.out.find("verification failed"), std::string::npos) << r.out;
+  {
+    auto i = open();
+    ASSERT_TRUE(i->cluster_map().SnapshotApply("one").ok());
+    ASSERT_TRUE(i->cluster_map().SnapshotDelete("two").ok());
+    ASSERT_TRUE(i->Close().ok());
+  }
+  ExpectCheckClean(img);
+  r = RunCommand("qemu-io -f qcow2 -c 'read -P 0xa1 100 300000' " + Quote(img));
+  EXPECT_EQ(r.out.find("verification failed"), std::string::npos) << r.out;
+  {
+    auto i = open();
+    ASSERT_TRUE(i->cluster_map().SnapshotDelete("one").ok());
+    // Shrink: needs allow_shrink, frees what lies past the end.
+    EXPECT_FALSE(i->cluster_map().Resize(1 << 20, false).ok());
+    ASSERT_TRUE(i->cluster_map().Resize(1 << 20, true).ok());
+    ASSERT_TRUE(i->cluster_map().SetBacking(BackingRef{"b.qcow2", "qcow2"}).ok());
+    ASSERT_TRUE(i->Close().ok());
+  }
+  ExpectCheckClean(img);
+  r = RunCommand("qemu-img info --output=json " + Quote(img));
+  EXPECT_NE(r.out.find("\"backing-filename\": \"b.qcow2\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"virtual-size\": 1048576"), std::string::npos) << r.out;
+  {
+    auto i = open();
+    ASSERT_TRUE(i->cluster_map().SetBacking(std::nullopt).ok());
+    ASSERT_TRUE(i->Close().ok());
+  }
+  r = RunCommand("qemu-img info --output=json " + Quote(img));
+  EXPECT_EQ(r.out.find("backing-filename"), std::string::npos) << r.out;
+  ExpectCheckClean(img);
+}
+
 }  // namespace
 }  // namespace vimgfs

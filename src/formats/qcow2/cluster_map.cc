@@ -254,7 +254,7 @@ Status Qcow2Map::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* 
   const size_t first = out->size();
   const uint64_t end = guest_off + len;
   uint64_t pos = guest_off;
-  const bool writable_ok = !read_only_;
+  const bool writable_image = !read_only_;
   while (pos < end) {
     uint64_t cluster = ClusterIndex(pos);
     uint64_t l1i = L1Index(cluster);
@@ -268,6 +268,8 @@ Status Qcow2Map::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* 
       continue;
     }
     ASSIGN_OR_RETURN(TableRef l2, l2_cache_->Get(l2_off));
+    // A table shared with a snapshot is never written in place, whatever its entries say.
+    const bool writable_ok = writable_image && IsCopied(l1_[l1i]);
     while (pos < l2_span_end) {
       cluster = ClusterIndex(pos);
       uint64_t cstart = cluster << cluster_bits_;
