@@ -187,20 +187,13 @@ Result<CheckReport> Qcow2Map::Check(RepairMode mode) {
     }
     return Status::Ok();
   };
-  // Stored counts below the reference end, then in existing blocks past it.
   const uint64_t n = refs.size();
   if (mode != RepairMode::kNone) free_hint_ = std::max(free_hint_, n);
   for (uint64_t c = 0; c < n; c++) {
     ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(c));
     RETURN_IF_ERROR(compare(c, rc, refs[c]));
   }
-  for (uint64_t b = n / refblock_entries_; b < reftable_.size(); b++) {
-    if (!(reftable_[b] & kOffsetMask)) continue;
-    for (uint64_t c = std::max(n, b * refblock_entries_); c < (b + 1) * refblock_entries_; c++) {
-      ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(c));
-      if (rc) RETURN_IF_ERROR(compare(c, rc, 0));
-    }
-  }
+  // Like qemu, counts past the end of the file are not looked at.
   if (mode != RepairMode::kNone) free_hint_ = 0;
 
   // COPIED flags of the active tables must match refcount == 1.
