@@ -393,8 +393,10 @@ void OpStatfs(fuse_req_t req, fuse_ino_t) {
 
 Server::Server(Image* image, ServerOptions options)
     : image_(image), opt_(options), size_(image->size()) {
+  // Whole clusters, but never below a page: raw reports 512-byte "clusters", and a write
+  // alternating zero and data sectors is not worth splitting into many engine calls.
   uint64_t cs = image->cluster_map().cluster_size();
-  zero_unit_ = (cs >= 512 && cs <= (64ull << 20)) ? cs : (64ull << 10);
+  zero_unit_ = (cs >= 512 && cs <= (64ull << 20)) ? std::max<uint64_t>(cs, 4096) : (64ull << 10);
   int64_t t = ToNs(opt_.time);
   atime_ns_ = t;
   mtime_ns_ = t;

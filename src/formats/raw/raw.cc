@@ -94,6 +94,7 @@ class RawDriverImpl final : public FormatDriver {
     if (!ctx.options.snapshot.empty())
       return Status::Unsupported("'{}': raw images have no snapshots", ctx.path);
     ASSIGN_OR_RETURN(uint64_t size, ctx.file->Size());
+    size = (size + kSector - 1) / kSector * kSector;  // qemu sees whole sectors: the tail reads zeros
     bool ro = ctx.options.read_only || !ctx.file->writable();
     return std::unique_ptr<ClusterMap>(new RawMap(std::move(ctx.file), size, ro));
   }
