@@ -1,54 +1,7 @@
-// Fuzzes every format's metadata parser and mapping: the input is an image file in an
-// in-memory Env; the target opens it as each format (and probed), then reads, maps and
-// asks for info. Writes go to a copy, so allocation paths on hostile tables run too.
-#include <cstddef>
-#include <cstdint>
-#include <vector>
-
-#include "vimgfs/image.h"
-
-using namespace vimgfs;
+// libFuzzer entry point over FuzzOneImage (see fuzz_one_image.cc).
+#include "fuzz/fuzz_one_image.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
-  auto env = NewMemEnv();
-  {
-    auto f = env->Create("/img");
-    if (!f.ok()) return 0;
-    (void)(*f)->PWrite(0, {reinterpret_cast<const std::byte*>(data), size});
-  }
-  std::vector<std::string> formats = {""};
-  for (const FormatDriver* d : AllFormats())
-    if (std::string_view(d->name()) != "raw") formats.push_back(d->name());
-  for (const std::string& fmt : formats) {
-    for (bool write : {false, true}) {
-      OpenOptions o;
-      o.env = env.get();
-      o.format = fmt;
-      o.read_only = !write;
-      o.untrusted = true;           // no external references from fuzzed images
-      o.cache_bytes = 1 << 20;
-      auto img = Image::Open("/img", o);
-      if (!img.ok()) continue;
-      Image& im = **img;
-      (void)im.Info();
-      uint64_t sz = im.size();
-      std::vector<std::byte> buf(64 * 1024);
-      for (uint64_t off : {uint64_t{0}, sz / 2, sz > buf.size() ? sz - buf.size() : 0}) {
-        uint64_t n = std::min<uint64_t>(buf.size(), sz - std::min(off, sz));
-        (void)im.Read(off, std::span(buf.data(), n));
-      }
-      (void)im.Map(0, std::min<uint64_t>(sz, 64ull << 20));
-      if (write && sz > 0) {
-        std::vector<std::byte> w(4096, std::byte{0xab});
-        (void)im.Write(sz / 3, std::span(w.data(), std::min<uint64_t>(w.size(), sz - sz / 3)));
-        (void)im.WriteZeroes(0, std::min<uint64_t>(sz, 1 << 20), true);
-        (void)im.Flush();
-      }
-      (void)im.Close();
-      // Each write pass damages the image for the next format: restore it.
-      auto f = env->Create("/img");
-      if (f.ok()) (void)(*f)->PWrite(0, {reinterpret_cast<const std::byte*>(data), size});
-    }
-  }
+  vimgfs::FuzzOneImage(data, size);
   return 0;
 }

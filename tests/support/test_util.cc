@@ -63,6 +63,8 @@ std::string CorpusDir() {
   return std::filesystem::exists(dir + "/MANIFEST.tsv") ? dir : "";
 }
 
+std::string FuzzRegressionDir() { return VIMGFS_FUZZ_REGRESSIONS; }
+
 TempDir::TempDir() {
   const char* base = std::getenv("VIMGFS_TEST_TMPDIR");
   std::string tmpl = std::string(base ? base : "/tmp") + "/vimgfs-test-XXXXXX";

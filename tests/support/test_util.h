@@ -25,6 +25,8 @@ bool HaveProgram(const std::string& name);
 std::string VimgfsBinary();
 // Path of ../shared/corpus (env VIMGFS_CORPUS overrides); "" if absent.
 std::string CorpusDir();
+// tests/fuzz/regressions: inputs that once crashed a fuzz target.
+std::string FuzzRegressionDir();
 
 // A fresh directory removed (recursively) on destruction.
 class TempDir {
