@@ -247,6 +247,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.untrusted = o.untrusted;
   opts.open_backing = o.open_backing;
   opts.snapshot = o.snapshot;
+  opts.env = o.env;
   if (!o.format.empty() && !FindFormat(o.format))
     return Status::InvalidArgument("Unknown driver '{}'", o.format);
   return Image::Open(path, opts);

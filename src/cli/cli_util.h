@@ -47,6 +47,7 @@ struct ImageOpen {
   bool untrusted = false;
   bool open_backing = true;
   std::string snapshot;
+  Env* env = nullptr;  // nullptr: Env::Default()
 };
 // Opens an image; on failure prints the error line and returns nullptr.
 std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o);

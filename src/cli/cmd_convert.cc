@@ -3,12 +3,14 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "cli/convert.h"
 #include "cli/create_options.h"
+#include "cli/deferred_sync_env.h"
 #include "formats/vmdk/stream_writer.h"
 
 namespace vimgfs::cli {
@@ -203,19 +205,24 @@ int RunConvert(int argc, char** argv) {
   cs.min_sparse = min_sparse;
   cs.progress = progress && StdoutIsTty();
   cs.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  if (const char* t = std::getenv("VIMGFS_THREADS")) cs.threads = std::clamp(std::atoi(t), 1, 256);
   cs.target_has_backing = !out_backing.empty();
   cs.target_fresh = !no_create || target_is_zero;
 
   std::map<std::string, std::string> create_opts;
   for (const auto& [k, v] : opts) create_opts[k] = v;
 
+  // Flushes are deferred to one sync of each output file at the end.
+  DeferredSyncEnv env(Env::Default());
   if (stream_vmdk) {
-    auto w = StreamOptimizedWriter::Open(*Env::Default(), out_name, src.size(), create_opts);
+    auto w = StreamOptimizedWriter::Open(env, out_name, src.size(), create_opts);
     if (!w.ok()) {
       PrintFileError(out_name, w.error());
       return 1;
     }
     Status s = ConvertToStream(src, **w, cs);
+    w->reset();
+    if (s.ok()) s = env.SyncAll();
     if (!s.ok()) {
       PrintFileError(out_name, s);
       return 1;
@@ -225,7 +232,7 @@ int RunConvert(int argc, char** argv) {
 
   if (!no_create) {
     CreateContext ctx;
-    ctx.env = Env::Default();
+    ctx.env = &env;
     ctx.path = out_name;
     ctx.size = src.size();
     ctx.options = create_opts;
@@ -240,7 +247,8 @@ int RunConvert(int argc, char** argv) {
   to.format = out_fmt;
   to.read_only = false;
   to.untrusted = untrusted;
-  to.open_backing = cs.target_has_backing;  // partial-cluster writes copy from it
+  to.open_backing = cs.target_has_backing;
+  to.env = &env;  // partial-cluster writes copy from it
   auto target = OpenOrReport(out_name, to);
   if (!target) return 1;
   if (target->size() < src.size()) {
@@ -254,6 +262,8 @@ int RunConvert(int argc, char** argv) {
   }
   Status s = ConvertToImage(src, *target, cs);
   if (s.ok()) s = target->Close();
+  target.reset();
+  if (s.ok()) s = env.SyncAll();
   if (!s.ok()) {
     PrintFileError(out_name, s);
     return 1;

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <thread>
 
@@ -149,8 +150,10 @@ struct Unit {
 };
 
 void CompressUnits(std::vector<Unit>& units, Codec codec, uint64_t cluster, int threads) {
-  auto work = [&](size_t first, size_t step) {
-    for (size_t i = first; i < units.size(); i += step) {
+  // Units are handed out one by one: a worker on a busy core simply takes fewer.
+  std::atomic<size_t> next{0};
+  auto work = [&]() {
+    for (size_t i = next++; i < units.size(); i = next++) {
       Unit& u = units[i];
       if (u.zero) continue;
       // A stream must be shorter than the cluster to be worth it (qemu's rule).
@@ -164,8 +167,8 @@ void CompressUnits(std::vector<Unit>& units, Codec codec, uint64_t cluster, int 
   };
   int n = std::max(1, std::min<int>(threads, static_cast<int>(units.size())));
   std::vector<std::thread> pool;
-  for (int t = 1; t < n; t++) pool.emplace_back(work, t, n);
-  work(0, n);
+  for (int t = 1; t < n; t++) pool.emplace_back(work);
+  work();
   for (auto& th : pool) th.join();
 }
 
@@ -202,31 +205,66 @@ Status ReadUnits(ConcatSource& src, uint64_t start, uint64_t cluster, std::vecto
   return Status::Ok();
 }
 
+Status WriteUnits(std::vector<Unit>& units, uint64_t size, uint64_t cluster, Image& target,
+                  const ConvertSettings& s) {
+  for (Unit& u : units) {
+    if (u.off >= size) break;
+    uint64_t len = std::min(cluster, size - u.off);
+    if (!u.status.ok()) return WithOffset(u.status, "compressing", u.off);
+    Status st;
+    if (u.zero) {
+      if (!s.target_fresh || s.target_has_backing) st = target.WriteZeroes(u.off, len, !s.target_has_backing);
+    } else if (u.stream.empty()) {
+      st = target.Write(u.off, std::span<const std::byte>(u.data.data(), len));
+    } else {
+      st = target.cluster_map().WriteCompressed(u.off, u.stream);
+    }
+    if (!st.ok()) return WithOffset(st, "writing", u.off);
+  }
+  return Status::Ok();
+}
+
+// Pipelined: while the workers compress batch k, this thread writes batch k-1 and reads
+// batch k+1; batches are written in order, so the output is deterministic.
 Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
   const uint64_t cluster = target.cluster_map().cluster_size();
   const uint64_t size = src.size();
   const size_t batch = static_cast<size_t>(std::max(1, s.threads)) * 16;
-  std::vector<Unit> units(batch);
-  for (uint64_t start = 0; start < size; start += cluster * batch) {
-    RETURN_IF_ERROR(ReadUnits(src, start, cluster, units, s));
-    CompressUnits(units, s.codec, cluster, s.threads);
-    for (Unit& u : units) {
-      if (u.off >= size) break;
-      uint64_t len = std::min(cluster, size - u.off);
-      if (!u.status.ok()) return WithOffset(u.status, "compressing", u.off);
-      Status st;
-      if (u.zero) {
-        if (!s.target_fresh || s.target_has_backing) st = target.WriteZeroes(u.off, len, !s.target_has_backing);
-      } else if (u.stream.empty()) {
-        st = target.Write(u.off, std::span<const std::byte>(u.data.data(), len));
-      } else {
-        st = target.cluster_map().WriteCompressed(u.off, u.stream);
-      }
-      if (!st.ok()) return WithOffset(st, "writing", u.off);
+  const uint64_t step = cluster * batch;
+  std::vector<Unit> bufs[3] = {std::vector<Unit>(batch), std::vector<Unit>(batch), std::vector<Unit>(batch)};
+  std::thread worker;
+  int compressing = -1;  // buffer the worker is compressing
+  int pending_write = -1;
+  uint64_t next = 0;
+  int slot = 0;
+  Status result;
+  auto join = [&]() {
+    if (worker.joinable()) worker.join();
+  };
+  while (result.ok() && (next < size || compressing >= 0 || pending_write >= 0)) {
+    int read_slot = -1;
+    if (next < size) {
+      read_slot = slot;
+      slot = (slot + 1) % 3;
+      result = ReadUnits(src, next, cluster, bufs[read_slot], s);
+      next += step;
+      if (!result.ok()) break;
     }
-    bar.Update(static_cast<double>(std::min(size, start + cluster * batch)) / size);
+    if (pending_write >= 0) {
+      result = WriteUnits(bufs[pending_write], size, cluster, target, s);
+      bar.Update(std::min<double>(1.0, static_cast<double>(bufs[pending_write][0].off + step) / size));
+      pending_write = -1;
+      if (!result.ok()) break;
+    }
+    join();
+    pending_write = compressing;
+    compressing = read_slot;
+    if (read_slot >= 0) {
+      worker = std::thread([&, read_slot] { CompressUnits(bufs[read_slot], s.codec, cluster, s.threads); });
+    }
   }
-  return Status::Ok();
+  join();
+  return result;
 }
 
 }  // namespace

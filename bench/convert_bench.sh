@@ -1,0 +1,98 @@
+#!/bin/bash
+# Convert benchmark: vimgfs vs qemu-img on the same 2 GiB mixed image (random data,
+# text-like data and zero regions, a third each, in 64 MiB stripes), one run each:
+#   raw->qcow2, qcow2->raw, raw->qcow2 -c (zlib), raw->qcow2 -c zstd,
+#   qcow2->vmdk streamOptimized, vmdk->qcow2, vdi->qcow2, check (qcow2)
+# Prints seconds, the vimgfs/qemu-img time ratio (< 1: vimgfs faster) and peak RSS per row.
+# Each output is verified with `qemu-img compare` against the source.
+#
+# Usage: bench/convert_bench.sh [VIMGFS_BINARY]
+# Env: BENCH_DIR (work folder, default a temp dir under /var/tmp), SIZE_MIB (default 2048).
+set -euo pipefail
+
+VIMGFS=${1:-${VIMGFS:-$(dirname "$0")/../build/vimgfs}}
+SIZE_MIB=${SIZE_MIB:-2048}
+
+die() { echo "convert_bench: $*" >&2; exit 1; }
+for p in qemu-img python3 /usr/bin/time; do command -v "$p" >/dev/null || die "$p not found"; done
+[ -x "$VIMGFS" ] || die "vimgfs binary not found at $VIMGFS (pass it as the first argument)"
+VIMGFS=$(readlink -f "$VIMGFS")
+
+WORK=${BENCH_DIR:-$(mktemp -d /var/tmp/vimgfs-convert-bench.XXXXXX)}
+mkdir -p "$WORK"
+trap 'rm -rf "$WORK"' EXIT
+cd "$WORK"
+
+echo "building the ${SIZE_MIB} MiB mixed source image in $WORK ..." >&2
+python3 - "$SIZE_MIB" <<'EOF'
+import os, random, sys
+size_mib = int(sys.argv[1])
+stripe = 64 << 20
+rng = random.Random(42)
+words = b"the quick brown fox jumps over the lazy dog 0123456789 lorem ipsum dolor sit amet".split()
+with open("src.raw", "wb") as f:
+    f.truncate(size_mib << 20)
+    for i in range((size_mib << 20) // stripe):
+        kind = i % 3
+        if kind == 2:
+            continue  # zeros: a hole
+        f.seek(i * stripe)
+        if kind == 0:
+            f.write(os.urandom(stripe))
+        else:
+            line = []
+            out = bytearray()
+            while len(out) < stripe:
+                out += b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
+            f.write(bytes(out[:stripe]))
+EOF
+qemu-img convert -f raw -O qcow2 src.raw src.qcow2
+qemu-img convert -f raw -O vmdk src.raw src.vmdk
+qemu-img convert -f raw -O vdi src.raw src.vdi
+sync
+
+# run TOOL ARGS...: prints "seconds peak_rss_kib" of one run
+run() {
+  /usr/bin/time -o "$WORK/time.out" -f "%e %M" "$@" >/dev/null 2>"$WORK/err.out" || true
+  tail -1 "$WORK/time.out"
+}
+
+# row NAME SRC OUT_ARGS...: times "convert ARGS" for both tools and checks both outputs
+ROWS=()
+row() {
+  local name=$1 src=$2; shift 2
+  rm -f out.v out.q
+  sync
+  local v q
+  v=$(run "$VIMGFS" convert "$@" "$src" out.v)
+  sync
+  q=$(run qemu-img convert "$@" "$src" out.q)
+  local ok=ok
+  qemu-img compare -q "$src" out.v || ok=MISMATCH
+  local vs qs
+  vs=$(stat -c %s out.v); qs=$(stat -c %s out.q)
+  ROWS+=("$name|$v|$q|$ok|$vs|$qs")
+}
+
+row "raw->qcow2"              src.raw   -f raw -O qcow2
+row "qcow2->raw"              src.qcow2 -f qcow2 -O raw
+row "raw->qcow2 -c zlib"      src.raw   -f raw -O qcow2 -c
+row "raw->qcow2 -c zstd"      src.raw   -f raw -O qcow2 -c -o compression_type=zstd
+row "qcow2->vmdk streamOpt"   src.qcow2 -f qcow2 -O vmdk -o subformat=streamOptimized
+row "vmdk->qcow2"             src.vmdk  -f vmdk -O qcow2
+row "vdi->qcow2"              src.vdi   -f vdi -O qcow2
+v=$(run "$VIMGFS" check src.qcow2)
+q=$(run qemu-img check src.qcow2)
+ROWS+=("check qcow2|$v|$q|ok|-|-")
+
+printf '%-24s %10s %10s %7s %12s %12s %14s %14s  %s\n' operation vimgfs_s qemu_s ratio \
+  vimgfs_rss_MiB qemu_rss_MiB vimgfs_bytes qemu_bytes verify
+for r in "${ROWS[@]}"; do
+  IFS='|' read -r name v q ok vs qs <<<"$r"
+  read -r vt vm <<<"$v"
+  read -r qt qm <<<"$q"
+  ratio=$(python3 -c "print('%.2f' % ($vt / $qt) if $qt > 0 else '-')")
+  printf '%-24s %10s %10s %7s %12s %12s %14s %14s  %s\n' "$name" "$vt" "$qt" "$ratio" \
+    "$((vm / 1024))" "$((qm / 1024))" "$vs" "$qs" "$ok"
+done
+echo "cores: $(nproc); image: ${SIZE_MIB} MiB (1/3 random, 1/3 text, 1/3 zero)"
