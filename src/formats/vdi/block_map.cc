@@ -187,10 +187,15 @@ void VdiMap::AbortWrite(const WritePlan& plan) {
   }
 }
 
-Status VdiMap::ZeroHostBlock(uint64_t block, uint32_t e) {
+Status VdiMap::ZeroHostBlock(uint64_t block, uint32_t e, bool keep_allocated) {
   const uint64_t len =
       std::min<uint64_t>(h_.block_size, h_.virtual_size - block * h_.block_size);
   Status st = file_->PunchHole(HostOffset(e), len);
+  if (st.ok() && keep_allocated) {
+    // Zeroing without unmap: reserve the space again. Best effort: the range already
+    // reads as zeros, and a later write allocates what it needs.
+    (void)file_->Allocate(HostOffset(e), len);
+  }
   if (st.ok() || st.kind() != ErrorKind::kUnsupported) return st;
   static const std::vector<std::byte> zeros(1 << 20);
   for (uint64_t done = 0; done < len;) {
@@ -202,7 +207,8 @@ Status VdiMap::ZeroHostBlock(uint64_t block, uint32_t e) {
   return Status::Ok();
 }
 
-Status VdiMap::ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t new_entry) {
+Status VdiMap::ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t new_entry,
+                           bool unmap) {
   // Only the block at the top of the data area can be given back (the next one is always
   // appended at blocks_allocated); the others keep their place and are zeroed in place
   // (hole punched). Taking the highest first frees a run of top blocks in one go.
@@ -217,7 +223,7 @@ Status VdiMap::ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t ne
       SetEntry(b, new_entry);
       --free_top_;
     } else {
-      RETURN_IF_ERROR(ZeroHostBlock(b, e)
+      RETURN_IF_ERROR(ZeroHostBlock(b, e, !unmap)
                           .WithContext("'{}': zeroing VDI block {} at 0x{:x}", path_, b,
                                        HostOffset(e)));
     }
@@ -235,7 +241,7 @@ Status VdiMap::ZeroRange(uint64_t guest_off, uint64_t len, bool unmap) {
   }
   const uint64_t first = guest_off / h_.block_size;
   const uint64_t end = DivRoundUp(guest_off + len, h_.block_size);
-  return ClearBlocks(first, end, kBlockZero);
+  return ClearBlocks(first, end, kBlockZero, unmap);
 }
 
 Status VdiMap::Discard(uint64_t guest_off, uint64_t len) {
@@ -250,7 +256,7 @@ Status VdiMap::Discard(uint64_t guest_off, uint64_t len) {
   const uint64_t end = end_off == h_.virtual_size ? DivRoundUp(end_off, h_.block_size)
                                                   : end_off / h_.block_size;
   if (first >= end) return Status::Ok();
-  return ClearBlocks(first, end, kBlockFree);
+  return ClearBlocks(first, end, kBlockFree, true);
 }
 
 Status VdiMap::WriteHeader() {

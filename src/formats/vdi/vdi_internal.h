@@ -150,9 +150,10 @@ class VdiMap final : public ClusterMap {
   // make the image unsafe to allocate in (inconsistency_ says why).
   void ScanForInconsistency();
   Status CheckWritable(const char* what) const;
-  // Clears [block, block_end) of the guest disk, freeing top blocks where possible.
-  Status ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t new_entry);
-  Status ZeroHostBlock(uint64_t block, uint32_t entry);
+  // Clears guest blocks [first_block, end_block): top data blocks are given back (entry
+  // set to new_entry), the others zeroed in place (hole punched; re-reserved unless unmap).
+  Status ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t new_entry, bool unmap);
+  Status ZeroHostBlock(uint64_t block, uint32_t entry, bool keep_allocated);
   // Writes dirty metadata in the order described above.
   Status WriteMetadata();
   Status WriteHeader();
