@@ -111,6 +111,8 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
     return Status::InvalidArgument("data-file-raw requires data-file");
   if (p.data_file_raw && p.backing)
     return Status::InvalidArgument("Backing file and data-file-raw cannot be used at the same time");
+  // A raw data file must be readable alone: every cluster is mapped from the start.
+  if (p.data_file_raw && p.prealloc == "off") p.prealloc = "metadata";
   if (p.size > limits::kMaxVirtualSize) return Status::InvalidArgument("Image size is too large");
   if (p.backing && p.backing->name.size() > limits::kMaxBackingNameBytes)
     return Status::InvalidArgument("Backing file name too long");
@@ -246,7 +248,7 @@ Status CreateImage(const CreateContext& ctx) {
         uint64_t host = has_data_file ? (first + i) * cs : next;
         if (!has_data_file) next += cs;
         StoreBE64(l2.data() + i * eb, host | kFlagCopied);
-        if (p.extended_l2) StoreBE64(l2.data() + i * eb + 8, MakeSubBitmap(0xffffffffu, 0));
+        // qemu leaves preallocated subclusters unallocated (they read as zeros / backing).
       }
       RETURN_IF_ERROR(f->PWrite(l2_off, l2, IoTag::kL2));
     }

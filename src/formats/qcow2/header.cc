@@ -279,7 +279,8 @@ Result<std::vector<std::byte>> SerializeHeader(const Header& h) {
   }
   if (h.backing_format) PutExtension(out, kExtBackingFormat, AsBytes(*h.backing_format));
   if (h.data_file) PutExtension(out, kExtDataFile, AsBytes(*h.data_file));
-  if (h.version >= 3) {
+  // qemu leaves the table out with clusters of 4 KiB and less (room for the backing name).
+  if (h.version >= 3 && h.cluster_size() > 4096) {
     std::vector<std::byte> table(sizeof(kFeatureNames) / sizeof(kFeatureNames[0]) * 48);
     size_t i = 0;
     for (const FeatureName& f : kFeatureNames) {
