@@ -3,17 +3,19 @@
 #   vimgfs   - a 2 GiB qcow2 mounted with vimgfs (raw view on a regular-file mount point)
 #   qemu     - the same kind of qcow2 exported by qemu-storage-daemon (--export type=fuse)
 #   host     - a plain 2 GiB file on the host file system (the ceiling)
-# Each target gets a fresh image, so each sees the same allocation history: a 1 MiB
-# sequential write over the whole disk first (allocating), then reads of that data, then
-# 4 KiB random writes in place.
+# Each round gives every target a fresh image, so each sees the same allocation history: a
+# 1 MiB sequential write over the whole disk first (allocating), then reads of that data,
+# then 4 KiB random writes in place. fio uses O_DIRECT and psync on all three.
 #
 # Usage: bench/mount_bench.sh [VIMGFS_BINARY]   (root; needs fio, qemu-img,
 #        qemu-storage-daemon from qemu-system-common). Env: BENCH_DIR (work folder, default
-#        a temp dir under /var/tmp), RUNTIME (seconds per timed job, default 8).
+#        a temp dir under /var/tmp), RUNTIME (seconds per timed job, default 8), REPEAT
+#        (rounds, default 2; the best round per job and target is reported).
 set -euo pipefail
 
 VIMGFS=${1:-${VIMGFS:-$(dirname "$0")/../build/vimgfs}}
 RUNTIME=${RUNTIME:-8}
+REPEAT=${REPEAT:-2}
 SIZE=2G
 
 die() { echo "mount_bench: $*" >&2; exit 1; }
@@ -45,61 +47,57 @@ JOBS=(
   "randwrite-4k-j4|--rw=randwrite --bs=4k --numjobs=4 --time_based --runtime=$RUNTIME"
 )
 
-# run_jobs TARGET FILE: one line "target job MB/s IOPS" per job into $WORK/results
-run_jobs() {
-  local target=$1 file=$2 entry name args
-  for entry in "${JOBS[@]}"; do
-    name=${entry%%|*}
-    args=${entry#*|}
-    # shellcheck disable=SC2086
-    fio --name="$name" --filename="$file" --direct=1 --ioengine=psync --group_reporting \
-        --thread --output-format=json $args >"$WORK/$target-$name.json" \
-      || die "fio $name on $target failed"
-    python3 - "$WORK/$target-$name.json" "$target" "$name" >>"$WORK/results" <<'EOF'
+alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
+peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+
+# run_job TARGET FILE NAME ARGS: appends "target job MB/s IOPS" to $WORK/results
+run_job() {
+  local target=$1 file=$2 name=$3 args=$4
+  # shellcheck disable=SC2086
+  fio --name="$name" --filename="$file" --direct=1 --ioengine=psync --group_reporting \
+      --thread --output-format=json $args >"$WORK/$target-$name.json" \
+    || die "fio $name on $target failed"
+  python3 - "$WORK/$target-$name.json" "$target" "$name" >>"$WORK/results" <<'EOF2'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
 io = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
 print(sys.argv[2], sys.argv[3], "%.1f" % (io["bw_bytes"] / 1e6), "%.0f" % io["iops"])
-EOF
-  done
+EOF2
 }
 
-peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
-
 : >"$WORK/results"
-
-# --- host file ceiling ---
-truncate -s "$SIZE" "$WORK/host.raw"
-run_jobs host "$WORK/host.raw"
-rm -f "$WORK/host.raw"
-
-# --- vimgfs ---
-qemu-img create -q -f qcow2 "$WORK/vimgfs.qcow2" "$SIZE"
-touch "$WORK/vimgfs.mnt"
-"$VIMGFS" "$WORK/vimgfs.qcow2" "$WORK/vimgfs.mnt"
-VPID=$(pgrep -n -f "vimgfs.qcow2 $WORK/vimgfs.mnt" || true)
-run_jobs vimgfs "$WORK/vimgfs.mnt"
-VRSS=$( [ -n "$VPID" ] && peak_rss_kib "$VPID" || echo 0)
-fusermount3 -u "$WORK/vimgfs.mnt"
-for _ in $(seq 100); do [ -n "$VPID" ] && kill -0 "$VPID" 2>/dev/null || break; sleep 0.1; done
-VCHECK=$(qemu-img check "$WORK/vimgfs.qcow2" >/dev/null 2>&1 && echo clean || echo "NOT CLEAN")
-rm -f "$WORK/vimgfs.qcow2"
-
-# --- qemu-storage-daemon FUSE export ---
-qemu-img create -q -f qcow2 "$WORK/qemu.qcow2" "$SIZE"
-touch "$WORK/qemu.mnt"
-qemu-storage-daemon \
-  --blockdev "driver=file,node-name=file,filename=$WORK/qemu.qcow2" \
-  --blockdev driver=qcow2,node-name=fmt,file=file \
-  --export "type=fuse,id=exp,node-name=fmt,mountpoint=$WORK/qemu.mnt,writable=on" \
-  --daemonize --pidfile "$WORK/qsd.pid"
-QPID=$(cat "$WORK/qsd.pid")
-run_jobs qemu "$WORK/qemu.mnt"
-QRSS=$(peak_rss_kib "$QPID")
-fusermount3 -u "$WORK/qemu.mnt"
-kill "$QPID" 2>/dev/null || true
-for _ in $(seq 100); do kill -0 "$QPID" 2>/dev/null || break; sleep 0.1; done
-rm -f "$WORK/qsd.pid" "$WORK/qemu.qcow2"
+VRSS=0 QRSS=0 VCHECK=clean
+for rep in $(seq "$REPEAT"); do
+  # Fresh images each round, both mounted at once; every job runs on the three targets
+  # back to back so that load from elsewhere on the machine hits them alike.
+  truncate -s "$SIZE" "$WORK/host.raw"
+  qemu-img create -q -f qcow2 "$WORK/vimgfs.qcow2" "$SIZE"
+  qemu-img create -q -f qcow2 "$WORK/qemu.qcow2" "$SIZE"
+  touch "$WORK/vimgfs.mnt" "$WORK/qemu.mnt"
+  "$VIMGFS" "$WORK/vimgfs.qcow2" "$WORK/vimgfs.mnt"
+  VPID=$(pgrep -n -f "vimgfs.qcow2 $WORK/vimgfs.mnt" || true)
+  qemu-storage-daemon \
+    --blockdev "driver=file,node-name=file,filename=$WORK/qemu.qcow2" \
+    --blockdev driver=qcow2,node-name=fmt,file=file \
+    --export "type=fuse,id=exp,node-name=fmt,mountpoint=$WORK/qemu.mnt,writable=on" \
+    --daemonize --pidfile "$WORK/qsd.pid"
+  QPID=$(cat "$WORK/qsd.pid")
+  for entry in "${JOBS[@]}"; do
+    name=${entry%%|*}
+    args=${entry#*|}
+    run_job vimgfs "$WORK/vimgfs.mnt" "$name" "$args"
+    run_job qemu "$WORK/qemu.mnt" "$name" "$args"
+    run_job host "$WORK/host.raw" "$name" "$args"
+  done
+  v=$( [ -n "$VPID" ] && peak_rss_kib "$VPID" || echo 0); [ "$v" -gt "$VRSS" ] && VRSS=$v
+  q=$(peak_rss_kib "$QPID"); [ "$q" -gt "$QRSS" ] && QRSS=$q
+  fusermount3 -u "$WORK/vimgfs.mnt"
+  fusermount3 -u "$WORK/qemu.mnt"
+  kill "$QPID" 2>/dev/null || true
+  for _ in $(seq 100); do alive "$VPID" || alive "$QPID" || break; sleep 0.1; done
+  qemu-img check "$WORK/vimgfs.qcow2" >/dev/null 2>&1 || VCHECK="NOT CLEAN"
+  rm -f "$WORK/qsd.pid" "$WORK/vimgfs.qcow2" "$WORK/qemu.qcow2" "$WORK/host.raw"
+done
 
 # --- report ---
 python3 - "$WORK/results" "$VRSS" "$QRSS" "$VCHECK" <<'EOF'
@@ -107,7 +105,9 @@ import sys
 rows = {}
 for line in open(sys.argv[1]):
     target, job, mbs, iops = line.split()
-    rows.setdefault(job, {})[target] = (float(mbs), float(iops))
+    cur = rows.setdefault(job, {}).get(target)
+    if cur is None or float(mbs) > cur[0]:
+        rows[job][target] = (float(mbs), float(iops))
 print("%-16s %21s %21s %21s %8s" % ("job", "vimgfs MB/s  IOPS", "qemu MB/s  IOPS", "host MB/s  IOPS", "v/q"))
 for job, r in rows.items():
     def cell(t):
