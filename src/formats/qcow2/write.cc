@@ -31,8 +31,23 @@ Status Qcow2Map::CheckWritable() {
   return Status::ReadOnly("'{}' is opened read-only", path_);
 }
 
+// With lazy refcounts the image is marked dirty before its first metadata change (as
+// qemu does), so a crash makes the next read-write open recount; Close clears the mark.
+Status Qcow2Map::MarkDirty() {
+  if (!(header_.compatible_features & kCompatLazyRefcounts) || !v3_ ||
+      (header_.incompatible_features & kIncompatDirty))
+    return Status::Ok();
+  RETURN_IF_ERROR(file_->Sync(true));
+  header_.incompatible_features |= kIncompatDirty;
+  RETURN_IF_ERROR(WriteHeader());
+  RETURN_IF_ERROR(file_->Sync(true));
+  clear_dirty_on_close_ = true;
+  return Status::Ok();
+}
+
 Result<WritePlan> Qcow2Map::PrepareWrite(uint64_t pos, uint64_t len) {
   RETURN_IF_ERROR(CheckWritable());
+  RETURN_IF_ERROR(MarkDirty());
   const uint64_t cluster = ClusterIndex(pos);
   const uint64_t cstart = cluster << cluster_bits_;
   const uint64_t end = std::min(pos + std::max<uint64_t>(len, 1), AlignUp(size_, cluster_size_));
@@ -159,6 +174,7 @@ void Qcow2Map::AbortWrite(const WritePlan& plan) {
 
 Status Qcow2Map::ZeroRange(uint64_t off, uint64_t len, bool unmap) {
   RETURN_IF_ERROR(CheckWritable());
+  RETURN_IF_ERROR(MarkDirty());
   if (header_.autoclear_features & kAutoclearDataFileRaw)
     return Status::Unsupported("zeroes must be written to the raw data file");
   if (!v3_ && !header_.backing_file.empty())
@@ -200,6 +216,7 @@ Status Qcow2Map::ZeroRange(uint64_t off, uint64_t len, bool unmap) {
 
 Status Qcow2Map::Discard(uint64_t off, uint64_t len) {
   RETURN_IF_ERROR(CheckWritable());
+  RETURN_IF_ERROR(MarkDirty());
   if (header_.autoclear_features & kAutoclearDataFileRaw) return Status::Ok();
   const uint64_t first = ClusterIndex(off);
   const uint64_t end_cluster = DivRoundUp(off + len, cluster_size_);
@@ -273,6 +290,12 @@ Status Qcow2Map::Flush() {
 Status Qcow2Map::Close() {
   if (closed_) return Status::Ok();
   Status s = Flush();
+  if (s.ok() && clear_dirty_on_close_) {
+    header_.incompatible_features &= ~kIncompatDirty;
+    s = WriteHeader();
+    if (s.ok()) s = file_->Sync(true);
+    clear_dirty_on_close_ = false;
+  }
   closed_ = true;
   return s;
 }
