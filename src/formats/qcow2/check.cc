@@ -79,6 +79,7 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
           if (active) {
             report->allocated_clusters++;
             report->compressed_clusters++;
+            report->fragmented_clusters++;  // re-reads shared sectors: fragmented by nature
           }
           continue;
         }
