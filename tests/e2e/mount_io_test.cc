@@ -331,7 +331,7 @@ TEST_P(MountIo, SignalsCloseCleanly) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, MountIo, ::testing::Values("raw", "qcow2"));
+INSTANTIATE_TEST_SUITE_P(Formats, MountIo, ::testing::Values("raw", "qcow2", "vdi", "vmdk"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

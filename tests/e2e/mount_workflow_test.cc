@@ -73,7 +73,9 @@ class SeedWorkflow : public ::testing::Test {
 
 TEST_F(SeedWorkflow, Ext4OnLoopSurvivesRemount) {
   std::string image = dir_.File("tpl.qcow2");
-  QemuCreate("-f qcow2 " + Quote(image) + " 1G");
+  // As in the design's seed workflow: vimgfs creates the template.
+  auto made = RunCommand(Quote(test::VimgfsBinary()) + " create -q -f qcow2 " + Quote(image) + " 1G");
+  ASSERT_EQ(made.exit_code, 0) << made.err;
   MountAll(image, false);
   auto mk = RunCommand("mkfs.ext4 -q -F " + Quote(loop_));
   ASSERT_EQ(mk.exit_code, 0) << mk.err;
@@ -102,6 +104,8 @@ TEST_F(SeedWorkflow, Ext4OnLoopSurvivesRemount) {
 
   std::string out;
   EXPECT_EQ(QemuCheck(image, &out), 0) << out;
+  auto own = RunCommand(Quote(test::VimgfsBinary()) + " check " + Quote(image));
+  EXPECT_EQ(own.exit_code, 0) << own.out << own.err;
 
   MountAll(image, true);
   MountGuest(true);
