@@ -393,6 +393,41 @@ TEST(VmdkOracle, CheckFindsGrainsPastTheEndLikeQemu) {
   EXPECT_EQ(r2->corruptions, 0);
 }
 
+// --untrusted: an extent outside the descriptor's folder is never opened; `info` (which
+// opens no chain) shows its name, everything else refuses the image naming it.
+TEST(VmdkOracle, UntrustedRefusesExtentsOutsideTheFolder) {
+  test::TempDir dir;
+  std::filesystem::create_directories(dir.File("in"));
+  test::WriteWholeFile(dir.File("outside-flat.vmdk"), std::vector<uint8_t>(4096, 0x61));
+  test::WriteWholeFile(dir.File("in/inside-flat.vmdk"), std::vector<uint8_t>(4096, 0x62));
+  const std::string text = "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n"
+                           "createType=\"twoGbMaxExtentFlat\"\n"
+                           "RW 8 FLAT \"inside-flat.vmdk\" 0\nRW 8 FLAT \"../outside-flat.vmdk\" 0\n";
+  test::WriteWholeFile(dir.File("in/d.vmdk"), std::vector<uint8_t>(text.begin(), text.end()));
+  OpenOptions o;
+  o.read_only = true;
+  o.untrusted = true;
+  auto refused = Image::Open(dir.File("in/d.vmdk"), o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_NE(refused.error().message().find("../outside-flat.vmdk"), std::string::npos)
+      << refused.error().message();
+  o.open_backing = false;  // what `info` does
+  auto info = Image::Open(dir.File("in/d.vmdk"), o);
+  ASSERT_TRUE(info.ok()) << info.error().message();
+  auto fi = (*info)->Info();
+  EXPECT_EQ(fi.format_specific["data"]["extents"][1]["filename"], "../outside-flat.vmdk");
+  std::vector<std::byte> buf(512);
+  EXPECT_TRUE((*info)->Read(0, buf).ok());
+  EXPECT_EQ(buf[0], std::byte{0x62});
+  EXPECT_FALSE((*info)->Read(4096, buf).ok());
+  o.untrusted = false;
+  o.open_backing = true;
+  auto trusted = Image::Open(dir.File("in/d.vmdk"), o);
+  ASSERT_TRUE(trusted.ok());
+  ASSERT_TRUE((*trusted)->Read(4096, buf).ok());
+  EXPECT_EQ(buf[0], std::byte{0x61});
+}
+
 std::vector<std::vector<std::string>> ManifestRows(const std::string& corpus) {
   std::vector<std::vector<std::string>> rows;
   std::ifstream in(corpus + "/MANIFEST.tsv");

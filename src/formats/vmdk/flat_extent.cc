@@ -57,7 +57,30 @@ class ZeroExtent final : public Extent {
   Status ZeroRange(uint64_t, uint64_t) override { return Status::Ok(); }
 };
 
+// An extent named by the descriptor but not opened (--untrusted info): `info` shows its
+// name; any read is refused.
+class UnopenedExtent final : public Extent {
+ public:
+  explicit UnopenedExtent(std::string name) : name_(std::move(name)) {}
+  Status Lookup(uint64_t, uint64_t, std::vector<Mapping>*) override {
+    return Status::Error(ErrorKind::kUnsupported, EPERM,
+                         fmt::format("extent '{}' was not opened (--untrusted)", name_));
+  }
+  const std::string& name() const { return name_; }
+
+ private:
+  std::string name_;
+};
+
 }  // namespace
+
+std::unique_ptr<Extent> NewUnopenedExtent(std::string name, std::string type, uint64_t length) {
+  auto e = std::make_unique<UnopenedExtent>(std::move(name));
+  e->length = length;
+  e->type = std::move(type);
+  e->read_only = true;
+  return e;
+}
 
 std::unique_ptr<Extent> NewFlatExtent(File* file, std::unique_ptr<File> owned, uint64_t file_offset,
                                       uint64_t length, bool read_only, std::string type) {
@@ -80,7 +103,11 @@ nlohmann::json Extent::Info() const {
   auto* self = const_cast<Extent*>(this);
   if (self->compressed()) j["compressed"] = true;
   j["virtual-size"] = length;
-  j["filename"] = self->file() ? self->file()->path() : std::string();
+  if (auto* u = dynamic_cast<const UnopenedExtent*>(this)) {
+    j["filename"] = u->name();
+  } else {
+    j["filename"] = self->file() ? self->file()->path() : std::string();
+  }
   if (grain_bytes()) j["cluster-size"] = grain_bytes();
   j["format"] = type;
   return j;

@@ -195,8 +195,15 @@ Status AddExtentsFromDescriptor(VmdkMap* map, const Descriptor& d, const std::st
     }
     if (line.type == "SESPARSE" || line.type == "VMFSRDM" || line.type == "VMFSRAW")
       return Status::Unsupported("'{}': {} extents are not supported", desc_path, line.type);
-    ASSIGN_OR_RETURN(std::string path,
-                     ResolveReference(env, desc_path, line.file, ctx.options.untrusted, ctx.options.untrusted));
+    auto resolved = ResolveReference(env, desc_path, line.file, ctx.options.untrusted, ctx.options.untrusted);
+    if (!resolved.ok() && ctx.options.untrusted && !ctx.options.open_backing &&
+        resolved.error().err() == EPERM) {
+      // `info --untrusted` shows the name without opening it; nothing can read it.
+      map->extents.push_back(NewUnopenedExtent(line.file, line.type, bytes));
+      continue;
+    }
+    if (!resolved.ok()) return resolved.error();
+    std::string path = std::move(resolved).value();
     bool ro = ctx.options.read_only || line.access == Access::kRdOnly;
     auto opened = env.Open(path, ro ? OpenMode::kReadOnly : OpenMode::kReadWrite);
     if (!opened.ok())

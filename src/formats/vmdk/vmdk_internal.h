@@ -165,6 +165,8 @@ Result<SparseOpenResult> OpenSparseExtent(File* file, std::unique_ptr<File> owne
 std::unique_ptr<Extent> NewFlatExtent(File* file, std::unique_ptr<File> owned, uint64_t file_offset,
                                       uint64_t length, bool read_only, std::string type);
 std::unique_ptr<Extent> NewZeroExtent(uint64_t length);
+// A reference refused under --untrusted, kept for `info` (which opens no chain): reads fail.
+std::unique_ptr<Extent> NewUnopenedExtent(std::string name, std::string type, uint64_t length);
 
 // streamOptimized with gdOffset == GD_AT_END: the header copy in the footer.
 Result<SparseHeader> ReadFooterHeader(File& file);
