@@ -1,4 +1,4 @@
-// End-to-end crash test: kill -9 the daemon at random points during random writes, many
+// End-to-end crash test (qcow2, vdi, vmdk): kill -9 the daemon at random points during random writes, many
 // times over the same image. After each crash qemu-img check must find no corruption
 // (leaks are allowed) and every write acknowledged by a completed fsync must be there.
 //
@@ -61,22 +61,25 @@ struct Model {
   }
 };
 
-TEST(MountCrash, KillDuringRandomWritesNeverCorrupts) {
+class MountCrash : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
   REQUIRE_FUSE();
+  const std::string fmt = GetParam();
   test::TempDir dir;
   Mount mount;
-  std::string image = dir.File("crash.qcow2"), mnt = dir.File("mnt"), raw = dir.File("seen.raw");
+  std::string image = dir.File("crash." + fmt), mnt = dir.File("mnt"), raw = dir.File("seen.raw");
   ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
-  QemuCreate("-f qcow2 " + Quote(image) + " 32M");
+  QemuCreate("-f " + fmt + " " + Quote(image) + " 32M");
   Model model;
   std::mt19937_64 rng(0xc0ffee);
   std::vector<uint8_t> zeros(256 * 1024, 0);
-  const int kRounds = 24;
+  const int kRounds = fmt == "qcow2" ? 24 : 20;
   int acknowledged_fsyncs = 0;
 
   for (int round = 0; round < kRounds; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
-    ASSERT_TRUE(mount.StartForeground({"-F", "qcow2", image, mnt}, mnt));
+    ASSERT_TRUE(mount.StartForeground({"-F", fmt, image, mnt}, mnt));
     int fd = open((mnt + "/disk.raw").c_str(), O_RDWR);
     ASSERT_GE(fd, 0);
     // The killer fires after a random delay; the writer goes on until I/O fails.
@@ -134,11 +137,13 @@ TEST(MountCrash, KillDuringRandomWritesNeverCorrupts) {
   }
   EXPECT_GT(acknowledged_fsyncs, kRounds);
   // The survivor mounts and closes cleanly; leaks may remain, nothing else.
-  ASSERT_TRUE(mount.StartForeground({"-F", "qcow2", image, mnt}, mnt));
+  ASSERT_TRUE(mount.StartForeground({"-F", fmt, image, mnt}, mnt));
   EXPECT_EQ(mount.Stop(), 0);
   int check = QemuCheck(image);
   EXPECT_TRUE(check == 0 || check == 3);
 }
+
+INSTANTIATE_TEST_SUITE_P(Formats, MountCrash, ::testing::Values("qcow2", "vdi", "vmdk"));
 
 }  // namespace
 }  // namespace vimgfs::e2e
