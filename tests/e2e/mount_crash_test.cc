@@ -1,5 +1,5 @@
-// End-to-end crash test (qcow2, vdi, vmdk): kill -9 the daemon at random points during random writes, many
-// times over the same image. After each crash qemu-img check must find no corruption
+// End-to-end crash test (qcow2, vdi, vmdk): kill -9 the daemon at random points during
+// random writes, many times over the same image. After each crash qemu-img check must find no corruption
 // (leaks are allowed) and every write acknowledged by a completed fsync must be there.
 //
 // The model keeps, per 4 KiB block, the content known durable (as of the last completed
