@@ -102,10 +102,18 @@ Result<std::unique_ptr<Image>> OpenImage(const MountConfig& c) {
   return Image::Open(c.image, o);
 }
 
+// Locks every host file of the chain as qemu does: the image and its own extra files
+// (VMDK extents, qcow2 data file) for writing when it is writable, backing files shared.
+Status LockOne(Image& img, bool write) {
+  RETURN_IF_ERROR(LockImage(img.file(), write));
+  for (File* f : img.cluster_map().host_files())
+    if (f != nullptr && f != &img.file()) RETURN_IF_ERROR(LockImage(*f, write));
+  return Status::Ok();
+}
+
 Status LockChain(Image& top) {
-  RETURN_IF_ERROR(LockImage(top.file(), !top.read_only()));
-  for (Image* b = top.backing(); b != nullptr; b = b->backing())
-    RETURN_IF_ERROR(LockImage(b->file(), false));
+  RETURN_IF_ERROR(LockOne(top, !top.read_only()));
+  for (Image* b = top.backing(); b != nullptr; b = b->backing()) RETURN_IF_ERROR(LockOne(*b, false));
   return Status::Ok();
 }
 
