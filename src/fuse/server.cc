@@ -78,16 +78,17 @@ void Dispatch(fuse_req_t req, const char* op, Fn&& fn) noexcept {
   try {
     st = fn(reply);
   } catch (const std::bad_alloc&) {
-    st = Status::Error(ErrorKind::kIo, ENOMEM, std::string());
+    st = Status::Error(ErrorKind::kIo, ENOMEM, "out of memory");
   } catch (...) {
-    st = Status::Error(ErrorKind::kIo, EIO, std::string());
+    st = Status::Error(ErrorKind::kIo, EIO, "internal error (exception)");
   }
   if (reply.done()) return;
   int err = st.ok() ? EIO : (st.err() > 0 ? st.err() : EIO);
+  // Expected answers (ENOENT, ENXIO from SEEK_DATA, EOPNOTSUPP, ...) carry no message or
+  // a harmless kind and are not logged; failures of the host or the image are.
   try {
     if (st.ok()) Srv(req)->Log(fmt::format("{}: internal error: no reply", op));
-    else if (Loggable(st) || st.message().empty())
-      Srv(req)->Log(fmt::format("{}: {}", op, st.message().empty() ? std::strerror(err) : st.message()));
+    else if (Loggable(st) && !st.message().empty()) Srv(req)->Log(fmt::format("{}: {}", op, st.message()));
   } catch (...) {
   }
   reply.Err(err);
@@ -339,7 +340,8 @@ void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
     bool keep_size = mode & FALLOC_FL_KEEP_SIZE;
     int kind = mode & ~FALLOC_FL_KEEP_SIZE;
     if (kind == FALLOC_FL_PUNCH_HOLE) {
-      if (!keep_size) return Status::Unsupported("PUNCH_HOLE needs KEEP_SIZE");  // as Linux
+      if (!keep_size)  // as Linux
+        return Status::Error(ErrorKind::kInvalidArgument, EOPNOTSUPP, "PUNCH_HOLE needs KEEP_SIZE");
       if (start < end) RETURN_IF_ERROR(s->image().WriteZeroes(start, std::min(stop, end) - start, true));
     } else if (kind == FALLOC_FL_ZERO_RANGE) {
       if (stop > end && !keep_size)
