@@ -127,7 +127,14 @@ int RunCheck(int argc, char** argv) {
       PrintError("This image format does not support checks");
       return 63;
     }
-    PrintError(fmt::format("Check failed: {}", res.error().message()));
+    // A format may report findings before the cause, one per line (vmdk: "ERROR: ..."
+    // then "Invalid argument"), as qemu-img prints them.
+    std::string msg = res.error().message();
+    if (auto nl = msg.rfind('\n'); nl != std::string::npos) {
+      std::fprintf(stderr, "%s\n", msg.substr(0, nl).c_str());
+      msg = msg.substr(nl + 1);
+    }
+    PrintError(fmt::format("Check failed: {}", msg));
     return 1;
   }
   CheckReport r = *res;

@@ -382,8 +382,18 @@ TEST(VmdkOracle, CheckFindsGrainsPastTheEndLikeQemu) {
   ASSERT_NE(img, nullptr);
   auto report = img->cluster_map().Check(RepairMode::kNone);
   ASSERT_FALSE(report.ok());
-  EXPECT_NE(q.err.find(report.error().message()), std::string::npos)
+  EXPECT_NE(q.err.find(report.error().message().substr(0, report.error().message().find('\n'))),
+            std::string::npos)
       << q.err << " vs " << report.error().message();
+  // The command prints what qemu-img prints, and exits 1 like it.
+  auto v = RunCommand(Quote(test::VimgfsBinary()) + " check " + Quote(image));
+  EXPECT_EQ(v.exit_code, 1);
+  auto strip = [](std::string s) {
+    for (const char* tool : {"qemu-img: ", "vimgfs: "})
+      for (size_t p; (p = s.find(tool)) != std::string::npos;) s.erase(p, std::strlen(tool));
+    return s;
+  };
+  EXPECT_EQ(strip(v.err), strip(q.err));
   // A clean image checks clean.
   QemuCreate(dir.File("ok.vmdk"), "", "100M");
   auto ok = OpenOrDie(dir.File("ok.vmdk"), true);

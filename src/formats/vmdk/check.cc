@@ -12,7 +12,7 @@ Result<CheckReport> CheckExtents(const std::vector<std::unique_ptr<Extent>>& ext
     ASSIGN_OR_RETURN(std::string finding, e->CheckGrains(e->start));
     if (!finding.empty()) {
       // qemu counts it, prints the line and fails the check with EINVAL.
-      return Status::Error(ErrorKind::kCorrupt, EINVAL, finding);
+      return Status::Error(ErrorKind::kCorrupt, EINVAL, finding + "\nInvalid argument");
     }
   }
   return report;
