@@ -335,3 +335,57 @@ INSTANTIATE_TEST_SUITE_P(Formats, MountIo, ::testing::Values("raw", "qcow2", "vd
 
 }  // namespace
 }  // namespace vimgfs::e2e
+
+namespace vimgfs::e2e {
+namespace {
+
+// A full host file system: writes fail with ENOSPC (never silently), the image stays
+// consistent, and what was written before the failure reads back.
+TEST(MountHostErrors, NoSpaceIsReportedAndImageStaysConsistent) {
+  REQUIRE_FUSE();
+  test::TempDir dir;
+  std::string fsdir = dir.File("small"), mnt = dir.File("mnt");
+  ASSERT_EQ(mkdir(fsdir.c_str(), 0755), 0);
+  ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
+  if (RunCommand("mount -t tmpfs -o size=12m tmpfs " + Quote(fsdir)).exit_code != 0)
+    GTEST_SKIP() << "cannot mount a tmpfs";
+  std::string image = fsdir + "/full.qcow2";
+  {
+    Mount mount;  // unmounted before the tmpfs goes
+    QemuCreate("-f qcow2 " + Quote(image) + " 64M");
+    auto r = mount.Start({image, mnt}, mnt);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    int fd = open((mnt + "/disk.raw").c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    uint64_t written = 0;
+    int err = 0;
+    for (uint64_t off = 0; off < 40 * kMiB; off += kMiB) {
+      auto data = RandomBytes(kMiB, off);
+      ssize_t n = pwrite(fd, data.data(), data.size(), static_cast<off_t>(off));
+      if (n != static_cast<ssize_t>(data.size())) {
+        err = n < 0 ? errno : 0;
+        break;
+      }
+      written = off + kMiB;
+    }
+    EXPECT_EQ(err, ENOSPC) << "a full host must show as ENOSPC, got " << strerror(err);
+    EXPECT_GT(written, 2 * kMiB);
+    EXPECT_LT(written, 12 * kMiB);
+    (void)fsync(fd);
+    // Everything acknowledged reads back.
+    std::vector<uint8_t> back(kMiB);
+    for (uint64_t off = 0; off < written; off += kMiB) {
+      ASSERT_TRUE(PReadAll(fd, back.data(), back.size(), off));
+      EXPECT_TRUE(back == RandomBytes(kMiB, off)) << "at " << off;
+    }
+    close(fd);
+    mount.Stop();
+    std::string out;
+    int check = QemuCheck(image, &out);
+    EXPECT_TRUE(check == 0 || check == 3) << out;
+  }
+  RunCommand("umount " + Quote(fsdir));
+}
+
+}  // namespace
+}  // namespace vimgfs::e2e
