@@ -1,6 +1,9 @@
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
 #include <cstring>
+#include <deque>
 #include <thread>
 
 #include "cli/convert.h"
@@ -149,28 +152,77 @@ struct Unit {
   Status status;
 };
 
-void CompressUnits(std::vector<Unit>& units, Codec codec, uint64_t cluster, int threads) {
-  // Units are handed out one by one: a worker on a busy core simply takes fewer.
-  std::atomic<size_t> next{0};
-  auto work = [&]() {
-    for (size_t i = next++; i < units.size(); i = next++) {
-      Unit& u = units[i];
-      if (u.zero) continue;
-      // A stream must be shorter than the cluster to be worth it (qemu's rule).
-      auto r = Compress(codec, u.data, cluster - 1);
-      if (!r.ok()) {
-        u.status = r.error();
-        continue;
-      }
-      u.stream = std::move(r).value();
-    }
+// Long-lived compressing threads: threads created per batch start behind every runnable
+// task on a busy host (the scheduler's start debit) and leave the cores idle meanwhile.
+class CompressPool {
+ public:
+  struct Batch {
+    std::vector<Unit>* units = nullptr;
+    size_t next = 0;
+    size_t done = 0;
   };
-  int n = std::max(1, std::min<int>(threads, static_cast<int>(units.size())));
-  std::vector<std::thread> pool;
-  for (int t = 1; t < n; t++) pool.emplace_back(work);
-  work();
-  for (auto& th : pool) th.join();
-}
+
+  CompressPool(int threads, Codec codec, uint64_t cluster) : codec_(codec), cluster_(cluster) {
+    for (int i = 0; i < std::max(1, threads); i++) threads_.emplace_back([this] { Run(); });
+  }
+  ~CompressPool() {
+    {
+      std::lock_guard lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void Submit(Batch* b) {
+    {
+      std::lock_guard lk(mu_);
+      b->next = b->done = 0;
+      if (b->units->empty()) return;
+      queue_.push_back(b);
+    }
+    cv_.notify_all();
+  }
+  void Wait(Batch* b) {
+    std::unique_lock lk(mu_);
+    done_cv_.wait(lk, [&] { return b->done == b->units->size(); });
+  }
+
+ private:
+  void Run() {
+    for (;;) {
+      Batch* b;
+      size_t i;
+      {
+        std::unique_lock lk(mu_);
+        cv_.wait(lk, [&] { return stop_ || !queue_.empty(); });
+        if (queue_.empty()) return;
+        b = queue_.front();
+        i = b->next++;
+        if (b->next >= b->units->size()) queue_.pop_front();
+      }
+      Unit& u = (*b->units)[i];
+      if (!u.zero) {
+        // A stream must be shorter than the cluster to be worth it (qemu's rule).
+        auto r = Compress(codec_, u.data, cluster_ - 1);
+        if (r.ok()) {
+          u.stream = std::move(r).value();
+        } else {
+          u.status = r.error();
+        }
+      }
+      std::lock_guard lk(mu_);
+      if (++b->done == b->units->size()) done_cv_.notify_all();
+    }
+  }
+
+  Codec codec_;
+  uint64_t cluster_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  std::deque<Batch*> queue_;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
 
 // Fills units (cluster-aligned, starting at `start`) with source content; zero clusters are
 // found from the map without reading.
@@ -224,46 +276,43 @@ Status WriteUnits(std::vector<Unit>& units, uint64_t size, uint64_t cluster, Ima
   return Status::Ok();
 }
 
-// Pipelined: while the workers compress batch k, this thread writes batch k-1 and reads
-// batch k+1; batches are written in order, so the output is deterministic.
+// Pipelined: the pool compresses up to three batches while this thread reads the next one
+// and writes finished ones strictly in order, so the output does not depend on timing.
 Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
   const uint64_t cluster = target.cluster_map().cluster_size();
   const uint64_t size = src.size();
   const size_t batch = static_cast<size_t>(std::max(1, s.threads)) * 16;
   const uint64_t step = cluster * batch;
-  std::vector<Unit> bufs[3] = {std::vector<Unit>(batch), std::vector<Unit>(batch), std::vector<Unit>(batch)};
-  std::thread worker;
-  int compressing = -1;  // buffer the worker is compressing
-  int pending_write = -1;
-  uint64_t next = 0;
-  int slot = 0;
-  Status result;
-  auto join = [&]() {
-    if (worker.joinable()) worker.join();
-  };
-  while (result.ok() && (next < size || compressing >= 0 || pending_write >= 0)) {
-    int read_slot = -1;
-    if (next < size) {
-      read_slot = slot;
-      slot = (slot + 1) % 3;
-      result = ReadUnits(src, next, cluster, bufs[read_slot], s);
-      next += step;
-      if (!result.ok()) break;
-    }
-    if (pending_write >= 0) {
-      result = WriteUnits(bufs[pending_write], size, cluster, target, s);
-      bar.Update(std::min<double>(1.0, static_cast<double>(bufs[pending_write][0].off + step) / size));
-      pending_write = -1;
-      if (!result.ok()) break;
-    }
-    join();
-    pending_write = compressing;
-    compressing = read_slot;
-    if (read_slot >= 0) {
-      worker = std::thread([&, read_slot] { CompressUnits(bufs[read_slot], s.codec, cluster, s.threads); });
-    }
+  constexpr int kSlots = 4;
+  std::vector<Unit> bufs[kSlots];
+  CompressPool::Batch batches[kSlots];
+  for (int i = 0; i < kSlots; i++) {
+    bufs[i].resize(batch);
+    batches[i].units = &bufs[i];
   }
-  join();
+  CompressPool pool(s.threads, s.codec, cluster);
+  std::deque<int> inflight;
+  Status result;
+  auto retire = [&]() {
+    int sl = inflight.front();
+    inflight.pop_front();
+    pool.Wait(&batches[sl]);
+    if (result.ok()) {
+      result = WriteUnits(bufs[sl], size, cluster, target, s);
+      bar.Update(std::min<double>(1.0, static_cast<double>(bufs[sl][0].off + step) / size));
+    }
+  };
+  int slot = 0;
+  for (uint64_t next = 0; next < size && result.ok(); next += step) {
+    if (inflight.size() >= kSlots - 1) retire();
+    if (!result.ok()) break;
+    result = ReadUnits(src, next, cluster, bufs[slot], s);
+    if (!result.ok()) break;
+    pool.Submit(&batches[slot]);
+    inflight.push_back(slot);
+    slot = (slot + 1) % kSlots;
+  }
+  while (!inflight.empty()) retire();
   return result;
 }
 
