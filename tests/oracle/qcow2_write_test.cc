@@ -299,5 +299,25 @@ TEST(Qcow2WriteOracle, ResizeBackingAndSnapshotsStayClean) {
   ExpectCheckClean(img);
 }
 
+TEST(Qcow2WriteOracle, GrowOverLargerBackingMatchesQemuResize) {
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  std::string base = dir.File("b.qcow2"), ours = dir.File("o.qcow2"), theirs = dir.File("t.qcow2");
+  Sh("qemu-img create -q -f qcow2 " + Quote(base) + " 10M");
+  Sh("qemu-io -f qcow2 -c 'write -P 7 0 10M' " + Quote(base));
+  Sh("qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 " + Quote(ours) + " 5M");
+  Sh("cp " + Quote(ours) + " " + Quote(theirs));
+  Sh("qemu-img resize -q " + Quote(theirs) + " 10M");
+  {
+    auto r = Image::Open(ours, OpenOptions{});
+    ASSERT_TRUE(r.ok()) << r.error().message();
+    ASSERT_TRUE((*r)->cluster_map().Resize(10 << 20, false).ok());
+    ASSERT_TRUE((*r)->Close().ok());
+  }
+  ExpectCheckClean(ours);
+  auto r = RunCommand("qemu-img compare " + Quote(ours) + " " + Quote(theirs));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
 }  // namespace
 }  // namespace vimgfs

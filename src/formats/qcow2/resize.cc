@@ -97,8 +97,15 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink) {
     }
   }
   RETURN_IF_ERROR(FlushAll());
+  uint64_t old_size = size_;
   header_.size = new_size;
   size_ = new_size;
+  // Space a grow exposes must not show a (larger) backing file's data: zero-flag the new
+  // whole clusters, as qemu does.
+  uint64_t zero_from = AlignUp(old_size, cluster_size_);
+  if (new_size > zero_from && !header_.backing_file.empty() && v3_)
+    RETURN_IF_ERROR(ZeroRange(zero_from, new_size - zero_from, false));
+  RETURN_IF_ERROR(FlushAll());
   RETURN_IF_ERROR(WriteHeader());
   return file_->Sync(true);
 }
