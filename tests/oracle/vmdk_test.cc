@@ -164,6 +164,30 @@ TEST(VmdkOracle, ParentLinkReadsThroughToTheParent) {
             QemuInfo(child)["format-specific"]["data"]["parent-cid"]);
 }
 
+// Writing to a parent gives it a new CID; its children then no longer read through to it
+// (qemu fails such reads with EINVAL), while their own grains still read.
+TEST(VmdkOracle, ChangedParentIsNotReadThrough) {
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  const std::string base = dir.File("base.vmdk"), child = dir.File("child.vmdk");
+  QemuCreate(base, "", "4M");
+  QemuIo(base, {"write -P 0xaa 0 4M"});
+  ASSERT_EQ(RunCommand("qemu-img create -q -f vmdk -b base.vmdk -F vmdk " + Quote(child)).exit_code, 0);
+  QemuIo(child, {"write -P 0xbb 0 64k"});
+  QemuIo(base, {"write -P 0xcc 1M 4k"});  // the parent changes: new CID
+  auto q = RunCommand("qemu-img convert -O raw " + Quote(child) + " " + Quote(dir.File("x.raw")));
+  EXPECT_NE(q.exit_code, 0);
+  auto img = OpenOrDie(child, true);
+  ASSERT_NE(img, nullptr);
+  std::vector<std::byte> buf(65536);
+  ASSERT_TRUE(img->Read(0, buf).ok());
+  EXPECT_EQ(buf[100], std::byte{0xbb});
+  Status s = img->Read(2 << 20, buf);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.err(), EINVAL);
+  EXPECT_NE(s.message().find("has changed"), std::string::npos) << s.message();
+}
+
 TEST(VmdkOracle, FiveGiBTwoGbMaxExtentSparseWrittenAcrossExtents) {
   REQUIRE_QEMU_IMG();
   test::TempDir dir;

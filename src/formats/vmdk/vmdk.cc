@@ -35,6 +35,9 @@ class VmdkMap final : public ClusterMap {
   uint64_t desc_capacity = 0;  // bytes available in place (embedded: desc_size sectors)
   std::string desc_text;
   bool cid_updated = false;
+  // The parent's CID differs from our parentCID: it changed since this image was made on
+  // it, so its content no longer shows through (qemu fails such reads with EINVAL).
+  std::optional<std::string> stale_parent;
   std::vector<std::unique_ptr<Extent>> extents;
   uint64_t size = 0;
   uint64_t cluster = 65536;
@@ -63,6 +66,8 @@ class VmdkMap final : public ClusterMap {
       RETURN_IF_ERROR(e.Lookup(rel, n, out));
       for (size_t i = first; i < out->size(); i++) {
         if ((*out)[i].kind == Mapping::Kind::kCompressed) (*out)[i].unit_guest_offset += e.start;
+        if ((*out)[i].kind == Mapping::Kind::kUnallocated && stale_parent)
+          return Status::Error(ErrorKind::kCorrupt, EINVAL, *stale_parent);
       }
       off += n;
       len -= n;
@@ -226,6 +231,42 @@ Status AddExtentsFromDescriptor(VmdkMap* map, const Descriptor& d, const std::st
   return Status::Ok();
 }
 
+// The CID of the vmdk at `path` (embedded or separate descriptor), or nullopt.
+std::optional<uint32_t> ReadCid(Env& env, const std::string& path) {
+  auto f = env.Open(path, OpenMode::kReadOnly);
+  if (!f.ok()) return std::nullopt;
+  auto size = (*f)->Size();
+  if (!size.ok() || *size < 4) return std::nullopt;
+  std::byte raw[kSector] = {};
+  if (!(*f)->PRead(0, std::span(raw, std::min<uint64_t>(kSector, *size))).ok()) return std::nullopt;
+  std::string text;
+  if (LoadLE32(raw) == kMagicKdmv) {
+    auto t = ReadEmbeddedDescriptor(**f, DecodeSparseHeader(raw));
+    if (!t.ok()) return std::nullopt;
+    text = std::move(t).value();
+  } else {
+    if (*size > limits::kMaxDescriptorBytes) return std::nullopt;
+    text.resize(*size);
+    if (!(*f)->PRead(0, std::as_writable_bytes(std::span(text.data(), text.size()))).ok()) return std::nullopt;
+    if (!LooksLikeDescriptor(text)) return std::nullopt;
+  }
+  auto d = ParseDescriptor(text, path);
+  if (!d.ok()) return std::nullopt;
+  return d->cid;
+}
+
+void CheckParentCid(VmdkMap* map, const OpenContext& ctx) {
+  if (!map->parent || !ctx.options.open_backing) return;
+  auto resolved = ResolveReference(*ctx.env, ctx.path, map->parent->name, ctx.options.untrusted, false);
+  if (!resolved.ok()) return;  // the engine reports it when it opens the chain
+  std::optional<uint32_t> cid = ReadCid(*ctx.env, *resolved);
+  if (!cid || *cid != map->parent_cid)
+    map->stale_parent = fmt::format(
+        "'{}': the parent image '{}' has changed since this image was made on it (its CID is {}, "
+        "parentCID here is {:x})", ctx.path, map->parent->name, cid ? fmt::format("{:x}", *cid) : "unreadable",
+        map->parent_cid);
+}
+
 void ApplyDescriptorKeys(VmdkMap* map, const Descriptor& d) {
   map->cid = d.cid;
   map->parent_cid = d.parent_cid;
@@ -320,6 +361,7 @@ Result<std::unique_ptr<ClusterMap>> OpenVmdk(OpenContext ctx) {
   }
   map->size = pos;
   map->cluster = max_grain ? max_grain : 65536;
+  CheckParentCid(map.get(), ctx);
   map->ro = map->ro || ctx.options.read_only;
   if (!ctx.options.snapshot.empty())
     return Status::Unsupported("'{}': vmdk images have no internal snapshots", path);
