@@ -138,7 +138,7 @@ Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& 
     uint64_t entry = AlignUp(40ull + extra_len + id_len + name_len, 8);
     total += entry;
     if (extra_len > limits::kMaxHeaderExtensionBytes || total > limits::kMaxSnapshotTableBytes ||
-        pos + entry > file_size)
+        pos + 40 + extra_len + id_len + name_len > file_size)  // qemu leaves the last entry unpadded
       return Status::InvalidFormat("'{}': snapshot table entry {} is invalid or past the end of the file",
                                    path, i);
     std::vector<std::byte> rest(entry - 40);
