@@ -162,7 +162,8 @@ class CompressPool {
     size_t done = 0;
   };
 
-  CompressPool(int threads, Codec codec, uint64_t cluster) : codec_(codec), cluster_(cluster) {
+  // Streams of max_out bytes or more are dropped (the unit is then stored as is).
+  CompressPool(int threads, Codec codec, uint64_t max_out) : codec_(codec), max_out_(max_out) {
     for (int i = 0; i < std::max(1, threads); i++) threads_.emplace_back([this] { Run(); });
   }
   ~CompressPool() {
@@ -202,8 +203,7 @@ class CompressPool {
       }
       Unit& u = (*b->units)[i];
       if (!u.zero) {
-        // A stream must be shorter than the cluster to be worth it (qemu's rule).
-        auto r = Compress(codec_, u.data, cluster_ - 1);
+        auto r = Compress(codec_, u.data, max_out_);
         if (r.ok()) {
           u.stream = std::move(r).value();
         } else {
@@ -216,7 +216,7 @@ class CompressPool {
   }
 
   Codec codec_;
-  uint64_t cluster_;
+  uint64_t max_out_;
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
   std::deque<Batch*> queue_;
@@ -290,7 +290,8 @@ Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s
     bufs[i].resize(batch);
     batches[i].units = &bufs[i];
   }
-  CompressPool pool(s.threads, s.codec, cluster);
+  // A stream must be shorter than the cluster to be worth it (qemu's rule).
+  CompressPool pool(s.threads, s.codec, cluster - 1);
   std::deque<int> inflight;
   Status result;
   auto retire = [&]() {
@@ -326,25 +327,55 @@ Status ConvertToImage(ConcatSource& src, Image& target, const ConvertSettings& s
 }
 
 Status ConvertToStream(ConcatSource& src, StreamOptimizedWriter& w, const ConvertSettings& s) {
+  // Same pipeline as CopyCompressed: grains compressed by the pool, written in order.
   Progress bar(s.progress);
   const uint64_t grain = w.grain_size();
   const uint64_t size = src.size();
-  const size_t batch = 64;
-  std::vector<Unit> units(batch);
+  const size_t batch = static_cast<size_t>(std::max(1, s.threads)) * 16;
+  const uint64_t step = grain * batch;
   ConvertSettings rs = s;
   rs.target_has_backing = false;
-  for (uint64_t start = 0; start < size; start += grain * batch) {
-    RETURN_IF_ERROR(ReadUnits(src, start, grain, units, rs));
-    for (Unit& u : units) {
-      if (u.off >= size) break;
-      if (u.zero) continue;
-      uint64_t len = std::min(grain, size - u.off);
-      Status st = w.WriteGrain(u.off / grain, std::span<const std::byte>(u.data.data(), len));
-      if (!st.ok()) return WithOffset(st, "writing", u.off);
-    }
-    bar.Update(static_cast<double>(std::min(size, start + grain * batch)) / size);
+  constexpr int kSlots = 4;
+  std::vector<Unit> bufs[kSlots];
+  CompressPool::Batch batches[kSlots];
+  for (int i = 0; i < kSlots; i++) {
+    bufs[i].resize(batch);
+    batches[i].units = &bufs[i];
   }
+  CompressPool pool(s.threads, Codec::kZlib, grain + grain / 16 + 1024);
+  std::deque<int> inflight;
+  Status result;
+  auto retire = [&]() {
+    int sl = inflight.front();
+    inflight.pop_front();
+    pool.Wait(&batches[sl]);
+    for (Unit& u : bufs[sl]) {
+      if (!result.ok() || u.off >= size) break;
+      if (u.zero) continue;
+      if (!u.status.ok()) {
+        result = WithOffset(u.status, "compressing", u.off);
+      } else if (u.stream.empty()) {
+        result = WithOffset(Status::Io("zlib could not compress the grain"), "compressing", u.off);
+      } else {
+        Status st = w.WriteCompressedGrain(u.off / grain, u.stream);
+        if (!st.ok()) result = WithOffset(st, "writing", u.off);
+      }
+    }
+    bar.Update(std::min<double>(1.0, static_cast<double>(bufs[sl][0].off + step) / size));
+  };
+  int slot = 0;
+  for (uint64_t next = 0; next < size && result.ok(); next += step) {
+    if (inflight.size() >= kSlots - 1) retire();
+    if (!result.ok()) break;
+    result = ReadUnits(src, next, grain, bufs[slot], rs);
+    if (!result.ok()) break;
+    pool.Submit(&batches[slot]);
+    inflight.push_back(slot);
+    slot = (slot + 1) % kSlots;
+  }
+  while (!inflight.empty()) retire();
   bar.Done();
+  RETURN_IF_ERROR(result);
   return w.Finish();
 }
 

@@ -34,6 +34,10 @@ class StreamOptimizedWriter {
   // or fewer for the last grain of the disk (zero-padded). Each grain may be written once;
   // grains may come in any order, ascending is what readers of streams expect.
   Status WriteGrain(uint64_t index, std::span<const std::byte> data);
+  // Like WriteGrain with the grain already compressed (a zlib stream of the zero-padded
+  // grain), so callers can compress grains on several threads. Zero grains: skip them.
+  // (stream_writer_compressed.cc, added for convert by the CLI helper.)
+  Status WriteCompressedGrain(uint64_t index, std::span<const std::byte> zlib_stream);
   // Writes the grain tables and the end-of-stream marker and syncs. Required for a valid
   // image; the writer is unusable afterwards.
   Status Finish();
