@@ -20,7 +20,7 @@ constexpr uint64_t kTwoGbExtentBytes = 2ull << 30;
 Result<bool> ParseBool(const std::string& path, const std::string& key, const std::string& v) {
   if (v == "on" || v == "true" || v == "yes") return true;
   if (v == "off" || v == "false" || v == "no") return false;
-  return Status::InvalidArgument("{}: Parameter '{}' expects 'on' or 'off'", path, key);
+  return Status::InvalidArgument("Parameter '{}' expects 'on' or 'off'", key);
 }
 
 std::string BaseName(const std::string& path) {
@@ -46,9 +46,9 @@ Result<uint32_t> ParentCid(const CreateContext& ctx, const std::string& name) {
   o.read_only = true;
   o.open_backing = false;
   auto img = Image::Open(bpath, o);
-  if (!img.ok()) return img.error().WithContext("{}: Could not open backing file", ctx.path);
+  if (!img.ok()) return img.error().WithContext("Could not open backing file");
   if ((*img)->format() != "vmdk")
-    return Status::InvalidArgument("{}: backing_file must be a vmdk image", ctx.path);
+    return Status::InvalidArgument("backing_file must be a vmdk image");
   FormatInfo fi = (*img)->Info();
   uint32_t cid = 0xffffffff;
   if (fi.format_specific.is_object() && fi.format_specific.contains("data"))
@@ -158,27 +158,27 @@ Status CreateVmdk(const CreateContext& ctx) {
     }
   }
   if (adapter != "ide" && adapter != "lsilogic" && adapter != "buslogic" && adapter != "legacyESX")
-    return Status::InvalidArgument("{}: invalid parameter value: {}", path, adapter);
+    return Status::InvalidArgument("invalid parameter value: {}", adapter);
   const bool flat = subformat == "monolithicFlat" || subformat == "twoGbMaxExtentFlat";
   const bool split = subformat == "twoGbMaxExtentSparse" || subformat == "twoGbMaxExtentFlat";
   const bool stream = subformat == "streamOptimized";
   if (!flat && !split && !stream && subformat != "monolithicSparse")
-    return Status::InvalidArgument("{}: invalid parameter value: {}", path, subformat);
+    return Status::InvalidArgument("invalid parameter value: {}", subformat);
   if (prealloc != "off" && prealloc != "falloc" && prealloc != "full")
-    return Status::InvalidArgument("{}: Invalid preallocation mode: '{}'", path, prealloc);
+    return Status::InvalidArgument("Invalid preallocation mode: '{}'", prealloc);
   if (compat6 && !hwversion.empty())
-    return Status::InvalidArgument("{}: compat6 cannot be enabled with hwversion set", path);
+    return Status::InvalidArgument("compat6 cannot be enabled with hwversion set");
   if (compat6) hwversion = "6";
   if (hwversion.empty()) hwversion = "4";
-  if (flat && zeroed) return Status::InvalidArgument("{}: Flat image can't enable zeroed grain", path);
+  if (flat && zeroed) return Status::InvalidArgument("Flat image can't enable zeroed grain");
   if (backing && backing->name.empty()) backing.reset();
-  if (backing && flat) return Status::InvalidArgument("{}: Flat image can't have backing file", path);
+  if (backing && flat) return Status::InvalidArgument("Flat image can't have backing file");
   if (backing && !backing->format.empty() && backing->format != "vmdk")
-    return Status::InvalidArgument("{}: backing_file must be a vmdk image", path);
+    return Status::InvalidArgument("backing_file must be a vmdk image");
   if (ctx.size > limits::kMaxVirtualSize)
-    return Status::InvalidArgument("{}: image size {} is too large", path, ctx.size);
+    return Status::InvalidArgument("image size {} is too large", ctx.size);
   if (!flat && prealloc != "off")
-    return Status::Unsupported("{}: preallocation={} is supported for flat subformats only", path, prealloc);
+    return Status::Unsupported("preallocation={} is supported for flat subformats only", prealloc);
 
   DescriptorText d;
   d.cid = RandomCid();

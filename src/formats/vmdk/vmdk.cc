@@ -143,6 +143,9 @@ class VmdkMap final : public ClusterMap {
     return Status::Ok();
   }
   Status Close() override { return Flush(); }
+  Status Resize(uint64_t, bool) override {
+    return Status::Unsupported("Image format driver does not support resize");
+  }
 
   FormatInfo Info() override {
     FormatInfo fi;
