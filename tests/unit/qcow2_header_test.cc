@@ -258,5 +258,20 @@ TEST_F(Qcow2Hostile, DirtyLazyRefcountImageIsRepairedOnWriteOpen) {
   }
 }
 
+TEST_F(Qcow2Hostile, ZeroRefcountForMetadataIsNotReallocated) {
+  // Refcounts of the header, refcount table, refcount block and L1 table all zeroed.
+  uint64_t rt = Get64(48);
+  uint64_t rb = Get64(rt);
+  Put64(rb, 0);
+  auto r = Open(false);
+  ASSERT_TRUE(r.ok()) << r.error().message();
+  std::vector<std::byte> w(4096, std::byte{3});
+  Status s = (*r)->Write(0, w);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("check -r all"), std::string::npos) << s.message();
+  // The L1 table still holds what it held: nothing was written over it.
+  EXPECT_EQ(Get64(Get64(40)), 0u);
+}
+
 }  // namespace
 }  // namespace vimgfs

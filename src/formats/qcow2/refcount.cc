@@ -228,6 +228,13 @@ Result<uint64_t> Qcow2Map::AllocClusters(uint64_t n) {
       for (uint64_t b = first_block; b <= last_block; b++) RETURN_IF_ERROR(EnsureRefBlock(b));
       continue;
     }
+    // A hostile refcount of 0 for live metadata must not hand that metadata out again.
+    uint64_t a = start << cluster_bits_, b = (start + n) << cluster_bits_;
+    auto overlaps = [&](uint64_t off, uint64_t len) { return len && off < b && a < off + len; };
+    if (overlaps(header_.l1_table_offset, uint64_t{header_.l1_size} * 8) ||
+        overlaps(header_.refcount_table_offset, reftable_.size() * 8) || overlaps(l1_offset_, l1_.size() * 8))
+      return Status::Corrupt("'{}': refcounts say the metadata at {:#x} is free; repair the image with "
+                             "'check -r all'", path_, a);
     for (uint64_t c = start; c < start + n; c++) RETURN_IF_ERROR(SetRefcount(c, 1));
     if (free_hint_ == start) free_hint_ = start + n;
     return start << cluster_bits_;
