@@ -243,6 +243,9 @@ Status Qcow2Map::SnapshotCreate(const std::string& name) {
   for (const Snapshot& s : snapshots_)
     if (s.name == name)
       return Status::InvalidArgument("Could not create snapshot '{}': snapshot with the same name exists", name);
+  if (refcount_max_ < 2)
+    return Status::Unsupported("'{}': a refcount width of 1 bit cannot share clusters with a snapshot",
+                               path_);
   if (snapshots_.size() >= limits::kMaxSnapshots)
     return Status::NoSpace("'{}': too many snapshots", path_);
   RETURN_IF_ERROR(FlushAll());
