@@ -418,6 +418,12 @@ TEST(VmdkOracle, CreateMatchesQemuImgCreate) {
       vf.emplace_back(e.path().filename(), e.file_size());
     std::sort(qf.begin(), qf.end());
     std::sort(vf.begin(), vf.end());
+    // A text descriptor's length varies with the CID (printed without leading zeros).
+    auto q_head = test::ReadWholeFile(q);
+    const bool text_desc = q_head.size() < 4 || std::memcmp(q_head.data(), "KDMV", 4) != 0;
+    for (auto* l : {&qf, &vf})
+      for (auto& [name, size] : *l)
+        if (text_desc && name == "d.vmdk") size = 0;
     EXPECT_EQ(qf, vf);
     auto qi = QemuInfo(q), vi = QemuInfo(v);
     for (auto* j : {&qi, &vi}) {
@@ -431,7 +437,7 @@ TEST(VmdkOracle, CreateMatchesQemuImgCreate) {
     // The sparse file or descriptor bytes are equal once the CID line is masked (its
     // length varies: the CID is printed without leading zeros).
     auto qb = test::ReadWholeFile(q), vb = test::ReadWholeFile(v);
-    ASSERT_EQ(qb.size(), vb.size());
+    if (!text_desc) ASSERT_EQ(qb.size(), vb.size());
     std::string qs(qb.begin(), qb.end()), vs(vb.begin(), vb.end());
     const bool sparse = qs.rfind("KDMV", 0) == 0;
     auto text = [&](const std::string& t) {
