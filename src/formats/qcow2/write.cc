@@ -282,7 +282,7 @@ Status Qcow2Map::FlushAll() {
 }
 
 Status Qcow2Map::Flush() {
-  if (read_only_ || closed_) return Status::Ok();
+  if (read_only_ || closed_ || !l2_cache_ || !ref_cache_) return Status::Ok();  // open failed early
   if (data_file_) RETURN_IF_ERROR(data_file_->Sync(true));
   return FlushAll();
 }
