@@ -268,53 +268,72 @@ Status VdiMap::WriteHeader() {
 
 Status VdiMap::WriteMetadata() {
   if (read_only_) return Status::Ok();
-  const bool grow = count_ > disk_count_;
-  if (grow) {
-    // Raise the count first: once an entry is durable, its index must be counted.
-    RETURN_IF_ERROR(WriteHeader());
-    disk_count_ = count_;
-  }
-  // Data (and the raised count) durable before any entry points at the data.
+  // qemu-img check wants blocks_allocated to equal the entries in use, exactly: a count
+  // that changes goes out together with the entries that change it.
+  const uint32_t new_count = std::min(count_, free_top_);
+  const bool count_changes = new_count != disk_count_;
+  if (!count_changes && dirty_sectors_.empty()) return Status::Ok();
+  // Data durable before any entry points at it.
   RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
-  if (!dirty_sectors_.empty()) {
-    auto it = dirty_sectors_.begin();
-    while (it != dirty_sectors_.end()) {
-      const uint64_t start = *it;
-      uint64_t end = start + 1;
-      auto next = std::next(it);
-      while (next != dirty_sectors_.end() && *next == end) {
-        ++end;
-        ++next;
-      }
-      const uint64_t lo = start * kSectorSize;
-      const uint64_t hi = std::min<uint64_t>(end * kSectorSize, bmap_.size());
-      RETURN_IF_ERROR(file_->PWrite(h_.offset_bmap + lo,
-                                    std::span<const std::byte>(bmap_.data() + lo, hi - lo),
-                                    IoTag::kBlockMap)
-                          .WithContext("'{}': writing the VDI block map", path_));
-      it = dirty_sectors_.erase(it, next);
-    }
-    RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
-  }
+  const uint32_t keep_count = count_;
+  count_ = new_count;  // WriteHeader stores count_
+  Status st = WriteHeaderAndMap(count_changes, new_count > disk_count_);
+  count_ = keep_count;
+  RETURN_IF_ERROR(st);
+  RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
+  const bool grew = new_count > disk_count_;
+  disk_count_ = new_count;
   if (free_top_ < count_) {
     // The cleared entries are durable: the top blocks can be given back.
     count_ = free_top_;
     std::erase_if(reusable_, [&](uint32_t i) { return i >= count_; });
   }
-  if (count_ < disk_count_) {
-    RETURN_IF_ERROR(WriteHeader());
-    RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
-    disk_count_ = count_;
-    const uint64_t end = HostOffset(count_);
-    ASSIGN_OR_RETURN(uint64_t size, file_->Size());
-    if (size > end) RETURN_IF_ERROR(file_->Truncate(end));
-  } else if (grow) {
-    // qemu writes whole blocks; keep the file ending on a block like it does, even when
-    // the last block is only partly inside the disk.
-    const uint64_t end = HostOffset(count_);
-    ASSIGN_OR_RETURN(uint64_t size, file_->Size());
-    if (size < end) RETURN_IF_ERROR(file_->Truncate(end));
+  const uint64_t end = HostOffset(disk_count_);
+  ASSIGN_OR_RETURN(uint64_t size, file_->Size());
+  // qemu writes whole blocks; keep the file ending on a block like it does, even when the
+  // last block is only partly inside the disk.
+  if ((grew && size < end) || (!grew && count_changes && size > end))
+    RETURN_IF_ERROR(file_->Truncate(end));
+  return Status::Ok();
+}
+
+Status VdiMap::WriteHeaderAndMap(bool with_header, bool header_first) {
+  // Where the map follows the header (qemu's layout) and the span is small, one write
+  // carries both, so a killed process never leaves one without the other.
+  const uint64_t header_bytes = h_.raw.size();
+  uint64_t dirty_end = dirty_sectors_.empty() ? 0 : (*dirty_sectors_.rbegin() + 1) * kSectorSize;
+  dirty_end = std::min<uint64_t>(dirty_end, bmap_.size());
+  if (with_header && h_.offset_bmap == header_bytes && dirty_end <= (1u << 20)) {
+    h_.blocks_allocated = count_;
+    EncodeHeader(&h_);
+    std::vector<std::byte> buf(header_bytes + dirty_end);
+    std::memcpy(buf.data(), h_.raw.data(), header_bytes);
+    std::memcpy(buf.data() + header_bytes, bmap_.data(), dirty_end);
+    RETURN_IF_ERROR(file_->PWrite(0, buf, IoTag::kBlockMap)
+                        .WithContext("'{}': writing the VDI header and block map", path_));
+    dirty_sectors_.clear();
+    return Status::Ok();
   }
+  // Otherwise back to back, in the order that errs toward what qemu calls a leak.
+  if (with_header && header_first) RETURN_IF_ERROR(WriteHeader());
+  auto it = dirty_sectors_.begin();
+  while (it != dirty_sectors_.end()) {
+    const uint64_t start = *it;
+    uint64_t end = start + 1;
+    auto next = std::next(it);
+    while (next != dirty_sectors_.end() && *next == end) {
+      ++end;
+      ++next;
+    }
+    const uint64_t lo = start * kSectorSize;
+    const uint64_t hi = std::min<uint64_t>(end * kSectorSize, bmap_.size());
+    RETURN_IF_ERROR(file_->PWrite(h_.offset_bmap + lo,
+                                  std::span<const std::byte>(bmap_.data() + lo, hi - lo),
+                                  IoTag::kBlockMap)
+                        .WithContext("'{}': writing the VDI block map", path_));
+    it = dirty_sectors_.erase(it, next);
+  }
+  if (with_header && !header_first) RETURN_IF_ERROR(WriteHeader());
   return Status::Ok();
 }
 

@@ -157,6 +157,7 @@ class VdiMap final : public ClusterMap {
   // Writes dirty metadata in the order described above.
   Status WriteMetadata();
   Status WriteHeader();
+  Status WriteHeaderAndMap(bool with_header, bool header_first);
 
   std::string path_;
   std::unique_ptr<File> file_;
