@@ -115,7 +115,7 @@ void DumpJson(const nlohmann::ordered_json& j, int level, std::string* out) {
     *out += "\n" + close_pad + "}";
   } else if (j.is_array()) {
     if (j.empty()) {
-      *out += "[]";
+      *out += "[\n" + close_pad + "]";  // qemu prints an empty list on two lines
       return;
     }
     *out += "[\n";

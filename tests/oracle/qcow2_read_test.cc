@@ -274,5 +274,29 @@ TEST(Qcow2ReadOracle, SixteenTiBSparse) {
   }
 }
 
+TEST(Qcow2ReadOracle, BitmapsAreListedAndCounted) {
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  std::string img = dir.File("bm.qcow2");
+  Sh("qemu-img create -q -f qcow2 " + Quote(img) + " 16M");
+  Sh("qemu-img bitmap --add " + Quote(img) + " b1");
+  Sh("qemu-img bitmap --add -g 128k --disable " + Quote(img) + " b2");
+  QemuIo(img, {"write -P 0x12 0 1M"});
+  ExpectSameAsQemu(dir, img);
+  auto i = OpenRO(img);
+  ASSERT_NE(i, nullptr);
+  FormatInfo fi = i->Info();
+  const auto& bitmaps = fi.format_specific["data"]["bitmaps"];
+  ASSERT_EQ(bitmaps.size(), 2u) << fi.format_specific.dump();
+  EXPECT_EQ(bitmaps[0]["name"], "b1");
+  EXPECT_EQ(bitmaps[0]["flags"][0], "auto");
+  EXPECT_EQ(bitmaps[1]["granularity"], 131072);
+  // Bitmap clusters are references: check finds neither leaks nor corruptions.
+  auto rep = i->cluster_map().Check(RepairMode::kNone);
+  ASSERT_TRUE(rep.ok());
+  EXPECT_EQ(rep->leaks, 0);
+  EXPECT_EQ(rep->corruptions, 0);
+}
+
 }  // namespace
 }  // namespace vimgfs

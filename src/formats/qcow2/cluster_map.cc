@@ -398,6 +398,38 @@ std::vector<File*> Qcow2Map::host_files() {
   return {};
 }
 
+// The persistent dirty bitmaps, as qemu-img info lists them (only while consistent).
+nlohmann::ordered_json Qcow2Map::BitmapList() {
+  nlohmann::ordered_json list = nlohmann::ordered_json::array();
+  if (!header_.bitmaps_ext || header_.bitmaps_ext->size() < 24 ||
+      !(header_.autoclear_features & kAutoclearBitmaps))
+    return list;
+  const std::byte* p = header_.bitmaps_ext->data();
+  uint32_t count = LoadBE32(p);
+  uint64_t dir_size = LoadBE64(p + 8), dir_off = LoadBE64(p + 16);
+  if (dir_size > limits::kMaxHeaderExtensionBytes * 16 || count > 65535) return list;
+  std::vector<std::byte> dir(dir_size);
+  if (!file_->PRead(dir_off, dir).ok()) return list;
+  uint64_t pos = 0;
+  for (uint32_t i = 0; i < count && pos + 24 <= dir_size; i++) {
+    uint32_t flags = LoadBE32(dir.data() + pos + 12);
+    uint8_t gran_bits = static_cast<uint8_t>(dir[pos + 17]);
+    uint64_t name_size = LoadBE16(dir.data() + pos + 18);
+    uint64_t extra_size = LoadBE32(dir.data() + pos + 20);
+    if (pos + 24 + extra_size + name_size > dir_size || gran_bits > 63) break;
+    nlohmann::ordered_json b;
+    nlohmann::ordered_json fl = nlohmann::ordered_json::array();
+    if (flags & 1) fl.push_back("in-use");
+    if (flags & 2) fl.push_back("auto");
+    b["flags"] = fl;
+    b["name"] = std::string(reinterpret_cast<const char*>(dir.data() + pos + 24 + extra_size), name_size);
+    b["granularity"] = uint64_t{1} << gran_bits;
+    list.push_back(b);
+    pos += AlignUp(24 + extra_size + name_size, 8);
+  }
+  return list;
+}
+
 FormatInfo Qcow2Map::Info() {
   FormatInfo fi;
   fi.format = "qcow2";
@@ -421,7 +453,7 @@ FormatInfo Qcow2Map::Info() {
   data["compat"] = v3_ ? "1.1" : "0.10";
   data["compression-type"] = header_.compression_type == kCompressionZstd ? "zstd" : "zlib";
   if (v3_) data["lazy-refcounts"] = (header_.compatible_features & kCompatLazyRefcounts) != 0;
-  // qemu prints bitmaps here when present; we only keep them.
+  if (auto bitmaps = BitmapList(); !bitmaps.empty()) data["bitmaps"] = bitmaps;
   data["refcount-bits"] = refcount_bits_;
   if (header_.has_data_file()) {
     data["data-file"] = header_.data_file.value_or("");

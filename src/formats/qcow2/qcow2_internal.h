@@ -247,6 +247,7 @@ class Qcow2Map final : public ClusterMap {
   Status WriteRefTableEntries(uint64_t first, uint64_t count);
   Status FlushAll();
   Status CheckWritable();
+  nlohmann::ordered_json BitmapList();
   Status MarkDirty();
 
   // State.
