@@ -99,7 +99,15 @@ Result<std::unique_ptr<Image>> OpenImage(const MountConfig& c) {
     std::fprintf(stderr, "vimgfs: '%s' is not writable: mounting read-only\n", c.image.c_str());
     o.read_only = true;
   }
-  return Image::Open(c.image, o);
+  ASSIGN_OR_RETURN(auto img, Image::Open(c.image, o));
+  if (!o.read_only && img->read_only()) {
+    // The format can't write this image (VMDK streamOptimized, read-only extents): say so
+    // now rather than fail every write with EROFS after the mount.
+    return Status::ReadOnly(
+        "'{}' ({}) cannot be written in place: mount it with -r, write to an overlay with "
+        "--overlay FILE, or convert it (vimgfs convert -O qcow2)", c.image, img->format());
+  }
+  return img;
 }
 
 // Locks every host file of the chain as qemu does: the image and its own extra files

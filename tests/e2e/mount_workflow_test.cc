@@ -196,3 +196,35 @@ INSTANTIATE_TEST_SUITE_P(QemuMade, ByteExact, ::testing::ValuesIn(kExactCases),
 
 }  // namespace
 }  // namespace vimgfs::e2e
+
+namespace vimgfs::e2e {
+namespace {
+
+// A read-write mount of an image the format can't write in place is refused before the
+// mount, with a message pointing at the ways that work; -r and --overlay then work.
+TEST(MountStreamOptimized, ReadWriteMountIsRefusedWithAWayOut) {
+  REQUIRE_FUSE();
+  test::TempDir dir;
+  auto made = RunCommand("cd " + Quote(dir.path()) +
+                         " && qemu-img create -q -f raw src 8M && qemu-img convert -O vmdk -o "
+                         "subformat=streamOptimized src img.vmdk");
+  ASSERT_EQ(made.exit_code, 0) << made.err;
+  std::string img = dir.File("img.vmdk"), mnt = dir.File("mnt");
+  ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
+  {
+    Mount mount;
+    auto r = mount.Start({img, mnt}, mnt);
+    EXPECT_EQ(r.exit_code, 1);
+    EXPECT_NE(r.err.find("--overlay"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find("img.vmdk"), std::string::npos) << r.err;
+  }
+  {
+    Mount mount;
+    auto r = mount.Start({"--overlay", dir.File("ov.qcow2"), img, mnt}, mnt);
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(mount.Stop(), 0);
+  }
+}
+
+}  // namespace
+}  // namespace vimgfs::e2e
