@@ -475,13 +475,23 @@ Result<std::vector<BlockStatus>> Image::Map(uint64_t off, uint64_t len, bool thi
       bs.offset = pos;
       bs.length = m.length;
       switch (m.kind) {
-        case Mapping::Kind::kData:
+        case Mapping::Kind::kData: {
+          // Holes in the host file read as zeros: report them as qemu does (data, zero).
           bs.present = bs.data = true;
           bs.has_offset = true;
-          bs.host_offset = m.host_offset;
           bs.filename = m.file->path();
-          push(bs);
+          for (uint64_t done = 0; done < m.length;) {
+            ASSIGN_OR_RETURN(HostExtent ext, m.file->ProbeExtent(m.host_offset + done));
+            uint64_t n = ext.length == 0 ? m.length - done : std::min(ext.length, m.length - done);
+            bs.offset = pos + done;
+            bs.length = n;
+            bs.host_offset = m.host_offset + done;
+            bs.zero = ext.length == 0 || !ext.data;  // past EOF reads zeros too
+            push(bs);
+            done += n;
+          }
           break;
+        }
         case Mapping::Kind::kCompressed:
           bs.present = bs.data = bs.compressed = true;
           push(bs);
