@@ -155,6 +155,12 @@ struct SessionDeleter {
   void operator()(fuse_session* se) const { fuse_session_destroy(se); }
 };
 
+// fuse_session_new rewrites the argument list into heap copies that the caller owns.
+struct ArgsFreer {
+  fuse_args* args;
+  ~ArgsFreer() { fuse_opt_free_args(args); }
+};
+
 }  // namespace
 
 int RunMount(const MountConfig& c) {
@@ -197,6 +203,7 @@ int RunMount(const MountConfig& c) {
   std::vector<char*> argv;
   for (auto& a : arg_strings) argv.push_back(a.data());
   fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  ArgsFreer free_args{&args};
 
   std::unique_ptr<fuse_session, SessionDeleter> se(
       fuse_session_new(&args, &Server::Ops(), sizeof(fuse_lowlevel_ops), &server));
