@@ -265,6 +265,32 @@ TEST_F(VdiTest, DiscardThenWriteReusesIndexSafely) {
   EXPECT_EQ(Check("r.vdi").corruptions, 0);
 }
 
+TEST_F(VdiTest, FlushDuringAnAllocationCountsOnlyLinkedBlocks) {
+  // A flush (another thread's fsync) between PrepareWrite and CommitWrite must not
+  // count the reserved block: a kill right after it would leave a count naming a block
+  // no entry uses, which qemu-img check reports as corruption.
+  Create("p.vdi", 4 * kMiB);
+  auto img = Open("p.vdi");
+  ASSERT_TRUE(img.ok());
+  ASSERT_TRUE((*img)->Write(0, Pattern(kMiB, 1)).ok());
+  ASSERT_TRUE((*img)->Flush().ok());
+  ClusterMap& map = (*img)->cluster_map();
+  auto plan = map.PrepareWrite(2 * kMiB, kMiB);
+  ASSERT_TRUE(plan.ok());
+  ASSERT_TRUE(map.Flush().ok());
+  EXPECT_EQ(Peek32("p.vdi", 0x184), 1u);
+  EXPECT_EQ(Check("p.vdi").corruptions, 0);  // what a kill here would leave
+  auto data = Pattern(kMiB, 2);
+  ASSERT_TRUE(plan->file->PWrite(plan->host_offset, data, IoTag::kData).ok());
+  ASSERT_TRUE(map.CommitWrite(*plan).ok());
+  ASSERT_TRUE(map.Flush().ok());
+  EXPECT_EQ(Peek32("p.vdi", 0x184), 2u);
+  EXPECT_EQ(Check("p.vdi").corruptions, 0);
+  std::vector<std::byte> back(kMiB);
+  ASSERT_TRUE((*img)->Read(2 * kMiB, back).ok());
+  EXPECT_EQ(back, data);
+}
+
 TEST_F(VdiTest, FailedDataWriteLeavesConsistentImage) {
   test::FaultEnv fenv(env_.get());
   Create("f.vdi", 4 * kMiB);

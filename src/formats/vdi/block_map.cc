@@ -158,6 +158,7 @@ Result<WritePlan> VdiMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
     idx = count_++;
     free_top_ = count_;
   }
+  in_flight_.insert(idx);
   plan.host_offset = HostOffset(idx);
   plan.cookie[1] = idx;
   plan.cookie[2] = 1;
@@ -168,6 +169,7 @@ Status VdiMap::CommitWrite(const WritePlan& plan) {
   if (plan.cookie[2] != 1) return Status::Ok();
   const uint64_t block = plan.cookie[0];
   const uint32_t idx = static_cast<uint32_t>(plan.cookie[1]);
+  in_flight_.erase(idx);
   if (block >= h_.blocks_in_image || IsAllocated(entry(block))) {
     return Status::Corrupt("'{}': VDI block {} was allocated twice", path_, block);
   }
@@ -179,6 +181,7 @@ Status VdiMap::CommitWrite(const WritePlan& plan) {
 void VdiMap::AbortWrite(const WritePlan& plan) {
   if (plan.cookie[2] != 1) return;
   const uint32_t idx = static_cast<uint32_t>(plan.cookie[1]);
+  in_flight_.erase(idx);
   if (idx + 1 == count_ && free_top_ == count_) {
     --count_;
     --free_top_;
@@ -270,7 +273,10 @@ Status VdiMap::WriteMetadata() {
   if (read_only_) return Status::Ok();
   // qemu-img check wants blocks_allocated to equal the entries in use, exactly: a count
   // that changes goes out together with the entries that change it.
-  const uint32_t new_count = std::min(count_, free_top_);
+  uint32_t new_count = std::min(count_, free_top_);
+  // Blocks reserved at the top whose data is still being written are not counted yet: a
+  // kill before their entries land would leave a count that names unreferenced blocks.
+  while (new_count > disk_count_ && in_flight_.contains(new_count - 1)) --new_count;
   const bool count_changes = new_count != disk_count_;
   if (!count_changes && dirty_sectors_.empty()) return Status::Ok();
   // Data durable before any entry points at it.

@@ -174,6 +174,7 @@ class VdiMap final : public ClusterMap {
   uint32_t free_top_ = 0;
   uint32_t disk_count_ = 0;                 // blocks_allocated as last written
   std::vector<uint32_t> reusable_;          // reserved then aborted (never referenced)
+  std::set<uint32_t> in_flight_;            // reserved, data being written, not yet linked
   std::set<uint64_t> dirty_sectors_;        // block map sectors (index from offset_bmap)
 };
 
