@@ -99,7 +99,7 @@ TEST_F(MountOptions, MountFuse3Helper) {
   close(fd);
   pid_t pid = FindDaemon(mnt_);
   ASSERT_EQ(RunCommand("umount " + Quote(mnt_)).exit_code, 0);
-  if (pid > 0) EXPECT_TRUE(WaitGone(pid, 20000));
+  if (pid > 0) { EXPECT_TRUE(WaitGone(pid, 20000)); }
   EXPECT_EQ(QemuCheck(image_), 0);
   auto out = MustRun("qemu-io -c 'read -P 0x22 5 1' " + Quote(image_));
   EXPECT_EQ(out.find("Pattern verification failed"), std::string::npos) << out;
@@ -310,7 +310,7 @@ TEST_F(MountOptions, DetectZeroesFreesClusters) {
   auto map = nlohmann::json::parse(MustRun("qemu-img map --output=json " + Quote(image_)));
   for (const auto& e : map) {
     uint64_t s = e["start"];
-    if (s < kMiB || (s >= 4 * kMiB && s < 5 * kMiB)) EXPECT_TRUE(e["zero"].get<bool>()) << e.dump();
+    if (s < kMiB || (s >= 4 * kMiB && s < 5 * kMiB)) { EXPECT_TRUE(e["zero"].get<bool>()) << e.dump(); }
   }
   // Off: the same write allocates data.
   r = mount_.Start({image_, mnt_, "-o", "detect_zeroes=off"}, mnt_);

@@ -22,7 +22,7 @@ class CliCheckTest : public CliTest {
     SCOPED_TRACE("check " + args);
     CommandResult v = V("check " + args), q = Q("check " + args);
     EXPECT_EQ(v.exit_code, q.exit_code) << v.out << v.err << "\nqemu:\n" << q.out << q.err;
-    if (compare_stdout) EXPECT_EQ(v.out, q.out);
+    if (compare_stdout) { EXPECT_EQ(v.out, q.out); }
   }
 };
 
@@ -31,7 +31,7 @@ TEST_F(CliCheckTest, CleanImagesOfEveryFormat) {
   MustSh("qemu-img create -q -f vmdk a.vmdk 16M && qemu-io -f vmdk -c 'write -P 3 0 1M' a.vmdk >/dev/null");
   MustSh("qemu-img create -q -f vdi a.vdi 16M && qemu-io -f vdi -c 'write -P 3 0 1M' a.vdi >/dev/null");
   MustSh("qemu-img create -q -f raw a.raw 16M");
-  for (const std::string& f : {"a.qcow2", "a.vmdk", "a.vdi", "a.raw"}) {
+  for (std::string f : {"a.qcow2", "a.vmdk", "a.vdi", "a.raw"}) {
     ExpectSameCheck(f);
     ExpectSameCheck("--output=json " + f);
   }

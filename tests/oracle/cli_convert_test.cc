@@ -118,7 +118,7 @@ TEST_F(CliConvertTest, SparseOutputAndFullAllocation) {
   Ok(V("convert -O qcow2 s.raw z.qcow2"));
   nlohmann::json map = Json(Q("map --output=json z.qcow2"));
   for (const auto& e : map)
-    if (e["data"] == true) EXPECT_EQ(e["start"], 32 << 20) << e.dump();
+    if (e["data"] == true) { EXPECT_EQ(e["start"], 32 << 20) << e.dump(); }
 }
 
 TEST_F(CliConvertTest, BackingTargetKeepsOnlyTheTopLayer) {

@@ -122,8 +122,9 @@ TEST_F(CliInfoTest, CreateFormattingLineMatchesQemu) {
     EXPECT_EQ(vi["format"], qi["format"]);
     EXPECT_EQ(vi["virtual-size"], qi["virtual-size"]);
     EXPECT_EQ(vi["cluster-size"], qi["cluster-size"]);
-    if (qi.contains("format-specific") && qi["format"] == "qcow2")
+    if (qi.contains("format-specific") && qi["format"] == "qcow2") {
       EXPECT_EQ(vi["format-specific"], qi["format-specific"]);
+    }
     CommandResult chk = Q("check v/" + name);
     EXPECT_TRUE(chk.exit_code == 0 || chk.exit_code == 63) << chk.out << chk.err;
     MustSh("rm -f v/* q/*");

@@ -13,7 +13,7 @@ class CliMapCompareTest : public CliTest {
     EXPECT_EQ(v.out, q.out);
   }
   void MakeImages() {
-    for (const std::string& fmt : {"qcow2", "vmdk", "vdi", "raw"}) {
+    for (std::string fmt : {"qcow2", "vmdk", "vdi", "raw"}) {
       std::string f = "a." + fmt;
       MustSh("qemu-img create -q -f " + fmt + " " + f + " 32M");
       MustSh("qemu-io -f " + fmt + " -c 'write -P 1 0 192k' -c 'write -P 2 4M 64k' -c 'write -z 8M 1M' "
@@ -26,7 +26,7 @@ class CliMapCompareTest : public CliTest {
 
 TEST_F(CliMapCompareTest, MapHumanAndJson) {
   MakeImages();
-  for (const std::string& f : {"a.qcow2", "a.vmdk", "a.vdi", "a.raw", "top.qcow2"}) {
+  for (std::string f : {"a.qcow2", "a.vmdk", "a.vdi", "a.raw", "top.qcow2"}) {
     ExpectSame("map " + f);
     ExpectSame("map --output=json " + f);
     ExpectSame("map --output=json --start-offset=128k --max-length=9M " + f);
@@ -43,7 +43,7 @@ TEST_F(CliMapCompareTest, MapHumanAndJson) {
 TEST_F(CliMapCompareTest, Compare) {
   MakeImages();
   MustSh("qemu-img convert -O raw top.qcow2 top.raw");
-  for (const std::string& a : {"a.qcow2", "a.vmdk", "a.vdi"}) {
+  for (std::string a : {"a.qcow2", "a.vmdk", "a.vdi"}) {
     ExpectSame("compare " + a + " a.raw");
     ExpectSame("compare -s " + a + " a.raw");
     ExpectSame("compare " + a + " top.raw");

@@ -25,7 +25,7 @@ class CliOpsTest : public CliTest {
 };
 
 TEST_F(CliOpsTest, ResizeEveryResizableFormat) {
-  for (const std::string& fmt : {"qcow2", "raw"}) {
+  for (std::string fmt : {"qcow2", "raw"}) {
     SCOPED_TRACE(fmt);
     MustSh("qemu-img create -q -f " + fmt + " orig." + fmt + " 8M");
     MustSh("qemu-io -f " + fmt + " -c 'write -P 1 0 8M' orig." + fmt + " >/dev/null");
@@ -38,7 +38,7 @@ TEST_F(CliOpsTest, ResizeEveryResizableFormat) {
     Both("resize -f " + fmt + " --shrink", fmt, "5M");
     ExpectSameImages(fmt);
     Both("resize -q -f " + fmt, fmt, "6M");
-    if (fmt == "qcow2") EXPECT_EQ(Q("check v.qcow2").exit_code, 0);
+    if (fmt == "qcow2") { EXPECT_EQ(Q("check v.qcow2").exit_code, 0); }
   }
 }
 

@@ -232,7 +232,7 @@ void WriteWorkload(const std::string& image, const std::string& raw, uint64_t si
     }
     std::fseek(f, static_cast<long>(off), SEEK_SET);
     std::fwrite(data.data(), 1, len, f);
-    if (i == 30) ASSERT_TRUE(img->Flush().ok());
+    if (i == 30) { ASSERT_TRUE(img->Flush().ok()); }
   }
   std::fclose(f);
   ASSERT_TRUE(img->Close().ok());
@@ -437,7 +437,7 @@ TEST(VmdkOracle, CreateMatchesQemuImgCreate) {
     // The sparse file or descriptor bytes are equal once the CID line is masked (its
     // length varies: the CID is printed without leading zeros).
     auto qb = test::ReadWholeFile(q), vb = test::ReadWholeFile(v);
-    if (!text_desc) ASSERT_EQ(qb.size(), vb.size());
+    if (!text_desc) { ASSERT_EQ(qb.size(), vb.size()); }
     std::string qs(qb.begin(), qb.end()), vs(vb.begin(), vb.end());
     const bool sparse = qs.rfind("KDMV", 0) == 0;
     auto text = [&](const std::string& t) {

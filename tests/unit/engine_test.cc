@@ -97,7 +97,13 @@ class ToyMap final : public ClusterMap {
   Status Flush() override { return Status::Ok(); }
   Status Close() override { return Status::Ok(); }
   std::optional<BackingRef> backing() const override { return st_->backing; }
-  FormatInfo Info() override { return FormatInfo{"toy", st_->size, kCluster}; }
+  FormatInfo Info() override {
+    FormatInfo info;
+    info.format = "toy";
+    info.virtual_size = st_->size;
+    info.cluster_size = kCluster;
+    return info;
+  }
 
  private:
   std::unique_ptr<File> file_;
