@@ -1,6 +1,7 @@
 // VdiMap: the VDI block map as a ClusterMap, and opening an image.
 #include <algorithm>
 #include <cstring>
+#include <optional>
 
 #include "formats/vdi/vdi_internal.h"
 #include "util/checked.h"
@@ -262,8 +263,8 @@ Status VdiMap::Discard(uint64_t guest_off, uint64_t len) {
   return ClearBlocks(first, end, kBlockFree, true);
 }
 
-Status VdiMap::WriteHeader() {
-  h_.blocks_allocated = count_;
+Status VdiMap::WriteHeader(uint32_t blocks_allocated) {
+  h_.blocks_allocated = blocks_allocated;
   EncodeHeader(&h_);
   return file_->PWrite(0, h_.raw, IoTag::kHeader)
       .WithContext("'{}': writing the VDI header", path_);
@@ -278,16 +279,12 @@ Status VdiMap::WriteMetadata() {
   // kill before their entries land would leave a count that names unreferenced blocks.
   while (new_count > disk_count_ && in_flight_.contains(new_count - 1)) --new_count;
   const bool count_changes = new_count != disk_count_;
+  const bool grew = new_count > disk_count_;
   if (!count_changes && dirty_sectors_.empty()) return Status::Ok();
   // Data durable before any entry points at it.
   RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
-  const uint32_t keep_count = count_;
-  count_ = new_count;  // WriteHeader stores count_
-  Status st = WriteHeaderAndMap(count_changes, new_count > disk_count_);
-  count_ = keep_count;
-  RETURN_IF_ERROR(st);
+  RETURN_IF_ERROR(WriteHeaderAndMap(count_changes ? std::optional(new_count) : std::nullopt, grew));
   RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
-  const bool grew = new_count > disk_count_;
   disk_count_ = new_count;
   if (free_top_ < count_) {
     // The cleared entries are durable: the top blocks can be given back.
@@ -303,14 +300,14 @@ Status VdiMap::WriteMetadata() {
   return Status::Ok();
 }
 
-Status VdiMap::WriteHeaderAndMap(bool with_header, bool header_first) {
+Status VdiMap::WriteHeaderAndMap(std::optional<uint32_t> header_count, bool header_first) {
   // Where the map follows the header (qemu's layout) and the span is small, one write
   // carries both, so a killed process never leaves one without the other.
   const uint64_t header_bytes = h_.raw.size();
   uint64_t dirty_end = dirty_sectors_.empty() ? 0 : (*dirty_sectors_.rbegin() + 1) * kSectorSize;
   dirty_end = std::min<uint64_t>(dirty_end, bmap_.size());
-  if (with_header && h_.offset_bmap == header_bytes && dirty_end <= (1u << 20)) {
-    h_.blocks_allocated = count_;
+  if (header_count && h_.offset_bmap == header_bytes && dirty_end <= (1u << 20)) {
+    h_.blocks_allocated = *header_count;
     EncodeHeader(&h_);
     std::vector<std::byte> buf(header_bytes + dirty_end);
     std::memcpy(buf.data(), h_.raw.data(), header_bytes);
@@ -321,7 +318,7 @@ Status VdiMap::WriteHeaderAndMap(bool with_header, bool header_first) {
     return Status::Ok();
   }
   // Otherwise back to back, in the order that errs toward what qemu calls a leak.
-  if (with_header && header_first) RETURN_IF_ERROR(WriteHeader());
+  if (header_count && header_first) RETURN_IF_ERROR(WriteHeader(*header_count));
   auto it = dirty_sectors_.begin();
   while (it != dirty_sectors_.end()) {
     const uint64_t start = *it;
@@ -339,7 +336,7 @@ Status VdiMap::WriteHeaderAndMap(bool with_header, bool header_first) {
                         .WithContext("'{}': writing the VDI block map", path_));
     it = dirty_sectors_.erase(it, next);
   }
-  if (with_header && !header_first) RETURN_IF_ERROR(WriteHeader());
+  if (header_count && !header_first) RETURN_IF_ERROR(WriteHeader(*header_count));
   return Status::Ok();
 }
 
@@ -406,7 +403,7 @@ Status VdiMap::Resize(uint64_t new_size, bool allow_shrink) {
     free_top_ = count_;
     if (is_static) {
       RETURN_IF_ERROR(file_->Truncate(HostOffset(count_)));
-      RETURN_IF_ERROR(WriteHeader());  // count raised before entries name the blocks
+      RETURN_IF_ERROR(WriteHeader(count_));  // count raised before entries name the blocks
       disk_count_ = count_;
     }
     // New entries durable before the header makes them part of the disk.
@@ -415,7 +412,7 @@ Status VdiMap::Resize(uint64_t new_size, bool allow_shrink) {
   h_.disk_size = new_size;
   h_.virtual_size = new_size;
   h_.blocks_in_image = static_cast<uint32_t>(blocks);
-  RETURN_IF_ERROR(WriteHeader());
+  RETURN_IF_ERROR(WriteHeader(disk_count_));
   return file_->Sync(true).WithContext("'{}': syncing", path_);
 }
 

@@ -21,6 +21,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -111,10 +112,11 @@ int ProbeVdi(std::span<const std::byte> head);
 
 // The ClusterMap of an open VDI image. Keeps the whole block map in memory (bounded by
 // limits::kMaxMapBytes); changed sectors of it are written at Flush in a crash-safe order:
-//   header count raised -> sync (data and header durable) -> block map sectors -> sync
-//   -> header count lowered (discarded top blocks) -> sync -> file truncated.
-// So an entry never reaches the disk before its data, and a block index is never reused
-// while a durable entry may still point at it.
+//   sync (data durable) -> header count and block map sectors, in one write where the
+//   map follows the header -> sync -> file grown or truncated to the counted blocks.
+// So an entry never reaches the disk before its data, the count always matches the
+// entries in use, and a block index is never reused while a durable entry may still
+// point at it.
 class VdiMap final : public ClusterMap {
  public:
   VdiMap(std::string path, std::unique_ptr<File> file, Header header,
@@ -156,8 +158,9 @@ class VdiMap final : public ClusterMap {
   Status ZeroHostBlock(uint64_t block, uint32_t entry, bool keep_allocated);
   // Writes dirty metadata in the order described above.
   Status WriteMetadata();
-  Status WriteHeader();
-  Status WriteHeaderAndMap(bool with_header, bool header_first);
+  Status WriteHeader(uint32_t blocks_allocated);
+  // Writes the dirty map sectors and, given a count, the header carrying it.
+  Status WriteHeaderAndMap(std::optional<uint32_t> header_count, bool header_first);
 
   std::string path_;
   std::unique_ptr<File> file_;
