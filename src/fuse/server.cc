@@ -7,6 +7,8 @@
 #include "fuse/server.h"
 
 #include <fcntl.h>
+#include <linux/fuse.h>
+#include <sys/uio.h>
 #include <linux/falloc.h>
 #include <sys/statvfs.h>
 #include <syslog.h>
@@ -36,6 +38,18 @@ class Reply {
   void Entry(const fuse_entry_param& e) { if (Take()) fuse_reply_entry(req_, &e); }
   void Attr(const struct stat& st) { if (Take()) fuse_reply_attr(req_, &st, kAttrTimeout); }
   void Open(const fuse_file_info* fi) { if (Take()) fuse_reply_open(req_, fi); }
+  // An open reply carrying kernel FOPEN_* flags that libfuse 3.14's fuse_file_info
+  // cannot express (FOPEN_PARALLEL_DIRECT_WRITES arrived in libfuse 3.15).
+  void OpenWithFlags(const fuse_file_info* fi, uint32_t open_flags) {
+    if (!Take()) return;
+    fuse_open_out out{};
+    out.fh = fi->fh;
+    out.open_flags = open_flags;
+    if (fi->direct_io) out.open_flags |= FOPEN_DIRECT_IO;
+    if (fi->keep_cache) out.open_flags |= FOPEN_KEEP_CACHE;
+    iovec iov{&out, sizeof(out)};
+    fuse_reply_iov(req_, &iov, 1);
+  }
   void Buf(const void* data, size_t n) {
     if (Take()) fuse_reply_buf(req_, static_cast<const char*>(data), n);
   }
@@ -211,6 +225,16 @@ void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     }
     fi->keep_cache = 1;  // we are the only writer: cached pages stay valid across opens
     fi->fh = (fi->flags & O_ACCMODE) != O_RDONLY ? 1 : 0;  // 1: may have written (see OpFlush)
+    if (fi->flags & O_DIRECT) {
+      // The caller bypasses the page cache anyway (fio, qemu cache=none, losetup
+      // --direct-io): answer with direct I/O so the kernel hands us its writes in parallel
+      // instead of one at a time under the inode lock. The kernel still serializes them
+      // while any cached (non-O_DIRECT) descriptor is open, and drops cached pages of
+      // the range before each direct write, so buffered readers stay coherent.
+      fi->direct_io = 1;
+      r.OpenWithFlags(fi, FOPEN_PARALLEL_DIRECT_WRITES);
+      return Status::Ok();
+    }
     r.Open(fi);
     return Status::Ok();
   });
