@@ -98,6 +98,24 @@ TEST_F(CliConvertTest, CompressedOutputIsCompressed) {
   }
 }
 
+// Each 64 KiB cluster is 16 KiB of random bytes written four times: only back-references
+// of 16 KiB compress it, so every cluster being compressed shows such streams are written,
+// and qemu reading them back equal shows qemu takes them (qemu's inflate for qcow2 is set
+// up with a 4 KiB window, but decodes a whole cluster in one call).
+TEST_F(CliConvertTest, FarBackReferencesReadBackInQemu) {
+  MustSh("for i in $(seq 16); do head -c 16384 /dev/urandom > q; cat q q q q; done > far.raw");
+  Ok(V("convert -c -O qcow2 far.raw far.qcow2"));
+  EXPECT_EQ(Q("compare far.raw far.qcow2").exit_code, 0);
+  CommandResult chk = Q("check far.qcow2");
+  EXPECT_EQ(chk.exit_code, 0) << chk.out << chk.err;
+  EXPECT_NE(chk.out.find("100.00% compressed clusters"), std::string::npos) << chk.out;
+  Ok(V("convert -O vmdk -o subformat=streamOptimized far.raw far.vmdk"));
+  EXPECT_EQ(Q("compare far.raw far.vmdk").exit_code, 0);
+  struct stat st;
+  ASSERT_EQ(stat(F("far.vmdk").c_str(), &st), 0);
+  EXPECT_LT(st.st_size, 700 * 1024) << "grains were not compressed";
+}
+
 TEST_F(CliConvertTest, SparseOutputAndFullAllocation) {
   MustSh("qemu-img create -q -f raw s.raw 64M");
   MustSh("qemu-io -f raw -c 'write -P 0x33 32M 64k' s.raw >/dev/null");
