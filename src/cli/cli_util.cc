@@ -269,6 +269,11 @@ std::string PathCombine(const std::string& base, const std::string& name) {
   return base.substr(0, slash + 1) + name;
 }
 
+bool IsCacheMode(const std::string& mode) {
+  return mode == "none" || mode == "off" || mode == "writeback" || mode == "unsafe" ||
+         mode == "directsync" || mode == "writethrough";
+}
+
 bool StdoutIsTty() { return isatty(STDOUT_FILENO) == 1; }
 
 void Progress::Update(double fraction) {

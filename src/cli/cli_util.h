@@ -56,6 +56,10 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
 // qemu's path_combine: the name a backing reference has relative to the image's folder.
 std::string PathCombine(const std::string& base, const std::string& name);
 
+// Whether `mode` is one of qemu's cache modes (-t/-T): none, writeback, unsafe,
+// directsync, writethrough.
+bool IsCacheMode(const std::string& mode);
+
 // Whether stdout is a terminal (progress bars).
 bool StdoutIsTty();
 

@@ -2,6 +2,7 @@
 #include <getopt.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <thread>
@@ -19,6 +20,7 @@ namespace {
 const char kUsage[] =
     "usage: vimgfs convert [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [-q] [-n] [-S size]\n"
     "                      [-B backing_file [-F backing_fmt]] [-l snapshot.name=NAME] [-m N] [-W]\n"
+    "                      [-t cache] [-T src_cache]\n"
     "                      [--target-is-zero] [-U] [--untrusted] filename [filename2 [...]] output\n"
     "\n"
     "Converts one or more images (concatenated) into 'output' of format output_fmt (default\n"
@@ -35,7 +37,11 @@ const char kUsage[] =
     "  -F backing_fmt   format of the -B image\n"
     "  -l snapshot.name=NAME   convert a qcow2 internal snapshot\n"
     "  -p               show progress on a terminal;  -q  quiet\n"
-    "  -m N, -W         accepted for qemu-img compatibility\n";
+    "  -m N             source reads in flight ahead of the writer, 1 to 16 (default 8)\n"
+    "  -W               allow out-of-order writes (accepted; writes stay in order)\n"
+    "  -t cache         output cache mode (default unsafe, as qemu-img: nothing is flushed;\n"
+    "                   any other mode makes the output durable before exit)\n"
+    "  -T src_cache     source cache mode (checked, no effect on reads)\n";
 
 Codec TargetCodec(Image& img) {
   FormatInfo fi = img.Info();
@@ -53,8 +59,10 @@ int RunConvert(int argc, char** argv) {
   std::string fmt, out_fmt = "raw", out_backing, out_backing_fmt, snapshot;
   std::vector<std::string> option_texts;
   bool compress = false, progress = false, quiet = false, no_create = false;
-  bool target_is_zero = false, untrusted = false;
+  bool target_is_zero = false, untrusted = false, out_of_order = false;
   uint64_t min_sparse = 4096;
+  std::string out_cache = "unsafe";  // qemu-img convert's default: no flushes at all
+  int requests = 8;
   enum { kTargetIsZero = 256, kUntrusted, kImageOpts, kObject, kSalvage, kBitmaps, kTargetImageOpts };
   static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
                                  {"target-is-zero", no_argument, nullptr, kTargetIsZero},
@@ -104,7 +112,32 @@ int RunConvert(int argc, char** argv) {
         break;
       }
       case 'p': progress = true; break;
-      case 't': case 'T': case 'm': case 'W': case 'U': case 'r': break;
+      case 't':
+        if (!IsCacheMode(optarg)) {
+          PrintError(fmt::format("Invalid cache option: {}", optarg));
+          return 1;
+        }
+        out_cache = optarg;
+        break;
+      case 'T':
+        if (!IsCacheMode(optarg)) {
+          PrintError(fmt::format("Invalid source cache option: {}", optarg));
+          return 1;
+        }
+        break;
+      case 'm': {
+        char* end = nullptr;
+        errno = 0;
+        long v = std::strtol(optarg, &end, 0);
+        if (errno || end == optarg || *end || v < 1 || v > 16) {
+          PrintError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+          return 1;
+        }
+        requests = static_cast<int>(v);
+        break;
+      }
+      case 'W': out_of_order = true; break;
+      case 'U': case 'r': break;
       case 'q': quiet = true; break;
       case 'n': no_create = true; break;
       case kTargetIsZero: target_is_zero = true; break;
@@ -206,14 +239,18 @@ int RunConvert(int argc, char** argv) {
   cs.progress = progress && StdoutIsTty();
   cs.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   if (const char* t = std::getenv("VIMGFS_THREADS")) cs.threads = std::clamp(std::atoi(t), 1, 256);
+  cs.requests_in_flight = requests;
+  (void)out_of_order;  // permission, not a duty: writes go out in order either way
   cs.target_has_backing = !out_backing.empty();
   cs.target_fresh = !no_create || target_is_zero;
 
   std::map<std::string, std::string> create_opts;
   for (const auto& [k, v] : opts) create_opts[k] = v;
 
-  // Flushes are deferred to one sync of each output file at the end.
+  // Flushes are deferred to one sync of each output file at the end, and skipped in the
+  // default "unsafe" mode (a half-written conversion is worth nothing either way).
   DeferredSyncEnv env(Env::Default());
+  const bool durable = out_cache != "unsafe";
   if (stream_vmdk) {
     auto w = StreamOptimizedWriter::Open(env, out_name, src.size(), create_opts);
     if (!w.ok()) {
@@ -222,7 +259,7 @@ int RunConvert(int argc, char** argv) {
     }
     Status s = ConvertToStream(src, **w, cs);
     w->reset();
-    if (s.ok()) s = env.SyncAll();
+    if (s.ok() && durable) s = env.SyncAll();
     if (!s.ok()) {
       PrintFileError(out_name, s);
       return 1;
@@ -263,7 +300,7 @@ int RunConvert(int argc, char** argv) {
   Status s = ConvertToImage(src, *target, cs);
   if (s.ok()) s = target->Close();
   target.reset();
-  if (s.ok()) s = env.SyncAll();
+  if (s.ok() && durable) s = env.SyncAll();
   if (!s.ok()) {
     PrintFileError(out_name, s);
     return 1;

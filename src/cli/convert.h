@@ -43,6 +43,7 @@ struct ConvertSettings {
   bool target_fresh = true;      // created by us (reads as zeros) or --target-is-zero
   bool target_has_backing = false;  // -B: copy only the sources' top layers
   int threads = 1;
+  int requests_in_flight = 8;    // -m: source reads ahead of the writer (1..16)
   bool progress = false;
 };
 

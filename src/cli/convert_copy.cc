@@ -108,39 +108,157 @@ Status WriteSparse(Image& target, uint64_t off, std::span<const std::byte> buf, 
   return Status::Ok();
 }
 
-Status CopyPlain(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
-  std::vector<std::byte> buf(kCopyChunk);
+// One step of a plain copy, in target order: a zero run to record, or data read into a
+// buffer (or a read error, reported when the writer reaches it).
+struct CopyStep {
+  uint64_t off = 0, len = 0;
+  bool zero_run = false;
+  int buf = -1;
+  Status status;
+};
+
+// A bounded in-order queue between the reading thread and the writing one, plus the
+// free list of the buffers the steps carry.
+class CopyQueue {
+ public:
+  explicit CopyQueue(int buffers) {
+    bufs_.resize(static_cast<size_t>(buffers));
+    for (int i = 0; i < buffers; i++) free_.push_back(i);
+  }
+  std::span<std::byte> Buffer(int i, uint64_t n) {
+    auto& b = bufs_[static_cast<size_t>(i)];
+    if (b.size() < kCopyChunk) b.resize(kCopyChunk);  // allocated on first use
+    return {b.data(), static_cast<size_t>(n)};
+  }
+  // Producer side. Returns -1 once the consumer has quit.
+  int TakeFree() {
+    std::unique_lock lk(mu_);
+    cv_.wait(lk, [&] { return quit_ || !free_.empty(); });
+    if (quit_) return -1;
+    int i = free_.front();
+    free_.pop_front();
+    return i;
+  }
+  bool Push(CopyStep step) {
+    std::lock_guard lk(mu_);
+    if (quit_) return false;
+    steps_.push_back(std::move(step));
+    cv_.notify_all();
+    return true;
+  }
+  void Finish() {
+    std::lock_guard lk(mu_);
+    finished_ = true;
+    cv_.notify_all();
+  }
+  // Consumer side. False when the producer is done and nothing is left.
+  bool Pop(CopyStep* out) {
+    std::unique_lock lk(mu_);
+    cv_.wait(lk, [&] { return finished_ || !steps_.empty(); });
+    if (steps_.empty()) return false;
+    *out = std::move(steps_.front());
+    steps_.pop_front();
+    return true;
+  }
+  void Release(int i) {
+    if (i < 0) return;
+    std::lock_guard lk(mu_);
+    free_.push_back(i);
+    cv_.notify_all();
+  }
+  void Quit() {
+    std::lock_guard lk(mu_);
+    quit_ = true;
+    cv_.notify_all();
+  }
+  bool quitting() {
+    std::lock_guard lk(mu_);
+    return quit_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<std::vector<std::byte>> bufs_;
+  std::deque<int> free_;
+  std::deque<CopyStep> steps_;
+  bool finished_ = false, quit_ = false;
+};
+
+// Walks the source's block status and reads its data, `queue`'s buffers ahead of the
+// writer (qemu-img's -m requests in flight).
+void ProduceCopySteps(ConcatSource& src, const ConvertSettings& s, CopyQueue& queue) {
   const uint64_t size = src.size();
-  for (uint64_t win = 0; win < size; win += kMapWindow) {
+  for (uint64_t win = 0; win < size && !queue.quitting(); win += kMapWindow) {
     uint64_t wlen = std::min(kMapWindow, size - win);
-    ASSIGN_OR_RETURN(auto runs, src.Map(win, wlen, s.target_has_backing));
-    for (const BlockStatus& r : runs) {
+    auto runs = src.Map(win, wlen, s.target_has_backing);
+    if (!runs.ok()) {
+      queue.Push({win, wlen, false, -1, WithOffset(runs.error(), "reading", win)});
+      break;
+    }
+    for (const BlockStatus& r : *runs) {
       if (s.target_has_backing && r.depth > 0) continue;  // the target's backing has it
       if (r.zero && s.min_sparse != 0) {
-        if (!s.target_fresh || s.target_has_backing) {
-          Status st = target.WriteZeroes(r.offset, r.length, !s.target_has_backing);
-          if (!st.ok()) return WithOffset(st, "writing", r.offset);
-        }
+        if (!queue.Push({r.offset, r.length, true, -1, Status::Ok()})) return;
         continue;
       }
       for (uint64_t pos = r.offset; pos < r.offset + r.length;) {
         uint64_t n = std::min<uint64_t>(kCopyChunk - pos % kCopyChunk, r.offset + r.length - pos);
-        std::span<std::byte> b(buf.data(), n);
+        int buf = queue.TakeFree();
+        if (buf < 0) return;
+        std::span<std::byte> b = queue.Buffer(buf, n);
+        Status st;
         if (r.zero) {
           std::memset(b.data(), 0, n);
         } else {
-          Status st = src.Read(pos, b);
-          if (!st.ok()) return WithOffset(st, "reading", pos);
+          st = src.Read(pos, b);
+          if (!st.ok()) st = WithOffset(st, "reading", pos);
         }
-        Status st = WriteSparse(target, pos, b, s);
-        if (!st.ok()) return WithOffset(st, "writing", pos);
+        bool failed = !st.ok();
+        if (!queue.Push({pos, n, false, buf, std::move(st)}) || failed) {
+          queue.Finish();
+          return;
+        }
         pos += n;
-        bar.Update(static_cast<double>(pos) / size);
       }
     }
-    bar.Update(static_cast<double>(win + wlen) / size);
   }
-  return Status::Ok();
+  queue.Finish();
+}
+
+// Reads on one thread and writes, in order, on this one, so reading the source and
+// writing the target overlap as they do in qemu-img.
+Status CopyPlain(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
+  CopyQueue queue(std::clamp(s.requests_in_flight, 1, 16));
+  std::thread reader([&] { ProduceCopySteps(src, s, queue); });
+  Status result;
+  CopyStep step;
+  while (queue.Pop(&step)) {
+    if (!step.status.ok()) {
+      result = step.status;
+      break;
+    }
+    if (step.zero_run) {
+      if (!s.target_fresh || s.target_has_backing) {
+        Status st = target.WriteZeroes(step.off, step.len, !s.target_has_backing);
+        if (!st.ok()) {
+          result = WithOffset(st, "writing", step.off);
+          break;
+        }
+      }
+    } else {
+      Status st = WriteSparse(target, step.off, queue.Buffer(step.buf, step.len), s);
+      queue.Release(step.buf);
+      if (!st.ok()) {
+        result = WithOffset(st, "writing", step.off);
+        break;
+      }
+    }
+    bar.Update(static_cast<double>(step.off + step.len) / static_cast<double>(src.size()));
+  }
+  queue.Quit();
+  reader.join();
+  return result;
 }
 
 // One cluster of a compressed conversion.

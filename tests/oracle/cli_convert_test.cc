@@ -188,6 +188,34 @@ TEST_F(CliConvertTest, ExistingTargetAndSnapshot) {
   EXPECT_NE(Q("compare v.raw snap.qcow2").exit_code, 0);
 }
 
+// -m sets how far reads run ahead of writes; -t/-T take qemu's cache modes. Every
+// setting gives the same output, and bad values are refused with qemu-img's words.
+TEST_F(CliConvertTest, RequestsInFlightAndCacheModes) {
+  MakeSources();
+  for (const std::string& args : {std::string("-m 1"), std::string("-m 16 -W"),
+                                  std::string("-t writeback -T none"), std::string("-t none")}) {
+    SCOPED_TRACE(args);
+    ConvertAndJudge("src.qcow2", "qcow2", "-O qcow2 " + args, "m.qcow2", "qcow2");
+    ConvertAndJudge("src.vdi", "vdi", "-O raw " + args, "m.raw", "raw");
+  }
+  const std::vector<std::pair<std::string, std::string>> bad = {
+      {"-m 0", "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"},
+      {"-m 17", "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"},
+      {"-m x", "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16"},
+      {"-t foo", "Invalid cache option: foo"},
+      {"-T foo", "Invalid source cache option: foo"},
+  };
+  for (const auto& [args, msg] : bad) {
+    SCOPED_TRACE(args);
+    CommandResult v = V("convert " + args + " -O qcow2 src.raw bad.qcow2");
+    CommandResult q = Q("convert " + args + " -O qcow2 src.raw bad.qcow2");
+    EXPECT_EQ(v.exit_code, 1);
+    EXPECT_EQ(q.exit_code, 1);
+    EXPECT_EQ(v.err, "vimgfs: " + msg + "\n");
+    EXPECT_EQ(q.err, "qemu-img: " + msg + "\n");
+  }
+}
+
 TEST_F(CliConvertTest, Errors) {
   CommandResult r = V("convert -O qcow2 missing.qcow2 out.qcow2");
   EXPECT_EQ(r.exit_code, 1);
