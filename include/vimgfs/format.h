@@ -177,6 +177,10 @@ class ClusterMap {
   virtual Status WriteCompressed(uint64_t guest_off, std::span<const std::byte> stream) {
     return Status::Unsupported("this format cannot store compressed clusters");
   }
+  // Drops every cluster of the active layer so the whole disk reads from the backing
+  // image again (qemu-img commit empties the overlay so). kUnsupported where the format
+  // cannot (qemu leaves such overlays as they are).
+  virtual Status MakeEmpty() { return Status::Unsupported("cannot empty this format"); }
   // Rewrites the backing reference in the header (rebase -u, commit).
   virtual Status SetBacking(const std::optional<BackingRef>& ref) {
     return Status::Unsupported("this format has no backing file");

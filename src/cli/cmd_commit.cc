@@ -16,8 +16,11 @@ const char kUsage[] =
     "\n"
     "Writes the data of 'filename' (an overlay) into its backing file, or into the image\n"
     "'base' further down the backing chain (-b): everything allocated above base is copied.\n"
-    "  -d   keep the overlay's data (accepted; vimgfs always leaves the overlay as it is,\n"
-    "       which reads the same once its data is in the base)\n";
+    "Then, as qemu-img does, a qcow2 overlay is emptied so that it reads through to its\n"
+    "backing file (other formats are left as they are).\n"
+    "  -d        do not empty the overlay (implied by -b)\n"
+    "  -b base   commit into this image of the backing chain\n"
+    "  -p, -q    progress on a terminal; quiet\n";
 
 constexpr uint64_t kChunk = 2 << 20;
 
@@ -30,7 +33,7 @@ std::string RealPath(const std::string& p) {
 
 int RunCommit(int argc, char** argv) {
   std::string fmt, base_name;
-  bool progress = false, quiet = false, untrusted = false;
+  bool progress = false, quiet = false, untrusted = false, keep = false;
   enum { kUntrusted = 256, kImageOpts, kObject };
   static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
                                  {"untrusted", no_argument, nullptr, kUntrusted},
@@ -45,7 +48,7 @@ int RunCommit(int argc, char** argv) {
       case 'h': std::fputs(kUsage, stdout); return 0;
       case 'f': fmt = optarg; break;
       case 'b': base_name = optarg; break;
-      case 'd': break;
+      case 'd': keep = true; break;
       case 'p': progress = true; break;
       case 'q': quiet = true; break;
       case 't': case 'r': case kObject: break;
@@ -149,6 +152,26 @@ int RunCommit(int argc, char** argv) {
   if (!s.ok()) {
     PrintFileError(base_path, s);
     return 1;
+  }
+  // Emptying an overlay whose data went further down than its own backing file would
+  // lose the layers between, hence -b implies -d (as in qemu-img).
+  if (!keep && base_name.empty()) {
+    top.reset();
+    ImageOpen to;
+    to.format = fmt;
+    to.read_only = false;
+    to.untrusted = untrusted;
+    to.open_backing = false;
+    auto wtop = OpenOrReport(filename, to);
+    if (!wtop) return 1;
+    s = wtop->cluster_map().MakeEmpty();
+    if (s.kind() == ErrorKind::kUnsupported) s = Status::Ok();  // qemu leaves these too
+    Status c = wtop->Close();
+    if (s.ok()) s = c;
+    if (!s.ok()) {
+      PrintFileError(filename, s);
+      return 1;
+    }
   }
   if (!quiet) std::printf("Image committed.\n");
   return 0;

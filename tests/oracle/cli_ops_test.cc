@@ -106,9 +106,44 @@ TEST_F(CliOpsTest, Commit) {
   EXPECT_EQ(Q("compare want.raw top.qcow2").exit_code, 0);
   EXPECT_EQ(Q("check base.qcow2").exit_code, 0);
   EXPECT_EQ(Q("check top.qcow2").exit_code, 0);
+  // The overlay was emptied, as qemu-img commit does: every byte now comes from the base.
+  nlohmann::json map = Json(Q("map --output=json top.qcow2"));
+  for (const auto& run : map) EXPECT_EQ(run["depth"], 1) << run.dump();
   v = V("commit base.qcow2");
   EXPECT_EQ(v.exit_code, 1);
   EXPECT_EQ(v.err, "vimgfs: Image does not have a backing file\n");
+}
+
+// -d keeps the overlay's data, and so does -b (emptying an overlay whose data went past
+// its own backing file would lose the layers between); a VMDK overlay is never emptied.
+// qemu-img on copies of the same chains leaves the same allocation.
+TEST_F(CliOpsTest, CommitKeepsTheOverlayWithDOrB) {
+  auto top_layer_bytes = [&](const std::string& img) {
+    uint64_t n = 0;
+    for (const auto& run : Json(Q("map --output=json " + img)))
+      if (run["depth"] == 0 && run["data"] == true) n += run["length"].get<uint64_t>();
+    return n;
+  };
+  for (const std::string& tool : {std::string("vimgfs"), std::string("qemu")}) {
+    SCOPED_TRACE(tool);
+    auto run = [&](const std::string& args) { return tool == "qemu" ? Q(args) : V(args); };
+    MustSh("rm -f b.qcow2 m.qcow2 t.qcow2 bv.vmdk tv.vmdk");
+    MustSh("qemu-img create -q -f qcow2 b.qcow2 4M");
+    MustSh("qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 m.qcow2");
+    MustSh("qemu-img create -q -f qcow2 -b m.qcow2 -F qcow2 t.qcow2");
+    MustSh("qemu-io -c 'write -P 9 0 1M' t.qcow2 >/dev/null");
+    ASSERT_EQ(run("commit -d -q t.qcow2").exit_code, 0);
+    EXPECT_EQ(top_layer_bytes("t.qcow2"), 1u << 20);
+    ASSERT_EQ(run("commit -q -b b.qcow2 t.qcow2").exit_code, 0);
+    EXPECT_EQ(top_layer_bytes("t.qcow2"), 1u << 20);
+    EXPECT_EQ(Q("compare t.qcow2 b.qcow2").exit_code, 0);
+    MustSh("qemu-img create -q -f vmdk bv.vmdk 4M");
+    MustSh("qemu-img create -q -f vmdk -b bv.vmdk -F vmdk tv.vmdk");
+    MustSh("qemu-io -f vmdk -c 'write -P 3 0 1M' tv.vmdk >/dev/null");
+    ASSERT_EQ(run("commit -q tv.vmdk").exit_code, 0);
+    EXPECT_EQ(top_layer_bytes("tv.vmdk"), 1u << 20);
+    EXPECT_EQ(Q("compare tv.vmdk bv.vmdk").exit_code, 0);
+  }
 }
 
 }  // namespace

@@ -186,6 +186,7 @@ class Qcow2Map final : public ClusterMap {
   void AbortWrite(const WritePlan& plan) override;
   Status ZeroRange(uint64_t guest_off, uint64_t len, bool unmap) override;
   Status Discard(uint64_t guest_off, uint64_t len) override;
+  Status MakeEmpty() override;
   Status Flush() override;
   Status Close() override;
   std::optional<BackingRef> backing() const override;
@@ -202,6 +203,10 @@ class Qcow2Map final : public ClusterMap {
 
   // ---- internals shared by the .cc files ----
   Qcow2Map() = default;
+  // Frees the clusters of a range. Not full: they read as zeros afterwards (zero flag
+  // where a backing file or an allocation needs it). Full: they become unallocated and
+  // read from the backing file.
+  Status DiscardClusters(uint64_t off, uint64_t len, bool full);
 
   // L1/L2 geometry.
   uint64_t l2_entries() const { return l2_entries_; }

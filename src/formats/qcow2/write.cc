@@ -214,7 +214,15 @@ Status Qcow2Map::ZeroRange(uint64_t off, uint64_t len, bool unmap) {
   return Status::Ok();
 }
 
-Status Qcow2Map::Discard(uint64_t off, uint64_t len) {
+Status Qcow2Map::Discard(uint64_t off, uint64_t len) { return DiscardClusters(off, len, false); }
+
+Status Qcow2Map::MakeEmpty() {
+  if (header_.autoclear_features & kAutoclearDataFileRaw)
+    return Status::Unsupported("'{}': the raw data file must keep its data", path_);
+  return DiscardClusters(0, size_, true);
+}
+
+Status Qcow2Map::DiscardClusters(uint64_t off, uint64_t len, bool full) {
   RETURN_IF_ERROR(CheckWritable());
   RETURN_IF_ERROR(MarkDirty());
   if (header_.autoclear_features & kAutoclearDataFileRaw) return Status::Ok();
@@ -235,7 +243,7 @@ Status Qcow2Map::Discard(uint64_t off, uint64_t len) {
       uint64_t e = LoadL2(l2, L2Index(c), &bm);
       bool allocated = IsCompressed(e) || L2EntryOffset(e) != 0 || SubAllocBits(bm) != 0;
       uint64_t ne = 0, nbm = 0;
-      if (v3_ && (has_backing || allocated)) {
+      if (!full && v3_ && (has_backing || allocated)) {
         if (extended_l2_) {
           nbm = MakeSubBitmap(0, 0xffffffffu);
         } else {
