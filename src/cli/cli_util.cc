@@ -8,6 +8,8 @@
 #include <cstring>
 #include <numeric>
 
+#include "engine/image_lock.h"
+
 namespace vimgfs::cli {
 
 void PrintError(const std::string& msg) { std::fprintf(stderr, "vimgfs: %s\n", msg.c_str()); }
@@ -250,7 +252,9 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.env = o.env;
   if (!o.format.empty() && !FindFormat(o.format))
     return Status::InvalidArgument("Unknown driver '{}'", o.format);
-  return Image::Open(path, opts);
+  ASSIGN_OR_RETURN(auto img, Image::Open(path, opts));
+  if (!o.force_share) RETURN_IF_ERROR(LockImageFiles(*img, !o.read_only));
+  return img;
 }
 
 std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o) {

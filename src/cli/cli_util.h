@@ -48,6 +48,11 @@ struct ImageOpen {
   bool open_backing = true;
   std::string snapshot;
   Env* env = nullptr;  // nullptr: Env::Default()
+  // -U/--force-share: take no lock. Otherwise the image's own files are locked as qemu-img
+  // locks them (shared for readers), so commands refuse an image a VM or a mount is
+  // writing. Backing files are not locked: one command may open the same file both as a
+  // backing file and for writing (commit), and OFD locks cannot tell its opens apart.
+  bool force_share = false;
 };
 // Opens an image; on failure prints the error line and returns nullptr.
 std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o);

@@ -80,6 +80,7 @@ int RunCheck(int argc, char** argv) {
                                  {"image-opts", no_argument, nullptr, kImageOpts},
                                  {"object", required_argument, nullptr, kObject},
                                  {nullptr, 0, nullptr, 0}};
+  bool force_share = false;
   optind = 0;
   opterr = 0;
   int c;
@@ -98,7 +99,7 @@ int RunCheck(int argc, char** argv) {
         break;
       case 'T': break;
       case 'q': quiet = true; break;
-      case 'U': break;
+      case 'U': force_share = true; break;
       case kOutput: output = optarg; break;
       case kUntrusted: untrusted = true; break;
       case kImageOpts: PrintError("--image-opts is not supported"); return 1;
@@ -114,6 +115,7 @@ int RunCheck(int argc, char** argv) {
   if (optind != argc - 1) return UsageError("check", "Expecting one image file name");
   std::string filename = argv[optind];
   ImageOpen o;
+  o.force_share = force_share;
   o.format = fmt;
   o.untrusted = untrusted;
   o.read_only = mode == RepairMode::kNone;

@@ -112,6 +112,7 @@ int RunCommit(int argc, char** argv) {
       PrintFileError(base_path, s);
       return 1;
     }
+    wbase.reset();  // drop its locks before taking them again
     wbase = OpenOrReport(base_path, bo);
     if (!wbase) return 1;
   }

@@ -78,6 +78,7 @@ int RunCompare(int argc, char** argv) {
                                  {"image-opts", no_argument, nullptr, kImageOpts},
                                  {"object", required_argument, nullptr, kObject},
                                  {nullptr, 0, nullptr, 0}};
+  bool force_share = false;
   optind = 0;
   opterr = 0;
   int c;
@@ -90,7 +91,7 @@ int RunCompare(int argc, char** argv) {
       case 'p': progress = true; break;
       case 'q': quiet = true; break;
       case 's': strict = true; break;
-      case 'U': break;
+      case 'U': force_share = true; break;
       case kUntrusted: untrusted = true; break;
       case kImageOpts: PrintError("--image-opts is not supported"); return 2;
       case kObject: break;
@@ -109,6 +110,7 @@ int RunCompare(int argc, char** argv) {
   }
   std::string f1 = argv[optind], f2 = argv[optind + 1];
   ImageOpen o;
+  o.force_share = force_share;
   o.untrusted = untrusted;
   o.format = fmt1;
   auto img1 = OpenOrReport(f1, o);

@@ -74,6 +74,7 @@ int RunConvert(int argc, char** argv) {
                                  {"salvage", no_argument, nullptr, kSalvage},
                                  {"bitmaps", no_argument, nullptr, kBitmaps},
                                  {nullptr, 0, nullptr, 0}};
+  bool force_share = false;
   optind = 0;
   opterr = 0;
   int c;
@@ -137,7 +138,8 @@ int RunConvert(int argc, char** argv) {
         break;
       }
       case 'W': out_of_order = true; break;
-      case 'U': case 'r': break;
+      case 'U': force_share = true; break;
+      case 'r': break;
       case 'q': quiet = true; break;
       case 'n': no_create = true; break;
       case kTargetIsZero: target_is_zero = true; break;
@@ -225,6 +227,7 @@ int RunConvert(int argc, char** argv) {
   std::vector<std::unique_ptr<Image>> images;
   for (const std::string& name : sources) {
     ImageOpen o;
+    o.force_share = force_share;
     o.format = fmt;
     o.untrusted = untrusted;
     o.snapshot = snapshot;
@@ -281,6 +284,7 @@ int RunConvert(int argc, char** argv) {
     }
   }
   ImageOpen to;
+  to.force_share = force_share;
   to.format = out_fmt;
   to.read_only = false;
   to.untrusted = untrusted;

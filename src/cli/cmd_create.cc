@@ -144,6 +144,7 @@ int RunCreate(int argc, char** argv) {
   if (bfile && !unsafe) {
     ImageOpen bo;
     bo.format = *bfmt;
+    bo.force_share = true;  // only its size is read: qemu-img reads it even while in use
     auto b = OpenImage(PathCombine(filename, *bfile), bo);
     if (!b.ok()) {
       PrintError(fmt::format("{}: {}", filename, OpenErrorMessage(*bfile, b.error())));

@@ -80,6 +80,7 @@ int RunInfo(int argc, char** argv) {
                                  {"image-opts", no_argument, nullptr, kImageOpts},
                                  {"object", required_argument, nullptr, kObject},
                                  {nullptr, 0, nullptr, 0}};
+  bool force_share = false;
   optind = 0;
   opterr = 0;
   int c;
@@ -87,7 +88,7 @@ int RunInfo(int argc, char** argv) {
     switch (c) {
       case 'h': std::fputs(kUsage, stdout); return 0;
       case 'f': fmt = optarg; break;
-      case 'U': break;
+      case 'U': force_share = true; break;
       case kOutput: output = optarg; break;
       case kBackingChain: chain = true; break;
       case kUntrusted: untrusted = true; break;
@@ -105,6 +106,8 @@ int RunInfo(int argc, char** argv) {
   std::string filename = argv[optind];
 
   ImageOpen o;
+
+  o.force_share = force_share;
   o.format = fmt;
   o.read_only = true;
   o.untrusted = untrusted;

@@ -80,6 +80,7 @@ int RunMap(int argc, char** argv) {
                                  {"image-opts", no_argument, nullptr, kImageOpts},
                                  {"object", required_argument, nullptr, kObject},
                                  {nullptr, 0, nullptr, 0}};
+  bool force_share = false;
   optind = 0;
   opterr = 0;
   int c;
@@ -87,7 +88,7 @@ int RunMap(int argc, char** argv) {
     switch (c) {
       case 'h': std::fputs(kUsage, stdout); return 0;
       case 'f': fmt = optarg; break;
-      case 'U': break;
+      case 'U': force_share = true; break;
       case kOutput: output = optarg; break;
       case kStart:
       case kMaxLen: {
@@ -113,6 +114,7 @@ int RunMap(int argc, char** argv) {
   if (optind != argc - 1) return UsageError("map", "Expecting one image file name");
   std::string filename = argv[optind];
   ImageOpen o;
+  o.force_share = force_share;
   o.format = fmt;
   o.untrusted = untrusted;
   std::unique_ptr<Image> img = OpenOrReport(filename, o);

@@ -44,6 +44,7 @@ int RunRebase(int argc, char** argv) {
                                  {"image-opts", no_argument, nullptr, kImageOpts},
                                  {"object", required_argument, nullptr, kObject},
                                  {nullptr, 0, nullptr, 0}};
+  bool force_share = false;
   optind = 0;
   opterr = 0;
   int c;
@@ -56,7 +57,8 @@ int RunRebase(int argc, char** argv) {
       case 'u': unsafe = true; break;
       case 'p': progress = true; break;
       case 'q': quiet = true; break;
-      case 't': case 'T': case 'U': case 'c': case kObject: break;
+      case 'U': force_share = true; break;
+      case 't': case 'T': case 'c': case kObject: break;
       case kUntrusted: untrusted = true; break;
       case kImageOpts: PrintError("--image-opts is not supported"); return 1;
       case ':': return UsageError("rebase", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
@@ -74,6 +76,8 @@ int RunRebase(int argc, char** argv) {
   }
 
   ImageOpen o;
+
+  o.force_share = force_share;
   o.format = fmt;
   o.read_only = false;
   o.untrusted = untrusted;
@@ -85,6 +89,7 @@ int RunRebase(int argc, char** argv) {
     std::unique_ptr<Image> new_base;
     if (!backing.empty()) {
       ImageOpen bo;
+      bo.force_share = force_share;
       bo.format = backing_fmt;
       bo.untrusted = untrusted;
       std::string path = PathCombine(filename, backing);

@@ -30,6 +30,7 @@ int RunSnapshot(int argc, char** argv) {
                                  {"image-opts", no_argument, nullptr, kImageOpts},
                                  {"object", required_argument, nullptr, kObject},
                                  {nullptr, 0, nullptr, 0}};
+  bool force_share = false;
   optind = 0;
   opterr = 0;
   int c;
@@ -46,7 +47,7 @@ int RunSnapshot(int argc, char** argv) {
         if (c != 'l') name = optarg;
         break;
       case 'q': quiet = true; break;
-      case 'U': break;
+      case 'U': force_share = true; break;
       case kUntrusted: untrusted = true; break;
       case kImageOpts: PrintError("--image-opts is not supported"); return 1;
       case kObject: break;
@@ -58,6 +59,7 @@ int RunSnapshot(int argc, char** argv) {
   if (optind != argc - 1) return UsageError("snapshot", "Expecting one image file name");
   std::string filename = argv[optind];
   ImageOpen o;
+  o.force_share = force_share;
   o.format = fmt;
   o.read_only = action == 'l';
   o.untrusted = untrusted;

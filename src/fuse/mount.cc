@@ -18,8 +18,8 @@
 #include <filesystem>
 #include <memory>
 
+#include "engine/image_lock.h"
 #include "fuse/server.h"
-#include "io/lock.h"
 #include "vimgfs/image.h"
 
 namespace vimgfs::mount {
@@ -110,21 +110,6 @@ Result<std::unique_ptr<Image>> OpenImage(const MountConfig& c) {
   return img;
 }
 
-// Locks every host file of the chain as qemu does: the image and its own extra files
-// (VMDK extents, qcow2 data file) for writing when it is writable, backing files shared.
-Status LockOne(Image& img, bool write) {
-  RETURN_IF_ERROR(LockImage(img.file(), write));
-  for (File* f : img.cluster_map().host_files())
-    if (f != nullptr && f != &img.file()) RETURN_IF_ERROR(LockImage(*f, write));
-  return Status::Ok();
-}
-
-Status LockChain(Image& top) {
-  RETURN_IF_ERROR(LockOne(top, !top.read_only()));
-  for (Image* b = top.backing(); b != nullptr; b = b->backing()) RETURN_IF_ERROR(LockOne(*b, false));
-  return Status::Ok();
-}
-
 std::string FuseOptionString(const MountConfig& c, const std::string& image, bool read_only) {
   bool has_fsname = false, has_subtype = false;
   std::string out;
@@ -177,7 +162,7 @@ int RunMount(const MountConfig& c) {
   auto opened = OpenImage(c);
   if (!opened.ok()) return fail(opened.error().ToString());
   std::unique_ptr<Image> image = std::move(*opened);
-  Status st = LockChain(*image);
+  Status st = LockImageChain(*image);
   if (!st.ok()) return fail(st.ToString());
 
   ServerOptions so;

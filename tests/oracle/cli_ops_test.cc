@@ -1,5 +1,9 @@
 // resize, snapshot, rebase and commit: vimgfs and qemu-img on copies of the same images
 // must leave images that compare equal and check clean.
+#include <unistd.h>
+
+#include <tuple>
+
 #include "cli_test_helpers.h"
 
 namespace vimgfs::test {
@@ -144,6 +148,44 @@ TEST_F(CliOpsTest, CommitKeepsTheOverlayWithDOrB) {
     EXPECT_EQ(top_layer_bytes("tv.vmdk"), 1u << 20);
     EXPECT_EQ(Q("compare tv.vmdk bv.vmdk").exit_code, 0);
   }
+}
+
+// While qemu-io holds an image for writing, the commands refuse it as qemu-img does
+// (shared "write" lock for readers, "write" lock for writers), -U reads it anyway, and an
+// overlay can still be created on it (only its size is read).
+TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
+  MustSh("qemu-img create -q -f qcow2 a.qcow2 8M && qemu-img create -q -f qcow2 b.qcow2 8M");
+  MustSh("(sleep 30 </dev/null 2>/dev/null | qemu-io a.qcow2 >/dev/null 2>&1 & echo $! > holder.pid)");
+  bool held = false;
+  for (int i = 0; i < 100 && !held; i++) {
+    held = Q("info a.qcow2").exit_code != 0;
+    if (!held) usleep(30000);
+  }
+  ASSERT_TRUE(held) << "qemu-io did not lock the image";
+  const std::vector<std::tuple<std::string, int, std::string>> cases = {
+      {"info a.qcow2", 1, "Failed to get shared \"write\" lock"},
+      {"map a.qcow2", 1, "Failed to get shared \"write\" lock"},
+      {"convert -O raw a.qcow2 o.raw", 1, "Failed to get shared \"write\" lock"},
+      {"resize a.qcow2 16M", 1, "Failed to get \"write\" lock"},
+      {"convert -n -O qcow2 b.qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
+      {"info -U a.qcow2", 0, ""},
+      {"check -U a.qcow2", 0, ""},
+      {"create -q -f qcow2 -b a.qcow2 -F qcow2 o.qcow2", 0, ""},
+  };
+  for (const auto& [args, code, msg] : cases) {
+    SCOPED_TRACE(args);
+    MustSh("rm -f o.raw o.qcow2");
+    CommandResult v = V(args);
+    MustSh("rm -f o.raw o.qcow2");
+    CommandResult q = Q(args);
+    EXPECT_EQ(v.exit_code, code) << v.err;
+    EXPECT_EQ(q.exit_code, code) << q.err;
+    if (!msg.empty()) {
+      EXPECT_NE(v.err.find(msg), std::string::npos) << v.err;
+      EXPECT_NE(q.err.find(msg), std::string::npos) << q.err;
+    }
+  }
+  MustSh("kill $(cat holder.pid)");
 }
 
 }  // namespace
