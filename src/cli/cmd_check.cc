@@ -17,7 +17,8 @@ const char kUsage[] =
     "Checks an image's metadata for consistency, and repairs it with -r.\n"
     "  -r leaks   free leaked clusters;  -r all   also fix corruptions\n"
     "Exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only,\n"
-    "63 the format cannot be checked.\n";
+    "63 the format cannot be checked.\n"
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
 
 void DumpHuman(const CheckReport& r, bool quiet) {
   if (quiet) return;

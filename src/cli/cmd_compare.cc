@@ -18,7 +18,8 @@ const char kUsage[] =
     "  -f fmt / -F fmt  formats of the first / second image\n"
     "  -s               strict: sizes and allocation must match too\n"
     "  -p               show progress;  -q  quiet\n"
-    "Exit codes: 0 identical, 1 different, 2 error.\n";
+    "Exit codes: 0 identical, 1 different, 2 error.\n"
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
 
 constexpr uint64_t kChunk = 2 << 20;
 constexpr uint64_t kSector = 512;

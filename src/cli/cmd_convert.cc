@@ -41,7 +41,8 @@ const char kUsage[] =
     "  -W               allow out-of-order writes (accepted; writes stay in order)\n"
     "  -t cache         output cache mode (default unsafe, as qemu-img: nothing is flushed;\n"
     "                   any other mode makes the output durable before exit)\n"
-    "  -T src_cache     source cache mode (checked, no effect on reads)\n";
+    "  -T src_cache     source cache mode (checked, no effect on reads)\n"
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
 
 Codec TargetCodec(Image& img) {
   FormatInfo fi = img.Info();

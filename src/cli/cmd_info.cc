@@ -21,8 +21,8 @@ const char kUsage[] =
     "  -f fmt            image format (probed from the content when absent)\n"
     "  --output=FMT      'human' (default) or 'json'\n"
     "  --backing-chain   show every image of the backing chain\n"
-    "  -U, --force-share accepted for qemu-img compatibility (info never writes)\n"
-    "  --untrusted       do not follow references the image makes to other files\n";
+    "  --untrusted       do not follow references the image makes to other files\n"
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
 
 }  // namespace
 

@@ -15,7 +15,8 @@ const char kUsage[] =
     "                  [-U] [--untrusted] filename\n"
     "\n"
     "Shows where the guest's data lives: human output lists the data runs and the host file\n"
-    "and offset holding each; JSON lists every run with depth, present, zero, data, offset.\n";
+    "and offset holding each; JSON lists every run with depth, present, zero, data, offset.\n"
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
 
 struct Entry {
   uint64_t start = 0, length = 0;

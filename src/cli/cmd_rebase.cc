@@ -11,13 +11,14 @@ namespace vimgfs::cli {
 namespace {
 
 const char kUsage[] =
-    "usage: vimgfs rebase [-f fmt] [-u] [-p] [-q] -b backing_file [-F backing_fmt] [--untrusted]\n"
+    "usage: vimgfs rebase [-f fmt] [-u] [-p] [-q] [-U] -b backing_file [-F backing_fmt] [--untrusted]\n"
     "                     filename\n"
     "\n"
     "Changes the backing file of an image. Safe mode (default) first copies into the image\n"
     "every cluster it does not have whose content differs between the old and the new\n"
     "backing file, so the guest sees the same disk. -u only rewrites the reference.\n"
-    "-b \"\" makes the image independent of any backing file.\n";
+    "-b \"\" makes the image independent of any backing file.\n"
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
 
 constexpr uint64_t kStep = 1 << 20;
 

@@ -15,7 +15,8 @@ const char kUsage[] =
     "                       filename\n"
     "\n"
     "Lists (-l, the default), creates (-c), applies (-a: reverts the disk to it) or deletes\n"
-    "(-d) internal snapshots of a qcow2 image.\n";
+    "(-d) internal snapshots of a qcow2 image.\n"
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
 
 }  // namespace
 
