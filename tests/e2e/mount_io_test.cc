@@ -66,6 +66,62 @@ class MountIo : public ::testing::TestWithParam<std::string> {
     return v;
   }
 
+  static std::unique_ptr<uint8_t, decltype(&free)> AlignedBuffer(size_t n) {
+    void* p = nullptr;
+    EXPECT_EQ(posix_memalign(&p, 4096, n), 0);
+    return {static_cast<uint8_t*>(p), &free};
+  }
+  // Four threads write random pieces through disk.raw and the same pieces into `ref`, a
+  // new 64 MiB raw file. Each thread owns every 4th 16 KiB unit of the first 32 MiB, so
+  // neighbours share clusters (allocation and COW race) while the final bytes stay well
+  // defined; some pieces are all zeros (the zero detection path). direct: O_DIRECT, with
+  // page-aligned offsets, lengths and buffers. Reads disk.raw back against ref at the end.
+  void RunInterleavedWriters(const std::string& ref, bool direct) {
+    int rfd0 = open(ref.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
+    ASSERT_GE(rfd0, 0);
+    ASSERT_EQ(ftruncate(rfd0, 64 * kMiB), 0);
+    close(rfd0);
+    constexpr uint64_t kUnit = 16 * 1024, kUnits = 32 * kMiB / kUnit, kPage = 4096;
+    const uint64_t grain = direct ? kPage : 1;
+    std::vector<std::thread> threads;
+    std::atomic<int> failures{0};
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        int fd = open(Disk().c_str(), O_RDWR | (direct ? O_DIRECT : 0));
+        int rfd = open(ref.c_str(), O_RDWR);
+        auto buf = AlignedBuffer(kUnit);
+        std::mt19937_64 rng((direct ? 200 : 100) + t);
+        for (int i = 0; i < 300 && fd >= 0 && rfd >= 0; ++i) {
+          uint64_t unit = (rng() % (kUnits / 4)) * 4 + t;
+          uint64_t in = (rng() % (kUnit / grain)) * grain;
+          uint64_t len = (1 + rng() % ((kUnit - in) / grain)) * grain;
+          auto data = RandomBytes(len, rng());
+          if (i % 17 == 0) std::fill(data.begin(), data.end(), 0);
+          std::memcpy(buf.get(), data.data(), len);
+          uint64_t off = unit * kUnit + in;
+          if (!PWriteAll(fd, buf.get(), len, off) || !PWriteAll(rfd, data.data(), len, off)) {
+            ++failures;
+            break;
+          }
+          if (i % 50 == 0 && fsync(fd) != 0) ++failures;
+        }
+        if (fd < 0 || rfd < 0) ++failures;
+        if (fd >= 0) close(fd);
+        if (rfd >= 0) close(rfd);
+      });
+    }
+    for (auto& th : threads) th.join();
+    ASSERT_EQ(failures.load(), 0);
+    EXPECT_EQ(test::Sha256OfFile(Disk()), test::Sha256OfFile(ref));  // through the mount
+  }
+  // Unmounts, expects a clean image, and expects qemu to read it equal to `ref`.
+  void ExpectImageMatches(const std::string& ref) {
+    UnmountAndCheck();
+    std::string raw = dir_.File("out.raw");
+    ASSERT_TRUE(QemuToRaw(image_, raw));
+    EXPECT_EQ(test::Sha256OfFile(raw), test::Sha256OfFile(ref));
+  }
+
   test::TempDir dir_;  // outlives mount_
   Mount mount_;
   std::string mnt_, image_;
@@ -224,48 +280,8 @@ TEST_P(MountIo, TruncateIsRefused) {
 TEST_P(MountIo, ConcurrentWritersMatchRawFile) {
   MountImage();
   std::string ref = dir_.File("reference.raw");
-  {
-    int rfd = open(ref.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
-    ASSERT_GE(rfd, 0);
-    ASSERT_EQ(ftruncate(rfd, 64 * kMiB), 0);
-    close(rfd);
-  }
-  // Each thread owns every 4th 16 KiB unit of the first 32 MiB, so neighbours share
-  // clusters (allocation and COW race) while the final bytes stay well defined.
-  constexpr uint64_t kUnit = 16 * 1024, kUnits = 32 * kMiB / kUnit;
-  std::vector<std::thread> threads;
-  std::atomic<int> failures{0};
-  for (int t = 0; t < 4; ++t) {
-    threads.emplace_back([&, t] {
-      int fd = open(Disk().c_str(), O_RDWR);
-      int rfd = open(ref.c_str(), O_RDWR);
-      std::mt19937_64 rng(100 + t);
-      for (int i = 0; i < 300 && fd >= 0 && rfd >= 0; ++i) {
-        uint64_t unit = (rng() % (kUnits / 4)) * 4 + t;
-        uint64_t in = rng() % kUnit;
-        uint64_t len = 1 + rng() % (kUnit - in);
-        auto data = RandomBytes(len, rng());
-        if (i % 17 == 0) std::fill(data.begin(), data.end(), 0);  // zero detection path
-        uint64_t off = unit * kUnit + in;
-        if (!PWriteAll(fd, data.data(), len, off) || !PWriteAll(rfd, data.data(), len, off)) {
-          ++failures;
-          break;
-        }
-        if (i % 50 == 0 && fsync(fd) != 0) ++failures;
-      }
-      if (fd < 0 || rfd < 0) ++failures;
-      if (fd >= 0) close(fd);
-      if (rfd >= 0) close(rfd);
-    });
-  }
-  for (auto& th : threads) th.join();
-  EXPECT_EQ(failures.load(), 0);
-  // Read back through the mount before unmounting, too.
-  EXPECT_EQ(test::Sha256OfFile(Disk()), test::Sha256OfFile(ref));
-  UnmountAndCheck();
-  std::string raw = dir_.File("out.raw");
-  ASSERT_TRUE(QemuToRaw(image_, raw));
-  EXPECT_EQ(test::Sha256OfFile(raw), test::Sha256OfFile(ref));
+  RunInterleavedWriters(ref, /*direct=*/false);
+  ExpectImageMatches(ref);
 }
 
 // O_DIRECT opens get FUSE direct I/O with parallel writes (the kernel no longer
@@ -275,48 +291,7 @@ TEST_P(MountIo, ConcurrentWritersMatchRawFile) {
 TEST_P(MountIo, DirectIoWritersMatchRawFileAndStayCoherent) {
   MountImage();
   std::string ref = dir_.File("reference.raw");
-  {
-    int rfd = open(ref.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644);
-    ASSERT_GE(rfd, 0);
-    ASSERT_EQ(ftruncate(rfd, 64 * kMiB), 0);
-    close(rfd);
-  }
-  constexpr uint64_t kPage = 4096, kUnit = 16 * 1024, kUnits = 32 * kMiB / kUnit;
-  auto aligned = [](size_t n) {
-    void* p = nullptr;
-    EXPECT_EQ(posix_memalign(&p, 4096, n), 0);
-    return std::unique_ptr<uint8_t, decltype(&free)>(static_cast<uint8_t*>(p), &free);
-  };
-  std::vector<std::thread> threads;
-  std::atomic<int> failures{0};
-  for (int t = 0; t < 4; ++t) {
-    threads.emplace_back([&, t] {
-      int fd = open(Disk().c_str(), O_RDWR | O_DIRECT);
-      int rfd = open(ref.c_str(), O_RDWR);
-      auto buf = aligned(kUnit);
-      std::mt19937_64 rng(200 + t);
-      for (int i = 0; i < 400 && fd >= 0 && rfd >= 0; ++i) {
-        uint64_t unit = (rng() % (kUnits / 4)) * 4 + t;
-        uint64_t in = (rng() % (kUnit / kPage)) * kPage;
-        uint64_t len = (1 + rng() % ((kUnit - in) / kPage)) * kPage;
-        auto data = RandomBytes(len, rng());
-        if (i % 13 == 0) std::fill(data.begin(), data.end(), 0);  // zero detection path
-        std::memcpy(buf.get(), data.data(), len);
-        uint64_t off = unit * kUnit + in;
-        if (!PWriteAll(fd, buf.get(), len, off) || !PWriteAll(rfd, data.data(), len, off)) {
-          ++failures;
-          break;
-        }
-        if (i % 64 == 0 && fdatasync(fd) != 0) ++failures;
-      }
-      if (fd < 0 || rfd < 0) ++failures;
-      if (fd >= 0) close(fd);
-      if (rfd >= 0) close(rfd);
-    });
-  }
-  for (auto& th : threads) th.join();
-  ASSERT_EQ(failures.load(), 0);
-  EXPECT_EQ(test::Sha256OfFile(Disk()), test::Sha256OfFile(ref));
+  RunInterleavedWriters(ref, /*direct=*/true);
 
   // Coherence both ways between a cached and a direct descriptor of the same range.
   int cached = open(Disk().c_str(), O_RDWR);
@@ -324,7 +299,7 @@ TEST_P(MountIo, DirectIoWritersMatchRawFileAndStayCoherent) {
   ASSERT_GE(cached, 0);
   ASSERT_GE(direct, 0);
   const uint64_t off = 40 * kMiB;
-  auto buf = aligned(64 * 1024);
+  auto buf = AlignedBuffer(64 * 1024);
   std::vector<uint8_t> seen(64 * 1024);
   ASSERT_TRUE(PReadAll(cached, seen.data(), seen.size(), off));  // now in the page cache
   auto fresh = RandomBytes(seen.size(), 77);
@@ -339,16 +314,11 @@ TEST_P(MountIo, DirectIoWritersMatchRawFileAndStayCoherent) {
       << "an O_DIRECT read missed a write made through a cached descriptor";
   close(cached);
   close(direct);
-  {
-    int rfd = open(ref.c_str(), O_RDWR);
-    ASSERT_GE(rfd, 0);
-    ASSERT_TRUE(PWriteAll(rfd, again.data(), again.size(), off));
-    close(rfd);
-  }
-  UnmountAndCheck();
-  std::string raw = dir_.File("out.raw");
-  ASSERT_TRUE(QemuToRaw(image_, raw));
-  EXPECT_EQ(test::Sha256OfFile(raw), test::Sha256OfFile(ref));
+  int rfd = open(ref.c_str(), O_RDWR);
+  ASSERT_GE(rfd, 0);
+  ASSERT_TRUE(PWriteAll(rfd, again.data(), again.size(), off));
+  close(rfd);
+  ExpectImageMatches(ref);
 }
 
 TEST_P(MountIo, ReadOnlyMount) {
