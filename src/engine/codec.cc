@@ -49,6 +49,17 @@ struct ThreadCodecs {
     if (!zstd_d) zstd_d.reset(ZSTD_createDCtx());
     return zstd_d.get();
   }
+  // Output scratch, left uninitialized: a result is copied out at its real size, so
+  // callers holding many results do not each keep a worst-case buffer.
+  std::byte* Scratch(size_t n) {
+    if (scratch_size < n) {
+      scratch.reset(new std::byte[n]);
+      scratch_size = n;
+    }
+    return scratch.get();
+  }
+  std::unique_ptr<std::byte[]> scratch;
+  size_t scratch_size = 0;
 };
 
 ThreadCodecs& Codecs() {
@@ -129,29 +140,29 @@ Status Decompress(Codec codec, std::span<const std::byte> in, std::span<std::byt
 
 Result<std::vector<std::byte>> Compress(Codec codec, std::span<const std::byte> in, size_t max_out,
                                         int level) {
-  std::vector<std::byte> out;
-  if (max_out == 0) return out;
+  if (max_out == 0) return std::vector<std::byte>{};
+  ThreadCodecs& codecs = Codecs();
   if (codec == Codec::kDeflateRaw || codec == Codec::kZlib) {
     // RFC 1951 streams (qcow2; the spec sets no window limit, and qemu inflates a cluster
     // in one call, so back-references up to 32 KiB read fine) or RFC 1950 (VMDK).
-    libdeflate_compressor* c = Codecs().Deflater(level < 0 ? 6 : level);
+    libdeflate_compressor* c = codecs.Deflater(level < 0 ? 6 : level);
     if (!c) return Status::Io("cannot allocate a deflate compressor");
-    out.resize(max_out - 1);  // a stream of max_out bytes or more is of no use
+    const size_t room = max_out - 1;  // a stream of max_out bytes or more is of no use
+    std::byte* out = codecs.Scratch(room);
     size_t n = codec == Codec::kDeflateRaw
-                   ? libdeflate_deflate_compress(c, in.data(), in.size(), out.data(), out.size())
-                   : libdeflate_zlib_compress(c, in.data(), in.size(), out.data(), out.size());
-    out.resize(n);  // 0: did not fit
-    return out;
+                   ? libdeflate_deflate_compress(c, in.data(), in.size(), out, room)
+                   : libdeflate_zlib_compress(c, in.data(), in.size(), out, room);
+    return std::vector<std::byte>(out, out + n);  // n == 0: did not fit
   }
   if (codec == Codec::kZstd) {
-    ZSTD_CCtx* c = Codecs().ZstdCompressor();
+    ZSTD_CCtx* c = codecs.ZstdCompressor();
     if (!c) return Status::Io("cannot allocate a zstd compressor");
-    out.resize(ZSTD_compressBound(in.size()));
-    size_t n = ZSTD_compressCCtx(c, out.data(), out.size(), in.data(), in.size(),
+    const size_t room = ZSTD_compressBound(in.size());
+    std::byte* out = codecs.Scratch(room);
+    size_t n = ZSTD_compressCCtx(c, out, room, in.data(), in.size(),
                                  level < 0 ? ZSTD_CLEVEL_DEFAULT : level);
     if (ZSTD_isError(n) || n >= max_out) return std::vector<std::byte>{};
-    out.resize(n);
-    return out;
+    return std::vector<std::byte>(out, out + n);
   }
   return Status::InvalidArgument("unknown compression codec");
 }
