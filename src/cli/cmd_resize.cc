@@ -1,7 +1,9 @@
 // vimgfs resize: qemu-img resize ([+|-]size, --shrink).
 #include <getopt.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <vector>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
@@ -10,10 +12,44 @@ namespace vimgfs::cli {
 namespace {
 
 const char kUsage[] =
-    "usage: vimgfs resize [-f fmt] [--shrink] [-q] [--untrusted] filename [+|-]size\n"
+    "usage: vimgfs resize [-f fmt] [--preallocation=MODE] [--shrink] [-q] [--untrusted]\n"
+    "                     filename [+|-]size\n"
     "\n"
     "Changes the virtual size of an image. '+N' grows by N, '-N' shrinks by N (needs\n"
-    "--shrink: data past the new end is lost). Suffixes k, M, G, T, P, E.\n";
+    "--shrink: data past the new end is lost). Suffixes k, M, G, T, P, E.\n"
+    "  --preallocation=MODE  what a grown raw or qcow2 image gets for its new area: off\n"
+    "                        (nothing), metadata (qcow2: clusters allocated, host file\n"
+    "                        left sparse), falloc (host space reserved), full (zeros)\n";
+
+// Gives the grown area [from, to) of an image its preallocation, as qemu-img resize does:
+// allocated clusters reading as zeros (qcow2), or host space (raw).
+Status Preallocate(Image& img, const std::string& mode, uint64_t from, uint64_t to) {
+  if (mode == "off" || from >= to) return Status::Ok();
+  if (img.format() == "raw" && mode == "falloc") return img.file().Allocate(from, to - from);
+  // Zeros written as data: allocated clusters (qcow2) or written blocks (raw full).
+  static const std::vector<std::byte> kZeros(1 << 20);
+  for (uint64_t pos = from; pos < to;) {
+    uint64_t n = std::min<uint64_t>(kZeros.size(), to - pos);
+    RETURN_IF_ERROR(img.Write(pos, {kZeros.data(), static_cast<size_t>(n)}));
+    pos += n;
+  }
+  if (img.format() == "raw") return Status::Ok();
+  // qcow2: the clusters stay allocated, and their host space is left as qemu leaves it:
+  // given back to the file system (metadata) or reserved unwritten (falloc, full), so
+  // it reads as zeros without holding data.
+  const uint64_t cluster = img.cluster_map().cluster_size();
+  const uint64_t whole_from = (from + cluster - 1) / cluster * cluster;  // old data before it
+  if (whole_from >= to) return Status::Ok();
+  ASSIGN_OR_RETURN(auto runs, img.Map(whole_from, to - whole_from, /*this_image_only=*/true));
+  for (const BlockStatus& r : runs) {
+    if (!r.has_offset || r.depth != 0 || r.filename != img.file().path()) continue;
+    Status st = img.file().PunchHole(r.host_offset, r.length);
+    if (st.kind() == ErrorKind::kUnsupported) return Status::Ok();  // the zeros stand
+    RETURN_IF_ERROR(st);
+    if (mode != "metadata") RETURN_IF_ERROR(img.file().Allocate(r.host_offset, r.length));
+  }
+  return Status::Ok();
+}
 
 }  // namespace
 
@@ -58,8 +94,9 @@ int RunResize(int argc, char** argv) {
       default: return UsageError("resize", fmt::format("invalid option -- '{}'", argv[optind - 1]));
     }
   }
-  if (!prealloc.empty() && prealloc != "off") {
-    PrintError(fmt::format("Preallocation mode '{}' is not supported by resize", prealloc));
+  if (prealloc.empty()) prealloc = "off";
+  if (prealloc != "off" && prealloc != "metadata" && prealloc != "falloc" && prealloc != "full") {
+    PrintError(fmt::format("Invalid preallocation mode '{}'", prealloc));
     return 1;
   }
   if (optind != argc - 1) return UsageError("resize", "Expecting one image file name");
@@ -115,8 +152,23 @@ int RunResize(int argc, char** argv) {
                          "important data there.\n");
     return 1;
   }
+  const std::string format = img->format();
+  const bool supported = format == "qcow2" || (format == "raw" && prealloc != "metadata");
+  if (prealloc != "off" && !supported) {
+    PrintError(fmt::format("Unsupported preallocation mode: {}", prealloc));
+    return 1;
+  }
   Status s = img->cluster_map().Resize(target, shrink);
   if (s.ok()) s = img->Close();
+  img.reset();
+  if (s.ok() && prealloc != "off" && target > current) {
+    auto grown = OpenImage(filename, o);  // the engine sees the new size on a fresh open
+    s = grown.ok() ? Preallocate(**grown, prealloc, current, target) : grown.error();
+    if (grown.ok()) {
+      Status c = (*grown)->Close();
+      if (s.ok()) s = c;
+    }
+  }
   if (!s.ok()) {
     PrintFileError(filename, s);
     return 1;

@@ -1,5 +1,6 @@
 // resize, snapshot, rebase and commit: vimgfs and qemu-img on copies of the same images
 // must leave images that compare equal and check clean.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <tuple>
@@ -43,6 +44,53 @@ TEST_F(CliOpsTest, ResizeEveryResizableFormat) {
     ExpectSameImages(fmt);
     Both("resize -q -f " + fmt, fmt, "6M");
     if (fmt == "qcow2") { EXPECT_EQ(Q("check v.qcow2").exit_code, 0); }
+  }
+}
+
+// --preallocation on growth: same exit codes and errors as qemu-img, and the grown area
+// is allocated as qemu allocates it (qcow2 falloc/full: data clusters; metadata: clusters
+// that read as zeros; raw: host space), the old data untouched.
+TEST_F(CliOpsTest, ResizeWithPreallocation) {
+  auto host_bytes = [&](const std::string& f) {
+    struct stat st {};
+    EXPECT_EQ(stat(F(f).c_str(), &st), 0);
+    return static_cast<uint64_t>(st.st_blocks) * 512;
+  };
+  auto grown_data = [&](const std::string& f) {  // bytes past 1M that map as data
+    uint64_t n = 0;
+    for (const auto& run : Json(Q("map --output=json " + f)))
+      if (run["data"] == true && run["start"].get<uint64_t>() >= (1u << 20)) n += run["length"].get<uint64_t>();
+    return n;
+  };
+  for (std::string fmt : {"qcow2", "raw", "vdi"}) {
+    for (std::string mode : {"off", "metadata", "falloc", "full", "bogus"}) {
+      SCOPED_TRACE(fmt + " " + mode);
+      MustSh("rm -f orig.* v.* q.*");
+      MustSh("qemu-img create -q -f " + fmt + " orig." + fmt + " 1M");
+      MustSh("qemu-io -f " + fmt + " -c 'write -P 7 0 900k' orig." + fmt + " >/dev/null");
+      Copies(fmt);
+      const int64_t before = static_cast<int64_t>(host_bytes("v." + fmt));
+      CommandResult v = V("resize -f " + fmt + " --preallocation=" + mode + " v." + fmt + " 3M");
+      CommandResult q = Q("resize -f " + fmt + " --preallocation=" + mode + " q." + fmt + " 3M");
+      if (fmt == "vdi" && mode == "off") continue;  // vimgfs grows VDI, qemu cannot resize it
+      EXPECT_EQ(v.exit_code, q.exit_code) << v.err << "\nqemu: " << q.err;
+      if (v.exit_code != 0) {  // same message after the program name
+        if (fmt != "vdi") { EXPECT_EQ(v.err.substr(8), q.err.substr(10)); }
+        continue;
+      }
+      EXPECT_EQ(Q("compare v." + fmt + " orig." + fmt).exit_code, 0);  // grown area reads zeros
+      ExpectSameImages(fmt);
+      if (fmt == "qcow2") {
+        EXPECT_EQ(Q("check v.qcow2").exit_code, 0);
+        EXPECT_EQ(grown_data("v.qcow2"), grown_data("q.qcow2"));
+      }
+      // Host space for the 2 MiB grown area: reserved by falloc and full, not otherwise
+      // (the file may reuse some free space it had, and new metadata takes a little).
+      bool reserved = mode == "falloc" || mode == "full";
+      int64_t grew = static_cast<int64_t>(host_bytes("v." + fmt)) - before;
+      if (reserved) { EXPECT_GE(grew, 3 << 19) << "grew by " << grew; }
+      else { EXPECT_LT(grew, 1 << 19) << "grew by " << grew; }
+    }
   }
 }
 
@@ -155,13 +203,13 @@ TEST_F(CliOpsTest, CommitKeepsTheOverlayWithDOrB) {
 // overlay can still be created on it (only its size is read).
 TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
   MustSh("qemu-img create -q -f qcow2 a.qcow2 8M && qemu-img create -q -f qcow2 b.qcow2 8M");
-  MustSh("(sleep 30 </dev/null 2>/dev/null | qemu-io a.qcow2 >/dev/null 2>&1 & echo $! > holder.pid)");
+  MustSh("(sleep 60 </dev/null 2>/dev/null | qemu-io a.qcow2 >/dev/null 2>holder.err & echo $! > holder.pid)");
   bool held = false;
-  for (int i = 0; i < 100 && !held; i++) {
+  for (int i = 0; i < 200 && !held; i++) {  // up to about 20 s on a loaded machine
     held = Q("info a.qcow2").exit_code != 0;
-    if (!held) usleep(30000);
+    if (!held) usleep(100000);
   }
-  ASSERT_TRUE(held) << "qemu-io did not lock the image";
+  ASSERT_TRUE(held) << "qemu-io did not lock the image: " << Sh("cat holder.err; ps -ef | grep qemu-io").out;
   const std::vector<std::tuple<std::string, int, std::string>> cases = {
       {"info a.qcow2", 1, "Failed to get shared \"write\" lock"},
       {"map a.qcow2", 1, "Failed to get shared \"write\" lock"},
