@@ -253,7 +253,8 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   if (!o.format.empty() && !FindFormat(o.format))
     return Status::InvalidArgument("Unknown driver '{}'", o.format);
   ASSIGN_OR_RETURN(auto img, Image::Open(path, opts));
-  if (!o.force_share) RETURN_IF_ERROR(LockImageFiles(*img, !o.read_only));
+  if (!o.force_share)
+    RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img) : LockImageFiles(*img, !img->read_only()));
   return img;
 }
 

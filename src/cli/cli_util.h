@@ -48,11 +48,13 @@ struct ImageOpen {
   bool open_backing = true;
   std::string snapshot;
   Env* env = nullptr;  // nullptr: Env::Default()
-  // -U/--force-share: take no lock. Otherwise the image's own files are locked as qemu-img
-  // locks them (shared for readers), so commands refuse an image a VM or a mount is
-  // writing. Backing files are not locked: one command may open the same file both as a
-  // backing file and for writing (commit), and OFD locks cannot tell its opens apart.
+  // -U/--force-share: take no lock. Otherwise the image is locked as qemu-img locks it
+  // (shared for readers), so commands refuse an image a VM or a mount is writing, and so
+  // are its backing files (shared) unless lock_backing is off.
   bool force_share = false;
+  // Off where the same command then opens a file of this chain for writing (commit): OFD
+  // locks cannot tell one process's opens apart, so it would refuse itself.
+  bool lock_backing = true;
 };
 // Opens an image; on failure prints the error line and returns nullptr.
 std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o);

@@ -66,6 +66,7 @@ int RunCommit(int argc, char** argv) {
   o.format = fmt;
   o.read_only = true;
   o.untrusted = untrusted;
+  o.lock_backing = false;  // the base is opened for writing below
   auto top = OpenOrReport(filename, o);
   if (!top) return 1;
   if (!top->backing()) {

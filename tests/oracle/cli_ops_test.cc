@@ -198,11 +198,13 @@ TEST_F(CliOpsTest, CommitKeepsTheOverlayWithDOrB) {
   }
 }
 
-// While qemu-io holds an image for writing, the commands refuse it as qemu-img does
-// (shared "write" lock for readers, "write" lock for writers), -U reads it anyway, and an
-// overlay can still be created on it (only its size is read).
+// While qemu-io holds an image for writing, the commands refuse it, and overlays that
+// need it as a backing file, as qemu-img does (shared "write" lock for readers, "write"
+// lock for writers); -U reads it anyway, and an overlay can still be created on it (only
+// its size is read).
 TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
   MustSh("qemu-img create -q -f qcow2 a.qcow2 8M && qemu-img create -q -f qcow2 b.qcow2 8M");
+  MustSh("qemu-img create -q -f qcow2 -b a.qcow2 -F qcow2 top.qcow2");  // a.qcow2 is its backing
   MustSh("(sleep 60 </dev/null 2>/dev/null | qemu-io a.qcow2 >/dev/null 2>holder.err & echo $! > holder.pid)");
   bool held = false;
   for (int i = 0; i < 200 && !held; i++) {  // up to about 20 s on a loaded machine
@@ -219,6 +221,11 @@ TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
       {"info -U a.qcow2", 0, ""},
       {"check -U a.qcow2", 0, ""},
       {"create -q -f qcow2 -b a.qcow2 -F qcow2 o.qcow2", 0, ""},
+      // Backing files are locked shared too, except where only the name is read.
+      {"map top.qcow2", 1, "\"write\" lock"},
+      {"info --backing-chain top.qcow2", 1, "\"write\" lock"},
+      {"commit top.qcow2", 1, "\"write\" lock"},
+      {"info top.qcow2", 0, ""},
   };
   for (const auto& [args, code, msg] : cases) {
     SCOPED_TRACE(args);
