@@ -6,6 +6,8 @@
 #include <tuple>
 
 #include "cli_test_helpers.h"
+#include "io/lock.h"
+#include "vimgfs/env.h"
 
 namespace vimgfs::test {
 namespace {
@@ -205,10 +207,16 @@ TEST_F(CliOpsTest, CommitKeepsTheOverlayWithDOrB) {
 TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
   MustSh("qemu-img create -q -f qcow2 a.qcow2 8M && qemu-img create -q -f qcow2 b.qcow2 8M");
   MustSh("qemu-img create -q -f qcow2 -b a.qcow2 -F qcow2 top.qcow2");  // a.qcow2 is its backing
+  // Wait for qemu-io's locks with a probe that takes none (polling with qemu-img would
+  // hold a shared lock for a moment, and a qemu-io starting right then gives up).
+  auto locked = [&] {
+    auto f = Env::Default()->Open(F("a.qcow2"), OpenMode::kReadOnly);
+    return f.ok() && !CheckImageLockable((*f)->fd(), F("a.qcow2"), true).ok();
+  };
   MustSh("(sleep 60 </dev/null 2>/dev/null | qemu-io a.qcow2 >/dev/null 2>holder.err & echo $! > holder.pid)");
   bool held = false;
   for (int i = 0; i < 200 && !held; i++) {  // up to about 20 s on a loaded machine
-    held = Q("info a.qcow2").exit_code != 0;
+    held = locked();
     if (!held) usleep(100000);
   }
   ASSERT_TRUE(held) << "qemu-io did not lock the image: " << Sh("cat holder.err; ps -ef | grep qemu-io").out;
