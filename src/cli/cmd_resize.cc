@@ -33,10 +33,10 @@ Status Preallocate(Image& img, const std::string& mode, uint64_t from, uint64_t 
     RETURN_IF_ERROR(img.Write(pos, {kZeros.data(), static_cast<size_t>(n)}));
     pos += n;
   }
-  if (img.format() == "raw") return Status::Ok();
-  // qcow2: the clusters stay allocated, and their host space is left as qemu leaves it:
-  // given back to the file system (metadata) or reserved unwritten (falloc, full), so
-  // it reads as zeros without holding data.
+  if (img.format() == "raw" || mode == "full") return Status::Ok();
+  // qcow2 metadata and falloc: the clusters stay allocated, and their host space is left
+  // as qemu leaves it: given back to the file system (metadata) or reserved unwritten
+  // (falloc), so it reads as zeros without holding data.
   const uint64_t cluster = img.cluster_map().cluster_size();
   const uint64_t whole_from = (from + cluster - 1) / cluster * cluster;  // old data before it
   if (whole_from >= to) return Status::Ok();
@@ -46,7 +46,7 @@ Status Preallocate(Image& img, const std::string& mode, uint64_t from, uint64_t 
     Status st = img.file().PunchHole(r.host_offset, r.length);
     if (st.kind() == ErrorKind::kUnsupported) return Status::Ok();  // the zeros stand
     RETURN_IF_ERROR(st);
-    if (mode != "metadata") RETURN_IF_ERROR(img.file().Allocate(r.host_offset, r.length));
+    if (mode == "falloc") RETURN_IF_ERROR(img.file().Allocate(r.host_offset, r.length));
   }
   return Status::Ok();
 }
