@@ -423,13 +423,15 @@ size_t BatchUnits(int threads, uint64_t unit) {
   return static_cast<size_t>(std::max<uint64_t>(1, std::min(by_threads, kBatchBytes / unit)));
 }
 
-// Pipelined: the pool compresses up to three batches while this thread reads the next one
-// and writes finished ones strictly in order, so the output does not depend on timing.
-Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
-  const uint64_t cluster = target.cluster_map().cluster_size();
+// Pipelined: the pool compresses up to three batches of `unit`-sized pieces while this
+// thread reads the next one and hands finished ones to `store` strictly in order, so the
+// output does not depend on timing.
+template <typename StoreBatch>
+Status CompressAndStore(ConcatSource& src, uint64_t unit, Codec codec, uint64_t max_out,
+                        const ConvertSettings& s, Progress& bar, StoreBatch store) {
   const uint64_t size = src.size();
-  const size_t batch = BatchUnits(s.threads, cluster);
-  const uint64_t step = cluster * batch;
+  const size_t batch = BatchUnits(s.threads, unit);
+  const uint64_t step = unit * batch;
   constexpr int kSlots = 4;
   std::vector<Unit> bufs[kSlots];
   std::vector<std::byte> regions[kSlots];
@@ -438,8 +440,7 @@ Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s
     bufs[i].resize(batch);
     batches[i].units = &bufs[i];
   }
-  // A stream must be shorter than the cluster to be worth it (qemu's rule).
-  CompressPool pool(s.threads, s.codec, cluster - 1);
+  CompressPool pool(s.threads, codec, max_out);
   std::deque<int> inflight;
   Status result;
   auto retire = [&]() {
@@ -447,7 +448,7 @@ Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s
     inflight.pop_front();
     pool.Wait(&batches[sl]);
     if (result.ok()) {
-      result = WriteUnits(bufs[sl], size, cluster, target, s);
+      result = store(bufs[sl]);
       bar.Update(std::min<double>(1.0, static_cast<double>(bufs[sl][0].off + step) / size));
     }
   };
@@ -455,7 +456,7 @@ Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s
   for (uint64_t next = 0; next < size && result.ok(); next += step) {
     if (inflight.size() >= kSlots - 1) retire();
     if (!result.ok()) break;
-    result = ReadUnits(src, next, cluster, bufs[slot], regions[slot], s);
+    result = ReadUnits(src, next, unit, bufs[slot], regions[slot], s);
     if (!result.ok()) break;
     pool.Submit(&batches[slot]);
     inflight.push_back(slot);
@@ -463,6 +464,14 @@ Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s
   }
   while (!inflight.empty()) retire();
   return result;
+}
+
+Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
+  const uint64_t cluster = target.cluster_map().cluster_size();
+  // A stream must be shorter than the cluster to be worth it (qemu's rule).
+  return CompressAndStore(src, cluster, s.codec, cluster - 1, s, bar, [&](std::vector<Unit>& units) {
+    return WriteUnits(units, src.size(), cluster, target, s);
+  });
 }
 
 }  // namespace
@@ -475,56 +484,27 @@ Status ConvertToImage(ConcatSource& src, Image& target, const ConvertSettings& s
 }
 
 Status ConvertToStream(ConcatSource& src, StreamOptimizedWriter& w, const ConvertSettings& s) {
-  // Same pipeline as CopyCompressed: grains compressed by the pool, written in order.
   Progress bar(s.progress);
   const uint64_t grain = w.grain_size();
-  const uint64_t size = src.size();
-  const size_t batch = BatchUnits(s.threads, grain);
-  const uint64_t step = grain * batch;
   ConvertSettings rs = s;
   rs.target_has_backing = false;
-  constexpr int kSlots = 4;
-  std::vector<Unit> bufs[kSlots];
-  std::vector<std::byte> regions[kSlots];
-  CompressPool::Batch batches[kSlots];
-  for (int i = 0; i < kSlots; i++) {
-    bufs[i].resize(batch);
-    batches[i].units = &bufs[i];
-  }
-  CompressPool pool(s.threads, Codec::kZlib, grain + grain / 16 + 1024);
-  std::deque<int> inflight;
-  Status result;
-  auto retire = [&]() {
-    int sl = inflight.front();
-    inflight.pop_front();
-    pool.Wait(&batches[sl]);
-    for (Unit& u : bufs[sl]) {
-      if (!result.ok() || u.off >= size) break;
-      if (u.zero) continue;
-      if (!u.status.ok()) {
-        result = WithOffset(u.status, "compressing", u.off);
-      } else if (u.stream.empty()) {
-        result = WithOffset(Status::Io("zlib could not compress the grain"), "compressing", u.off);
-      } else {
-        Status st = w.WriteCompressedGrain(u.off / grain, u.stream);
-        if (!st.ok()) result = WithOffset(st, "writing", u.off);
-      }
-    }
-    bar.Update(std::min<double>(1.0, static_cast<double>(bufs[sl][0].off + step) / size));
-  };
-  int slot = 0;
-  for (uint64_t next = 0; next < size && result.ok(); next += step) {
-    if (inflight.size() >= kSlots - 1) retire();
-    if (!result.ok()) break;
-    result = ReadUnits(src, next, grain, bufs[slot], regions[slot], rs);
-    if (!result.ok()) break;
-    pool.Submit(&batches[slot]);
-    inflight.push_back(slot);
-    slot = (slot + 1) % kSlots;
-  }
-  while (!inflight.empty()) retire();
+  // Every grain is stored compressed, so the stream may be as long as deflate makes it.
+  Status st = CompressAndStore(src, grain, Codec::kZlib, w.max_stream_bytes() + 1, rs, bar,
+                               [&](std::vector<Unit>& units) {
+                                 for (Unit& u : units) {
+                                   if (u.off >= src.size()) break;
+                                   if (u.zero) continue;
+                                   if (!u.status.ok()) return WithOffset(u.status, "compressing", u.off);
+                                   if (u.stream.empty())
+                                     return WithOffset(Status::Io("zlib could not compress the grain"),
+                                                       "compressing", u.off);
+                                   Status ws = w.WriteCompressedGrain(u.off / grain, u.stream);
+                                   if (!ws.ok()) return WithOffset(ws, "writing", u.off);
+                                 }
+                                 return Status::Ok();
+                               });
   bar.Done();
-  RETURN_IF_ERROR(result);
+  RETURN_IF_ERROR(st);
   return w.Finish();
 }
 

@@ -92,9 +92,17 @@ Status StreamOptimizedWriter::WriteGrain(uint64_t index, std::span<const std::by
     std::memcpy(full.data(), data.data(), data.size());
     data = full;
   }
-  ASSIGN_OR_RETURN(std::vector<std::byte> z,
-                   Compress(Codec::kZlib, data, grain_size_ + grain_size_ / 16 + 1024));
+  ASSIGN_OR_RETURN(std::vector<std::byte> z, Compress(Codec::kZlib, data, max_stream_bytes()));
   if (z.empty()) return Status::Io("'{}': compressing grain {} failed", file_->path(), index);
+  return WriteCompressedGrain(index, z);
+}
+
+Status StreamOptimizedWriter::WriteCompressedGrain(uint64_t index, std::span<const std::byte> z) {
+  if (finished_) return Status::InvalidArgument("'{}': the stream is finished", file_->path());
+  uint64_t grains = DivRoundUp(size_, grain_size_);
+  if (index >= grains) return Status::OutOfRange("'{}': grain {} is outside the disk", file_->path(), index);
+  if (z.empty() || z.size() > max_stream_bytes() || z.size() > UINT32_MAX)
+    return Status::InvalidArgument("'{}': compressed grain {} has an impossible size", file_->path(), index);
   uint64_t total = AlignUp(kGrainMarkerBytes + z.size(), kSector);
   if ((next_ + total) / kSector > UINT32_MAX)
     return Status::NoSpace("'{}': the stream is full (grain sectors are 32-bit)", file_->path());

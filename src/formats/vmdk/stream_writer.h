@@ -36,8 +36,9 @@ class StreamOptimizedWriter {
   Status WriteGrain(uint64_t index, std::span<const std::byte> data);
   // Like WriteGrain with the grain already compressed (a zlib stream of the zero-padded
   // grain), so callers can compress grains on several threads. Zero grains: skip them.
-  // (stream_writer_compressed.cc, added for convert by the CLI helper.)
   Status WriteCompressedGrain(uint64_t index, std::span<const std::byte> zlib_stream);
+  // The longest zlib stream a grain may take (deflate's worst case on incompressible data).
+  uint64_t max_stream_bytes() const { return grain_size_ + grain_size_ / 16 + 1024; }
   // Writes the grain tables and the end-of-stream marker and syncs. Required for a valid
   // image; the writer is unusable afterwards.
   Status Finish();
