@@ -1,11 +1,10 @@
 // vimgfs check: qemu-img check (human and JSON, -r leaks|all).
-#include <getopt.h>
-
 #include <cinttypes>
 #include <cstdio>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 
 namespace vimgfs::cli {
 namespace {
@@ -71,50 +70,29 @@ int RunCheck(int argc, char** argv) {
   std::string fmt, output = "human";
   bool untrusted = false, quiet = false;
   RepairMode mode = RepairMode::kNone;
-  enum { kOutput = 256, kUntrusted, kImageOpts, kObject };
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"format", required_argument, nullptr, 'f'},
-                                 {"repair", required_argument, nullptr, 'r'},
-                                 {"output", required_argument, nullptr, kOutput},
-                                 {"force-share", no_argument, nullptr, 'U'},
-                                 {"untrusted", no_argument, nullptr, kUntrusted},
-                                 {"image-opts", no_argument, nullptr, kImageOpts},
-                                 {"object", required_argument, nullptr, kObject},
-                                 {nullptr, 0, nullptr, 0}};
   bool force_share = false;
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":hf:r:T:qU", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt = optarg; break;
-      case 'r':
-        if (std::string(optarg) == "leaks") {
-          mode = RepairMode::kLeaks;
-        } else if (std::string(optarg) == "all") {
-          mode = RepairMode::kAll;
-        } else {
-          return UsageError("check", "Invalid option for -r. Use -r leaks or -r all.");
-        }
-        break;
-      case 'T': break;
-      case 'q': quiet = true; break;
-      case 'U': force_share = true; break;
-      case kOutput: output = optarg; break;
-      case kUntrusted: untrusted = true; break;
-      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
-      case kObject: break;
-      case ':': return UsageError("check", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-      default: return UsageError("check", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-    }
-  }
-  if (output != "human" && output != "json") {
-    PrintError("--output must be used with human or json as argument.");
-    return 1;
-  }
-  if (optind != argc - 1) return UsageError("check", "Expecting one image file name");
-  std::string filename = argv[optind];
+  OptionParser opts("check", kUsage);
+  opts.Value('f', "format", &fmt)
+      .Add('r', "repair", true,
+           [&](const char* arg) -> std::optional<int> {
+             if (std::string(arg) == "leaks") {
+               mode = RepairMode::kLeaks;
+             } else if (std::string(arg) == "all") {
+               mode = RepairMode::kAll;
+             } else {
+               return UsageError("check", "Invalid option for -r. Use -r leaks or -r all.");
+             }
+             return std::nullopt;
+           })
+      .Value(0, "output", &output)
+      .Accept('T', nullptr, true)
+      .Flag('q', nullptr, &quiet)
+      .Flag('U', "force-share", &force_share)
+      .CommonImageOptions(&untrusted);
+  if (auto stop = opts.Parse(argc, argv)) return *stop;
+  if (opts.operands().size() != 1) return UsageError("check", "Expecting one image file name");
+  if (!CheckOutputFormat(output)) return 1;
+  std::string filename = opts.operands()[0];
   ImageOpen o;
   o.force_share = force_share;
   o.format = fmt;

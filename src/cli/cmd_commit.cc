@@ -1,12 +1,11 @@
 // vimgfs commit: qemu-img commit (write an overlay's data into its backing file).
-#include <getopt.h>
-
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 
 namespace vimgfs::cli {
 namespace {
@@ -34,33 +33,19 @@ std::string RealPath(const std::string& p) {
 int RunCommit(int argc, char** argv) {
   std::string fmt, base_name;
   bool progress = false, quiet = false, untrusted = false, keep = false;
-  enum { kUntrusted = 256, kImageOpts, kObject };
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"untrusted", no_argument, nullptr, kUntrusted},
-                                 {"image-opts", no_argument, nullptr, kImageOpts},
-                                 {"object", required_argument, nullptr, kObject},
-                                 {nullptr, 0, nullptr, 0}};
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":f:ht:b:dpqr:", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt = optarg; break;
-      case 'b': base_name = optarg; break;
-      case 'd': keep = true; break;
-      case 'p': progress = true; break;
-      case 'q': quiet = true; break;
-      case 't': case 'r': case kObject: break;
-      case kUntrusted: untrusted = true; break;
-      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
-      case ':': return UsageError("commit", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-      default: return UsageError("commit", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-    }
-  }
+  OptionParser opts("commit", kUsage);
+  opts.Value('f', nullptr, &fmt)
+      .Value('b', nullptr, &base_name)
+      .Flag('d', nullptr, &keep)
+      .Flag('p', nullptr, &progress)
+      .Flag('q', nullptr, &quiet)
+      .Accept('t', nullptr, true)
+      .Accept('r', nullptr, true)
+      .CommonImageOptions(&untrusted);
+  if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
-  if (optind != argc - 1) return UsageError("commit", "Expecting one image file name");
-  std::string filename = argv[optind];
+  if (opts.operands().size() != 1) return UsageError("commit", "Expecting one image file name");
+  std::string filename = opts.operands()[0];
 
   ImageOpen o;
   o.format = fmt;

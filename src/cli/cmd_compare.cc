@@ -1,12 +1,11 @@
 // vimgfs compare: qemu-img compare (exit 0 identical, 1 different, 2 error).
-#include <getopt.h>
-
 #include <cinttypes>
 #include <cstdio>
 #include <cstring>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 
 namespace vimgfs::cli {
 namespace {
@@ -72,44 +71,20 @@ class RunCursor {
 int RunCompare(int argc, char** argv) {
   std::string fmt1, fmt2;
   bool strict = false, progress = false, quiet = false, untrusted = false;
-  enum { kUntrusted = 256, kImageOpts, kObject };
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"force-share", no_argument, nullptr, 'U'},
-                                 {"untrusted", no_argument, nullptr, kUntrusted},
-                                 {"image-opts", no_argument, nullptr, kImageOpts},
-                                 {"object", required_argument, nullptr, kObject},
-                                 {nullptr, 0, nullptr, 0}};
   bool force_share = false;
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":hf:F:T:pqsU", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt1 = optarg; break;
-      case 'F': fmt2 = optarg; break;
-      case 'T': break;
-      case 'p': progress = true; break;
-      case 'q': quiet = true; break;
-      case 's': strict = true; break;
-      case 'U': force_share = true; break;
-      case kUntrusted: untrusted = true; break;
-      case kImageOpts: PrintError("--image-opts is not supported"); return 2;
-      case kObject: break;
-      case ':':
-        UsageError("compare", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-        return 2;
-      default:
-        UsageError("compare", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-        return 2;
-    }
-  }
+  OptionParser opts("compare", kUsage, 2);
+  opts.Value('f', nullptr, &fmt1)
+      .Value('F', nullptr, &fmt2)
+      .Accept('T', nullptr, true)
+      .Flag('p', nullptr, &progress)
+      .Flag('q', nullptr, &quiet)
+      .Flag('s', nullptr, &strict)
+      .Flag('U', "force-share", &force_share)
+      .CommonImageOptions(&untrusted);
+  if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
-  if (optind != argc - 2) {
-    UsageError("compare", "Expecting two image file names");
-    return 2;
-  }
-  std::string f1 = argv[optind], f2 = argv[optind + 1];
+  if (opts.operands().size() != 2) return UsageError("compare", "Expecting two image file names");
+  std::string f1 = opts.operands()[0], f2 = opts.operands()[1];
   ImageOpen o;
   o.force_share = force_share;
   o.untrusted = untrusted;

@@ -1,6 +1,4 @@
 // vimgfs convert: qemu-img convert (any supported format to any, sparse, -c on all cores).
-#include <getopt.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cstdio>
@@ -9,6 +7,7 @@
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 #include "cli/convert.h"
 #include "cli/create_options.h"
 #include "cli/deferred_sync_env.h"
@@ -64,120 +63,85 @@ int RunConvert(int argc, char** argv) {
   uint64_t min_sparse = 4096;
   std::string out_cache = "unsafe";  // qemu-img convert's default: no flushes at all
   int requests = 8;
-  enum { kTargetIsZero = 256, kUntrusted, kImageOpts, kObject, kSalvage, kBitmaps, kTargetImageOpts };
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"target-is-zero", no_argument, nullptr, kTargetIsZero},
-                                 {"force-share", no_argument, nullptr, 'U'},
-                                 {"untrusted", no_argument, nullptr, kUntrusted},
-                                 {"image-opts", no_argument, nullptr, kImageOpts},
-                                 {"target-image-opts", no_argument, nullptr, kTargetImageOpts},
-                                 {"object", required_argument, nullptr, kObject},
-                                 {"salvage", no_argument, nullptr, kSalvage},
-                                 {"bitmaps", no_argument, nullptr, kBitmaps},
-                                 {nullptr, 0, nullptr, 0}};
   bool force_share = false;
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":hf:O:B:CcF:o:l:S:pt:T:qnm:WUr:", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt = optarg; break;
-      case 'O': out_fmt = optarg; break;
-      case 'B': out_backing = optarg; break;
-      case 'F': out_backing_fmt = optarg; break;
-      case 'c': compress = true; break;
-      case 'C': break;
-      case 'o': option_texts.push_back(optarg); break;
-      case 'l': {
-        std::string v = optarg;
-        if (v.rfind("snapshot.name=", 0) == 0) {
-          snapshot = v.substr(14);
-        } else if (v.rfind("snapshot.id=", 0) == 0) {
-          snapshot = v.substr(12);
-        } else {
-          snapshot = v;
-        }
-        break;
-      }
-      case 'S': {
-        auto v = ParseSize(optarg);
-        if (!v.ok()) {
-          PrintError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16M.");
-          return 1;
-        }
-        if (*v % 512 != 0 || *v > (16u << 20)) {
-          PrintError("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16M.");
-          return 1;
-        }
-        min_sparse = *v;
-        break;
-      }
-      case 'p': progress = true; break;
-      case 't':
-        if (!IsCacheMode(optarg)) {
-          PrintError(fmt::format("Invalid cache option: {}", optarg));
-          return 1;
-        }
-        out_cache = optarg;
-        break;
-      case 'T':
-        if (!IsCacheMode(optarg)) {
-          PrintError(fmt::format("Invalid source cache option: {}", optarg));
-          return 1;
-        }
-        break;
-      case 'm': {
-        char* end = nullptr;
-        errno = 0;
-        long v = std::strtol(optarg, &end, 0);
-        if (errno || end == optarg || *end || v < 1 || v > 16) {
-          PrintError("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
-          return 1;
-        }
-        requests = static_cast<int>(v);
-        break;
-      }
-      case 'W': out_of_order = true; break;
-      case 'U': force_share = true; break;
-      case 'r': break;
-      case 'q': quiet = true; break;
-      case 'n': no_create = true; break;
-      case kTargetIsZero: target_is_zero = true; break;
-      case kUntrusted: untrusted = true; break;
-      case kImageOpts: case kTargetImageOpts: PrintError("--image-opts is not supported"); return 1;
-      case kBitmaps: PrintError("--bitmaps is not supported"); return 1;
-      case kObject: case kSalvage: break;
-      case ':': return UsageError("convert", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-      default: return UsageError("convert", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-    }
-  }
+  auto stop_with = [](const std::string& msg) -> std::optional<int> {
+    PrintError(msg);
+    return 1;
+  };
+  auto cache_mode = [&](std::string* set, const char* what) {
+    return [set, what, stop_with](const char* arg) -> std::optional<int> {
+      if (!IsCacheMode(arg)) return stop_with(fmt::format("Invalid {}: {}", what, arg));
+      *set = arg;
+      return std::nullopt;
+    };
+  };
+  std::string in_cache;
+  OptionParser parser("convert", kUsage);
+  parser.Value('f', nullptr, &fmt)
+      .Value('O', nullptr, &out_fmt)
+      .Value('B', nullptr, &out_backing)
+      .Value('F', nullptr, &out_backing_fmt)
+      .Flag('c', nullptr, &compress)
+      .Accept('C', nullptr, false)
+      .Add('o', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             option_texts.push_back(arg);
+             return std::nullopt;
+           })
+      .Add('l', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             std::string v = arg;
+             if (v.rfind("snapshot.name=", 0) == 0) {
+               snapshot = v.substr(14);
+             } else if (v.rfind("snapshot.id=", 0) == 0) {
+               snapshot = v.substr(12);
+             } else {
+               snapshot = v;
+             }
+             return std::nullopt;
+           })
+      .Add('S', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             auto v = ParseSize(arg);
+             if (!v.ok() || *v % 512 != 0 || *v > (16u << 20))
+               return stop_with(
+                   "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16M.");
+             min_sparse = *v;
+             return std::nullopt;
+           })
+      .Flag('p', nullptr, &progress)
+      .Add('t', nullptr, true, cache_mode(&out_cache, "cache option"))
+      .Add('T', nullptr, true, cache_mode(&in_cache, "source cache option"))
+      .Add('m', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             char* end = nullptr;
+             errno = 0;
+             long v = std::strtol(arg, &end, 0);
+             if (errno || end == arg || *end || v < 1 || v > 16)
+               return stop_with("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+             requests = static_cast<int>(v);
+             return std::nullopt;
+           })
+      .Flag('W', nullptr, &out_of_order)
+      .Flag('U', "force-share", &force_share)
+      .Accept('r', nullptr, true)
+      .Flag('q', nullptr, &quiet)
+      .Flag('n', nullptr, &no_create)
+      .Flag(0, "target-is-zero", &target_is_zero)
+      .Refuse("target-image-opts")
+      .Refuse("bitmaps")
+      .Accept(0, "salvage", false)
+      .CommonImageOptions(&untrusted);
+  if (auto stop = parser.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
 
-  std::vector<std::pair<std::string, std::string>> opts;
-  bool want_help = false;
-  for (const std::string& t : option_texts) {
-    if (IsHelpOption(t)) {
-      want_help = true;
-      continue;
-    }
-    if (Status s = ParseOptionList(t, &opts); !s.ok()) {
-      PrintError(s.message());
-      return 1;
-    }
-  }
+  OptionList opts;
+  if (auto done = CollectCreateOptions(option_texts, out_fmt, &opts)) return *done;
   const FormatDriver* driver = FindFormat(out_fmt);
-  if (want_help) {
-    if (!driver) {
-      PrintError(fmt::format("Unknown file format '{}'", out_fmt));
-      return 1;
-    }
-    PrintCreateOptionHelp(*driver);
-    return 0;
-  }
-  if (argc - optind < 2) return UsageError("convert", "Expecting source and target file names");
-  std::string out_name = argv[argc - 1];
-  std::vector<std::string> sources(argv + optind, argv + argc - 1);
+  const std::vector<std::string>& operands = parser.operands();
+  if (operands.size() < 2) return UsageError("convert", "Must specify image file name");
+  std::string out_name = operands.back();
+  std::vector<std::string> sources(operands.begin(), operands.end() - 1);
   if (!driver) {
     PrintError(fmt::format("Unknown file format '{}'", out_fmt));
     return 1;

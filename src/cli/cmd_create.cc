@@ -1,11 +1,10 @@
 // vimgfs create: qemu-img create.
-#include <getopt.h>
-
 #include <algorithm>
 #include <cstdio>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 #include "cli/create_options.h"
 
 namespace vimgfs::cli {
@@ -31,63 +30,37 @@ int RunCreate(int argc, char** argv) {
   std::string backing, backing_fmt;
   std::vector<std::string> option_texts;
   bool unsafe = false, quiet = false;
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"untrusted", no_argument, nullptr, 'T'},
-                                 {"object", required_argument, nullptr, 'J'},
-                                 {nullptr, 0, nullptr, 0}};
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":F:b:f:ho:qu", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt = optarg; break;
-      case 'F': backing_fmt = optarg; break;
-      case 'b': backing = optarg; break;
-      case 'o': option_texts.push_back(optarg); break;
-      case 'q': quiet = true; break;
-      case 'u': unsafe = true; break;
-      case 'T': break;
-      case 'J': break;
-      case ':': return UsageError("create", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-      default: return UsageError("create", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-    }
-  }
+  auto add_option_text = [&](const char* arg) -> std::optional<int> {
+    option_texts.push_back(arg);
+    return std::nullopt;
+  };
+  OptionParser parser("create", kUsage);
+  parser.Value('f', nullptr, &fmt)
+      .Value('F', nullptr, &backing_fmt)
+      .Value('b', nullptr, &backing)
+      .Add('o', nullptr, true, add_option_text)
+      .Flag('q', nullptr, &quiet)
+      .Flag('u', nullptr, &unsafe)
+      .Accept(0, "untrusted", false)
+      .Accept(0, "object", true);
+  if (auto stop = parser.Parse(argc, argv)) return *stop;
+  const std::vector<std::string>& operands = parser.operands();
 
-  std::vector<std::pair<std::string, std::string>> opts;
-  bool want_help = false;
-  for (const std::string& t : option_texts) {
-    if (IsHelpOption(t)) {
-      want_help = true;
-      continue;
-    }
-    Status s = ParseOptionList(t, &opts);
-    if (!s.ok()) {
-      PrintError(s.message());
-      return 1;
-    }
-  }
+  OptionList opts;
+  if (auto done = CollectCreateOptions(option_texts, fmt, &opts)) return *done;
   const FormatDriver* driver = FindFormat(fmt);
-  if (want_help) {
-    if (!driver) {
-      PrintError(fmt::format("Unknown file format '{}'", fmt));
-      return 1;
-    }
-    PrintCreateOptionHelp(*driver);
-    return 0;
-  }
-  if (optind >= argc) return UsageError("create", "Expecting image file name");
-  std::string filename = argv[optind++];
+  if (operands.empty()) return UsageError("create", "Expecting image file name");
+  std::string filename = operands[0];
   std::optional<uint64_t> size;
-  if (optind < argc) {
-    auto sz = ParseSize(argv[optind++]);
+  if (operands.size() > 1) {
+    auto sz = ParseSize(operands[1]);
     if (!sz.ok()) {
       PrintError(sz.error().message());
       return 1;
     }
     size = *sz;
   }
-  if (optind < argc) return UsageError("create", fmt::format("Unexpected argument: {}", argv[optind]));
+  if (operands.size() > 2) return UsageError("create", fmt::format("Unexpected argument: {}", operands[2]));
   if (!driver) {
     PrintError(fmt::format("{}: Unknown file format '{}'", filename, fmt));
     return 1;

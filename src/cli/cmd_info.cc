@@ -1,12 +1,11 @@
 // vimgfs info: qemu-img info (human and JSON, --backing-chain).
-#include <getopt.h>
-
 #include <cstdio>
 #include <ctime>
 #include <set>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 #include "cli/info_render.h"
 
 namespace vimgfs::cli {
@@ -70,40 +69,17 @@ nlohmann::ordered_json ImageInfoJson(Image& img) {
 int RunInfo(int argc, char** argv) {
   std::string fmt, output = "human";
   bool chain = false, untrusted = false;
-  enum { kOutput = 256, kBackingChain, kUntrusted, kImageOpts, kObject };
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"format", required_argument, nullptr, 'f'},
-                                 {"output", required_argument, nullptr, kOutput},
-                                 {"backing-chain", no_argument, nullptr, kBackingChain},
-                                 {"force-share", no_argument, nullptr, 'U'},
-                                 {"untrusted", no_argument, nullptr, kUntrusted},
-                                 {"image-opts", no_argument, nullptr, kImageOpts},
-                                 {"object", required_argument, nullptr, kObject},
-                                 {nullptr, 0, nullptr, 0}};
   bool force_share = false;
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":f:hU", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt = optarg; break;
-      case 'U': force_share = true; break;
-      case kOutput: output = optarg; break;
-      case kBackingChain: chain = true; break;
-      case kUntrusted: untrusted = true; break;
-      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
-      case kObject: break;
-      case ':': return UsageError("info", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-      default: return UsageError("info", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-    }
-  }
-  if (output != "human" && output != "json") {
-    PrintError(fmt::format("--output must be used with human or json as argument."));
-    return 1;
-  }
-  if (optind != argc - 1) return UsageError("info", "Expecting one image file name");
-  std::string filename = argv[optind];
+  OptionParser opts("info", kUsage);
+  opts.Value('f', "format", &fmt)
+      .Value(0, "output", &output)
+      .Flag(0, "backing-chain", &chain)
+      .Flag('U', "force-share", &force_share)
+      .CommonImageOptions(&untrusted);
+  if (auto stop = opts.Parse(argc, argv)) return *stop;
+  if (opts.operands().size() != 1) return UsageError("info", "Expecting one image file name");
+  if (!CheckOutputFormat(output)) return 1;
+  std::string filename = opts.operands()[0];
 
   ImageOpen o;
 

@@ -1,11 +1,10 @@
 // vimgfs map: qemu-img map (human and JSON).
-#include <getopt.h>
-
 #include <cinttypes>
 #include <cstdio>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 
 namespace vimgfs::cli {
 namespace {
@@ -70,50 +69,29 @@ int RunMap(int argc, char** argv) {
   bool untrusted = false;
   uint64_t start = 0;
   std::optional<uint64_t> max_length;
-  enum { kOutput = 256, kStart, kMaxLen, kUntrusted, kImageOpts, kObject };
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"format", required_argument, nullptr, 'f'},
-                                 {"output", required_argument, nullptr, kOutput},
-                                 {"start-offset", required_argument, nullptr, kStart},
-                                 {"max-length", required_argument, nullptr, kMaxLen},
-                                 {"force-share", no_argument, nullptr, 'U'},
-                                 {"untrusted", no_argument, nullptr, kUntrusted},
-                                 {"image-opts", no_argument, nullptr, kImageOpts},
-                                 {"object", required_argument, nullptr, kObject},
-                                 {nullptr, 0, nullptr, 0}};
   bool force_share = false;
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":f:hU", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt = optarg; break;
-      case 'U': force_share = true; break;
-      case kOutput: output = optarg; break;
-      case kStart:
-      case kMaxLen: {
-        auto v = ParseSize(optarg);
-        if (!v.ok()) {
-          PrintError(fmt::format("Invalid {}: '{}'", c == kStart ? "start offset" : "max length", optarg));
-          return 1;
-        }
-        if (c == kStart) start = *v; else max_length = *v;
-        break;
+  auto offset_option = [](const char* what, auto* out) {
+    return [what, out](const char* arg) -> std::optional<int> {
+      auto v = ParseSize(arg);
+      if (!v.ok()) {
+        PrintError(fmt::format("Invalid {}: '{}'", what, arg));
+        return 1;
       }
-      case kUntrusted: untrusted = true; break;
-      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
-      case kObject: break;
-      case ':': return UsageError("map", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-      default: return UsageError("map", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-    }
-  }
-  if (output != "human" && output != "json") {
-    PrintError("--output must be used with human or json as argument.");
-    return 1;
-  }
-  if (optind != argc - 1) return UsageError("map", "Expecting one image file name");
-  std::string filename = argv[optind];
+      *out = *v;
+      return std::nullopt;
+    };
+  };
+  OptionParser opts("map", kUsage);
+  opts.Value('f', "format", &fmt)
+      .Value(0, "output", &output)
+      .Add(0, "start-offset", true, offset_option("start offset", &start))
+      .Add(0, "max-length", true, offset_option("max length", &max_length))
+      .Flag('U', "force-share", &force_share)
+      .CommonImageOptions(&untrusted);
+  if (auto stop = opts.Parse(argc, argv)) return *stop;
+  if (opts.operands().size() != 1) return UsageError("map", "Expecting one image file name");
+  if (!CheckOutputFormat(output)) return 1;
+  std::string filename = opts.operands()[0];
   ImageOpen o;
   o.force_share = force_share;
   o.format = fmt;

@@ -1,11 +1,10 @@
 // vimgfs rebase: qemu-img rebase (safe: copies what differs; -u: header only).
-#include <getopt.h>
-
 #include <cstdio>
 #include <cstring>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 
 namespace vimgfs::cli {
 namespace {
@@ -38,38 +37,29 @@ Status ReadOrZero(Image* img, uint64_t off, std::span<std::byte> buf) {
 int RunRebase(int argc, char** argv) {
   std::string fmt, backing, backing_fmt;
   bool have_b = false, unsafe = false, progress = false, quiet = false, untrusted = false;
-  enum { kUntrusted = 256, kImageOpts, kObject };
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"force-share", no_argument, nullptr, 'U'},
-                                 {"untrusted", no_argument, nullptr, kUntrusted},
-                                 {"image-opts", no_argument, nullptr, kImageOpts},
-                                 {"object", required_argument, nullptr, kObject},
-                                 {nullptr, 0, nullptr, 0}};
   bool force_share = false;
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":hf:F:b:upt:T:qUc", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt = optarg; break;
-      case 'F': backing_fmt = optarg; break;
-      case 'b': backing = optarg; have_b = true; break;
-      case 'u': unsafe = true; break;
-      case 'p': progress = true; break;
-      case 'q': quiet = true; break;
-      case 'U': force_share = true; break;
-      case 't': case 'T': case 'c': case kObject: break;
-      case kUntrusted: untrusted = true; break;
-      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
-      case ':': return UsageError("rebase", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-      default: return UsageError("rebase", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-    }
-  }
+  OptionParser opts("rebase", kUsage);
+  opts.Value('f', nullptr, &fmt)
+      .Value('F', nullptr, &backing_fmt)
+      .Add('b', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             backing = arg;
+             have_b = true;
+             return std::nullopt;
+           })
+      .Flag('u', nullptr, &unsafe)
+      .Flag('p', nullptr, &progress)
+      .Flag('q', nullptr, &quiet)
+      .Flag('U', "force-share", &force_share)
+      .Accept('t', nullptr, true)
+      .Accept('T', nullptr, true)
+      .Accept('c', nullptr, false)
+      .CommonImageOptions(&untrusted);
+  if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
-  if (optind != argc - 1) return UsageError("rebase", "Expecting one image file name");
+  if (opts.operands().size() != 1) return UsageError("rebase", "Expecting one image file name");
   if (!have_b) return UsageError("rebase", "Must specify backing file (-b)");
-  std::string filename = argv[optind];
+  std::string filename = opts.operands()[0];
   if (!backing.empty() && backing_fmt.empty()) {
     PrintError(fmt::format("Could not change the backing file to '{}': backing format must be specified",
                            backing));

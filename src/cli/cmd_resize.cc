@@ -1,12 +1,11 @@
 // vimgfs resize: qemu-img resize ([+|-]size, --shrink).
-#include <getopt.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <vector>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 
 namespace vimgfs::cli {
 namespace {
@@ -62,45 +61,26 @@ int RunResize(int argc, char** argv) {
     }
   }
   // The size goes last and may start with '-': take it before getopt sees it.
-  if (argc < 3) return UsageError("resize", "Expecting image file name and size");
+  if (argc < 3) return UsageError("resize", "Not enough arguments");
   std::string size_text = argv[argc - 1];
   argc--;
   std::string fmt;
   bool quiet = false, shrink = false, untrusted = false;
-  enum { kShrink = 256, kUntrusted, kPrealloc, kImageOpts, kObject };
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"format", required_argument, nullptr, 'f'},
-                                 {"shrink", no_argument, nullptr, kShrink},
-                                 {"untrusted", no_argument, nullptr, kUntrusted},
-                                 {"preallocation", required_argument, nullptr, kPrealloc},
-                                 {"image-opts", no_argument, nullptr, kImageOpts},
-                                 {"object", required_argument, nullptr, kObject},
-                                 {nullptr, 0, nullptr, 0}};
-  optind = 0;
-  opterr = 0;
-  int c;
   std::string prealloc;
-  while ((c = getopt_long(argc, argv, ":f:hq", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt = optarg; break;
-      case 'q': quiet = true; break;
-      case kShrink: shrink = true; break;
-      case kUntrusted: untrusted = true; break;
-      case kPrealloc: prealloc = optarg; break;
-      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
-      case kObject: break;
-      case ':': return UsageError("resize", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-      default: return UsageError("resize", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-    }
-  }
+  OptionParser opts("resize", kUsage);
+  opts.Value('f', "format", &fmt)
+      .Flag('q', nullptr, &quiet)
+      .Flag(0, "shrink", &shrink)
+      .Value(0, "preallocation", &prealloc)
+      .CommonImageOptions(&untrusted);
+  if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (prealloc.empty()) prealloc = "off";
   if (prealloc != "off" && prealloc != "metadata" && prealloc != "falloc" && prealloc != "full") {
     PrintError(fmt::format("Invalid preallocation mode '{}'", prealloc));
     return 1;
   }
-  if (optind != argc - 1) return UsageError("resize", "Expecting one image file name");
-  std::string filename = argv[optind];
+  if (opts.operands().size() != 1) return UsageError("resize", "Expecting image file name and size");
+  std::string filename = opts.operands()[0];
   if (size_text == "--") return UsageError("resize", "Expecting a size");
 
   int sign = 0;

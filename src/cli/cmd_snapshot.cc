@@ -1,10 +1,9 @@
 // vimgfs snapshot: qemu-img snapshot (-l list, -c create, -a apply, -d delete).
-#include <getopt.h>
-
 #include <cstdio>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "cli/option_parser.h"
 #include "cli/info_render.h"
 
 namespace vimgfs::cli {
@@ -24,41 +23,28 @@ int RunSnapshot(int argc, char** argv) {
   std::string fmt, name;
   char action = 0;
   bool quiet = false, untrusted = false;
-  enum { kUntrusted = 256, kImageOpts, kObject };
-  static const option kLong[] = {{"help", no_argument, nullptr, 'h'},
-                                 {"force-share", no_argument, nullptr, 'U'},
-                                 {"untrusted", no_argument, nullptr, kUntrusted},
-                                 {"image-opts", no_argument, nullptr, kImageOpts},
-                                 {"object", required_argument, nullptr, kObject},
-                                 {nullptr, 0, nullptr, 0}};
   bool force_share = false;
-  optind = 0;
-  opterr = 0;
-  int c;
-  while ((c = getopt_long(argc, argv, ":la:c:d:f:hqU", kLong, nullptr)) != -1) {
-    switch (c) {
-      case 'h': std::fputs(kUsage, stdout); return 0;
-      case 'f': fmt = optarg; break;
-      case 'l':
-      case 'a':
-      case 'c':
-      case 'd':
-        if (action) return UsageError("snapshot", "Cannot mix -l, -a, -c and -d");
-        action = static_cast<char>(c);
-        if (c != 'l') name = optarg;
-        break;
-      case 'q': quiet = true; break;
-      case 'U': force_share = true; break;
-      case kUntrusted: untrusted = true; break;
-      case kImageOpts: PrintError("--image-opts is not supported"); return 1;
-      case kObject: break;
-      case ':': return UsageError("snapshot", fmt::format("option requires an argument -- '{}'", argv[optind - 1]));
-      default: return UsageError("snapshot", fmt::format("invalid option -- '{}'", argv[optind - 1]));
-    }
-  }
+  auto set_action = [&](char which) {
+    return [&, which](const char* arg) -> std::optional<int> {
+      if (action) return UsageError("snapshot", "Cannot mix '-l', '-a', '-c', '-d'");
+      action = which;
+      if (arg) name = arg;
+      return std::nullopt;
+    };
+  };
+  OptionParser opts("snapshot", kUsage);
+  opts.Add('l', nullptr, false, set_action('l'))
+      .Add('a', nullptr, true, set_action('a'))
+      .Add('c', nullptr, true, set_action('c'))
+      .Add('d', nullptr, true, set_action('d'))
+      .Value('f', nullptr, &fmt)
+      .Flag('q', nullptr, &quiet)
+      .Flag('U', "force-share", &force_share)
+      .CommonImageOptions(&untrusted);
+  if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (!action) action = 'l';
-  if (optind != argc - 1) return UsageError("snapshot", "Expecting one image file name");
-  std::string filename = argv[optind];
+  if (opts.operands().size() != 1) return UsageError("snapshot", "Expecting one image file name");
+  std::string filename = opts.operands()[0];
   ImageOpen o;
   o.force_share = force_share;
   o.format = fmt;

@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <set>
 
+#include "cli/cli_util.h"
 #include "vimgfs/image.h"
 
 namespace vimgfs::cli {
@@ -129,6 +130,29 @@ std::string FormattingLine(const std::string& fmt, uint64_t size, const OptionLi
     if (!printed.count(k)) add(k + "=" + Escape(v));
   }
   return out;
+}
+
+std::optional<int> CollectCreateOptions(const std::vector<std::string>& texts, const std::string& fmt,
+                                        OptionList* opts) {
+  bool want_help = false;
+  for (const std::string& t : texts) {
+    if (IsHelpOption(t)) {
+      want_help = true;
+      continue;
+    }
+    if (Status s = ParseOptionList(t, opts); !s.ok()) {
+      PrintError(s.message());
+      return 1;
+    }
+  }
+  if (!want_help) return std::nullopt;
+  const FormatDriver* driver = FindFormat(fmt);
+  if (!driver) {
+    PrintError(fmt::format("Unknown file format '{}'", fmt));
+    return 1;
+  }
+  PrintCreateOptionHelp(*driver);
+  return 0;
 }
 
 }  // namespace vimgfs::cli

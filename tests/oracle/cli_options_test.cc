@@ -1,0 +1,80 @@
+// The command line of every command: qemu-img's messages and exit codes for unrecognized
+// options, missing arguments and wrong operand counts, --help, options after operands.
+#include <string>
+#include <vector>
+
+#include "oracle/cli_test_helpers.h"
+
+namespace vimgfs::test {
+namespace {
+
+class CliOptionsTest : public CliTest {};
+
+const std::vector<std::string> kCommands = {"check", "commit", "compare", "convert", "create",
+                                            "info",  "map",    "rebase",  "resize",  "snapshot"};
+
+std::string FirstLine(const std::string& s) { return s.substr(0, s.find('\n')); }
+
+// qemu-img's first error line with our program name in its place.
+std::string AsVimgfs(const std::string& qemu_line) {
+  const std::string prefix = "qemu-img: ";
+  if (qemu_line.rfind(prefix, 0) != 0) return "unexpected qemu-img output: " + qemu_line;
+  return "vimgfs: " + qemu_line.substr(prefix.size());
+}
+
+TEST_F(CliOptionsTest, BadCommandLinesFailAsInQemuImg) {
+  MustSh("qemu-img create -q -f qcow2 a.qcow2 1M && qemu-img create -q -f qcow2 b.qcow2 1M");
+  const std::vector<std::string> bad = {"--no-such-option a.qcow2 b.qcow2", "-Z a.qcow2 b.qcow2",
+                                        "a.qcow2 b.qcow2 -f", "--backing-chain=3 a.qcow2 b.qcow2"};
+  for (const std::string& cmd : kCommands) {
+    for (const std::string& args : bad) {
+      if (args == "a.qcow2 b.qcow2 -f") {
+        if (cmd == "resize") continue;  // "-f" is taken as the size
+        if (cmd == "snapshot") continue;  // vimgfs snapshot takes -f, qemu-img's does not
+      }
+      CommandResult q = Q(cmd + " " + args);
+      CommandResult v = V(cmd + " " + args);
+      SCOPED_TRACE(cmd + " " + args);
+      EXPECT_EQ(v.exit_code, q.exit_code) << q.err << v.err;
+      EXPECT_EQ(v.exit_code, 1);
+      EXPECT_EQ(FirstLine(v.err), AsVimgfs(FirstLine(q.err)));
+      EXPECT_NE(v.err.find("Try 'vimgfs " + cmd + " --help'"), std::string::npos) << v.err;
+      EXPECT_EQ(v.out, "");
+    }
+  }
+}
+
+TEST_F(CliOptionsTest, WrongOperandCountsFailAsInQemuImg) {
+  MustSh("qemu-img create -q -f qcow2 a.qcow2 1M");
+  const std::vector<std::string> lines = {
+      "info", "info a.qcow2 a.qcow2", "check", "map a.qcow2 a.qcow2", "compare a.qcow2",
+      "compare a.qcow2 a.qcow2 a.qcow2", "convert a.qcow2", "snapshot", "snapshot -l -a x a.qcow2",
+      "commit", "rebase -b '' a.qcow2 a.qcow2", "resize a.qcow2", "resize a.qcow2 a.qcow2 1M",
+      "create -f qcow2"};
+  for (const std::string& line : lines) {
+    SCOPED_TRACE(line);
+    CommandResult q = Q(line);
+    CommandResult v = V(line);
+    EXPECT_EQ(v.exit_code, q.exit_code) << q.err << v.err;
+    EXPECT_EQ(FirstLine(v.err), AsVimgfs(FirstLine(q.err)));
+  }
+}
+
+TEST_F(CliOptionsTest, HelpAndOptionsAfterOperands) {
+  for (const std::string& cmd : kCommands) {
+    CommandResult v = V(cmd + " --help");
+    EXPECT_EQ(v.exit_code, 0) << cmd;
+    EXPECT_EQ(v.out.rfind("usage: vimgfs " + cmd, 0), 0u) << v.out;
+    EXPECT_EQ(V(cmd + " -h").out, v.out);
+  }
+  // getopt's permutation: options may follow the file names, as with qemu-img.
+  MustSh("qemu-img create -q -f raw r.img 1M");
+  CommandResult v = V("info r.img --output json -f raw");
+  auto j = Json(v);
+  EXPECT_EQ(j["format"], "raw");
+  EXPECT_EQ(Ok(V("convert r.img out.qcow2 -O qcow2")), "");
+  EXPECT_EQ(Json(Q("info --output=json out.qcow2"))["format"], "qcow2");
+}
+
+}  // namespace
+}  // namespace vimgfs::test
