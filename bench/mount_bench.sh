@@ -5,7 +5,8 @@
 #   host     - a plain 2 GiB file on the host file system (the ceiling)
 # Each round gives every target a fresh image, so each sees the same allocation history: a
 # 1 MiB sequential write over the whole disk first (allocating), then reads of that data,
-# then 4 KiB random writes in place. fio uses O_DIRECT and psync on all three.
+# then 4 KiB random writes in place, then the same with an fsync after every write (alone,
+# and among readers: 4 jobs, 75% reads). fio uses O_DIRECT and psync on all three.
 #
 # Usage: bench/mount_bench.sh [VIMGFS_BINARY]   (root; needs fio, qemu-img,
 #        qemu-storage-daemon from qemu-system-common). Env: BENCH_DIR (work folder, default
@@ -45,6 +46,8 @@ JOBS=(
   "randread-4k-j4|--rw=randread --bs=4k --numjobs=4 --time_based --runtime=$RUNTIME"
   "randwrite-4k-j1|--rw=randwrite --bs=4k --numjobs=1 --time_based --runtime=$RUNTIME"
   "randwrite-4k-j4|--rw=randwrite --bs=4k --numjobs=4 --time_based --runtime=$RUNTIME"
+  "fsync-4k-j1|--rw=randwrite --bs=4k --fsync=1 --numjobs=1 --time_based --runtime=$RUNTIME"
+  "fsync-rw-4k-j4|--rw=randrw --rwmixread=75 --bs=4k --fsync=1 --numjobs=4 --time_based --runtime=$RUNTIME"
 )
 
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
@@ -60,8 +63,10 @@ run_job() {
   python3 - "$WORK/$target-$name.json" "$target" "$name" >>"$WORK/results" <<'EOF2'
 import json, sys
 j = json.load(open(sys.argv[1]))["jobs"][0]
-io = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
-print(sys.argv[2], sys.argv[3], "%.1f" % (io["bw_bytes"] / 1e6), "%.0f" % io["iops"])
+# Reads and writes together (a mixed job counts both; the others have one of them).
+bw = j["read"]["bw_bytes"] + j["write"]["bw_bytes"]
+iops = j["read"]["iops"] + j["write"]["iops"]
+print(sys.argv[2], sys.argv[3], "%.1f" % (bw / 1e6), "%.0f" % iops)
 EOF2
 }
 

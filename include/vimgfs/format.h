@@ -146,8 +146,18 @@ class ClusterMap {
   // from the backing image, as the format does it. Same alignment rule as ZeroRange.
   virtual Status Discard(uint64_t guest_off, uint64_t len) { return Status::Ok(); }
 
-  // Writes dirty metadata in dependency order and makes data and metadata durable.
-  virtual Status Flush() = 0;
+  // A flush in two parts. WriteBack writes dirty metadata to the host files in dependency
+  // order, syncing between writes only where the order needs it; SyncFiles then syncs
+  // every host file, after which the data and metadata written before the flush began are
+  // durable. The engine runs WriteBack under its metadata lock and SyncFiles without it,
+  // so lookups and in-place writes go on during the fsync (the slow part).
+  virtual Status WriteBack() = 0;
+  // May run concurrently with any call but Close (the set of files is fixed at open).
+  virtual Status SyncFiles() = 0;
+  Status Flush() {
+    RETURN_IF_ERROR(WriteBack());
+    return SyncFiles();
+  }
   // Flushes and marks the image clean (dirty bit cleared). The map is unusable after.
   virtual Status Close() = 0;
 

@@ -5,7 +5,8 @@
 //   1. range_lock_: cluster-granular. Reads and in-place writes hold their clusters
 //      shared; allocating writes, zeroing and discards hold them exclusive, so nobody
 //      reads a mapping that is being replaced or frees a cluster under a reader.
-//   2. meta_mu_: held for every call into the format, never across data I/O.
+//   2. meta_mu_: held for every call into the format, never across data I/O, nor across
+//      the final fsync of a flush (ClusterMap::SyncFiles).
 //
 // Write ordering: data (with the copy-on-write head and tail) is written before
 // CommitWrite links it; the format's caches then order metadata write-back.
@@ -442,8 +443,11 @@ Status Image::Discard(uint64_t off, uint64_t len) {
 
 Status Image::Flush() {
   if (read_only_) return Status::Ok();
-  std::lock_guard lk(meta_mu_);
-  return map_->Flush();
+  {
+    std::lock_guard lk(meta_mu_);
+    RETURN_IF_ERROR(map_->WriteBack());
+  }
+  return map_->SyncFiles();
 }
 
 FormatInfo Image::Info() {

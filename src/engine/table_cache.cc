@@ -50,16 +50,18 @@ Status TableCache::ResolveDependencies() {
   if (dependency_) {
     TableCache* d = dependency_;
     dependency_ = nullptr;
-    Status s = d->Flush();
+    bool synced = false;
+    Status s = d->Flush(&synced);
     if (!s.ok()) {
       dependency_ = d;
       return s;
     }
-    depends_on_flush_ = false;  // d->Flush synced the file
+    if (synced) depends_on_flush_ = false;  // d's sync covered the data too
   }
   if (depends_on_flush_) {
     RETURN_IF_ERROR(file_->Sync(true));
     depends_on_flush_ = false;
+    unsynced_ = false;
   }
   return Status::Ok();
 }
@@ -76,14 +78,20 @@ Status TableCache::WriteBack() {
     RETURN_IF_ERROR(file_->PWrite(off, {e->data.get(), table_size_}, tag_)
                         .WithContext("writing metadata table at {:#x}", off));
     e->dirty = false;
+    unsynced_ = true;
   }
   return Status::Ok();
 }
 
-Status TableCache::Flush() {
+Status TableCache::Flush(bool* synced) {
+  if (synced) *synced = false;
   RETURN_IF_ERROR(WriteBack());
   if (dependency_ || depends_on_flush_) RETURN_IF_ERROR(ResolveDependencies());
-  return file_->Sync(true);
+  if (!unsynced_) return Status::Ok();
+  RETURN_IF_ERROR(file_->Sync(true));
+  unsynced_ = false;
+  if (synced) *synced = true;
+  return Status::Ok();
 }
 
 bool TableCache::dirty() const {
@@ -102,6 +110,7 @@ Status TableCache::EvictOne() {
       RETURN_IF_ERROR(file_->PWrite(e->offset, {e->data.get(), table_size_}, tag_)
                           .WithContext("writing metadata table at {:#x}", e->offset));
       e->dirty = false;
+      unsynced_ = true;
     }
     lru_.erase(e->lru_pos);
     entries_.erase(e->offset);

@@ -73,8 +73,9 @@ class TableCache {
 
   // Writes every dirty table, honouring dependencies. Does not sync the file itself.
   Status WriteBack();
-  // WriteBack, then sync the file.
-  Status Flush();
+  // WriteBack, then sync the file if this cache wrote anything since its last sync: its
+  // tables are durable after. *synced (optional): whether it synced.
+  Status Flush(bool* synced = nullptr);
 
   bool dirty() const;
   uint32_t table_size() const { return table_size_; }
@@ -103,6 +104,7 @@ class TableCache {
   std::list<Entry*> lru_;  // front = most recently used
   TableCache* dependency_ = nullptr;
   bool depends_on_flush_ = false;
+  bool unsynced_ = false;  // tables written since this cache last synced the file
 };
 
 }  // namespace vimgfs

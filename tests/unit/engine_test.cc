@@ -94,7 +94,8 @@ class ToyMap final : public ClusterMap {
     }
     return Status::Ok();
   }
-  Status Flush() override { return Status::Ok(); }
+  Status WriteBack() override { return Status::Ok(); }
+  Status SyncFiles() override { return Status::Ok(); }
   Status Close() override { return Status::Ok(); }
   std::optional<BackingRef> backing() const override { return st_->backing; }
   FormatInfo Info() override {

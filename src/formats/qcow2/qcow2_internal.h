@@ -187,7 +187,8 @@ class Qcow2Map final : public ClusterMap {
   Status ZeroRange(uint64_t guest_off, uint64_t len, bool unmap) override;
   Status Discard(uint64_t guest_off, uint64_t len) override;
   Status MakeEmpty() override;
-  Status Flush() override;
+  Status WriteBack() override;
+  Status SyncFiles() override;
   Status Close() override;
   std::optional<BackingRef> backing() const override;
   FormatInfo Info() override;
@@ -250,6 +251,9 @@ class Qcow2Map final : public ClusterMap {
   Status WriteHeader();
   Status WriteL1();
   Status WriteRefTableEntries(uint64_t first, uint64_t count);
+  // Dirty tables, L1 and header written back in dependency order (durable after a sync).
+  Status WriteBackTables();
+  // WriteBackTables, then a sync of the image file: all metadata durable.
   Status FlushAll();
   Status CheckWritable();
   nlohmann::ordered_json BitmapList();

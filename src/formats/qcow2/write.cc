@@ -274,25 +274,38 @@ Status Qcow2Map::WriteL1() {
   return Status::Ok();
 }
 
-Status Qcow2Map::FlushAll() {
+Status Qcow2Map::WriteBackTables() {
+  // The caches sync only when they wrote something, so a flush after in-place writes
+  // costs no fsync here: SyncFiles' one fsync is the whole flush.
   RETURN_IF_ERROR(l2_cache_->Flush());
   RETURN_IF_ERROR(ref_cache_->Flush());
   RETURN_IF_ERROR(l2_cache_->Flush());  // frees may have made refcounts wait for L2
   if (l1_dirty_) {
     RETURN_IF_ERROR(WriteL1());
-    RETURN_IF_ERROR(file_->Sync(true));
+    // A header that points at a moved L1 must not land before it.
+    if (header_dirty_) RETURN_IF_ERROR(file_->Sync(true));
   }
-  if (header_dirty_) {
-    RETURN_IF_ERROR(WriteHeader());
-    RETURN_IF_ERROR(file_->Sync(true));
-  }
+  if (header_dirty_) RETURN_IF_ERROR(WriteHeader());
   return Status::Ok();
 }
 
-Status Qcow2Map::Flush() {
+Status Qcow2Map::FlushAll() {
+  RETURN_IF_ERROR(WriteBackTables());
+  return file_->Sync(true);
+}
+
+Status Qcow2Map::WriteBack() {
   if (read_only_ || closed_ || !l2_cache_ || !ref_cache_) return Status::Ok();  // open failed early
+  // Data in an external data file is durable before L2 entries point at it (the L2
+  // cache's own ordering covers only this file).
+  if (data_file_ && l2_cache_->dirty()) RETURN_IF_ERROR(data_file_->Sync(true));
+  return WriteBackTables();
+}
+
+Status Qcow2Map::SyncFiles() {
+  if (read_only_ || closed_ || !l2_cache_ || !ref_cache_) return Status::Ok();
   if (data_file_) RETURN_IF_ERROR(data_file_->Sync(true));
-  return FlushAll();
+  return file_->Sync(true);
 }
 
 Status Qcow2Map::Close() {

@@ -55,7 +55,8 @@ class RawMap final : public ClusterMap {
     Status s = file_->PunchHole(off, std::min(len, size_ - off));
     return s.kind() == ErrorKind::kUnsupported ? Status::Ok() : s;
   }
-  Status Flush() override { return read_only_ ? Status::Ok() : file_->Sync(true); }
+  Status WriteBack() override { return Status::Ok(); }
+  Status SyncFiles() override { return read_only_ ? Status::Ok() : file_->Sync(true); }
   Status Close() override { return Flush(); }
 
   FormatInfo Info() override {

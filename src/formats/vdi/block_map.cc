@@ -270,7 +270,7 @@ Status VdiMap::WriteHeader(uint32_t blocks_allocated) {
       .WithContext("'{}': writing the VDI header", path_);
 }
 
-Status VdiMap::WriteMetadata() {
+Status VdiMap::WriteMetadata(bool durable) {
   if (read_only_) return Status::Ok();
   // qemu-img check wants blocks_allocated to equal the entries in use, exactly: a count
   // that changes goes out together with the entries that change it.
@@ -284,7 +284,9 @@ Status VdiMap::WriteMetadata() {
   // Data durable before any entry points at it.
   RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
   RETURN_IF_ERROR(WriteHeaderAndMap(count_changes ? std::optional(new_count) : std::nullopt, grew));
-  RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
+  // Blocks given back (below) must not be named by entries that could still reach the disk.
+  const bool gives_back = free_top_ < count_ || (!grew && count_changes);
+  if (durable || gives_back) RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
   disk_count_ = new_count;
   if (free_top_ < count_) {
     // The cleared entries are durable: the top blocks can be given back.
@@ -340,9 +342,14 @@ Status VdiMap::WriteHeaderAndMap(std::optional<uint32_t> header_count, bool head
   return Status::Ok();
 }
 
-Status VdiMap::Flush() {
+Status VdiMap::WriteBack() {
   if (closed_ || read_only_) return Status::Ok();
-  return WriteMetadata();
+  return WriteMetadata(/*durable=*/false);  // SyncFiles follows
+}
+
+Status VdiMap::SyncFiles() {
+  if (closed_ || read_only_) return Status::Ok();
+  return file_->Sync(true).WithContext("'{}': syncing", path_);
 }
 
 Status VdiMap::Close() {

@@ -132,7 +132,8 @@ class VdiMap final : public ClusterMap {
   void AbortWrite(const WritePlan& plan) override;
   Status ZeroRange(uint64_t guest_off, uint64_t len, bool unmap) override;
   Status Discard(uint64_t guest_off, uint64_t len) override;
-  Status Flush() override;
+  Status WriteBack() override;
+  Status SyncFiles() override;
   Status Close() override;
   FormatInfo Info() override;
   Result<CheckReport> Check(RepairMode mode) override;
@@ -156,8 +157,9 @@ class VdiMap final : public ClusterMap {
   // set to new_entry), the others zeroed in place (hole punched; re-reserved unless unmap).
   Status ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t new_entry, bool unmap);
   Status ZeroHostBlock(uint64_t block, uint32_t entry, bool keep_allocated);
-  // Writes dirty metadata in the order described above.
-  Status WriteMetadata();
+  // Writes dirty metadata in the order described above (data synced first). durable: sync
+  // after it too; without, a sync is still due (SyncFiles), unless blocks were given back.
+  Status WriteMetadata(bool durable = true);
   Status WriteHeader(uint32_t blocks_allocated);
   // Writes the dirty map sectors and, given a count, the header carrying it.
   Status WriteHeaderAndMap(std::optional<uint32_t> header_count, bool header_first);

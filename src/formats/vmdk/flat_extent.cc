@@ -29,7 +29,7 @@ class FlatExtent final : public Extent {
     return Status::ReadOnly("'{}': the extent is read-only", file_->path());
   }
 
-  Status Flush() override { return read_only ? Status::Ok() : file_->Sync(true); }
+  Status SyncFile() override { return read_only ? Status::Ok() : file_->Sync(true); }
 
   Result<std::string> CheckGrains(uint64_t guest_start) override {
     ASSIGN_OR_RETURN(uint64_t size, file_->Size());

@@ -152,11 +152,10 @@ class SparseExtent final : public Extent {
     return Status::Ok();
   }
 
-  Status Flush() override {
+  Status WriteBack() override {
     if (read_only) return Status::Ok();
-    RETURN_IF_ERROR(cache_.Flush());
-    bool wrote = false;
-    for (auto* dir : {&rgd, &gd}) {
+    RETURN_IF_ERROR(cache_.Flush());  // new grain tables land before directory entries name them
+        for (auto* dir : {&rgd, &gd}) {
       if (dir->empty()) continue;
       uint64_t base = dir == &gd ? p_.gd_offset : p_.rgd_offset;
       // One sector of directory entries (128) at a time, where any changed.
@@ -169,13 +168,12 @@ class SparseExtent final : public Extent {
         size_t n = std::min<size_t>(128, dir->size() - chunk * 128);
         for (size_t i = 0; i < n; i++) StoreLE32(sector + 4 * i, (*dir)[chunk * 128 + i]);
         RETURN_IF_ERROR(file_->PWrite(base + chunk * kSector, std::span(sector, 4 * n), IoTag::kGrainDir));
-        wrote = true;
       }
     }
     std::fill(gd_dirty_.begin(), gd_dirty_.end(), false);
-    if (wrote) RETURN_IF_ERROR(file_->Sync(true));
     return Status::Ok();
   }
+  Status SyncFile() override { return read_only ? Status::Ok() : file_->Sync(true); }
 
   // qemu's check: every allocated grain must start before the end of the file.
   Result<std::string> CheckGrains(uint64_t guest_start) override {

@@ -35,6 +35,7 @@ class VmdkMap final : public ClusterMap {
   uint64_t desc_capacity = 0;  // bytes available in place (embedded: desc_size sectors)
   std::string desc_text;
   bool cid_updated = false;
+  bool cid_synced = false;  // a descriptor file's new CID is durable
   // The parent's CID differs from our parentCID: it changed since this image was made on
   // it, so its content no longer shows through (qemu fails such reads with EINVAL).
   std::optional<std::string> stale_parent;
@@ -137,9 +138,20 @@ class VmdkMap final : public ClusterMap {
     return UpdateCid();
   }
 
-  Status Flush() override {
+  Status WriteBack() override {
     if (ro) return Status::Ok();
-    for (auto& e : extents) RETURN_IF_ERROR(e->Flush());
+    for (auto& e : extents) RETURN_IF_ERROR(e->WriteBack());
+    // A descriptor file of its own holds the CID that the first write changes: synced
+    // once, here (SyncFiles syncs the extents only).
+    if (cid_updated && !cid_synced && desc_file && desc_capacity == UINT64_MAX) {
+      RETURN_IF_ERROR(desc_file->Sync(true));
+      cid_synced = true;
+    }
+    return Status::Ok();
+  }
+  Status SyncFiles() override {
+    if (ro) return Status::Ok();
+    for (auto& e : extents) RETURN_IF_ERROR(e->SyncFile());
     return Status::Ok();
   }
   Status Close() override { return Flush(); }

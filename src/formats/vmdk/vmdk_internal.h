@@ -141,7 +141,10 @@ class Extent {
   }
   virtual Status CommitWrite(const WritePlan& plan) { return Status::ReadOnly("extent"); }
   virtual Status ZeroRange(uint64_t off, uint64_t len) { return Status::Unsupported("zero"); }
-  virtual Status Flush() { return Status::Ok(); }
+  // Dirty grain tables and directories written back in order (see ClusterMap::WriteBack).
+  virtual Status WriteBack() { return Status::Ok(); }
+  // Syncs the extent's file when it is writable.
+  virtual Status SyncFile() { return Status::Ok(); }
   virtual File* file() { return nullptr; }
   virtual uint64_t grain_bytes() const { return 0; }  // 0: flat
   virtual bool compressed() const { return false; }
