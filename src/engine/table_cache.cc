@@ -38,12 +38,12 @@ TableCache::TableCache(File* file, uint32_t table_size, size_t max_tables, IoTag
 
 TableCache::~TableCache() = default;
 
-void TableCache::SetDependency(TableCache* first) {
+Status TableCache::SetDependency(TableCache* first) {
   // A cycle would need both flushed first; qemu breaks it by flushing the other one now.
-  if (first->dependency_ == this) {
-    (void)first->Flush();
-  }
+  // If that fails the caller's change must not go ahead: its order could not be kept.
+  if (first->dependency_ == this) RETURN_IF_ERROR(first->Flush());
   dependency_ = first;
+  return Status::Ok();
 }
 
 Status TableCache::ResolveDependencies() {

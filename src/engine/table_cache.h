@@ -67,7 +67,7 @@ class TableCache {
   void Forget(uint64_t offset);
 
   // `first` must be flushed (and the file synced) before this cache writes anything.
-  void SetDependency(TableCache* first);
+  [[nodiscard]] Status SetDependency(TableCache* first);
   // The host file must be synced before this cache writes anything.
   void DependsOnFlush() { depends_on_flush_ = true; }
 

@@ -53,7 +53,7 @@ TEST(TableCacheTest, DependencyFlushesFirstCacheBeforeWriting) {
     auto t = l2.GetEmpty(8192);
     ASSERT_TRUE(t.ok());
   }
-  l2.SetDependency(&refcounts);
+  ASSERT_TRUE(l2.SetDependency(&refcounts).ok());
   ASSERT_TRUE(l2.Flush().ok());
   std::vector<std::string> want = {W(IoTag::kRefBlock, 4096), "S", W(IoTag::kL2, 8192), "S"};
   EXPECT_EQ(f.log, want);
@@ -77,7 +77,7 @@ TEST(TableCacheTest, EvictionWritesDirtyTableAfterItsDependency) {
   TableCache refcounts(&f, 512, 4, IoTag::kRefBlock);
   TableCache l2(&f, 512, 4, IoTag::kL2);
   { auto r = refcounts.GetEmpty(0); }
-  l2.SetDependency(&refcounts);
+  ASSERT_TRUE(l2.SetDependency(&refcounts).ok());
   for (uint64_t i = 1; i <= 5; i++) {  // the 5th evicts the first (dirty) L2 table
     auto t = l2.GetEmpty(i * 512);
     ASSERT_TRUE(t.ok());

@@ -353,7 +353,7 @@ Result<TableRef> Qcow2Map::GetL2(uint64_t l1_index, bool allocate) {
   if (!allocate) return TableRef();
   // A new table, or a private copy of one shared with a snapshot.
   ASSIGN_OR_RETURN(uint64_t new_off, AllocClusters(1));
-  l2_cache_->SetDependency(ref_cache_.get());
+  RETURN_IF_ERROR(l2_cache_->SetDependency(ref_cache_.get()));
   std::vector<std::byte> copy;
   if (off != 0) {
     ASSIGN_OR_RETURN(TableRef old, l2_cache_->Get(off));

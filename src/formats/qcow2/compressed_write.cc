@@ -42,7 +42,7 @@ Status Qcow2Map::WriteCompressed(uint64_t guest_off, std::span<const std::byte> 
     if ((c << cluster_bits_) >= fresh_from) continue;  // allocated with refcount 1 for us
     RETURN_IF_ERROR(AddRefcount(c, 1));
   }
-  l2_cache_->SetDependency(ref_cache_.get());
+  RETURN_IF_ERROR(l2_cache_->SetDependency(ref_cache_.get()));
   comp_next_ = start + len;
 
   RETURN_IF_ERROR(data_->PWrite(start, stream, IoTag::kData)

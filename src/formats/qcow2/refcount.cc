@@ -245,7 +245,7 @@ Status Qcow2Map::FreeRange(uint64_t off, uint64_t len) {
   if (len == 0) return Status::Ok();
   uint64_t first = off >> cluster_bits_;
   uint64_t last = (off + len - 1) >> cluster_bits_;
-  ref_cache_->SetDependency(l2_cache_.get());
+  RETURN_IF_ERROR(ref_cache_->SetDependency(l2_cache_.get()));
   for (uint64_t c = first; c <= last; c++) RETURN_IF_ERROR(AddRefcount(c, -1));
   return Status::Ok();
 }

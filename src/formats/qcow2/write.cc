@@ -108,7 +108,7 @@ Result<WritePlan> Qcow2Map::PrepareWrite(uint64_t pos, uint64_t len) {
   }
   l2.Release();
   ASSIGN_OR_RETURN(uint64_t new_host, AllocClusters(n));
-  l2_cache_->SetDependency(ref_cache_.get());
+  RETURN_IF_ERROR(l2_cache_->SetDependency(ref_cache_.get()));
   plan.guest_offset = cstart;
   plan.length = n << cluster_bits_;
   plan.host_offset = new_host;
