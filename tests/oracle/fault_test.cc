@@ -40,6 +40,10 @@ struct FaultCase {
   std::string create_options;
   int err;
 };
+// ctest lists the case by its options, not as a byte dump.
+void PrintTo(const FaultCase& c, std::ostream* os) {
+  *os << c.create_options << (c.err == EIO ? " EIO" : " ENOSPC");
+}
 
 class FaultTest : public ::testing::TestWithParam<FaultCase> {};
 

@@ -46,6 +46,10 @@ struct VmdkFaultCase {
   bool drop_gd_entry;
   int err;
 };
+void PrintTo(const VmdkFaultCase& c, std::ostream* os) {
+  *os << (*c.options ? c.options : "default") << (c.drop_gd_entry ? ", new grain table" : "")
+      << (c.err == EIO ? ", EIO" : ", ENOSPC");
+}
 
 class VmdkFaultTest : public ::testing::TestWithParam<VmdkFaultCase> {};
 
