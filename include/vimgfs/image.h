@@ -72,6 +72,17 @@ class Image {
   // Frees host space of whole clusters in the range; content of the range afterwards
   // is format-defined (zeros or backing data), like qemu's discard.
   Status Discard(uint64_t off, uint64_t len);
+  // How Preallocate gives newly allocated host space its zeros.
+  enum class Fill {
+    kHole,      // punched: the host file stays sparse (qcow2 "metadata")
+    kReserved,  // punched, then reserved unwritten with fallocate ("falloc")
+    kZeros,     // written with zeros ("full")
+  };
+  // Gives every unallocated cluster of [off, off+len) a home in the image that reads as
+  // zeros, without writing guest data through the whole range; mapped clusters are left
+  // as they are, partial clusters at the ends are written with zeros. kUnsupported from
+  // a format that cannot allocate (the caller writes zeros instead).
+  Status Preallocate(uint64_t off, uint64_t len, Fill fill);
   // All acknowledged writes durable, data and metadata.
   Status Flush();
   // Flushes, marks clean and closes the chain. Called by the destructor if not before.
@@ -98,6 +109,8 @@ class Image {
   Status ReadUnlocked(uint64_t off, std::span<std::byte> buf);
   Status ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> buf);
   Status WriteAllocating(uint64_t off, std::span<const std::byte> buf);
+  // Makes a planned host range read as zeros, as `fill` says.
+  Status FillHost(const WritePlan& plan, Fill fill);
   Status ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard);
 
   Env* env_ = nullptr;

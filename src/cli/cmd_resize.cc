@@ -21,33 +21,24 @@ const char kUsage[] =
     "                        left sparse), falloc (host space reserved), full (zeros)\n";
 
 // Gives the grown area [from, to) of an image its preallocation, as qemu-img resize does:
-// allocated clusters reading as zeros (qcow2), or host space (raw).
+// allocated clusters reading as zeros (qcow2: over a sparse, reserved or written host
+// range), or host space (raw).
 Status Preallocate(Image& img, const std::string& mode, uint64_t from, uint64_t to) {
   if (mode == "off" || from >= to) return Status::Ok();
-  if (img.format() == "raw" && mode == "falloc") return img.file().Allocate(from, to - from);
-  // Zeros written as data: allocated clusters (qcow2) or written blocks (raw full).
-  static const std::vector<std::byte> kZeros(1 << 20);
-  for (uint64_t pos = from; pos < to;) {
-    uint64_t n = std::min<uint64_t>(kZeros.size(), to - pos);
-    RETURN_IF_ERROR(img.Write(pos, {kZeros.data(), static_cast<size_t>(n)}));
-    pos += n;
+  if (img.format() == "raw") {
+    if (mode == "falloc") return img.file().Allocate(from, to - from);
+    static const std::vector<std::byte> kZeros(1 << 20);
+    for (uint64_t pos = from; pos < to;) {
+      uint64_t n = std::min<uint64_t>(kZeros.size(), to - pos);
+      RETURN_IF_ERROR(img.Write(pos, {kZeros.data(), static_cast<size_t>(n)}));
+      pos += n;
+    }
+    return Status::Ok();
   }
-  if (img.format() == "raw" || mode == "full") return Status::Ok();
-  // qcow2 metadata and falloc: the clusters stay allocated, and their host space is left
-  // as qemu leaves it: given back to the file system (metadata) or reserved unwritten
-  // (falloc), so it reads as zeros without holding data.
-  const uint64_t cluster = img.cluster_map().cluster_size();
-  const uint64_t whole_from = (from + cluster - 1) / cluster * cluster;  // old data before it
-  if (whole_from >= to) return Status::Ok();
-  ASSIGN_OR_RETURN(auto runs, img.Map(whole_from, to - whole_from, /*this_image_only=*/true));
-  for (const BlockStatus& r : runs) {
-    if (!r.has_offset || r.depth != 0 || r.filename != img.file().path()) continue;
-    Status st = img.file().PunchHole(r.host_offset, r.length);
-    if (st.kind() == ErrorKind::kUnsupported) return Status::Ok();  // the zeros stand
-    RETURN_IF_ERROR(st);
-    if (mode == "falloc") RETURN_IF_ERROR(img.file().Allocate(r.host_offset, r.length));
-  }
-  return Status::Ok();
+  const Image::Fill fill = mode == "full"     ? Image::Fill::kZeros
+                           : mode == "falloc" ? Image::Fill::kReserved
+                                              : Image::Fill::kHole;
+  return img.Preallocate(from, to - from, fill);
 }
 
 }  // namespace

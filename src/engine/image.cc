@@ -378,6 +378,77 @@ Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
   return Status::Ok();
 }
 
+Status Image::FillHost(const WritePlan& plan, Fill fill) {
+  if (fill != Fill::kZeros) {
+    // Reused free clusters may hold old bytes: a hole reads as zeros. Space past the end
+    // of the file is zeros already; the file grows over it (qemu-img check wants every
+    // cluster inside the file).
+    const uint64_t end = plan.host_offset + plan.length;
+    ASSIGN_OR_RETURN(uint64_t file_size, plan.file->Size());
+    Status s;
+    if (plan.host_offset < file_size)
+      s = plan.file->PunchHole(plan.host_offset, std::min(end, file_size) - plan.host_offset);
+    if (s.ok() && fill == Fill::kReserved) return plan.file->Allocate(plan.host_offset, plan.length);
+    if (s.ok()) return end > file_size ? plan.file->Truncate(end) : s;
+    if (s.kind() != ErrorKind::kUnsupported) return s;
+  }
+  for (uint64_t done = 0; done < plan.length;) {
+    uint64_t n = std::min(kZeroChunk, plan.length - done);
+    RETURN_IF_ERROR(plan.file->PWrite(plan.host_offset + done, {ZeroBuffer(), n}, IoTag::kData));
+    done += n;
+  }
+  return Status::Ok();
+}
+
+Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
+  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
+  if (off > size_ || len > size_ - off)
+    return Status::OutOfRange("'{}': preallocation of {:#x}+{:#x} is past the end of the disk", path_, off, len);
+  const uint64_t end = off + len;
+  RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(end, cluster_size_), true);
+  std::vector<Mapping> maps;
+  for (uint64_t pos = off; pos < end;) {
+    maps.clear();
+    RETURN_IF_ERROR(Lookup(pos, end - pos, &maps));
+    const Mapping m = maps.front();
+    if (m.kind != Mapping::Kind::kUnallocated || backing_) {
+      pos += m.length;  // has a home already, or shows backing data: not ours to replace
+      continue;
+    }
+    const uint64_t whole_end = AlignDown(end, cluster_size_);
+    if (pos % cluster_size_ != 0 || pos + cluster_size_ > whole_end) {
+      // Part of a cluster: written like any write (the rest of it keeps its bytes).
+      uint64_t n = std::min(end, AlignDown(pos, cluster_size_) + cluster_size_) - pos;
+      RETURN_IF_ERROR(WriteAllocating(pos, {ZeroBuffer(), n}));
+      pos += n;
+      continue;
+    }
+    const uint64_t run = std::min(pos + m.length, whole_end) - pos;
+    Result<WritePlan> planned = [&]() -> Result<WritePlan> {
+      std::lock_guard lk(meta_mu_);
+      return map_->PrepareWrite(pos, run);
+    }();
+    if (!planned.ok()) return planned.error();
+    const WritePlan plan = *planned;
+    if (plan.guest_offset != pos || plan.length == 0 || plan.length > run || plan.file == nullptr) {
+      std::lock_guard lk(meta_mu_);
+      map_->AbortWrite(plan);
+      return Status::Corrupt("'{}': format planned {:#x}+{:#x} for a preallocation at {:#x}", path_,
+                             plan.guest_offset, plan.length, pos);
+    }
+    Status s = FillHost(plan, fill);
+    std::lock_guard lk(meta_mu_);
+    if (!s.ok()) {
+      map_->AbortWrite(plan);
+      return s;
+    }
+    RETURN_IF_ERROR(map_->CommitWrite(plan));
+    g_write_generation.fetch_add(1, std::memory_order_release);
+    pos += plan.length;
+  }
+  return Status::Ok();
+}
+
 // Whether [off, off+len) already reads as zeros without any I/O (zero or unallocated
 // with nothing behind it).
 bool Image::KnownZero(uint64_t off, uint64_t len) {

@@ -96,6 +96,33 @@ TEST_F(CliOpsTest, ResizeWithPreallocation) {
   }
 }
 
+TEST_F(CliOpsTest, LargePreallocatedGrowthWritesNoData) {
+  // 64 GiB more with metadata preallocation (sparse), 256 MiB with falloc (reserved,
+  // unwritten): the clusters are allocated without the zeros passing through the engine
+  // (64 GiB of them would take minutes and, for a moment, the disk).
+  for (std::string mode : {"metadata", "falloc"}) {
+    SCOPED_TRACE(mode);
+    const uint64_t grow = mode == "metadata" ? 64ull << 30 : 256ull << 20;  // tmpfs reserves RAM
+    MustSh("rm -f v.qcow2 q.qcow2 && qemu-img create -q -f qcow2 v.qcow2 1M && cp v.qcow2 q.qcow2");
+    Ok(V("resize --preallocation=" + mode + " v.qcow2 +" + std::to_string(grow)));
+    Ok(Q("resize --preallocation=" + mode + " q.qcow2 +" + std::to_string(grow)));
+    EXPECT_EQ(Q("check v.qcow2").exit_code, 0);
+    EXPECT_EQ(Q("compare v.qcow2 q.qcow2").exit_code, 0);
+    nlohmann::json vi = Json(Q("info --output=json v.qcow2"));
+    nlohmann::json qi = Json(Q("info --output=json q.qcow2"));
+    EXPECT_EQ(vi["virtual-size"], qi["virtual-size"]);
+    if (mode == "metadata") {  // sparse: only tables take space, as in qemu's image
+      EXPECT_LT(vi["actual-size"].get<uint64_t>(), 64ull << 20);
+      EXPECT_LT(vi["actual-size"].get<uint64_t>(), 2 * qi["actual-size"].get<uint64_t>() + (1 << 20));
+    }
+    uint64_t v_data = 0, q_data = 0;
+    for (const auto& run : Json(Q("map --output=json v.qcow2"))) if (run["data"] == true) v_data += run["length"].get<uint64_t>();
+    for (const auto& run : Json(Q("map --output=json q.qcow2"))) if (run["data"] == true) q_data += run["length"].get<uint64_t>();
+    EXPECT_EQ(v_data, q_data);
+    EXPECT_EQ(v_data, grow);
+  }
+}
+
 TEST_F(CliOpsTest, Snapshots) {
   MustSh("qemu-img create -q -f qcow2 orig.qcow2 8M");
   MustSh("qemu-io -c 'write -P 1 0 1M' orig.qcow2 >/dev/null");
