@@ -8,6 +8,8 @@
 // I/O done under it.
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -85,6 +87,8 @@ class Image {
   Status Preallocate(uint64_t off, uint64_t len, Fill fill);
   // All acknowledged writes durable, data and metadata.
   Status Flush();
+  // Flush calls now waiting for one under way to finish (they share what follows it).
+  int flushes_waiting();
   // Flushes, marks clean and closes the chain. Called by the destructor if not before.
   Status Close();
 
@@ -128,6 +132,17 @@ class Image {
   std::mutex meta_mu_;                      // guards every call into map_
   std::unique_ptr<RangeLock> range_lock_;   // cluster-range locks for writers
   bool closed_ = false;
+
+  // Flushes are shared (group commit): one that starts covers every write finished
+  // before it, so fsyncs arriving while it runs wait and share the next one.
+  Status FlushNow();
+  std::atomic<uint64_t> writes_done_{0};  // writes, zeroings, discards finished
+  std::mutex flush_mu_;
+  std::condition_variable flush_cv_;
+  bool flushing_ = false;
+  int flush_waiters_ = 0;
+  uint64_t flushed_through_ = 0;  // writes_done_ a completed flush covered
+  friend class WriteDone;
 };
 
 // Parses qemu-img size strings: "10G", "512", "1.5M", "64k" (binary units, B k K M G T P E).

@@ -53,6 +53,19 @@ std::atomic<uint64_t> g_write_generation{1};
 
 }  // namespace
 
+// Counts a mutating call as finished when it returns (declared first in it, so it goes
+// last), for Flush's group commit.
+class WriteDone {
+ public:
+  explicit WriteDone(Image* img) : img_(img) {}
+  ~WriteDone() { img_->writes_done_.fetch_add(1, std::memory_order_release); }
+  WriteDone(const WriteDone&) = delete;
+  WriteDone& operator=(const WriteDone&) = delete;
+
+ private:
+  Image* img_;
+};
+
 bool BlockStatus::Continues(const BlockStatus& prev) const {
   if (prev.offset + prev.length != offset) return false;
   if (depth != prev.depth || present != prev.present || zero != prev.zero || data != prev.data ||
@@ -289,6 +302,7 @@ Status Image::CheckProbedRawHead(uint64_t off, std::span<const std::byte> buf) {
 }
 
 Status Image::Write(uint64_t off, std::span<const std::byte> buf) {
+  WriteDone done(this);
   if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
   if (off > size_ || buf.size() > size_ - off)
     return Status::OutOfRange("'{}': write of {:#x}+{:#x} is past the end of the disk ({} bytes)",
@@ -401,6 +415,7 @@ Status Image::FillHost(const WritePlan& plan, Fill fill) {
 }
 
 Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
+  WriteDone done(this);
   if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
   if (off > size_ || len > size_ - off)
     return Status::OutOfRange("'{}': preallocation of {:#x}+{:#x} is past the end of the disk", path_, off, len);
@@ -495,6 +510,7 @@ Status Image::ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard)
 }
 
 Status Image::WriteZeroes(uint64_t off, uint64_t len, bool unmap) {
+  WriteDone done(this);
   if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
   if (off > size_ || len > size_ - off)
     return Status::OutOfRange("'{}': zeroing {:#x}+{:#x} is past the end of the disk", path_, off, len);
@@ -504,6 +520,7 @@ Status Image::WriteZeroes(uint64_t off, uint64_t len, bool unmap) {
 }
 
 Status Image::Discard(uint64_t off, uint64_t len) {
+  WriteDone done(this);
   if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
   if (off > size_ || len > size_ - off)
     return Status::OutOfRange("'{}': discard of {:#x}+{:#x} is past the end of the disk", path_, off, len);
@@ -512,13 +529,42 @@ Status Image::Discard(uint64_t off, uint64_t len) {
   return ZeroUnlocked(off, len, false, true);
 }
 
-Status Image::Flush() {
-  if (read_only_) return Status::Ok();
+Status Image::FlushNow() {
   {
     std::lock_guard lk(meta_mu_);
     RETURN_IF_ERROR(map_->WriteBack());
   }
   return map_->SyncFiles();
+}
+
+int Image::flushes_waiting() {
+  std::lock_guard lk(flush_mu_);
+  return flush_waiters_;
+}
+
+Status Image::Flush() {
+  if (read_only_) return Status::Ok();
+  const uint64_t need = writes_done_.load(std::memory_order_acquire);
+  std::unique_lock lk(flush_mu_);
+  if (flushing_) {
+    // One is under way, maybe begun before some of our writes finished: wait for it.
+    // Either it covered them, or the next one does (run by one of those waiting).
+    // Without a flush under way there is no waiting and no skipping: changes made
+    // through cluster_map() (commands, one thread) are not counted in writes_done_.
+    flush_waiters_++;
+    while (flushing_ && flushed_through_ < need) flush_cv_.wait(lk);
+    flush_waiters_--;
+    if (flushed_through_ >= need) return Status::Ok();
+  }
+  flushing_ = true;
+  const uint64_t covers = writes_done_.load(std::memory_order_acquire);
+  lk.unlock();
+  Status s = FlushNow();
+  lk.lock();
+  flushing_ = false;
+  if (s.ok()) flushed_through_ = std::max(flushed_through_, covers);
+  flush_cv_.notify_all();
+  return s;
 }
 
 FormatInfo Image::Info() {
