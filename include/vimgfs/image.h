@@ -113,6 +113,13 @@ class Image {
   Status ReadUnlocked(uint64_t off, std::span<std::byte> buf);
   Status ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> buf);
   Status WriteAllocating(uint64_t off, std::span<const std::byte> buf);
+  // kReadOnly (for a call that writes) or kOutOfRange naming the call, else Ok.
+  Status CheckRange(const char* what, uint64_t off, uint64_t len, bool writes) const;
+  // The format's plan for a write at pos (under the metadata lock), checked to cover pos
+  // and end by max_end; a bad plan is returned to the format and reported as corrupt.
+  Result<WritePlan> PlanWrite(uint64_t pos, uint64_t len, uint64_t max_end);
+  // Links a plan whose data write gave `data_written`, or gives it back if that failed.
+  Status FinishPlan(const WritePlan& plan, const Status& data_written);
   // Makes a planned host range read as zeros, as `fill` says.
   Status FillHost(const WritePlan& plan, Fill fill);
   Status ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard);

@@ -208,10 +208,16 @@ Status Image::Close() {
   return s;
 }
 
-Status Image::Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out) {
+Status Image::CheckRange(const char* what, uint64_t off, uint64_t len, bool writes) const {
+  if (writes && read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
   if (off > size_ || len > size_ - off)
-    return Status::OutOfRange("'{}': range {:#x}+{:#x} is past the end of the disk ({} bytes)", path_,
+    return Status::OutOfRange("'{}': {} {:#x}+{:#x} is past the end of the disk ({} bytes)", path_, what,
                               off, len, size_);
+  return Status::Ok();
+}
+
+Status Image::Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out) {
+  RETURN_IF_ERROR(CheckRange("range", off, len, false));
   std::lock_guard lk(meta_mu_);
   size_t first = out->size();
   RETURN_IF_ERROR(map_->Lookup(off, len, out));
@@ -277,9 +283,7 @@ Status Image::ReadUnlocked(uint64_t off, std::span<std::byte> buf) {
 }
 
 Status Image::Read(uint64_t off, std::span<std::byte> buf) {
-  if (off > size_ || buf.size() > size_ - off)
-    return Status::OutOfRange("'{}': read of {:#x}+{:#x} is past the end of the disk ({} bytes)",
-                              path_, off, buf.size(), size_);
+  RETURN_IF_ERROR(CheckRange("read of", off, buf.size(), false));
   if (buf.empty()) return Status::Ok();
   RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), off + buf.size(), false);
   return ReadUnlocked(off, buf);
@@ -303,10 +307,7 @@ Status Image::CheckProbedRawHead(uint64_t off, std::span<const std::byte> buf) {
 
 Status Image::Write(uint64_t off, std::span<const std::byte> buf) {
   WriteDone done(this);
-  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
-  if (off > size_ || buf.size() > size_ - off)
-    return Status::OutOfRange("'{}': write of {:#x}+{:#x} is past the end of the disk ({} bytes)",
-                              path_, off, buf.size(), size_);
+  RETURN_IF_ERROR(CheckRange("write of", off, buf.size(), true));
   if (buf.empty()) return Status::Ok();
   uint64_t lock_start = AlignDown(off, cluster_size_);
   uint64_t lock_end = off + buf.size();
@@ -332,6 +333,29 @@ Status Image::Write(uint64_t off, std::span<const std::byte> buf) {
   return WriteAllocating(off, buf);
 }
 
+Result<WritePlan> Image::PlanWrite(uint64_t pos, uint64_t len, uint64_t max_end) {
+  std::lock_guard lk(meta_mu_);
+  ASSIGN_OR_RETURN(WritePlan plan, map_->PrepareWrite(pos, len));
+  const uint64_t plan_end = plan.guest_offset + plan.length;
+  if (plan.guest_offset > pos || plan_end <= pos || plan_end > max_end || plan.file == nullptr) {
+    map_->AbortWrite(plan);
+    return Status::Corrupt("'{}': format planned {:#x}+{:#x} for a write at {:#x}", path_, plan.guest_offset,
+                           plan.length, pos);
+  }
+  return plan;
+}
+
+Status Image::FinishPlan(const WritePlan& plan, const Status& data_written) {
+  std::lock_guard lk(meta_mu_);
+  if (!data_written.ok()) {
+    map_->AbortWrite(plan);
+    return data_written;
+  }
+  RETURN_IF_ERROR(map_->CommitWrite(plan));
+  g_write_generation.fetch_add(1, std::memory_order_release);
+  return Status::Ok();
+}
+
 Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
   // REQUIRES: the clusters of [off, off+len) locked exclusive.
   const uint64_t end = off + buf.size();
@@ -347,20 +371,8 @@ Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
       pos += m.length;
       continue;
     }
-    Result<WritePlan> planned = [&]() -> Result<WritePlan> {
-      std::lock_guard lk(meta_mu_);
-      return map_->PrepareWrite(pos, end - pos);
-    }();
-    if (!planned.ok()) return planned.error();
-    const WritePlan plan = *planned;
+    ASSIGN_OR_RETURN(const WritePlan plan, PlanWrite(pos, end - pos, AlignUp(size_, cluster_size_)));
     const uint64_t plan_end = plan.guest_offset + plan.length;
-    if (plan.guest_offset > pos || plan_end <= pos || plan_end > AlignUp(size_, cluster_size_) ||
-        plan.file == nullptr) {
-      std::lock_guard lk(meta_mu_);
-      map_->AbortWrite(plan);
-      return Status::Corrupt("'{}': format planned {:#x}+{:#x} for a write at {:#x}", path_,
-                             plan.guest_offset, plan.length, pos);
-    }
     const uint64_t data_end = std::min(end, plan_end);
     Status s;
     if (plan.guest_offset == pos && data_end == plan_end) {
@@ -380,13 +392,7 @@ Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
         std::memset(staging.data() + (readable_end - plan.guest_offset), 0, plan_end - readable_end);
       if (s.ok()) s = plan.file->PWrite(plan.host_offset, st, IoTag::kCowData);
     }
-    std::lock_guard lk(meta_mu_);
-    if (!s.ok()) {
-      map_->AbortWrite(plan);
-      return s;
-    }
-    RETURN_IF_ERROR(map_->CommitWrite(plan));
-    g_write_generation.fetch_add(1, std::memory_order_release);
+    RETURN_IF_ERROR(FinishPlan(plan, s));
     pos = data_end;
   }
   return Status::Ok();
@@ -416,9 +422,7 @@ Status Image::FillHost(const WritePlan& plan, Fill fill) {
 
 Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
   WriteDone done(this);
-  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
-  if (off > size_ || len > size_ - off)
-    return Status::OutOfRange("'{}': preallocation of {:#x}+{:#x} is past the end of the disk", path_, off, len);
+  RETURN_IF_ERROR(CheckRange("preallocation of", off, len, true));
   const uint64_t end = off + len;
   RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(end, cluster_size_), true);
   std::vector<Mapping> maps;
@@ -439,26 +443,13 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
       continue;
     }
     const uint64_t run = std::min(pos + m.length, whole_end) - pos;
-    Result<WritePlan> planned = [&]() -> Result<WritePlan> {
-      std::lock_guard lk(meta_mu_);
-      return map_->PrepareWrite(pos, run);
-    }();
-    if (!planned.ok()) return planned.error();
-    const WritePlan plan = *planned;
-    if (plan.guest_offset != pos || plan.length == 0 || plan.length > run || plan.file == nullptr) {
-      std::lock_guard lk(meta_mu_);
-      map_->AbortWrite(plan);
-      return Status::Corrupt("'{}': format planned {:#x}+{:#x} for a preallocation at {:#x}", path_,
-                             plan.guest_offset, plan.length, pos);
+    // Whole clusters from pos: the plan starts there (no copy-on-write head).
+    ASSIGN_OR_RETURN(const WritePlan plan, PlanWrite(pos, run, pos + run));
+    if (plan.guest_offset != pos) {
+      RETURN_IF_ERROR(FinishPlan(plan, Status::Corrupt("'{}': format planned {:#x} for {:#x}", path_,
+                                                       plan.guest_offset, pos)));
     }
-    Status s = FillHost(plan, fill);
-    std::lock_guard lk(meta_mu_);
-    if (!s.ok()) {
-      map_->AbortWrite(plan);
-      return s;
-    }
-    RETURN_IF_ERROR(map_->CommitWrite(plan));
-    g_write_generation.fetch_add(1, std::memory_order_release);
+    RETURN_IF_ERROR(FinishPlan(plan, FillHost(plan, fill)));
     pos += plan.length;
   }
   return Status::Ok();
@@ -511,9 +502,7 @@ Status Image::ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard)
 
 Status Image::WriteZeroes(uint64_t off, uint64_t len, bool unmap) {
   WriteDone done(this);
-  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
-  if (off > size_ || len > size_ - off)
-    return Status::OutOfRange("'{}': zeroing {:#x}+{:#x} is past the end of the disk", path_, off, len);
+  RETURN_IF_ERROR(CheckRange("zeroing", off, len, true));
   if (len == 0) return Status::Ok();
   RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
   return ZeroUnlocked(off, len, unmap, false);
@@ -521,9 +510,7 @@ Status Image::WriteZeroes(uint64_t off, uint64_t len, bool unmap) {
 
 Status Image::Discard(uint64_t off, uint64_t len) {
   WriteDone done(this);
-  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
-  if (off > size_ || len > size_ - off)
-    return Status::OutOfRange("'{}': discard of {:#x}+{:#x} is past the end of the disk", path_, off, len);
+  RETURN_IF_ERROR(CheckRange("discard of", off, len, true));
   if (len == 0) return Status::Ok();
   RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
   return ZeroUnlocked(off, len, false, true);
@@ -573,8 +560,7 @@ FormatInfo Image::Info() {
 }
 
 Result<std::vector<BlockStatus>> Image::Map(uint64_t off, uint64_t len, bool this_image_only) {
-  if (off > size_ || len > size_ - off)
-    return Status::OutOfRange("'{}': map of {:#x}+{:#x} is past the end of the disk", path_, off, len);
+  RETURN_IF_ERROR(CheckRange("map of", off, len, false));
   std::vector<BlockStatus> out;
   auto push = [&out](const BlockStatus& bs) {
     if (bs.length == 0) return;

@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include "support/forwarding_file.h"
 #include "vimgfs/image.h"
 
 namespace vimgfs {
@@ -56,30 +57,20 @@ class GateEnv : public Env {
     cv_.wait(lk, [&] { return !closed_; });
   }
 
-  class Gated : public File {
+  class Gated : public test::ForwardingFile {
    public:
-    Gated(GateEnv* e, std::unique_ptr<File> f) : e_(e), f_(std::move(f)) {}
-    Status PRead(uint64_t o, std::span<std::byte> b) override { return f_->PRead(o, b); }
+    Gated(GateEnv* e, std::unique_ptr<File> f) : ForwardingFile(std::move(f)), e_(e) {}
     Status PWrite(uint64_t o, std::span<const std::byte> b, IoTag t) override {
       if (t != IoTag::kData && t != IoTag::kCowData) e_->metadata_writes++;
-      return f_->PWrite(o, b, t);
+      return ForwardingFile::PWrite(o, b, t);
     }
     Status Sync(bool d) override {
       e_->AtSync();
-      return f_->Sync(d);
+      return ForwardingFile::Sync(d);
     }
-    Result<uint64_t> Size() override { return f_->Size(); }
-    Status Truncate(uint64_t s) override { return f_->Truncate(s); }
-    Status PunchHole(uint64_t o, uint64_t l) override { return f_->PunchHole(o, l); }
-    Status Allocate(uint64_t o, uint64_t l) override { return f_->Allocate(o, l); }
-    Result<HostExtent> ProbeExtent(uint64_t o) override { return f_->ProbeExtent(o); }
-    Result<uint64_t> AllocatedSize() override { return f_->AllocatedSize(); }
-    const std::string& path() const override { return f_->path(); }
-    bool writable() const override { return f_->writable(); }
 
    private:
     GateEnv* e_;
-    std::unique_ptr<File> f_;
   };
 
   Env* base_;
