@@ -2,29 +2,16 @@
 
 #include <algorithm>
 
+#include "io/forwarding_file.h"
+
 namespace vimgfs::cli {
 namespace {
 
-class DeferredSyncFile final : public File {
+// Writes pass through; syncs wait for the one at the end (DeferredSyncEnv::SyncAll).
+class DeferredSyncFile final : public ForwardingFile {
  public:
-  explicit DeferredSyncFile(std::unique_ptr<File> f) : f_(std::move(f)) {}
-  Status PRead(uint64_t off, std::span<std::byte> buf) override { return f_->PRead(off, buf); }
-  Status PWrite(uint64_t off, std::span<const std::byte> buf, IoTag tag) override {
-    return f_->PWrite(off, buf, tag);
-  }
+  using ForwardingFile::ForwardingFile;
   Status Sync(bool) override { return Status::Ok(); }
-  Result<uint64_t> Size() override { return f_->Size(); }
-  Status Truncate(uint64_t size) override { return f_->Truncate(size); }
-  Status PunchHole(uint64_t off, uint64_t len) override { return f_->PunchHole(off, len); }
-  Status Allocate(uint64_t off, uint64_t len) override { return f_->Allocate(off, len); }
-  Result<HostExtent> ProbeExtent(uint64_t off) override { return f_->ProbeExtent(off); }
-  Result<uint64_t> AllocatedSize() override { return f_->AllocatedSize(); }
-  const std::string& path() const override { return f_->path(); }
-  bool writable() const override { return f_->writable(); }
-  int fd() const override { return f_->fd(); }
-
- private:
-  std::unique_ptr<File> f_;
 };
 
 }  // namespace

@@ -11,7 +11,7 @@
 
 #include <gtest/gtest.h>
 
-#include "support/forwarding_file.h"
+#include "io/forwarding_file.h"
 #include "vimgfs/image.h"
 
 namespace vimgfs {
@@ -57,7 +57,7 @@ class GateEnv : public Env {
     cv_.wait(lk, [&] { return !closed_; });
   }
 
-  class Gated : public test::ForwardingFile {
+  class Gated : public ForwardingFile {
    public:
     Gated(GateEnv* e, std::unique_ptr<File> f) : ForwardingFile(std::move(f)), e_(e) {}
     Status PWrite(uint64_t o, std::span<const std::byte> b, IoTag t) override {

@@ -10,8 +10,8 @@
 #include <set>
 
 #include "formats/vdi/vdi_internal.h"
+#include "io/forwarding_file.h"
 #include "support/fault_env.h"
-#include "support/forwarding_file.h"
 #include "util/endian.h"
 #include "vimgfs/image.h"
 
@@ -331,7 +331,7 @@ class RecordingEnv : public Env {
   Result<FileStat> Stat(const std::string& p) override { return base_->Stat(p); }
 
  private:
-  class Rec : public test::ForwardingFile {
+  class Rec : public ForwardingFile {
    public:
     Rec(RecordingEnv* e, std::unique_ptr<File> f) : ForwardingFile(std::move(f)), e_(e) {}
     Status PWrite(uint64_t o, std::span<const std::byte> b, IoTag t) override {

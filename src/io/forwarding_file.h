@@ -1,12 +1,12 @@
-// A File that hands every call to another one: test Envs derive from it and override
-// only the calls they watch (writes, syncs).
+// A File that hands every call to another one. Wrapping Envs (deferred syncs, test
+// recorders and fault injectors) derive from it and override only the calls they change.
 #pragma once
 
 #include <memory>
 
 #include "vimgfs/env.h"
 
-namespace vimgfs::test {
+namespace vimgfs {
 
 class ForwardingFile : public File {
  public:
@@ -22,9 +22,10 @@ class ForwardingFile : public File {
   Result<uint64_t> AllocatedSize() override { return f_->AllocatedSize(); }
   const std::string& path() const override { return f_->path(); }
   bool writable() const override { return f_->writable(); }
+  int fd() const override { return f_->fd(); }
 
  private:
   std::unique_ptr<File> f_;
 };
 
-}  // namespace vimgfs::test
+}  // namespace vimgfs
