@@ -84,7 +84,21 @@ class Env {
   virtual Status Remove(const std::string& path) = 0;
   // Follows symlinks, like stat(2). A missing file is not an error: exists = false.
   virtual Result<FileStat> Stat(const std::string& path) = 0;
+
+  // Opens a file that an image names (backing file, data file, extent): `name` is resolved
+  // against the folder `dir` and opened in one step, and the descriptor itself is checked,
+  // so nobody can swap the file between the check and the open. Only a regular file is
+  // opened: a FIFO, device or directory is refused without blocking and without side
+  // effects (Status err() EPERM). With `beneath`, resolution never leaves `dir`: a "..", a
+  // symlink or an absolute name outside `dir` is refused (err() EXDEV). A missing file is
+  // kNotFound. The default implementation checks, then opens: right for Envs whose files
+  // nobody else can change (in memory); PosixEnv overrides it.
+  virtual Result<std::unique_ptr<File>> OpenReference(const std::string& dir, const std::string& name,
+                                                      OpenMode mode, bool beneath);
 };
+
+// `name` joined to folder `dir` ("." for none) as a path, lexically: an absolute name stays.
+std::string JoinPath(const std::string& dir, const std::string& name);
 
 // Creates an in-memory Env (tests, fuzzing). Files persist for the Env's lifetime.
 std::unique_ptr<Env> NewMemEnv();

@@ -210,13 +210,19 @@ struct OpenOptions {
   int max_chain_depth = 64;
 };
 
-// Resolves a file name an image refers to (backing file, data file, extent) against the
-// referring image's folder and checks the rules of DESIGN.md section 3: regular files
-// only, no `json:` or `proto:` names, nothing outside the folder when untrusted.
-// Returns the path to open.
-Result<std::string> ResolveReference(Env& env, const std::string& referrer_path,
-                                     const std::string& name, bool untrusted,
-                                     bool confine_to_folder);
+// A file an image names, opened.
+struct OpenedReference {
+  std::string path;  // the name joined to the referring image's folder
+  std::unique_ptr<File> file;
+};
+
+// Opens a file name an image refers to (backing file, data file, extent), resolved against
+// the referring image's folder, by the rules of docs/ARCHITECTURE.md ("Names inside
+// images"): regular files only, no `json:` or `proto:` names, and with `untrusted` nothing
+// outside that folder and no symlink. Resolution and open are one step (Env::OpenReference),
+// so the file cannot be swapped in between.
+Result<OpenedReference> OpenReference(Env& env, const std::string& referrer_path, const std::string& name,
+                                      OpenMode mode, bool untrusted);
 
 // What FormatDriver::Open gets.
 struct OpenContext {

@@ -46,6 +46,10 @@ class Image {
  public:
   // Opens path (probing its format unless options.format is set) and its backing chain.
   static Result<std::unique_ptr<Image>> Open(const std::string& path, const OpenOptions& options);
+  // Opens, read-only with its chain, the image that a file name stored inside the image at
+  // `referrer_path` names (a backing file or parent), by OpenReference's rules.
+  static Result<std::unique_ptr<Image>> OpenReferenced(const std::string& referrer_path,
+                                                       const std::string& name, const OpenOptions& options);
   // Creates a new image of `format` (options as qemu-img -o). A backing file named in
   // ctx.backing is checked to exist unless `unsafe` (qemu-img create -u).
   static Status Create(const std::string& format, CreateContext ctx, bool unsafe = false);

@@ -252,6 +252,11 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.env = o.env;
   if (!o.format.empty() && !FindFormat(o.format))
     return Status::InvalidArgument("Unknown driver '{}'", o.format);
+  // Skipping the lock is safe only for a reader: a writer would change an image that a VM
+  // or a mount is writing too (qemu-img refuses it the same way).
+  if (o.force_share && !o.read_only)
+    return Status::InvalidArgument("Could not open '{}': force-share=on can only be used with "
+                                   "read-only images", path);
   ASSIGN_OR_RETURN(auto img, Image::Open(path, opts));
   if (!o.force_share)
     RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img) : LockImageFiles(*img, !img->read_only()));

@@ -17,7 +17,7 @@ const char kUsage[] =
     "  -r leaks   free leaked clusters;  -r all   also fix corruptions\n"
     "Exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only,\n"
     "63 the format cannot be checked.\n"
-    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
+    "  -U, --force-share  check the image even while another process writes it (no lock; not with -r)\n";
 
 void DumpHuman(const CheckReport& r, bool quiet) {
   if (quiet) return;

@@ -41,7 +41,7 @@ const char kUsage[] =
     "  -t cache         output cache mode (default unsafe, as qemu-img: nothing is flushed;\n"
     "                   any other mode makes the output durable before exit)\n"
     "  -T src_cache     source cache mode (checked, no effect on reads)\n"
-    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
+    "  -U, --force-share  read the source images even while another process writes them (no lock)\n";
 
 Codec TargetCodec(Image& img) {
   FormatInfo fi = img.Info();
@@ -248,8 +248,7 @@ int RunConvert(int argc, char** argv) {
       return 1;
     }
   }
-  ImageOpen to;
-  to.force_share = force_share;
+  ImageOpen to;  // -U shares the sources only: the target convert writes is locked
   to.format = out_fmt;
   to.read_only = false;
   to.untrusted = untrusted;

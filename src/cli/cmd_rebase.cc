@@ -17,7 +17,7 @@ const char kUsage[] =
     "every cluster it does not have whose content differs between the old and the new\n"
     "backing file, so the guest sees the same disk. -u only rewrites the reference.\n"
     "-b \"\" makes the image independent of any backing file.\n"
-    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
+    "  -U, --force-share  open the old and new backing files without locking them\n";
 
 constexpr uint64_t kStep = 1 << 20;
 
@@ -66,9 +66,9 @@ int RunRebase(int argc, char** argv) {
     return 1;
   }
 
+  // -U applies to the backing files only, as in qemu-img: the image rebase writes is locked.
   ImageOpen o;
-
-  o.force_share = force_share;
+  o.lock_backing = !force_share;
   o.format = fmt;
   o.read_only = false;
   o.untrusted = untrusted;

@@ -15,7 +15,7 @@ const char kUsage[] =
     "\n"
     "Lists (-l, the default), creates (-c), applies (-a: reverts the disk to it) or deletes\n"
     "(-d) internal snapshots of a qcow2 image.\n"
-    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
+    "  -U, --force-share  list snapshots even while another process writes the image (no lock; -l only)\n";
 
 }  // namespace
 

@@ -18,21 +18,27 @@ class DeferredSyncFile final : public ForwardingFile {
 
 Result<std::unique_ptr<File>> DeferredSyncEnv::Open(const std::string& path, OpenMode mode) {
   ASSIGN_OR_RETURN(auto f, base_->Open(path, mode));
+  return Defer(std::move(f), mode);
+}
+
+Result<std::unique_ptr<File>> DeferredSyncEnv::OpenReference(const std::string& dir, const std::string& name,
+                                                             OpenMode mode, bool beneath) {
+  ASSIGN_OR_RETURN(auto f, base_->OpenReference(dir, name, mode, beneath));
+  return Defer(std::move(f), mode);
+}
+
+std::unique_ptr<File> DeferredSyncEnv::Defer(std::unique_ptr<File> f, OpenMode mode) {
   if (mode == OpenMode::kReadOnly) return f;
   {
     std::lock_guard lk(mu_);
-    if (std::find(written_.begin(), written_.end(), path) == written_.end()) written_.push_back(path);
+    if (std::find(written_.begin(), written_.end(), f->path()) == written_.end()) written_.push_back(f->path());
   }
   return std::unique_ptr<File>(new DeferredSyncFile(std::move(f)));
 }
 
 Result<std::unique_ptr<File>> DeferredSyncEnv::Create(const std::string& path, bool exclusive) {
   ASSIGN_OR_RETURN(auto f, base_->Create(path, exclusive));
-  {
-    std::lock_guard lk(mu_);
-    if (std::find(written_.begin(), written_.end(), path) == written_.end()) written_.push_back(path);
-  }
-  return std::unique_ptr<File>(new DeferredSyncFile(std::move(f)));
+  return Defer(std::move(f), OpenMode::kReadWrite);
 }
 
 Status DeferredSyncEnv::SyncAll() {

@@ -20,10 +20,15 @@ class DeferredSyncEnv final : public Env {
   Result<std::unique_ptr<File>> Create(const std::string& path, bool exclusive) override;
   Status Remove(const std::string& path) override { return base_->Remove(path); }
   Result<FileStat> Stat(const std::string& path) override { return base_->Stat(path); }
+  Result<std::unique_ptr<File>> OpenReference(const std::string& dir, const std::string& name,
+                                              OpenMode mode, bool beneath) override;
   // Opens every file written through this Env again and syncs it (data and metadata).
   Status SyncAll();
 
  private:
+  // Wraps a file opened for writing so its syncs wait for SyncAll.
+  std::unique_ptr<File> Defer(std::unique_ptr<File> f, OpenMode mode);
+
   Env* base_;
   std::mutex mu_;
   std::vector<std::string> written_;

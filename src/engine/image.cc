@@ -75,11 +75,13 @@ bool BlockStatus::Continues(const BlockStatus& prev) const {
   return true;
 }
 
-Result<std::string> Image::Probe(Env& env, const std::string& path) {
-  ASSIGN_OR_RETURN(auto file, env.Open(path, OpenMode::kReadOnly));
+namespace {
+
+// The name of the format whose magic `file` carries, or "raw".
+Result<std::string> ProbeFile(File& file, const std::string& path) {
   std::vector<std::byte> head(kProbeBytes);
-  RETURN_IF_ERROR(file->PRead(0, head));
-  ASSIGN_OR_RETURN(uint64_t size, file->Size());
+  RETURN_IF_ERROR(file.PRead(0, head));
+  ASSIGN_OR_RETURN(uint64_t size, file.Size());
   std::span<const std::byte> h(head.data(), std::min<uint64_t>(size, kProbeBytes));
   const FormatDriver* best = nullptr;
   int best_score = 0;
@@ -93,14 +95,26 @@ Result<std::string> Image::Probe(Env& env, const std::string& path) {
   return std::string(best ? best->name() : "raw");
 }
 
+}  // namespace
+
+Result<std::string> Image::Probe(Env& env, const std::string& path) {
+  ASSIGN_OR_RETURN(auto file, env.Open(path, OpenMode::kReadOnly));
+  return ProbeFile(*file, path);
+}
+
 // Opening is a static member so it can fill private state; the chain walk recurses.
 struct ImageOpener {
+  // `opened`: the file at `path` when the caller opened it already (a backing file, opened
+  // race-free by OpenReference, read-only); null to open `path` here.
   static Result<std::unique_ptr<Image>> Open(const std::string& path, const OpenOptions& options,
-                                             int depth, std::set<std::string>* seen) {
+                                             int depth, std::set<std::string>* seen,
+                                             std::unique_ptr<File> opened = nullptr) {
     Env* env = options.env ? options.env : Env::Default();
-    ASSIGN_OR_RETURN(FileStat st, env->Stat(path));
-    if (!st.exists) return Status::NotFound("Could not open '{}': No such file or directory", path);
-    if (st.directory) return Status::InvalidArgument("Could not open '{}': Is a directory", path);
+    if (!opened) {
+      ASSIGN_OR_RETURN(FileStat st, env->Stat(path));
+      if (!st.exists) return Status::NotFound("Could not open '{}': No such file or directory", path);
+      if (st.directory) return Status::InvalidArgument("Could not open '{}': Is a directory", path);
+    }
 
     char real[PATH_MAX];
     std::string key = realpath(path.c_str(), real) ? std::string(real) : path;
@@ -112,14 +126,16 @@ struct ImageOpener {
 
     std::string format = options.driver ? options.driver->name() : options.format;
     bool probed = format.empty();
+    bool read_only = options.read_only || !options.snapshot.empty();
+    std::unique_ptr<File> file = std::move(opened);
+    if (!file) {
+      ASSIGN_OR_RETURN(file, env->Open(path, read_only ? OpenMode::kReadOnly : OpenMode::kReadWrite));
+    }
     if (probed) {
-      ASSIGN_OR_RETURN(format, Image::Probe(*env, path));
+      ASSIGN_OR_RETURN(format, ProbeFile(*file, path));
     }
     const FormatDriver* driver = options.driver ? options.driver : FindFormat(format);
     if (!driver) return Status::InvalidArgument("Unknown driver '{}'", format);
-
-    bool read_only = options.read_only || !options.snapshot.empty();
-    ASSIGN_OR_RETURN(auto file, env->Open(path, read_only ? OpenMode::kReadOnly : OpenMode::kReadWrite));
     std::unique_ptr<Image> img(new Image());
     img->env_ = env;
     img->path_ = path;
@@ -144,8 +160,9 @@ struct ImageOpener {
     img->backing_ref_ = img->map_->backing();
 
     if (img->backing_ref_ && options.open_backing) {
-      ASSIGN_OR_RETURN(img->backing_path_,
-                       ResolveReference(*env, path, img->backing_ref_->name, options.untrusted, false));
+      ASSIGN_OR_RETURN(OpenedReference ref, OpenReference(*env, path, img->backing_ref_->name,
+                                                          OpenMode::kReadOnly, options.untrusted));
+      img->backing_path_ = ref.path;
       OpenOptions bo = options;
       bo.env = env;
       bo.read_only = true;
@@ -154,7 +171,7 @@ struct ImageOpener {
       bo.driver = nullptr;
       if (!bo.format.empty() && !FindFormat(bo.format))
         return Status::Unsupported("'{}': unknown backing format '{}'", path, bo.format);
-      auto backing = Open(img->backing_path_, bo, depth + 1, seen);
+      auto backing = Open(img->backing_path_, bo, depth + 1, seen, std::move(ref.file));
       if (!backing.ok())
         return backing.error().WithContext("Could not open backing file of '{}'", path);
       img->backing_ = std::move(backing).value();
@@ -168,18 +185,27 @@ Result<std::unique_ptr<Image>> Image::Open(const std::string& path, const OpenOp
   return ImageOpener::Open(path, options, 0, &seen);
 }
 
+Result<std::unique_ptr<Image>> Image::OpenReferenced(const std::string& referrer_path,
+                                                     const std::string& name, const OpenOptions& options) {
+  OpenOptions o = options;
+  o.read_only = true;
+  if (!o.env) o.env = Env::Default();
+  ASSIGN_OR_RETURN(OpenedReference ref, OpenReference(*o.env, referrer_path, name, OpenMode::kReadOnly,
+                                                      o.untrusted));
+  std::set<std::string> seen;
+  return ImageOpener::Open(ref.path, o, 0, &seen, std::move(ref.file));
+}
+
 Status Image::Create(const std::string& format, CreateContext ctx, bool unsafe) {
   const FormatDriver* driver = FindFormat(format);
   if (!driver) return Status::InvalidArgument("Unknown file format '{}'", format);
   if (!ctx.env) ctx.env = Env::Default();
   if (ctx.backing && !unsafe) {
     // qemu-img opens the backing file to check it (and to take its size when none given).
-    ASSIGN_OR_RETURN(std::string bpath, ResolveReference(*ctx.env, ctx.path, ctx.backing->name, false, false));
     OpenOptions bo;
     bo.env = ctx.env;
-    bo.read_only = true;
     bo.format = ctx.backing->format;
-    auto b = Image::Open(bpath, bo);
+    auto b = OpenReferenced(ctx.path, ctx.backing->name, bo);
     if (!b.ok()) return b.error().WithContext("Could not open backing image");
     if (ctx.size == 0) ctx.size = (*b)->size();
     if (ctx.backing->format.empty()) ctx.backing->format = (*b)->format();

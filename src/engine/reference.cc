@@ -1,7 +1,4 @@
-// ResolveReference: the one place where names stored inside images become paths we open.
-#include <climits>
-#include <cstdlib>
-
+// OpenReference: the one place where names stored inside images become files we open.
 #include "vimgfs/format.h"
 
 namespace vimgfs {
@@ -30,42 +27,29 @@ bool HasProtocolPrefix(const std::string& name) {
 
 }  // namespace
 
-Result<std::string> ResolveReference(Env& env, const std::string& referrer_path,
-                                     const std::string& name, bool untrusted,
-                                     bool confine_to_folder) {
+Result<OpenedReference> OpenReference(Env& env, const std::string& referrer_path, const std::string& name,
+                                      OpenMode mode, bool untrusted) {
   if (name.empty()) return Status::InvalidFormat("'{}': empty file name reference", referrer_path);
   if (name.find('\0') != std::string::npos)
     return Status::InvalidFormat("'{}': file name reference contains a NUL byte", referrer_path);
   if (name.rfind("json:", 0) == 0 || HasProtocolPrefix(name))
     return Status::Unsupported("'{}': refusing to follow '{}': only plain file names are supported",
                                referrer_path, name);
-  if (untrusted && !confine_to_folder)
-    return Status::Error(ErrorKind::kUnsupported, EPERM,
-                         fmt::format("'{}' refers to '{}': external references are refused with "
-                                     "--untrusted", referrer_path, name));
   std::string dir = DirName(referrer_path);
-  std::string path = name[0] == '/' ? name
-                     : dir == "."    ? name
-                     : dir == "/"    ? "/" + name
-                                     : dir + "/" + name;
-  if (confine_to_folder) {
-    char real_dir[PATH_MAX], real_target[PATH_MAX];
-    if (!realpath(dir.c_str(), real_dir) || !realpath(path.c_str(), real_target))
-      return Status::NotFound("'{}' refers to '{}', which does not exist", referrer_path, name);
-    std::string d(real_dir), t(real_target);
-    if (t.compare(0, d.size() + 1, d + "/") != 0)
-      return Status::Error(ErrorKind::kUnsupported, EPERM,
-                           fmt::format("'{}' refers to '{}', outside its folder: refused with "
-                                       "--untrusted", referrer_path, name));
-  }
-  ASSIGN_OR_RETURN(FileStat st, env.Stat(path));
-  if (!st.exists)
+  auto file = env.OpenReference(dir, name, mode, untrusted);
+  if (file.ok()) return OpenedReference{JoinPath(dir, name), std::move(file).value()};
+  const Status& s = file.error();
+  if (s.kind() == ErrorKind::kNotFound)
     return Status::NotFound("'{}' refers to '{}', which does not exist", referrer_path, name);
-  if (!st.regular)
+  if (s.kind() == ErrorKind::kUnsupported && s.err() == EXDEV)
+    return Status::Error(ErrorKind::kUnsupported, EXDEV,
+                         fmt::format("'{}' refers to '{}', outside its folder or through a symlink: "
+                                     "refused with --untrusted", referrer_path, name));
+  if (s.kind() == ErrorKind::kUnsupported && s.err() == EPERM)
     return Status::Error(ErrorKind::kUnsupported, EPERM,
                          fmt::format("'{}' refers to '{}', which is not a regular file: refused",
                                      referrer_path, name));
-  return path;
+  return s.WithContext("'{}' refers to '{}'", referrer_path, name);
 }
 
 }  // namespace vimgfs

@@ -84,6 +84,25 @@ bool Loggable(const Status& st) {
   }
 }
 
+// The errno a client of disk.raw gets. A host error that means nothing for a disk (the
+// image lives on a network or FUSE file system that went away: ENOTCONN, ESTALE, ...)
+// becomes EIO, as a block device reports it; running out of room or memory stays.
+int ClientErrno(const Status& st) {
+  int err = st.err() > 0 ? st.err() : EIO;
+  if (st.kind() != ErrorKind::kIo) return err;
+  switch (err) {
+    case ENOSPC:
+    case EDQUOT:
+    case EFBIG:
+    case ENOMEM:
+    case EROFS:
+    case EINTR:
+      return err;
+    default:
+      return EIO;
+  }
+}
+
 // The one way into a handler. fn: Status(Reply&). noexcept: nothing escapes to libfuse.
 template <typename Fn>
 void Dispatch(fuse_req_t req, const char* op, Fn&& fn) noexcept {
@@ -97,7 +116,7 @@ void Dispatch(fuse_req_t req, const char* op, Fn&& fn) noexcept {
     st = Status::Error(ErrorKind::kIo, EIO, "internal error (exception)");
   }
   if (reply.done()) return;
-  int err = st.ok() ? EIO : (st.err() > 0 ? st.err() : EIO);
+  int err = st.ok() ? EIO : ClientErrno(st);
   // Expected answers (ENOENT, ENXIO from SEEK_DATA, EOPNOTSUPP, ...) carry no message or
   // a harmless kind and are not logged; failures of the host or the image are.
   try {
@@ -218,11 +237,10 @@ void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
     if ((fi->flags & O_ACCMODE) != O_RDONLY && s->options().read_only)
       return Status::ReadOnly("read-only mount");
-    // libfuse enables atomic O_TRUNC: the truncation arrives here, not as a setattr.
-    if ((fi->flags & O_TRUNC) && s->image().size() != 0) {
-      s->Log("refusing O_TRUNC on the raw view: its size is fixed (use 'vimgfs resize')");
-      return Status::Error(ErrorKind::kInvalidArgument, EPERM, "size is fixed");
-    }
+    // O_TRUNC is ignored, as a block device ignores it, so `cp disk.img disk.raw` works.
+    // With atomic O_TRUNC (libfuse's default) it arrives here rather than as a setattr,
+    // which keeps a real truncate() refused; the kernel then drops its cached size and
+    // asks getattr again.
     fi->keep_cache = 1;  // we are the only writer: cached pages stay valid across opens
     fi->fh = (fi->flags & O_ACCMODE) != O_RDONLY ? 1 : 0;  // 1: may have written (see OpFlush)
     if (fi->flags & O_DIRECT) {

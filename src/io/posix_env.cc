@@ -1,10 +1,16 @@
 // Env::Default(): host files through pread/pwrite/fallocate/fdatasync.
 #include <fcntl.h>
+#include <linux/openat2.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <climits>
+#include <cstdlib>
 #include <cstring>
+#include <utility>
 
+#include "io/reference_path.h"
 #include "vimgfs/env.h"
 
 namespace vimgfs {
@@ -122,8 +128,94 @@ class PosixFile final : public File {
   bool writable_;
 };
 
+// Closes a descriptor when it goes out of scope.
+struct Fd {
+  int fd = -1;
+  explicit Fd(int f) : fd(f) {}
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+  int release() { return std::exchange(fd, -1); }
+};
+
+// Opens `parts` below the folder `dirfd` without following any symlink or leaving the
+// folder: openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) where the kernel has it, else one
+// O_NOFOLLOW openat per component (ComponentsBeneath already refused "..").
+int OpenBeneath(int dirfd, const std::vector<std::string>& parts, int flags) {
+  std::string rel;
+  for (const std::string& p : parts) rel += (rel.empty() ? "" : "/") + p;
+  struct open_how how = {};
+  how.flags = static_cast<uint64_t>(flags | O_NOFOLLOW | O_CLOEXEC);
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  long fd = ::syscall(SYS_openat2, dirfd, rel.c_str(), &how, sizeof(how));
+  if (fd >= 0 || (errno != ENOSYS && errno != EPERM)) return static_cast<int>(fd);
+  // No openat2 (old kernel, or a seccomp filter that refuses it): walk by hand.
+  Fd cur(::dup(dirfd));
+  if (cur.fd < 0) return -1;
+  for (size_t i = 0; i + 1 < parts.size(); i++) {
+    int next = ::openat(cur.fd, parts[i].c_str(), O_PATH | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
+    if (next < 0) return -1;  // a symlinked folder fails here too (ENOTDIR)
+    ::close(std::exchange(cur.fd, next));
+  }
+  return ::openat(cur.fd, parts.back().c_str(), flags | O_NOFOLLOW | O_CLOEXEC);
+}
+
+Status ReferenceError(int err, const std::string& path) {
+  if (err == ENOENT || err == ENOTDIR) return Status::NotFound("'{}': No such file or directory", path);
+  if (err == ELOOP || err == EXDEV)
+    return Status::Error(ErrorKind::kUnsupported, EXDEV, "a symlink or a name outside the folder");
+  return Status::FromErrno(err, "Could not open '{}': {}", path, std::strerror(err));
+}
+
 class PosixEnv final : public Env {
  public:
+  Result<std::unique_ptr<File>> OpenReference(const std::string& dir, const std::string& name,
+                                              OpenMode mode, bool beneath) override {
+    std::string path = JoinPath(dir, name);
+    std::vector<std::string> parts;
+    Fd dirfd(-1);
+    // First an O_PATH descriptor: resolving it has no side effects even on a device or a
+    // FIFO, and what it names can no longer be swapped.
+    Fd pfd(-1);
+    if (beneath) {
+      char real[PATH_MAX];
+      std::string folder = dir.empty() ? "." : dir;
+      std::string real_dir = ::realpath(folder.c_str(), real) ? std::string(real) : std::string();
+      ASSIGN_OR_RETURN(parts, ComponentsBeneath(folder, real_dir, name));
+      path = folder;
+      for (const std::string& p : parts) path = JoinPath(path, p);
+      dirfd.fd = ::open(folder.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+      if (dirfd.fd < 0) return ReferenceError(errno, folder);
+      pfd.fd = OpenBeneath(dirfd.fd, parts, O_PATH);
+    } else {
+      pfd.fd = ::open(path.c_str(), O_PATH | O_CLOEXEC);  // the user's own chains may use symlinks
+    }
+    if (pfd.fd < 0) return ReferenceError(errno, path);
+    struct stat want;
+    if (::fstat(pfd.fd, &want) != 0) return ReferenceError(errno, path);
+    if (S_ISLNK(want.st_mode)) return ReferenceError(ELOOP, path);
+    if (!S_ISREG(want.st_mode)) return Status::Error(ErrorKind::kUnsupported, EPERM, "not a regular file");
+
+    // Then the very same inode, opened for I/O through its /proc link. Without /proc, open
+    // the name again without blocking and make sure it is still the same file.
+    int flags = (mode == OpenMode::kReadWrite ? O_RDWR : O_RDONLY) | O_CLOEXEC;
+    std::string self = "/proc/self/fd/" + std::to_string(pfd.fd);
+    Fd fd(::open(self.c_str(), flags));
+    if (fd.fd < 0 && errno == ENOENT) {
+      int again = flags | O_NONBLOCK | O_NOCTTY;
+      fd.fd = beneath ? OpenBeneath(dirfd.fd, parts, again) : ::open(path.c_str(), again);
+      if (fd.fd >= 0) (void)::fcntl(fd.fd, F_SETFL, ::fcntl(fd.fd, F_GETFL) & ~O_NONBLOCK);
+    }
+    if (fd.fd < 0) return ReferenceError(errno, path);
+    struct stat got;
+    if (::fstat(fd.fd, &got) != 0) return ReferenceError(errno, path);
+    if (got.st_dev != want.st_dev || got.st_ino != want.st_ino)
+      return Status::Error(ErrorKind::kUnsupported, EXDEV, "replaced while being opened");
+    return std::unique_ptr<File>(new PosixFile(fd.release(), path, mode == OpenMode::kReadWrite));
+  }
+
   Result<std::unique_ptr<File>> Open(const std::string& path, OpenMode mode) override {
     int flags = (mode == OpenMode::kReadWrite ? O_RDWR : O_RDONLY) | O_CLOEXEC;
     int fd = ::open(path.c_str(), flags);

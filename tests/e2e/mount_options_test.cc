@@ -279,11 +279,13 @@ TEST_F(MountOptions, SnapshotIsReadOnlyView) {
 }
 
 TEST_F(MountOptions, UntrustedRefusesExternalReferences) {
-  std::string top = dir_.File("top.qcow2");
-  QemuCreate("-f qcow2 -b a.qcow2 -F qcow2 " + Quote(top));
+  // The backing file is outside the overlay's folder.
+  ASSERT_EQ(mkdir(dir_.File("sub").c_str(), 0755), 0);
+  std::string top = dir_.File("sub/top.qcow2");
+  QemuCreate("-f qcow2 -b ../a.qcow2 -F qcow2 " + Quote(top));
   auto r = mount_.Start({"--untrusted", top, mnt_}, mnt_);
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_NE(r.err.find("a.qcow2"), std::string::npos) << "the message names the reference: " << r.err;
+  EXPECT_NE(r.err.find("../a.qcow2"), std::string::npos) << "the message names the reference: " << r.err;
   EXPECT_FALSE(IsMountPoint(mnt_));
   r = mount_.Start({top, mnt_, "-o", "ro,untrusted"}, mnt_);
   EXPECT_EQ(r.exit_code, 1);
@@ -329,6 +331,33 @@ TEST_F(MountOptions, DetectZeroesFreesClusters) {
   }
   EXPECT_TRUE(data_at_8m) << map.dump();
   EXPECT_EQ(QemuCheck(image_), 0);
+}
+
+// A mount whose image lives on another FUSE mount that dies (here: a vimgfs mount killed
+// with -9) answers its clients with EIO, as a disk does, not with the host's ENOTCONN.
+TEST_F(MountOptions, StackedMountReportsEioWhenTheLowerMountDies) {
+  Mount lower;
+  auto r = lower.Start({image_, mnt_}, mnt_);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::string upper_mnt = dir_.File("upper");
+  ASSERT_EQ(mkdir(upper_mnt.c_str(), 0755), 0);
+  r = mount_.Start({"-F", "raw", "-r", Disk(), upper_mnt}, upper_mnt);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  std::string upper_disk = upper_mnt + "/disk.raw";
+  EXPECT_EQ(ByteAt(upper_disk, 0), 0x11);
+  lower.Kill();
+  int fd = open(upper_disk.c_str(), O_RDONLY | O_DIRECT);
+  ASSERT_GE(fd, 0) << strerror(errno);
+  void* buf = nullptr;
+  ASSERT_EQ(posix_memalign(&buf, 4096, 4096), 0);
+  errno = 0;
+  ssize_t n = pread(fd, buf, 4096, 8 * kMiB);  // never read before: not in any cache
+  int err = errno;
+  free(buf);
+  close(fd);
+  EXPECT_EQ(n, -1);
+  EXPECT_EQ(err, EIO) << strerror(err);
+  EXPECT_EQ(mount_.Stop(), 0);
 }
 
 }  // namespace

@@ -261,6 +261,9 @@ TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
       {"info --backing-chain top.qcow2", 1, "\"write\" lock"},
       {"commit top.qcow2", 1, "\"write\" lock"},
       {"info top.qcow2", 0, ""},
+      // -U shares what a command reads, never the image it writes.
+      {"convert -U -n -O qcow2 b.qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
+      {"rebase -U -u -b b.qcow2 -F qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
   };
   for (const auto& [args, code, msg] : cases) {
     SCOPED_TRACE(args);
@@ -276,6 +279,31 @@ TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
     }
   }
   MustSh("kill $(cat holder.pid)");
+}
+
+// -U (force-share) is for readers only: every command that would write the image refuses
+// it as qemu-img does, and leaves the image as it was.
+TEST_F(CliOpsTest, ForceShareIsRefusedByCommandsThatWrite) {
+  MustSh("qemu-img create -q -f qcow2 a.qcow2 8M && qemu-io -c 'write -P 0x11 0 64k' a.qcow2 >/dev/null");
+  MustSh("qemu-img snapshot -c s a.qcow2");
+  std::string before = Sha256OfFile(F("a.qcow2"));
+  for (const std::string& args : {"snapshot -U -c t a.qcow2", "snapshot -U -d s a.qcow2",
+                                  "snapshot -U -a s a.qcow2", "check -U -r leaks a.qcow2",
+                                  "check -U -r all a.qcow2"}) {
+    SCOPED_TRACE(args);
+    for (bool vimgfs : {true, false}) {
+      CommandResult r = vimgfs ? V(args) : Q(args);
+      EXPECT_EQ(r.exit_code, 1) << r.err;
+      EXPECT_NE(r.err.find("Could not open 'a.qcow2': force-share=on can only be used with read-only images"),
+                std::string::npos) << r.err;
+      EXPECT_EQ(Sha256OfFile(F("a.qcow2")), before) << (vimgfs ? "vimgfs" : "qemu-img") << " changed the image";
+    }
+  }
+  // Reading with -U is fine.
+  for (const std::string& args : {"snapshot -U -l a.qcow2", "check -U a.qcow2"}) {
+    EXPECT_EQ(V(args).exit_code, 0) << args;
+    EXPECT_EQ(Q(args).exit_code, 0) << args;
+  }
 }
 
 }  // namespace

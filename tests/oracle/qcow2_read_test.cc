@@ -5,6 +5,9 @@
 // `qemu-img convert -O raw`, and Image::Map agrees with `qemu-img map` on where data is.
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -243,10 +246,16 @@ TEST(Qcow2ReadOracle, ExternalDataFile) {
     auto i = OpenRO(img);
     ASSERT_NE(i, nullptr);
     EXPECT_EQ(i->cluster_map().host_files().size(), 1u);
+    // --untrusted follows the data file inside the image's folder, never through a symlink.
     OpenOptions o;
     o.read_only = true;
     o.untrusted = true;
-    EXPECT_FALSE(Image::Open(img, o).ok()) << "--untrusted must refuse the data file";
+    EXPECT_TRUE(Image::Open(img, o).ok()) << "the data file is beside the image";
+    ASSERT_EQ(rename(dir.File("d.data").c_str(), dir.File("real.data").c_str()), 0);
+    ASSERT_EQ(symlink("real.data", dir.File("d.data").c_str()), 0);
+    EXPECT_FALSE(Image::Open(img, o).ok()) << "--untrusted must refuse a symlinked data file";
+    o.untrusted = false;
+    EXPECT_TRUE(Image::Open(img, o).ok()) << "a trusted image may use a symlink";
   }
 }
 

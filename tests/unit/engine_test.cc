@@ -284,17 +284,25 @@ TEST_F(EngineTest, BackingLoopIsRefused) {
   EXPECT_NE(img.error().message().find("loops"), std::string::npos) << img.error().message();
 }
 
-TEST_F(EngineTest, UntrustedRefusesBackingFile) {
+// --untrusted follows a backing name only inside the image's folder.
+TEST_F(EngineTest, UntrustedRefusesBackingFileOutsideItsFolder) {
   MakeRaw("/base.raw", Bytes(kCluster, 1)).reset();
-  auto f = env_->Create("/top");
-  ToyStates()["/top"] = ToyState{{}, {}, BackingRef{"base.raw", "raw"}, kCluster, 0};
+  MakeRaw("/img/beside.raw", Bytes(kCluster, 2)).reset();
+  auto f = env_->Create("/img/top");
   OpenOptions o;
   o.env = env_.get();
   o.driver = &driver_;
   o.untrusted = true;
-  auto img = Image::Open("/top", o);
-  ASSERT_FALSE(img.ok());
-  EXPECT_NE(img.error().message().find("untrusted"), std::string::npos) << img.error().message();
+  for (const char* outside : {"../base.raw", "/base.raw"}) {
+    ToyStates()["/img/top"] = ToyState{{}, {}, BackingRef{outside, "raw"}, kCluster, 0};
+    auto img = Image::Open("/img/top", o);
+    ASSERT_FALSE(img.ok()) << outside;
+    EXPECT_NE(img.error().message().find("untrusted"), std::string::npos) << img.error().message();
+  }
+  ToyStates()["/img/top"] = ToyState{{}, {}, BackingRef{"beside.raw", "raw"}, kCluster, 0};
+  auto img = Image::Open("/img/top", o);
+  ASSERT_TRUE(img.ok()) << img.error().message();
+  EXPECT_EQ((*img)->backing_path(), "/img/beside.raw");
 }
 
 TEST_F(EngineTest, ReadOnlyImageRefusesWrites) {

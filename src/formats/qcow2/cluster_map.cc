@@ -40,10 +40,11 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   if (h.has_data_file()) {
     if (!h.data_file || h.data_file->empty())
       return Status::InvalidFormat("'{}': image uses an external data file but does not name it", path);
-    ASSIGN_OR_RETURN(std::string dpath,
-                     ResolveReference(*m->env_, path, *h.data_file, ctx.options.untrusted, false));
-    ASSIGN_OR_RETURN(m->data_file_,
-                     m->env_->Open(dpath, m->read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite));
+    ASSIGN_OR_RETURN(OpenedReference ref,
+                     OpenReference(*m->env_, path, *h.data_file,
+                                   m->read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite,
+                                   ctx.options.untrusted));
+    m->data_file_ = std::move(ref.file);
     m->data_ = m->data_file_.get();
   } else {
     m->data_ = m->file_.get();

@@ -40,12 +40,10 @@ uint32_t RandomCid() {
 
 // The parent's CID, read through the engine (qemu opens the backing file to get it).
 Result<uint32_t> ParentCid(const CreateContext& ctx, const std::string& name) {
-  ASSIGN_OR_RETURN(std::string bpath, ResolveReference(*ctx.env, ctx.path, name, false, false));
   OpenOptions o;
   o.env = ctx.env;
-  o.read_only = true;
   o.open_backing = false;
-  auto img = Image::Open(bpath, o);
+  auto img = Image::OpenReferenced(ctx.path, name, o);
   if (!img.ok()) return img.error().WithContext("Could not open backing file");
   if ((*img)->format() != "vmdk")
     return Status::InvalidArgument("backing_file must be a vmdk image");

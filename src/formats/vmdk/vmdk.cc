@@ -215,20 +215,17 @@ Status AddExtentsFromDescriptor(VmdkMap* map, const Descriptor& d, const std::st
     }
     if (line.type == "SESPARSE" || line.type == "VMFSRDM" || line.type == "VMFSRAW")
       return Status::Unsupported("'{}': {} extents are not supported", desc_path, line.type);
-    auto resolved = ResolveReference(env, desc_path, line.file, ctx.options.untrusted, ctx.options.untrusted);
-    if (!resolved.ok() && ctx.options.untrusted && !ctx.options.open_backing &&
-        resolved.error().err() == EPERM) {
+    bool ro = ctx.options.read_only || line.access == Access::kRdOnly;
+    auto opened = OpenReference(env, desc_path, line.file, ro ? OpenMode::kReadOnly : OpenMode::kReadWrite,
+                                ctx.options.untrusted);
+    if (!opened.ok() && ctx.options.untrusted && !ctx.options.open_backing &&
+        opened.error().err() == EXDEV) {
       // `info --untrusted` shows the name without opening it; nothing can read it.
       map->extents.push_back(NewUnopenedExtent(line.file, line.type, bytes));
       continue;
     }
-    if (!resolved.ok()) return resolved.error();
-    std::string path = std::move(resolved).value();
-    bool ro = ctx.options.read_only || line.access == Access::kRdOnly;
-    auto opened = env.Open(path, ro ? OpenMode::kReadOnly : OpenMode::kReadWrite);
-    if (!opened.ok())
-      return opened.error().WithContext("'{}': Could not open extent '{}'", desc_path, line.file);
-    std::unique_ptr<File> f = std::move(opened).value();
+    if (!opened.ok()) return opened.error();
+    std::unique_ptr<File> f = std::move(opened->file);
     File* raw = f.get();
     if (line.type == "FLAT" || line.type == "VMFS") {
       map->extents.push_back(NewFlatExtent(raw, std::move(f), line.offset * kSector, bytes, ro, line.type));
@@ -246,23 +243,22 @@ Status AddExtentsFromDescriptor(VmdkMap* map, const Descriptor& d, const std::st
   return Status::Ok();
 }
 
-// The CID of the vmdk at `path` (embedded or separate descriptor), or nullopt.
-std::optional<uint32_t> ReadCid(Env& env, const std::string& path) {
-  auto f = env.Open(path, OpenMode::kReadOnly);
-  if (!f.ok()) return std::nullopt;
-  auto size = (*f)->Size();
+// The CID of the vmdk in `f` (embedded or separate descriptor), or nullopt.
+std::optional<uint32_t> ReadCid(File* f) {
+  const std::string& path = f->path();
+  auto size = f->Size();
   if (!size.ok() || *size < 4) return std::nullopt;
   std::byte raw[kSector] = {};
-  if (!(*f)->PRead(0, std::span(raw, std::min<uint64_t>(kSector, *size))).ok()) return std::nullopt;
+  if (!f->PRead(0, std::span(raw, std::min<uint64_t>(kSector, *size))).ok()) return std::nullopt;
   std::string text;
   if (LoadLE32(raw) == kMagicKdmv) {
-    auto t = ReadEmbeddedDescriptor(**f, DecodeSparseHeader(raw));
+    auto t = ReadEmbeddedDescriptor(*f, DecodeSparseHeader(raw));
     if (!t.ok()) return std::nullopt;
     text = std::move(t).value();
   } else {
     if (*size > limits::kMaxDescriptorBytes) return std::nullopt;
     text.resize(*size);
-    if (!(*f)->PRead(0, std::as_writable_bytes(std::span(text.data(), text.size()))).ok()) return std::nullopt;
+    if (!f->PRead(0, std::as_writable_bytes(std::span(text.data(), text.size()))).ok()) return std::nullopt;
     if (!LooksLikeDescriptor(text)) return std::nullopt;
   }
   auto d = ParseDescriptor(text, path);
@@ -272,9 +268,9 @@ std::optional<uint32_t> ReadCid(Env& env, const std::string& path) {
 
 void CheckParentCid(VmdkMap* map, const OpenContext& ctx) {
   if (!map->parent || !ctx.options.open_backing) return;
-  auto resolved = ResolveReference(*ctx.env, ctx.path, map->parent->name, ctx.options.untrusted, false);
-  if (!resolved.ok()) return;  // the engine reports it when it opens the chain
-  std::optional<uint32_t> cid = ReadCid(*ctx.env, *resolved);
+  auto parent = OpenReference(*ctx.env, ctx.path, map->parent->name, OpenMode::kReadOnly, ctx.options.untrusted);
+  if (!parent.ok()) return;  // the engine reports it when it opens the chain
+  std::optional<uint32_t> cid = ReadCid(parent->file.get());
   if (!cid || *cid != map->parent_cid)
     map->stale_parent = fmt::format(
         "'{}': the parent image '{}' has changed since this image was made on it (its CID is {}, "
