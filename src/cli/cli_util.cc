@@ -7,12 +7,28 @@
 #include <cstdio>
 #include <cstring>
 #include <numeric>
+#include <string_view>
 
 #include "engine/image_lock.h"
 
 namespace vimgfs::cli {
 
-void PrintError(const std::string& msg) { std::fprintf(stderr, "vimgfs: %s\n", msg.c_str()); }
+namespace {
+std::string g_program_name = "vimgfs";
+}  // namespace
+
+void SetProgramName(const char* argv0) {
+  std::string_view name = argv0 ? argv0 : "";
+  auto slash = name.rfind('/');
+  if (slash != std::string_view::npos) name.remove_prefix(slash + 1);
+  g_program_name = name == "qemu-img" ? "qemu-img" : "vimgfs";
+}
+
+const std::string& ProgramName() { return g_program_name; }
+
+bool RunAsQemuImg() { return g_program_name == "qemu-img"; }
+
+void PrintError(const std::string& msg) { std::fprintf(stderr, "%s: %s\n", g_program_name.c_str(), msg.c_str()); }
 
 namespace {
 
@@ -40,13 +56,19 @@ void PrintFileError(const std::string& path, const Status& s) {
 
 std::string OpenErrorMessage(const std::string& path, const Status& s) {
   const std::string& msg = s.message();
-  if (msg.rfind("Could not open '" + path + "'", 0) == 0) return msg;
+  // A host error already reads "Could not open 'X': <strerror>"; qemu-img wraps it once
+  // more ("Could not open 'X': Could not open 'X': No such file or directory").
+  bool host_error = s.kind() == ErrorKind::kNotFound || s.kind() == ErrorKind::kIo ||
+                    s.kind() == ErrorKind::kReadOnly;
+  if (msg.rfind("Could not open '" + path + "'", 0) == 0)
+    return host_error ? "Could not open '" + path + "': " + msg : msg;
   return "Could not open '" + path + "': " + StripPathPrefix(path, msg);
 }
 
 int UsageError(const std::string& command, const std::string& msg) {
   PrintError(msg);
-  std::fprintf(stderr, "Try 'vimgfs %s --help' for more information\n", command.c_str());
+  if (RunAsQemuImg()) std::fprintf(stderr, "Try 'qemu-img --help' for more information\n");
+  else std::fprintf(stderr, "Try 'vimgfs %s --help' for more information\n", command.c_str());
   return 1;
 }
 

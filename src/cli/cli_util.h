@@ -17,6 +17,12 @@
 namespace vimgfs::cli {
 
 // Prints "vimgfs: <msg>" on stderr.
+// Run under the name qemu-img (a symlink), messages say "qemu-img:" as qemu-img's do, so
+// scripts that match them keep working. main() sets it from argv[0].
+void SetProgramName(const char* argv0);
+const std::string& ProgramName();  // "vimgfs" or "qemu-img"
+bool RunAsQemuImg();
+// "PROGRAM: msg" on stderr.
 void PrintError(const std::string& msg);
 // Prints "vimgfs: <path>: <msg>" unless msg already names path, then "vimgfs: <msg>".
 void PrintFileError(const std::string& path, const Status& s);

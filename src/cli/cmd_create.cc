@@ -120,7 +120,10 @@ int RunCreate(int argc, char** argv) {
     bo.force_share = true;  // only its size is read: qemu-img reads it even while in use
     auto b = OpenImage(PathCombine(filename, *bfile), bo);
     if (!b.ok()) {
-      PrintError(fmt::format("{}: {}", filename, OpenErrorMessage(*bfile, b.error())));
+      // Here qemu-img names a host error once: "Could not open 'b': No such file or directory".
+      const std::string& msg = b.error().message();
+      PrintError(fmt::format("{}: {}", filename,
+                             msg.rfind("Could not open '", 0) == 0 ? msg : OpenErrorMessage(*bfile, b.error())));
       std::fprintf(stderr, "Could not open backing image.\n");
       return 1;
     }

@@ -60,12 +60,6 @@ int RunRebase(int argc, char** argv) {
   if (opts.operands().size() != 1) return UsageError("rebase", "Expecting one image file name");
   if (!have_b) return UsageError("rebase", "Must specify backing file (-b)");
   std::string filename = opts.operands()[0];
-  if (!backing.empty() && backing_fmt.empty()) {
-    PrintError(fmt::format("Could not change the backing file to '{}': backing format must be specified",
-                           backing));
-    return 1;
-  }
-
   // -U applies to the backing files only, as in qemu-img: the image rebase writes is locked.
   ImageOpen o;
   o.lock_backing = !force_share;
@@ -75,6 +69,12 @@ int RunRebase(int argc, char** argv) {
   o.open_backing = !unsafe;
   auto img = OpenOrReport(filename, o);
   if (!img) return 1;
+  // Checked after the open, as qemu-img does (a missing image is reported first).
+  if (!backing.empty() && backing_fmt.empty()) {
+    PrintError(fmt::format("Could not change the backing file to '{}': backing format must be specified",
+                           backing));
+    return 1;
+  }
 
   if (!unsafe) {
     std::unique_ptr<Image> new_base;

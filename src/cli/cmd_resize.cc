@@ -118,9 +118,9 @@ int RunResize(int argc, char** argv) {
   }
   if (target < current && !shrink) {
     PrintError("Use the --shrink option to perform a shrink operation.");
-    std::fprintf(stderr, "vimgfs: warning: Shrinking an image will delete all data beyond the shrunken "
+    std::fprintf(stderr, "%s: warning: Shrinking an image will delete all data beyond the shrunken "
                          "image's end. Before performing such an operation, make sure there is no "
-                         "important data there.\n");
+                         "important data there.\n", ProgramName().c_str());
     return 1;
   }
   const std::string format = img->format();

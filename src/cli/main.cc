@@ -3,6 +3,7 @@
 #include <cstring>
 #include <string_view>
 
+#include "cli/cli_util.h"
 #include "cli/commands.h"
 
 namespace {
@@ -44,6 +45,7 @@ void PrintUsage(FILE* out) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  vimgfs::cli::SetProgramName(argv[0]);
   if (argc < 2) {
     PrintUsage(stderr);
     return 1;

@@ -113,7 +113,8 @@ struct ImageOpener {
     if (!opened) {
       ASSIGN_OR_RETURN(FileStat st, env->Stat(path));
       if (!st.exists) return Status::NotFound("Could not open '{}': No such file or directory", path);
-      if (st.directory) return Status::InvalidArgument("Could not open '{}': Is a directory", path);
+      if (st.directory)
+        return Status::InvalidArgument("'file' driver requires '{}' to be a regular file", path);
     }
 
     char real[PATH_MAX];

@@ -44,6 +44,22 @@ TEST_F(CliOptionsTest, BadCommandLinesFailAsInQemuImg) {
   }
 }
 
+// Run under the name qemu-img (a symlink), vimgfs says "qemu-img:" and points at
+// 'qemu-img --help', so scripts that match qemu-img's stderr keep working.
+TEST_F(CliOptionsTest, UnderTheNameQemuImgErrorsReadAsQemuImgs) {
+  MustSh("qemu-img create -q -f qcow2 a.qcow2 1M");
+  MustSh("mkdir bin && ln -s " + Quote(VimgfsBinary()) + " bin/qemu-img");
+  const std::vector<std::string> lines = {"info nosuch.qcow2", "resize -Z a.qcow2 2M", "check",
+                                          "resize a.qcow2 512k", "snapshot -U -c s a.qcow2"};
+  for (const std::string& line : lines) {
+    SCOPED_TRACE(line);
+    CommandResult q = Q(line);
+    CommandResult v = Sh("bin/qemu-img " + line);
+    EXPECT_EQ(v.exit_code, q.exit_code) << q.err << v.err;
+    EXPECT_EQ(v.err, q.err);
+  }
+}
+
 TEST_F(CliOptionsTest, WrongOperandCountsFailAsInQemuImg) {
   MustSh("qemu-img create -q -f qcow2 a.qcow2 1M");
   const std::vector<std::string> lines = {

@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Runs qemu's own qemu-iotests (from Debian's source package of the installed qemu-utils)
+# with vimgfs as QEMU_IMG_PROG, and once with qemu-img itself, and prints per format the
+# tests that pass with qemu-img and fail with vimgfs. See docs/TESTING.md.
+#
+#   scripts/iotests.sh                       every test, formats qcow2 vmdk vdi raw
+#   scripts/iotests.sh -f qcow2 -f raw       only these formats
+#   scripts/iotests.sh -f qcow2 020 292      only these tests
+#   scripts/iotests.sh --ci                  the list in tests/iotests/ci.txt, vimgfs only:
+#                                            each must pass (CI runs this)
+#   scripts/iotests.sh --vimgfs-only ...     skip the qemu-img baseline run
+#
+# vimgfs serves create/info/check/convert/compare/map/resize/snapshot/rebase/commit; the
+# qemu-img commands it does not have yet (amend, measure, dd, bitmap, bench) go to qemu-img,
+# through a small front end run under the name qemu-img (so messages say "qemu-img:").
+# VM tests run qemu-system-x86_64 under TCG (Debian's build has no qtest accelerator).
+# Needs root for apt-get; the fetched tree lives in $VIMGFS_IOTESTS_DIR
+# (default /var/tmp/vimgfs-iotests) and is reused. Nothing of qemu's enters the repository.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cache=${VIMGFS_IOTESTS_DIR:-/var/tmp/vimgfs-iotests}
+vimgfs=${VIMGFS:-$top/build/vimgfs}
+formats=()
+tests=()
+ci=0
+baseline=1
+jobs=${IOTESTS_JOBS:-$(nproc)}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -f) formats+=("$2"); shift 2 ;;
+    --ci) ci=1; baseline=0; shift ;;
+    --vimgfs-only) baseline=0; shift ;;
+    -j) jobs=$2; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) tests+=("$1"); shift ;;
+  esac
+done
+[ ${#formats[@]} -gt 0 ] || formats=(qcow2 vmdk vdi raw)
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+need=()
+for p in qemu-utils qemu-system-x86 qemu-block-extra dpkg-dev python3 xz-utils; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+[ -x "$vimgfs" ] || "$top/scripts/build.sh" build
+
+# qemu's source at the installed version, Debian's patches applied.
+version=$(dpkg-query -W -f='${source:Version}' qemu-utils)
+src="$cache/$version"
+if [ ! -x "$src/tests/qemu-iotests/check" ]; then
+  if ! apt-get source --print-uris -qq "qemu=$version" >/dev/null 2>&1; then
+    # deb-src entries for the suites apt already uses.
+    for f in /etc/apt/sources.list.d/*.sources; do
+      grep -q '^Types: deb$' "$f" 2>/dev/null || continue
+      sed 's/^Types: deb$/Types: deb-src/' "$f" | $SUDO tee "/etc/apt/sources.list.d/vimgfs-src-$(basename "$f")" >/dev/null
+    done
+    if [ -f /etc/apt/sources.list ]; then
+      grep '^deb ' /etc/apt/sources.list | sed 's/^deb /deb-src /' |
+        $SUDO tee /etc/apt/sources.list.d/vimgfs-src.list >/dev/null
+    fi
+    $SUDO apt-get update -qq
+  fi
+  rm -rf "$src.tmp" && mkdir -p "$src.tmp"
+  (cd "$src.tmp" && apt-get source -qq "qemu=$version" >/dev/null 2>&1)
+  mv "$src.tmp"/qemu-*/ "$src"
+  rm -rf "$src.tmp"
+  sed -i "s/-accel qtest'/-accel tcg'/" "$src/tests/qemu-iotests/testenv.py"
+fi
+iotests="$src/tests/qemu-iotests"
+
+# The front end: vimgfs's commands to vimgfs (named qemu-img), the rest to qemu-img.
+frontend="$cache/frontend"
+mkdir -p "$frontend"
+cat > "$frontend/qemu-img" <<EOF
+#!/bin/bash
+case "\${1-}" in
+  create|info|check|convert|compare|map|resize|snapshot|rebase|commit) exec -a qemu-img "$vimgfs" "\$@" ;;
+  *) exec /usr/bin/qemu-img "\$@" ;;
+esac
+EOF
+chmod +x "$frontend/qemu-img"
+
+export QEMU_PROG=/usr/bin/qemu-system-x86_64 QEMU_IO_PROG=/usr/bin/qemu-io
+export QEMU_NBD_PROG=/usr/bin/qemu-nbd QSD_PROG=/usr/bin/qemu-storage-daemon
+
+# run NAME TOOL FORMAT OUT: TAP results of one run ("ok NNN", "not ok NNN", "... # SKIP").
+run() {
+  local name=$1 tool=$2 fmt=$3 out=$4 list=()
+  if [ $ci -eq 1 ]; then
+    mapfile -t list < <(awk -v f="$fmt" '$1 == f { for (i = 2; i <= NF && $i !~ /^#/; i++) print $i }' \
+                          "$top/tests/iotests/ci.txt")
+    [ ${#list[@]} -gt 0 ] || { : > "$out"; return; }
+  else
+    list=("${tests[@]+"${tests[@]}"}")
+  fi
+  local scratch="$cache/scratch-$name-$fmt"
+  rm -rf "$scratch" && mkdir -p "$scratch"
+  (cd "$iotests" && TEST_DIR="$scratch" QEMU_IMG_PROG="$tool" \
+     ./check -tap -j "$jobs" "-$fmt" "${list[@]+"${list[@]}"}" > "$out" 2>&1) || true
+}
+
+status=0
+for fmt in "${formats[@]}"; do
+  res="$cache/results"
+  mkdir -p "$res"
+  run vimgfs "$frontend/qemu-img" "$fmt" "$res/$fmt.vimgfs.tap"
+  passed_v=$(grep -E '^ok [^ ]+$' "$res/$fmt.vimgfs.tap" | awk '{print $2}' | sort || true)
+  failed_v=$(grep -E '^not ok ' "$res/$fmt.vimgfs.tap" | awk '{print $3}' | sort || true)
+  if [ $baseline -eq 1 ]; then
+    run qemu-img /usr/bin/qemu-img "$fmt" "$res/$fmt.qemu-img.tap"
+    passed_q=$(grep -E '^ok [^ ]+$' "$res/$fmt.qemu-img.tap" | awk '{print $2}' | sort || true)
+    regress=$(comm -23 <(echo "$passed_q") <(echo "$passed_v") | grep . || true)
+    nq=$(echo "$passed_q" | grep -c . || true)
+    nboth=$(comm -12 <(echo "$passed_q") <(echo "$passed_v") | grep -c . || true)
+    echo "$fmt: $nboth of the $nq tests that pass with qemu-img pass with vimgfs"
+    if [ -n "$regress" ]; then
+      echo "  pass with qemu-img, fail with vimgfs: $(echo $regress)"
+      status=1
+    fi
+  else
+    nv=$(echo "$passed_v" | grep -c . || true)
+    echo "$fmt: $nv passed with vimgfs"
+    if [ -n "$failed_v" ]; then
+      echo "  failed with vimgfs: $(echo $failed_v)"
+      status=1
+    fi
+  fi
+done
+echo "TAP results and diffs: $cache/results, $iotests/*.out.bad"
+exit $status
