@@ -169,6 +169,9 @@ uint64_t StoredSnapshotTableBytes(const std::vector<Snapshot>& snaps) {
 // the new clusters are unreferenced free space; after it the old tables are.
 class MetadataSwitch {
  public:
+  // A refcount per host cluster is kept in memory: refuse absurd files (as check does).
+  static constexpr uint64_t kMaxClusters = 256ull << 20;
+
   explicit MetadataSwitch(Qcow2Map& m) : m_(m) {}
 
   // new_l1 names the L2 tables the active image is to use (each gets a private copy);
@@ -178,6 +181,8 @@ class MetadataSwitch {
     ASSIGN_OR_RETURN(uint64_t file_size, m_.file_->Size());
     const uint64_t cs = m_.cluster_size_;
     region_ = std::max(AlignUp(file_size, cs), AlignUp(m_.host_end_, cs)) >> m_.cluster_bits_;
+    if (region_ > kMaxClusters)
+      return Status::Unsupported("'{}': image file has too many clusters ({}) for this", m_.path_, region_);
     rc_.resize(region_);
     for (uint64_t c = 0; c < region_; c++) {
       ASSIGN_OR_RETURN(rc_[c], m_.GetRefcount(c));
@@ -288,7 +293,8 @@ class MetadataSwitch {
   Status Add(uint64_t off, uint64_t len, int64_t delta) {
     if (!off || !len) return Status::Ok();
     for (uint64_t c = off >> m_.cluster_bits_; c <= (off + len - 1) >> m_.cluster_bits_; c++) {
-      if (c >= rc_.size()) rc_.resize(c + 1, 0);
+      if (c >= rc_.size())
+        return Status::Corrupt("'{}': a table refers to {:#x}, past the end of the image file", m_.path_, off);
       if (delta < 0 && rc_[c] < static_cast<uint64_t>(-delta))
         return Status::Corrupt("'{}': refcount of cluster {} would drop below zero", m_.path_, c);
       rc_[c] += delta;
@@ -328,6 +334,7 @@ class MetadataSwitch {
   uint64_t Place(uint64_t n) {
     uint64_t off = (region_ << m_.cluster_bits_) + meta_.size();
     meta_.resize(meta_.size() + n * m_.cluster_size_);
+    rc_.resize(region_ + meta_.size() / m_.cluster_size_, 0);
     return off;
   }
   std::byte* At(uint64_t off) { return meta_.data() + (off - (region_ << m_.cluster_bits_)); }
