@@ -1,6 +1,8 @@
 // qcow2 whole-image operations: resize, backing file rewrite, internal snapshots.
-// Each one flushes first and orders its own writes: new structures are written and
-// synced before the header points at them; old ones are freed after.
+// Each one flushes first and orders its own writes so that a crash at any point leaves
+// the image as before or after, with leaks at worst: new structures are written and
+// synced before the header points at them, old ones freed after. Snapshots switch the
+// whole metadata in one header write (MetadataSwitch).
 #include <algorithm>
 #include <chrono>
 #include <cstring>
