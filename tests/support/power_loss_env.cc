@@ -88,6 +88,7 @@ Status PowerLossEnv::Remove(const std::string& path) {
 Status PowerLossEnv::Record(const std::string& path, uint64_t generation, Op op) {
   std::lock_guard lk(mu_);
   if (generation != generation_) return Status::FromErrno(EIO, "'{}': the power went off", path);
+  if (CrashHereLocked()) return Status::FromErrno(EIO, "'{}': the power went off", path);
   logs_[path].since_sync.push_back(std::move(op));
   return Status::Ok();
 }
@@ -95,6 +96,7 @@ Status PowerLossEnv::Record(const std::string& path, uint64_t generation, Op op)
 Status PowerLossEnv::SyncFile(const std::string& path, uint64_t generation, File& base_file) {
   std::lock_guard lk(mu_);
   if (generation != generation_) return Status::FromErrno(EIO, "'{}': the power went off", path);
+  if (CrashHereLocked()) return Status::FromErrno(EIO, "'{}': the power went off", path);
   if (syncs_until_crash_ > 0 && --syncs_until_crash_ == 0) {
     std::mt19937_64 rng(crash_seed_);
     CrashLocked(rng, crash_keep_);
@@ -140,6 +142,26 @@ void PowerLossEnv::CrashAtSync(int n, uint64_t seed, double keep_probability) {
   crash_keep_ = keep_probability;
 }
 
+void PowerLossEnv::CrashAtOp(int n, uint64_t seed, double keep_probability) {
+  std::lock_guard lk(mu_);
+  ops_until_crash_ = n;
+  crash_seed_ = seed;
+  crash_keep_ = keep_probability;
+}
+
+int PowerLossEnv::ops() const {
+  std::lock_guard lk(mu_);
+  return ops_;
+}
+
+bool PowerLossEnv::CrashHereLocked() {
+  ops_++;
+  if (ops_until_crash_ <= 0 || --ops_until_crash_ > 0) return false;
+  std::mt19937_64 rng(crash_seed_);
+  CrashLocked(rng, crash_keep_);
+  return true;
+}
+
 bool PowerLossEnv::crashed() const {
   std::lock_guard lk(mu_);
   return crashes_ > 0;
@@ -149,6 +171,7 @@ void PowerLossEnv::CrashLocked(std::mt19937_64& rng, double keep_probability) {
   generation_++;
   crashes_++;
   syncs_until_crash_ = 0;
+  ops_until_crash_ = 0;
   std::bernoulli_distribution keep(keep_probability);
   for (auto& [path, log] : logs_) {
     std::vector<std::byte> content = log.durable;

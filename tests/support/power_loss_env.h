@@ -26,6 +26,12 @@ class PowerLossEnv : public Env {
   // Crashes when the n-th sync from now is asked for (before it makes anything durable),
   // so crashes also land between the ordered steps of one flush. That sync fails (EIO).
   void CrashAtSync(int n, uint64_t seed, double keep_probability);
+  // Crashes at the n-th write or sync from now (writes: PWrite, Truncate, PunchHole,
+  // Allocate), before it happens: a command stopped dead at that point. keep 1.0 is a
+  // killed process (every earlier write reached the host); less is a power loss too.
+  void CrashAtOp(int n, uint64_t seed, double keep_probability);
+  // Writes and syncs seen so far (how many crash points a command has).
+  int ops() const;
   bool crashed() const;
 
   Result<std::unique_ptr<File>> Open(const std::string& path, OpenMode mode) override;
@@ -45,6 +51,8 @@ class PowerLossEnv : public Env {
   };
   class Handle;
   Status Record(const std::string& path, uint64_t generation, Op op);
+  // Counts one write or sync; true when it is the one to crash at (then crashed).
+  bool CrashHereLocked();
   Status SyncFile(const std::string& path, uint64_t generation, File& base_file);
   static void Apply(std::vector<std::byte>& content, const Op& op);
   void CrashLocked(std::mt19937_64& rng, double keep_probability);
@@ -55,6 +63,8 @@ class PowerLossEnv : public Env {
   uint64_t generation_ = 0;
   int crashes_ = 0;
   int syncs_until_crash_ = 0;  // 0: not armed
+  int ops_until_crash_ = 0;    // 0: not armed
+  int ops_ = 0;
   uint64_t crash_seed_ = 0;
   double crash_keep_ = 0;
 };

@@ -169,6 +169,9 @@ Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& 
                                                  const Header& h, uint64_t file_size);
 std::vector<std::byte> SerializeSnapshotTable(const std::vector<Snapshot>& snaps);
 
+// Stores v as entry i of a refcount block of `bits`-bit entries (refcount.cc).
+void StoreRefcount(std::byte* block, uint64_t i, uint32_t bits, uint64_t v);
+
 // ---- the map ----
 
 class Qcow2Map final : public ClusterMap {

@@ -46,6 +46,8 @@ void WriteEntry(std::byte* block, uint64_t i, uint32_t bits, uint64_t v) {
 
 }  // namespace
 
+void StoreRefcount(std::byte* block, uint64_t i, uint32_t bits, uint64_t v) { WriteEntry(block, i, bits, v); }
+
 Result<uint64_t> Qcow2Map::GetRefcount(uint64_t cluster) {
   uint64_t b = cluster / refblock_entries_;
   if (b >= reftable_.size()) return uint64_t{0};

@@ -1,6 +1,8 @@
 // qcow2 whole-image operations: resize, backing file rewrite, internal snapshots.
-// Each one flushes first and orders its own writes: new structures are written and
-// synced before the header points at them; old ones are freed after.
+// Each one flushes first and orders its own writes so that a crash at any point leaves
+// the image as before or after, with leaks at worst: new structures are written and
+// synced before the header points at them, old ones freed after. Snapshots switch the
+// whole metadata in one header write (MetadataSwitch).
 #include <algorithm>
 #include <chrono>
 #include <cstring>
@@ -55,9 +57,17 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink) {
   if (new_size < size_) {
     if (!allow_shrink)
       return Status::InvalidArgument("Use the --shrink option to perform a shrink operation.");
-    // Free every whole cluster past the new end, and L2 tables left with nothing.
     uint64_t first = DivRoundUp(new_size, cluster_size_);
     uint64_t end = DivRoundUp(size_, cluster_size_);
+    // The header shrinks first: a crash after it leaves the tail referenced but out of
+    // the guest's reach (before or after, nothing between), and the frees below can only
+    // leak.
+    RETURN_IF_ERROR(FlushAll());
+    header_.size = new_size;
+    size_ = new_size;
+    RETURN_IF_ERROR(WriteHeader());
+    RETURN_IF_ERROR(file_->Sync(true));
+    // Free every whole cluster past the new end, and L2 tables left with nothing.
     for (uint64_t c = first; c < end;) {
       uint64_t l1i = L1Index(c);
       uint64_t table_end = std::min(end, (l1i + 1) * l2_entries_);
@@ -142,88 +152,254 @@ Result<std::vector<uint64_t>> ReadL1(Qcow2Map& m, uint64_t off, uint64_t entries
   return l1;
 }
 
-// Adds delta to the refcount of every L2 table and data cluster reachable from l1.
-Status UpdateTreeRefcounts(Qcow2Map& m, const std::vector<uint64_t>& l1, int64_t delta) {
-  for (uint64_t i = 0; i < l1.size(); i++) {
-    uint64_t l2_off = L1EntryOffset(l1[i]);
-    if (!l2_off) continue;
-    RETURN_IF_ERROR(m.ValidateTableOffset(l2_off, "L2 table"));
-    {
-      ASSIGN_OR_RETURN(TableRef t, m.l2_cache_->Get(l2_off));
-      for (uint64_t j = 0; j < m.l2_entries_; j++) {
+// Bytes the stored snapshot table takes (entries may carry less extra data than we write).
+uint64_t StoredSnapshotTableBytes(const std::vector<Snapshot>& snaps) {
+  uint64_t bytes = 0;
+  for (const Snapshot& s : snaps) bytes += AlignUp(40 + s.extra.size() + s.id.size() + s.name.size(), 8);
+  return bytes;
+}
+
+// Snapshot create, delete and apply change refcounts and COPIED flags together: a data
+// cluster that gains a sharer must lose its COPIED flag at the instant its refcount
+// becomes 2, and one that loses its last sharer must get the flag back as its refcount
+// drops to 1 (qemu-img check calls a mismatch either way corruption). Writes to two
+// clusters cannot do that. So the whole new state is built beside the old one, in
+// clusters past everything the old refcounts count: a copy of each active L2 table with
+// its flags right, a new L1, a new snapshot table, and a refcount table with blocks that
+// count the result (the old refcounts plus what the change adds and removes, so leaks and
+// bitmaps are kept). It is synced, then one header write switches to it. Before that write
+// the new clusters are unreferenced free space; after it the old tables are.
+class MetadataSwitch {
+ public:
+  // A refcount per host cluster is kept in memory: refuse absurd files (as check does).
+  static constexpr uint64_t kMaxClusters = 256ull << 20;
+
+  explicit MetadataSwitch(Qcow2Map& m) : m_(m) {}
+
+  // new_l1 names the L2 tables the active image is to use (each gets a private copy);
+  // snaps is the new snapshot table, whose L1 tables are on disk already.
+  Status Run(const std::vector<uint64_t>& new_l1, std::vector<Snapshot> snaps, uint64_t new_size) {
+    RETURN_IF_ERROR(m_.FlushAll());  // the old state complete on disk, and the caches clean
+    ASSIGN_OR_RETURN(uint64_t file_size, m_.file_->Size());
+    const uint64_t cs = m_.cluster_size_;
+    region_ = std::max(AlignUp(file_size, cs), AlignUp(m_.host_end_, cs)) >> m_.cluster_bits_;
+    if (region_ > kMaxClusters)
+      return Status::Unsupported("'{}': image file has too many clusters ({}) for this", m_.path_, region_);
+    rc_.resize(region_);
+    for (uint64_t c = 0; c < region_; c++) {
+      ASSIGN_OR_RETURN(rc_[c], m_.GetRefcount(c));
+    }
+
+    // What goes away: the active tree, every old snapshot, the snapshot and refcount tables.
+    RETURN_IF_ERROR(Tree(m_.header_.l1_table_offset, m_.l1_, -1));
+    for (const Snapshot& s : m_.snapshots_) {
+      ASSIGN_OR_RETURN(std::vector<uint64_t> l1, ReadL1(m_, s.l1_table_offset, s.l1_size));
+      RETURN_IF_ERROR(Tree(s.l1_table_offset, l1, -1));
+    }
+    RETURN_IF_ERROR(Add(m_.header_.snapshots_offset, StoredSnapshotTableBytes(m_.snapshots_), -1));
+    RETURN_IF_ERROR(Add(m_.header_.refcount_table_offset, m_.reftable_.size() * 8, -1));
+    for (uint64_t e : m_.reftable_)
+      if (e & kOffsetMask) RETURN_IF_ERROR(Add(e & kOffsetMask, cs, -1));
+
+    // What comes: private copies of the active L2 tables, a new L1, the snapshots, their table.
+    std::vector<uint64_t> l1(new_l1.size(), 0);
+    std::vector<uint64_t> l2_copies;
+    for (uint64_t i = 0; i < new_l1.size(); i++) {
+      uint64_t src = L1EntryOffset(new_l1[i]);
+      if (!src) continue;
+      RETURN_IF_ERROR(m_.ValidateTableOffset(src, "L2 table"));
+      ASSIGN_OR_RETURN(TableRef t, m_.l2_cache_->Get(src));
+      uint64_t off = Place(1);
+      std::memcpy(At(off), t.data(), cs);
+      l1[i] = off;
+      l2_copies.push_back(off);
+      RETURN_IF_ERROR(Add(off, cs, +1));
+      RETURN_IF_ERROR(Entries(At(off), +1));
+    }
+    const uint64_t l1_off = l1.empty() ? 0 : Place(DivRoundUp(l1.size() * 8, cs));
+    RETURN_IF_ERROR(Add(l1_off, l1.size() * 8, +1));
+    for (const Snapshot& s : snaps) {
+      ASSIGN_OR_RETURN(std::vector<uint64_t> sl1, ReadL1(m_, s.l1_table_offset, s.l1_size));
+      RETURN_IF_ERROR(Tree(s.l1_table_offset, sl1, +1));
+    }
+    std::vector<std::byte> table = SerializeSnapshotTable(snaps);
+    if (table.size() > limits::kMaxSnapshotTableBytes)
+      return Status::NoSpace("'{}': snapshot table would be too large", m_.path_);
+    const uint64_t table_off = table.empty() ? 0 : Place(DivRoundUp(table.size(), cs));
+    if (table_off) std::memcpy(At(table_off), table.data(), table.size());
+    RETURN_IF_ERROR(Add(table_off, table.size(), +1));
+
+    // COPIED now says what the new refcounts will.
+    for (uint64_t off : l2_copies) {
+      for (uint64_t j = 0; j < m_.l2_entries_; j++) {
         uint64_t bm;
-        uint64_t e = m.LoadL2(t, j, &bm);
-        if (IsCompressed(e)) {
-          uint64_t off = CompressedHostOffset(e, m.cluster_bits_);
-          uint64_t len = CompressedLength(e, m.cluster_bits_);
-          for (uint64_t c = off >> m.cluster_bits_; c <= (off + len - 1) >> m.cluster_bits_; c++)
-            RETURN_IF_ERROR(m.AddRefcount(c, delta));
-        } else if (L2EntryOffset(e)) {
-          RETURN_IF_ERROR(m.AddRefcount(L2EntryOffset(e) >> m.cluster_bits_, delta));
-        }
+        uint64_t e = LoadL2Raw(At(off), j, &bm);
+        uint64_t host = L2EntryOffset(e);
+        if (IsCompressed(e) || !host || m_.header_.has_data_file()) continue;
+        uint64_t ne = rc_[host >> m_.cluster_bits_] == 1 ? (e | kFlagCopied) : (e & ~kFlagCopied);
+        StoreL2Raw(At(off), j, ne, bm);
       }
     }
-    RETURN_IF_ERROR(m.AddRefcount(l2_off >> m.cluster_bits_, delta));
-    ASSIGN_OR_RETURN(uint64_t rc, m.GetRefcount(l2_off >> m.cluster_bits_));
-    if (rc == 0) m.l2_cache_->Forget(l2_off);
-  }
-  return Status::Ok();
-}
+    for (uint64_t& e : l1)
+      if (e) e |= kFlagCopied;  // a private copy: refcount one
+    for (uint64_t i = 0; i < l1.size(); i++) StoreBE64(At(l1_off) + i * 8, l1[i]);
 
-// Makes the COPIED flags of the active L1 and its L2 tables say "refcount is one".
-Status RefreshCopiedFlags(Qcow2Map& m) {
-  for (uint64_t i = 0; i < m.l1_.size(); i++) {
-    uint64_t l2_off = L1EntryOffset(m.l1_[i]);
-    if (!l2_off) continue;
-    ASSIGN_OR_RETURN(uint64_t rc, m.GetRefcount(l2_off >> m.cluster_bits_));
-    uint64_t want = rc == 1 ? (m.l1_[i] | kFlagCopied) : (m.l1_[i] & ~kFlagCopied);
-    if (want != m.l1_[i]) {
-      m.l1_[i] = want;
-      m.l1_dirty_ = true;
+    ASSIGN_OR_RETURN(std::vector<uint64_t> reftable, LayOutRefcounts());
+    for (uint64_t c = 0; c < rc_.size(); c++)
+      if (rc_[c] > m_.refcount_max_)
+        return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", m_.path_, c,
+                                   m_.refcount_bits_);
+
+    // Everything new is written and durable before the header names it.
+    const uint64_t start = region_ << m_.cluster_bits_;
+    constexpr uint64_t kChunk = 8 << 20;
+    for (uint64_t pos = 0; pos < meta_.size(); pos += kChunk) {
+      std::span<const std::byte> part(meta_.data() + pos, std::min<uint64_t>(kChunk, meta_.size() - pos));
+      RETURN_IF_ERROR(m_.file_->PWrite(start + pos, part, IoTag::kOther));
     }
-    ASSIGN_OR_RETURN(TableRef t, m.l2_cache_->Get(l2_off));
-    for (uint64_t j = 0; j < m.l2_entries_; j++) {
+    RETURN_IF_ERROR(m_.file_->Sync(true));
+
+    Header h = m_.header_;
+    h.l1_table_offset = l1_off;
+    h.l1_size = static_cast<uint32_t>(l1.size());
+    h.snapshots_offset = table_off;
+    h.nb_snapshots = static_cast<uint32_t>(snaps.size());
+    h.refcount_table_offset = reftable_off_;
+    h.refcount_table_clusters = static_cast<uint32_t>(DivRoundUp(reftable.size() * 8, cs));
+    h.size = new_size;
+    ASSIGN_OR_RETURN(std::vector<std::byte> raw, SerializeHeader(h));
+    RETURN_IF_ERROR(m_.file_->PWrite(0, raw, IoTag::kHeader));
+    RETURN_IF_ERROR(m_.file_->Sync(true));
+
+    // The switch happened: the in-memory state follows.
+    for (uint64_t e : m_.reftable_)
+      if (e & kOffsetMask) m_.ref_cache_->Forget(e & kOffsetMask);
+    for (uint64_t c = 0; c < region_; c++)
+      if (rc_[c] == 0) m_.l2_cache_->Forget(c << m_.cluster_bits_);
+    m_.header_ = std::move(h);
+    m_.reftable_ = std::move(reftable);
+    m_.l1_ = std::move(l1);
+    m_.l1_offset_ = l1_off;
+    m_.l1_dirty_ = m_.header_dirty_ = false;
+    m_.size_ = new_size;
+    for (Snapshot& s : snaps)
+      if (s.extra.size() < 24) s.extra.resize(24);  // as serialized
+    m_.snapshots_ = std::move(snaps);
+    m_.free_hint_ = 0;
+    m_.host_end_ = rc_.size() << m_.cluster_bits_;
+    return Status::Ok();
+  }
+
+ private:
+  // Adds delta to every cluster of [off, off+len).
+  Status Add(uint64_t off, uint64_t len, int64_t delta) {
+    if (!off || !len) return Status::Ok();
+    for (uint64_t c = off >> m_.cluster_bits_; c <= (off + len - 1) >> m_.cluster_bits_; c++) {
+      if (c >= rc_.size())
+        return Status::Corrupt("'{}': a table refers to {:#x}, past the end of the image file", m_.path_, off);
+      if (delta < 0 && rc_[c] < static_cast<uint64_t>(-delta))
+        return Status::Corrupt("'{}': refcount of cluster {} would drop below zero", m_.path_, c);
+      rc_[c] += delta;
+    }
+    return Status::Ok();
+  }
+  // The references an L2 table's entries hold.
+  Status Entries(const std::byte* l2, int64_t delta) {
+    for (uint64_t j = 0; j < m_.l2_entries_; j++) {
       uint64_t bm;
-      uint64_t e = m.LoadL2(t, j, &bm);
-      if (IsCompressed(e) || !L2EntryOffset(e)) continue;
-      ASSIGN_OR_RETURN(uint64_t drc, m.GetRefcount(L2EntryOffset(e) >> m.cluster_bits_));
-      uint64_t ne = drc == 1 ? (e | kFlagCopied) : (e & ~kFlagCopied);
-      if (ne != e) m.StoreL2(t, j, ne, bm);
+      uint64_t e = LoadL2Raw(l2, j, &bm);
+      if (IsCompressed(e)) {
+        RETURN_IF_ERROR(Add(CompressedHostOffset(e, m_.cluster_bits_), CompressedLength(e, m_.cluster_bits_), delta));
+      } else if (L2EntryOffset(e) && !m_.header_.has_data_file()) {
+        if (!IsAligned(L2EntryOffset(e), m_.cluster_size_))
+          return Status::Corrupt("'{}': L2 entry {:#x} is not cluster aligned", m_.path_, e);
+        RETURN_IF_ERROR(Add(L2EntryOffset(e), m_.cluster_size_, delta));
+      }
     }
+    return Status::Ok();
   }
-  return Status::Ok();
-}
+  // An L1 table and everything under it (counted per path, as check counts).
+  Status Tree(uint64_t l1_off, const std::vector<uint64_t>& l1, int64_t delta) {
+    RETURN_IF_ERROR(Add(l1_off, l1.size() * 8, delta));
+    for (uint64_t e : l1) {
+      uint64_t l2 = L1EntryOffset(e);
+      if (!l2) continue;
+      RETURN_IF_ERROR(m_.ValidateTableOffset(l2, "L2 table"));
+      RETURN_IF_ERROR(Add(l2, m_.cluster_size_, delta));
+      ASSIGN_OR_RETURN(TableRef t, m_.l2_cache_->Get(l2));
+      RETURN_IF_ERROR(Entries(t.data(), delta));
+    }
+    return Status::Ok();
+  }
 
-// Writes the snapshot table to new clusters, points the header at it, frees the old one.
-Status WriteSnapshotTable(Qcow2Map& m, std::vector<Snapshot> snaps) {
-  std::vector<std::byte> raw = SerializeSnapshotTable(snaps);
-  if (raw.size() > limits::kMaxSnapshotTableBytes)
-    return Status::NoSpace("'{}': snapshot table would be too large", m.path_);
-  uint64_t new_off = 0;
-  if (!raw.empty()) {
-    uint64_t clusters = DivRoundUp(raw.size(), m.cluster_size_);
-    ASSIGN_OR_RETURN(new_off, m.AllocClusters(clusters));
-    RETURN_IF_ERROR(m.FlushAll());
-    RETURN_IF_ERROR(m.file_->PWrite(new_off, raw, IoTag::kOther));
+  // n new clusters at the end of the new region; returns the host offset.
+  uint64_t Place(uint64_t n) {
+    uint64_t off = (region_ << m_.cluster_bits_) + meta_.size();
+    meta_.resize(meta_.size() + n * m_.cluster_size_);
+    rc_.resize(region_ + meta_.size() / m_.cluster_size_, 0);
+    return off;
   }
-  RETURN_IF_ERROR(m.FlushAll());
-  uint64_t old_off = m.header_.snapshots_offset;
-  uint64_t old_bytes = SerializeSnapshotTable(m.snapshots_).size();
-  // The stored entries may be shorter than what we write (less extra data): recount.
-  old_bytes = 0;
-  for (const Snapshot& s : m.snapshots_) old_bytes += AlignUp(40 + s.extra.size() + s.id.size() + s.name.size(), 8);
-  m.header_.snapshots_offset = new_off;
-  m.header_.nb_snapshots = static_cast<uint32_t>(snaps.size());
-  RETURN_IF_ERROR(m.WriteHeader());
-  RETURN_IF_ERROR(m.file_->Sync(true));
-  m.snapshots_ = std::move(snaps);
-  // Re-parse-equivalent: what we wrote has at least 24 bytes of extra data.
-  for (Snapshot& s : m.snapshots_) {
-    if (s.extra.size() < 24) s.extra.resize(24);
+  std::byte* At(uint64_t off) { return meta_.data() + (off - (region_ << m_.cluster_bits_)); }
+  uint64_t LoadL2Raw(const std::byte* t, uint64_t j, uint64_t* bm) const {
+    const std::byte* p = t + j * m_.l2_entry_bytes();
+    *bm = m_.extended_l2_ ? LoadBE64(p + 8) : 0;
+    return LoadBE64(p);
   }
-  if (old_off && old_bytes) RETURN_IF_ERROR(m.FreeRange(old_off, old_bytes));
-  return m.FlushAll();
-}
+  void StoreL2Raw(std::byte* t, uint64_t j, uint64_t e, uint64_t bm) const {
+    std::byte* p = t + j * m_.l2_entry_bytes();
+    StoreBE64(p, e);
+    if (m_.extended_l2_) StoreBE64(p + 8, bm);
+  }
+
+  // Places refcount blocks for every block with a non-zero count, then the refcount table,
+  // after the rest; both count themselves. Returns the table's entries.
+  Result<std::vector<uint64_t>> LayOutRefcounts() {
+    const uint64_t per_block = m_.refblock_entries_;
+    const uint64_t first = (region_ << m_.cluster_bits_) + meta_.size();  // host offset
+    const uint64_t first_c = first >> m_.cluster_bits_;
+    uint64_t blocks = 0, table_clusters = 0;
+    for (;;) {  // grows monotonically: more clusters can only need more blocks
+      uint64_t end = first_c + blocks + table_clusters;
+      uint64_t need_blocks = 0;
+      for (uint64_t b = 0; b * per_block < end; b++) {
+        bool used = b * per_block < end && (b + 1) * per_block > first_c;  // holds new clusters
+        for (uint64_t c = b * per_block; !used && c < std::min(end, (b + 1) * per_block); c++)
+          used = c < rc_.size() && rc_[c] != 0;
+        need_blocks += used;
+      }
+      uint64_t entries = DivRoundUp(end, per_block) + 1;  // one spare block slot
+      uint64_t need_table = DivRoundUp(entries * 8, m_.cluster_size_);
+      if (need_blocks == blocks && need_table == table_clusters) break;
+      blocks = std::max(blocks, need_blocks);
+      table_clusters = std::max(table_clusters, need_table);
+    }
+    uint64_t blocks_off = Place(blocks);
+    reftable_off_ = Place(table_clusters);
+    RETURN_IF_ERROR(Add(blocks_off, (blocks + table_clusters) * m_.cluster_size_, +1));
+    std::vector<uint64_t> table(table_clusters * m_.cluster_size_ / 8, 0);
+    uint64_t next = blocks_off;
+    for (uint64_t b = 0; b * per_block < rc_.size(); b++) {
+      bool used = false;
+      for (uint64_t c = b * per_block; !used && c < std::min<uint64_t>(rc_.size(), (b + 1) * per_block); c++)
+        used = rc_[c] != 0;
+      if (!used) continue;
+      if (b >= table.size() || next >= reftable_off_)
+        return Status::Corrupt("'{}': refcount layout came out short", m_.path_);
+      table[b] = next;
+      for (uint64_t c = b * per_block; c < std::min<uint64_t>(rc_.size(), (b + 1) * per_block); c++)
+        StoreRefcount(At(next), c - b * per_block, m_.refcount_bits_, std::min(rc_[c], m_.refcount_max_));
+      next += m_.cluster_size_;
+    }
+    for (uint64_t i = 0; i < table.size(); i++) StoreBE64(At(reftable_off_) + i * 8, table[i]);
+    return table;
+  }
+
+  Qcow2Map& m_;
+  uint64_t region_ = 0;            // first cluster of the new structures
+  std::vector<uint64_t> rc_;       // the refcounts after the switch, per host cluster
+  std::vector<std::byte> meta_;    // the new structures, from region_ on
+  uint64_t reftable_off_ = 0;
+};
 
 const Snapshot* FindSnapshot(const std::vector<Snapshot>& snaps, const std::string& name) {
   for (const Snapshot& s : snaps)
@@ -249,19 +425,10 @@ Status Qcow2Map::SnapshotCreate(const std::string& name) {
   if (snapshots_.size() >= limits::kMaxSnapshots)
     return Status::NoSpace("'{}': too many snapshots", path_);
   RETURN_IF_ERROR(FlushAll());
-  // The snapshot's L1: a copy of the active one.
-  uint64_t clusters = DivRoundUp(std::max<uint64_t>(l1_.size() * 8, 8), cluster_size_);
-  ASSIGN_OR_RETURN(uint64_t l1_off, AllocClusters(clusters));
-  RETURN_IF_ERROR(UpdateTreeRefcounts(*this, l1_, +1));
-  RETURN_IF_ERROR(RefreshCopiedFlags(*this));
-  auto raw = SerializeL1(l1_);
-  raw.resize(clusters * cluster_size_);
-  RETURN_IF_ERROR(FlushAll());
-  RETURN_IF_ERROR(file_->PWrite(l1_off, raw, IoTag::kL1));
-  RETURN_IF_ERROR(file_->Sync(true));
-
+  // The snapshot keeps the active L1 table as it is on disk; the active image moves to
+  // copies (MetadataSwitch).
   Snapshot s;
-  s.l1_table_offset = l1_off;
+  s.l1_table_offset = header_.l1_table_offset;
   s.l1_size = static_cast<uint32_t>(l1_.size());
   uint64_t max_id = 0;
   for (const Snapshot& o : snapshots_) max_id = std::max<uint64_t>(max_id, strtoull(o.id.c_str(), nullptr, 10));
@@ -276,7 +443,7 @@ Status Qcow2Map::SnapshotCreate(const std::string& name) {
   s.extra.resize(24);
   std::vector<Snapshot> snaps = snapshots_;
   snaps.push_back(std::move(s));
-  return WriteSnapshotTable(*this, std::move(snaps));
+  return MetadataSwitch(*this).Run(l1_, std::move(snaps), size_);
 }
 
 Status Qcow2Map::SnapshotApply(const std::string& name) {
@@ -287,42 +454,19 @@ Status Qcow2Map::SnapshotApply(const std::string& name) {
   if (L1EntriesFor(new_size) > s->l1_size)
     return Status::Corrupt("'{}': snapshot '{}' has an L1 table too small for its size", path_, name);
   RETURN_IF_ERROR(FlushAll());
-  ASSIGN_OR_RETURN(std::vector<uint64_t> snap_l1, ReadL1(*this, s->l1_table_offset, s->l1_size));
-  // Take the snapshot's references first, then drop the current state's.
-  RETURN_IF_ERROR(UpdateTreeRefcounts(*this, snap_l1, +1));
-  std::vector<uint64_t> old_l1 = l1_;
-  if (snap_l1.size() > l1_.size()) {
-    RETURN_IF_ERROR(ReplaceL1(*this, snap_l1.size()));
-  }
-  for (uint64_t i = 0; i < l1_.size(); i++) l1_[i] = i < snap_l1.size() ? snap_l1[i] : 0;
-  l1_dirty_ = true;
-  RETURN_IF_ERROR(RefreshCopiedFlags(*this));
-  RETURN_IF_ERROR(FlushAll());
-  RETURN_IF_ERROR(UpdateTreeRefcounts(*this, old_l1, -1));
-  RETURN_IF_ERROR(RefreshCopiedFlags(*this));
-  header_.size = new_size;
-  size_ = new_size;
-  RETURN_IF_ERROR(FlushAll());
-  RETURN_IF_ERROR(WriteHeader());
-  return file_->Sync(true);
+  ASSIGN_OR_RETURN(std::vector<uint64_t> l1, ReadL1(*this, s->l1_table_offset, s->l1_size));
+  l1.resize(std::max<uint64_t>(l1.size(), l1_.size()), 0);
+  return MetadataSwitch(*this).Run(l1, snapshots_, new_size);
 }
 
 Status Qcow2Map::SnapshotDelete(const std::string& name) {
   RETURN_IF_ERROR(CheckWritable());
   const Snapshot* s = FindSnapshot(snapshots_, name);
   if (!s) return Status::NotFound("Could not delete snapshot '{}': snapshot not found", name);
-  Snapshot victim = *s;
   std::vector<Snapshot> snaps;
   for (const Snapshot& o : snapshots_)
     if (&o != s) snaps.push_back(o);
-  RETURN_IF_ERROR(FlushAll());
-  ASSIGN_OR_RETURN(std::vector<uint64_t> snap_l1, ReadL1(*this, victim.l1_table_offset, victim.l1_size));
-  // Unlink first; the references go after the table no longer names the snapshot.
-  RETURN_IF_ERROR(WriteSnapshotTable(*this, std::move(snaps)));
-  RETURN_IF_ERROR(UpdateTreeRefcounts(*this, snap_l1, -1));
-  if (victim.l1_size) RETURN_IF_ERROR(FreeRange(victim.l1_table_offset, uint64_t{victim.l1_size} * 8));
-  RETURN_IF_ERROR(RefreshCopiedFlags(*this));
-  return FlushAll();
+  return MetadataSwitch(*this).Run(l1_, std::move(snaps), size_);
 }
 
 }  // namespace vimgfs::qcow2

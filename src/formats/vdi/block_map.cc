@@ -408,18 +408,18 @@ Status VdiMap::Resize(uint64_t new_size, bool allow_shrink) {
       SetEntry(b, is_static ? count_++ : kBlockFree);
     }
     free_top_ = count_;
-    if (is_static) {
-      RETURN_IF_ERROR(file_->Truncate(HostOffset(count_)));
-      RETURN_IF_ERROR(WriteHeader(count_));  // count raised before entries name the blocks
-      disk_count_ = count_;
-    }
-    // New entries durable before the header makes them part of the disk.
-    RETURN_IF_ERROR(WriteMetadata());
+    if (is_static) RETURN_IF_ERROR(file_->Truncate(HostOffset(count_)));
+    // The new entries lie past blocks_in_image until the header below names them, and
+    // for a static image that one header write also raises the allocated count:
+    // qemu-img check wants count and entries to agree at every crash point.
+    RETURN_IF_ERROR(WriteHeaderAndMap(std::nullopt, false));
+    RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
   }
   h_.disk_size = new_size;
   h_.virtual_size = new_size;
   h_.blocks_in_image = static_cast<uint32_t>(blocks);
-  RETURN_IF_ERROR(WriteHeader(disk_count_));
+  RETURN_IF_ERROR(WriteHeader(is_static ? count_ : disk_count_));
+  if (is_static) disk_count_ = count_;
   return file_->Sync(true).WithContext("'{}': syncing", path_);
 }
 
