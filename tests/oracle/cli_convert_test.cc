@@ -219,7 +219,7 @@ TEST_F(CliConvertTest, RequestsInFlightAndCacheModes) {
 TEST_F(CliConvertTest, Errors) {
   CommandResult r = V("convert -O qcow2 missing.qcow2 out.qcow2");
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_EQ(r.err, "vimgfs: Could not open 'missing.qcow2': No such file or directory\n");
+  EXPECT_EQ(r.err, "vimgfs: Could not open 'missing.qcow2': Could not open 'missing.qcow2': No such file or directory\n");  // as qemu-img words it
   MustSh("qemu-img create -q -f raw r.raw 1M");
   r = V("convert -c -O raw r.raw out.raw");
   EXPECT_EQ(r.exit_code, 1);

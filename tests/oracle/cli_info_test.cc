@@ -82,7 +82,7 @@ TEST_F(CliInfoTest, SnapshotTable) {
 TEST_F(CliInfoTest, ErrorsNameTheFile) {
   CommandResult v = V("info nonexistent.qcow2");
   EXPECT_EQ(v.exit_code, 1);
-  EXPECT_EQ(v.err, "vimgfs: Could not open 'nonexistent.qcow2': No such file or directory\n");
+  EXPECT_EQ(v.err, "vimgfs: Could not open 'nonexistent.qcow2': Could not open 'nonexistent.qcow2': No such file or directory\n");  // as qemu-img words it
   MakeImage("raw", "r.raw");
   v = V("info -f qcow2 r.raw");
   EXPECT_EQ(v.exit_code, 1);

@@ -60,7 +60,7 @@ TEST_F(CliMapCompareTest, Compare) {
   // Errors: exit 2.
   CommandResult v = V("compare a.raw missing.raw");
   EXPECT_EQ(v.exit_code, 2);
-  EXPECT_EQ(v.err, "vimgfs: Could not open 'missing.raw': No such file or directory\n");
+  EXPECT_EQ(v.err, "vimgfs: Could not open 'missing.raw': Could not open 'missing.raw': No such file or directory\n");  // as qemu-img words it
 }
 
 }  // namespace
