@@ -208,6 +208,10 @@ struct OpenOptions {
   std::string snapshot;         // qcow2 internal snapshot to view read-only
   uint64_t cache_bytes = 32ull << 20;  // metadata cache cap per image
   int max_chain_depth = 64;
+  // Open for `check` as qemu-img opens with BDRV_O_CHECK: metadata tables reaching past
+  // the end of the file read as zeros, and what the check reports (a snapshot's bad L1
+  // table, an empty refcount table) does not stop the open.
+  bool for_check = false;
 };
 
 // A file an image names, opened.

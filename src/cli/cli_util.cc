@@ -272,6 +272,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.open_backing = o.open_backing;
   opts.snapshot = o.snapshot;
   opts.env = o.env;
+  opts.for_check = o.for_check;
   if (!o.format.empty() && !FindFormat(o.format))
     return Status::InvalidArgument("Unknown driver '{}'", o.format);
   // Skipping the lock is safe only for a reader: a writer would change an image that a VM

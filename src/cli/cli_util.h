@@ -61,6 +61,7 @@ struct ImageOpen {
   // Off where the same command then opens a file of this chain for writing (commit): OFD
   // locks cannot tell one process's opens apart, so it would refuse itself.
   bool lock_backing = true;
+  bool for_check = false;  // OpenOptions::for_check
 };
 // Opens an image; on failure prints the error line and returns nullptr.
 std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o);

@@ -99,6 +99,7 @@ int RunCheck(int argc, char** argv) {
   o.untrusted = untrusted;
   o.read_only = mode == RepairMode::kNone;
   o.open_backing = false;  // check looks at this image's metadata only
+  o.for_check = true;
   std::unique_ptr<Image> img = OpenOrReport(filename, o);
   if (!img) return 1;
 

@@ -8,6 +8,8 @@ namespace vimgfs::limits {
 // qcow2 cluster_bits: 9..21 (512 B .. 2 MiB), the range qemu accepts.
 inline constexpr uint32_t kMinClusterBits = 9;
 inline constexpr uint32_t kMaxClusterBits = 21;
+// Host offsets fit the 56-bit offset field of qcow2 table entries.
+inline constexpr uint64_t kMaxHostOffset = 1ull << 56;
 // Largest virtual disk: 2^61 bytes keeps offset arithmetic in int64 with room (qemu: 2^63-1
 // with 512 alignment; its QCOW_MAX_... limit is 2^56 for the L1 geometry).
 inline constexpr uint64_t kMaxVirtualSize = 1ull << 61;

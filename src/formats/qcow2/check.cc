@@ -1,6 +1,9 @@
-// qcow2 consistency: counting every reference from the header down (check, repair, and
-// the refcount rebuild of dirty lazy-refcount images).
+// qcow2 consistency: counting every reference from the header down the way qemu-img check
+// (qemu 7.2) does, so both call the same images corrupt; repair (-r leaks|all), with a
+// rebuild of the whole refcount structure when the refcount blocks themselves are bad;
+// and the recount of dirty lazy-refcount images.
 #include <algorithm>
+#include <map>
 
 #include "formats/qcow2/qcow2_internal.h"
 #include "util/endian.h"
@@ -11,122 +14,243 @@ namespace {
 
 // A reference-count array of one uint32 per host cluster; refuse absurd files.
 constexpr uint64_t kMaxCheckedClusters = 256ull << 20;
+// A hostile image can make millions of findings; past this many only the counts grow.
+constexpr size_t kMaxMessages = 100000;
 
-struct Counter {
-  std::vector<uint32_t>* refs;
-  CheckReport* report;
-  uint32_t bits;
-  void Add(uint64_t off, uint64_t len, const char* what) {
-    if (len == 0) return;
-    uint64_t first = off >> bits, last = (off + len - 1) >> bits;
+void Report(CheckReport* r, std::string msg) {
+  if (r->messages.size() < kMaxMessages) {
+    r->messages.push_back(std::move(msg));
+  } else if (r->messages.size() == kMaxMessages) {
+    r->messages.push_back("(further findings are counted but not listed)");
+  }
+}
+
+// The reference counts the tables imply, one per host cluster of the file. Like qemu's
+// in-memory refcount table it holds at most the image's refcount maximum per cluster.
+class Counter {
+ public:
+  Counter(std::vector<uint32_t>* refs, CheckReport* r, uint32_t cluster_bits, uint64_t file_size,
+          uint64_t refcount_max)
+      : refs_(refs), r_(r), bits_(cluster_bits), cs_(1ull << cluster_bits), file_size_(file_size),
+        max_(std::min<uint64_t>(refcount_max, UINT32_MAX)) {}
+
+  // Adds `times` references to every cluster [off, off+len) touches.
+  void Add(uint64_t off, uint64_t len, uint64_t times = 1) {
+    if (len == 0 || times == 0) return;
+    // The last cluster may be partly past the end of the file; anything further is not.
+    if (off > UINT64_MAX - len - cs_ || off + len >= file_size_ + cs_) {
+      r_->corruptions += times;
+      Report(r_, fmt::format("ERROR: counting reference for region exceeding the end of the file by one "
+                             "cluster or more: offset {:#x} size {:#x}", off, len));
+      return;
+    }
+    uint64_t first = off >> bits_, last = (off + len - 1) >> bits_;
+    if (last >= refs_->size()) refs_->resize(last + 1, 0);
     for (uint64_t c = first; c <= last; c++) {
-      if (c >= refs->size()) {
-        report->corruptions++;
-        report->messages.push_back(
-            fmt::format("ERROR {} at offset {:#x} is past the end of the image file", what, off));
-        return;
+      uint64_t room = max_ - (*refs_)[c];
+      if (times > room) {
+        r_->corruptions += times - room;
+        Report(r_, fmt::format("ERROR: overflow cluster offset={:#x}", c << bits_));
       }
-      if ((*refs)[c] != UINT32_MAX) (*refs)[c]++;
+      (*refs_)[c] += static_cast<uint32_t>(std::min(times, room));
     }
   }
+
+ private:
+  std::vector<uint32_t>* refs_;
+  CheckReport* r_;
+  uint32_t bits_;
+  uint64_t cs_;
+  uint64_t file_size_;
+  uint64_t max_;
 };
 
 }  // namespace
 
-Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* report) {
+Result<std::vector<uint64_t>> Qcow2Map::ReadTableForCheck(uint64_t off, uint64_t entries) {
+  // Past the end of the file: zeros, as qemu reads (and no read at absurd offsets).
   ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
-  uint64_t n = std::max(AlignUp(file_size, cluster_size_), host_end_) >> cluster_bits_;
-  if (n > kMaxCheckedClusters)
-    return Status::Unsupported("'{}': image file has too many clusters ({}) to check", path_, n);
-  refs->assign(n, 0);
-  Counter cnt{refs, report, cluster_bits_};
-  cnt.Add(0, cluster_size_, "header");
-  cnt.Add(header_.refcount_table_offset, reftable_.size() * 8, "refcount table");
-  for (uint64_t b = 0; b < reftable_.size(); b++) {
-    uint64_t off = reftable_[b] & kOffsetMask;
-    if (!off) continue;
-    if (!IsAligned(off, cluster_size_)) {
-      report->corruptions++;
-      report->messages.push_back(fmt::format("ERROR refcount block {} is not cluster aligned; refcount "
-                                             "table entry corrupted", b));
-      continue;
-    }
-    cnt.Add(off, cluster_size_, "refcount block");
-  }
+  std::vector<std::byte> raw(entries * 8);
+  if (off < file_size) RETURN_IF_ERROR(file_->PRead(off, raw));
+  std::vector<uint64_t> out(entries);
+  for (uint64_t i = 0; i < entries; i++) out[i] = LoadBE64(raw.data() + i * 8);
+  return out;
+}
 
-  // One L1 table and everything under it. Fragmentation info is for the active table.
-  uint64_t next_contiguous = 0;
-  auto walk_l1 = [&](uint64_t l1_off, const std::vector<uint64_t>& l1, bool active) -> Status {
-    cnt.Add(l1_off, l1.size() * 8, "L1 table");
-    for (uint64_t i = 0; i < l1.size(); i++) {
-      uint64_t l2_off = L1EntryOffset(l1[i]);
-      if (!l2_off) continue;
+Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* report, RepairMode mode,
+                                 bool* rebuild, bool count_refcount_structure) {
+  ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  uint64_t n = DivRoundUp(file_size, cluster_size_);
+  if (n > kMaxCheckedClusters)
+    return Status::Io("'{}': image file has too many clusters ({}) to check", path_, n);
+  refs->assign(n, 0);
+  Counter cnt(refs, report, cluster_bits_, file_size, refcount_max_);
+  const bool data_file = header_.has_data_file();
+  cnt.Add(0, cluster_size_);
+
+  // L1 tables first; every L2 table is then read once however many L1 entries name it
+  // (a hostile image may name one table millions of times).
+  struct L2Use {
+    uint64_t times = 0;
+    uint64_t active_times = 0;  // from the active L1: these feed the allocation figures
+  };
+  std::map<uint64_t, L2Use> l2_tables;
+  auto walk_l1 = [&](uint64_t l1_off, uint64_t l1_size, bool active) -> Status {
+    if (l1_size == 0) return Status::Ok();
+    cnt.Add(l1_off, l1_size * 8);
+    ASSIGN_OR_RETURN(std::vector<uint64_t> l1, ReadTableForCheck(l1_off, l1_size));
+    for (uint64_t e : l1) {
+      if (e == 0) continue;
+      if (e & kL1Reserved) {
+        report->corruptions++;
+        Report(report, fmt::format("ERROR found L1 entry with reserved bits set: {:x}", e));
+      }
+      uint64_t l2_off = L1EntryOffset(e);
+      cnt.Add(l2_off, cluster_size_);
       if (!IsAligned(l2_off, cluster_size_)) {
         report->corruptions++;
-        report->messages.push_back(fmt::format("ERROR l2_offset={:#x}: Table is not cluster aligned; L1 "
-                                               "entry corrupted", l2_off));
-        continue;
+        Report(report, fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted",
+                                   l2_off));
       }
-      cnt.Add(l2_off, cluster_size_, "L2 table");
-      if ((l2_off >> cluster_bits_) >= refs->size()) continue;
-      ASSIGN_OR_RETURN(TableRef t, l2_cache_->Get(l2_off));
-      for (uint64_t j = 0; j < l2_entries_; j++) {
-        uint64_t bm;
-        uint64_t e = LoadL2(t, j, &bm);
-        if (IsCompressed(e)) {
-          cnt.Add(CompressedHostOffset(e, cluster_bits_), CompressedLength(e, cluster_bits_),
-                  "compressed cluster");
-          if (active) {
-            report->allocated_clusters++;
-            report->compressed_clusters++;
-            report->fragmented_clusters++;  // re-reads shared sectors: fragmented by nature
-          }
-          continue;
-        }
-        uint64_t host = L2EntryOffset(e);
-        if (host == 0 && !(header_.has_data_file() && IsCopied(e))) continue;
-        if (!IsAligned(host, cluster_size_)) {
-          report->corruptions++;
-          report->messages.push_back(fmt::format("ERROR offset={:#x}: Cluster is not properly aligned; L2 "
-                                                 "entry corrupted", host));
-          continue;
-        }
-        if (active) {
-          report->allocated_clusters++;
-          if (next_contiguous && host != next_contiguous) report->fragmented_clusters++;
-          next_contiguous = host + cluster_size_;
-        }
-        if (!header_.has_data_file()) cnt.Add(host, cluster_size_, "data cluster");
-      }
+      L2Use& u = l2_tables[l2_off];
+      u.times++;
+      if (active) u.active_times++;
     }
     return Status::Ok();
   };
+  RETURN_IF_ERROR(walk_l1(header_.l1_table_offset, header_.l1_size, true));
 
-  std::vector<uint64_t> active_l1;
-  if (snapshot_view_) {
-    std::vector<std::byte> raw(uint64_t{header_.l1_size} * 8);
-    RETURN_IF_ERROR(file_->PRead(header_.l1_table_offset, raw));
-    active_l1.resize(header_.l1_size);
-    for (size_t i = 0; i < active_l1.size(); i++) active_l1[i] = LoadBE64(raw.data() + i * 8);
+  // Version 3 entries carry at least the large VM state size and the disk size (qemu:
+  // "incomplete" otherwise); -r all rewrites the table (Check, once refcounts are right).
+  for (size_t i = 0; i < snapshots_.size(); i++) {
+    if (snapshots_[i].extra.size() >= 16) continue;
+    Report(report, fmt::format("{} snapshot table entry {} is incomplete",
+                               mode == RepairMode::kAll ? "Repairing" : "ERROR", i));
+    (mode == RepairMode::kAll ? report->corruptions_fixed : report->corruptions)++;
   }
-  RETURN_IF_ERROR(walk_l1(header_.l1_table_offset, snapshot_view_ ? active_l1 : l1_, true));
-
+  if (data_file && !snapshots_.empty()) {
+    report->corruptions++;
+    Report(report, fmt::format("ERROR {} snapshots in image with data file", snapshots_.size()));
+  }
   uint64_t snap_bytes = 0;
-  for (const Snapshot& s : snapshots_) {
-    snap_bytes += AlignUp(40 + s.extra.size() + s.id.size() + s.name.size(), 8);
-    std::vector<uint64_t> l1(s.l1_size);
-    std::vector<std::byte> raw(l1.size() * 8);
-    RETURN_IF_ERROR(file_->PRead(s.l1_table_offset, raw));
-    for (size_t i = 0; i < l1.size(); i++) l1[i] = LoadBE64(raw.data() + i * 8);
-    RETURN_IF_ERROR(walk_l1(s.l1_table_offset, l1, false));
+  for (size_t i = 0; i < snapshots_.size(); i++) {
+    const Snapshot& s = snapshots_[i];
+    uint64_t entry = 40 + s.extra.size() + s.id.size() + s.name.size();
+    snap_bytes += i + 1 < snapshots_.size() ? AlignUp(entry, 8) : entry;  // the last one unpadded
+    if (!IsAligned(s.l1_table_offset, cluster_size_)) {
+      report->corruptions++;
+      Report(report, fmt::format("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; "
+                                 "snapshot table entry corrupted", s.id, s.name, s.l1_table_offset));
+      continue;
+    }
+    if (uint64_t{s.l1_size} * 8 > limits::kMaxL1Bytes) {
+      report->corruptions++;
+      Report(report, fmt::format("ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot "
+                                 "table entry corrupted", s.id, s.name, s.l1_size));
+      continue;
+    }
+    RETURN_IF_ERROR(walk_l1(s.l1_table_offset, s.l1_size, false));
   }
-  if (snap_bytes) cnt.Add(header_.snapshots_offset, snap_bytes, "snapshot table");
+
+  std::vector<std::byte> table(cluster_size_);
+  for (const auto& [l2_off, use] : l2_tables) {
+    if (l2_off >= file_size) continue;  // reads as zeros: nothing allocated
+    const bool cached = IsAligned(l2_off, cluster_size_);
+    TableRef t;
+    if (cached) {
+      ASSIGN_OR_RETURN(t, l2_cache_->Get(l2_off));
+    } else {
+      RETURN_IF_ERROR(file_->PRead(l2_off, table));
+    }
+    auto entry_at = [&](uint64_t j, uint64_t* bm) {
+      if (cached) return LoadL2(t, j, bm);
+      const std::byte* p = table.data() + j * l2_entry_bytes();
+      *bm = extended_l2_ ? LoadBE64(p + 8) : 0;
+      return LoadBE64(p);
+    };
+    uint64_t next_contiguous = 0;
+    for (uint64_t j = 0; j < l2_entries_; j++) {
+      uint64_t bm;
+      uint64_t e = entry_at(j, &bm);
+      if (IsCompressed(e)) {
+        uint64_t coff = CompressedHostOffset(e, cluster_bits_);
+        if (IsCopied(e)) {
+          report->corruptions += use.times;
+          Report(report, fmt::format("ERROR: coffset={:#x}: copied flag must never be set for compressed "
+                                     "clusters", coff));
+        }
+        if (data_file) {
+          report->corruptions += use.times;
+          Report(report, fmt::format("ERROR compressed cluster {} with data file, entry={:#x}", j, e));
+          continue;
+        }
+        if (bm) {
+          report->corruptions += use.times;
+          Report(report, fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation bitmap, "
+                                     "entry={:#x}", j, e));
+          continue;
+        }
+        cnt.Add(coff, CompressedLength(e, cluster_bits_), use.times);
+        report->allocated_clusters += use.active_times;
+        report->compressed_clusters += use.active_times;
+        report->fragmented_clusters += use.active_times;  // re-reads shared sectors: fragmented by nature
+        continue;
+      }
+      if (e & kL2StandardReserved) {
+        report->corruptions += use.times;
+        Report(report, fmt::format("ERROR found l2 entry with reserved bits set: {:x}", e));
+      }
+      uint64_t host = L2EntryOffset(e);
+      bool zero_flag = !extended_l2_ && (e & kFlagZero);
+      if (host == 0 && !(data_file && IsCopied(e))) {
+        // Unallocated, or reads as zeros without a cluster.
+        if (!zero_flag && SubAllocBits(bm)) {
+          report->corruptions += use.times;
+          Report(report, "ERROR: Unallocated cluster has non-zero subcluster allocation map");
+        }
+        continue;
+      }
+      if (SubAllocBits(bm) & SubZeroBits(bm)) {
+        report->corruptions += use.times;
+        Report(report, fmt::format("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation "
+                                   "bitmap", host));
+      }
+      if (!IsAligned(host, cluster_size_)) {
+        bool has_data = extended_l2_ ? SubAllocBits(bm) != 0 : !zero_flag;
+        if (has_data) {
+          report->corruptions += use.times;
+          Report(report, fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
+                                     "corrupted.", host));
+        } else if (mode == RepairMode::kAll && cached) {
+          // A preallocated zero cluster loses its (bad) cluster and keeps reading zeros.
+          Report(report, fmt::format("Repairing offset={:x}: Preallocated cluster is not properly aligned; "
+                                     "L2 entry corrupted.", host));
+          StoreL2(t, j, extended_l2_ ? 0 : kFlagZero, extended_l2_ ? MakeSubBitmap(0, SubZeroBits(bm) | SubAllocBits(bm)) : 0);
+          report->corruptions_fixed++;
+          continue;
+        } else {
+          report->corruptions += use.times;
+          Report(report, fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 "
+                                     "entry corrupted.", host));
+        }
+      }
+      if (use.active_times) {
+        report->allocated_clusters += use.active_times;
+        if (next_contiguous && host != next_contiguous) report->fragmented_clusters += use.active_times;
+        next_contiguous = host + cluster_size_;
+      }
+      if (!data_file) cnt.Add(host, cluster_size_, use.times);
+    }
+  }
+
+  if (snap_bytes) cnt.Add(header_.snapshots_offset, snap_bytes);
+  if (count_refcount_structure) cnt.Add(header_.refcount_table_offset, reftable_.size() * 8);
 
   if (header_.bitmaps_ext && header_.bitmaps_ext->size() >= 24) {
     const std::byte* p = header_.bitmaps_ext->data();
     uint64_t dir_size = LoadBE64(p + 8), dir_off = LoadBE64(p + 16);
     if (dir_size <= limits::kMaxHeaderExtensionBytes * 16 && dir_off + dir_size <= file_size) {
-      cnt.Add(dir_off, dir_size, "bitmap directory");
+      cnt.Add(dir_off, dir_size);
       std::vector<std::byte> dir(dir_size);
       RETURN_IF_ERROR(file_->PRead(dir_off, dir));
       for (uint64_t pos = 0; pos + 24 <= dir_size;) {
@@ -135,113 +259,273 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
         uint64_t name_size = LoadBE16(dir.data() + pos + 18);
         uint64_t extra_size = LoadBE32(dir.data() + pos + 20);
         if (table_size * 8 <= limits::kMaxL1Bytes && table_off + table_size * 8 <= file_size) {
-          cnt.Add(table_off, table_size * 8, "bitmap table");
-          std::vector<std::byte> table(table_size * 8);
-          RETURN_IF_ERROR(file_->PRead(table_off, table));
+          cnt.Add(table_off, table_size * 8);
+          std::vector<std::byte> bt(table_size * 8);
+          RETURN_IF_ERROR(file_->PRead(table_off, bt));
           for (uint64_t i = 0; i < table_size; i++) {
-            uint64_t off = LoadBE64(table.data() + i * 8) & kOffsetMask;
-            if (off) cnt.Add(off, cluster_size_, "bitmap data");
+            uint64_t off = LoadBE64(bt.data() + i * 8) & kOffsetMask;
+            if (off) cnt.Add(off, cluster_size_);
           }
         }
         pos += AlignUp(24 + name_size + extra_size, 8);
       }
     }
   }
+
+  if (!count_refcount_structure) return Status::Ok();
+  // The refcount blocks, judged by their raw table entries as qemu does.
+  for (uint64_t i = 0; i < reftable_.size(); i++) {
+    if (reftable_[i] & kRefTableReserved) {
+      report->corruptions++;
+      Report(report, fmt::format("ERROR refcount table entry {} has reserved bits set", i));
+      *rebuild = true;
+      continue;
+    }
+    // Bits 56..63 are not masked off: such a block lies far outside the file.
+    uint64_t e = reftable_[i] & ~kRefTableReserved;
+    if (!IsAligned(e, cluster_size_)) {
+      report->corruptions++;
+      Report(report, fmt::format("ERROR refcount block {} is not cluster aligned; refcount table entry "
+                                 "corrupted", i));
+      *rebuild = true;
+      continue;
+    }
+    if ((e >> cluster_bits_) >= refs->size()) {
+      report->corruptions++;
+      Report(report, fmt::format("ERROR refcount block {} is outside image", i));
+      *rebuild = true;
+      continue;
+    }
+    if (e == 0) continue;
+    cnt.Add(e, cluster_size_);
+    uint32_t ref = (*refs)[e >> cluster_bits_];
+    if (ref != 1) {
+      report->corruptions++;
+      Report(report, fmt::format("ERROR refcount block {} refcount={}", i, ref));
+      *rebuild = true;
+    }
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Map::CompareRefcounts(const std::vector<uint32_t>& refs, RepairMode mode, CheckReport* r,
+                                  bool* rebuild) {
+  uint64_t highest = 0;
+  for (uint64_t c = 0; c < refs.size(); c++) {
+    auto got = GetRefcount(c);
+    if (!got.ok()) {
+      r->check_errors++;
+      Report(r, fmt::format("Can't get refcount for cluster {}: {}", c, got.error().message()));
+      *rebuild = true;
+      continue;
+    }
+    uint64_t stored = *got, ref = refs[c];
+    if (stored || ref) highest = c;
+    if (stored == ref) continue;
+    // A referenced cluster counted as free needs the structure rebuilt (qemu: the block
+    // holding its count may itself be what is wrong).
+    if (stored == 0) *rebuild = true;
+    bool fix = stored != 0 && ((stored > ref && mode != RepairMode::kNone) ||
+                               (stored < ref && mode == RepairMode::kAll));
+    Report(r, fmt::format("{} cluster {} refcount={} reference={}",
+                          fix ? "Repairing" : stored < ref ? "ERROR" : "Leaked", c, stored, ref));
+    if (fix) {
+      RETURN_IF_ERROR(SetRefcount(c, std::min<uint64_t>(ref, refcount_max_)));
+      (stored < ref ? r->corruptions_fixed : r->leaks_fixed)++;
+    } else {
+      (stored < ref ? r->corruptions : r->leaks)++;
+    }
+  }
+  r->image_end_offset = (highest + 1) << cluster_bits_;
+  return Status::Ok();
+}
+
+Status Qcow2Map::RebuildRefcountStructure() {
+  std::vector<uint32_t> refs;
+  CheckReport scratch;
+  bool unused = false;
+  RETURN_IF_ERROR(CountReferences(&refs, &scratch, RepairMode::kNone, &unused, false));
+  ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  // The new blocks and table go past everything in use; they must count themselves.
+  const uint64_t start = std::max<uint64_t>(refs.size(), DivRoundUp(file_size, cluster_size_));
+  const uint64_t per_table_cluster = cluster_size_ / 8;
+  uint64_t blocks = 0, table_clusters = 0;
+  for (;;) {
+    uint64_t b = DivRoundUp(start + blocks + table_clusters, refblock_entries_);
+    uint64_t t = DivRoundUp(b, per_table_cluster);
+    if (b == blocks && t == table_clusters) break;
+    blocks = b;
+    table_clusters = t;
+  }
+  if (table_clusters * cluster_size_ > limits::kMaxRefTableBytes)
+    return Status::NoSpace("'{}': a rebuilt refcount table would exceed {} bytes", path_,
+                           limits::kMaxRefTableBytes);
+  const uint64_t end = start + blocks + table_clusters;
+  refs.resize(end, 0);
+  for (uint64_t c = start; c < end; c++) refs[c] = 1;
+
+  std::vector<uint64_t> table(table_clusters * per_table_cluster, 0);
+  std::vector<std::byte> buf(cluster_size_);
+  for (uint64_t b = 0; b < blocks; b++) {
+    std::fill(buf.begin(), buf.end(), std::byte{0});
+    for (uint64_t i = 0; i < refblock_entries_ && b * refblock_entries_ + i < end; i++)
+      WriteRefcountEntry(buf.data(), i, refcount_bits_,
+                         std::min<uint64_t>(refs[b * refblock_entries_ + i], refcount_max_));
+    table[b] = (start + b) << cluster_bits_;
+    RETURN_IF_ERROR(file_->PWrite(table[b], buf, IoTag::kRefBlock));
+  }
+  std::vector<std::byte> raw(table.size() * 8);
+  for (size_t i = 0; i < table.size(); i++) StoreBE64(raw.data() + i * 8, table[i]);
+  RETURN_IF_ERROR(file_->PWrite((start + blocks) << cluster_bits_, raw, IoTag::kRefTable));
+  RETURN_IF_ERROR(file_->Sync(true));
+
+  // Switch to the new structure; the old blocks are no longer looked at (nor written).
+  header_.refcount_table_offset = (start + blocks) << cluster_bits_;
+  header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
+  RETURN_IF_ERROR(WriteHeader());
+  RETURN_IF_ERROR(file_->Sync(true));
+  reftable_ = std::move(table);
+  ref_cache_ = std::make_unique<TableCache>(file_.get(), static_cast<uint32_t>(cluster_size_),
+                                            ref_cache_->max_tables(), IoTag::kRefBlock);
+  host_end_ = std::max(host_end_, end << cluster_bits_);
+  free_hint_ = 0;
   return Status::Ok();
 }
 
 Status Qcow2Map::RebuildRefcounts() {
   std::vector<uint32_t> refs;
   CheckReport scratch;
-  RETURN_IF_ERROR(CountReferences(&refs, &scratch));
+  bool rebuild = false;
+  RETURN_IF_ERROR(CountReferences(&refs, &scratch, RepairMode::kNone, &rebuild));
   // Nothing below the end of the counted area may be allocated while counts are stale.
   const uint64_t n = refs.size();
-  uint64_t saved_hint = free_hint_;
   free_hint_ = std::max(free_hint_, n);
   for (uint64_t c = 0; c < n; c++) {
     ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(c));
     if (rc != refs[c]) RETURN_IF_ERROR(SetRefcount(c, std::min<uint64_t>(refs[c], refcount_max_)));
   }
   // Stale counts past the file end are only leaks; they are left for check -r.
-  (void)saved_hint;
   free_hint_ = 0;
+  return Status::Ok();
+}
+
+Status Qcow2Map::CheckCopiedFlags(RepairMode mode, CheckReport* r) {
+  // -r leaks fixes the flags only when the refcounts they follow are now known good.
+  const bool repair = mode == RepairMode::kAll ||
+                      (mode == RepairMode::kLeaks && !r->check_errors && !r->corruptions && !r->leaks);
+  const bool data_file = header_.has_data_file();
+  std::map<uint64_t, uint64_t> l2_tables;  // offset -> active L1 entries naming it
+  for (uint64_t i = 0; i < l1_.size(); i++) {
+    uint64_t l2_off = L1EntryOffset(l1_[i]);
+    if (!l2_off) continue;
+    auto rc = GetRefcount(l2_off >> cluster_bits_);
+    if (!rc.ok()) continue;  // already counted as a check error
+    l2_tables[l2_off]++;
+    if ((*rc == 1) == IsCopied(l1_[i])) continue;
+    Report(r, fmt::format("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}",
+                          repair ? "Repairing" : "ERROR", i, l1_[i], *rc));
+    if (repair) {
+      l1_[i] = *rc == 1 ? (l1_[i] | kFlagCopied) : (l1_[i] & ~kFlagCopied);
+      l1_dirty_ = true;
+      r->corruptions_fixed++;
+    } else {
+      r->corruptions++;
+    }
+  }
+  ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  std::vector<std::byte> table(cluster_size_);
+  for (const auto& [l2_off, times] : l2_tables) {
+    if (l2_off >= file_size) continue;
+    const bool cached = IsAligned(l2_off, cluster_size_);
+    TableRef t;
+    if (cached) {
+      ASSIGN_OR_RETURN(t, l2_cache_->Get(l2_off));
+    } else {
+      RETURN_IF_ERROR(file_->PRead(l2_off, table));
+    }
+    for (uint64_t j = 0; j < l2_entries_; j++) {
+      uint64_t bm = 0;
+      uint64_t e;
+      if (cached) {
+        e = LoadL2(t, j, &bm);
+      } else {
+        const std::byte* p = table.data() + j * l2_entry_bytes();
+        e = LoadBE64(p);
+        if (extended_l2_) bm = LoadBE64(p + 8);
+      }
+      uint64_t host = L2EntryOffset(e);
+      if (IsCompressed(e) || (host == 0 && !(data_file && IsCopied(e)))) continue;
+      uint64_t drc = 1;  // clusters of an external data file are never shared
+      if (!data_file) {
+        auto got = GetRefcount(host >> cluster_bits_);
+        if (!got.ok()) continue;
+        drc = *got;
+      }
+      if ((drc == 1) == IsCopied(e)) continue;
+      bool fix = repair && cached;  // qemu too refuses to write a table that is not aligned
+      Report(r, fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
+                            fix ? "Repairing" : "ERROR", e, drc));
+      if (fix) {
+        StoreL2(t, j, drc == 1 ? (e | kFlagCopied) : (e & ~kFlagCopied), bm);
+        r->corruptions_fixed++;
+      } else {
+        r->corruptions += times;
+      }
+    }
+  }
   return Status::Ok();
 }
 
 Result<CheckReport> Qcow2Map::Check(RepairMode mode) {
   CheckReport r;
   if (mode != RepairMode::kNone) RETURN_IF_ERROR(CheckWritable());
-  std::vector<uint32_t> refs;
-  RETURN_IF_ERROR(CountReferences(&refs, &r));
   r.total_clusters = DivRoundUp(size_, cluster_size_);
+  std::vector<uint32_t> refs;
+  bool rebuild = false;
+  RETURN_IF_ERROR(CountReferences(&refs, &r, mode, &rebuild));
+  // Nothing may be allocated below the counted area while a repair runs.
+  if (mode != RepairMode::kNone) free_hint_ = std::max<uint64_t>(free_hint_, refs.size());
 
-  auto compare = [&](uint64_t c, uint64_t stored, uint64_t ref) -> Status {
-    if (stored == ref) return Status::Ok();
-    bool fix = mode == RepairMode::kAll || (mode == RepairMode::kLeaks && stored > ref);
-    r.messages.push_back(fmt::format("{} cluster {} refcount={} reference={}",
-                                     fix ? "Repairing" : stored < ref ? "ERROR" : "Leaked", c, stored, ref));
-    if (fix) {
-      RETURN_IF_ERROR(SetRefcount(c, std::min<uint64_t>(ref, refcount_max_)));
-      (stored < ref ? r.corruptions_fixed : r.leaks_fixed)++;
-    } else {
-      (stored < ref ? r.corruptions : r.leaks)++;
+  // First without repairing: whether the refcount structure itself must be rebuilt.
+  CheckReport before = r;
+  RETURN_IF_ERROR(CompareRefcounts(refs, RepairMode::kNone, &r, &rebuild));
+  if (rebuild && mode == RepairMode::kAll) {
+    Report(&r, "Rebuilding refcount structure");
+    RETURN_IF_ERROR(RebuildRefcountStructure());
+    // Everything found so far is repaired by the rebuild or found again by a recount.
+    CheckReport again;
+    bool still = false;
+    RETURN_IF_ERROR(CountReferences(&refs, &again, RepairMode::kNone, &still));
+    RETURN_IF_ERROR(CompareRefcounts(refs, RepairMode::kAll, &again, &still));
+    r.corruptions_fixed += std::max<int64_t>(r.corruptions - again.corruptions, 0);
+    r.leaks_fixed += std::max<int64_t>(r.leaks - again.leaks, 0);
+    r.corruptions = again.corruptions;
+    r.leaks = again.leaks;
+    r.check_errors = again.check_errors;
+    r.image_end_offset = again.image_end_offset;
+    for (std::string& m : again.messages) Report(&r, std::move(m));
+  } else if (mode != RepairMode::kNone) {
+    if (rebuild) {
+      // Freeing leaks cannot be trusted while counts of referenced clusters are missing.
+      free_hint_ = 0;
+      return Status::Io("ERROR need to rebuild refcount structures\nInput/output error");
     }
-    return Status::Ok();
-  };
-  const uint64_t n = refs.size();
-  if (mode != RepairMode::kNone) free_hint_ = std::max(free_hint_, n);
-  for (uint64_t c = 0; c < n; c++) {
-    ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(c));
-    RETURN_IF_ERROR(compare(c, rc, refs[c]));
+    if (r.leaks || r.corruptions) {
+      uint64_t end = r.image_end_offset;
+      r = before;
+      RETURN_IF_ERROR(CompareRefcounts(refs, mode, &r, &rebuild));
+      r.image_end_offset = end;
+    }
   }
-  // Like qemu, counts past the end of the file are not looked at.
   if (mode != RepairMode::kNone) free_hint_ = 0;
 
-  // COPIED flags of the active tables must match refcount == 1.
-  if (!snapshot_view_) {
-    for (uint64_t i = 0; i < l1_.size(); i++) {
-      uint64_t l2_off = L1EntryOffset(l1_[i]);
-      if (!l2_off || !IsAligned(l2_off, cluster_size_) || (l2_off >> cluster_bits_) >= n) continue;
-      ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(l2_off >> cluster_bits_));
-      if ((rc == 1) != IsCopied(l1_[i])) {
-        r.messages.push_back(fmt::format("{} OFLAG_COPIED L2 cluster: l1_index={} l1_entry={:x} refcount={}",
-                                         mode == RepairMode::kAll ? "Repairing" : "ERROR", i, l1_[i], rc));
-        if (mode == RepairMode::kAll) {
-          l1_[i] = rc == 1 ? (l1_[i] | kFlagCopied) : (l1_[i] & ~kFlagCopied);
-          l1_dirty_ = true;
-          r.corruptions_fixed++;
-        } else {
-          r.corruptions++;
-        }
-      }
-      if (header_.has_data_file()) continue;
-      ASSIGN_OR_RETURN(TableRef t, l2_cache_->Get(l2_off));
-      for (uint64_t j = 0; j < l2_entries_; j++) {
-        uint64_t bm;
-        uint64_t e = LoadL2(t, j, &bm);
-        uint64_t host = L2EntryOffset(e);
-        if (IsCompressed(e) || host == 0 || !IsAligned(host, cluster_size_) || (host >> cluster_bits_) >= n)
-          continue;
-        ASSIGN_OR_RETURN(uint64_t drc, GetRefcount(host >> cluster_bits_));
-        if ((drc == 1) != IsCopied(e)) {
-          r.messages.push_back(fmt::format("{} OFLAG_COPIED data cluster: l2_entry={:x} refcount={}",
-                                           mode == RepairMode::kAll ? "Repairing" : "ERROR", e, drc));
-          if (mode == RepairMode::kAll) {
-            StoreL2(t, j, drc == 1 ? (e | kFlagCopied) : (e & ~kFlagCopied), bm);
-            r.corruptions_fixed++;
-          } else {
-            r.corruptions++;
-          }
-        }
-      }
-    }
+  if (!snapshot_view_) RETURN_IF_ERROR(CheckCopiedFlags(mode, &r));
+  if (mode == RepairMode::kAll) {
+    bool incomplete = false;
+    for (const Snapshot& s : snapshots_) incomplete |= s.extra.size() < 16;
+    if (incomplete) RETURN_IF_ERROR(WriteSnapshotTable(*this, snapshots_));
   }
   if (mode != RepairMode::kNone) RETURN_IF_ERROR(FlushAll());
-
-  uint64_t highest = 0;
-  for (uint64_t c = 0; c < n; c++)
-    if (refs[c]) highest = c + 1;
-  r.image_end_offset = highest << cluster_bits_;
   return r;
 }
 

@@ -20,7 +20,7 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   m->file_ = std::move(ctx.file);
   const std::string& path = m->path_;
   ASSIGN_OR_RETURN(uint64_t file_size, m->file_->Size());
-  ASSIGN_OR_RETURN(m->header_, ParseHeader(*m->file_, path, file_size));
+  ASSIGN_OR_RETURN(m->header_, ParseHeader(*m->file_, path, file_size, ctx.options.for_check));
   Header& h = m->header_;
   m->v3_ = h.version >= 3;
   m->cluster_bits_ = h.cluster_bits;
@@ -50,7 +50,7 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
     m->data_ = m->file_.get();
   }
 
-  ASSIGN_OR_RETURN(m->snapshots_, ParseSnapshotTable(*m->file_, path, h, file_size));
+  ASSIGN_OR_RETURN(m->snapshots_, ParseSnapshotTable(*m->file_, path, h, file_size, ctx.options.for_check));
 
   uint64_t l1_offset = h.l1_table_offset;
   uint64_t l1_size = h.l1_size;
@@ -117,13 +117,15 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
 }
 
 Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path, const Header& h,
-                                                 uint64_t file_size) {
+                                                 uint64_t file_size, bool for_check) {
+  // For check, entries past the end of the file read as zeros, as qemu reads them.
+  const uint64_t end = for_check ? uint64_t{INT64_MAX} : file_size;
   std::vector<Snapshot> out;
   uint64_t pos = h.snapshots_offset;
   uint64_t total = 0;
   for (uint32_t i = 0; i < h.nb_snapshots; i++) {
     std::byte fixed[40];
-    if (pos + 40 > file_size)
+    if (pos + 40 > end)
       return Status::InvalidFormat("'{}': snapshot table is past the end of the file", path);
     RETURN_IF_ERROR(file.PRead(pos, fixed));
     Snapshot s;
@@ -139,7 +141,7 @@ Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& 
     uint64_t entry = AlignUp(40ull + extra_len + id_len + name_len, 8);
     total += entry;
     if (extra_len > limits::kMaxHeaderExtensionBytes || total > limits::kMaxSnapshotTableBytes ||
-        pos + 40 + extra_len + id_len + name_len > file_size)  // qemu leaves the last entry unpadded
+        pos + 40 + extra_len + id_len + name_len > end)  // qemu leaves the last entry unpadded
       return Status::InvalidFormat("'{}': snapshot table entry {} is invalid or past the end of the file",
                                    path, i);
     std::vector<std::byte> rest(entry - 40);
@@ -155,12 +157,15 @@ Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& 
     s.name.assign(reinterpret_cast<const char*>(rest.data() + extra_len + id_len), name_len);
     if (!s.has_disk_size) s.disk_size = h.size;
     uint64_t cs = h.cluster_size();
-    if (uint64_t{s.l1_size} * 8 > limits::kMaxL1Bytes)
+    if (for_check) {
+      // The check reports a bad L1 table of a snapshot as a corruption.
+    } else if (uint64_t{s.l1_size} * 8 > limits::kMaxL1Bytes) {
       return Status::InvalidFormat("'{}': snapshot '{}' has an L1 table that is too large", path, s.name);
-    if (s.l1_size && (!IsAligned(s.l1_table_offset, cs) || s.l1_table_offset == 0 ||
-                      s.l1_table_offset + uint64_t{s.l1_size} * 8 > file_size))
+    } else if (s.l1_size && (!IsAligned(s.l1_table_offset, cs) || s.l1_table_offset == 0 ||
+                             s.l1_table_offset + uint64_t{s.l1_size} * 8 > file_size)) {
       return Status::InvalidFormat("'{}': snapshot '{}' has an invalid L1 table offset {:#x}", path, s.name,
                                    s.l1_table_offset);
+    }
     out.push_back(std::move(s));
     pos += entry;
   }

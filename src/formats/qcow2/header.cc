@@ -38,7 +38,7 @@ std::string FeatureList(uint64_t bits, const std::vector<std::pair<int, std::str
 
 }  // namespace
 
-Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_size) {
+Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_size, bool for_check) {
   Header h;
   std::byte fixed[kV3HeaderLength] = {};
   if (file_size < kV2HeaderLength)
@@ -183,26 +183,26 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
     return Status::InvalidFormat("'{}': L1 table of {} entries is too small for the virtual size", path,
                                  h.l1_size);
   if (h.l1_size > 0) {
-    if (!IsAligned(h.l1_table_offset, cs) || h.l1_table_offset == 0)
+    if (!IsAligned(h.l1_table_offset, cs) || (h.l1_table_offset == 0 && !for_check))
       return Status::InvalidFormat("'{}': L1 table offset {:#x} is invalid", path, h.l1_table_offset);
     auto end = CheckedAdd(h.l1_table_offset, uint64_t{h.l1_size} * 8);
-    if (!end || *end > file_size)
+    if (!end || *end > (for_check ? uint64_t{INT64_MAX} : file_size))
       return Status::InvalidFormat("'{}': L1 table offset {:#x} is past the end of the file", path,
                                    h.l1_table_offset);
   }
 
   // Refcount table.
-  if (h.refcount_table_clusters == 0)
+  if (h.refcount_table_clusters == 0 && !for_check)
     return Status::InvalidFormat("'{}': image has no refcount table", path);
   auto rt_bytes = CheckedMul(h.refcount_table_clusters, cs);
   if (!rt_bytes || *rt_bytes > limits::kMaxRefTableBytes)
     return Status::InvalidFormat("'{}': refcount table of {} clusters is too large", path,
                                  h.refcount_table_clusters);
-  if (!IsAligned(h.refcount_table_offset, cs) || h.refcount_table_offset == 0)
+  if (!IsAligned(h.refcount_table_offset, cs) || (h.refcount_table_offset == 0 && !for_check))
     return Status::InvalidFormat("'{}': refcount table offset {:#x} is invalid", path,
                                  h.refcount_table_offset);
   auto rt_end = CheckedAdd(h.refcount_table_offset, *rt_bytes);
-  if (!rt_end || *rt_end > AlignUp(file_size, cs))
+  if (!rt_end || *rt_end > (for_check ? uint64_t{INT64_MAX} : AlignUp(file_size, cs)))
     return Status::InvalidFormat("'{}': refcount table offset {:#x} is past the end of the file", path,
                                  h.refcount_table_offset);
 
@@ -210,7 +210,8 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
   if (h.nb_snapshots > limits::kMaxSnapshots)
     return Status::InvalidFormat("'{}': too many snapshots ({})", path, h.nb_snapshots);
   if (h.nb_snapshots > 0) {
-    if (!IsAligned(h.snapshots_offset, cs) || h.snapshots_offset == 0 || h.snapshots_offset >= file_size)
+    if (!IsAligned(h.snapshots_offset, cs) ||
+        (!for_check && (h.snapshots_offset == 0 || h.snapshots_offset >= file_size)))
       return Status::InvalidFormat("'{}': snapshot table offset {:#x} is invalid", path, h.snapshots_offset);
   }
 

@@ -60,6 +60,8 @@ inline constexpr uint64_t kFlagZero = 1ull << 0;                 // v3 standard 
 // Reserved bits of a standard L2 entry (1..8, 56..61) and of an L1 entry (0..8, 56..62).
 inline constexpr uint64_t kL2StandardReserved = 0x3f000000000001feull;
 inline constexpr uint64_t kL1Reserved = 0x7f000000000001ffull;
+// Bits 0..8 of a refcount table entry are reserved.
+inline constexpr uint64_t kRefTableReserved = 0x1ffull;
 
 inline uint64_t L1EntryOffset(uint64_t e) { return e & kOffsetMask; }
 inline uint64_t L2EntryOffset(uint64_t e) { return e & kOffsetMask; }
@@ -99,6 +101,10 @@ inline uint32_t SubMask(int first, int last) {
   uint64_t m = ((1ull << last) - 1) & ~((1ull << first) - 1);
   return static_cast<uint32_t>(m);
 }
+
+// One entry of a refcount block of `bits` (1..64) bits per entry.
+uint64_t ReadRefcountEntry(const std::byte* block, uint64_t i, uint32_t bits);
+void WriteRefcountEntry(std::byte* block, uint64_t i, uint32_t bits, uint64_t v);
 
 // ---- header ----
 
@@ -142,8 +148,9 @@ struct Header {
   uint32_t refcount_bits() const { return 1u << refcount_order; }
 };
 
-// Parses and validates the header in the first cluster. `file_size` bounds every offset.
-Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_size);
+// Parses and validates the header in the first cluster. `file_size` bounds every offset,
+// except with `for_check` (OpenOptions::for_check), where tables may reach past it.
+Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_size, bool for_check = false);
 // Serializes header + extensions (+ feature table) + backing name into one cluster-sized
 // buffer. Fails when it does not fit in cluster 0.
 Result<std::vector<std::byte>> SerializeHeader(const Header& h);
@@ -165,12 +172,10 @@ struct Snapshot {
   std::vector<std::byte> extra;  // extra data as stored (preserved)
 };
 
+// With `for_check` the entries' L1 tables are not validated: the check reports them.
 Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path,
-                                                 const Header& h, uint64_t file_size);
+                                                 const Header& h, uint64_t file_size, bool for_check = false);
 std::vector<std::byte> SerializeSnapshotTable(const std::vector<Snapshot>& snaps);
-
-// Stores v as entry i of a refcount block of `bits`-bit entries (refcount.cc).
-void StoreRefcount(std::byte* block, uint64_t i, uint32_t bits, uint64_t v);
 
 // ---- the map ----
 
@@ -247,8 +252,24 @@ class Qcow2Map final : public ClusterMap {
   uint64_t refblock_entries() const { return refblock_entries_; }
   // Recomputes every refcount from the tables (dirty lazy-refcount images).
   Status RebuildRefcounts();
-  // Counts references of every cluster reachable from the header (check and rebuild).
-  Status CountReferences(std::vector<uint32_t>* refs, CheckReport* report);
+
+  // Check (check.cc), step by step as qemu-img check goes.
+  // Counts references of every cluster reachable from the header into `refs` and reports
+  // what is wrong with the tables on the way. -r all repairs what it can in place. Sets
+  // *rebuild when the refcount blocks themselves cannot be trusted. Without
+  // count_refcount_structure the refcount table and blocks are left out (a new structure
+  // is about to replace them).
+  Status CountReferences(std::vector<uint32_t>* refs, CheckReport* report, RepairMode mode, bool* rebuild,
+                         bool count_refcount_structure = true);
+  // Stored refcounts against `refs`: leaks and corruptions, fixed as `mode` allows.
+  Status CompareRefcounts(const std::vector<uint32_t>& refs, RepairMode mode, CheckReport* r, bool* rebuild);
+  // Writes a whole new refcount table and blocks past the end of the file from the
+  // references the tables make, and switches the header to them.
+  Status RebuildRefcountStructure();
+  // OFLAG_COPIED of the active L1 and L2 entries against the refcounts.
+  Status CheckCopiedFlags(RepairMode mode, CheckReport* r);
+  // `entries` big-endian words at off; zeros past the end of the file.
+  Result<std::vector<uint64_t>> ReadTableForCheck(uint64_t off, uint64_t entries);
 
   // Header / L1 write-out.
   Status WriteHeader();
@@ -304,5 +325,9 @@ class Qcow2Map final : public ClusterMap {
   uint64_t comp_next_ = 0;
   uint64_t comp_end_ = 0;
 };
+
+// Makes `snaps` the snapshot table through the crash-safe metadata switch of resize.cc
+// (new structures beside the old, one header write to switch).
+Status WriteSnapshotTable(Qcow2Map& m, std::vector<Snapshot> snaps);
 
 }  // namespace vimgfs::qcow2

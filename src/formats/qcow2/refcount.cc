@@ -14,7 +14,9 @@ namespace {
 // Host offsets must fit the 56-bit offset field of table entries.
 constexpr uint64_t kMaxHostOffset = 1ull << 56;
 
-uint64_t ReadEntry(const std::byte* block, uint64_t i, uint32_t bits) {
+}  // namespace
+
+uint64_t ReadRefcountEntry(const std::byte* block, uint64_t i, uint32_t bits) {
   switch (bits) {
     case 8: return static_cast<uint8_t>(block[i]);
     case 16: return LoadBE16(block + i * 2);
@@ -28,7 +30,7 @@ uint64_t ReadEntry(const std::byte* block, uint64_t i, uint32_t bits) {
   }
 }
 
-void WriteEntry(std::byte* block, uint64_t i, uint32_t bits, uint64_t v) {
+void WriteRefcountEntry(std::byte* block, uint64_t i, uint32_t bits, uint64_t v) {
   switch (bits) {
     case 8: block[i] = static_cast<std::byte>(v); return;
     case 16: StoreBE16(block + i * 2, static_cast<uint16_t>(v)); return;
@@ -44,10 +46,6 @@ void WriteEntry(std::byte* block, uint64_t i, uint32_t bits, uint64_t v) {
   }
 }
 
-}  // namespace
-
-void StoreRefcount(std::byte* block, uint64_t i, uint32_t bits, uint64_t v) { WriteEntry(block, i, bits, v); }
-
 Result<uint64_t> Qcow2Map::GetRefcount(uint64_t cluster) {
   uint64_t b = cluster / refblock_entries_;
   if (b >= reftable_.size()) return uint64_t{0};
@@ -55,7 +53,7 @@ Result<uint64_t> Qcow2Map::GetRefcount(uint64_t cluster) {
   if (off == 0) return uint64_t{0};
   RETURN_IF_ERROR(ValidateTableOffset(off, "refcount block"));
   ASSIGN_OR_RETURN(TableRef t, ref_cache_->Get(off));
-  return ReadEntry(t.data(), cluster % refblock_entries_, refcount_bits_);
+  return ReadRefcountEntry(t.data(), cluster % refblock_entries_, refcount_bits_);
 }
 
 Status Qcow2Map::SetRefcount(uint64_t cluster, uint64_t value) {
@@ -66,7 +64,7 @@ Status Qcow2Map::SetRefcount(uint64_t cluster, uint64_t value) {
   RETURN_IF_ERROR(EnsureRefBlock(b));
   uint64_t off = reftable_[b] & kOffsetMask;
   ASSIGN_OR_RETURN(TableRef t, ref_cache_->Get(off));
-  WriteEntry(t.data(), cluster % refblock_entries_, refcount_bits_, value);
+  WriteRefcountEntry(t.data(), cluster % refblock_entries_, refcount_bits_, value);
   t.MarkDirty();
   if (value == 0 && cluster < free_hint_) free_hint_ = cluster;
   if (value != 0) host_end_ = std::max(host_end_, (cluster + 1) << cluster_bits_);

@@ -387,7 +387,7 @@ class MetadataSwitch {
         return Status::Corrupt("'{}': refcount layout came out short", m_.path_);
       table[b] = next;
       for (uint64_t c = b * per_block; c < std::min<uint64_t>(rc_.size(), (b + 1) * per_block); c++)
-        StoreRefcount(At(next), c - b * per_block, m_.refcount_bits_, std::min(rc_[c], m_.refcount_max_));
+        WriteRefcountEntry(At(next), c - b * per_block, m_.refcount_bits_, std::min(rc_[c], m_.refcount_max_));
       next += m_.cluster_size_;
     }
     for (uint64_t i = 0; i < table.size(); i++) StoreBE64(At(reftable_off_) + i * 8, table[i]);
@@ -457,6 +457,10 @@ Status Qcow2Map::SnapshotApply(const std::string& name) {
   ASSIGN_OR_RETURN(std::vector<uint64_t> l1, ReadL1(*this, s->l1_table_offset, s->l1_size));
   l1.resize(std::max<uint64_t>(l1.size(), l1_.size()), 0);
   return MetadataSwitch(*this).Run(l1, snapshots_, new_size);
+}
+
+Status WriteSnapshotTable(Qcow2Map& m, std::vector<Snapshot> snaps) {
+  return MetadataSwitch(m).Run(m.l1_, std::move(snaps), m.size_);
 }
 
 Status Qcow2Map::SnapshotDelete(const std::string& name) {

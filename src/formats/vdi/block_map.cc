@@ -15,7 +15,7 @@ Result<std::unique_ptr<ClusterMap>> OpenVdi(OpenContext ctx) {
   ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
   std::array<std::byte, kSectorSize> sector{};
   RETURN_IF_ERROR(file->PRead(0, sector).WithContext("'{}': reading the VDI header", ctx.path));
-  ASSIGN_OR_RETURN(Header h, ParseHeader(sector, file_size, ctx.path));
+  ASSIGN_OR_RETURN(Header h, ParseHeader(sector, file_size, ctx.path, ctx.options.for_check));
 
   // Version 1.x keeps the map sector-aligned with room up to offset_data: hold whole
   // sectors so that a changed entry is written back as the sector around it.

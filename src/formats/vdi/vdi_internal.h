@@ -100,9 +100,11 @@ struct Header {
 };
 
 // Decodes and validates the header in `sector` (the first 512 bytes of the file, zero
-// padded) of a file of file_size bytes. Errors name `path` and the cause.
+// padded) of a file of file_size bytes. Errors name `path` and the cause. With
+// `for_check` (OpenOptions::for_check) the block map may reach past the end of the file
+// (it reads as zeros there, as qemu reads it, and the check reports what that means).
 Result<Header> ParseHeader(std::span<const std::byte, kSectorSize> sector, uint64_t file_size,
-                           const std::string& path);
+                           const std::string& path, bool for_check = false);
 // Writes the mutable fields of h (blocks_allocated, disk_size, blocks_in_image) into
 // h.raw, which then is the sector to write at offset 0.
 void EncodeHeader(Header* h);
