@@ -203,7 +203,7 @@ struct OpenOptions {
   std::string format;           // empty: probe
   const class FormatDriver* driver = nullptr;  // tests: use this driver, skip the registry
   bool read_only = false;
-  bool untrusted = false;       // refuse every external reference (DESIGN.md section 3)
+  bool untrusted = false;       // refuse every external reference (docs/ARCHITECTURE.md, "Names inside images")
   bool open_backing = true;     // false: leave the chain unopened (info without --backing-chain)
   std::string snapshot;         // qcow2 internal snapshot to view read-only
   uint64_t cache_bytes = 32ull << 20;  // metadata cache cap per image

@@ -4,7 +4,7 @@
 // what was written stays; and a power loss: what was not synced is gone). After every
 // stop, the image must check clean or with leaks only, in vimgfs and in qemu-img, and the
 // guest disk and the snapshot list must be as they were before the command or after it.
-// DESIGN.md 3: "a crash may leak clusters, never corrupt".
+// docs/ARCHITECTURE.md, "Crash ordering": a crash may leak clusters, never corrupt.
 #include <gtest/gtest.h>
 
 #include <cstring>

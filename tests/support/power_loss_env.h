@@ -2,7 +2,7 @@
 // durable and which writes came after. Crash() then plays a power loss: each file goes
 // back to its durable content plus a random subset of the later writes (kept in their
 // order, each whole or not at all), and every handle opened before it fails from then on
-// (EIO), so an abandoned Image can't flush. The "drop unsynced writes" file of DESIGN.md.
+// (EIO), so an abandoned Image can't flush. The "drop unsynced writes" file of docs/TESTING.md.
 #pragma once
 
 #include <cstdint>

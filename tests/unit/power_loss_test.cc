@@ -2,8 +2,8 @@
 // crash (each file back to its last sync plus a random subset of the writes since), the
 // image checks without corruption (leaks allowed), every sector reads as it was at the
 // last completed flush or as one of the writes made to it since, and the image takes
-// writes again and stays consistent. DESIGN.md 3: "power loss after the last fsync may
-// leak clusters; it never corrupts".
+// writes again and stays consistent. docs/ARCHITECTURE.md, "Crash ordering":
+// power loss after the last fsync may leak clusters; it never corrupts.
 #include <map>
 #include <random>
 #include <algorithm>

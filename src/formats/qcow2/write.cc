@@ -1,7 +1,7 @@
 // qcow2 write path: host space for guest clusters (PrepareWrite), linking it into L2
 // (CommitWrite), zero flags, discard, flush ordering and close.
 //
-// Ordering (DESIGN.md section 3):
+// Ordering (docs/ARCHITECTURE.md, "Crash ordering"):
 //   allocation: refcount raised in the cache, l2 cache depends on the refcount cache;
 //   commit:     l2 cache depends on a host flush (the engine wrote the data before);
 //   free:       refcount cache depends on the l2 cache (the entry is gone first);
