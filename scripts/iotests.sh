@@ -112,7 +112,6 @@ status=0
 for fmt in "${formats[@]}"; do
   res="$cache/results"
   mkdir -p "$res"
-  # qemu-img first, so the *.out.bad files left behind are vimgfs's.
   [ $baseline -eq 0 ] || run qemu-img /usr/bin/qemu-img "$fmt" "$res/$fmt.qemu-img.tap"
   run vimgfs "$frontend/qemu-img" "$fmt" "$res/$fmt.vimgfs.tap"
   passed_v=$(passed "$res/$fmt.vimgfs.tap")
@@ -133,8 +132,18 @@ for fmt in "${formats[@]}"; do
     if [ -n "$failed_v" ]; then
       echo "  failed with vimgfs: $(echo $failed_v)"
       status=1
+      if [ $ci -eq 1 ]; then  # CI keeps no files: show what went wrong
+        for t in $failed_v; do
+          bad="$cache/scratch-vimgfs-$fmt/$t/$t.out.bad"
+          [ -f "$bad" ] || bad="$cache/scratch-vimgfs-$fmt/$t.out.bad"
+          ref="$iotests/$t.out.$fmt"; [ -f "$ref" ] || ref="$iotests/$t.out"
+          [ -f "$ref" ] || ref="$iotests/tests/$t.out"
+          echo "---- $fmt $t: expected vs vimgfs"
+          diff -u "$ref" "$bad" 2>&1 | head -60 || true
+        done
+      fi
     fi
   fi
 done
-echo "TAP results and diffs: $cache/results, $iotests/*.out.bad"
+echo "TAP results: $cache/results; output of failed tests: $cache/scratch-*/TEST/TEST.out.bad"
 exit $status

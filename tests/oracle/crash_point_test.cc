@@ -1,5 +1,5 @@
 // Kill at every write: each command that rewrites metadata (snapshot create / delete /
-// apply, resize grow and shrink, commit, rebase, check -r) is run once to count its host
+// apply, resize grow and shrink, commit, rebase, check -r leaks and -r all) is run once to count its host
 // writes and syncs, then again stopped dead at each of them in turn (the process killed:
 // what was written stays; and a power loss: what was not synced is gone). After every
 // stop, the image must check clean or with leaks only, in vimgfs and in qemu-img, and the
@@ -365,6 +365,12 @@ std::vector<Case> Cases() {
                      return Leak(e, kTop);
                    },
                    [](Env* e) { return Repair(e, RepairMode::kLeaks); }});
+    out.push_back({name("check_repair_all"), "qcow2", o.o,
+                   [=](Env* e) -> Status {
+                     RETURN_IF_ERROR(WithSnapshots("qcow2", o.o)(e));
+                     return Leak(e, kTop);
+                   },
+                   [](Env* e) { return Repair(e, RepairMode::kAll); }});
   }
   // The other writable formats where a command rewrites their metadata: commit into them,
   // VDI's resize.
