@@ -97,6 +97,11 @@ class Env {
                                                       OpenMode mode, bool beneath);
 };
 
+// qemu's file-protocol hints on a new, empty file: NOCOW (btrfs; a refusal is ignored,
+// as qemu ignores it) and, unless 0, an extent size hint (XFS). Fails when the hint cannot
+// be set. A file with no descriptor (in memory) takes neither and succeeds.
+Status SetFileCreateHints(File& file, bool nocow, uint32_t extent_size_hint);
+
 // `name` joined to folder `dir` ("." for none) as a path, lexically: an absolute name stays.
 std::string JoinPath(const std::string& dir, const std::string& name);
 

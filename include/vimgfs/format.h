@@ -243,13 +243,16 @@ struct CreateContext {
   uint64_t size = 0;
   std::map<std::string, std::string> options;
   std::optional<BackingRef> backing;
+  // qemu's file-protocol options, for each new file while it is empty (CreateImageFile):
+  // NOCOW (btrfs) and an extent size hint (XFS; 0: none). Best effort, as in qemu.
+  bool nocow = false;
+  uint32_t extent_size_hint = 1u << 20;
+  bool extent_size_hint_given = false;  // a hint not set is then worth a warning
+  std::vector<std::string>* warnings = nullptr;  // for the user; may be null
 };
 
-struct CreateOptionHelp {
-  std::string name;
-  std::string type;  // "size", "bool", "string", "number"
-  std::string help;
-};
+// Creates (truncating) a new file of an image being created, with ctx's file hints.
+Result<std::unique_ptr<File>> CreateImageFile(const CreateContext& ctx, const std::string& path);
 
 // A format: stateless, registered in formats/registry.cc.
 class FormatDriver {
@@ -263,7 +266,6 @@ class FormatDriver {
   virtual Status Create(const CreateContext& ctx) const {
     return Status::Unsupported("creating {} images is not supported", name());
   }
-  virtual std::vector<CreateOptionHelp> CreateOptions() const { return {}; }
 };
 
 // All registered drivers, in probe order.

@@ -156,7 +156,9 @@ class Image {
   friend class WriteDone;
 };
 
-// Parses qemu-img size strings: "10G", "512", "1.5M", "64k" (binary units, B k K M G T P E).
+// Parses qemu-img size strings as qemu does: "10G", "512", "1.5M", "64k", "1024.0",
+// "0x200" (binary units, B k K M G T P E; a fraction needs a unit above B).
+// kInvalidArgument for text that is not a size, kOutOfRange for one of 2^64 or more.
 Result<uint64_t> ParseSize(std::string_view text);
 
 }  // namespace vimgfs

@@ -3,6 +3,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -30,14 +31,13 @@ bool RunAsQemuImg() { return g_program_name == "qemu-img"; }
 
 void PrintError(const std::string& msg) { std::fprintf(stderr, "%s: %s\n", g_program_name.c_str(), msg.c_str()); }
 
-namespace {
-
-// Drops a leading "'path': " the format layer already put on the message.
 std::string StripPathPrefix(const std::string& path, const std::string& msg) {
   std::string prefix = "'" + path + "': ";
   if (msg.rfind(prefix, 0) == 0) return msg.substr(prefix.size());
   return msg;
 }
+
+namespace {
 
 bool NamesPath(const std::string& path, const std::string& msg) {
   return msg.find("'" + path + "'") != std::string::npos;
@@ -280,7 +280,8 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   if (o.force_share && !o.read_only)
     return Status::InvalidArgument("Could not open '{}': force-share=on can only be used with "
                                    "read-only images", path);
-  ASSIGN_OR_RETURN(auto img, Image::Open(path, opts));
+  ASSIGN_OR_RETURN(std::string host_path, HostFilename(path));
+  ASSIGN_OR_RETURN(auto img, Image::Open(host_path, opts));
   if (!o.force_share)
     RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img) : LockImageFiles(*img, !img->read_only()));
   return img;
@@ -295,11 +296,47 @@ std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o)
   return std::move(r).value();
 }
 
+namespace {
+
+// qemu's path_has_protocol: a ':' before the first '/'.
+bool HasProtocolPrefix(const std::string& name) {
+  size_t p = name.find_first_of(":/");
+  return p != std::string::npos && name[p] == ':';
+}
+
+}  // namespace
+
+Result<std::string> HostFilename(const std::string& name) {
+  if (name.rfind("file:", 0) == 0) {
+    std::string rest = name.substr(5);
+    return HasProtocolPrefix(rest) ? "./" + rest : rest;
+  }
+  if (HasProtocolPrefix(name))
+    return Status::InvalidArgument("Unknown protocol '{}'", name.substr(0, name.find(':')));
+  return name;
+}
+
+std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value) {
+  auto n = ParseSize(value);
+  if (!n.ok() && n.error().kind() != ErrorKind::kOutOfRange) {
+    PrintError(fmt::format("Invalid {} specified. You may use k, M, G, T, P or E suffixes for", what));
+    PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+    return std::nullopt;
+  }
+  if (!n.ok() || *n > static_cast<uint64_t>(INT64_MAX)) {
+    PrintError(fmt::format("Invalid {} specified. Must be between 0 and {}.", what, INT64_MAX));
+    return std::nullopt;
+  }
+  return *n;
+}
+
 std::string PathCombine(const std::string& base, const std::string& name) {
-  if (name.empty() || name[0] == '/') return name;
+  if (name.empty() || name[0] == '/' || HasProtocolPrefix(name)) return name;
+  size_t keep = 0;  // what stays of base: its protocol prefix, its folder
+  if (HasProtocolPrefix(base)) keep = base.find(':') + 1;
   auto slash = base.rfind('/');
-  if (slash == std::string::npos) return name;
-  return base.substr(0, slash + 1) + name;
+  if (slash != std::string::npos && slash + 1 > keep) keep = slash + 1;
+  return base.substr(0, keep) + name;
 }
 
 bool IsCacheMode(const std::string& mode) {

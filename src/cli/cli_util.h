@@ -26,6 +26,8 @@ bool RunAsQemuImg();
 void PrintError(const std::string& msg);
 // Prints "vimgfs: <path>: <msg>" unless msg already names path, then "vimgfs: <msg>".
 void PrintFileError(const std::string& path, const Status& s);
+// msg without a leading "'path': " (the format layer names the file it failed on).
+std::string StripPathPrefix(const std::string& path, const std::string& msg);
 // The message of an error opening `path`, as qemu-img words it: "Could not open 'x': ...".
 std::string OpenErrorMessage(const std::string& path, const Status& s);
 // Reports a bad command line like qemu-img: the message and a pointer to --help. Returns 1.
@@ -67,7 +69,19 @@ struct ImageOpen {
 std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o);
 Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpen& o);
 
-// qemu's path_combine: the name a backing reference has relative to the image's folder.
+// A file name from the command line as qemu's file protocol takes it: "file:" stripped
+// ("./" put before a name that would then look like a protocol prefix, "a:b" -> "./a:b").
+// Any other prefix before the first '/' names a protocol vimgfs does not have: "Unknown
+// protocol 'x'", as qemu-img says for a protocol it does not know.
+Result<std::string> HostFilename(const std::string& name);
+
+// qemu-img's cvtnum: a size argument (ParseSize) up to 2^63 - 1. On failure prints
+// qemu-img's two error lines naming `what` ("image size") and returns nullopt.
+std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value);
+
+// The file a backing reference names, as qemu finds it (bdrv_get_full_backing_filename):
+// a name that is absolute or has a protocol prefix stays; another is relative to the
+// image's folder ("dir/top" + "base" -> "dir/base", "file:top" + "base" -> "file:base").
 std::string PathCombine(const std::string& base, const std::string& name);
 
 // Whether `mode` is one of qemu's cache modes (-t/-T): none, writeback, unsafe,

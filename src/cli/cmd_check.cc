@@ -98,7 +98,8 @@ int RunCheck(int argc, char** argv) {
   o.format = fmt;
   o.untrusted = untrusted;
   o.read_only = mode == RepairMode::kNone;
-  o.open_backing = false;  // check looks at this image's metadata only
+  // check looks at this image's metadata only, but opens its backing chain as qemu-img does
+  // (a backing file that cannot be opened fails the check).
   o.for_check = true;
   std::unique_ptr<Image> img = OpenOrReport(filename, o);
   if (!img) return 1;

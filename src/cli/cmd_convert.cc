@@ -17,7 +17,7 @@ namespace vimgfs::cli {
 namespace {
 
 const char kUsage[] =
-    "usage: vimgfs convert [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [-q] [-n] [-S size]\n"
+    "usage: vimgfs convert [-f fmt] [-O output_fmt] [-o options] [-c] [-C] [-p] [-q] [-n] [-S size]\n"
     "                      [-B backing_file [-F backing_fmt]] [-l snapshot.name=NAME] [-m N] [-W]\n"
     "                      [-t cache] [-T src_cache]\n"
     "                      [--target-is-zero] [-U] [--untrusted] filename [filename2 [...]] output\n"
@@ -38,6 +38,7 @@ const char kUsage[] =
     "  -p               show progress on a terminal;  -q  quiet\n"
     "  -m N             source reads in flight ahead of the writer, 1 to 16 (default 8)\n"
     "  -W               allow out-of-order writes (accepted; writes stay in order)\n"
+    "  -C               copy offloading (accepted, not done; refused with -c, -S, --salvage)\n"
     "  -t cache         output cache mode (default unsafe, as qemu-img: nothing is flushed;\n"
     "                   any other mode makes the output durable before exit)\n"
     "  -T src_cache     source cache mode (checked, no effect on reads)\n"
@@ -56,10 +57,12 @@ Codec TargetCodec(Image& img) {
 }  // namespace
 
 int RunConvert(int argc, char** argv) {
-  std::string fmt, out_fmt = "raw", out_backing, out_backing_fmt, snapshot;
-  std::vector<std::string> option_texts;
+  std::string fmt, out_fmt = "raw", snapshot;
+  std::optional<std::string> out_backing, out_backing_fmt;
+  std::string options;  // the -o lists, joined
   bool compress = false, progress = false, quiet = false, no_create = false;
   bool target_is_zero = false, untrusted = false, out_of_order = false;
+  bool copy_range = false, salvage = false, explicit_min_sparse = false;
   uint64_t min_sparse = 4096;
   std::string out_cache = "unsafe";  // qemu-img convert's default: no flushes at all
   int requests = 8;
@@ -68,24 +71,23 @@ int RunConvert(int argc, char** argv) {
     PrintError(msg);
     return 1;
   };
-  auto cache_mode = [&](std::string* set, const char* what) {
-    return [set, what, stop_with](const char* arg) -> std::optional<int> {
-      if (!IsCacheMode(arg)) return stop_with(fmt::format("Invalid {}: {}", what, arg));
+  auto optional_value = [](std::optional<std::string>* set) {
+    return [set](const char* arg) -> std::optional<int> {
       *set = arg;
       return std::nullopt;
     };
   };
-  std::string in_cache;
+  std::string in_cache = "writeback";
   OptionParser parser("convert", kUsage);
   parser.Value('f', nullptr, &fmt)
       .Value('O', nullptr, &out_fmt)
-      .Value('B', nullptr, &out_backing)
-      .Value('F', nullptr, &out_backing_fmt)
+      .Add('B', nullptr, true, optional_value(&out_backing))
+      .Add('F', nullptr, true, optional_value(&out_backing_fmt))
       .Flag('c', nullptr, &compress)
-      .Accept('C', nullptr, false)
+      .Flag('C', nullptr, &copy_range)
       .Add('o', nullptr, true,
            [&](const char* arg) -> std::optional<int> {
-             option_texts.push_back(arg);
+             if (!AccumulateOptions(&options, arg)) return 1;
              return std::nullopt;
            })
       .Add('l', nullptr, true,
@@ -102,16 +104,19 @@ int RunConvert(int argc, char** argv) {
            })
       .Add('S', nullptr, true,
            [&](const char* arg) -> std::optional<int> {
-             auto v = ParseSize(arg);
-             if (!v.ok() || *v % 512 != 0 || *v > (16u << 20))
+             std::optional<uint64_t> v = CvtNum("buffer size for sparse output", arg);
+             if (!v) return 1;
+             if (*v % 512 != 0 || *v > (16u << 20))
                return stop_with(
-                   "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16M.");
+                   "Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 "
+                   "up to 16777216. Select 0 to disable sparse detection (fully allocates output).");
              min_sparse = *v;
+             explicit_min_sparse = true;
              return std::nullopt;
            })
       .Flag('p', nullptr, &progress)
-      .Add('t', nullptr, true, cache_mode(&out_cache, "cache option"))
-      .Add('T', nullptr, true, cache_mode(&in_cache, "source cache option"))
+      .Value('t', nullptr, &out_cache)
+      .Value('T', nullptr, &in_cache)
       .Add('m', nullptr, true,
            [&](const char* arg) -> std::optional<int> {
              char* end = nullptr;
@@ -130,63 +135,25 @@ int RunConvert(int argc, char** argv) {
       .Flag(0, "target-is-zero", &target_is_zero)
       .Refuse("target-image-opts")
       .Refuse("bitmaps")
-      .Accept(0, "salvage", false)
+      .Flag(0, "salvage", &salvage)
       .CommonImageOptions(&untrusted);
   if (auto stop = parser.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
 
-  OptionList opts;
-  if (auto done = CollectCreateOptions(option_texts, out_fmt, &opts)) return *done;
-  const FormatDriver* driver = FindFormat(out_fmt);
+  // qemu-img's checks, in its order.
+  if (compress && copy_range) return *stop_with("Cannot enable copy offloading when -c is used");
+  if (explicit_min_sparse && copy_range) return *stop_with("Cannot enable copy offloading when -S is used");
+  if (copy_range && salvage) return *stop_with("Cannot use copy offloading in salvaging mode");
+  if (no_create && !options.empty()) return *stop_with("-o has no effect when skipping image creation");
+  if (target_is_zero && !no_create) return *stop_with("--target-is-zero requires use of -n flag");
   const std::vector<std::string>& operands = parser.operands();
+  if (HasHelpOption(options))
+    return PrintCreateOptionHelp(out_fmt, operands.empty() ? nullptr : &operands.back());
   if (operands.size() < 2) return UsageError("convert", "Must specify image file name");
-  std::string out_name = operands.back();
+  if (!IsCacheMode(in_cache)) return *stop_with("Invalid source cache option: " + in_cache);
+  const std::string& out_name = operands.back();
   std::vector<std::string> sources(operands.begin(), operands.end() - 1);
-  if (!driver) {
-    PrintError(fmt::format("Unknown file format '{}'", out_fmt));
-    return 1;
-  }
-  if (target_is_zero && !no_create) {
-    PrintError("--target-is-zero requires use of -n flag");
-    return 1;
-  }
-  if (!snapshot.empty() && sources.size() > 1) {
-    PrintError("No support for concatenating multiple snapshot");
-    return 1;
-  }
-  for (auto& [k, v] : opts) {
-    if (k == "backing_file" && out_backing.empty()) out_backing = v;
-    if (k == "backing_fmt" && out_backing_fmt.empty()) out_backing_fmt = v;
-  }
-  opts.erase(std::remove_if(opts.begin(), opts.end(),
-                            [](const auto& p) { return p.first == "backing_file" || p.first == "backing_fmt"; }),
-             opts.end());
-  if (!out_backing.empty() && out_backing_fmt.empty() && !no_create) {
-    PrintError("Use of backing file requires explicit backing format");
-    return 1;
-  }
-  if (!out_backing.empty() && no_create) {
-    PrintError("-B makes no sense when concatenating multiple input images with -n");  // as qemu
-    return 1;
-  }
-  std::string unknown = UnknownCreateOption(*driver, opts);
-  if (!unknown.empty()) {
-    PrintError(fmt::format("{}: Invalid parameter '{}'", out_name, unknown));
-    return 1;
-  }
-  std::string subformat;
-  for (const auto& [k, v] : opts)
-    if (k == "subformat") subformat = v;
-  const bool stream_vmdk = out_fmt == "vmdk" && subformat == "streamOptimized";
-  if (compress && out_fmt != "qcow2" && out_fmt != "vmdk") {
-    PrintError("Compression not supported for this file format");
-    return 1;
-  }
-  if (stream_vmdk && (no_create || !out_backing.empty())) {
-    PrintError(fmt::format("{}: streamOptimized output must be created fresh, without a backing file",
-                           out_name));
-    return 1;
-  }
+  if (!snapshot.empty() && sources.size() > 1) return *stop_with("No support for concatenating multiple snapshot");
 
   // Sources.
   std::vector<std::unique_ptr<Image>> images;
@@ -202,6 +169,50 @@ int RunConvert(int argc, char** argv) {
   }
   ConcatSource src(std::move(images));
 
+  // The target's create options, checked (as qemu-img does) once the sources are open.
+  OptionList opts;
+  std::string out_path = out_name;  // the host file (without "file:")
+  if (!no_create) {
+    if (std::string err = CreateFormatError(out_fmt); !err.empty()) return *stop_with(err);
+    auto host = HostFilename(out_name);
+    if (!host.ok()) return *stop_with(host.error().message());
+    out_path = *host;
+    if (Status s = ParseCreateOptions(out_fmt, options, &opts); !s.ok()) return *stop_with(s.message());
+    SetCreateOption(out_fmt, "size", std::to_string(src.size()), &opts);
+    if (out_backing && !SetCreateOption(out_fmt, "backing_file", *out_backing, &opts))
+      return *stop_with(fmt::format("Backing file not supported for file format '{}'", out_fmt));
+    if (out_backing_fmt && !SetCreateOption(out_fmt, "backing_fmt", *out_backing_fmt, &opts))
+      return *stop_with(fmt::format("Backing file format not supported for file format '{}'", out_fmt));
+    if (auto b = FindOption(opts, "backing_file")) out_backing = b;
+    if (auto f = FindOption(opts, "backing_fmt")) out_backing_fmt = f;
+  }
+  if (target_is_zero && out_backing)
+    return *stop_with("Cannot use --target-is-zero when the destination image has a backing file");
+  if (sources.size() > 1 && out_backing)
+    return *stop_with("Having a backing file for the target makes no sense when concatenating multiple "
+                      "input images");
+  if (!no_create && out_backing && !out_backing_fmt)
+    return *stop_with("Use of backing file requires explicit backing format");
+  const std::string subformat = FindOption(opts, "subformat").value_or("");
+  const bool stream_vmdk = out_fmt == "vmdk" && subformat == "streamOptimized";
+  if (compress) {
+    if (out_fmt != "qcow2" && out_fmt != "vmdk") return *stop_with("Compression not supported for this file format");
+    if (FindOption(opts, "encrypt.format") || FindOption(opts, "encryption").value_or("off") != "off")
+      return *stop_with("Compression and encryption not supported at the same time");
+    if (FindOption(opts, "preallocation").value_or("off") != "off")
+      return *stop_with("Compression and preallocation not supported at the same time");
+  }
+  if (out_backing && no_create) {
+    PrintError("-B makes no sense when concatenating multiple input images with -n");  // as qemu
+    return 1;
+  }
+  if (stream_vmdk && (no_create || out_backing)) {
+    PrintError(fmt::format("{}: streamOptimized output must be created fresh, without a backing file",
+                           out_name));
+    return 1;
+  }
+  if (!IsCacheMode(out_cache)) return *stop_with("Invalid cache option: " + out_cache);
+
   ConvertSettings cs;
   cs.min_sparse = min_sparse;
   cs.progress = progress && StdoutIsTty();
@@ -209,22 +220,39 @@ int RunConvert(int argc, char** argv) {
   if (const char* t = std::getenv("VIMGFS_THREADS")) cs.threads = std::clamp(std::atoi(t), 1, 256);
   cs.requests_in_flight = requests;
   (void)out_of_order;  // permission, not a duty: writes go out in order either way
-  cs.target_has_backing = !out_backing.empty();
+  cs.target_has_backing = out_backing.has_value();
   cs.target_fresh = !no_create || target_is_zero;
 
-  std::map<std::string, std::string> create_opts;
-  for (const auto& [k, v] : opts) create_opts[k] = v;
+  CreateContext ctx;
+  ctx.path = out_path;
+  ctx.size = src.size();
+  FileCreateOptions file;
+  std::vector<std::string> warnings;
+  ctx.warnings = &warnings;
+  auto create_failed = [&](const Status& s) {
+    PrintError(fmt::format("{}: error while converting {}: {}", out_name, out_fmt,
+                           StripPathPrefix(out_path, s.message())));
+    return 1;
+  };
+  if (!no_create) {
+    if (Status s = SplitCreateOptions(out_fmt, opts, &ctx.options, &file); !s.ok()) return create_failed(s);
+    ctx.nocow = file.nocow;
+    if (file.extent_size_hint) {
+      ctx.extent_size_hint = static_cast<uint32_t>(*file.extent_size_hint);
+      ctx.extent_size_hint_given = true;
+    }
+    if (out_backing || out_backing_fmt)
+      ctx.backing = BackingRef{out_backing.value_or(""), out_backing_fmt.value_or("")};
+  }
+  const std::map<std::string, std::string>& create_opts = ctx.options;
 
   // Flushes are deferred to one sync of each output file at the end, and skipped in the
   // default "unsafe" mode (a half-written conversion is worth nothing either way).
   DeferredSyncEnv env(Env::Default());
   const bool durable = out_cache != "unsafe";
   if (stream_vmdk) {
-    auto w = StreamOptimizedWriter::Open(env, out_name, src.size(), create_opts);
-    if (!w.ok()) {
-      PrintFileError(out_name, w.error());
-      return 1;
-    }
+    auto w = StreamOptimizedWriter::Open(env, out_path, src.size(), create_opts);
+    if (!w.ok()) return create_failed(w.error());
     Status s = ConvertToStream(src, **w, cs);
     w->reset();
     if (s.ok() && durable) s = env.SyncAll();
@@ -236,20 +264,13 @@ int RunConvert(int argc, char** argv) {
   }
 
   if (!no_create) {
-    CreateContext ctx;
     ctx.env = &env;
-    ctx.path = out_name;
-    ctx.size = src.size();
-    ctx.options = create_opts;
-    if (!out_backing.empty()) ctx.backing = BackingRef{out_backing, out_backing_fmt};
-    Status s = Image::Create(out_fmt, ctx, false);
-    if (!s.ok()) {
-      PrintFileError(out_name, s);
-      return 1;
-    }
+    Status s = Image::Create(CreateDriverName(out_fmt), ctx, /*unsafe=*/true);  // the target's open checks the backing
+    for (const std::string& w : warnings) PrintError("warning: " + w);
+    if (!s.ok()) return create_failed(s);
   }
   ImageOpen to;  // -U shares the sources only: the target convert writes is locked
-  to.format = out_fmt;
+  to.format = CreateDriverName(out_fmt);
   to.read_only = false;
   to.untrusted = untrusted;
   to.open_backing = cs.target_has_backing;

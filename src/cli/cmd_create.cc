@@ -1,5 +1,6 @@
 // vimgfs create: qemu-img create.
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 
 #include "cli/cli_util.h"
@@ -14,9 +15,10 @@ const char kUsage[] =
     "usage: vimgfs create [-f fmt] [-o options] [-b backing_file [-F backing_fmt]] [-u] [-q]\n"
     "                     [--untrusted] filename [size]\n"
     "\n"
-    "Creates a new disk image 'filename' of 'size' bytes (suffixes k, M, G, T, P, E).\n"
-    "  -f fmt          image format: qcow2, vmdk, vdi or raw (default raw)\n"
-    "  -o options      comma-separated format options ('-o help' lists them)\n"
+    "Creates a new disk image 'filename' of 'size' bytes (suffixes k, M, G, T, P, E; 1.5M).\n"
+    "  -f fmt          image format: qcow2, vmdk, vdi or raw (default raw; 'file' is raw)\n"
+    "  -o options      comma-separated format options, also size=, nocow, extent_size_hint\n"
+    "                  and preallocation ('-o help' lists them; with a file name, all)\n"
     "  -b backing_file image the new one is based on (its size is used when none is given)\n"
     "  -F backing_fmt  format of the backing file\n"
     "  -u              do not open or check the backing file\n"
@@ -27,18 +29,23 @@ const char kUsage[] =
 
 int RunCreate(int argc, char** argv) {
   std::string fmt = "raw";
-  std::string backing, backing_fmt;
-  std::vector<std::string> option_texts;
+  std::optional<std::string> backing, backing_fmt;
+  std::string options;  // the -o lists, joined
   bool unsafe = false, quiet = false;
-  auto add_option_text = [&](const char* arg) -> std::optional<int> {
-    option_texts.push_back(arg);
-    return std::nullopt;
-  };
   OptionParser parser("create", kUsage);
   parser.Value('f', nullptr, &fmt)
-      .Value('F', nullptr, &backing_fmt)
-      .Value('b', nullptr, &backing)
-      .Add('o', nullptr, true, add_option_text)
+      .Add('F', nullptr, true, [&](const char* arg) -> std::optional<int> {
+        backing_fmt = arg;
+        return std::nullopt;
+      })
+      .Add('b', nullptr, true, [&](const char* arg) -> std::optional<int> {
+        backing = arg;
+        return std::nullopt;
+      })
+      .Add('o', nullptr, true, [&](const char* arg) -> std::optional<int> {
+        if (!AccumulateOptions(&options, arg)) return 1;
+        return std::nullopt;
+      })
       .Flag('q', nullptr, &quiet)
       .Flag('u', nullptr, &unsafe)
       .Accept(0, "untrusted", false)
@@ -46,111 +53,93 @@ int RunCreate(int argc, char** argv) {
   if (auto stop = parser.Parse(argc, argv)) return *stop;
   const std::vector<std::string>& operands = parser.operands();
 
-  OptionList opts;
-  if (auto done = CollectCreateOptions(option_texts, fmt, &opts)) return *done;
-  const FormatDriver* driver = FindFormat(fmt);
+  // In qemu-img's order: help, operands, then bdrv_img_create's checks.
+  if (HasHelpOption(options)) return PrintCreateOptionHelp(fmt, operands.empty() ? nullptr : &operands[0]);
   if (operands.empty()) return UsageError("create", "Expecting image file name");
-  std::string filename = operands[0];
+  const std::string& filename = operands[0];
   std::optional<uint64_t> size;
   if (operands.size() > 1) {
-    auto sz = ParseSize(operands[1]);
-    if (!sz.ok()) {
-      PrintError(sz.error().message());
-      return 1;
-    }
-    size = *sz;
+    size = CvtNum("image size", operands[1]);
+    if (!size) return 1;
   }
   if (operands.size() > 2) return UsageError("create", fmt::format("Unexpected argument: {}", operands[2]));
-  if (!driver) {
-    PrintError(fmt::format("{}: Unknown file format '{}'", filename, fmt));
+  auto fail = [&](const std::string& msg) {
+    PrintError(filename + ": " + msg);
     return 1;
-  }
-
-  auto take = [&](const std::string& key) -> std::optional<std::string> {
-    auto it = std::find_if(opts.begin(), opts.end(), [&](const auto& p) { return p.first == key; });
-    if (it == opts.end()) return std::nullopt;
-    return it->second;
   };
-  if (!backing.empty() && !FormatHasBacking(fmt)) {
-    PrintError(fmt::format("{}: Backing file not supported for file format '{}'", filename, fmt));
-    return 1;
-  }
-  if (!backing.empty()) opts.emplace_back("backing_file", backing);
-  if (!backing_fmt.empty()) opts.emplace_back("backing_fmt", backing_fmt);
-  // Later duplicates win (-b after -o backing_file=).
-  {
-    std::vector<std::pair<std::string, std::string>> dedup;
-    for (const auto& kv : opts) {
-      auto it = std::find_if(dedup.begin(), dedup.end(), [&](const auto& p) { return p.first == kv.first; });
-      if (it != dedup.end()) it->second = kv.second; else dedup.push_back(kv);
-    }
-    opts = dedup;
-  }
-  if (auto s = take("size")) {
-    auto sz = ParseSize(*s);
-    if (!sz.ok()) {
-      PrintError(fmt::format("{}: Parameter 'size' expects a non-negative number below 2^64", filename));
-      return 1;
-    }
-    if (!size) size = *sz;
-  }
-  std::string unknown = UnknownCreateOption(*driver, opts);
-  if (!unknown.empty()) {
-    PrintError(fmt::format("{}: Invalid parameter '{}'", filename, unknown));
-    return 1;
-  }
-  std::optional<std::string> bfile = take("backing_file");
-  std::optional<std::string> bfmt = take("backing_fmt");
-  if (bfile && !FormatHasBacking(fmt)) {
-    PrintError(fmt::format("{}: Backing file not supported for file format '{}'", filename, fmt));
-    return 1;
-  }
-  if (bfile && !bfmt) {
-    PrintError(fmt::format("{}: Backing file specified without backing format", filename));
-    if (!unsafe) {
-      Env* env = Env::Default();
-      auto p = Image::Probe(*env, PathCombine(filename, *bfile));
-      if (p.ok()) std::fprintf(stderr, "Detected format of %s.\n", p->c_str());
-    }
-    return 1;
-  }
+  if (std::string err = CreateFormatError(fmt); !err.empty()) return fail(err);
+  auto host = HostFilename(filename);
+  if (!host.ok()) return fail(host.error().message());
+
+  OptionList opts;
+  if (Status s = ParseCreateOptions(fmt, options, &opts); !s.ok()) return fail(s.message());
+  if (FindOption(opts, "size") && size) return fail("The image size must be specified only once");
+  if (size) SetCreateOption(fmt, "size", std::to_string(*size), &opts);
+  if (backing && !SetCreateOption(fmt, "backing_file", *backing, &opts))
+    return fail(fmt::format("Backing file not supported for file format '{}'", fmt));
+  if (backing_fmt && !SetCreateOption(fmt, "backing_fmt", *backing_fmt, &opts))
+    return fail(fmt::format("Backing file format not supported for file format '{}'", fmt));
+  std::optional<std::string> bfile = FindOption(opts, "backing_file");
+  std::optional<std::string> bfmt = FindOption(opts, "backing_fmt");
+  if (bfile && *bfile == filename)
+    return fail("Error: Trying to create an image with the same filename as the backing file");
+  if (bfile && bfile->empty()) return fail("Expected backing file name, got empty string");
+
   if (bfile && !unsafe) {
+    // The backing file is opened (its size is the default) and must name its format.
+    auto no_backing = [&](const std::string& msg) {
+      fail(msg);
+      std::fprintf(stderr, "Could not open backing image.\n");
+      return 1;
+    };
+    auto bname = HostFilename(PathCombine(filename, *bfile));
+    if (!bname.ok()) return no_backing(bname.error().message());
     ImageOpen bo;
-    bo.format = *bfmt;
+    bo.format = bfmt.value_or("");
     bo.force_share = true;  // only its size is read: qemu-img reads it even while in use
-    auto b = OpenImage(PathCombine(filename, *bfile), bo);
+    auto b = OpenImage(*bname, bo);
     if (!b.ok()) {
       // Here qemu-img names a host error once: "Could not open 'b': No such file or directory".
       const std::string& msg = b.error().message();
-      PrintError(fmt::format("{}: {}", filename,
-                             msg.rfind("Could not open '", 0) == 0 ? msg : OpenErrorMessage(*bfile, b.error())));
-      std::fprintf(stderr, "Could not open backing image.\n");
+      return no_backing(msg.rfind("Could not open '", 0) == 0 ? msg : OpenErrorMessage(*bfile, b.error()));
+    }
+    if (!bfmt) {
+      fail("Backing file specified without backing format");
+      std::fprintf(stderr, "Detected format of %s.", (*b)->format().c_str());  // no newline, as qemu-img
       return 1;
     }
-    if (!size) size = (*b)->size();
+    if (!size && !FindOption(opts, "size"))
+      SetCreateOption(fmt, "size", std::to_string((*b)->size()), &opts);
+  } else if (bfile && !bfmt) {
+    return fail("Backing file specified without backing format");
   }
-  if (!size) {
-    PrintError(fmt::format("{}: Image creation needs a size parameter", filename));
-    return 1;
-  }
-  opts.erase(std::remove_if(opts.begin(), opts.end(), [](const auto& p) { return p.first == "size"; }),
-             opts.end());
+  std::optional<std::string> size_opt = FindOption(opts, "size");
+  if (!size_opt) return fail("Image creation needs a size parameter");
   if (!quiet) {
-    std::printf("Formatting '%s', fmt=%s %s\n", filename.c_str(), fmt.c_str(),
-                FormattingLine(fmt, *size, opts).c_str());
+    std::printf("Formatting '%s', fmt=%s %s\n", filename.c_str(), fmt.c_str(), FormattingLine(fmt, opts).c_str());
     std::fflush(stdout);
   }
 
   CreateContext ctx;
   ctx.env = Env::Default();
-  ctx.path = filename;
-  ctx.size = *size;
-  for (const auto& [k, v] : opts) {
-    if (k == "backing_file" || k == "backing_fmt") continue;
-    ctx.options[k] = v;
+  ctx.path = *host;
+  ctx.size = std::strtoull(size_opt->c_str(), nullptr, 10);
+  FileCreateOptions file;
+  if (Status s = SplitCreateOptions(fmt, opts, &ctx.options, &file); !s.ok()) return fail(s.message());
+  ctx.nocow = file.nocow;
+  if (file.extent_size_hint) {
+    ctx.extent_size_hint = static_cast<uint32_t>(*file.extent_size_hint);
+    ctx.extent_size_hint_given = true;
   }
-  if (bfile) ctx.backing = BackingRef{*bfile, bfmt.value_or("")};
-  Status s = Image::Create(fmt, ctx, unsafe);
+  std::vector<std::string> warnings;
+  ctx.warnings = &warnings;
+  if (bfile || bfmt) ctx.backing = BackingRef{bfile.value_or(""), bfmt.value_or("")};
+  Status s = Image::Create(CreateDriverName(fmt), ctx, /*unsafe=*/true);  // the backing was checked above
+  for (const std::string& w : warnings) PrintError("warning: " + w);
+  if (!s.ok() && s.err() == EFBIG) {  // the host's or the format's limit, in qemu-img's words
+    return fail(fmt::format("The image size is too large for file format '{}'{}", fmt,
+                            fmt == "qcow2" ? " (try using a larger cluster size)" : ""));
+  }
   if (!s.ok()) {
     PrintFileError(filename, s);
     return 1;

@@ -1,7 +1,9 @@
 #include "cli/create_options.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <set>
 
 #include "cli/cli_util.h"
@@ -14,45 +16,98 @@ enum class Kind { kString, kSize, kNumber, kBool };
 struct Desc {
   const char* name;
   Kind kind;
-  const char* def;  // printed when the option is not given (qemu's def_value_str)
+  const char* help;
+  const char* def = nullptr;  // printed when the option is not given (qemu's def_value_str)
 };
 
-// The order in which qemu 7.2 prints each format's merged (format + file protocol) list.
-const std::vector<Desc>& DescsFor(const std::string& fmt) {
+const char kPreallocHelp[] = "Preallocation mode (allowed values: off, falloc, full)";
+
+// The file protocol's create options, in qemu's order.
+const std::vector<Desc> kFileProtocol = {
+    {"size", Kind::kSize, "Virtual disk size"},
+    {"nocow", Kind::kBool, "Turn off copy-on-write (valid only on btrfs)"},
+    {"preallocation", Kind::kString, kPreallocHelp},
+    {"extent_size_hint", Kind::kSize, "Extent size hint for the image file, 0 to disable"},
+};
+
+// Each format's own create options, in qemu 7.2's order (the order of the Formatting line).
+const std::vector<Desc>* FormatDescs(const std::string& fmt) {
   static const std::vector<Desc> kQcow2 = {
-      {"encryption", Kind::kBool, nullptr},       {"encrypt.format", Kind::kString, nullptr},
-      {"encrypt.key-secret", Kind::kString, nullptr}, {"encrypt.cipher-alg", Kind::kString, nullptr},
-      {"encrypt.cipher-mode", Kind::kString, nullptr}, {"encrypt.ivgen-alg", Kind::kString, nullptr},
-      {"encrypt.ivgen-hash-alg", Kind::kString, nullptr}, {"encrypt.hash-alg", Kind::kString, nullptr},
-      {"encrypt.iter-time", Kind::kNumber, nullptr},
-      {"cluster_size", Kind::kSize, "65536"},     {"extended_l2", Kind::kBool, "off"},
-      {"preallocation", Kind::kString, nullptr},  {"compression_type", Kind::kString, "zlib"},
-      {"size", Kind::kSize, nullptr},             {"compat", Kind::kString, nullptr},
-      {"backing_file", Kind::kString, nullptr},   {"backing_fmt", Kind::kString, nullptr},
-      {"data_file", Kind::kString, nullptr},      {"data_file_raw", Kind::kBool, nullptr},
-      {"lazy_refcounts", Kind::kBool, "off"},     {"refcount_bits", Kind::kNumber, "16"},
-      {"nocow", Kind::kBool, nullptr},
+      {"encryption", Kind::kBool,
+       "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"},
+      {"encrypt.format", Kind::kString, "Encrypt the image, format choices: 'aes', 'luks'"},
+      {"encrypt.key-secret", Kind::kString, "ID of secret providing qcow AES key or LUKS passphrase"},
+      {"encrypt.cipher-alg", Kind::kString, "Name of encryption cipher algorithm"},
+      {"encrypt.cipher-mode", Kind::kString, "Name of encryption cipher mode"},
+      {"encrypt.ivgen-alg", Kind::kString, "Name of IV generator algorithm"},
+      {"encrypt.ivgen-hash-alg", Kind::kString, "Name of IV generator hash algorithm"},
+      {"encrypt.hash-alg", Kind::kString, "Name of encryption hash algorithm"},
+      {"encrypt.iter-time", Kind::kNumber, "Time to spend in PBKDF in milliseconds"},
+      {"cluster_size", Kind::kSize, "qcow2 cluster size", "65536"},
+      {"extended_l2", Kind::kBool, "Extended L2 tables", "off"},
+      {"preallocation", Kind::kString, "Preallocation mode (allowed values: off, metadata, falloc, full)"},
+      {"compression_type", Kind::kString, "Compression method used for image cluster compression", "zlib"},
+      {"size", Kind::kSize, "Virtual disk size"},
+      {"compat", Kind::kString, "Compatibility level (v2 [0.10] or v3 [1.1])"},
+      {"backing_file", Kind::kString, "File name of a base image"},
+      {"backing_fmt", Kind::kString, "Image format of the base image"},
+      {"data_file", Kind::kString, "File name of an external data file"},
+      {"data_file_raw", Kind::kBool, "The external data file must stay valid as a raw image"},
+      {"lazy_refcounts", Kind::kBool, "Postpone refcount updates", "off"},
+      {"refcount_bits", Kind::kNumber, "Width of a reference count entry in bits", "16"},
   };
   static const std::vector<Desc> kVmdk = {
-      {"size", Kind::kSize, nullptr},          {"adapter_type", Kind::kString, nullptr},
-      {"backing_file", Kind::kString, nullptr}, {"backing_fmt", Kind::kString, nullptr},
-      {"compat6", Kind::kBool, "off"},         {"hwversion", Kind::kString, "undefined"},
-      {"toolsversion", Kind::kString, nullptr}, {"subformat", Kind::kString, nullptr},
-      {"zeroed_grain", Kind::kBool, nullptr},  {"nocow", Kind::kBool, nullptr},
-      {"preallocation", Kind::kString, nullptr},
+      {"size", Kind::kSize, "Virtual disk size"},
+      {"adapter_type", Kind::kString,
+       "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"},
+      {"backing_file", Kind::kString, "File name of a base image"},
+      {"backing_fmt", Kind::kString, "Must be 'vmdk' if present"},
+      {"compat6", Kind::kBool, "VMDK version 6 image", "off"},
+      {"hwversion", Kind::kString, "VMDK hardware version", "undefined"},
+      {"toolsversion", Kind::kString, "VMware guest tools version"},
+      {"subformat", Kind::kString,
+       "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | "
+       "twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "},
+      {"zeroed_grain", Kind::kBool, "Enable efficient zero writes using the zeroed-grain GTE feature"},
   };
   static const std::vector<Desc> kVdi = {
-      {"size", Kind::kSize, nullptr}, {"static", Kind::kBool, "off"},
-      {"preallocation", Kind::kString, nullptr}, {"nocow", Kind::kBool, nullptr},
+      {"size", Kind::kSize, "Virtual disk size"},
+      {"static", Kind::kBool, "VDI static (pre-allocated) image", "off"},
   };
   static const std::vector<Desc> kRaw = {
-      {"size", Kind::kSize, nullptr}, {"preallocation", Kind::kString, nullptr},
-      {"nocow", Kind::kBool, nullptr},
+      {"size", Kind::kSize, "Virtual disk size"},
   };
-  if (fmt == "qcow2") return kQcow2;
-  if (fmt == "vmdk") return kVmdk;
-  if (fmt == "vdi") return kVdi;
-  return kRaw;
+  if (fmt == "qcow2") return &kQcow2;
+  if (fmt == "vmdk") return &kVmdk;
+  if (fmt == "vdi") return &kVdi;
+  if (fmt == "raw") return &kRaw;
+  if (fmt == "file") return &kFileProtocol;
+  return nullptr;
+}
+
+// The format's options, then the file protocol's it does not have (qemu_opts_append).
+std::vector<Desc> MergedDescs(const std::string& fmt) {
+  std::vector<Desc> out = *FormatDescs(fmt);
+  for (const Desc& d : kFileProtocol) {
+    if (std::none_of(out.begin(), out.end(), [&](const Desc& o) { return std::string(o.name) == d.name; }))
+      out.push_back(d);
+  }
+  return out;
+}
+
+const Desc* FindDesc(const std::vector<Desc>& descs, const std::string& name) {
+  for (const Desc& d : descs)
+    if (name == d.name) return &d;
+  return nullptr;
+}
+
+// qemu's format drivers that create no images (vimgfs reads none of them either).
+bool IsQemuReadOnlyFormat(const std::string& fmt) {
+  static const std::set<std::string> kNames = {
+      "bochs", "cloop", "dmg", "vvfat", "blkdebug", "blkverify", "blklogwrites", "null-co",
+      "null-aio", "throttle", "compress", "copy-on-read", "copy-before-write", "preallocate",
+      "quorum", "replication", "snapshot-access"};
+  return kNames.count(fmt) > 0;
 }
 
 std::string Escape(const std::string& v) {
@@ -64,95 +119,226 @@ std::string Escape(const std::string& v) {
   return out;
 }
 
-std::string TypeLabel(const std::string& type) {
-  if (type == "size") return "<size>";
-  if (type == "bool") return "<bool (on/off)>";
-  if (type == "number") return "<num>";
-  return "<str>";
+const char* TypeLabel(Kind k) {
+  switch (k) {
+    case Kind::kSize: return "size";
+    case Kind::kBool: return "bool (on/off)";
+    case Kind::kNumber: return "num";
+    case Kind::kString: break;
+  }
+  return "str";
 }
+
+// qemu's get_opt_value: up to an unescaped ',' (",," is a comma); returns the position
+// of that comma or the end.
+size_t ReadOptValue(const std::string& text, size_t pos, std::string* value) {
+  value->clear();
+  while (pos < text.size()) {
+    if (text[pos] == ',') {
+      if (pos + 1 < text.size() && text[pos + 1] == ',') {
+        *value += ',';
+        pos += 2;
+        continue;
+      }
+      break;
+    }
+    *value += text[pos++];
+  }
+  return pos;
+}
+
+// Checks a value against its option's type; the stored form of sizes and numbers is the
+// number (printed as qemu prints it, as a signed 64-bit decimal).
+Status CheckValue(const Desc& d, const std::string& value, std::string* stored) {
+  *stored = value;
+  switch (d.kind) {
+    case Kind::kString: return Status::Ok();
+    case Kind::kBool:
+      if (value == "on" || value == "yes" || value == "true" || value == "y" || value == "off" ||
+          value == "no" || value == "false" || value == "n")
+        return Status::Ok();
+      return Status::InvalidArgument("Parameter '{}' expects 'on' or 'off'", d.name);
+    case Kind::kSize: {
+      auto n = ParseSize(value);
+      if (!n.ok() && n.error().kind() == ErrorKind::kOutOfRange)
+        return Status::InvalidArgument("Value '{}' is out of range for parameter '{}'", value, d.name);
+      if (!n.ok())
+        return Status::InvalidArgument(
+            "Parameter '{}' expects a non-negative number below 2^64\n"
+            "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+            "and exabytes, respectively.",
+            d.name);
+      *stored = std::to_string(static_cast<int64_t>(*n));
+      return Status::Ok();
+    }
+    case Kind::kNumber: {
+      // qemu_strtou64 with base 0: decimal, 0x hex or 0 octal; strtoull's wrap of "-1".
+      char* end = nullptr;
+      errno = 0;
+      unsigned long long n = std::strtoull(value.c_str(), &end, 0);
+      if (errno == ERANGE)
+        return Status::InvalidArgument("Value '{}' is too large for parameter '{}'", value, d.name);
+      if (end == value.c_str() || *end)
+        return Status::InvalidArgument("Parameter '{}' expects a number", d.name);
+      *stored = std::to_string(static_cast<int64_t>(n));
+      return Status::Ok();
+    }
+  }
+  return Status::Ok();
+}
+
+void Put(OptionList* opts, const std::string& name, const std::string& value) {
+  auto it = std::find_if(opts->begin(), opts->end(), [&](const auto& p) { return p.first == name; });
+  if (it != opts->end()) it->second = value;
+  else opts->emplace_back(name, value);
+}
+
+bool IsTrue(const std::string& v) { return v == "on" || v == "yes" || v == "true" || v == "y"; }
 
 }  // namespace
 
-void PrintCreateOptionHelp(const FormatDriver& driver) {
-  std::vector<CreateOptionHelp> opts = driver.CreateOptions();
-  if (std::none_of(opts.begin(), opts.end(), [](const auto& o) { return o.name == "size"; }))
-    opts.push_back({"size", "size", "Virtual disk size"});
-  std::sort(opts.begin(), opts.end(), [](const auto& a, const auto& b) { return a.name < b.name; });
-  std::printf("Supported %s options:\n", driver.name());
-  for (const auto& o : opts) {
-    std::string head = o.name + "=" + TypeLabel(o.type);
-    std::printf("  %-22s - %s\n", head.c_str(), o.help.c_str());
+bool AccumulateOptions(std::string* options, const std::string& arg) {
+  size_t trailing = 0;
+  while (trailing < arg.size() && arg[arg.size() - 1 - trailing] == ',') trailing++;
+  if (arg.empty() || arg[0] == ',' || trailing % 2 != 0) {
+    PrintError("Invalid option list: " + arg);
+    return false;
   }
-  std::printf("\nThe protocol level may support further options.\n"
-              "Specify the target filename to include those options.\n");
+  *options = options->empty() ? arg : *options + "," + arg;
+  return true;
 }
 
-std::string UnknownCreateOption(const FormatDriver& driver, const OptionList& opts) {
-  std::set<std::string> known = {"size"};
-  for (const auto& o : driver.CreateOptions()) known.insert(o.name);
-  for (const Desc& d : DescsFor(driver.name())) known.insert(d.name);
-  if (std::string(driver.name()) == "raw") known.insert("preallocation");
-  for (const auto& [k, v] : opts) {
-    if (!known.count(k)) return k;
+bool HasHelpOption(const std::string& options) {
+  size_t pos = 0;
+  std::string element;
+  while (pos < options.size()) {
+    pos = ReadOptValue(options, pos, &element);
+    if (pos < options.size()) pos++;
+    if (element == "help" || element == "?") return true;
   }
-  return "";
+  return false;
 }
 
-bool FormatHasBacking(const std::string& fmt) { return fmt == "qcow2" || fmt == "vmdk"; }
+std::string CreateFormatError(const std::string& fmt) {
+  if (FormatDescs(fmt)) return "";
+  if (IsQemuReadOnlyFormat(fmt)) return fmt::format("Format driver '{}' does not support image creation", fmt);
+  return fmt::format("Unknown file format '{}'", fmt);
+}
 
-std::string FormattingLine(const std::string& fmt, uint64_t size, const OptionList& opts) {
+std::string CreateDriverName(const std::string& fmt) { return fmt == "file" ? "raw" : fmt; }
+
+int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename) {
+  if (std::string err = CreateFormatError(fmt); !err.empty()) {
+    PrintError(err);
+    return 1;
+  }
+  if (filename) {
+    if (auto host = HostFilename(*filename); !host.ok()) {
+      PrintError(host.error().message());
+      return 1;
+    }
+  }
+  std::vector<Desc> descs = filename ? MergedDescs(fmt) : *FormatDescs(fmt);
+  std::vector<std::string> lines;
+  for (const Desc& d : descs) {
+    std::string line = fmt::format("  {}=<{}>", d.name, TypeLabel(d.kind));
+    if (line.size() < 24) line.resize(24, ' ');
+    lines.push_back(line + " - " + d.help);
+  }
+  std::sort(lines.begin(), lines.end());
+  if (filename) std::printf("Supported options:\n");
+  else std::printf("Supported %s options:\n", fmt.c_str());
+  for (const std::string& l : lines) std::printf("%s\n", l.c_str());
+  if (!filename)
+    std::printf("\nThe protocol level may support further options.\n"
+                "Specify the target filename to include those options.\n");
+  return 0;
+}
+
+Status ParseCreateOptions(const std::string& fmt, const std::string& text, OptionList* opts) {
+  const std::vector<Desc> descs = MergedDescs(fmt);
+  size_t pos = 0;
+  while (pos < text.size()) {
+    // qemu's get_opt_name_value: "name=value" or a bare "name" (on) or "noname" (off).
+    size_t len = text.find_first_of("=,", pos);
+    if (len == std::string::npos) len = text.size();
+    std::string name = text.substr(pos, len - pos), value;
+    if (len < text.size() && text[len] == '=') {
+      pos = ReadOptValue(text, len + 1, &value);
+    } else {
+      pos = len;
+      if (name.rfind("no", 0) == 0) {
+        name = name.substr(2);
+        value = "off";
+      } else {
+        value = "on";
+      }
+    }
+    if (pos < text.size()) pos++;  // the comma
+    if (name == "id") continue;
+    const Desc* d = FindDesc(descs, name);
+    if (!d) return Status::InvalidArgument("Invalid parameter '{}'", name);
+    std::string stored;
+    RETURN_IF_ERROR(CheckValue(*d, value, &stored));
+    Put(opts, name, stored);
+  }
+  return Status::Ok();
+}
+
+bool SetCreateOption(const std::string& fmt, const std::string& name, const std::string& value,
+                     OptionList* opts) {
+  const std::vector<Desc> descs = MergedDescs(fmt);
+  const Desc* d = FindDesc(descs, name);
+  std::string stored;
+  if (!d || !CheckValue(*d, value, &stored).ok()) return false;
+  Put(opts, name, stored);
+  return true;
+}
+
+std::optional<std::string> FindOption(const OptionList& opts, const std::string& name) {
+  for (const auto& [k, v] : opts)
+    if (k == name) return v;
+  return std::nullopt;
+}
+
+std::string FormattingLine(const std::string& fmt, const OptionList& opts) {
   std::string out;
-  auto add = [&out](const std::string& s) {
+  for (const Desc& d : MergedDescs(fmt)) {
+    std::optional<std::string> v = FindOption(opts, d.name);
+    if (!v && !d.def) continue;
     if (!out.empty()) out += ' ';
-    out += s;
-  };
-  std::set<std::string> printed;
-  for (const Desc& d : DescsFor(fmt)) {
-    std::string name = d.name;
-    printed.insert(name);
-    if (name == "size") {
-      add("size=" + std::to_string(size));
-      continue;
-    }
-    auto it = std::find_if(opts.begin(), opts.end(), [&](const auto& p) { return p.first == name; });
-    if (it == opts.end()) {
-      if (d.def) add(name + "=" + d.def);
-      continue;
-    }
-    std::string v = it->second;
-    if (d.kind == Kind::kSize) {
-      auto n = ParseSize(v);
-      if (n.ok()) v = std::to_string(*n);
-    }
-    add(name + "=" + (d.kind == Kind::kString ? Escape(v) : v));
-  }
-  for (const auto& [k, v] : opts) {
-    if (!printed.count(k)) add(k + "=" + Escape(v));
+    out += std::string(d.name) + "=" + (v && d.kind == Kind::kString ? Escape(*v) : v.value_or(d.def));
   }
   return out;
 }
 
-std::optional<int> CollectCreateOptions(const std::vector<std::string>& texts, const std::string& fmt,
-                                        OptionList* opts) {
-  bool want_help = false;
-  for (const std::string& t : texts) {
-    if (IsHelpOption(t)) {
-      want_help = true;
-      continue;
-    }
-    if (Status s = ParseOptionList(t, opts); !s.ok()) {
-      PrintError(s.message());
-      return 1;
+Status SplitCreateOptions(const std::string& fmt, const OptionList& opts,
+                          std::map<std::string, std::string>* driver_opts, FileCreateOptions* file) {
+  const std::vector<Desc> descs = MergedDescs(fmt);
+  for (const auto& [k, v] : opts) {
+    const Desc* d = FindDesc(descs, k);
+    if (k == "size" || k == "backing_file" || k == "backing_fmt") continue;
+    if (k == "preallocation" && fmt != "qcow2") {
+      // The file protocol's, applied to the new, empty file: the format then writes it
+      // (raw and flat vmdk extents take it; a vdi or sparse vmdk file keeps its size).
+      if (v != "off" && v != "metadata" && v != "falloc" && v != "full")
+        return Status::InvalidArgument("invalid parameter value: {}", v);
+      if (v == "metadata") return Status::InvalidArgument("Unsupported preallocation mode: metadata");
+      if (fmt == "vdi") continue;
+      (*driver_opts)[k] = v;
+    } else if (k == "nocow") {
+      file->nocow = IsTrue(v);
+    } else if (k == "extent_size_hint") {
+      uint64_t hint = std::strtoull(v.c_str(), nullptr, 10);  // stored as a decimal
+      if (hint > 0xffffffffu) return Status::InvalidArgument("Extent size hint is too large");
+      file->extent_size_hint = hint;
+    } else if (d && d->kind == Kind::kBool) {
+      (*driver_opts)[k] = IsTrue(v) ? "on" : "off";
+    } else {
+      (*driver_opts)[k] = v;
     }
   }
-  if (!want_help) return std::nullopt;
-  const FormatDriver* driver = FindFormat(fmt);
-  if (!driver) {
-    PrintError(fmt::format("Unknown file format '{}'", fmt));
-    return 1;
-  }
-  PrintCreateOptionHelp(*driver);
-  return 0;
+  return Status::Ok();
 }
 
 }  // namespace vimgfs::cli

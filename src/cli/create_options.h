@@ -1,30 +1,61 @@
-// Format creation options as qemu-img shows them: `-o help` and the "Formatting ..." line.
+// Format creation options as qemu-img takes and shows them: -o lists, `-o help`, their
+// checks and the "Formatting ..." line. A format's options are qemu's for that format,
+// merged with those of the file protocol under it (size, nocow, preallocation,
+// extent_size_hint), in qemu's order.
 #pragma once
 
+#include <map>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
-#include "vimgfs/format.h"
+#include "vimgfs/status.h"
 
 namespace vimgfs::cli {
 
+// Option name and value, each name once (a later value replaces an earlier one, as the
+// last one given counts in qemu). Sizes and numbers hold their value as a decimal.
 using OptionList = std::vector<std::pair<std::string, std::string>>;
 
-// Prints "Supported <fmt> options:" and the driver's options, as `qemu-img create -o help`.
-void PrintCreateOptionHelp(const FormatDriver& driver);
-// Parses the -o texts of create and convert, in order, into *opts. "help" or "?" among
-// them prints fmt's options (PrintCreateOptionHelp). Returns the command's exit code when
-// it is done here (0 after help; 1 after a bad list or help for an unknown format, with
-// the error printed), nullopt to go on.
-std::optional<int> CollectCreateOptions(const std::vector<std::string>& texts, const std::string& fmt,
-                                        OptionList* opts);
-// The first option key the format does not take, or "".
-std::string UnknownCreateOption(const FormatDriver& driver, const OptionList& opts);
-bool FormatHasBacking(const std::string& fmt);
-// "cluster_size=65536 ... size=N ..." (after "fmt=X "), in qemu's order with its defaults.
-// opts may hold backing_file/backing_fmt; size is given separately.
-std::string FormattingLine(const std::string& fmt, uint64_t size, const OptionList& opts);
+// Adds one -o argument to *options as qemu-img does: each must be a valid list (not
+// empty, no leading comma, not ending in an odd number of commas); they are joined with
+// ','. Otherwise prints "Invalid option list: ARG" and returns false.
+bool AccumulateOptions(std::string* options, const std::string& arg);
+// Whether an element of the list ("a=b,help,c", ",," escapes a comma) is "help" or "?".
+bool HasHelpOption(const std::string& options);
+// `-o help`: the create options of fmt, with the file protocol's when a target filename
+// is given ("Supported options:"), else the format's alone. Returns the exit code.
+int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename);
+
+// Why a format cannot be created: "Unknown file format 'x'" or "Format driver 'x' does not
+// support image creation". Empty when it can (qcow2, vmdk, vdi, raw, file).
+std::string CreateFormatError(const std::string& fmt);
+// The driver that writes fmt ("file" is raw on the file protocol).
+std::string CreateDriverName(const std::string& fmt);
+
+// Parses the -o text as qemu parses create options: a name without '=' is "on" ("noX" is
+// X=off), each name must be one of fmt's options and each value of its type. Adds to *opts.
+// Errors read as qemu's ("Invalid parameter 'x'", "Parameter 'x' expects ...").
+Status ParseCreateOptions(const std::string& fmt, const std::string& text, OptionList* opts);
+// Sets an option (after -o: the size, -b, -F). false when fmt has no such option.
+bool SetCreateOption(const std::string& fmt, const std::string& name, const std::string& value,
+                     OptionList* opts);
+std::optional<std::string> FindOption(const OptionList& opts, const std::string& name);
+
+// "cluster_size=65536 ... size=N ..." (after "fmt=X "): the options given and the defaults
+// qemu prints, in qemu's order.
+std::string FormattingLine(const std::string& fmt, const OptionList& opts);
+
+// The file protocol's options, applied to the new image file.
+struct FileCreateOptions {
+  bool nocow = false;
+  std::optional<uint64_t> extent_size_hint;  // given; qemu's default is 1 MiB
+};
+// Splits opts into what the format driver takes (bools as on/off; without size, backing
+// options and the file protocol's) and the file protocol's. Fails as qemu does for an
+// extent_size_hint above 4 GiB - 1.
+Status SplitCreateOptions(const std::string& fmt, const OptionList& opts,
+                          std::map<std::string, std::string>* driver_opts, FileCreateOptions* file);
 
 }  // namespace vimgfs::cli

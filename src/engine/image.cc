@@ -14,7 +14,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <climits>
+#include <cmath>
 #include <condition_variable>
 #include <cstring>
 #include <list>
@@ -95,6 +97,13 @@ Result<std::string> ProbeFile(File& file, const std::string& path) {
   return std::string(best ? best->name() : "raw");
 }
 
+// The folder of a file's path: "." for none.
+std::string DirOf(const std::string& path) {
+  auto slash = path.rfind('/');
+  if (slash == std::string::npos) return ".";
+  return slash == 0 ? "/" : path.substr(0, slash);
+}
+
 }  // namespace
 
 Result<std::string> Image::Probe(Env& env, const std::string& path) {
@@ -161,8 +170,12 @@ struct ImageOpener {
     img->backing_ref_ = img->map_->backing();
 
     if (img->backing_ref_ && options.open_backing) {
-      ASSIGN_OR_RETURN(OpenedReference ref, OpenReference(*env, path, img->backing_ref_->name,
-                                                          OpenMode::kReadOnly, options.untrusted));
+      auto opened = OpenReference(*env, path, img->backing_ref_->name, OpenMode::kReadOnly, options.untrusted);
+      if (!opened.ok() && opened.error().kind() == ErrorKind::kNotFound)  // in qemu's words
+        return Status::NotFound("Could not open backing file: Could not open '{}': No such file or directory",
+                                JoinPath(DirOf(path), img->backing_ref_->name));
+      if (!opened.ok()) return opened.error();
+      OpenedReference ref = std::move(opened).value();
       img->backing_path_ = ref.path;
       OpenOptions bo = options;
       bo.env = env;
@@ -174,7 +187,7 @@ struct ImageOpener {
         return Status::Unsupported("'{}': unknown backing format '{}'", path, bo.format);
       auto backing = Open(img->backing_path_, bo, depth + 1, seen, std::move(ref.file));
       if (!backing.ok())
-        return backing.error().WithContext("Could not open backing file of '{}'", path);
+        return backing.error().WithContext("Could not open backing file");
       img->backing_ = std::move(backing).value();
     }
     return img;
@@ -201,7 +214,7 @@ Status Image::Create(const std::string& format, CreateContext ctx, bool unsafe) 
   const FormatDriver* driver = FindFormat(format);
   if (!driver) return Status::InvalidArgument("Unknown file format '{}'", format);
   if (!ctx.env) ctx.env = Env::Default();
-  if (ctx.backing && !unsafe) {
+  if (ctx.backing && !ctx.backing->name.empty() && !unsafe) {
     // qemu-img opens the backing file to check it (and to take its size when none given).
     OpenOptions bo;
     bo.env = ctx.env;
@@ -671,36 +684,73 @@ Result<std::vector<BlockStatus>> Image::Map(uint64_t off, uint64_t len, bool thi
   return out;
 }
 
+namespace {
+
+// The multiplier of a size suffix (binary units), 0 for none.
+uint64_t SuffixMultiplier(char c) {
+  switch (c) {
+    case 'b': case 'B': return 1;
+    case 'k': case 'K': return 1ull << 10;
+    case 'm': case 'M': return 1ull << 20;
+    case 'g': case 'G': return 1ull << 30;
+    case 't': case 'T': return 1ull << 40;
+    case 'p': case 'P': return 1ull << 50;
+    case 'e': case 'E': return 1ull << 60;
+    default: return 0;
+  }
+}
+
+}  // namespace
+
+// As qemu_strtosz: a decimal integer (or 0x hex), an optional fraction, an optional
+// suffix; a fraction needs a suffix other than B; the result is exact (64.64 fixed
+// point), a half byte rounds up.
 Result<uint64_t> ParseSize(std::string_view text) {
-  if (text.empty()) return Status::InvalidArgument("empty size");
-  std::string s(text);
+  const std::string s(text);
+  auto invalid = [&] { return Status::InvalidArgument("'{}' is not a size", s); };
+  auto too_large = [&] { return Status::OutOfRange("size '{}' is too large", s); };
+  const char* p = s.c_str();
   char* end = nullptr;
   errno = 0;
-  double value = std::strtod(s.c_str(), &end);
-  if (end == s.c_str() || errno != 0 || value < 0)
-    return Status::InvalidArgument("Invalid image size specified. You may use k, M, G, T, P or E "
-                                   "suffixes for kilobytes, megabytes, gigabytes, terabytes, petabytes "
-                                   "and exabytes.");
-  std::string_view suffix(end);
-  double mult = 1;
-  if (!suffix.empty()) {
-    if (suffix.size() > 1 && !(suffix.size() == 2 && (suffix[1] == 'B' || suffix[1] == 'b')))
-      return ParseSize("x");  // the same error
-    switch (suffix[0]) {
-      case 'b': case 'B': mult = 1; break;
-      case 'k': case 'K': mult = 1024.0; break;
-      case 'm': case 'M': mult = 1024.0 * 1024; break;
-      case 'g': case 'G': mult = 1024.0 * 1024 * 1024; break;
-      case 't': case 'T': mult = 1024.0 * 1024 * 1024 * 1024; break;
-      case 'p': case 'P': mult = 1024.0 * 1024 * 1024 * 1024 * 1024; break;
-      case 'e': case 'E': mult = 1024.0 * 1024 * 1024 * 1024 * 1024 * 1024; break;
-      default: return ParseSize("x");
+  uint64_t whole = std::strtoull(p, &end, 10);
+  if (end == p) return invalid();
+  if (std::memchr(p, '-', static_cast<size_t>(end - p))) return invalid();
+  bool overflow = errno == ERANGE;
+  unsigned __int128 fraction = 0;  // of 2^64
+  if (!overflow && whole == 0 && (*end == 'x' || *end == 'X')) {  // hex, no fraction
+    errno = 0;
+    whole = std::strtoull(p, &end, 16);
+    if (end == p || *end == '.') return invalid();
+    overflow = errno == ERANGE;
+  }
+  if (overflow) return *end ? invalid() : too_large();
+  if (*end == '.') {
+    char* fend = nullptr;
+    errno = 0;
+    double f = std::strtod(end, &fend);
+    if (fend == end || !std::isfinite(f)) {
+      end++;  // "1.k": no digits after the point
+    } else {
+      if (std::memchr(end, 'e', static_cast<size_t>(fend - end)) ||
+          std::memchr(end, 'E', static_cast<size_t>(fend - end)))
+        return invalid();
+      fraction = f < 1.0 ? static_cast<uint64_t>(f * 0x1p64) : ~0ull;
+      end = fend;
     }
   }
-  double bytes = value * mult;
-  if (bytes >= 9.2e18) return Status::InvalidArgument("Image size must be less than 8 EiB!");
-  if (suffix.empty() && s.find('.') != std::string::npos) return ParseSize("x");
-  return static_cast<uint64_t>(bytes);
+  uint64_t mult = SuffixMultiplier(*end);
+  if (mult) end++;
+  if (*end) return invalid();
+  if (mult <= 1) {
+    if (fraction != 0) return invalid();
+    return whole;
+  }
+  unsigned __int128 value = static_cast<unsigned __int128>(whole) * mult;
+  unsigned __int128 frac = fraction * mult;  // 64.64: integer part above bit 64
+  value += frac >> 64;
+  value += (frac >> 63) & 1;  // a half byte or more rounds up
+  if (value >> 64) return too_large();
+  return static_cast<uint64_t>(value);
 }
 
 }  // namespace vimgfs

@@ -21,4 +21,13 @@ const FormatDriver* FindFormat(std::string_view name) {
   return nullptr;
 }
 
+Result<std::unique_ptr<File>> CreateImageFile(const CreateContext& ctx, const std::string& path) {
+  Env* env = ctx.env ? ctx.env : Env::Default();
+  ASSIGN_OR_RETURN(auto f, env->Create(path));
+  Status hints = SetFileCreateHints(*f, ctx.nocow, ctx.extent_size_hint);
+  // As qemu: a hint that was not asked for may fail silently.
+  if (!hints.ok() && ctx.extent_size_hint_given && ctx.warnings) ctx.warnings->push_back(hints.message());
+  return f;
+}
+
 }  // namespace vimgfs

@@ -1,6 +1,8 @@
 // Env::Default(): host files through pread/pwrite/fallocate/fdatasync.
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <linux/openat2.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -258,6 +260,31 @@ class PosixEnv final : public Env {
 Env* Env::Default() {
   static PosixEnv* env = new PosixEnv();
   return env;
+}
+
+Status SetFileCreateHints(File& file, bool nocow, uint32_t extent_size_hint) {
+  const int fd = file.fd();
+  if (fd < 0) return Status::Ok();
+  if (nocow) {
+    int flags = 0;
+    if (::ioctl(fd, FS_IOC_GETFLAGS, &flags) == 0) {
+      flags |= FS_NOCOW_FL;
+      (void)::ioctl(fd, FS_IOC_SETFLAGS, &flags);  // an optimization only
+    }
+  }
+  // qemu asks for the hint even when it is 0 (which clears it).
+  struct fsxattr attr {};
+  int r = ::ioctl(fd, FS_IOC_FSGETXATTR, &attr);
+  if (r == 0) {
+    attr.fsx_xflags |= FS_XFLAG_EXTSIZE;
+    attr.fsx_extsize = extent_size_hint;
+    r = ::ioctl(fd, FS_IOC_FSSETXATTR, &attr);
+  }
+  if (r < 0 && extent_size_hint != 0) {
+    int err = errno;
+    return Status::FromErrno(err, "Failed to set extent size hint: {}", std::strerror(err));
+  }
+  return Status::Ok();
 }
 
 }  // namespace vimgfs

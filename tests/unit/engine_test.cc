@@ -352,6 +352,23 @@ TEST(ParseSizeTest, QemuSuffixes) {
   EXPECT_FALSE(ParseSize("12Q").ok());
   EXPECT_FALSE(ParseSize("").ok());
   EXPECT_FALSE(ParseSize("-1").ok());
+  // qemu_strtosz: a fraction is fine when it adds nothing or has a unit above bytes.
+  EXPECT_EQ(*ParseSize("1024.0"), 1024u);
+  EXPECT_EQ(*ParseSize("1024.0b"), 1024u);
+  EXPECT_EQ(*ParseSize("0.5k"), 512u);
+  EXPECT_EQ(*ParseSize("1.k"), 1024u);
+  EXPECT_EQ(*ParseSize("0x200"), 512u);
+  EXPECT_EQ(*ParseSize("1.0000000001k"), 1024u);  // a part of a byte is dropped
+  EXPECT_EQ(*ParseSize("1.0005k"), 1025u);        // half a byte rounds up
+  EXPECT_FALSE(ParseSize("1.5").ok());
+  EXPECT_FALSE(ParseSize("1.5b").ok());
+  EXPECT_FALSE(ParseSize("1e3k").ok());
+  EXPECT_FALSE(ParseSize("1kB").ok());
+  EXPECT_FALSE(ParseSize("1kilobyte").ok());
+  EXPECT_EQ(*ParseSize("15E"), 15ull << 60);
+  EXPECT_EQ(ParseSize("16E").error().kind(), ErrorKind::kOutOfRange);
+  EXPECT_EQ(ParseSize("18446744073709551616").error().kind(), ErrorKind::kOutOfRange);
+  EXPECT_EQ(ParseSize("18446744073709551616k").error().kind(), ErrorKind::kInvalidArgument);
 }
 
 TEST(CodecTest, RoundTripsEveryCodec) {

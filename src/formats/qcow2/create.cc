@@ -3,6 +3,9 @@
 // Layout, as qemu lays out a new image: header cluster, refcount table, refcount
 // block(s), L1 table, then (with preallocation) each L2 table followed by its data.
 #include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstdlib>
 #include <cstring>
 
 #include "formats/drivers.h"
@@ -34,37 +37,37 @@ struct CreateParams {
   bool data_file_raw = false;
 };
 
+// A size the format cannot describe: EFBIG, which qemu-img words for every format alike.
+Status TooLarge(const char* msg) { return Status::Error(ErrorKind::kInvalidArgument, EFBIG, msg); }
+
+// Reads and checks the options in qemu's order (qcow2_co_create), with its messages
+// (which name options as QMP does: version, compression-type).
 Result<CreateParams> ParseParams(const CreateContext& ctx) {
   CreateParams p;
   p.size = ctx.size;
   p.backing = ctx.backing;
-  std::optional<uint32_t> refcount_bits;
+  uint64_t cluster_size = 1u << 16;
+  uint64_t refcount_bits = 16;
   bool compression_set = false;
   for (const auto& [key, v] : ctx.options) {
     if (key == "size") {
       ASSIGN_OR_RETURN(p.size, ParseSize(v));
     } else if (key == "cluster_size") {
-      ASSIGN_OR_RETURN(uint64_t cs, ParseSize(v));
-      if (!IsPowerOfTwo(cs) || cs < 512 || cs > (2u << 20))
-        return Status::InvalidArgument("Cluster size must be a power of two between 512 and 2048k");
-      p.cluster_bits = static_cast<uint32_t>(__builtin_ctzll(cs));
+      ASSIGN_OR_RETURN(cluster_size, ParseSize(v));
     } else if (key == "compat") {
       if (v == "0.10" || v == "v2") p.version = 2;
       else if (v == "1.1" || v == "v3") p.version = 3;
-      else return Status::InvalidArgument("Invalid parameter '{}'", v);
+      else return Status::InvalidArgument("Parameter 'version' does not accept value '{}'", v);
     } else if (key == "lazy_refcounts") {
       ASSIGN_OR_RETURN(p.lazy_refcounts, ParseBool(key, v));
     } else if (key == "refcount_bits") {
       char* endp = nullptr;
-      unsigned long b = strtoul(v.c_str(), &endp, 10);
-      if (v.empty() || *endp || !IsPowerOfTwo(b) || b > 64)
-        return Status::InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits");
-      refcount_bits = static_cast<uint32_t>(b);
-      p.refcount_order = static_cast<uint32_t>(__builtin_ctzll(b));
+      refcount_bits = std::strtoull(v.c_str(), &endp, 0);
+      if (v.empty() || *endp) return Status::InvalidArgument("Parameter 'refcount-bits' expects a number");
     } else if (key == "compression_type") {
       if (v == "zlib") p.compression = kCompressionZlib;
       else if (v == "zstd") p.compression = kCompressionZstd;
-      else return Status::InvalidArgument("Parameter 'compression_type' does not accept value '{}'", v);
+      else return Status::InvalidArgument("Parameter 'compression-type' does not accept value '{}'", v);
       compression_set = true;
     } else if (key == "extended_l2") {
       ASSIGN_OR_RETURN(p.extended_l2, ParseBool(key, v));
@@ -89,31 +92,44 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
       return Status::InvalidArgument("Invalid parameter '{}'", key);
     }
   }
-  if (p.backing && p.backing->name.empty())
-    return Status::InvalidArgument("Backing file format given without a backing file");
-  if (p.version == 2) {
-    if (p.lazy_refcounts)
-      return Status::InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above "
-                                     "(use compat=1.1 or greater)");
-    if (refcount_bits && *refcount_bits != 16)
-      return Status::InvalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 "
-                                     "or above (use compat=1.1 or greater)");
-    if (compression_set && p.compression != kCompressionZlib)
-      return Status::InvalidArgument("Compression type can only be used with compatibility level 1.1 and above");
-    if (p.extended_l2)
-      return Status::InvalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and above");
-    if (!p.data_file.empty())
-      return Status::InvalidArgument("External data files are only supported with compatibility level 1.1 and above");
-  }
+  if (p.extended_l2 && p.version < 3)
+    return Status::InvalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and "
+                                   "above (use version=v3 or greater)");
+  if (!IsPowerOfTwo(cluster_size) || cluster_size < 512 || cluster_size > (2u << 20))
+    return Status::InvalidArgument("Cluster size must be a power of two between 512 and 2048k");
+  p.cluster_bits = static_cast<uint32_t>(__builtin_ctzll(cluster_size));
   if (p.extended_l2 && p.cluster_bits < 14)
-    return Status::InvalidArgument("Extended L2 entries are only supported with cluster sizes of at least 16 KB");
-  if (p.data_file_raw && p.data_file.empty())
-    return Status::InvalidArgument("data-file-raw requires data-file");
-  if (p.data_file_raw && p.backing)
+    return Status::InvalidArgument("Extended L2 entries are only supported with cluster sizes of at least "
+                                   "16384 bytes");
+  const bool has_backing_file = p.backing && !p.backing->name.empty();
+  if (has_backing_file && p.prealloc != "off" && !p.extended_l2)
+    return Status::InvalidArgument("Backing file and preallocation can only be used at the same time if "
+                                   "extended_l2 is on");
+  if (p.backing && !has_backing_file)
+    return Status::InvalidArgument("Backing format cannot be used without backing file");
+  if (p.version < 3 && p.lazy_refcounts)
+    return Status::InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above "
+                                   "(use version=v3 or greater)");
+  if (refcount_bits > 64 || !IsPowerOfTwo(refcount_bits))
+    return Status::InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits");
+  if (p.version < 3 && refcount_bits != 16)
+    return Status::InvalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 "
+                                   "or above (use version=v3 or greater)");
+  p.refcount_order = static_cast<uint32_t>(__builtin_ctzll(refcount_bits));
+  if (p.data_file_raw && p.data_file.empty()) return Status::InvalidArgument("data-file-raw requires data-file");
+  if (p.data_file_raw && has_backing_file)
     return Status::InvalidArgument("Backing file and data-file-raw cannot be used at the same time");
   // A raw data file must be readable alone: every cluster is mapped from the start.
   if (p.data_file_raw && p.prealloc == "off") p.prealloc = "metadata";
-  if (p.size > limits::kMaxVirtualSize) return Status::InvalidArgument("Image size is too large");
+  if (!p.data_file.empty() && p.version < 3)
+    return Status::InvalidArgument("External data files are only supported with compatibility level 1.1 and "
+                                   "above (use version=v3 or greater)");
+  if (compression_set && p.compression != kCompressionZlib && p.version < 3)
+    return Status::InvalidArgument("Non-zlib compression type is only supported with compatibility level 1.1 "
+                                   "and above (use version=v3 or greater)");
+  if (p.size > uint64_t{INT64_MAX})
+    return Status::InvalidArgument("Could not resize image: Image size cannot be negative");  // as qemu
+  if (p.size > limits::kMaxVirtualSize) return TooLarge("Image size is too large");
   if (p.backing && p.backing->name.size() > limits::kMaxBackingNameBytes)
     return Status::InvalidArgument("Backing file name too long");
   return p;
@@ -123,7 +139,6 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
 
 Status CreateImage(const CreateContext& ctx) {
   ASSIGN_OR_RETURN(CreateParams p, ParseParams(ctx));
-  Env* env = ctx.env ? ctx.env : Env::Default();
   const uint64_t cs = 1ull << p.cluster_bits;
   const uint64_t l2_entries = cs / (p.extended_l2 ? 16 : 8);
   // qemu aligns the virtual size up to 512 bytes.
@@ -131,7 +146,7 @@ Status CreateImage(const CreateContext& ctx) {
   const uint64_t guest_clusters = DivRoundUp(size, cs);
   const uint64_t l1_entries = DivRoundUp(guest_clusters, l2_entries);
   if (l1_entries * 8 > limits::kMaxL1Bytes)
-    return Status::InvalidArgument("Image size is too large for this cluster size");
+    return TooLarge("Image size is too large for this cluster size");
   const uint64_t l1_clusters = std::max<uint64_t>(1, DivRoundUp(l1_entries * 8, cs));
   const bool prealloc = p.prealloc != "off";
   const bool has_data_file = !p.data_file.empty();
@@ -149,7 +164,7 @@ Status CreateImage(const CreateContext& ctx) {
     rt_clusters = std::max(rt, rt_clusters);
   }
   if (rt_clusters * cs > limits::kMaxRefTableBytes)
-    return Status::InvalidArgument("Image size is too large for this cluster size and refcount width");
+    return TooLarge("Image size is too large for this cluster size and refcount width");
   const uint64_t rt_off = cs;
   const uint64_t rb_off = rt_off + rt_clusters * cs;
   const uint64_t l1_off = rb_off + rb_count * cs;
@@ -194,13 +209,13 @@ Status CreateImage(const CreateContext& ctx) {
       auto slash = ctx.path.rfind('/');
       if (slash != std::string::npos) name = ctx.path.substr(0, slash + 1) + name;
     }
-    ASSIGN_OR_RETURN(auto df, env->Create(name));
+    ASSIGN_OR_RETURN(auto df, CreateImageFile(ctx, name));
     RETURN_IF_ERROR(df->Truncate(size));
     if (p.prealloc == "falloc" || p.prealloc == "full") RETURN_IF_ERROR(df->Allocate(0, size));
     RETURN_IF_ERROR(df->Sync(false));
   }
 
-  ASSIGN_OR_RETURN(auto f, env->Create(ctx.path));
+  ASSIGN_OR_RETURN(auto f, CreateImageFile(ctx, ctx.path));
   RETURN_IF_ERROR(f->Truncate(0));
   RETURN_IF_ERROR(f->PWrite(0, head, IoTag::kHeader));
 
@@ -274,22 +289,6 @@ class Qcow2Driver final : public FormatDriver {
     return Qcow2Map::Open(std::move(ctx));
   }
   Status Create(const CreateContext& ctx) const override { return CreateImage(ctx); }
-  std::vector<CreateOptionHelp> CreateOptions() const override {
-    return {
-        {"backing_file", "string", "File name of a base image"},
-        {"backing_fmt", "string", "Image format of the base image"},
-        {"cluster_size", "size", "qcow2 cluster size"},
-        {"compat", "string", "Compatibility level (v2 [0.10] or v3 [1.1])"},
-        {"compression_type", "string", "Compression method used for image cluster compression"},
-        {"data_file", "string", "File name of an external data file"},
-        {"data_file_raw", "bool", "The external data file must stay valid as a raw image"},
-        {"extended_l2", "bool", "Extended L2 tables"},
-        {"lazy_refcounts", "bool", "Postpone refcount updates"},
-        {"preallocation", "string", "Preallocation mode (allowed values: off, metadata, falloc, full)"},
-        {"refcount_bits", "number", "Width of a reference count entry in bits"},
-        {"size", "size", "Virtual disk size"},
-    };
-  }
 };
 
 }  // namespace

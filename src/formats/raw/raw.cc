@@ -1,6 +1,7 @@
 // raw: the file is the disk. Holes (SEEK_HOLE) are reported as zero runs so block
 // status, map and sparse copies see them; writes into holes fill them in place.
 #include <algorithm>
+#include <climits>
 
 #include "formats/drivers.h"
 #include "util/checked.h"
@@ -112,7 +113,9 @@ class RawDriverImpl final : public FormatDriver {
     }
     if (prealloc != "off" && prealloc != "falloc" && prealloc != "full")
       return Status::InvalidArgument("Invalid preallocation mode: '{}'", prealloc);
-    ASSIGN_OR_RETURN(auto f, ctx.env->Create(ctx.path));
+    if (ctx.size > uint64_t{INT64_MAX})  // an off_t cannot hold it
+      return Status::InvalidArgument("Could not resize file: Invalid argument");
+    ASSIGN_OR_RETURN(auto f, CreateImageFile(ctx, ctx.path));
     RETURN_IF_ERROR(f->Truncate(ctx.size));
     if (prealloc == "falloc" && ctx.size) RETURN_IF_ERROR(f->Allocate(0, ctx.size));
     if (prealloc == "full") {
@@ -123,11 +126,6 @@ class RawDriverImpl final : public FormatDriver {
       }
     }
     return f->Sync(false);
-  }
-
-  std::vector<CreateOptionHelp> CreateOptions() const override {
-    return {{"preallocation", "string",
-             "Preallocation mode (allowed values: off, falloc, full)"}};
   }
 };
 

@@ -81,8 +81,7 @@ Status CreateVdi(const CreateContext& ctx) {
     StoreLE32(h + offset_bmap + b * 4, is_static ? static_cast<uint32_t>(b) : kBlockFree);
   }
 
-  Env* env = ctx.env ? ctx.env : Env::Default();
-  ASSIGN_OR_RETURN(std::unique_ptr<File> file, env->Create(ctx.path));
+  ASSIGN_OR_RETURN(std::unique_ptr<File> file, CreateImageFile(ctx, ctx.path));
   RETURN_IF_ERROR(file->Truncate(0));
   RETURN_IF_ERROR(file->PWrite(0, head, IoTag::kHeader).WithContext("'{}': writing", ctx.path));
   if (is_static) {
@@ -105,12 +104,6 @@ class VdiFormat final : public FormatDriver {
     return OpenVdi(std::move(ctx));
   }
   Status Create(const CreateContext& ctx) const override { return CreateVdi(ctx); }
-  std::vector<CreateOptionHelp> CreateOptions() const override {
-    return {
-        {"size", "size", "Virtual disk size"},
-        {"static", "bool", "VDI static (pre-allocated) image"},
-    };
-  }
 };
 
 }  // namespace

@@ -102,26 +102,6 @@ Status WriteEmptySparseExtent(File& file, const SparseLayout& l, std::string_vie
   return file.Sync(false);
 }
 
-std::vector<CreateOptionHelp> VmdkCreateOptions() {
-  return {
-      {"adapter_type", "string",
-       "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"},
-      {"backing_file", "string", "File name of a base image"},
-      {"backing_fmt", "string", "Must be 'vmdk' if present"},
-      {"compat6", "bool", "VMDK version 6 image"},
-      {"extent_size_hint", "size", "Extent size hint for the image file, 0 to disable"},
-      {"hwversion", "string", "VMDK hardware version"},
-      {"nocow", "bool", "Turn off copy-on-write (valid only on btrfs)"},
-      {"preallocation", "string", "Preallocation mode (allowed values: off, falloc, full)"},
-      {"size", "size", "Virtual disk size"},
-      {"subformat", "string",
-       "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | "
-       "twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "},
-      {"toolsversion", "string", "VMware guest tools version"},
-      {"zeroed_grain", "bool", "Enable efficient zero writes using the zeroed-grain GTE feature"},
-  };
-}
-
 Status CreateVmdk(const CreateContext& ctx) {
   const std::string& path = ctx.path;
   std::string subformat = "monolithicSparse", adapter = "ide", hwversion, tools = "2147483647";
@@ -149,8 +129,8 @@ Status CreateVmdk(const CreateContext& ctx) {
     } else if (k == "backing_fmt") {
       if (!backing) backing = BackingRef{"", v};
       else backing->format = v;
-    } else if (k == "extent_size_hint" || k == "nocow" || k == "size") {
-      // host-file tuning qemu applies on some filesystems; no effect on the image
+    } else if (k == "size") {
+      // ctx.size holds it
     } else {
       return Status::InvalidArgument("Invalid parameter '{}'", k);
     }
@@ -175,8 +155,7 @@ Status CreateVmdk(const CreateContext& ctx) {
     return Status::InvalidArgument("backing_file must be a vmdk image");
   if (ctx.size > limits::kMaxVirtualSize)
     return Status::InvalidArgument("image size {} is too large", ctx.size);
-  if (!flat && prealloc != "off")
-    return Status::Unsupported("preallocation={} is supported for flat subformats only", prealloc);
+  if (!flat) prealloc = "off";  // as qemu: the file layer preallocates the file while it is empty
 
   DescriptorText d;
   d.cid = RandomCid();
@@ -202,7 +181,7 @@ Status CreateVmdk(const CreateContext& ctx) {
     // One sparse file holding the descriptor.
     ExtentLine e{Access::kRW, sectors, "SPARSE", base, 0};
     d.extents.push_back(e);
-    ASSIGN_OR_RETURN(auto f, ctx.env->Create(path));
+    ASSIGN_OR_RETURN(auto f, CreateImageFile(ctx, path));
     return WriteEmptySparseExtent(*f, PlanSparseExtent(ctx.size, zeroed, stream), FormatDescriptor(d));
   }
 
@@ -215,7 +194,7 @@ Status CreateVmdk(const CreateContext& ctx) {
     n++;
     std::string name = !split ? prefix + "-flat" + postfix
                               : fmt::format("{}-{}{:03d}{}", prefix, flat ? 'f' : 's', n, postfix);
-    ASSIGN_OR_RETURN(auto f, ctx.env->Create(dir + name));
+    ASSIGN_OR_RETURN(auto f, CreateImageFile(ctx, dir + name));
     if (flat) {
       RETURN_IF_ERROR(f->Truncate(bytes));
       if (prealloc == "falloc" && bytes) RETURN_IF_ERROR(f->Allocate(0, bytes));
@@ -234,7 +213,7 @@ Status CreateVmdk(const CreateContext& ctx) {
   } while (remaining > 0);
 
   std::string text = FormatDescriptor(d);
-  ASSIGN_OR_RETURN(auto desc, ctx.env->Create(path));
+  ASSIGN_OR_RETURN(auto desc, CreateImageFile(ctx, path));
   RETURN_IF_ERROR(desc->PWrite(0, std::as_bytes(std::span(text)), IoTag::kHeader));
   return desc->Sync(false);
 }

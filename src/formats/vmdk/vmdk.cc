@@ -399,7 +399,6 @@ class VmdkDriverImpl final : public FormatDriver {
     if (!c.env) c.env = Env::Default();
     return CreateVmdk(c);
   }
-  std::vector<CreateOptionHelp> CreateOptions() const override { return VmdkCreateOptions(); }
 };
 
 }  // namespace

@@ -181,7 +181,6 @@ Result<std::string> ReadEmbeddedDescriptor(File& file, const SparseHeader& h);
 // qemu-img check for vmdk: every allocated grain must start inside its file.
 Result<CheckReport> CheckExtents(const std::vector<std::unique_ptr<Extent>>& extents);
 Status CreateVmdk(const CreateContext& ctx);
-std::vector<CreateOptionHelp> VmdkCreateOptions();
 
 // Writes the header, embedded descriptor (if any), redundant and primary grain
 // directories and tables of an empty hosted sparse extent, as qemu-img create does.
