@@ -346,18 +346,21 @@ bool IsCacheMode(const std::string& mode) {
 
 bool StdoutIsTty() { return isatty(STDOUT_FILENO) == 1; }
 
-void Progress::Update(double fraction) {
-  if (!enabled_) return;
-  double pct = std::clamp(fraction, 0.0, 1.0) * 100.0;
-  if (last_ >= 0 && pct - last_ < 0.01 && pct < 100.0) return;
-  last_ = pct;
-  std::printf("    (%3.2f/100%%)\r", pct);
-  std::fflush(stdout);
+void Progress::Print(float percent) {
+  if (!enabled_ || ended_) return;
+  current_ = std::min(percent, 100.0f);
+  constexpr float kMinSkip = 1.0f;
+  if (current_ > last_print_ + kMinSkip || current_ < last_print_ - kMinSkip || current_ == 100 ||
+      current_ == 0) {
+    last_print_ = current_;
+    std::printf("    (%3.2f/100%%)\r", static_cast<double>(current_));
+    std::fflush(stdout);
+  }
 }
 
-void Progress::Done() {
-  if (!enabled_) return;
-  Update(1.0);
+void Progress::End() {
+  if (!enabled_ || ended_) return;
+  ended_ = true;
   std::printf("\n");
   std::fflush(stdout);
 }

@@ -91,16 +91,27 @@ bool IsCacheMode(const std::string& mode);
 // Whether stdout is a terminal (progress bars).
 bool StdoutIsTty();
 
-// A progress bar like qemu-img -p: "    (12.34/100%)\r".
+// qemu-img's -p progress figure (util/qemu-progress.c): "    (12.34/100%)\r" on stdout,
+// terminal or not, whenever the figure moved by more than one point, or is 0 or 100; a
+// newline at the end. The figure is a float, as qemu's.
 class Progress {
  public:
   explicit Progress(bool enabled) : enabled_(enabled) {}
-  void Update(double fraction);
-  void Done();
+  ~Progress() { End(); }
+  void Start() { Print(0.0f); }                                  // "(0.00/100%)"
+  void Update(double fraction) { Print(static_cast<float>(fraction * 100.0)); }
+  void UpdatePercent(double percent) { Print(static_cast<float>(percent)); }
+  void Done() {  // success: 100, then the newline
+    Print(100.0f);
+    End();
+  }
+  void End();  // the newline, once (also after a failure)
 
  private:
+  void Print(float percent);
   bool enabled_;
-  double last_ = -1;
+  bool ended_ = false;
+  float current_ = 0, last_print_ = 0;
 };
 
 }  // namespace vimgfs::cli

@@ -35,7 +35,7 @@ const char kUsage[] =
     "  -B backing_file  the output is based on this image: copy only what differs from it\n"
     "  -F backing_fmt   format of the -B image\n"
     "  -l snapshot.name=NAME   convert a qcow2 internal snapshot\n"
-    "  -p               show progress on a terminal;  -q  quiet\n"
+    "  -p               show progress, as qemu-img: \"    (25.00/100%)\\r\" lines;  -q  quiet\n"
     "  -m N             source reads in flight ahead of the writer, 1 to 16 (default 8)\n"
     "  -W               allow out-of-order writes (accepted; writes stay in order)\n"
     "  -C               copy offloading (accepted, not done; refused with -c, -S, --salvage)\n"
@@ -151,6 +151,9 @@ int RunConvert(int argc, char** argv) {
     return PrintCreateOptionHelp(out_fmt, operands.empty() ? nullptr : &operands.back());
   if (operands.size() < 2) return UsageError("convert", "Must specify image file name");
   if (!IsCacheMode(in_cache)) return *stop_with("Invalid source cache option: " + in_cache);
+  // From here on, as in qemu-img, -p prints its figure (0 first; the newline on any exit).
+  Progress bar(progress);
+  bar.Start();
   const std::string& out_name = operands.back();
   std::vector<std::string> sources(operands.begin(), operands.end() - 1);
   if (!snapshot.empty() && sources.size() > 1) return *stop_with("No support for concatenating multiple snapshot");
@@ -215,7 +218,7 @@ int RunConvert(int argc, char** argv) {
 
   ConvertSettings cs;
   cs.min_sparse = min_sparse;
-  cs.progress = progress && StdoutIsTty();
+  cs.progress = &bar;
   cs.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   if (const char* t = std::getenv("VIMGFS_THREADS")) cs.threads = std::clamp(std::atoi(t), 1, 256);
   cs.requests_in_flight = requests;
@@ -260,6 +263,7 @@ int RunConvert(int argc, char** argv) {
       PrintFileError(out_name, s);
       return 1;
     }
+    bar.Done();
     return 0;
   }
 
@@ -278,8 +282,7 @@ int RunConvert(int argc, char** argv) {
   auto target = OpenOrReport(out_name, to);
   if (!target) return 1;
   if (target->size() < src.size()) {
-    PrintError(fmt::format("{}: target image is smaller than the source ({} < {} bytes)", out_name,
-                           target->size(), src.size()));
+    PrintError("output file is smaller than input file");
     return 1;
   }
   if (compress && out_fmt == "qcow2") {
@@ -294,6 +297,7 @@ int RunConvert(int argc, char** argv) {
     PrintFileError(out_name, s);
     return 1;
   }
+  bar.Done();
   return 0;
 }
 

@@ -44,7 +44,7 @@ struct ConvertSettings {
   bool target_has_backing = false;  // -B: copy only the sources' top layers
   int threads = 1;
   int requests_in_flight = 8;    // -m: source reads ahead of the writer (1..16)
-  bool progress = false;
+  Progress* progress = nullptr;  // -p: qemu-img's figure, the share of the data copied
 };
 
 // Copies src into target (an open Image of at least src.size() bytes).

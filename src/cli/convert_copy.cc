@@ -33,6 +33,30 @@ Status WithOffset(const Status& s, const char* what, uint64_t off) {
   return Status::Error(s.kind(), s.err(), fmt::format("error while {} at byte {}: {}", what, off, s.message()));
 }
 
+// What qemu-img's progress figure counts of a run: the data copied, and with -S 0 the zeros
+// written too; not what the target's backing file provides.
+uint64_t CountedBytes(const BlockStatus& r, const ConvertSettings& s) {
+  if (s.target_has_backing && r.depth > 0) return 0;
+  if (r.zero && s.min_sparse != 0) return 0;
+  return r.length;
+}
+
+// qemu-img's progress figure for a conversion: 100 * done / total of the counted bytes,
+// moved on as each piece is copied (a run of at most 2 MiB, or a cluster when compressing).
+class ProgressCount {
+ public:
+  ProgressCount(Progress* bar, uint64_t total) : bar_(bar), total_(total) {}
+  void Add(uint64_t n) {
+    if (!bar_ || total_ == 0) return;
+    done_ += n;
+    bar_->UpdatePercent(100.0 * static_cast<double>(done_) / static_cast<double>(total_));
+  }
+
+ private:
+  Progress* bar_;
+  uint64_t total_, done_ = 0;
+};
+
 }  // namespace
 
 ConcatSource::ConcatSource(std::vector<std::unique_ptr<Image>> images) : images_(std::move(images)) {
@@ -203,7 +227,7 @@ void ProduceCopySteps(ConcatSource& src, const ConvertSettings& s, CopyQueue& qu
         continue;
       }
       for (uint64_t pos = r.offset; pos < r.offset + r.length;) {
-        uint64_t n = std::min<uint64_t>(kCopyChunk - pos % kCopyChunk, r.offset + r.length - pos);
+        uint64_t n = std::min<uint64_t>(kCopyChunk, r.offset + r.length - pos);  // from the run's start, as qemu
         int buf = queue.TakeFree();
         if (buf < 0) return;
         std::span<std::byte> b = queue.Buffer(buf, n);
@@ -228,7 +252,7 @@ void ProduceCopySteps(ConcatSource& src, const ConvertSettings& s, CopyQueue& qu
 
 // Reads on one thread and writes, in order, on this one, so reading the source and
 // writing the target overlap as they do in qemu-img.
-Status CopyPlain(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
+Status CopyPlain(ConcatSource& src, Image& target, const ConvertSettings& s, ProgressCount& count) {
   CopyQueue queue(std::clamp(s.requests_in_flight, 1, 16));
   std::thread reader([&] { ProduceCopySteps(src, s, queue); });
   Status result;
@@ -254,7 +278,7 @@ Status CopyPlain(ConcatSource& src, Image& target, const ConvertSettings& s, Pro
         break;
       }
     }
-    bar.Update(static_cast<double>(step.off + step.len) / static_cast<double>(src.size()));
+    if (!step.zero_run) count.Add(step.len);  // the producer skips what is not counted
   }
   queue.Quit();
   reader.join();
@@ -265,6 +289,7 @@ Status CopyPlain(ConcatSource& src, Image& target, const ConvertSettings& s, Pro
 struct Unit {
   uint64_t off = 0;
   bool zero = true;      // nothing to store
+  bool counted = false;  // in the progress figure (CountedBytes)
   std::span<std::byte> data;      // cluster_size bytes of its batch's region (tail zero-padded)
   std::vector<std::byte> stream;  // compressed; empty: store data as is
   Status status;
@@ -360,11 +385,13 @@ Status ReadUnits(ConcatSource& src, uint64_t start, uint64_t cluster, std::vecto
     u.data = {region.data() + i * cluster, static_cast<size_t>(cluster)};
     u.stream.clear();
     u.status = Status::Ok();
+    u.counted = false;
     if (u.off >= size) continue;
     uint64_t uend = std::min(size, u.off + cluster);
     // Needs reading if any run overlapping it has data (or top-layer zeros over a backing).
     for (const BlockStatus& r : runs) {
       if (r.offset + r.length <= u.off || r.offset >= uend) continue;
+      if (CountedBytes(r, s) > 0) u.counted = true;
       if (s.target_has_backing && r.depth > 0) continue;
       if (!r.zero || s.target_has_backing) need[i] = true;
     }
@@ -428,7 +455,7 @@ size_t BatchUnits(int threads, uint64_t unit) {
 // output does not depend on timing.
 template <typename StoreBatch>
 Status CompressAndStore(ConcatSource& src, uint64_t unit, Codec codec, uint64_t max_out,
-                        const ConvertSettings& s, Progress& bar, StoreBatch store) {
+                        const ConvertSettings& s, ProgressCount& count, StoreBatch store) {
   const uint64_t size = src.size();
   const size_t batch = BatchUnits(s.threads, unit);
   const uint64_t step = unit * batch;
@@ -449,7 +476,8 @@ Status CompressAndStore(ConcatSource& src, uint64_t unit, Codec codec, uint64_t 
     pool.Wait(&batches[sl]);
     if (result.ok()) {
       result = store(bufs[sl]);
-      bar.Update(std::min<double>(1.0, static_cast<double>(bufs[sl][0].off + step) / size));
+      for (const Unit& u : bufs[sl])
+        if (result.ok() && u.off < size && u.counted) count.Add(std::min(unit, size - u.off));
     }
   };
   int slot = 0;
@@ -466,10 +494,34 @@ Status CompressAndStore(ConcatSource& src, uint64_t unit, Codec codec, uint64_t 
   return result;
 }
 
-Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s, Progress& bar) {
+// The total of qemu-img's progress figure: the counted bytes of the source, or with `unit`
+// (compressing) the bytes of each unit that holds some. Only worked out for -p.
+Result<uint64_t> CountedTotal(ConcatSource& src, const ConvertSettings& s, uint64_t unit) {
+  uint64_t total = 0;
+  if (!s.progress) return total;
+  const uint64_t size = src.size();
+  uint64_t next_unit = 0;  // the first unit not yet counted
+  for (uint64_t win = 0; win < size; win += kMapWindow) {
+    ASSIGN_OR_RETURN(auto runs, src.Map(win, std::min(kMapWindow, size - win), s.target_has_backing));
+    for (const BlockStatus& r : runs) {
+      if (CountedBytes(r, s) == 0) continue;
+      if (unit == 0) {
+        total += r.length;
+        continue;
+      }
+      for (uint64_t u = std::max(next_unit, r.offset / unit); u * unit < r.offset + r.length; u++) {
+        total += std::min(unit, size - u * unit);
+        next_unit = u + 1;
+      }
+    }
+  }
+  return total;
+}
+
+Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s, ProgressCount& count) {
   const uint64_t cluster = target.cluster_map().cluster_size();
   // A stream must be shorter than the cluster to be worth it (qemu's rule).
-  return CompressAndStore(src, cluster, s.codec, cluster - 1, s, bar, [&](std::vector<Unit>& units) {
+  return CompressAndStore(src, cluster, s.codec, cluster - 1, s, count, [&](std::vector<Unit>& units) {
     return WriteUnits(units, src.size(), cluster, target, s);
   });
 }
@@ -477,19 +529,20 @@ Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s
 }  // namespace
 
 Status ConvertToImage(ConcatSource& src, Image& target, const ConvertSettings& s) {
-  Progress bar(s.progress);
-  Status st = s.compress ? CopyCompressed(src, target, s, bar) : CopyPlain(src, target, s, bar);
-  bar.Done();
-  return st;
+  const uint64_t unit = s.compress ? target.cluster_map().cluster_size() : 0;
+  ASSIGN_OR_RETURN(uint64_t total, CountedTotal(src, s, unit));
+  ProgressCount count(s.progress, total);
+  return s.compress ? CopyCompressed(src, target, s, count) : CopyPlain(src, target, s, count);
 }
 
 Status ConvertToStream(ConcatSource& src, StreamOptimizedWriter& w, const ConvertSettings& s) {
-  Progress bar(s.progress);
   const uint64_t grain = w.grain_size();
   ConvertSettings rs = s;
   rs.target_has_backing = false;
+  ASSIGN_OR_RETURN(uint64_t total, CountedTotal(src, rs, grain));
+  ProgressCount count(s.progress, total);
   // Every grain is stored compressed, so the stream may be as long as deflate makes it.
-  Status st = CompressAndStore(src, grain, Codec::kZlib, w.max_stream_bytes() + 1, rs, bar,
+  Status st = CompressAndStore(src, grain, Codec::kZlib, w.max_stream_bytes() + 1, rs, count,
                                [&](std::vector<Unit>& units) {
                                  for (Unit& u : units) {
                                    if (u.off >= src.size()) break;
@@ -503,7 +556,6 @@ Status ConvertToStream(ConcatSource& src, StreamOptimizedWriter& w, const Conver
                                  }
                                  return Status::Ok();
                                });
-  bar.Done();
   RETURN_IF_ERROR(st);
   return w.Finish();
 }

@@ -231,5 +231,27 @@ TEST_F(CliConvertTest, Errors) {
   EXPECT_NE(r.out.find("compression_type"), std::string::npos);
 }
 
+class CliConvertProgressTest : public CliTwinTest {};
+
+// -p prints qemu-img's figure even into a pipe: 0 first, then each time the share of the
+// data copied so far (in qemu's pieces: runs of at most 2 MiB, or clusters when
+// compressing) moved by more than one point, 100 twice and a newline.
+TEST_F(CliConvertProgressTest, ProgressLinesAsQemuImgPrintsThem) {
+  InBoth("qemu-img create -q -f qcow2 t.qcow2 128M && qemu-io -c 'write 0 1M' -c 'write 2M 1M' "
+         "-c 'write 4M 1M' -c 'write 32M 1M' -c 'write 50M 7M' -c 'write -z 60M 1M' "
+         "-c 'write 70M 100k' t.qcow2 >/dev/null");
+  InBoth("qemu-img convert -O raw t.qcow2 t.raw");
+  InBoth("qemu-img create -q -f qcow2 -b t.qcow2 -F qcow2 top.qcow2 && "
+         "qemu-io -c 'write 1M 3M' top.qcow2 >/dev/null");
+  for (const std::string args :
+       {"-p -O qcow2 t.qcow2", "-p -O raw t.qcow2", "-p -c -O qcow2 t.qcow2", "-p -S 0 -O raw t.qcow2",
+        "-p -O vmdk -o subformat=streamOptimized t.qcow2", "-p -q -O raw t.qcow2", "-p -O qcow2 t.raw",
+        "-p -O qcow2 t.qcow2 t.raw", "-p -O qcow2 top.qcow2", "-p -O qcow2 -B t.qcow2 -F qcow2 top.qcow2",
+        "-p -c -O qcow2 top.qcow2", "-p -O raw nosuch.qcow2"}) {
+    ExpectSame("convert " + args + " out.img");
+    MustSh("rm -f q/out.img v/out.img");
+  }
+}
+
 }  // namespace
 }  // namespace vimgfs::test

@@ -10,29 +10,7 @@
 namespace vimgfs::test {
 namespace {
 
-class CliCreateTest : public CliTest {
- protected:
-  void SetUp() override {
-    CliTest::SetUp();
-    if (IsSkipped()) return;
-    MustSh("mkdir q v bin && ln -s " + Quote(VimgfsBinary()) + " bin/qemu-img");
-  }
-  // Runs `qemu-img ARGS` in q/ and vimgfs as qemu-img in v/; both must say the same.
-  // Returns whether qemu-img succeeded.
-  bool ExpectSame(const std::string& args) {
-    SCOPED_TRACE(args);
-    CommandResult q = Sh("cd q && qemu-img " + args);
-    CommandResult v = Sh("cd v && ../bin/qemu-img " + args);
-    EXPECT_EQ(v.out, q.out);
-    EXPECT_EQ(v.err, q.err);
-    EXPECT_EQ(v.exit_code, q.exit_code);
-    return q.exit_code == 0;
-  }
-  // The files each left in its folder.
-  void ExpectSameFiles() {
-    EXPECT_EQ(Sh("cd v && ls").out, Sh("cd q && ls").out);
-  }
-};
+class CliCreateTest : public CliTwinTest {};
 
 TEST_F(CliCreateTest, SizesAsQemuReadsThem) {
   for (const std::string s : {"1024", "1024b", "1k", "1.5k", "1.5M", "1024.0", "1024.0b", "1.k", "0x200",

@@ -40,4 +40,33 @@ class CliTest : public ::testing::Test {
   TempDir dir_;
 };
 
+// Runs each command line twice: with qemu-img in q/ and with vimgfs under the name
+// qemu-img in v/, so that every line of output can be compared as it is.
+class CliTwinTest : public CliTest {
+ protected:
+  void SetUp() override {
+    CliTest::SetUp();
+    if (IsSkipped()) return;
+    MustSh("mkdir q v bin && ln -s " + Quote(VimgfsBinary()) + " bin/qemu-img");
+  }
+  // `qemu-img ARGS` (a shell line: pipes work) in both folders; stdout, stderr and the exit
+  // status must be the same. Returns whether qemu-img succeeded.
+  bool ExpectSame(const std::string& args) {
+    SCOPED_TRACE(args);
+    CommandResult q = Sh("cd q && qemu-img " + args);
+    CommandResult v = Sh("cd v && ../bin/qemu-img " + args);
+    EXPECT_EQ(v.out, q.out);
+    EXPECT_EQ(v.err, q.err);
+    EXPECT_EQ(v.exit_code, q.exit_code);
+    return q.exit_code == 0;
+  }
+  // Runs a shell line in both folders (setting up the same images).
+  void InBoth(const std::string& line) {
+    MustSh("cd q && " + line);
+    MustSh("cd v && " + line);
+  }
+  // The files each command left in its folder.
+  void ExpectSameFiles() { EXPECT_EQ(Sh("cd v && ls").out, Sh("cd q && ls").out); }
+};
+
 }  // namespace vimgfs::test
