@@ -156,6 +156,10 @@ class Image {
   friend class WriteDone;
 };
 
+// True for the error Image::Open gives when a backing chain comes back to an image: it
+// reads "Backing file 'X' creates an infinite loop." and takes no "Could not open" context.
+bool IsBackingLoop(const Status& s);
+
 // Parses qemu-img size strings: "10G", "512", "1.5M", "64k" (binary units, B k K M G T P E).
 Result<uint64_t> ParseSize(std::string_view text);
 
