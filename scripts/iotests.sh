@@ -51,7 +51,7 @@ fi
 
 # qemu's source at the installed version, Debian's patches applied.
 version=$(dpkg-query -W -f='${source:Version}' qemu-utils)
-src="$cache/$version"
+src="$cache/${version#*:}"  # no epoch: a colon would split PYTHONPATH
 if [ ! -x "$src/tests/qemu-iotests/check" ]; then
   if ! apt-get source --print-uris -qq "qemu=$version" >/dev/null 2>&1; then
     # deb-src entries for the suites apt already uses.
@@ -112,22 +112,28 @@ status=0
 for fmt in "${formats[@]}"; do
   res="$cache/results"
   mkdir -p "$res"
-  [ $baseline -eq 0 ] || run qemu-img /usr/bin/qemu-img "$fmt" "$res/$fmt.qemu-img.tap"
   run vimgfs "$frontend/qemu-img" "$fmt" "$res/$fmt.vimgfs.tap"
   passed_v=$(passed "$res/$fmt.vimgfs.tap")
   failed_v=$(failed "$res/$fmt.vimgfs.tap")
+  nv=$(echo "$passed_v" | grep -c . || true)
   if [ $baseline -eq 1 ]; then
-    passed_q=$(passed "$res/$fmt.qemu-img.tap")
-    regress=$(comm -23 <(echo "$passed_q") <(echo "$passed_v") | grep . || true)
-    nq=$(echo "$passed_q" | grep -c . || true)
-    nboth=$(comm -12 <(echo "$passed_q") <(echo "$passed_v") | grep -c . || true)
-    echo "$fmt: $nboth of the $nq tests that pass with qemu-img pass with vimgfs"
+    # The baseline: qemu-img on the tests vimgfs failed (a test vimgfs passes needs none).
+    if [ -n "$failed_v" ]; then
+      asked=("${tests[@]+"${tests[@]}"}")
+      tests=($failed_v)
+      run qemu-img /usr/bin/qemu-img "$fmt" "$res/$fmt.qemu-img.tap"
+      tests=("${asked[@]+"${asked[@]}"}")
+      regress=$(passed "$res/$fmt.qemu-img.tap" | grep . || true)
+    else
+      regress=""
+    fi
+    nr=$(echo "$regress" | grep -c . || true)
+    echo "$fmt: $nv of the $((nv + nr)) tests that pass with qemu-img pass with vimgfs"
     if [ -n "$regress" ]; then
       echo "  pass with qemu-img, fail with vimgfs: $(echo $regress)"
       status=1
     fi
   else
-    nv=$(echo "$passed_v" | grep -c . || true)
     echo "$fmt: $nv passed with vimgfs"
     if [ -n "$failed_v" ]; then
       echo "  failed with vimgfs: $(echo $failed_v)"

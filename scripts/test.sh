@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs dependencies, builds, and runs every test: once on a normal build, once under
+# Installs dependencies, builds, and runs every test: the GoogleTest suites on a normal
+# build, the CI subset of qemu's iotests (tests/iotests/ci.txt), then the suites again under
 # AddressSanitizer + UndefinedBehaviorSanitizer. End-to-end mount tests need root,
 # /dev/fuse and loop devices; without them they skip and say why.
 set -euo pipefail
@@ -9,6 +10,9 @@ scripts/install-deps.sh
 jobs=$(nproc)
 scripts/build.sh build
 (cd build && ctest --output-on-failure -j"$jobs" --timeout 1500)
+
+# qemu's own iotests with vimgfs as qemu-img: the CI subset (docs/TESTING.md).
+scripts/iotests.sh --ci
 
 scripts/build.sh build-asan -DVIMGFS_SANITIZE=ON
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1

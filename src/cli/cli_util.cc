@@ -56,6 +56,7 @@ void PrintFileError(const std::string& path, const Status& s) {
 
 std::string OpenErrorMessage(const std::string& path, const Status& s) {
   const std::string& msg = s.message();
+  if (IsBackingLoop(s)) return msg;
   // A host error already reads "Could not open 'X': <strerror>"; qemu-img wraps it once
   // more ("Could not open 'X': Could not open 'X': No such file or directory").
   bool host_error = s.kind() == ErrorKind::kNotFound || s.kind() == ErrorKind::kIo ||

@@ -111,6 +111,17 @@ Result<std::string> Image::Probe(Env& env, const std::string& path) {
   return ProbeFile(*file, path);
 }
 
+// A backing chain that comes back to an image, worded as qemu-img words it; not nested in
+// "Could not open backing file of" context, so it names the image that repeats.
+namespace {
+Status LoopError(const std::string& path) {
+  return Status::Error(ErrorKind::kInvalidFormat, ELOOP,
+                       fmt::format("Backing file '{}' creates an infinite loop.", path));
+}
+}  // namespace
+
+bool IsBackingLoop(const Status& s) { return s.kind() == ErrorKind::kInvalidFormat && s.err() == ELOOP; }
+
 // Opening is a static member so it can fill private state; the chain walk recurses.
 struct ImageOpener {
   // `opened`: the file at `path` when the caller opened it already (a backing file, opened
@@ -129,7 +140,7 @@ struct ImageOpener {
     char real[PATH_MAX];
     std::string key = realpath(path.c_str(), real) ? std::string(real) : path;
     if (!seen->insert(key).second)
-      return Status::InvalidFormat("Could not open '{}': backing chain loops back to this file", path);
+      return LoopError(path);
     if (depth > std::min(options.max_chain_depth, limits::kMaxChainDepth))
       return Status::InvalidFormat("Could not open '{}': backing chain deeper than {} images", path,
                                    limits::kMaxChainDepth);
@@ -186,8 +197,10 @@ struct ImageOpener {
       if (!bo.format.empty() && !FindFormat(bo.format))
         return Status::Unsupported("'{}': unknown backing format '{}'", path, bo.format);
       auto backing = Open(img->backing_path_, bo, depth + 1, seen, std::move(ref.file));
-      if (!backing.ok())
+      if (!backing.ok()) {
+        if (IsBackingLoop(backing.error())) return backing.error();  // names the image, as qemu-img
         return backing.error().WithContext("Could not open backing file");
+      }
       img->backing_ = std::move(backing).value();
     }
     return img;

@@ -79,6 +79,23 @@ TEST_F(CliInfoTest, SnapshotTable) {
   EXPECT_EQ(v.out, q.out);
 }
 
+// qemu-iotests 043: a chain that loops names the image that repeats, in qemu-img's words.
+TEST_F(CliInfoTest, BackingChainLoopIsNamedAsQemuImgNamesIt) {
+  MustSh("qemu-img create -q -f qcow2 self.qcow2 1M && qemu-img rebase -u -b self.qcow2 -F qcow2 self.qcow2");
+  MustSh("qemu-img create -q -f qcow2 b1.qcow2 1M && qemu-img create -q -f qcow2 -b b1.qcow2 -F qcow2 b2.qcow2"
+         " && qemu-img create -q -f qcow2 -b b2.qcow2 -F qcow2 t.qcow2"
+         " && qemu-img rebase -u -b b2.qcow2 -F qcow2 b1.qcow2");
+  for (const char* args : {"--backing-chain self.qcow2", "--backing-chain t.qcow2",
+                           "--backing-chain --output=json t.qcow2"}) {
+    SCOPED_TRACE(args);
+    CommandResult v = V(std::string("info ") + args), q = Q(std::string("info ") + args);
+    EXPECT_EQ(v.exit_code, 1);
+    EXPECT_EQ(v.exit_code, q.exit_code);
+    ASSERT_EQ(q.err.rfind("qemu-img: ", 0), 0u) << q.err;
+    EXPECT_EQ(v.err, "vimgfs: " + q.err.substr(10));
+  }
+}
+
 TEST_F(CliInfoTest, ErrorsNameTheFile) {
   CommandResult v = V("info nonexistent.qcow2");
   EXPECT_EQ(v.exit_code, 1);
