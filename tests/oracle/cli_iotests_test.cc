@@ -220,5 +220,78 @@ TEST_F(CliIotestsTest, SnapshotAndCommitKeepPersistentBitmaps) {
   }
 }
 
+// iotest 252: rebasing an image that had no backing file (or reads past its old backing
+// file's end) onto one with data: where the new backing file would show through, the
+// image gets zero clusters, as qemu-img writes them, not clusters of zero data.
+TEST_F(CliIotestsTest, RebaseWritesZeroClustersWhereTheOldBackingFileEnded) {
+  MustSh("qemu-img create -q -f qcow2 orig.qcow2 384k && qemu-img create -q -f qcow2 new.qcow2 384k");
+  MustSh("qemu-img create -q -f qcow2 short.qcow2 128k");
+  MustSh("qemu-io -c 'write -P 0x22 0 128k' -c 'write -P 0x11 128k 128k' orig.qcow2 >/dev/null");
+  MustSh("qemu-io -c 'write -P 0x11 0 64k' -c 'write -P 0x11 128k 64k' -c 'write -P 0x11 256k 64k' "
+         "new.qcow2 >/dev/null");
+  for (std::string old_backing : {"", "short.qcow2"}) {
+    SCOPED_TRACE("old backing file '" + old_backing + "'");
+    MustSh("cp orig.qcow2 o.qcow2");
+    if (!old_backing.empty()) MustSh("qemu-img rebase -u -b short.qcow2 -F qcow2 o.qcow2");
+    Copies("o.qcow2");
+    Both("rebase -b new.qcow2 -F qcow2");
+    ExpectSame();
+    Ok(Io("-c 'read -P 0 256k 128k' v.qcow2"));
+  }
+}
+
+// iotest 313: committing an overlay that reads zeros everywhere leaves the base's clusters
+// unmapped (qemu's commit is a mirror job with unmap on), so the base has none allocated.
+TEST_F(CliIotestsTest, CommitOfZeroedOverlayUnmapsTheBase) {
+  for (std::string tool : {"v", "q"}) {
+    SCOPED_TRACE(tool);
+    MustSh("rm -f base.qcow2 top.qcow2");
+    MustSh("qemu-img create -q -f qcow2 -o cluster_size=4096 base.qcow2 2M");
+    MustSh("qemu-io -c 'write -P 1 0 2M' base.qcow2 >/dev/null");
+    MustSh("qemu-img create -q -f qcow2 -o cluster_size=4096 -b base.qcow2 -F qcow2 top.qcow2");
+    MustSh("qemu-io -c 'write -z 0 2M' top.qcow2 >/dev/null");
+    Ok(tool == "v" ? V("commit top.qcow2") : Q("commit top.qcow2"));
+    Ok(Io("-c 'read -P 0 0 2M' base.qcow2"));
+    std::string chk = Ok(Q("check base.qcow2"));
+    EXPECT_EQ(chk.find("allocated"), std::string::npos) << chk;  // no "N/M = x% allocated" line
+  }
+}
+
+// iotests 163 and 250: a shrink gives back what it freed, as qemu does: the host space of
+// freed clusters is punched, refcount blocks that count nothing leave the table, and the
+// file ends after the last cluster in use.
+TEST_F(CliIotestsTest, ShrinkGivesBackHostSpaceAndCutsTheFile) {
+  auto usage = [&](const std::string& f) { return std::stoull(Ok(Sh("du --block-size=1 " + f + " | cut -f1"))); };
+  auto size = [&](const std::string& f) { return std::stoull(Ok(Sh("stat -c %s " + f))); };
+  // 250: data at both ends of a metadata-preallocated image, then a shrink to 5M.
+  MustSh("qemu-img create -q -f qcow2 -o cluster_size=1M,preallocation=metadata orig.qcow2 2100M");
+  MustSh("qemu-io -c 'discard 0 10M' -c 'discard 2090M 10M' -c 'write 2090M 10M' -c 'write 0 10M' "
+         "orig.qcow2 >/dev/null");
+  Copies("orig.qcow2");
+  const uint64_t before = usage("v.qcow2");
+  Both("resize --shrink", "5M");
+  // The 10M written past the new end are given back, at least (qemu also writes
+  // its whole refcount table out, so it may keep a little more).
+  EXPECT_GE(before - usage("v.qcow2"), 10u << 20);
+  EXPECT_LE(usage("v.qcow2"), usage("q.qcow2"));
+  EXPECT_EQ(size("v.qcow2"), size("q.qcow2"));
+  ExpectSame();
+  // 163: written sequentially far past the new end, with 1-bit refcounts to need several
+  // refcount blocks; after the shrink the file is cut as qemu cuts it.
+  for (std::string bits : {"1", "16"}) {
+    SCOPED_TRACE("refcount_bits=" + bits);
+    MustSh("rm -f orig.qcow2 check.qcow2 && qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=" + bits +
+           " orig.qcow2 32M");
+    MustSh("qemu-io -c 'write -P 0xff 0 32M' orig.qcow2 >/dev/null");
+    MustSh("qemu-img create -q -f qcow2 -o cluster_size=512 check.qcow2 10M");
+    MustSh("qemu-io -c 'write -P 0xff 0 10M' check.qcow2 >/dev/null");
+    Copies("orig.qcow2");
+    Both("resize --shrink", "10M");
+    EXPECT_EQ(size("v.qcow2"), size("q.qcow2"));
+    EXPECT_EQ(Q("compare v.qcow2 check.qcow2").exit_code, 0);
+    ExpectSame();
+  }
+}
+
 }  // namespace
 }  // namespace vimgfs::test

@@ -355,7 +355,10 @@ std::vector<Case> Cases() {
                    [](Env* e) { return Snapshot(e, 'a', "one"); }});
     out.push_back({name("resize_grow"), "qcow2", o.o, Plain("qcow2", o.o),
                    [](Env* e) { return Resize(e, 64 * kDisk); }});
-    out.push_back({name("resize_shrink"), "qcow2", o.o, WithSnapshots("qcow2", o.o),
+    // qemu refuses to resize a v2 image that has snapshots (so does vimgfs): v2 shrinks
+    // without them.
+    const bool v2 = o.o.count("compat") && o.o.at("compat") == "0.10";
+    out.push_back({name("resize_shrink"), "qcow2", o.o, v2 ? Plain("qcow2", o.o) : WithSnapshots("qcow2", o.o),
                    [](Env* e) { return Resize(e, kDisk / 3 & ~uint64_t{511}); }});
     out.push_back({name("commit"), "qcow2", o.o, Chain("qcow2", o.o, o.o), Commit});
     out.push_back({name("rebase"), "qcow2", o.o, Chain("qcow2", o.o, o.o), Rebase});

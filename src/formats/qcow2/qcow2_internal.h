@@ -221,6 +221,7 @@ class Qcow2Map final : public ClusterMap {
   // Resize's parts (resize.cc).
   Status ZeroGrown(uint64_t old_size, uint64_t new_size);
   Status MapRawDataFile(uint64_t old_size, uint64_t new_size);
+  Status TrimAfterShrink(const std::vector<uint64_t>& freed);
 
   // L1/L2 geometry.
   uint64_t l2_entries() const { return l2_entries_; }

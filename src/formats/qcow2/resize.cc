@@ -107,6 +107,67 @@ Status Qcow2Map::MapRawDataFile(uint64_t old_size, uint64_t new_size) {
   return Status::Ok();
 }
 
+// After a shrink's frees, what qemu does too (iotests 163, 250): the host space of data
+// clusters nothing references any more is given back (punched; qemu leaves freed L2 tables
+// be), refcount blocks left counting nothing
+// leave the refcount table, and the file is cut after the last cluster in use. Each step
+// runs once the one before is durable, and touches only clusters nothing refers to: a
+// crash leaves leaks at worst.
+Status Qcow2Map::TrimAfterShrink(const std::vector<uint64_t>& freed) {
+  RETURN_IF_ERROR(FlushAll());
+  for (uint64_t c : freed) {
+    ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(c));
+    if (rc != 0) continue;  // still shared with a snapshot
+    Status s = file_->PunchHole(c << cluster_bits_, cluster_size_);
+    if (!s.ok() && s.kind() != ErrorKind::kUnsupported) return s;
+  }
+
+  // Refcount blocks that count nothing but (perhaps) themselves.
+  std::vector<uint64_t> dropped;
+  for (uint64_t b = 0; b < reftable_.size(); b++) {
+    const uint64_t off = reftable_[b] & kOffsetMask;
+    if (!off) continue;
+    RETURN_IF_ERROR(ValidateTableOffset(off, "refcount block"));
+    ASSIGN_OR_RETURN(TableRef t, ref_cache_->Get(off));
+    const uint64_t self = off >> cluster_bits_;
+    bool used = false;
+    for (uint64_t i = 0; i < refblock_entries_ && !used; i++)
+      used = ReadRefcountEntry(t.data(), i, refcount_bits_) != 0 && b * refblock_entries_ + i != self;
+    if (!used) dropped.push_back(b);
+  }
+  if (!dropped.empty()) {
+    std::vector<uint64_t> old = reftable_;
+    for (uint64_t b : dropped) reftable_[b] = 0;
+    RETURN_IF_ERROR(WriteRefTableEntries(0, reftable_.size()));
+    RETURN_IF_ERROR(file_->Sync(true));
+    for (uint64_t b : dropped) {
+      const uint64_t off = old[b] & kOffsetMask;
+      ref_cache_->Forget(off);
+      // Counted in itself it went with the block; counted in another, that count drops.
+      if ((off >> cluster_bits_) / refblock_entries_ != b) RETURN_IF_ERROR(FreeRange(off, cluster_size_));
+      Status s = file_->PunchHole(off, cluster_size_);
+      if (!s.ok() && s.kind() != ErrorKind::kUnsupported) return s;
+    }
+    RETURN_IF_ERROR(FlushAll());
+  }
+
+  // The file ends after the last cluster in use.
+  ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  uint64_t end = DivRoundUp(file_size, cluster_size_);
+  while (end > 1) {
+    ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(end - 1));
+    if (rc != 0) break;
+    end--;
+  }
+  if ((end << cluster_bits_) < file_size) {
+    RETURN_IF_ERROR(file_->Truncate(end << cluster_bits_));
+    RETURN_IF_ERROR(file_->Sync(true));
+    host_end_ = std::min(host_end_, end << cluster_bits_);
+    free_hint_ = std::min(free_hint_, end);
+  }
+  return Status::Ok();
+}
+
 Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
   RETURN_IF_ERROR(CheckWritable());
   if (new_size % 512)
@@ -131,6 +192,7 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
     RETURN_IF_ERROR(WriteHeader());
     RETURN_IF_ERROR(file_->Sync(true));
     // Free every whole cluster past the new end, and L2 tables left with nothing.
+    std::vector<uint64_t> freed;  // data clusters that may have lost their last reference
     for (uint64_t c = first; c < end;) {
       uint64_t l1i = L1Index(c);
       uint64_t table_end = std::min(end, (l1i + 1) * l2_entries_);
@@ -143,6 +205,7 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
           if (e == 0 && bm == 0) continue;
           StoreL2(l2, L2Index(i), 0, 0);
           if (e & ~(kFlagCopied | kFlagZero)) RETURN_IF_ERROR(FreeL2Entry(e));
+          if (!IsCompressed(e) && L2EntryOffset(e) && !data_file_) freed.push_back(L2EntryOffset(e) >> cluster_bits_);
         }
         if (L2Index(c) == 0) {
           // The whole table is past the end: unlink and free it.
@@ -158,6 +221,7 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
       }
       c = table_end;
     }
+    RETURN_IF_ERROR(TrimAfterShrink(freed));
     // qemu cuts an external data file to the new size too (the guest reaches no further).
     if (data_file_) {
       RETURN_IF_ERROR(FlushAll());
