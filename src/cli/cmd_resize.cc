@@ -140,7 +140,10 @@ int RunResize(int argc, char** argv) {
   s = img->Close();
   img.reset();
   if (s.ok() && prealloc != "off" && target > current) {
-    auto grown = OpenImage(filename, o);  // the engine sees the new size on a fresh open
+    // A fresh open (the engine sees the new size), without the backing chain: the grown area
+    // is this image's own, whatever a backing file holds there.
+    o.open_backing = false;
+    auto grown = OpenImage(filename, o);
     s = grown.ok() ? Preallocate(**grown, prealloc, current, target) : grown.error();
     if (grown.ok()) {
       Status c = (*grown)->Close();

@@ -121,7 +121,8 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
   RETURN_IF_ERROR(walk_l1(header_.l1_table_offset, header_.l1_size, true));
 
   // Version 3 entries carry at least the large VM state size and the disk size (qemu:
-  // "incomplete" otherwise; version 2 needs neither); -r all rewrites the table (Check, once refcounts are right).
+  // "incomplete" otherwise; version 2 needs neither); -r all rewrites the table (Check,
+  // once refcounts are right).
   for (size_t i = 0; i < snapshots_.size() && v3_; i++) {
     if (snapshots_[i].extra.size() >= 16) continue;
     Report(report, fmt::format("{} snapshot table entry {} is incomplete",

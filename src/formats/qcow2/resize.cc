@@ -205,7 +205,8 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
           if (e == 0 && bm == 0) continue;
           StoreL2(l2, L2Index(i), 0, 0);
           if (e & ~(kFlagCopied | kFlagZero)) RETURN_IF_ERROR(FreeL2Entry(e));
-          if (!IsCompressed(e) && L2EntryOffset(e) && !data_file_) freed.push_back(L2EntryOffset(e) >> cluster_bits_);
+          if (!IsCompressed(e) && L2EntryOffset(e) && !data_file_)
+            freed.push_back(L2EntryOffset(e) >> cluster_bits_);
         }
         if (L2Index(c) == 0) {
           // The whole table is past the end: unlink and free it.
