@@ -120,6 +120,9 @@ class ClusterMap {
   // The allocation unit (qcow2 cluster, VMDK grain, VDI block); raw: 1 MiB nominal.
   virtual uint64_t cluster_size() const = 0;
   virtual bool read_only() const = 0;
+  // The smallest part of an allocation unit that is allocated or zeroed on its own (qcow2
+  // extended L2: a subcluster); cluster_size() where units are not divided.
+  virtual uint64_t subcluster_size() const { return cluster_size(); }
 
   // Appends mappings covering exactly [guest_off, guest_off+len) in order. Never
   // allocates; may load tables into the cache. REQUIRES: range inside virtual_size().
@@ -169,7 +172,11 @@ class ClusterMap {
   virtual Result<CheckReport> Check(RepairMode mode) {
     return Status::Unsupported("this format cannot be checked");
   }
-  virtual Status Resize(uint64_t new_size, bool allow_shrink) {
+  // Changes the virtual size. zero_grown: what a grow adds must read as zeros even where a
+  // backing image has data (the engine asks for it when the backing image is longer than
+  // the old size, as qemu does, and has first made the last partial cluster one the format
+  // can zero in place: see Image::Resize).
+  virtual Status Resize(uint64_t new_size, bool allow_shrink, bool zero_grown = false) {
     return Status::Unsupported("resizing this format is not supported");
   }
   virtual Status SnapshotCreate(const std::string& name) {
@@ -212,6 +219,11 @@ struct OpenOptions {
   // the end of the file read as zeros, and what the check reports (a snapshot's bad L1
   // table, an empty refcount table) does not stop the open.
   bool for_check = false;
+  // The caller writes no guest data through this read-write open (snapshot create and
+  // delete, commit emptying the overlay, which qemu does not record in bitmaps either), so
+  // persistent dirty bitmaps stay valid and keep their autoclear bit. Otherwise a
+  // read-write open clears it: writes would not be recorded in them.
+  bool keep_bitmaps = false;
 };
 
 // A file an image names, opened.

@@ -89,6 +89,10 @@ class Image {
   // as they are, partial clusters at the ends are written with zeros. kUnsupported from
   // a format that cannot allocate (the caller writes zeros instead).
   Status Preallocate(uint64_t off, uint64_t len, Fill fill);
+  // Changes the virtual size (the format's Resize; size() follows). A grow over a backing
+  // image longer than the old size makes the new space read as zeros, not as the backing
+  // image's data, as qemu's truncate does. Not to be called while other I/O runs.
+  Status Resize(uint64_t new_size, bool allow_shrink);
   // All acknowledged writes durable, data and metadata.
   Status Flush();
   // Flush calls now waiting for one under way to finish (they share what follows it).
@@ -113,6 +117,7 @@ class Image {
   Image() = default;
   Status CheckProbedRawHead(uint64_t off, std::span<const std::byte> buf);
   bool KnownZero(uint64_t off, uint64_t len);
+  Status SettleLastCluster();
   Status WriteZeroChunks(uint64_t off, uint64_t len);
   Status ReadUnlocked(uint64_t off, std::span<std::byte> buf);
   Status ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> buf);

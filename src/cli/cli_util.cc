@@ -274,6 +274,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.snapshot = o.snapshot;
   opts.env = o.env;
   opts.for_check = o.for_check;
+  opts.keep_bitmaps = o.keep_bitmaps;
   if (!o.format.empty() && !FindFormat(o.format))
     return Status::InvalidArgument("Unknown driver '{}'", o.format);
   // Skipping the lock is safe only for a reader: a writer would change an image that a VM

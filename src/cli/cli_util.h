@@ -64,6 +64,7 @@ struct ImageOpen {
   // locks cannot tell one process's opens apart, so it would refuse itself.
   bool lock_backing = true;
   bool for_check = false;  // OpenOptions::for_check
+  bool keep_bitmaps = false;  // OpenOptions::keep_bitmaps
 };
 // Opens an image; on failure prints the error line and returns nullptr.
 std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o);

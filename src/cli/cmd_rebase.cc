@@ -93,6 +93,11 @@ int RunRebase(int argc, char** argv) {
       new_base = std::move(b).value();
     }
     Image* old_base = img->backing();
+    // Zero clusters that keep reading zeros over any backing file: qcow2 v3 (v2 can only
+    // deallocate, which would show the new backing file).
+    const nlohmann::json info = img->Info().format_specific;
+    const bool zero_clusters = img->format() == "qcow2" && info.is_object() && info.contains("data") &&
+                               info["data"].value("compat", "") != "0.10";
     Progress bar(progress && StdoutIsTty());
     std::vector<std::byte> a(kStep), b(kStep);
     const uint64_t size = img->size();
@@ -122,7 +127,11 @@ int RunRebase(int argc, char** argv) {
         for (uint64_t i = 0; i < r.length;) {
           uint64_t end = std::min(r.length, (r.offset + i) / unit * unit + unit - r.offset);
           if (std::memcmp(sa.data() + i, sb.data() + i, end - i) != 0) {
-            s = img->Write(r.offset + i, sa.subspan(i, end - i));
+            // Past the old backing file's end (or with none) the image read zeros: it gets
+            // zero clusters, not zero data, as qemu-img writes them (iotest 252).
+            const bool old_zero = zero_clusters && (!old_base || r.offset + i >= old_base->size());
+            s = old_zero ? img->WriteZeroes(r.offset + i, end - i, false)
+                         : img->Write(r.offset + i, sa.subspan(i, end - i));
             if (!s.ok()) {
               PrintError(fmt::format("error while writing to COW image: {}", s.message()));
               return 1;

@@ -92,7 +92,8 @@ int RunResize(int argc, char** argv) {
   o.format = fmt;
   o.read_only = false;
   o.untrusted = untrusted;
-  o.open_backing = false;
+  // The backing chain is opened (as qemu-img does): a grow over a longer backing file must
+  // hide what it holds there (Image::Resize).
   auto img = OpenOrReport(filename, o);
   if (!img) return 1;
   uint64_t current = img->size();
@@ -129,11 +130,20 @@ int RunResize(int argc, char** argv) {
     PrintError(fmt::format("Unsupported preallocation mode: {}", prealloc));
     return 1;
   }
-  Status s = img->cluster_map().Resize(target, shrink);
-  if (s.ok()) s = img->Close();
+  Status s = img->Resize(target, shrink);
+  if (!s.ok()) {
+    // qemu-img reports the driver's words alone ("Can't resize a v2 image which has
+    // snapshots"), without the file name.
+    PrintError(s.message());
+    return 1;
+  }
+  s = img->Close();
   img.reset();
   if (s.ok() && prealloc != "off" && target > current) {
-    auto grown = OpenImage(filename, o);  // the engine sees the new size on a fresh open
+    // A fresh open (the engine sees the new size), without the backing chain: the grown area
+    // is this image's own, whatever a backing file holds there.
+    o.open_backing = false;
+    auto grown = OpenImage(filename, o);
     s = grown.ok() ? Preallocate(**grown, prealloc, current, target) : grown.error();
     if (grown.ok()) {
       Status c = (*grown)->Close();

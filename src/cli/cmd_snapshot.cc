@@ -51,6 +51,7 @@ int RunSnapshot(int argc, char** argv) {
   o.read_only = action == 'l';
   o.untrusted = untrusted;
   o.open_backing = false;
+  o.keep_bitmaps = action == 'c' || action == 'd';  // no guest data changes
   auto img = OpenOrReport(filename, o);
   if (!img) return 1;
   (void)quiet;

@@ -508,6 +508,42 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
   return Status::Ok();
 }
 
+// Before a grow that must hide the backing image, qemu writes zeros over the rest of the
+// last (sub)cluster (the bytes past the old end become guest bytes, and may hold stale data
+// from before a shrink, or show the backing image): a plain write, which allocates where
+// the (sub)cluster is not writable data of its own. Here its in-disk part is rewritten with
+// its own content first (what the guest reads does not change; copy-on-write gives it a home
+// of its own with zeros past the disk end), and the format then zeroes past the end in place.
+Status Image::SettleLastCluster() {
+  const uint64_t unit = map_->subcluster_size();
+  if (size_ % unit == 0) return Status::Ok();
+  const uint64_t from = AlignDown(size_, unit);
+  RangeLock::Guard g(*range_lock_, AlignDown(size_, cluster_size_), AlignUp(size_, cluster_size_), true);
+  std::vector<Mapping> maps;
+  RETURN_IF_ERROR(Lookup(from, size_ - from, &maps));
+  if (std::all_of(maps.begin(), maps.end(),
+                  [](const Mapping& m) { return m.kind == Mapping::Kind::kData && m.writable; }))
+    return Status::Ok();
+  std::vector<std::byte> buf(size_ - from);
+  RETURN_IF_ERROR(ReadUnlocked(from, buf));
+  return WriteAllocating(from, buf);
+}
+
+Status Image::Resize(uint64_t new_size, bool allow_shrink) {
+  WriteDone done(this);
+  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
+  // qemu's bdrv_co_truncate asks for zeros (BDRV_REQ_ZERO_WRITE) exactly then.
+  const bool zero_grown = new_size > size_ && backing_ && backing_->size() > size_;
+  if (zero_grown) RETURN_IF_ERROR(SettleLastCluster());
+  {
+    std::lock_guard lk(meta_mu_);
+    RETURN_IF_ERROR(map_->Resize(new_size, allow_shrink, zero_grown));
+    g_write_generation.fetch_add(1, std::memory_order_release);
+    size_ = map_->virtual_size();
+  }
+  return Status::Ok();
+}
+
 // Whether [off, off+len) already reads as zeros without any I/O (zero or unallocated
 // with nothing behind it).
 bool Image::KnownZero(uint64_t off, uint64_t len) {

@@ -102,6 +102,16 @@ Status Resize(Env* env, uint64_t size) {
   return s.ok() ? c : s;
 }
 
+// cmd_resize.cc growing an overlay over a longer backing file: the grown part must read
+// zeros (the engine settles the last cluster, the format zeroes past the old end).
+Status GrowOverBacking(Env* env) {
+  auto img = Open(env, kTop, false, true);
+  if (!img) return Status::Corrupt("open failed");
+  Status s = img->Resize(kDisk, false);
+  Status c = img->Close();
+  return s.ok() ? c : s;
+}
+
 // cmd_commit.cc: everything the overlay has goes into its backing file, then the overlay
 // is emptied.
 Status Commit(Env* env) {
@@ -355,9 +365,21 @@ std::vector<Case> Cases() {
                    [](Env* e) { return Snapshot(e, 'a', "one"); }});
     out.push_back({name("resize_grow"), "qcow2", o.o, Plain("qcow2", o.o),
                    [](Env* e) { return Resize(e, 64 * kDisk); }});
-    out.push_back({name("resize_shrink"), "qcow2", o.o, WithSnapshots("qcow2", o.o),
+    // qemu refuses to resize a v2 image that has snapshots (so does vimgfs): v2 shrinks
+    // without them.
+    const bool v2 = o.o.count("compat") && o.o.at("compat") == "0.10";
+    out.push_back({name("resize_shrink"), "qcow2", o.o, v2 ? Plain("qcow2", o.o) : WithSnapshots("qcow2", o.o),
                    [](Env* e) { return Resize(e, kDisk / 3 & ~uint64_t{511}); }});
     out.push_back({name("commit"), "qcow2", o.o, Chain("qcow2", o.o, o.o), Commit});
+    // The overlay shrunk to an unaligned size first: its last cluster keeps data past the
+    // end. (v2 has no zero clusters: qemu refuses such a grow, and so does vimgfs.)
+    if (!v2)
+      out.push_back({name("resize_grow_over_backing"), "qcow2", o.o,
+                     [=](Env* e) -> Status {
+                       RETURN_IF_ERROR(Chain("qcow2", o.o, o.o)(e));
+                       return Resize(e, kDisk / 3 & ~uint64_t{511});
+                     },
+                     GrowOverBacking});
     out.push_back({name("rebase"), "qcow2", o.o, Chain("qcow2", o.o, o.o), Rebase});
     out.push_back({name("check_repair_leaks"), "qcow2", o.o,
                    [=](Env* e) -> Status {

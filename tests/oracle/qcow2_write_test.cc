@@ -311,7 +311,7 @@ TEST(Qcow2WriteOracle, GrowOverLargerBackingMatchesQemuResize) {
   {
     auto r = Image::Open(ours, OpenOptions{});
     ASSERT_TRUE(r.ok()) << r.error().message();
-    ASSERT_TRUE((*r)->cluster_map().Resize(10 << 20, false).ok());
+    ASSERT_TRUE((*r)->Resize(10 << 20, false).ok());
     ASSERT_TRUE((*r)->Close().ok());
   }
   ExpectCheckClean(ours);

@@ -121,8 +121,9 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
   RETURN_IF_ERROR(walk_l1(header_.l1_table_offset, header_.l1_size, true));
 
   // Version 3 entries carry at least the large VM state size and the disk size (qemu:
-  // "incomplete" otherwise); -r all rewrites the table (Check, once refcounts are right).
-  for (size_t i = 0; i < snapshots_.size(); i++) {
+  // "incomplete" otherwise; version 2 needs neither); -r all rewrites the table (Check,
+  // once refcounts are right).
+  for (size_t i = 0; i < snapshots_.size() && v3_; i++) {
     if (snapshots_[i].extra.size() >= 16) continue;
     Report(report, fmt::format("{} snapshot table entry {} is incomplete",
                                mode == RepairMode::kAll ? "Repairing" : "ERROR", i));
@@ -522,7 +523,7 @@ Result<CheckReport> Qcow2Map::Check(RepairMode mode) {
   if (!snapshot_view_) RETURN_IF_ERROR(CheckCopiedFlags(mode, &r));
   if (mode == RepairMode::kAll) {
     bool incomplete = false;
-    for (const Snapshot& s : snapshots_) incomplete |= s.extra.size() < 16;
+    for (const Snapshot& s : snapshots_) incomplete |= v3_ && s.extra.size() < 16;
     if (incomplete) RETURN_IF_ERROR(WriteSnapshotTable(*this, snapshots_));
   }
   if (mode != RepairMode::kNone) RETURN_IF_ERROR(FlushAll());

@@ -102,7 +102,8 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
       rewrite = true;
     }
     // Auto-clear features we do not maintain must be cleared before we write.
-    uint64_t keep = h.autoclear_features & kAutoclearDataFileRaw;
+    uint64_t keep = h.autoclear_features &
+                    (kAutoclearDataFileRaw | (ctx.options.keep_bitmaps ? kAutoclearBitmaps : 0));
     if (keep != h.autoclear_features) {
       h.autoclear_features = keep;
       rewrite = true;

@@ -186,6 +186,7 @@ class Qcow2Map final : public ClusterMap {
 
   uint64_t virtual_size() const override { return size_; }
   uint64_t cluster_size() const override { return cluster_size_; }
+  uint64_t subcluster_size() const override { return extended_l2_ ? subcluster_size_ : cluster_size_; }
   bool read_only() const override { return read_only_; }
 
   Status Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) override;
@@ -202,7 +203,7 @@ class Qcow2Map final : public ClusterMap {
   FormatInfo Info() override;
   std::vector<File*> host_files() override;
   Result<CheckReport> Check(RepairMode mode) override;
-  Status Resize(uint64_t new_size, bool allow_shrink) override;
+  Status Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) override;
   Status SetBacking(const std::optional<BackingRef>& ref) override;
   Status SnapshotCreate(const std::string& name) override;
   Status SnapshotApply(const std::string& name) override;
@@ -216,6 +217,11 @@ class Qcow2Map final : public ClusterMap {
   // where a backing file or an allocation needs it). Full: they become unallocated and
   // read from the backing file.
   Status DiscardClusters(uint64_t off, uint64_t len, bool full);
+
+  // Resize's parts (resize.cc).
+  Status ZeroGrown(uint64_t old_size, uint64_t new_size);
+  Status MapRawDataFile(uint64_t old_size, uint64_t new_size);
+  Status TrimAfterShrink(const std::vector<uint64_t>& freed);
 
   // L1/L2 geometry.
   uint64_t l2_entries() const { return l2_entries_; }

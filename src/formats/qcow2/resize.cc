@@ -48,12 +48,136 @@ static Status ReplaceL1(Qcow2Map& m, uint64_t entries) {
   return m.FlushAll();
 }
 
-Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink) {
+// Zeros for what a grow adds over a longer backing file, as qemu's truncate with
+// BDRV_REQ_ZERO_WRITE gives them: zero flags from the first (sub)cluster boundary past the
+// old end on, and zeros written in place over the rest of the old last (sub)cluster, whose
+// bytes past the old end may still hold data from before a shrink. The engine
+// (Image::Resize) has made that (sub)cluster writable data; size_ is the new size already,
+// the header not yet.
+Status Qcow2Map::ZeroGrown(uint64_t old_size, uint64_t new_size) {
+  const uint64_t unit = extended_l2_ ? subcluster_size_ : cluster_size_;
+  const uint64_t zero_start = AlignUp(old_size, unit);
+  if (zero_start > old_size) {
+    const uint64_t end = std::min(zero_start, new_size);
+    std::vector<Mapping> maps;
+    RETURN_IF_ERROR(Lookup(old_size, end - old_size, &maps));
+    uint64_t pos = old_size;
+    for (const Mapping& m : maps) {
+      if (m.kind == Mapping::Kind::kData && m.writable) {
+        std::vector<std::byte> zeros(m.length);
+        RETURN_IF_ERROR(m.file->PWrite(m.host_offset, zeros, IoTag::kData));
+      } else if (m.kind != Mapping::Kind::kZero) {
+        return Status::Corrupt("'{}': the cluster at {:#x} cannot be zeroed in place", path_, pos);
+      }
+      pos += m.length;
+    }
+    if (data_file_) RETURN_IF_ERROR(data_file_->Sync(true));
+  }
+  if (new_size <= zero_start) return Status::Ok();
+  uint64_t whole = AlignUp(zero_start, cluster_size_);
+  if (whole > zero_start) {
+    // Extended L2: the rest of the old last cluster gets zero subclusters.
+    const uint64_t cluster = ClusterIndex(zero_start);
+    const uint64_t cstart = cluster << cluster_bits_;
+    int first = static_cast<int>((zero_start - cstart) / subcluster_size_);
+    int last = static_cast<int>(DivRoundUp(std::min(new_size, whole) - cstart, subcluster_size_));
+    ASSIGN_OR_RETURN(TableRef l2, GetL2(L1Index(cluster), true));
+    uint64_t bm;
+    uint64_t e = LoadL2(l2, L2Index(cluster), &bm);
+    if (IsCompressed(e))  // no subclusters to zero (qemu's words)
+      return Status::Unsupported("Failed to zero out new clusters: Operation not supported");
+    uint32_t mask = SubMask(first, last);
+    StoreL2(l2, L2Index(cluster), e, MakeSubBitmap(SubAllocBits(bm) & ~mask, SubZeroBits(bm) | mask));
+  }
+  if (new_size > whole) RETURN_IF_ERROR(ZeroRange(whole, new_size - whole, false));
+  return Status::Ok();
+}
+
+// Maps the clusters a grow adds to the same offsets of a raw external data file (qemu
+// preallocates their metadata), so the image keeps reading what the data file holds.
+Status Qcow2Map::MapRawDataFile(uint64_t old_size, uint64_t new_size) {
+  const uint64_t end = DivRoundUp(new_size, cluster_size_);
+  for (uint64_t c = ClusterIndex(old_size); c < end; c++) {
+    ASSIGN_OR_RETURN(TableRef l2, GetL2(L1Index(c), true));
+    uint64_t bm;
+    if (L2EntryOffset(LoadL2(l2, L2Index(c), &bm)) != 0) continue;
+    // Subclusters stay unallocated, as in qemu's preallocation.
+    StoreL2(l2, L2Index(c), (c << cluster_bits_) | kFlagCopied, 0);
+  }
+  return Status::Ok();
+}
+
+// After a shrink's frees, what qemu does too (iotests 163, 250): the host space of data
+// clusters nothing references any more is given back (punched; qemu leaves freed L2 tables
+// be), refcount blocks left counting nothing
+// leave the refcount table, and the file is cut after the last cluster in use. Each step
+// runs once the one before is durable, and touches only clusters nothing refers to: a
+// crash leaves leaks at worst.
+Status Qcow2Map::TrimAfterShrink(const std::vector<uint64_t>& freed) {
+  RETURN_IF_ERROR(FlushAll());
+  for (uint64_t c : freed) {
+    ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(c));
+    if (rc != 0) continue;  // still shared with a snapshot
+    Status s = file_->PunchHole(c << cluster_bits_, cluster_size_);
+    if (!s.ok() && s.kind() != ErrorKind::kUnsupported) return s;
+  }
+
+  // Refcount blocks that count nothing but (perhaps) themselves.
+  std::vector<uint64_t> dropped;
+  for (uint64_t b = 0; b < reftable_.size(); b++) {
+    const uint64_t off = reftable_[b] & kOffsetMask;
+    if (!off) continue;
+    RETURN_IF_ERROR(ValidateTableOffset(off, "refcount block"));
+    ASSIGN_OR_RETURN(TableRef t, ref_cache_->Get(off));
+    const uint64_t self = off >> cluster_bits_;
+    bool used = false;
+    for (uint64_t i = 0; i < refblock_entries_ && !used; i++)
+      used = ReadRefcountEntry(t.data(), i, refcount_bits_) != 0 && b * refblock_entries_ + i != self;
+    if (!used) dropped.push_back(b);
+  }
+  if (!dropped.empty()) {
+    std::vector<uint64_t> old = reftable_;
+    for (uint64_t b : dropped) reftable_[b] = 0;
+    RETURN_IF_ERROR(WriteRefTableEntries(0, reftable_.size()));
+    RETURN_IF_ERROR(file_->Sync(true));
+    for (uint64_t b : dropped) {
+      const uint64_t off = old[b] & kOffsetMask;
+      ref_cache_->Forget(off);
+      // Counted in itself it went with the block; counted in another, that count drops.
+      if ((off >> cluster_bits_) / refblock_entries_ != b) RETURN_IF_ERROR(FreeRange(off, cluster_size_));
+      Status s = file_->PunchHole(off, cluster_size_);
+      if (!s.ok() && s.kind() != ErrorKind::kUnsupported) return s;
+    }
+    RETURN_IF_ERROR(FlushAll());
+  }
+
+  // The file ends after the last cluster in use.
+  ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  uint64_t end = DivRoundUp(file_size, cluster_size_);
+  while (end > 1) {
+    ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(end - 1));
+    if (rc != 0) break;
+    end--;
+  }
+  if ((end << cluster_bits_) < file_size) {
+    RETURN_IF_ERROR(file_->Truncate(end << cluster_bits_));
+    RETURN_IF_ERROR(file_->Sync(true));
+    host_end_ = std::min(host_end_, end << cluster_bits_);
+    free_hint_ = std::min(free_hint_, end);
+  }
+  return Status::Ok();
+}
+
+Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
   RETURN_IF_ERROR(CheckWritable());
   if (new_size % 512)
     return Status::InvalidArgument("'{}': the new size must be a multiple of 512", path_);
   if (new_size > limits::kMaxVirtualSize)
     return Status::InvalidArgument("'{}': new size {} is too large", path_, new_size);
+  // A v2 snapshot need not record its disk size, so applying one after a resize could not
+  // restore the size it had (qemu refuses the same way).
+  if (!v3_ && !snapshots_.empty()) return Status::Unsupported("Can't resize a v2 image which has snapshots");
+  const bool raw_data_file = header_.autoclear_features & kAutoclearDataFileRaw;
   if (new_size < size_) {
     if (!allow_shrink)
       return Status::InvalidArgument("Use the --shrink option to perform a shrink operation.");
@@ -68,6 +192,7 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink) {
     RETURN_IF_ERROR(WriteHeader());
     RETURN_IF_ERROR(file_->Sync(true));
     // Free every whole cluster past the new end, and L2 tables left with nothing.
+    std::vector<uint64_t> freed;  // data clusters that may have lost their last reference
     for (uint64_t c = first; c < end;) {
       uint64_t l1i = L1Index(c);
       uint64_t table_end = std::min(end, (l1i + 1) * l2_entries_);
@@ -80,6 +205,8 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink) {
           if (e == 0 && bm == 0) continue;
           StoreL2(l2, L2Index(i), 0, 0);
           if (e & ~(kFlagCopied | kFlagZero)) RETURN_IF_ERROR(FreeL2Entry(e));
+          if (!IsCompressed(e) && L2EntryOffset(e) && !data_file_)
+            freed.push_back(L2EntryOffset(e) >> cluster_bits_);
         }
         if (L2Index(c) == 0) {
           // The whole table is past the end: unlink and free it.
@@ -95,26 +222,42 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink) {
       }
       c = table_end;
     }
+    RETURN_IF_ERROR(TrimAfterShrink(freed));
+    // qemu cuts an external data file to the new size too (the guest reaches no further).
+    if (data_file_) {
+      RETURN_IF_ERROR(FlushAll());
+      RETURN_IF_ERROR(data_file_->Truncate(new_size));
+    }
   } else {
+    const uint64_t zero_unit = extended_l2_ ? subcluster_size_ : cluster_size_;
+    if (zero_grown && !v3_ && new_size > AlignUp(size_, zero_unit))
+      return Status::Unsupported("Failed to zero out new clusters: Operation not supported");
     uint64_t need = L1EntriesFor(new_size);
     if (need * 8 > limits::kMaxL1Bytes)
       return Status::InvalidArgument("'{}': new size {} needs an L1 table larger than {} bytes", path_,
                                      new_size, limits::kMaxL1Bytes);
     if (need > l1_.size()) RETURN_IF_ERROR(ReplaceL1(*this, need));
     if (data_file_) {
+      // As qemu: a raw data file only grows (it may hold data past the old end already),
+      // another one takes the new size exactly.
       ASSIGN_OR_RETURN(uint64_t dsize, data_file_->Size());
-      if (dsize < new_size) RETURN_IF_ERROR(data_file_->Truncate(new_size));
+      if (dsize < new_size || (!raw_data_file && dsize != new_size))
+        RETURN_IF_ERROR(data_file_->Truncate(new_size));
     }
   }
   RETURN_IF_ERROR(FlushAll());
   uint64_t old_size = size_;
   header_.size = new_size;
   size_ = new_size;
-  // Space a grow exposes must not show a (larger) backing file's data: zero-flag the new
-  // whole clusters, as qemu does.
-  uint64_t zero_from = AlignUp(old_size, cluster_size_);
-  if (new_size > zero_from && !header_.backing_file.empty() && v3_)
-    RETURN_IF_ERROR(ZeroRange(zero_from, new_size - zero_from, false));
+  // What the grow adds is reached only once the header says the new size: everything
+  // below is written before it.
+  Status s;
+  if (new_size > old_size && raw_data_file) s = MapRawDataFile(old_size, new_size);
+  if (s.ok() && new_size > old_size && zero_grown) s = ZeroGrown(old_size, new_size);
+  if (!s.ok()) {  // the old size stays (a later header write must not carry the new one)
+    header_.size = size_ = old_size;
+    return s;
+  }
   RETURN_IF_ERROR(FlushAll());
   RETURN_IF_ERROR(WriteHeader());
   return file_->Sync(true);
@@ -439,7 +582,7 @@ Status Qcow2Map::SnapshotCreate(const std::string& name) {
   s.date_nsec = static_cast<uint32_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count() % 1000000000);
   s.disk_size = size_;
   s.has_disk_size = true;
-  s.icount = UINT64_MAX;
+  s.icount = 0;  // as qemu-img writes it (no instruction counter ran)
   s.extra.resize(24);
   std::vector<Snapshot> snaps = snapshots_;
   snaps.push_back(std::move(s));

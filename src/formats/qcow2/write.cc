@@ -181,13 +181,14 @@ Status Qcow2Map::ZeroRange(uint64_t off, uint64_t len, bool unmap) {
     return Status::Unsupported("qcow2 version 2 has no zero clusters");
   const uint64_t first = ClusterIndex(off);
   const uint64_t end_cluster = DivRoundUp(off + len, cluster_size_);
-  const bool has_backing = !header_.backing_file.empty();
   for (uint64_t c = first; c < end_cluster;) {
     uint64_t l1i = L1Index(c);
     uint64_t table_end = std::min(end_cluster, (l1i + 1) * l2_entries_);
     ASSIGN_OR_RETURN(uint64_t l2_off, L2Offset(l1i));
-    if (l2_off == 0 && (!has_backing || !v3_)) {
-      c = table_end;  // reads as zeros already
+    // Version 3 gets zero flags even where nothing is allocated and no backing file is
+    // there now (as qemu's zeroize): a later rebase must not make them show one.
+    if (l2_off == 0 && !v3_) {
+      c = table_end;  // v2 without a backing file (refused above with one): zeros already
       continue;
     }
     ASSIGN_OR_RETURN(TableRef l2, GetL2(l1i, true));

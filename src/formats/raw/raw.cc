@@ -72,7 +72,7 @@ class RawMap final : public ClusterMap {
     return Status::Unsupported("This image format does not support checks");
   }
 
-  Status Resize(uint64_t new_size, bool allow_shrink) override {
+  Status Resize(uint64_t new_size, bool allow_shrink, bool) override {
     if (read_only_) return Status::ReadOnly("'{}' is opened read-only", file_->path());
     if (new_size < size_ && !allow_shrink)
       return Status::InvalidArgument("Use the --shrink option to perform a shrink operation.");

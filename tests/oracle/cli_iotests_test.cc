@@ -1,0 +1,297 @@
+// Data and metadata cases from qemu's qemu-iotests, each as a scenario run with vimgfs
+// and with qemu-img on copies of the same images, judged by qemu-img / qemu-io. The iotest
+// each one comes from is named above it.
+#include <string>
+#include <vector>
+
+#include "cli_test_helpers.h"
+
+namespace vimgfs::test {
+namespace {
+
+class CliIotestsTest : public CliTest {
+ protected:
+  // Runs `vimgfs ARGS v.qcow2` and `qemu-img ARGS q.qcow2`: same exit code, stdout and
+  // message (after the program name).
+  void Both(const std::string& args, const std::string& after = "") {
+    SCOPED_TRACE(args + " <file> " + after);
+    CommandResult v = V(args + " v.qcow2 " + after);
+    CommandResult q = Q(args + " q.qcow2 " + after);
+    EXPECT_EQ(v.exit_code, q.exit_code) << v.err << "\nqemu: " << q.err;
+    EXPECT_EQ(v.out, q.out);
+    EXPECT_EQ(Message(v.err), Message(q.err));
+  }
+  // Error lines without the program's name (the first word of each line).
+  static std::string Message(const std::string& err) {
+    std::string out;
+    for (size_t pos = 0; pos < err.size();) {
+      size_t nl = err.find('\n', pos);
+      std::string line = err.substr(pos, nl == std::string::npos ? std::string::npos : nl + 1 - pos);
+      size_t colon = line.find(": ");
+      out += colon == std::string::npos ? line : line.substr(colon + 2);
+      pos = nl == std::string::npos ? err.size() : nl + 1;
+    }
+    return out;
+  }
+  // qemu-img map's runs without host offsets (where clusters land may differ).
+  nlohmann::json Map(const std::string& f) {
+    nlohmann::json runs = Json(Q("map --output=json " + f));
+    for (auto& r : runs) r.erase("offset");
+    return runs;
+  }
+  // v.qcow2 and q.qcow2 read the same, map the same (but for host offsets) and check clean.
+  void ExpectSame(bool same_map = true) {
+    CommandResult c = Q("compare v.qcow2 q.qcow2");
+    EXPECT_EQ(c.exit_code, 0) << c.out << c.err;
+    if (same_map) { EXPECT_EQ(Map("v.qcow2"), Map("q.qcow2")); }
+    nlohmann::json vi = Json(Q("info --output=json v.qcow2")), qi = Json(Q("info --output=json q.qcow2"));
+    EXPECT_EQ(vi["virtual-size"], qi["virtual-size"]);
+    CommandResult chk = Q("check v.qcow2");
+    EXPECT_EQ(chk.exit_code, 0) << chk.out << chk.err;
+  }
+  void Copies(const std::string& from) { MustSh("cp " + from + " v.qcow2 && cp " + from + " q.qcow2"); }
+};
+
+// iotest 292: a shrink keeps the partial last cluster, data past the new end included; a
+// grow over a longer backing file must then read zeros there, not that stale data (qemu
+// writes zeros over it), nor the backing file's data. Without a backing file qemu writes
+// nothing and the old bytes show again; so must we.
+TEST_F(CliIotestsTest, ShrinkThenGrowOverLongerBackingReadsZerosPastTheOldEnd) {
+  for (std::string opts : {"", "cluster_size=4096", "extended_l2=on", "compat=0.10"}) {
+    for (std::string top_fill : {"full", "empty", "compressed", "snapshot"}) {
+      for (bool backing : {true, false}) {
+        SCOPED_TRACE("-o '" + opts + "' top " + top_fill + (backing ? " over a backing file" : " alone"));
+        MustSh("rm -f *.qcow2");
+        std::string o = opts.empty() ? "" : " -o " + opts;
+        if (backing) {
+          MustSh("qemu-img create -q -f qcow2" + o + " base.qcow2 1M");
+          MustSh("qemu-io -c 'write -P 0x11 0 1M' base.qcow2 >/dev/null");
+          MustSh("qemu-img create -q -f qcow2" + o + " -b base.qcow2 -F qcow2 orig.qcow2 1M");
+        } else {
+          MustSh("qemu-img create -q -f qcow2" + o + " orig.qcow2 1M");
+        }
+        if (top_fill == "full" || top_fill == "snapshot")
+          MustSh("qemu-io -c 'write -P 0x22 0 1M' orig.qcow2 >/dev/null");
+        if (top_fill == "compressed") MustSh("qemu-io -c 'write -c -P 0x22 0 1M' orig.qcow2 >/dev/null");
+        if (top_fill == "snapshot") MustSh("qemu-img snapshot -c s orig.qcow2");
+        Copies("orig.qcow2");
+        Both("resize --shrink", "520k");
+        Both("resize", "567k");
+        Both("resize", "1M");  // whole clusters past the old end too
+        // With extended L2, a write into an unallocated cluster allocates all of its
+        // subclusters here, only the written ones in qemu: the same reads, another map.
+        ExpectSame(/*same_map=*/!(opts == "extended_l2=on" && top_fill == "empty" && backing));
+      }
+    }
+  }
+  // 292 itself.
+  MustSh("rm -f *.qcow2 && qemu-img create -q -f qcow2 base.qcow2 1M");
+  MustSh("qemu-io -c 'write -P 0x11 0 1M' base.qcow2 >/dev/null");
+  MustSh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 v.qcow2 1M");
+  MustSh("qemu-io -c 'write -P 0x22 0 1M' v.qcow2 >/dev/null");
+  Ok(V("resize --shrink v.qcow2 520k"));
+  Ok(V("resize v.qcow2 567k"));
+  Ok(Io("-c 'read -P 0x22 0 520k' -c 'read -P 0 520k 47k' v.qcow2"));
+  EXPECT_EQ(Ok(Io("-c 'read -P 0 520k 47k' v.qcow2")).find("Pattern verification failed"), std::string::npos);
+}
+
+// iotest 244: growing an image whose raw data file already holds data past the old end:
+// the qcow2 view must be the data file, grown part included. A shrink cuts the data file
+// too, as qemu does.
+TEST_F(CliIotestsTest, GrowWithRawDataFileShowsTheDataFile) {
+  std::vector<std::string> maps;
+  for (std::string tool : {"v", "q"}) {  // each in its own folder: the image names t.data
+    SCOPED_TRACE(tool);
+    auto in = [&](const std::string& line) { return "cd " + tool + " && " + line; };
+    MustSh("mkdir " + tool);
+    MustSh(in("qemu-img create -q -f qcow2 -o data_file=t.data,data_file_raw=on t.qcow2 1M"));
+    MustSh(in("qemu-io -c 'write -P 42 0 1M' t.qcow2 >/dev/null"));
+    MustSh(in("truncate -s 2M t.data && qemu-io -f raw -c 'write -P 84 1M 1M' t.data >/dev/null"));
+    // Inside the folder: qemu takes a relative data file name from the working directory.
+    Ok(Sh(in((tool == "v" ? Quote(VimgfsBinary()) : std::string("qemu-img")) + " resize t.qcow2 2M")));
+    CommandResult c = Sh(in("qemu-img compare -f raw t.data t.qcow2"));
+    EXPECT_EQ(c.exit_code, 0) << c.out << c.err;
+    Ok(Sh(in("qemu-io -c 'read -P 42 0 1M' -c 'read -P 84 1M 1M' t.qcow2")));
+    CommandResult chk = Sh(in("qemu-img check t.qcow2"));
+    EXPECT_EQ(chk.exit_code, 0) << chk.out << chk.err;
+    maps.push_back(Ok(Sh(in("qemu-img map --output=json t.qcow2"))));
+  }
+  EXPECT_EQ(maps[0], maps[1]);
+}
+
+TEST_F(CliIotestsTest, ResizeCutsAndGrowsTheExternalDataFileAsQemu) {
+  auto size = [&](const std::string& f) { return Ok(Sh("stat -c %s " + f)); };
+  for (std::string raw : {"on", "off"}) {
+    SCOPED_TRACE("data_file_raw=" + raw);
+    for (std::string tool : {"v", "q"}) {
+      MustSh("rm -f " + tool + ".qcow2 " + tool + ".data");
+      MustSh("qemu-img create -q -f qcow2 -o data_file=" + tool + ".data,data_file_raw=" + raw + " " + tool +
+             ".qcow2 1M");
+      MustSh("qemu-io -c 'write -P 7 0 1M' " + tool + ".qcow2 >/dev/null");
+    }
+    Both("resize --shrink", "520k");
+    EXPECT_EQ(size("v.data"), size("q.data"));
+    MustSh("truncate -s 3M v.data && truncate -s 3M q.data");
+    Both("resize", "2M");
+    EXPECT_EQ(size("v.data"), size("q.data"));
+    ExpectSame();
+  }
+}
+
+// iotest 061: a v2 snapshot need not record the disk size, so qemu refuses to resize a v2
+// image that has snapshots (a v3 one is fine).
+TEST_F(CliIotestsTest, ResizeRefusesAVersion2ImageWithSnapshots) {
+  MustSh("qemu-img create -q -f qcow2 -o compat=0.10 orig.qcow2 32M");
+  MustSh("qemu-io -c 'write -P 0x2a 24M 64k' orig.qcow2 >/dev/null && qemu-img snapshot -c foo orig.qcow2");
+  Copies("orig.qcow2");
+  Both("resize", "64M");
+  EXPECT_NE(V("resize v.qcow2 64M").err.find("Can't resize a v2 image which has snapshots"), std::string::npos);
+  Both("resize --shrink", "16M");
+  ExpectSame();
+  MustSh("qemu-img create -q -f qcow2 orig.qcow2 32M && qemu-img snapshot -c foo orig.qcow2");
+  Copies("orig.qcow2");
+  Both("resize", "64M");
+  ExpectSame();
+}
+
+// iotest 020: commit -b takes a relative base name against the folder of the image whose
+// backing file it is, not the working directory.
+TEST_F(CliIotestsTest, CommitBaseNameIsRelativeToTheOverlaysFolder) {
+  for (std::string tool : {"v", "q"}) {
+    SCOPED_TRACE(tool);
+    auto run = [&](const std::string& args) { return tool == "v" ? V(args) : Q(args); };
+    MustSh("rm -rf subdir && mkdir subdir");
+    MustSh("qemu-img create -q -f qcow2 subdir/t.base 1M");
+    MustSh("qemu-img create -q -f qcow2 -b t.base -F qcow2 subdir/t.mid");
+    MustSh("qemu-img create -q -f qcow2 -b t.mid -F qcow2 subdir/t");
+    MustSh("qemu-io -c 'write -P 5 0 64k' subdir/t >/dev/null");
+    EXPECT_EQ(Ok(run("commit -b t.mid subdir/t")), "Image committed.\n");
+    CommandResult bad = run("commit -b subdir/t.mid subdir/t");
+    EXPECT_EQ(bad.exit_code, 1);
+    EXPECT_EQ(Message(bad.err), "Did not find 'subdir/t.mid' in the backing chain of 'subdir/t'\n");
+    EXPECT_EQ(Ok(run("commit -b " + F("subdir/t.mid") + " subdir/t")), "Image committed.\n");
+    EXPECT_EQ(Ok(run("commit -b t.base subdir/t")), "Image committed.\n");  // further down
+    Ok(Io("-c 'read -P 5 0 64k' subdir/t.base"));
+  }
+}
+
+// iotest 261: qemu-img snapshot -c stores an instruction count of 0 (no -1), which
+// `snapshot -l` shows in its ICOUNT column.
+TEST_F(CliIotestsTest, SnapshotCreateStoresIcountZero) {
+  MustSh("qemu-img create -q -f qcow2 v.qcow2 1M && qemu-img create -q -f qcow2 q.qcow2 1M");
+  Ok(V("snapshot -c s v.qcow2"));
+  Ok(Q("snapshot -c s q.qcow2"));
+  auto icount = [&](const std::string& f) {  // the last column of the last line
+    std::string list = Ok(Q("snapshot -l " + f));
+    auto end = list.find_last_not_of(" \n");
+    auto start = list.find_last_of(" ", end);
+    return list.substr(start + 1, end - start);
+  };
+  EXPECT_EQ(icount("v.qcow2"), "0");
+  EXPECT_EQ(icount("q.qcow2"), "0");
+}
+
+// iotest 176: a persistent dirty bitmap survives snapshot -c / -d and commit (which empties
+// the overlay): qemu keeps it, and these change no guest data it would have to record.
+TEST_F(CliIotestsTest, SnapshotAndCommitKeepPersistentBitmaps) {
+  auto bitmaps = [&](const std::string& f) {
+    nlohmann::json j = Json(Q("info --output=json " + f));
+    return j["format-specific"]["data"].value("bitmaps", nlohmann::json::array()).dump();
+  };
+  MustSh("qemu-img create -q -f qcow2 base.qcow2 1M");
+  MustSh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 orig.qcow2 1M");
+  MustSh("qemu-img bitmap --add orig.qcow2 bitmap0");
+  MustSh("qemu-io -c 'write -P 3 0 64k' orig.qcow2 >/dev/null");
+  const std::string before = bitmaps("orig.qcow2");
+  ASSERT_NE(before, "[]");
+  Copies("orig.qcow2");
+  Both("snapshot -c snap");
+  EXPECT_EQ(bitmaps("v.qcow2"), before);
+  Both("snapshot -d snap");
+  EXPECT_EQ(bitmaps("v.qcow2"), before);
+  ExpectSame();
+  for (std::string args : {"commit", "commit -d", "commit -b base.qcow2"}) {
+    SCOPED_TRACE(args);
+    MustSh("cp orig.qcow2 v.qcow2");
+    Ok(V(args + " v.qcow2"));
+    EXPECT_EQ(bitmaps("v.qcow2"), before);
+    CommandResult chk = Q("check v.qcow2");
+    EXPECT_EQ(chk.exit_code, 0) << chk.out << chk.err;
+  }
+}
+
+// iotest 252: rebasing an image that had no backing file (or reads past its old backing
+// file's end) onto one with data: where the new backing file would show through, the
+// image gets zero clusters, as qemu-img writes them, not clusters of zero data.
+TEST_F(CliIotestsTest, RebaseWritesZeroClustersWhereTheOldBackingFileEnded) {
+  MustSh("qemu-img create -q -f qcow2 orig.qcow2 384k && qemu-img create -q -f qcow2 new.qcow2 384k");
+  MustSh("qemu-img create -q -f qcow2 short.qcow2 128k");
+  MustSh("qemu-io -c 'write -P 0x22 0 128k' -c 'write -P 0x11 128k 128k' orig.qcow2 >/dev/null");
+  MustSh("qemu-io -c 'write -P 0x11 0 64k' -c 'write -P 0x11 128k 64k' -c 'write -P 0x11 256k 64k' "
+         "new.qcow2 >/dev/null");
+  for (std::string old_backing : {"", "short.qcow2"}) {
+    SCOPED_TRACE("old backing file '" + old_backing + "'");
+    MustSh("cp orig.qcow2 o.qcow2");
+    if (!old_backing.empty()) MustSh("qemu-img rebase -u -b short.qcow2 -F qcow2 o.qcow2");
+    Copies("o.qcow2");
+    Both("rebase -b new.qcow2 -F qcow2");
+    ExpectSame();
+    Ok(Io("-c 'read -P 0 256k 128k' v.qcow2"));
+  }
+}
+
+// iotest 313: committing an overlay that reads zeros everywhere leaves the base's clusters
+// unmapped (qemu's commit is a mirror job with unmap on), so the base has none allocated.
+TEST_F(CliIotestsTest, CommitOfZeroedOverlayUnmapsTheBase) {
+  for (std::string tool : {"v", "q"}) {
+    SCOPED_TRACE(tool);
+    MustSh("rm -f base.qcow2 top.qcow2");
+    MustSh("qemu-img create -q -f qcow2 -o cluster_size=4096 base.qcow2 2M");
+    MustSh("qemu-io -c 'write -P 1 0 2M' base.qcow2 >/dev/null");
+    MustSh("qemu-img create -q -f qcow2 -o cluster_size=4096 -b base.qcow2 -F qcow2 top.qcow2");
+    MustSh("qemu-io -c 'write -z 0 2M' top.qcow2 >/dev/null");
+    Ok(tool == "v" ? V("commit top.qcow2") : Q("commit top.qcow2"));
+    Ok(Io("-c 'read -P 0 0 2M' base.qcow2"));
+    std::string chk = Ok(Q("check base.qcow2"));
+    EXPECT_EQ(chk.find("allocated"), std::string::npos) << chk;  // no "N/M = x% allocated" line
+  }
+}
+
+// iotests 163 and 250: a shrink gives back what it freed, as qemu does: the host space of
+// freed clusters is punched, refcount blocks that count nothing leave the table, and the
+// file ends after the last cluster in use.
+TEST_F(CliIotestsTest, ShrinkGivesBackHostSpaceAndCutsTheFile) {
+  auto usage = [&](const std::string& f) { return std::stoull(Ok(Sh("du --block-size=1 " + f + " | cut -f1"))); };
+  auto size = [&](const std::string& f) { return std::stoull(Ok(Sh("stat -c %s " + f))); };
+  // 250: data at both ends of a metadata-preallocated image, then a shrink to 5M.
+  MustSh("qemu-img create -q -f qcow2 -o cluster_size=1M,preallocation=metadata orig.qcow2 2100M");
+  MustSh("qemu-io -c 'discard 0 10M' -c 'discard 2090M 10M' -c 'write 2090M 10M' -c 'write 0 10M' "
+         "orig.qcow2 >/dev/null");
+  Copies("orig.qcow2");
+  const uint64_t before = usage("v.qcow2");
+  Both("resize --shrink", "5M");
+  // The 10M written past the new end are given back, at least (qemu also writes
+  // its whole refcount table out, so it may keep a little more).
+  EXPECT_GE(before - usage("v.qcow2"), 10u << 20);
+  EXPECT_LE(usage("v.qcow2"), usage("q.qcow2"));
+  EXPECT_EQ(size("v.qcow2"), size("q.qcow2"));
+  ExpectSame();
+  // 163: written sequentially far past the new end, with 1-bit refcounts to need several
+  // refcount blocks; after the shrink the file is cut as qemu cuts it.
+  for (std::string bits : {"1", "16"}) {
+    SCOPED_TRACE("refcount_bits=" + bits);
+    MustSh("rm -f orig.qcow2 check.qcow2 && qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=" + bits +
+           " orig.qcow2 32M");
+    MustSh("qemu-io -c 'write -P 0xff 0 32M' orig.qcow2 >/dev/null");
+    MustSh("qemu-img create -q -f qcow2 -o cluster_size=512 check.qcow2 10M");
+    MustSh("qemu-io -c 'write -P 0xff 0 10M' check.qcow2 >/dev/null");
+    Copies("orig.qcow2");
+    Both("resize --shrink", "10M");
+    EXPECT_EQ(size("v.qcow2"), size("q.qcow2"));
+    EXPECT_EQ(Q("compare v.qcow2 check.qcow2").exit_code, 0);
+    ExpectSame();
+  }
+}
+
+}  // namespace
+}  // namespace vimgfs::test
