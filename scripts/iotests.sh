@@ -115,6 +115,17 @@ for fmt in "${formats[@]}"; do
   run vimgfs "$frontend/qemu-img" "$fmt" "$res/$fmt.vimgfs.tap"
   passed_v=$(passed "$res/$fmt.vimgfs.tap")
   failed_v=$(failed "$res/$fmt.vimgfs.tap")
+  if [ $ci -eq 1 ] && [ -n "$failed_v" ]; then
+    # The VM tests watch a guest under TCG, and a loaded machine reorders their job
+    # events (095 once saw an extra pause): a failure counts only if it fails again alone.
+    echo "$fmt: failed once, run again one at a time: $(echo $failed_v)"
+    asked_ci=$ci; ci=0; asked_jobs=$jobs; jobs=1
+    asked=("${tests[@]+"${tests[@]}"}"); tests=($failed_v)
+    run vimgfs "$frontend/qemu-img" "$fmt" "$res/$fmt.vimgfs-again.tap"
+    tests=("${asked[@]+"${asked[@]}"}"); ci=$asked_ci; jobs=$asked_jobs
+    passed_v=$( (echo "$passed_v"; passed "$res/$fmt.vimgfs-again.tap") | grep . | sort || true)
+    failed_v=$(failed "$res/$fmt.vimgfs-again.tap")
+  fi
   nv=$(echo "$passed_v" | grep -c . || true)
   if [ $baseline -eq 1 ]; then
     # The baseline: qemu-img on the tests vimgfs failed (a test vimgfs passes needs none).
