@@ -92,6 +92,10 @@ struct FormatInfo {
   bool dirty = false;
   bool encrypted = false;
   std::vector<SnapshotInfo> snapshots;
+  // The codec of the compressed clusters this image stores (convert -c); kNone: none.
+  Codec compression = Codec::kNone;
+  // Zero clusters read as zeros over any backing file (qcow2 v3; v2 can only deallocate).
+  bool zero_clusters = false;
   nlohmann::json format_specific;  // qemu-img info's "format-specific" object (or null)
 };
 
@@ -266,11 +270,45 @@ struct CreateContext {
 // Creates (truncating) a new file of an image being created, with ctx's file hints.
 Result<std::unique_ptr<File>> CreateImageFile(const CreateContext& ctx, const std::string& path);
 
+// One option of `create -o`, as qemu-img 7.2 describes it (-o help, "Formatting" line).
+struct CreateOptionSpec {
+  enum class Type { kString, kSize, kNumber, kBool };
+  const char* name;
+  Type type;
+  const char* help;
+  const char* default_value = nullptr;  // shown when not given (qemu's def_value_str)
+};
+
+// What a format can do, declared once by its driver. Front ends ask this, never a name.
+struct FormatTraits {
+  // The create options, in qemu 7.2's order (that of the "Formatting" line).
+  std::vector<CreateOptionSpec> create_options;
+  // How `create -o preallocation` is honoured: by the format (qcow2 allocates clusters),
+  // by the file protocol on the new file while it is empty (raw, flat extents), or not at
+  // all (the format sizes its file itself: vdi).
+  enum class CreatePreallocation { kFormat, kFile, kIgnored };
+  CreatePreallocation create_preallocation = CreatePreallocation::kFile;
+  // How `convert -c` stores compressed data: none; compressed clusters through
+  // Image::WriteCompressed (qcow2); or only as a subformat written front to back by a
+  // writer of its own (vmdk streamOptimized, named by compressed_subformat).
+  enum class Compression { kNone, kClusters, kStreamSubformat };
+  Compression compression = Compression::kNone;
+  const char* compressed_subformat = "";
+  // How `resize --preallocation` gives a grown area its space: not at all, through
+  // Image::Preallocate (off, metadata, falloc, full), or in the host file itself, whose
+  // offsets are the guest's (raw: off, falloc, full).
+  enum class GrowPreallocation { kNone, kClusters, kHostFile };
+  GrowPreallocation grow_preallocation = GrowPreallocation::kNone;
+  // Added to "The image size is too large for file format 'F'" on create.
+  const char* too_large_hint = "";
+};
+
 // A format: stateless, registered in formats/registry.cc.
 class FormatDriver {
  public:
   virtual ~FormatDriver() = default;
   virtual const char* name() const = 0;
+  virtual const FormatTraits& traits() const = 0;
   // How sure the driver is that `head` (the first bytes of the file, up to 4 KiB) is
   // its format: 0 no, 100 certain (qemu's probe scores).
   virtual int Probe(std::span<const std::byte> head, const std::string& path) const = 0;

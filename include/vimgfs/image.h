@@ -11,6 +11,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <span>
@@ -63,6 +64,8 @@ class Image {
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
   const std::string& format() const { return format_; }
+  // What the image's format can do (its driver's declaration).
+  const FormatTraits& traits() const { return driver_->traits(); }
   bool read_only() const { return read_only_; }
   Image* backing() const { return backing_.get(); }
   // The backing reference stored in the image, whether or not it was opened.
@@ -107,13 +110,37 @@ class Image {
   Status Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out);
 
   FormatInfo Info();
-  ClusterMap& cluster_map() { return *map_; }
+  // The allocation unit (qcow2 cluster, VMDK grain, VDI block; raw: 1 MiB nominal).
+  uint64_t cluster_size() const { return cluster_size_; }
   Env& env() { return *env_; }
   // The image file itself.
   File& file() { return *file_; }
+  // Host files other than the image file (data file, extents), for `info` and locking.
+  std::vector<File*> host_files();
+
+  // Changes of the image as a whole. Each runs with every cluster locked exclusive, so
+  // reads and writes on other threads wait for it, and is counted for Flush like a write.
+  // kUnsupported where the format has no such thing.
+  //
+  // Checks the image's metadata, repairing what `mode` allows (qemu-img check -r).
+  Result<CheckReport> Check(RepairMode mode);
+  // Internal snapshots (qemu-img snapshot -c/-a/-d). After Apply, size() is the
+  // snapshot's size.
+  Status SnapshotCreate(const std::string& name);
+  Status SnapshotApply(const std::string& name);
+  Status SnapshotDelete(const std::string& name);
+  // Drops every cluster of this image, so the whole disk reads from the backing image.
+  Status MakeEmpty();
+  // Rewrites the backing reference stored in the image (rebase, commit). backing() still
+  // shows the chain opened with the image until it is opened again.
+  Status SetBacking(const std::optional<BackingRef>& ref);
+  // Stores the allocation unit at off (aligned to cluster_size()) as one stream already
+  // compressed in the image's codec (convert -c).
+  Status WriteCompressed(uint64_t off, std::span<const std::byte> stream);
 
  private:
   friend struct ImageOpener;
+  friend struct ImageInternals;  // white-box tests reach the format's map through it
   Image() = default;
   Status CheckProbedRawHead(uint64_t off, std::span<const std::byte> buf);
   bool KnownZero(uint64_t off, uint64_t len);
@@ -132,10 +159,15 @@ class Image {
   // Makes a planned host range read as zeros, as `fill` says.
   Status FillHost(const WritePlan& plan, Fill fill);
   Status ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard);
+  // Runs `change` on the format's map with every cluster locked exclusive and the
+  // metadata lock held, then refreshes the size and drops decompressed units.
+  Status ChangeWhole(bool writes, const std::function<Status(ClusterMap&)>& change);
+  ClusterMap& map() { return *map_; }
 
   Env* env_ = nullptr;
   std::string path_;
   std::string format_;
+  const FormatDriver* driver_ = nullptr;
   bool read_only_ = false;
   bool probed_raw_ = false;  // format guessed as raw: protect sector 0 (see Write)
   uint64_t size_ = 0;

@@ -104,7 +104,7 @@ int RunCheck(int argc, char** argv) {
   std::unique_ptr<Image> img = OpenOrReport(filename, o);
   if (!img) return 1;
 
-  auto res = img->cluster_map().Check(mode);
+  auto res = img->Check(mode);
   if (!res.ok()) {
     if (res.error().kind() == ErrorKind::kUnsupported) {
       PrintError("This image format does not support checks");
@@ -135,7 +135,7 @@ int RunCheck(int argc, char** argv) {
       PrintFileError(filename, fl);
       return 1;
     }
-    auto again = img->cluster_map().Check(RepairMode::kNone);
+    auto again = img->Check(RepairMode::kNone);
     if (!again.ok()) {
       PrintError(fmt::format("Check failed: {}", again.error().message()));
       return 1;

@@ -102,14 +102,10 @@ int RunCommit(int argc, char** argv) {
   if (!wbase) return 1;
   if (wbase->size() < top->size()) {
     Status s = wbase->Resize(top->size(), false);
-    if (s.ok()) s = wbase->Close();
     if (!s.ok()) {
       PrintFileError(base_path, s);
       return 1;
     }
-    wbase.reset();  // drop its locks before taking them again
-    wbase = OpenOrReport(base_path, bo);
-    if (!wbase) return 1;
   }
 
   Progress bar(progress && StdoutIsTty());
@@ -162,7 +158,7 @@ int RunCommit(int argc, char** argv) {
     to.keep_bitmaps = true;
     auto wtop = OpenOrReport(filename, to);
     if (!wtop) return 1;
-    s = wtop->cluster_map().MakeEmpty();
+    s = wtop->MakeEmpty();
     if (s.kind() == ErrorKind::kUnsupported) s = Status::Ok();  // qemu leaves these too
     Status c = wtop->Close();
     if (s.ok()) s = c;

@@ -44,16 +44,6 @@ const char kUsage[] =
     "  -T src_cache     source cache mode (checked, no effect on reads)\n"
     "  -U, --force-share  read the source images even while another process writes them (no lock)\n";
 
-Codec TargetCodec(Image& img) {
-  FormatInfo fi = img.Info();
-  const nlohmann::json* data = &fi.format_specific;
-  if (data->is_object() && data->contains("data")) data = &(*data)["data"];
-  if (data->is_object() && data->contains("compression-type") &&
-      (*data)["compression-type"] == "zstd")
-    return Codec::kZstd;
-  return Codec::kDeflateRaw;
-}
-
 }  // namespace
 
 int RunConvert(int argc, char** argv) {
@@ -197,9 +187,14 @@ int RunConvert(int argc, char** argv) {
   if (!no_create && out_backing && !out_backing_fmt)
     return *stop_with("Use of backing file requires explicit backing format");
   const std::string subformat = FindOption(opts, "subformat").value_or("");
-  const bool stream_vmdk = out_fmt == "vmdk" && subformat == "streamOptimized";
+  const FormatDriver* out_driver = FindFormat(out_fmt);
+  const FormatTraits::Compression compression =
+      out_driver ? out_driver->traits().compression : FormatTraits::Compression::kNone;
+  const bool stream_vmdk = compression == FormatTraits::Compression::kStreamSubformat &&
+                           subformat == out_driver->traits().compressed_subformat;
   if (compress) {
-    if (out_fmt != "qcow2" && out_fmt != "vmdk") return *stop_with("Compression not supported for this file format");
+    if (compression == FormatTraits::Compression::kNone)
+      return *stop_with("Compression not supported for this file format");
     if (FindOption(opts, "encrypt.format") || FindOption(opts, "encryption").value_or("off") != "off")
       return *stop_with("Compression and encryption not supported at the same time");
     if (FindOption(opts, "preallocation").value_or("off") != "off")
@@ -285,9 +280,9 @@ int RunConvert(int argc, char** argv) {
     PrintError("output file is smaller than input file");
     return 1;
   }
-  if (compress && out_fmt == "qcow2") {
+  if (compress && compression == FormatTraits::Compression::kClusters) {
     cs.compress = true;
-    cs.codec = TargetCodec(*target);
+    cs.codec = target->Info().compression;
   }
   Status s = ConvertToImage(src, *target, cs);
   if (s.ok()) s = target->Close();

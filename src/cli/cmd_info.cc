@@ -43,7 +43,7 @@ nlohmann::ordered_json ImageInfoJson(Image& img) {
     actual = *a;
     have_actual = true;
   }
-  for (File* f : img.cluster_map().host_files()) {
+  for (File* f : img.host_files()) {
     if (f == &img.file()) continue;
     if (auto a = f->AllocatedSize(); a.ok()) actual += *a;
   }

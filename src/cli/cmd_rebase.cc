@@ -95,13 +95,11 @@ int RunRebase(int argc, char** argv) {
     Image* old_base = img->backing();
     // Zero clusters that keep reading zeros over any backing file: qcow2 v3 (v2 can only
     // deallocate, which would show the new backing file).
-    const nlohmann::json info = img->Info().format_specific;
-    const bool zero_clusters = img->format() == "qcow2" && info.is_object() && info.contains("data") &&
-                               info["data"].value("compat", "") != "0.10";
+    const bool zero_clusters = img->Info().zero_clusters;
     Progress bar(progress && StdoutIsTty());
     std::vector<std::byte> a(kStep), b(kStep);
     const uint64_t size = img->size();
-    const uint64_t cluster = img->cluster_map().cluster_size();
+    const uint64_t cluster = img->cluster_size();
     for (uint64_t pos = 0; pos < size; pos += kStep) {
       uint64_t n = std::min(kStep, size - pos);
       auto runs = img->Map(pos, n, true);
@@ -147,7 +145,7 @@ int RunRebase(int argc, char** argv) {
 
   std::optional<BackingRef> ref;
   if (!backing.empty()) ref = BackingRef{backing, backing_fmt};
-  Status s = img->cluster_map().SetBacking(ref);
+  Status s = img->SetBacking(ref);
   if (!s.ok()) {
     PrintError(fmt::format("Could not change the backing file to '{}': {}", backing, s.message()));
     return 1;

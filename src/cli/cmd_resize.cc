@@ -25,7 +25,7 @@ const char kUsage[] =
 // range), or host space (raw).
 Status Preallocate(Image& img, const std::string& mode, uint64_t from, uint64_t to) {
   if (mode == "off" || from >= to) return Status::Ok();
-  if (img.format() == "raw") {
+  if (img.traits().grow_preallocation == FormatTraits::GrowPreallocation::kHostFile) {
     if (mode == "falloc") return img.file().Allocate(from, to - from);
     static const std::vector<std::byte> kZeros(1 << 20);
     for (uint64_t pos = from; pos < to;) {
@@ -124,8 +124,9 @@ int RunResize(int argc, char** argv) {
                          "important data there.\n", ProgramName().c_str());
     return 1;
   }
-  const std::string format = img->format();
-  const bool supported = format == "qcow2" || (format == "raw" && prealloc != "metadata");
+  const auto grow = img->traits().grow_preallocation;
+  const bool supported = grow == FormatTraits::GrowPreallocation::kClusters ||
+                         (grow == FormatTraits::GrowPreallocation::kHostFile && prealloc != "metadata");
   if (prealloc != "off" && !supported) {
     PrintError(fmt::format("Unsupported preallocation mode: {}", prealloc));
     return 1;
@@ -140,8 +141,8 @@ int RunResize(int argc, char** argv) {
   s = img->Close();
   img.reset();
   if (s.ok() && prealloc != "off" && target > current) {
-    // A fresh open (the engine sees the new size), without the backing chain: the grown area
-    // is this image's own, whatever a backing file holds there.
+    // Opened again without the backing chain: the grown area is this image's own,
+    // whatever a backing file holds there.
     o.open_backing = false;
     auto grown = OpenImage(filename, o);
     s = grown.ok() ? Preallocate(**grown, prealloc, current, target) : grown.error();

@@ -66,15 +66,15 @@ int RunSnapshot(int argc, char** argv) {
       return 0;
     }
     case 'c':
-      s = img->cluster_map().SnapshotCreate(name);
+      s = img->SnapshotCreate(name);
       if (!s.ok()) s = s.WithContext("Could not create snapshot '{}'", name);
       break;
     case 'a':
-      s = img->cluster_map().SnapshotApply(name);
+      s = img->SnapshotApply(name);
       if (!s.ok()) s = s.WithContext("Could not apply snapshot '{}'", name);
       break;
     case 'd':
-      s = img->cluster_map().SnapshotDelete(name);
+      s = img->SnapshotDelete(name);
       if (!s.ok()) s = s.WithContext("Could not delete snapshot '{}'", name);
       break;
   }

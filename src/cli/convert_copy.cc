@@ -433,7 +433,7 @@ Status WriteUnits(std::vector<Unit>& units, uint64_t size, uint64_t cluster, Ima
       uint64_t to = std::min(size, units[next - 1].off + cluster);
       st = target.Write(u.off, std::span<const std::byte>(u.data.data(), to - u.off));
     } else {
-      st = target.cluster_map().WriteCompressed(u.off, u.stream);
+      st = target.WriteCompressed(u.off, u.stream);
     }
     if (!st.ok()) return WithOffset(st, "writing", u.off);
     i = next;
@@ -519,7 +519,7 @@ Result<uint64_t> CountedTotal(ConcatSource& src, const ConvertSettings& s, uint6
 }
 
 Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s, ProgressCount& count) {
-  const uint64_t cluster = target.cluster_map().cluster_size();
+  const uint64_t cluster = target.cluster_size();
   // A stream must be shorter than the cluster to be worth it (qemu's rule).
   return CompressAndStore(src, cluster, s.codec, cluster - 1, s, count, [&](std::vector<Unit>& units) {
     return WriteUnits(units, src.size(), cluster, target, s);
@@ -529,7 +529,7 @@ Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s
 }  // namespace
 
 Status ConvertToImage(ConcatSource& src, Image& target, const ConvertSettings& s) {
-  const uint64_t unit = s.compress ? target.cluster_map().cluster_size() : 0;
+  const uint64_t unit = s.compress ? target.cluster_size() : 0;
   ASSIGN_OR_RETURN(uint64_t total, CountedTotal(src, s, unit));
   ProgressCount count(s.progress, total);
   return s.compress ? CopyCompressed(src, target, s, count) : CopyPlain(src, target, s, count);

@@ -12,13 +12,8 @@
 namespace vimgfs::cli {
 namespace {
 
-enum class Kind { kString, kSize, kNumber, kBool };
-struct Desc {
-  const char* name;
-  Kind kind;
-  const char* help;
-  const char* def = nullptr;  // printed when the option is not given (qemu's def_value_str)
-};
+using Desc = CreateOptionSpec;
+using Kind = CreateOptionSpec::Type;
 
 const char kPreallocHelp[] = "Preallocation mode (allowed values: off, falloc, full)";
 
@@ -30,59 +25,14 @@ const std::vector<Desc> kFileProtocol = {
     {"extent_size_hint", Kind::kSize, "Extent size hint for the image file, 0 to disable"},
 };
 
-// Each format's own create options, in qemu 7.2's order (the order of the Formatting line).
+// The driver `create -f fmt` uses (the file protocol creates a raw image), or null.
+const FormatDriver* CreateDriver(const std::string& fmt) { return FindFormat(CreateDriverName(fmt)); }
+
+// Each format's own create options (its driver declares them), or the file protocol's.
 const std::vector<Desc>* FormatDescs(const std::string& fmt) {
-  static const std::vector<Desc> kQcow2 = {
-      {"encryption", Kind::kBool,
-       "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"},
-      {"encrypt.format", Kind::kString, "Encrypt the image, format choices: 'aes', 'luks'"},
-      {"encrypt.key-secret", Kind::kString, "ID of secret providing qcow AES key or LUKS passphrase"},
-      {"encrypt.cipher-alg", Kind::kString, "Name of encryption cipher algorithm"},
-      {"encrypt.cipher-mode", Kind::kString, "Name of encryption cipher mode"},
-      {"encrypt.ivgen-alg", Kind::kString, "Name of IV generator algorithm"},
-      {"encrypt.ivgen-hash-alg", Kind::kString, "Name of IV generator hash algorithm"},
-      {"encrypt.hash-alg", Kind::kString, "Name of encryption hash algorithm"},
-      {"encrypt.iter-time", Kind::kNumber, "Time to spend in PBKDF in milliseconds"},
-      {"cluster_size", Kind::kSize, "qcow2 cluster size", "65536"},
-      {"extended_l2", Kind::kBool, "Extended L2 tables", "off"},
-      {"preallocation", Kind::kString, "Preallocation mode (allowed values: off, metadata, falloc, full)"},
-      {"compression_type", Kind::kString, "Compression method used for image cluster compression", "zlib"},
-      {"size", Kind::kSize, "Virtual disk size"},
-      {"compat", Kind::kString, "Compatibility level (v2 [0.10] or v3 [1.1])"},
-      {"backing_file", Kind::kString, "File name of a base image"},
-      {"backing_fmt", Kind::kString, "Image format of the base image"},
-      {"data_file", Kind::kString, "File name of an external data file"},
-      {"data_file_raw", Kind::kBool, "The external data file must stay valid as a raw image"},
-      {"lazy_refcounts", Kind::kBool, "Postpone refcount updates", "off"},
-      {"refcount_bits", Kind::kNumber, "Width of a reference count entry in bits", "16"},
-  };
-  static const std::vector<Desc> kVmdk = {
-      {"size", Kind::kSize, "Virtual disk size"},
-      {"adapter_type", Kind::kString,
-       "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"},
-      {"backing_file", Kind::kString, "File name of a base image"},
-      {"backing_fmt", Kind::kString, "Must be 'vmdk' if present"},
-      {"compat6", Kind::kBool, "VMDK version 6 image", "off"},
-      {"hwversion", Kind::kString, "VMDK hardware version", "undefined"},
-      {"toolsversion", Kind::kString, "VMware guest tools version"},
-      {"subformat", Kind::kString,
-       "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | "
-       "twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "},
-      {"zeroed_grain", Kind::kBool, "Enable efficient zero writes using the zeroed-grain GTE feature"},
-  };
-  static const std::vector<Desc> kVdi = {
-      {"size", Kind::kSize, "Virtual disk size"},
-      {"static", Kind::kBool, "VDI static (pre-allocated) image", "off"},
-  };
-  static const std::vector<Desc> kRaw = {
-      {"size", Kind::kSize, "Virtual disk size"},
-  };
-  if (fmt == "qcow2") return &kQcow2;
-  if (fmt == "vmdk") return &kVmdk;
-  if (fmt == "vdi") return &kVdi;
-  if (fmt == "raw") return &kRaw;
   if (fmt == "file") return &kFileProtocol;
-  return nullptr;
+  const FormatDriver* d = FindFormat(fmt);
+  return d ? &d->traits().create_options : nullptr;
 }
 
 // The format's options, then the file protocol's it does not have (qemu_opts_append).
@@ -151,7 +101,7 @@ size_t ReadOptValue(const std::string& text, size_t pos, std::string* value) {
 // number (printed as qemu prints it, as a signed 64-bit decimal).
 Status CheckValue(const Desc& d, const std::string& value, std::string* stored) {
   *stored = value;
-  switch (d.kind) {
+  switch (d.type) {
     case Kind::kString: return Status::Ok();
     case Kind::kBool:
       if (value == "on" || value == "yes" || value == "true" || value == "y" || value == "off" ||
@@ -241,7 +191,7 @@ int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename) {
   std::vector<Desc> descs = filename ? MergedDescs(fmt) : *FormatDescs(fmt);
   std::vector<std::string> lines;
   for (const Desc& d : descs) {
-    std::string line = fmt::format("  {}=<{}>", d.name, TypeLabel(d.kind));
+    std::string line = fmt::format("  {}=<{}>", d.name, TypeLabel(d.type));
     if (line.size() < 24) line.resize(24, ' ');
     lines.push_back(line + " - " + d.help);
   }
@@ -305,9 +255,9 @@ std::string FormattingLine(const std::string& fmt, const OptionList& opts) {
   std::string out;
   for (const Desc& d : MergedDescs(fmt)) {
     std::optional<std::string> v = FindOption(opts, d.name);
-    if (!v && !d.def) continue;
+    if (!v && !d.default_value) continue;
     if (!out.empty()) out += ' ';
-    out += std::string(d.name) + "=" + (v && d.kind == Kind::kString ? Escape(*v) : v.value_or(d.def));
+    out += std::string(d.name) + "=" + (v && d.type == Kind::kString ? Escape(*v) : v.value_or(d.default_value));
   }
   return out;
 }
@@ -315,16 +265,19 @@ std::string FormattingLine(const std::string& fmt, const OptionList& opts) {
 Status SplitCreateOptions(const std::string& fmt, const OptionList& opts,
                           std::map<std::string, std::string>* driver_opts, FileCreateOptions* file) {
   const std::vector<Desc> descs = MergedDescs(fmt);
+  const FormatDriver* driver = CreateDriver(fmt);
+  const auto prealloc =
+      driver ? driver->traits().create_preallocation : FormatTraits::CreatePreallocation::kFile;
   for (const auto& [k, v] : opts) {
     const Desc* d = FindDesc(descs, k);
     if (k == "size" || k == "backing_file" || k == "backing_fmt") continue;
-    if (k == "preallocation" && fmt != "qcow2") {
+    if (k == "preallocation" && prealloc != FormatTraits::CreatePreallocation::kFormat) {
       // The file protocol's, applied to the new, empty file: the format then writes it
       // (raw and flat vmdk extents take it; a vdi or sparse vmdk file keeps its size).
       if (v != "off" && v != "metadata" && v != "falloc" && v != "full")
         return Status::InvalidArgument("invalid parameter value: {}", v);
       if (v == "metadata") return Status::InvalidArgument("Unsupported preallocation mode: metadata");
-      if (fmt == "vdi") continue;
+      if (prealloc == FormatTraits::CreatePreallocation::kIgnored) continue;
       (*driver_opts)[k] = v;
     } else if (k == "nocow") {
       file->nocow = IsTrue(v);
@@ -332,7 +285,7 @@ Status SplitCreateOptions(const std::string& fmt, const OptionList& opts,
       uint64_t hint = std::strtoull(v.c_str(), nullptr, 10);  // stored as a decimal
       if (hint > 0xffffffffu) return Status::InvalidArgument("Extent size hint is too large");
       file->extent_size_hint = hint;
-    } else if (d && d->kind == Kind::kBool) {
+    } else if (d && d->type == Kind::kBool) {
       (*driver_opts)[k] = IsTrue(v) ? "on" : "off";
     } else {
       (*driver_opts)[k] = v;

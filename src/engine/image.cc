@@ -161,6 +161,7 @@ struct ImageOpener {
     img->env_ = env;
     img->path_ = path;
     img->format_ = format;
+    img->driver_ = driver;
     img->file_ = file.get();
     img->probed_raw_ = probed && format == "raw";
 
@@ -544,6 +545,67 @@ Status Image::Resize(uint64_t new_size, bool allow_shrink) {
   return Status::Ok();
 }
 
+Status Image::ChangeWhole(bool writes, const std::function<Status(ClusterMap&)>& change) {
+  WriteDone done(this);
+  if (writes && read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
+  RangeLock::Guard g(*range_lock_, 0, UINT64_MAX, true);
+  std::lock_guard lk(meta_mu_);
+  Status s = change(*map_);
+  g_write_generation.fetch_add(1, std::memory_order_release);
+  size_ = map_->virtual_size();
+  return s;
+}
+
+std::vector<File*> Image::host_files() {
+  std::lock_guard lk(meta_mu_);
+  return map_->host_files();
+}
+
+Result<CheckReport> Image::Check(RepairMode mode) {
+  std::optional<Result<CheckReport>> report;
+  Status s = ChangeWhole(mode != RepairMode::kNone, [&](ClusterMap& m) {
+    report.emplace(m.Check(mode));
+    return Status::Ok();
+  });
+  if (!s.ok()) return s;
+  return std::move(*report);
+}
+
+Status Image::SnapshotCreate(const std::string& name) {
+  return ChangeWhole(true, [&](ClusterMap& m) { return m.SnapshotCreate(name); });
+}
+
+Status Image::SnapshotApply(const std::string& name) {
+  return ChangeWhole(true, [&](ClusterMap& m) { return m.SnapshotApply(name); });
+}
+
+Status Image::SnapshotDelete(const std::string& name) {
+  return ChangeWhole(true, [&](ClusterMap& m) { return m.SnapshotDelete(name); });
+}
+
+Status Image::MakeEmpty() {
+  return ChangeWhole(true, [](ClusterMap& m) { return m.MakeEmpty(); });
+}
+
+Status Image::SetBacking(const std::optional<BackingRef>& ref) {
+  RETURN_IF_ERROR(ChangeWhole(true, [&](ClusterMap& m) { return m.SetBacking(ref); }));
+  backing_ref_ = ref;
+  return Status::Ok();
+}
+
+Status Image::WriteCompressed(uint64_t off, std::span<const std::byte> stream) {
+  WriteDone done(this);
+  RETURN_IF_ERROR(CheckRange("compressed write of", off, 0, true));
+  if (off % cluster_size_ != 0 || off == size_)
+    return Status::InvalidArgument("'{}': compressed write at {:#x} is not a whole cluster", path_, off);
+  RangeLock::Guard g(*range_lock_, off, off + cluster_size_, true);
+  // The format writes the stream under the metadata lock: convert is its one writer.
+  std::lock_guard lk(meta_mu_);
+  Status s = map_->WriteCompressed(off, stream);
+  g_write_generation.fetch_add(1, std::memory_order_release);
+  return s;
+}
+
 // Whether [off, off+len) already reads as zeros without any I/O (zero or unallocated
 // with nothing behind it).
 bool Image::KnownZero(uint64_t off, uint64_t len) {
@@ -625,8 +687,6 @@ Status Image::Flush() {
   if (flushing_) {
     // One is under way, maybe begun before some of our writes finished: wait for it.
     // Either it covered them, or the next one does (run by one of those waiting).
-    // Without a flush under way there is no waiting and no skipping: changes made
-    // through cluster_map() (commands, one thread) are not counted in writes_done_.
     flush_waiters_++;
     while (flushing_ && flushed_through_ < need) flush_cv_.wait(lk);
     flush_waiters_--;

@@ -6,7 +6,7 @@ namespace vimgfs {
 
 Status LockImageFiles(Image& img, bool write) {
   RETURN_IF_ERROR(LockImage(img.file(), write));
-  for (File* f : img.cluster_map().host_files())
+  for (File* f : img.host_files())
     if (f != nullptr && f != &img.file()) RETURN_IF_ERROR(LockImage(*f, write));
   return Status::Ok();
 }

@@ -439,7 +439,7 @@ Server::Server(Image* image, ServerOptions options)
     : image_(image), opt_(options), size_(image->size()) {
   // Whole clusters, but never below a page: raw reports 512-byte "clusters", and a write
   // alternating zero and data sectors is not worth splitting into many engine calls.
-  uint64_t cs = image->cluster_map().cluster_size();
+  uint64_t cs = image->cluster_size();
   zero_unit_ = (cs >= 512 && cs <= (64ull << 20)) ? std::max<uint64_t>(cs, 4096) : (64ull << 10);
   int64_t t = ToNs(opt_.time);
   atime_ns_ = t;

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <functional>
 
+#include "support/image_internals.h"
 #include "formats/qcow2/qcow2_internal.h"
 #include "support/power_loss_env.h"
 #include "support/test_util.h"
@@ -87,9 +88,9 @@ View Look(Env* env, const std::string& path) {
 Status Snapshot(Env* env, char action, const std::string& name) {
   auto img = Open(env, kTop, false, false);
   if (!img) return Status::Corrupt("open failed");
-  Status s = action == 'c'   ? img->cluster_map().SnapshotCreate(name)
-             : action == 'a' ? img->cluster_map().SnapshotApply(name)
-                             : img->cluster_map().SnapshotDelete(name);
+  Status s = action == 'c'   ? img->SnapshotCreate(name)
+             : action == 'a' ? img->SnapshotApply(name)
+                             : img->SnapshotDelete(name);
   Status c = img->Close();
   return s.ok() ? c : s;
 }
@@ -97,7 +98,7 @@ Status Snapshot(Env* env, char action, const std::string& name) {
 Status Resize(Env* env, uint64_t size) {
   auto img = Open(env, kTop, false, false);
   if (!img) return Status::Corrupt("open failed");
-  Status s = img->cluster_map().Resize(size, true);
+  Status s = ImageInternals::Map(*img).Resize(size, true);
   Status c = img->Close();
   return s.ok() ? c : s;
 }
@@ -131,7 +132,7 @@ Status Commit(Env* env) {
   }
   auto top = Open(env, kTop, false, false);
   if (!top) return Status::Corrupt("open failed");
-  Status s = top->cluster_map().MakeEmpty();
+  Status s = top->MakeEmpty();
   if (s.kind() == ErrorKind::kUnsupported) s = Status::Ok();
   Status c = top->Close();
   return s.ok() ? c : s;
@@ -143,7 +144,7 @@ Status Rebase(Env* env) {
   auto img = Open(env, kTop, false);
   auto other = Open(env, kOther, true);
   if (!img || !other) return Status::Corrupt("open failed");
-  const uint64_t unit = img->cluster_map().cluster_size();
+  const uint64_t unit = img->cluster_size();
   auto runs = img->Map(0, img->size(), true);
   RETURN_IF_ERROR(runs.status());
   for (const BlockStatus& r : *runs) {
@@ -157,14 +158,14 @@ Status Rebase(Env* env) {
       pos += n;
     }
   }
-  RETURN_IF_ERROR(img->cluster_map().SetBacking(BackingRef{"other.img", img->backing()->format()}));
+  RETURN_IF_ERROR(img->SetBacking(BackingRef{"other.img", img->backing()->format()}));
   return img->Close();
 }
 
 Status Repair(Env* env, RepairMode mode) {
   auto img = Open(env, kTop, false, false);
   if (!img) return Status::Corrupt("open failed");
-  auto r = img->cluster_map().Check(mode);
+  auto r = img->Check(mode);
   Status c = img->Close();
   return r.ok() ? c : r.status();
 }
@@ -200,7 +201,7 @@ Status Fill(Env* env, const std::string& path, uint64_t seed) {
 Status Leak(Env* env, const std::string& path) {
   auto img = Open(env, path, false, false);
   if (!img) return Status::Corrupt("open failed");
-  auto* q = dynamic_cast<qcow2::Qcow2Map*>(&img->cluster_map());
+  auto* q = dynamic_cast<qcow2::Qcow2Map*>(&ImageInternals::Map(*img));
   if (!q) return Status::Unsupported("not qcow2");
   for (int i = 0; i < 3; i++) RETURN_IF_ERROR(q->AllocClusters(2 + i).status());
   RETURN_IF_ERROR(q->FlushAll());
@@ -281,7 +282,7 @@ class CrashPointTest : public ::testing::TestWithParam<Case> {
     for (const std::string& p : changed) {
       auto img = Open(env, p, true, false);
       ASSERT_TRUE(img) << p;
-      auto report = img->cluster_map().Check(RepairMode::kNone);
+      auto report = img->Check(RepairMode::kNone);
       if (report.ok()) {
         EXPECT_EQ(report->corruptions, 0) << p << ": " << (report->messages.empty() ? "" : report->messages[0]);
         EXPECT_EQ(report->check_errors, 0) << p;

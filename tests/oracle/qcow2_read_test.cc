@@ -245,7 +245,7 @@ TEST(Qcow2ReadOracle, ExternalDataFile) {
     ExpectSameAsQemu(dir, img);
     auto i = OpenRO(img);
     ASSERT_NE(i, nullptr);
-    EXPECT_EQ(i->cluster_map().host_files().size(), 1u);
+    EXPECT_EQ(i->host_files().size(), 1u);
     // --untrusted follows the data file inside the image's folder, never through a symlink.
     OpenOptions o;
     o.read_only = true;
@@ -301,7 +301,7 @@ TEST(Qcow2ReadOracle, BitmapsAreListedAndCounted) {
   EXPECT_EQ(bitmaps[0]["flags"][0], "auto");
   EXPECT_EQ(bitmaps[1]["granularity"], 131072);
   // Bitmap clusters are references: check finds neither leaks nor corruptions.
-  auto rep = i->cluster_map().Check(RepairMode::kNone);
+  auto rep = i->Check(RepairMode::kNone);
   ASSERT_TRUE(rep.ok());
   EXPECT_EQ(rep->leaks, 0);
   EXPECT_EQ(rep->corruptions, 0);

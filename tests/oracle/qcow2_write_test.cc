@@ -5,7 +5,10 @@
 // `qemu-img check` finds the image clean and `qemu-img compare` finds it equal to the raw.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <functional>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -39,7 +42,9 @@ void ExpectCompareEqual(const std::string& image, const std::string& raw) {
 // Applies the same seeded operations to the image (from 4 threads) and to the raw file.
 // Each thread owns the stripes i % 4 == t of an unaligned stripe pattern, so threads
 // share clusters and L2 tables but never bytes.
-void RandomWorkload(const std::string& image, const std::string& raw, uint64_t seed, int ops_per_thread) {
+// `beside`, when given, is called over and over on this thread while the writers run.
+void RandomWorkload(const std::string& image, const std::string& raw, uint64_t seed, int ops_per_thread,
+                    const std::function<void(Image&)>& beside = nullptr) {
   OpenOptions o;
   o.cache_bytes = 1 << 20;  // small caches: eviction is part of the test
   auto opened = Image::Open(image, o);
@@ -76,8 +81,13 @@ void RandomWorkload(const std::string& image, const std::string& raw, uint64_t s
   }
   std::vector<std::string> errors(4);
   std::vector<std::thread> threads;
+  std::atomic<int> running{4};
   for (int t = 0; t < 4; t++) {
     threads.emplace_back([&, t] {
+      struct Finished {
+        std::atomic<int>& n;
+        ~Finished() { n--; }
+      } finished{running};
       for (const Op& op : plans[t]) {
         Status s;
         if (op.kind == 0) {
@@ -93,6 +103,7 @@ void RandomWorkload(const std::string& image, const std::string& raw, uint64_t s
       }
     });
   }
+  while (beside && running > 0) beside(*img);
   for (auto& th : threads) th.join();
   for (const auto& e : errors) ASSERT_EQ(e, "");
   ASSERT_TRUE(img->Close().ok());
@@ -145,6 +156,39 @@ TEST(Qcow2WriteOracle, VimgfsCreatedImagesAreCleanAfterRandomWrites) {
     ExpectCheckClean(img);
     ExpectCompareEqual(img, raw);
   }
+}
+
+// Whole-image changes through Image (snapshots, check) wait for the writers on other
+// threads and they for them: the image ends clean, with the writes and every snapshot.
+TEST(Qcow2WriteOracle, SnapshotsAndChecksBesideWriters) {
+  test::TempDir dir;
+  std::string img = dir.File("s.qcow2"), raw = dir.File("s.raw");
+  Sh("qemu-img create -q -f qcow2 -o cluster_size=4096 " + Quote(img) + " 48M");
+  Sh("truncate -s 48M " + Quote(raw));
+  int snapshots = 0, deleted = 0;
+  std::string failure;
+  RandomWorkload(img, raw, 77, 40, [&](Image& image) {
+    if (!failure.empty()) return;
+    Status s = image.SnapshotCreate("s" + std::to_string(snapshots));
+    if (!s.ok()) failure = "create: " + s.message();
+    snapshots++;
+    if (snapshots % 3 == 0) {
+      s = image.SnapshotDelete("s" + std::to_string(snapshots - 2));
+      if (!s.ok()) failure = "delete: " + s.message();
+      deleted++;
+    }
+    auto report = image.Check(RepairMode::kNone);
+    if (!report.ok()) failure = "check: " + report.error().message();
+    else if (report->corruptions || report->check_errors)
+      failure = "check found " + std::to_string(report->corruptions) + " corruptions";
+  });
+  EXPECT_EQ(failure, "");
+  EXPECT_GT(snapshots, 1);
+  ExpectCheckClean(img);
+  ExpectCompareEqual(img, raw);
+  auto r = RunCommand("qemu-img snapshot -l " + Quote(img));
+  EXPECT_NE(r.out.find(" s0 "), std::string::npos) << r.out;
+  EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), snapshots - deleted + 2) << r.out;
 }
 
 TEST(Qcow2WriteOracle, QemuImagesWithBackingAndCompressedClusters) {
@@ -242,7 +286,7 @@ TEST(Qcow2WriteOracle, ResizeBackingAndSnapshotsStayClean) {
     auto i = open();
     ASSERT_TRUE(i->Write(100, a).ok());
     // 4 KiB clusters: 8 GiB needs a larger L1 table than 4 MiB had.
-    ASSERT_TRUE(i->cluster_map().Resize(8ull << 30, false).ok());
+    ASSERT_TRUE(i->Resize(8ull << 30, false).ok());
     ASSERT_TRUE(i->Close().ok());
   }
   ExpectCheckClean(img);
@@ -251,9 +295,9 @@ TEST(Qcow2WriteOracle, ResizeBackingAndSnapshotsStayClean) {
     EXPECT_EQ(i->size(), 8ull << 30);
     ASSERT_TRUE(i->Write((8ull << 30) - 5000, std::span(b).first(5000)).ok());
     ASSERT_TRUE(i->Write((6ull << 30) + 7, b).ok());
-    ASSERT_TRUE(i->cluster_map().SnapshotCreate("one").ok());
+    ASSERT_TRUE(i->SnapshotCreate("one").ok());
     ASSERT_TRUE(i->Write(200, b).ok());
-    ASSERT_TRUE(i->cluster_map().SnapshotCreate("two").ok());
+    ASSERT_TRUE(i->SnapshotCreate("two").ok());
     ASSERT_TRUE(i->Write(0, a).ok());
     ASSERT_TRUE(i->Close().ok());
   }
@@ -269,8 +313,8 @@ TEST(Qcow2WriteOracle, ResizeBackingAndSnapshotsStayClean) {
   EXPECT_EQ(r.out.find("verification failed"), std::string::npos) << r.out;
   {
     auto i = open();
-    ASSERT_TRUE(i->cluster_map().SnapshotApply("one").ok());
-    ASSERT_TRUE(i->cluster_map().SnapshotDelete("two").ok());
+    ASSERT_TRUE(i->SnapshotApply("one").ok());
+    ASSERT_TRUE(i->SnapshotDelete("two").ok());
     ASSERT_TRUE(i->Close().ok());
   }
   ExpectCheckClean(img);
@@ -278,11 +322,11 @@ TEST(Qcow2WriteOracle, ResizeBackingAndSnapshotsStayClean) {
   EXPECT_EQ(r.out.find("verification failed"), std::string::npos) << r.out;
   {
     auto i = open();
-    ASSERT_TRUE(i->cluster_map().SnapshotDelete("one").ok());
+    ASSERT_TRUE(i->SnapshotDelete("one").ok());
     // Shrink: needs allow_shrink, frees what lies past the end.
-    EXPECT_FALSE(i->cluster_map().Resize(1 << 20, false).ok());
-    ASSERT_TRUE(i->cluster_map().Resize(1 << 20, true).ok());
-    ASSERT_TRUE(i->cluster_map().SetBacking(BackingRef{"b.qcow2", "qcow2"}).ok());
+    EXPECT_FALSE(i->Resize(1 << 20, false).ok());
+    ASSERT_TRUE(i->Resize(1 << 20, true).ok());
+    ASSERT_TRUE(i->SetBacking(BackingRef{"b.qcow2", "qcow2"}).ok());
     ASSERT_TRUE(i->Close().ok());
   }
   ExpectCheckClean(img);
@@ -291,7 +335,7 @@ TEST(Qcow2WriteOracle, ResizeBackingAndSnapshotsStayClean) {
   EXPECT_NE(r.out.find("\"virtual-size\": 1048576"), std::string::npos) << r.out;
   {
     auto i = open();
-    ASSERT_TRUE(i->cluster_map().SetBacking(std::nullopt).ok());
+    ASSERT_TRUE(i->SetBacking(std::nullopt).ok());
     ASSERT_TRUE(i->Close().ok());
   }
   r = RunCommand("qemu-img info --output=json " + Quote(img));

@@ -253,7 +253,7 @@ TEST(VdiOracle, CheckFindsWhatQemuFinds) {
     const int expected = QemuCorruptions(img, &qemu_messages);
     auto vimg = OpenOrDie(img, true);
     ASSERT_NE(vimg, nullptr);
-    auto report = vimg->cluster_map().Check(RepairMode::kNone);
+    auto report = vimg->Check(RepairMode::kNone);
     ASSERT_TRUE(report.ok());
     EXPECT_EQ(report->corruptions, expected) << d.off << "=" << d.value;
     EXPECT_GT(expected, 0);
@@ -333,7 +333,7 @@ TEST(VdiOracle, CorpusVirtualBoxImagesReadWithRecordedSha256) {
       EXPECT_EQ(std::to_string(img->size()), row[5]) << path;
       ReadAllTo(path, dir.File("out.raw"));
       EXPECT_EQ(test::Sha256OfFile(dir.File("out.raw")), row[6]) << path;
-      auto report = img->cluster_map().Check(RepairMode::kNone);
+      auto report = img->Check(RepairMode::kNone);
       ASSERT_TRUE(report.ok());
       EXPECT_EQ(report->corruptions, 0) << path;
     } else {
@@ -369,7 +369,7 @@ TEST(VdiOracle, CorpusVirtualBoxImagesReadWithRecordedSha256) {
       ExpectQemuCheckClean(copy);
       ExpectQemuCompareEqual(copy, raw);
     }
-    auto check = OpenOrDie(copy, true)->cluster_map().Check(RepairMode::kNone);
+    auto check = OpenOrDie(copy, true)->Check(RepairMode::kNone);
     ASSERT_TRUE(check.ok());
     EXPECT_EQ(check->corruptions, 0) << row[0];
   }

@@ -491,7 +491,7 @@ TEST(VmdkOracle, CheckFindsGrainsPastTheEndLikeQemu) {
   EXPECT_EQ(q.exit_code, 1);
   auto img = OpenOrDie(image, true);
   ASSERT_NE(img, nullptr);
-  auto report = img->cluster_map().Check(RepairMode::kNone);
+  auto report = img->Check(RepairMode::kNone);
   ASSERT_FALSE(report.ok());
   EXPECT_NE(q.err.find(report.error().message().substr(0, report.error().message().find('\n'))),
             std::string::npos)
@@ -509,7 +509,7 @@ TEST(VmdkOracle, CheckFindsGrainsPastTheEndLikeQemu) {
   QemuCreate(dir.File("ok.vmdk"), "", "100M");
   auto ok = OpenOrDie(dir.File("ok.vmdk"), true);
   ASSERT_NE(ok, nullptr);
-  auto r2 = ok->cluster_map().Check(RepairMode::kNone);
+  auto r2 = ok->Check(RepairMode::kNone);
   ASSERT_TRUE(r2.ok());
   EXPECT_EQ(r2->corruptions, 0);
 }
@@ -603,7 +603,7 @@ TEST(VmdkOracle, CorpusImagesReadWithRecordedSha256AndBadOnesAreRefused) {
       ASSERT_TRUE(img.ok()) << img.error().message();
       EXPECT_EQ(std::to_string((*img)->size()), row[5]);
       EXPECT_EQ(Sha256OfDisk(**img), row[6]);
-      auto report = (*img)->cluster_map().Check(RepairMode::kNone);
+      auto report = (*img)->Check(RepairMode::kNone);
       EXPECT_TRUE(report.ok()) << report.error().message();
     } else if (row[0].rfind("bad/", 0) == 0) {
       ++bad;

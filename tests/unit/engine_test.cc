@@ -116,6 +116,10 @@ class ToyMap final : public ClusterMap {
 class ToyDriver final : public FormatDriver {
  public:
   const char* name() const override { return "toy"; }
+  const FormatTraits& traits() const override {
+    static const FormatTraits kTraits;
+    return kTraits;
+  }
   int Probe(std::span<const std::byte>, const std::string&) const override { return 0; }
   Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override {
     ToyState* st = &ToyStates()[ctx.path];

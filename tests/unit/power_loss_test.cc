@@ -157,7 +157,7 @@ class PowerLossTest : public ::testing::TestWithParam<FormatCase> {
 
     std::unique_ptr<Image> img = OpenImage(&env, true);
     ASSERT_TRUE(img);
-    auto report = img->cluster_map().Check(RepairMode::kNone);
+    auto report = img->Check(RepairMode::kNone);
     if (report.ok()) {
       EXPECT_EQ(report->corruptions, 0) << (report->messages.empty() ? "" : report->messages[0]);
       EXPECT_EQ(report->check_errors, 0);
@@ -180,7 +180,7 @@ class PowerLossTest : public ::testing::TestWithParam<FormatCase> {
     img.reset();
     img = OpenImage(&env, true);
     ASSERT_TRUE(img);
-    report = img->cluster_map().Check(RepairMode::kNone);
+    report = img->Check(RepairMode::kNone);
     if (report.ok()) {
       EXPECT_EQ(report->corruptions, 0);
     }

@@ -7,6 +7,7 @@
 #include <functional>
 #include <random>
 
+#include "support/image_internals.h"
 #include "formats/drivers.h"
 #include "util/endian.h"
 #include "vimgfs/image.h"
@@ -195,7 +196,7 @@ TEST_F(Qcow2Hostile, CorruptBitOpensReadOnly) {
   std::vector<std::byte> buf(512);
   EXPECT_TRUE((*r)->Read(0, buf).ok());
   EXPECT_FALSE((*r)->Write(0, buf).ok());
-  EXPECT_FALSE((*r)->cluster_map().PrepareWrite(0, 512).ok());
+  EXPECT_FALSE(ImageInternals::Map(**r).PrepareWrite(0, 512).ok());
   EXPECT_EQ((*r)->Info().format_specific["data"]["corrupt"], true);
 }
 
@@ -214,7 +215,7 @@ TEST_F(Qcow2Hostile, RandomCorruptionNeverCrashes) {
       ASSERT_TRUE((*r)->Write(12345, w).ok());
       if (round % 2) {
         // A snapshot table and shared tables to corrupt as well.
-        ASSERT_TRUE((*r)->cluster_map().SnapshotCreate("s").ok());
+        ASSERT_TRUE((*r)->SnapshotCreate("s").ok());
         ASSERT_TRUE((*r)->Write(70000, w).ok());
       }
       ASSERT_TRUE((*r)->Close().ok());
@@ -238,9 +239,9 @@ TEST_F(Qcow2Hostile, RandomCorruptionNeverCrashes) {
       (void)(*v)->Read(0, buf);
     }
     if (auto rw = Open(false); rw.ok()) {
-      (void)(*rw)->cluster_map().SnapshotApply("s");
-      (void)(*rw)->cluster_map().SnapshotDelete("s");
-      (void)(*rw)->cluster_map().Check(RepairMode::kAll);
+      (void)(*rw)->SnapshotApply("s");
+      (void)(*rw)->SnapshotDelete("s");
+      (void)(*rw)->Check(RepairMode::kAll);
       (void)(*rw)->Close();
     }
   }
@@ -270,7 +271,7 @@ TEST_F(Qcow2Hostile, DirtyLazyRefcountImageIsRepairedOnWriteOpen) {
     auto r = Open(false);
     ASSERT_TRUE(r.ok()) << r.error().message();
     EXPECT_FALSE((*r)->Info().dirty);
-    auto rep = (*r)->cluster_map().Check(RepairMode::kNone);
+    auto rep = (*r)->Check(RepairMode::kNone);
     ASSERT_TRUE(rep.ok());
     EXPECT_EQ(rep->corruptions, 0);
     EXPECT_EQ(rep->leaks, 0);

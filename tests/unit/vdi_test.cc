@@ -9,6 +9,7 @@
 #include <random>
 #include <set>
 
+#include "support/image_internals.h"
 #include "formats/vdi/vdi_internal.h"
 #include "io/forwarding_file.h"
 #include "support/fault_env.h"
@@ -71,7 +72,7 @@ class VdiTest : public ::testing::Test {
   CheckReport Check(const std::string& path) {
     auto img = Open(path, true);
     EXPECT_TRUE(img.ok()) << img.error().message();
-    auto r = (*img)->cluster_map().Check(RepairMode::kNone);
+    auto r = (*img)->Check(RepairMode::kNone);
     EXPECT_TRUE(r.ok());
     return *r;
   }
@@ -191,7 +192,7 @@ TEST_F(VdiTest, RandomWritesMatchModelAndReopen) {
   std::vector<std::byte> back(size);
   ASSERT_TRUE((*img)->Read(0, back).ok());
   EXPECT_EQ(back, model);
-  auto* map = dynamic_cast<vdi::VdiMap*>(&(*img)->cluster_map());
+  auto* map = dynamic_cast<vdi::VdiMap*>(&ImageInternals::Map(**img));
   ASSERT_NE(map, nullptr);
   EXPECT_EQ(map->header().blocks_allocated, touched.size());
   EXPECT_EQ(FileSize("w.vdi"), 0x400 + touched.size() * kMiB);  // whole blocks, like qemu
@@ -275,7 +276,7 @@ TEST_F(VdiTest, FlushDuringAnAllocationCountsOnlyLinkedBlocks) {
   ASSERT_TRUE(img.ok());
   ASSERT_TRUE((*img)->Write(0, Pattern(kMiB, 1)).ok());
   ASSERT_TRUE((*img)->Flush().ok());
-  ClusterMap& map = (*img)->cluster_map();
+  ClusterMap& map = ImageInternals::Map(**img);
   auto plan = map.PrepareWrite(2 * kMiB, kMiB);
   ASSERT_TRUE(plan.ok());
   ASSERT_TRUE(map.Flush().ok());
@@ -413,7 +414,7 @@ TEST_F(VdiTest, CheckReportsLikeQemu) {
   Status s = (*img)->Write(2 * kMiB, buf);
   EXPECT_EQ(s.kind(), ErrorKind::kCorrupt);
   EXPECT_NE(s.message().find("c.vdi"), std::string::npos);
-  auto repair = (*img)->cluster_map().Check(RepairMode::kAll);
+  auto repair = (*img)->Check(RepairMode::kAll);
   EXPECT_EQ(repair.status().kind(), ErrorKind::kUnsupported);
 }
 
@@ -423,10 +424,10 @@ TEST_F(VdiTest, ResizeGrowsWithinBlockMapRoom) {
     auto img = Open("g.vdi");
     ASSERT_TRUE(img.ok());
     ASSERT_TRUE((*img)->Write(9 * kMiB, Pattern(kMiB, 4)).ok());
-    ASSERT_TRUE((*img)->cluster_map().Resize(100 * kMiB + 512, false).ok());
-    Status s = (*img)->cluster_map().Resize(200 * kMiB, false);  // 128 entries of room
+    ASSERT_TRUE((*img)->Resize(100 * kMiB + 512, false).ok());
+    Status s = (*img)->Resize(200 * kMiB, false);  // 128 entries of room
     EXPECT_EQ(s.kind(), ErrorKind::kUnsupported);
-    EXPECT_EQ((*img)->cluster_map().Resize(kMiB, true).kind(), ErrorKind::kUnsupported);
+    EXPECT_EQ((*img)->Resize(kMiB, true).kind(), ErrorKind::kUnsupported);
   }
   auto img = Open("g.vdi");
   ASSERT_TRUE(img.ok());
@@ -442,7 +443,7 @@ TEST_F(VdiTest, ResizeGrowsWithinBlockMapRoom) {
   {
     auto s = Open("gs.vdi");
     ASSERT_TRUE(s.ok());
-    ASSERT_TRUE((*s)->cluster_map().Resize(5 * kMiB, false).ok());
+    ASSERT_TRUE((*s)->Resize(5 * kMiB, false).ok());
   }
   EXPECT_EQ(FileSize("gs.vdi"), 0x400 + 5 * kMiB);
   EXPECT_EQ(Peek32("gs.vdi", 0x184), 5u);
@@ -598,7 +599,7 @@ TEST_F(VdiHostileTest, RandomDamageNeverCrashes) {
       (void)im.Write(0, Pattern(1000, 3));
       (void)im.WriteZeroes(0, std::min<uint64_t>(im.size(), 2 * kMiB), true);
     }
-    (void)im.cluster_map().Check(RepairMode::kNone);
+    (void)im.Check(RepairMode::kNone);
     (void)im.Close();
   }
   EXPECT_GT(opened, 0);

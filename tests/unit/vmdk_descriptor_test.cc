@@ -5,6 +5,7 @@
 
 #include <cstring>
 
+#include "support/image_internals.h"
 #include "formats/drivers.h"
 #include "formats/vmdk/vmdk_internal.h"
 #include "util/endian.h"
@@ -366,7 +367,7 @@ TEST_F(VmdkMemTest, StreamOptimizedIsReadOnlyWithAPointerToOverlayOrConvert) {
   auto img = Open("tmp.vmdk", false);
   ASSERT_TRUE(img.ok()) << img.error().message();
   EXPECT_TRUE((*img)->read_only());
-  auto plan = (*img)->cluster_map().PrepareWrite(0, 512);
+  auto plan = ImageInternals::Map(**img).PrepareWrite(0, 512);
   ASSERT_FALSE(plan.ok());
   EXPECT_NE(plan.error().message().find("--overlay"), std::string::npos) << plan.error().message();
   EXPECT_NE(plan.error().message().find("convert"), std::string::npos);

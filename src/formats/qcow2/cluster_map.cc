@@ -444,6 +444,8 @@ FormatInfo Qcow2Map::Info() {
   fi.cluster_size = cluster_size_;
   fi.dirty = header_.incompatible_features & kIncompatDirty;
   fi.encrypted = false;
+  fi.compression = header_.compression_type == kCompressionZstd ? Codec::kZstd : Codec::kDeflateRaw;
+  fi.zero_clusters = v3_;
   for (const Snapshot& s : snapshots_) {
     SnapshotInfo si;
     si.id = s.id;

@@ -278,9 +278,47 @@ Status CreateImage(const CreateContext& ctx) {
 
 namespace {
 
+using Opt = CreateOptionSpec::Type;
+
 class Qcow2Driver final : public FormatDriver {
  public:
   const char* name() const override { return "qcow2"; }
+  const FormatTraits& traits() const override {
+    static const FormatTraits kTraits = {
+        .create_options =
+            {
+                {"encryption", Opt::kBool,
+                 "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"},
+                {"encrypt.format", Opt::kString, "Encrypt the image, format choices: 'aes', 'luks'"},
+                {"encrypt.key-secret", Opt::kString, "ID of secret providing qcow AES key or LUKS passphrase"},
+                {"encrypt.cipher-alg", Opt::kString, "Name of encryption cipher algorithm"},
+                {"encrypt.cipher-mode", Opt::kString, "Name of encryption cipher mode"},
+                {"encrypt.ivgen-alg", Opt::kString, "Name of IV generator algorithm"},
+                {"encrypt.ivgen-hash-alg", Opt::kString, "Name of IV generator hash algorithm"},
+                {"encrypt.hash-alg", Opt::kString, "Name of encryption hash algorithm"},
+                {"encrypt.iter-time", Opt::kNumber, "Time to spend in PBKDF in milliseconds"},
+                {"cluster_size", Opt::kSize, "qcow2 cluster size", "65536"},
+                {"extended_l2", Opt::kBool, "Extended L2 tables", "off"},
+                {"preallocation", Opt::kString,
+                 "Preallocation mode (allowed values: off, metadata, falloc, full)"},
+                {"compression_type", Opt::kString, "Compression method used for image cluster compression",
+                 "zlib"},
+                {"size", Opt::kSize, "Virtual disk size"},
+                {"compat", Opt::kString, "Compatibility level (v2 [0.10] or v3 [1.1])"},
+                {"backing_file", Opt::kString, "File name of a base image"},
+                {"backing_fmt", Opt::kString, "Image format of the base image"},
+                {"data_file", Opt::kString, "File name of an external data file"},
+                {"data_file_raw", Opt::kBool, "The external data file must stay valid as a raw image"},
+                {"lazy_refcounts", Opt::kBool, "Postpone refcount updates", "off"},
+                {"refcount_bits", Opt::kNumber, "Width of a reference count entry in bits", "16"},
+            },
+        .create_preallocation = FormatTraits::CreatePreallocation::kFormat,
+        .compression = FormatTraits::Compression::kClusters,
+        .grow_preallocation = FormatTraits::GrowPreallocation::kClusters,
+        .too_large_hint = " (try using a larger cluster size)",
+    };
+    return kTraits;
+  }
   int Probe(std::span<const std::byte> head, const std::string&) const override {
     if (head.size() >= 8 && LoadBE32(head.data()) == kMagic && LoadBE32(head.data() + 4) >= 2) return 100;
     return 0;

@@ -90,6 +90,13 @@ class RawMap final : public ClusterMap {
 class RawDriverImpl final : public FormatDriver {
  public:
   const char* name() const override { return "raw"; }
+  const FormatTraits& traits() const override {
+    static const FormatTraits kTraits = {
+        .create_options = {{"size", CreateOptionSpec::Type::kSize, "Virtual disk size"}},
+        .grow_preallocation = FormatTraits::GrowPreallocation::kHostFile,
+    };
+    return kTraits;
+  }
   int Probe(std::span<const std::byte>, const std::string&) const override { return 1; }
 
   Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override {

@@ -97,6 +97,17 @@ namespace {
 class VdiFormat final : public FormatDriver {
  public:
   const char* name() const override { return "vdi"; }
+  const FormatTraits& traits() const override {
+    static const FormatTraits kTraits = {
+        .create_options =
+            {
+                {"size", CreateOptionSpec::Type::kSize, "Virtual disk size"},
+                {"static", CreateOptionSpec::Type::kBool, "VDI static (pre-allocated) image", "off"},
+            },
+        .create_preallocation = FormatTraits::CreatePreallocation::kIgnored,
+    };
+    return kTraits;
+  }
   int Probe(std::span<const std::byte> head, const std::string& path) const override {
     return ProbeVdi(head);
   }

@@ -382,6 +382,29 @@ Result<std::unique_ptr<ClusterMap>> OpenVmdk(OpenContext ctx) {
 class VmdkDriverImpl final : public FormatDriver {
  public:
   const char* name() const override { return "vmdk"; }
+  const FormatTraits& traits() const override {
+    using Opt = CreateOptionSpec::Type;
+    static const FormatTraits kTraits = {
+        .create_options =
+            {
+                {"size", Opt::kSize, "Virtual disk size"},
+                {"adapter_type", Opt::kString,
+                 "Virtual adapter type, can be one of ide (default), lsilogic, buslogic or legacyESX"},
+                {"backing_file", Opt::kString, "File name of a base image"},
+                {"backing_fmt", Opt::kString, "Must be 'vmdk' if present"},
+                {"compat6", Opt::kBool, "VMDK version 6 image", "off"},
+                {"hwversion", Opt::kString, "VMDK hardware version", "undefined"},
+                {"toolsversion", Opt::kString, "VMware guest tools version"},
+                {"subformat", Opt::kString,
+                 "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | "
+                 "twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "},
+                {"zeroed_grain", Opt::kBool, "Enable efficient zero writes using the zeroed-grain GTE feature"},
+            },
+        .compression = FormatTraits::Compression::kStreamSubformat,
+        .compressed_subformat = "streamOptimized",
+    };
+    return kTraits;
+  }
   int Probe(std::span<const std::byte> head, const std::string&) const override {
     if (head.size() >= 4) {
       uint32_t magic = LoadLE32(head.data());
