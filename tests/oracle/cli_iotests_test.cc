@@ -293,5 +293,56 @@ TEST_F(CliIotestsTest, ShrinkGivesBackHostSpaceAndCutsTheFile) {
   }
 }
 
+// iotest 114: a second backing-format extension replaces the first, as in qemu: info
+// shows the format it names (even one no driver has), and rebase -u -F writes one again.
+TEST_F(CliIotestsTest, LaterBackingFormatExtensionWins) {
+  MustSh("qemu-img create -q -f qcow2 t.base 4M");
+  MustSh("qemu-img create -q -f qcow2 -u -b t.base -F qcow2 t.qcow2 4M");
+  // Insert a second extension (type 0xE2792ACA, "foo") before the end marker, moving what
+  // follows (the backing file name) down by its 16 bytes.
+  std::vector<uint8_t> img = ReadWholeFile(F("t.qcow2"));
+  auto be32 = [&](size_t at) {
+    return uint32_t{img[at]} << 24 | uint32_t{img[at + 1]} << 16 | uint32_t{img[at + 2]} << 8 | img[at + 3];
+  };
+  size_t pos = be32(100);  // v3 header_length
+  while (be32(pos) != 0) pos += 8 + (be32(pos + 4) + 7) / 8 * 8;
+  const std::vector<uint8_t> ext = {0xe2, 0x79, 0x2a, 0xca, 0, 0, 0, 3, 'f', 'o', 'o', 0, 0, 0, 0, 0};
+  img.insert(img.begin() + pos, ext.begin(), ext.end());
+  img.erase(img.begin() + 65536, img.begin() + 65536 + ext.size());  // the header cluster's padding
+  uint64_t backing_offset = uint64_t{be32(8)} << 32 | be32(12);
+  ASSERT_GT(backing_offset, pos);
+  backing_offset += ext.size();
+  for (int i = 0; i < 8; i++) img[8 + i] = static_cast<uint8_t>(backing_offset >> (56 - 8 * i));
+  WriteWholeFile(F("t.qcow2"), img);
+  EXPECT_NE(Ok(Q("info t.qcow2")).find("backing file format: foo\n"), std::string::npos);
+  Copies("t.qcow2");
+  CommandResult v = V("info v.qcow2");
+  EXPECT_EQ(v.exit_code, 0) << v.err;
+  EXPECT_NE(v.out.find("backing file: t.base\nbacking file format: foo\n"), std::string::npos) << v.out;
+  Both("rebase -u -b t.base");
+  Both("rebase -u -b t.base -F qcow2");
+  EXPECT_NE(Ok(Q("info v.qcow2")).find("backing file format: qcow2\n"), std::string::npos);
+  Ok(Io("-c 'read -P 0 0 4k' v.qcow2"));
+}
+
+// iotest 036: unknown incompatible feature bits are named as qemu names them: the feature
+// table's names first, then one mask of the bits it does not name.
+TEST_F(CliIotestsTest, UnknownIncompatibleFeaturesAreListedAsQemuListsThem) {
+  for (uint8_t top_byte : {0x80, 0xe0, 0x60}) {
+    SCOPED_TRACE(top_byte);
+    MustSh("rm -f orig.qcow2 && qemu-img create -q -f qcow2 orig.qcow2 1M");
+    std::vector<uint8_t> img = ReadWholeFile(F("orig.qcow2"));
+    img[72] |= top_byte;  // incompatible_features, most significant byte
+    WriteWholeFile(F("orig.qcow2"), img);
+    Copies("orig.qcow2");
+    CommandResult v = V("info v.qcow2"), q = Q("info q.qcow2");
+    EXPECT_EQ(v.exit_code, 1);
+    EXPECT_EQ(q.exit_code, 1);
+    EXPECT_NE(q.err.find("Unsupported qcow2 feature(s): Unknown incompatible feature: "), std::string::npos);
+    EXPECT_EQ(Message(v.err).substr(Message(v.err).find("Unsupported")),
+              Message(q.err).substr(Message(q.err).find("Unsupported")));
+  }
+}
+
 }  // namespace
 }  // namespace vimgfs::test

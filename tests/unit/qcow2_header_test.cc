@@ -147,7 +147,7 @@ TEST_F(Qcow2Hostile, HugeBackingName) {
 
 TEST_F(Qcow2Hostile, UnknownIncompatibleBits) {
   Put64(72, 1ull << 20);
-  ExpectOpenError("unsupported qcow2 feature");
+  ExpectOpenError("Unsupported qcow2 feature");
 }
 
 TEST_F(Qcow2Hostile, OtherHeaderFields) {

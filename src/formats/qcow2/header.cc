@@ -23,16 +23,16 @@ constexpr FeatureName kFeatureNames[] = {
     {2, 0, "bitmaps"},            {2, 1, "raw external data"},
 };
 
+// qemu's list of unsupported incompatible features: the names the feature table gives
+// for set bits, in table order, then one mask of the set bits it does not name.
 std::string FeatureList(uint64_t bits, const std::vector<std::pair<int, std::string>>& names) {
   std::string out;
-  for (int b = 0; b < 64; b++) {
-    if (!(bits & (1ull << b))) continue;
-    std::string n;
-    for (auto& [bit, name] : names)
-      if (bit == b) n = name;
-    if (!out.empty()) out += ", ";
-    out += n.empty() ? fmt::format("Unknown incompatible feature: {:x}", 1ull << b) : n;
+  for (const auto& [bit, name] : names) {
+    if (!(bits & (1ull << bit))) continue;
+    out += (out.empty() ? "" : ", ") + name;
+    bits &= ~(1ull << bit);
   }
+  if (bits) out += fmt::format("{}Unknown incompatible feature: {:x}", out.empty() ? "" : ", ", bits);
   return out;
 }
 
@@ -98,7 +98,7 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
   uint64_t ext_end = std::min<uint64_t>(cs, file_size);
   if (h.backing_file_offset != 0 && h.backing_file_offset < ext_end) ext_end = h.backing_file_offset;
   uint64_t pos = h.header_length;
-  bool seen_backing_fmt = false, seen_features = false, seen_data = false;
+  bool seen_data = false;
   while (pos + 8 <= ext_end) {
     std::byte eh[8];
     RETURN_IF_ERROR(file.PRead(pos, eh));
@@ -115,9 +115,7 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
     std::string str(reinterpret_cast<const char*>(data.data()), data.size());
     switch (type) {
       case kExtBackingFormat:
-        if (seen_backing_fmt)
-          return Status::InvalidFormat("'{}': duplicate backing format extension", path);
-        seen_backing_fmt = true;
+        // A later one replaces an earlier one, as in qemu (iotest 114).
         h.backing_format = std::string(str.c_str());
         break;
       case kExtDataFile:
@@ -126,13 +124,17 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
         h.data_file = std::string(str.c_str());
         break;
       case kExtFeatureTable:
-        if (seen_features) return Status::InvalidFormat("'{}': duplicate feature name table", path);
-        seen_features = true;
+        // As qemu reads it: a later table replaces an earlier one, a short last entry is
+        // padded with zeros, and an entry with an empty name ends the table (iotest 036).
         h.has_feature_table = true;
-        for (size_t i = 0; i + 48 <= data.size(); i += 48) {
-          if (static_cast<uint8_t>(data[i]) != 0) continue;
+        incompat_names.clear();
+        data.resize(AlignUp(data.size(), 48));
+        for (size_t i = 0; i < data.size(); i += 48) {
           const char* n = reinterpret_cast<const char*>(data.data() + i + 2);
-          incompat_names.emplace_back(static_cast<uint8_t>(data[i + 1]) & 63, std::string(n, strnlen(n, 46)));
+          std::string name(n, strnlen(n, 46));
+          if (name.empty()) break;
+          const uint8_t bit = static_cast<uint8_t>(data[i + 1]);
+          if (static_cast<uint8_t>(data[i]) == 0 && bit < 64) incompat_names.emplace_back(bit, std::move(name));
         }
         break;
       case kExtBitmaps:
@@ -150,7 +152,7 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
 
   uint64_t unknown_incompat = h.incompatible_features & ~kIncompatKnown;
   if (unknown_incompat)
-    return Status::Unsupported("'{}': unsupported qcow2 feature(s): {}", path,
+    return Status::Unsupported("'{}': Unsupported qcow2 feature(s): {}", path,
                                FeatureList(unknown_incompat, incompat_names));
   if (h.crypt_method != 0)
     return Status::Unsupported("'{}': encrypted qcow2 images ({}) are not supported", path,
