@@ -137,7 +137,7 @@ int RunCreate(int argc, char** argv) {
   Status s = Image::Create(CreateDriverName(fmt), ctx, /*unsafe=*/true);  // the backing was checked above
   for (const std::string& w : warnings) PrintError("warning: " + w);
   if (!s.ok() && s.err() == EFBIG) {  // the host's or the format's limit, in qemu-img's words
-    const FormatDriver* driver = FindFormat(CreateDriverName(fmt));
+    const FormatDriver* driver = CreateDriver(fmt);
     return fail(fmt::format("The image size is too large for file format '{}'{}", fmt,
                             driver ? driver->traits().too_large_hint : ""));
   }

@@ -25,9 +25,6 @@ const std::vector<Desc> kFileProtocol = {
     {"extent_size_hint", Kind::kSize, "Extent size hint for the image file, 0 to disable"},
 };
 
-// The driver `create -f fmt` uses (the file protocol creates a raw image), or null.
-const FormatDriver* CreateDriver(const std::string& fmt) { return FindFormat(CreateDriverName(fmt)); }
-
 // Each format's own create options (its driver declares them), or the file protocol's.
 const std::vector<Desc>* FormatDescs(const std::string& fmt) {
   if (fmt == "file") return &kFileProtocol;
@@ -176,6 +173,8 @@ std::string CreateFormatError(const std::string& fmt) {
 }
 
 std::string CreateDriverName(const std::string& fmt) { return fmt == "file" ? "raw" : fmt; }
+
+const FormatDriver* CreateDriver(const std::string& fmt) { return FindFormat(CreateDriverName(fmt)); }
 
 int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename) {
   if (std::string err = CreateFormatError(fmt); !err.empty()) {

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "vimgfs/format.h"
 #include "vimgfs/status.h"
 
 namespace vimgfs::cli {
@@ -33,6 +34,8 @@ int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename);
 std::string CreateFormatError(const std::string& fmt);
 // The driver that writes fmt ("file" is raw on the file protocol).
 std::string CreateDriverName(const std::string& fmt);
+// That driver, or null for a format vimgfs cannot create.
+const FormatDriver* CreateDriver(const std::string& fmt);
 
 // Parses the -o text as qemu parses create options: a name without '=' is "on" ("noX" is
 // X=off), each name must be one of fmt's options and each value of its type. Adds to *opts.
