@@ -52,6 +52,9 @@ struct Mapping {
   // kData: the bytes may be overwritten in place (qcow2: refcount 1, i.e. not shared with
   // a snapshot). When false, a write needs PrepareWrite even though data is present.
   bool writable = false;
+  // kData: `map` reports the run as data as it is, without asking the host file for holes
+  // (qemu's drivers that do not recurse into their file, like vpc's dynamic disks).
+  bool opaque_data = false;
 
   bool operator==(const Mapping&) const = default;
 };
@@ -321,5 +324,10 @@ class FormatDriver {
 // All registered drivers, in probe order.
 const std::vector<const FormatDriver*>& AllFormats();
 const FormatDriver* FindFormat(std::string_view name);
+// The name of the container qemu-img would probe `head` (the first bytes of the file at
+// `path`) as, where vimgfs has no driver for it: such a file is refused, never read as raw.
+std::optional<std::string> UndrivenContainer(std::span<const std::byte> head, const std::string& path);
+// A format qemu-img opens that vimgfs has no driver for (`-f qed`).
+bool IsUndrivenQemuFormat(std::string_view name);
 
 }  // namespace vimgfs

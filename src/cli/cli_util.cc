@@ -275,6 +275,8 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.env = o.env;
   opts.for_check = o.for_check;
   opts.keep_bitmaps = o.keep_bitmaps;
+  if (!o.format.empty() && IsUndrivenQemuFormat(o.format))
+    return Status::Unsupported("Could not open '{}': image format '{}' is not supported", path, o.format);
   if (!o.format.empty() && !FindFormat(o.format))
     return Status::InvalidArgument("Unknown driver '{}'", o.format);
   // Skipping the lock is safe only for a reader: a writer would change an image that a VM

@@ -94,6 +94,10 @@ Result<std::string> ProbeFile(File& file, const std::string& path) {
       best_score = score;
     }
   }
+  if (!best || best == FindFormat("raw")) {
+    if (auto container = UndrivenContainer(h, path))
+      return Status::Unsupported("'{}': image format '{}' is not supported", path, *container);
+  }
   return std::string(best ? best->name() : "raw");
 }
 
@@ -156,6 +160,8 @@ struct ImageOpener {
       ASSIGN_OR_RETURN(format, ProbeFile(*file, path));
     }
     const FormatDriver* driver = options.driver ? options.driver : FindFormat(format);
+    if (!driver && IsUndrivenQemuFormat(format))
+      return Status::Unsupported("'{}': image format '{}' is not supported", path, format);
     if (!driver) return Status::InvalidArgument("Unknown driver '{}'", format);
     std::unique_ptr<Image> img(new Image());
     img->env_ = env;
@@ -736,6 +742,11 @@ Result<std::vector<BlockStatus>> Image::Map(uint64_t off, uint64_t len, bool thi
           bs.present = bs.data = true;
           bs.has_offset = true;
           bs.filename = m.file->path();
+          if (m.opaque_data) {
+            bs.host_offset = m.host_offset;
+            push(bs);
+            break;
+          }
           for (uint64_t done = 0; done < m.length;) {
             ASSIGN_OR_RETURN(HostExtent ext, m.file->ProbeExtent(m.host_offset + done));
             uint64_t n = ext.length == 0 ? m.length - done : std::min(ext.length, m.length - done);

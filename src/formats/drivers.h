@@ -9,5 +9,7 @@ const FormatDriver* RawDriver();
 const FormatDriver* Qcow2Driver();
 const FormatDriver* VmdkDriver();
 const FormatDriver* VdiDriver();
+const FormatDriver* VhdxDriver();
+const FormatDriver* VpcDriver();
 
 }  // namespace vimgfs

@@ -210,6 +210,7 @@ INSTANTIATE_TEST_SUITE_P(
                       FormatCase{"qcow2_extended_l2", "qcow2", {{"extended_l2", "on"}}},
                       FormatCase{"qcow2_lazy", "qcow2", {{"lazy_refcounts", "on"}}},
                       FormatCase{"vdi", "vdi", {}}, FormatCase{"vdi_static", "vdi", {{"static", "on"}}},
+                      FormatCase{"vpc", "vpc", {}}, FormatCase{"vpc_fixed", "vpc", {{"subformat", "fixed"}}},
                       FormatCase{"vmdk", "vmdk", {}},
                       FormatCase{"vmdk_split", "vmdk", {{"subformat", "twoGbMaxExtentSparse"}}},
                       FormatCase{"vmdk_zeroed_grain", "vmdk", {{"zeroed_grain", "on"}}}),

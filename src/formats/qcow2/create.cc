@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "formats/drivers.h"
+#include "formats/format_util.h"
 #include "formats/qcow2/qcow2_internal.h"
 #include "util/endian.h"
 #include "util/limits.h"
@@ -16,12 +17,6 @@
 
 namespace vimgfs::qcow2 {
 namespace {
-
-Result<bool> ParseBool(const std::string& key, const std::string& v) {
-  if (v == "on" || v == "true" || v == "yes") return true;
-  if (v == "off" || v == "false" || v == "no") return false;
-  return Status::InvalidArgument("Parameter '{}' expects 'on' or 'off'", key);
-}
 
 struct CreateParams {
   uint64_t size = 0;
@@ -59,7 +54,7 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
       else if (v == "1.1" || v == "v3") p.version = 3;
       else return Status::InvalidArgument("Parameter 'version' does not accept value '{}'", v);
     } else if (key == "lazy_refcounts") {
-      ASSIGN_OR_RETURN(p.lazy_refcounts, ParseBool(key, v));
+      ASSIGN_OR_RETURN(p.lazy_refcounts, ParseBoolOption(key, v));
     } else if (key == "refcount_bits") {
       char* endp = nullptr;
       refcount_bits = std::strtoull(v.c_str(), &endp, 0);
@@ -70,7 +65,7 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
       else return Status::InvalidArgument("Parameter 'compression-type' does not accept value '{}'", v);
       compression_set = true;
     } else if (key == "extended_l2") {
-      ASSIGN_OR_RETURN(p.extended_l2, ParseBool(key, v));
+      ASSIGN_OR_RETURN(p.extended_l2, ParseBoolOption(key, v));
     } else if (key == "preallocation") {
       if (v != "off" && v != "metadata" && v != "falloc" && v != "full")
         return Status::InvalidArgument("Parameter 'preallocation' does not accept value '{}'", v);
@@ -84,7 +79,7 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
     } else if (key == "data_file") {
       p.data_file = v;
     } else if (key == "data_file_raw") {
-      ASSIGN_OR_RETURN(p.data_file_raw, ParseBool(key, v));
+      ASSIGN_OR_RETURN(p.data_file_raw, ParseBoolOption(key, v));
     } else if (key == "encryption" || key.rfind("encrypt.", 0) == 0) {
       if (key == "encryption" && v == "off") continue;
       return Status::Unsupported("encrypted qcow2 images are not supported");

@@ -4,6 +4,7 @@
 #include <climits>
 
 #include "formats/drivers.h"
+#include "formats/format_util.h"
 #include "util/checked.h"
 
 namespace vimgfs {
@@ -20,21 +21,9 @@ class RawMap final : public ClusterMap {
   uint64_t cluster_size() const override { return kSector; }
   bool read_only() const override { return read_only_; }
 
+  // Past the host EOF (the file shrank under us) reads as zeros.
   Status Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out) override {
-    uint64_t end = off + len;
-    while (off < end) {
-      ASSIGN_OR_RETURN(HostExtent ext, file_->ProbeExtent(off));
-      Mapping m;
-      // Past the host EOF (the file shrank under us) reads as zeros.
-      m.length = ext.length == 0 ? end - off : std::min(ext.length, end - off);
-      m.kind = ext.data ? Mapping::Kind::kData : Mapping::Kind::kZero;
-      m.file = file_.get();
-      m.host_offset = off;
-      m.writable = !read_only_;
-      out->push_back(m);
-      off += m.length;
-    }
-    return Status::Ok();
+    return LookupPlainExtents(*file_, 0, off, len, !read_only_, out);
   }
 
   // A hole: the bytes land where they belong, nothing to link.

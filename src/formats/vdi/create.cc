@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "formats/drivers.h"
+#include "formats/format_util.h"
 #include "formats/vdi/vdi_internal.h"
 #include "util/checked.h"
 #include "util/endian.h"
@@ -10,23 +11,12 @@
 #include "vimgfs/image.h"
 
 namespace vimgfs::vdi {
-namespace {
-
-// qemu's boolean option syntax.
-Result<bool> ParseBool(const std::string& name, const std::string& v) {
-  if (v == "on" || v == "yes" || v == "true" || v == "y") return true;
-  if (v == "off" || v == "no" || v == "false" || v == "n") return false;
-  return Status::InvalidArgument("Parameter '{}' expects 'on' or 'off'", name);
-}
-
-}  // namespace
-
 Status CreateVdi(const CreateContext& ctx) {
   bool is_static = false;
   uint64_t size = ctx.size;
   for (const auto& [key, value] : ctx.options) {
     if (key == "static") {
-      ASSIGN_OR_RETURN(is_static, ParseBool(key, value));
+      ASSIGN_OR_RETURN(is_static, ParseBoolOption(key, value));
     } else if (key == "size") {
       // The command line normally folds this into ctx.size; accept it either way.
       ASSIGN_OR_RETURN(size, ParseSize(value));
@@ -73,8 +63,8 @@ Status CreateVdi(const CreateContext& ctx) {
   StoreLE32(h + off::kBlockExtra, 0);
   StoreLE32(h + off::kBlocksInImage, static_cast<uint32_t>(blocks));
   StoreLE32(h + off::kBlocksAllocated, is_static ? static_cast<uint32_t>(blocks) : 0);
-  const auto uuid_image = RandomUuid();
-  const auto uuid_snap = RandomUuid();
+  const auto uuid_image = RandomUuid(/*guid_order=*/true);
+  const auto uuid_snap = RandomUuid(/*guid_order=*/true);
   std::memcpy(h + off::kUuidImage, uuid_image.data(), 16);
   std::memcpy(h + off::kUuidLastSnap, uuid_snap.data(), 16);
   for (uint64_t b = 0; b < blocks; ++b) {

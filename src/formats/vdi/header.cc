@@ -1,6 +1,5 @@
 // VDI header: probe, decode with validation of every field, encode, UUIDs.
 #include <cstring>
-#include <random>
 
 #include "formats/vdi/vdi_internal.h"
 #include "util/checked.h"
@@ -195,20 +194,6 @@ void EncodeHeader(Header* h) {
   StoreLE64(&h->raw[off::kDiskSize], h->disk_size);
   StoreLE32(&h->raw[off::kBlocksInImage], h->blocks_in_image);
   StoreLE32(&h->raw[off::kBlocksAllocated], h->blocks_allocated);
-}
-
-std::array<std::byte, 16> RandomUuid() {
-  static thread_local std::mt19937_64 rng{std::random_device{}() ^
-                                          (uint64_t{std::random_device{}()} << 32)};
-  std::array<std::byte, 16> u;
-  uint64_t a = rng(), b = rng();
-  std::memcpy(u.data(), &a, 8);
-  std::memcpy(u.data() + 8, &b, 8);
-  // RFC 4122 version 4; VirtualBox stores time_hi_and_version little-endian (byte 7 is
-  // its high byte), the variant byte (8) as is.
-  u[7] = (u[7] & std::byte{0x0f}) | std::byte{0x40};
-  u[8] = (u[8] & std::byte{0x3f}) | std::byte{0x80};
-  return u;
 }
 
 }  // namespace vimgfs::vdi

@@ -108,8 +108,6 @@ Result<Header> ParseHeader(std::span<const std::byte, kSectorSize> sector, uint6
 // Writes the mutable fields of h (blocks_allocated, disk_size, blocks_in_image) into
 // h.raw, which then is the sector to write at offset 0.
 void EncodeHeader(Header* h);
-// A random (version 4) UUID in VirtualBox byte order (first three fields little-endian).
-std::array<std::byte, 16> RandomUuid();
 int ProbeVdi(std::span<const std::byte> head);
 
 // The ClusterMap of an open VDI image. Keeps the whole block map in memory (bounded by

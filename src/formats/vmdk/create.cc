@@ -3,6 +3,7 @@
 // tables first, all tables preallocated) and its descriptor text.
 #include <random>
 
+#include "formats/format_util.h"
 #include "formats/vmdk/vmdk_internal.h"
 #include "util/checked.h"
 #include "util/endian.h"
@@ -16,12 +17,6 @@ constexpr uint64_t kGrainSectors = 128;  // 64 KiB
 constexpr uint32_t kGtes = 512;
 constexpr uint64_t kDescSectors = 20;
 constexpr uint64_t kTwoGbExtentBytes = 2ull << 30;
-
-Result<bool> ParseBool(const std::string& path, const std::string& key, const std::string& v) {
-  if (v == "on" || v == "true" || v == "yes") return true;
-  if (v == "off" || v == "false" || v == "no") return false;
-  return Status::InvalidArgument("Parameter '{}' expects 'on' or 'off'", key);
-}
 
 std::string BaseName(const std::string& path) {
   auto slash = path.rfind('/');
@@ -116,9 +111,9 @@ Status CreateVmdk(const CreateContext& ctx) {
     } else if (k == "hwversion") {
       hwversion = v == "undefined" ? "" : v;
     } else if (k == "compat6") {
-      ASSIGN_OR_RETURN(compat6, ParseBool(path, k, v));
+      ASSIGN_OR_RETURN(compat6, ParseBoolOption(k, v));
     } else if (k == "zeroed_grain") {
-      ASSIGN_OR_RETURN(zeroed, ParseBool(path, k, v));
+      ASSIGN_OR_RETURN(zeroed, ParseBoolOption(k, v));
     } else if (k == "toolsversion") {
       tools = v;
     } else if (k == "preallocation") {
