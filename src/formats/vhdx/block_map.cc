@@ -117,22 +117,25 @@ Result<std::unique_ptr<ClusterMap>> OpenVhdx(OpenContext ctx) {
           path, i, off, len, file_size);
     }
   }
+  if (p.has_parent && !p.parent.contains("relative_path") && !p.parent.contains("absolute_win32_path") &&
+      !p.parent.contains("volume_path")) {
+    return Status::InvalidFormat("'{}': VHDX parent locator names no parent path", path);
+  }
   auto map = std::make_unique<VhdxMap>(path, std::move(ctx.file), headers, std::move(p), std::move(bat),
-                                       read_only, ctx.options.untrusted);
+                                       read_only);
   map->set_file_size_at_open(file_size);
   map->set_log_cursor(last_sequence);
   return std::unique_ptr<ClusterMap>(std::move(map));
 }
 
 VhdxMap::VhdxMap(std::string path, std::unique_ptr<File> file, Headers headers, Params params,
-                 std::vector<uint64_t> bat, bool read_only, bool untrusted)
+                 std::vector<uint64_t> bat, bool read_only)
     : path_(std::move(path)),
       file_(std::move(file)),
       h_(headers),
       p_(std::move(params)),
       bat_(std::move(bat)),
-      read_only_(read_only),
-      untrusted_(untrusted) {}
+      read_only_(read_only) {}
 
 Status VhdxMap::CheckWritable() const {
   if (closed_) return Status::InvalidArgument("'{}': image is closed", path_);

@@ -178,7 +178,7 @@ uint64_t LogEntrySize(size_t sectors);
 class VhdxMap final : public ClusterMap {
  public:
   VhdxMap(std::string path, std::unique_ptr<File> file, Headers headers, Params params,
-          std::vector<uint64_t> bat, bool read_only, bool untrusted);
+          std::vector<uint64_t> bat, bool read_only);
 
   uint64_t virtual_size() const override { return p_.virtual_size; }
   uint64_t cluster_size() const override { return p_.block_size; }
@@ -214,7 +214,6 @@ class VhdxMap final : public ClusterMap {
   Params p_;
   std::vector<uint64_t> bat_;
   bool read_only_;
-  bool untrusted_;
   bool closed_ = false;
   bool wrote_ = false;            // FirstWrite done
   uint64_t next_alloc_ = 0;       // next block's host offset
