@@ -90,13 +90,6 @@ void Patch64(const std::string& path, uint64_t off, uint64_t v) {
   StoreLE64(b, v);
   Patch(path, off, b, 8);
 }
-uint64_t Load64At(const std::string& path, uint64_t off) {
-  std::ifstream f(path, std::ios::binary);
-  f.seekg(off);
-  char b[8] = {};
-  f.read(b, 8);
-  return LoadLE64(b);
-}
 
 // The region offsets of a VHDX file, from region table 1 (BAT GUID starts 66 77 c2 2d).
 struct Regions {
