@@ -67,6 +67,10 @@ struct WritePlan {
   uint64_t length = 0;
   File* file = nullptr;
   uint64_t host_offset = 0;
+  // The host range was never written (it lies past the file's old end) and reads as
+  // zeros: the engine need not write the zero parts of a copy-on-write fill, which keeps
+  // the file as sparse as qemu keeps it.
+  bool fresh = false;
   uint64_t cookie[4] = {0, 0, 0, 0};  // format-private
 };
 

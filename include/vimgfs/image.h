@@ -158,6 +158,9 @@ class Image {
   Status FinishPlan(const WritePlan& plan, const Status& data_written);
   // Makes a planned host range read as zeros, as `fill` says.
   Status FillHost(const WritePlan& plan, Fill fill);
+  // Writes a copy-on-write fill into a fresh plan (WritePlan::fresh), leaving its zero
+  // pieces unwritten.
+  Status WriteSkippingZeros(const WritePlan& plan, std::span<const std::byte> data);
   Status ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard);
   // Runs `change` on the format's map with every cluster locked exclusive and the
   // metadata lock held, then refreshes the size and drops decompressed units.

@@ -450,12 +450,34 @@ Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
         s = ReadUnlocked(data_end, st.subspan(data_end - plan.guest_offset, readable_end - data_end));
       if (readable_end < plan_end)  // past the disk end inside the last cluster
         std::memset(staging.data() + (readable_end - plan.guest_offset), 0, plan_end - readable_end);
-      if (s.ok()) s = plan.file->PWrite(plan.host_offset, st, IoTag::kCowData);
+      if (s.ok()) s = plan.fresh ? WriteSkippingZeros(plan, st) : plan.file->PWrite(plan.host_offset, st, IoTag::kCowData);
     }
     RETURN_IF_ERROR(FinishPlan(plan, s));
     pos = data_end;
   }
   return Status::Ok();
+}
+
+Status Image::WriteSkippingZeros(const WritePlan& plan, std::span<const std::byte> data) {
+  // 4 KiB pieces: the host file's block, and small enough that a sparse fill stays sparse.
+  constexpr uint64_t kPiece = 4096;
+  auto is_zero = [&](uint64_t at, uint64_t n) { return std::memcmp(data.data() + at, ZeroBuffer(), n) == 0; };
+  for (uint64_t at = 0; at < data.size();) {
+    uint64_t n = std::min(kPiece, data.size() - at);
+    if (is_zero(at, n)) {
+      at += n;
+      continue;
+    }
+    uint64_t run_end = at + n;
+    while (run_end < data.size() && !is_zero(run_end, std::min(kPiece, data.size() - run_end)))
+      run_end += std::min(kPiece, data.size() - run_end);
+    RETURN_IF_ERROR(plan.file->PWrite(plan.host_offset + at, data.subspan(at, run_end - at), IoTag::kCowData));
+    at = run_end;
+  }
+  // The whole range inside the file, as a written one would be.
+  ASSIGN_OR_RETURN(uint64_t file_size, plan.file->Size());
+  const uint64_t end = plan.host_offset + plan.length;
+  return end > file_size ? plan.file->Truncate(end) : Status::Ok();
 }
 
 Status Image::FillHost(const WritePlan& plan, Fill fill) {

@@ -237,6 +237,22 @@ int QemuCheck(const std::string& image, std::string* out) {
   return r.exit_code;
 }
 
+int CheckImage(const std::string& image, std::string* out) {
+  std::string qemu_out;
+  int code = QemuCheck(image, &qemu_out);
+  if (code != 63) {
+    if (out) *out = qemu_out;
+    return code;
+  }
+  auto r = RunCommand(Quote(test::VimgfsBinary()) + " check " + Quote(image));
+  if (out) *out = r.out + r.err;
+  return r.exit_code;
+}
+
+std::string ExactSizeCreateArgs(const std::string& fmt, const std::string& image, const std::string& size) {
+  return "-f " + fmt + (fmt == "vpc" ? " -o force_size=on " : " ") + Quote(image) + " " + size;
+}
+
 bool QemuToRaw(const std::string& image, const std::string& dst) {
   return RunCommand("qemu-img convert -O raw " + Quote(image) + " " + Quote(dst)).exit_code == 0;
 }

@@ -78,6 +78,11 @@ void LoopDetach(const std::string& dev);
 
 // qemu-img check exit code (0 clean, 3 leaks only, 2 corrupt ...), output in *out.
 int QemuCheck(const std::string& image, std::string* out = nullptr);
+// qemu-img check, or vimgfs check for the formats qemu-img cannot check (exit 63: VHD).
+int CheckImage(const std::string& image, std::string* out = nullptr);
+// qemu-img create's arguments for an image of exactly `size` of format fmt (VHD: force_size,
+// or qemu rounds the size up to a CHS geometry).
+std::string ExactSizeCreateArgs(const std::string& fmt, const std::string& image, const std::string& size);
 // qemu-img convert -O raw into dst; true on success.
 bool QemuToRaw(const std::string& image, const std::string& dst);
 // Creates an image with qemu-img create; fails the test on error.

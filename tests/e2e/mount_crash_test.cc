@@ -1,4 +1,4 @@
-// End-to-end crash test (qcow2, vdi, vmdk): kill -9 the daemon at random points during
+// End-to-end crash test (qcow2, vdi, vmdk, vpc): kill -9 the daemon at random points during
 // random writes, many times over the same image. After each crash qemu-img check must find no corruption
 // (leaks are allowed) and every write acknowledged by a completed fsync must be there.
 //
@@ -81,7 +81,7 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
   Mount mount;
   std::string image = dir.File("crash." + fmt), mnt = dir.File("mnt"), raw = dir.File("seen.raw");
   ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
-  QemuCreate("-f " + fmt + " " + Quote(image) + " 32M");
+  QemuCreate(ExactSizeCreateArgs(fmt, image, "32M"));
   Model model;
   std::mt19937_64 rng(0xc0ffee);
   std::vector<uint8_t> zeros(256 * 1024, 0);
@@ -131,8 +131,8 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
     mount.Kill();
 
     std::string out;
-    int check = QemuCheck(image, &out);
-    EXPECT_TRUE(check == 0 || check == 3) << "qemu-img check exit " << check << "\n" << out;
+    int check = CheckImage(image, &out);
+    EXPECT_TRUE(check == 0 || check == 3) << "check exit " << check << "\n" << out;
     ASSERT_NE(check, 2) << "corruption after crash";
     ASSERT_TRUE(QemuToRaw(image, raw));
     auto seen = test::ReadWholeFile(raw);
@@ -160,11 +160,11 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
   // The survivor mounts and closes cleanly; leaks may remain, nothing else.
   ASSERT_TRUE(mount.StartForeground({"-F", fmt, image, mnt}, mnt));
   EXPECT_EQ(mount.Stop(), 0);
-  int check = QemuCheck(image);
+  int check = CheckImage(image);
   EXPECT_TRUE(check == 0 || check == 3);
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, MountCrash, ::testing::Values("qcow2", "vdi", "vmdk", "qcow2+direct"));
+INSTANTIATE_TEST_SUITE_P(Formats, MountCrash, ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "qcow2+direct"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

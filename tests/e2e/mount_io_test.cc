@@ -34,7 +34,7 @@ class MountIo : public ::testing::TestWithParam<std::string> {
     mnt_ = dir_.File("mnt");
     ASSERT_EQ(mkdir(mnt_.c_str(), 0755), 0);
     image_ = dir_.File("disk." + GetParam());
-    QemuCreate("-f " + GetParam() + " " + Quote(image_) + " 64M");
+    QemuCreate(ExactSizeCreateArgs(GetParam(), image_, "64M"));
   }
   // Mounts image_ on mnt_ the normal (backgrounding) way.
   void MountImage(std::vector<std::string> extra = {}) {
@@ -51,10 +51,10 @@ class MountIo : public ::testing::TestWithParam<std::string> {
     EXPECT_EQ(mount_.Stop(), 0);
     ExpectCheckClean();
   }
-  // qemu-img check passes (raw images cannot be checked: exit 63).
+  // The check passes (raw images cannot be checked: exit 63).
   void ExpectCheckClean() {
     std::string out;
-    int code = QemuCheck(image_, &out);
+    int code = CheckImage(image_, &out);
     if (GetParam() == "raw") EXPECT_EQ(code, 63) << out;
     else EXPECT_EQ(code, 0) << out;
   }
@@ -411,7 +411,7 @@ TEST_P(MountIo, SignalsCloseCleanly) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, MountIo, ::testing::Values("raw", "qcow2", "vdi", "vmdk"));
+INSTANTIATE_TEST_SUITE_P(Formats, MountIo, ::testing::Values("raw", "qcow2", "vdi", "vmdk", "vpc"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

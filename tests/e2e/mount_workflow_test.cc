@@ -162,6 +162,11 @@ const ExactCase kExactCases[] = {
     {"vdi_dynamic", "vdi",
      "qemu-img create -q -f vdi img 32M && qemu-io -f vdi -c 'write -P 0xc1 0 1M' "
      "-c 'write -P 0xc2 3000000 5000' img >/dev/null"},
+    {"vpc_dynamic", "vpc",
+     "qemu-img create -q -f vpc img 32M && qemu-io -f vpc -c 'write -P 0xd1 0 1M' "
+     "-c 'write -P 0xd2 3000000 5000' img >/dev/null"},
+    {"vpc_fixed", "vpc",
+     "qemu-img create -q -f vpc -o subformat=fixed img 8M && qemu-io -f vpc -c 'write -P 0xd3 4k 1M' img >/dev/null"},
 };
 
 void PrintTo(const ExactCase& c, std::ostream* os) { *os << c.name; }

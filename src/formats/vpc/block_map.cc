@@ -232,11 +232,14 @@ Result<WritePlan> VpcMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
     return plan;
   }
   uint64_t start;
+  bool fresh = false;
   if (!reusable_.empty()) {
     start = reusable_.back();
     reusable_.pop_back();
   } else {
     start = next_block_;
+    ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+    fresh = start + dyn_.bitmap_size >= file_size;  // only the old footer lies past start
     if (start / kSectorSize >= kBatUnused)
       return Status::Unsupported("'{}': the VHD file is full (block offsets are 32-bit sector numbers)", path_);
     // The footer moves first, so the file always ends in one.
@@ -251,6 +254,7 @@ Result<WritePlan> VpcMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
   RETURN_IF_ERROR(
       file_->PWrite(start, bitmap, IoTag::kBlockMap).WithContext("'{}': writing a VHD sector bitmap", path_));
   plan.host_offset = start + dyn_.bitmap_size;
+  plan.fresh = fresh;
   plan.cookie[1] = start;
   plan.cookie[2] = 1;
   return plan;
