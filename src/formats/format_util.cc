@@ -43,4 +43,23 @@ Status LookupPlainExtents(File& file, uint64_t host_base, uint64_t off, uint64_t
   return Status::Ok();
 }
 
+Status WriteDirtySectors(File& file, uint64_t base, std::span<const std::byte> table, std::set<uint64_t>* dirty,
+                         IoTag tag) {
+  constexpr uint64_t kSector = 512;
+  auto it = dirty->begin();
+  while (it != dirty->end()) {
+    const uint64_t start = *it;
+    uint64_t end = start + 1;
+    auto next = std::next(it);
+    while (next != dirty->end() && *next == end) {
+      ++end;
+      ++next;
+    }
+    const uint64_t lo = start * kSector, hi = std::min<uint64_t>(end * kSector, table.size());
+    RETURN_IF_ERROR(file.PWrite(base + lo, table.subspan(lo, hi - lo), tag));
+    it = dirty->erase(it, next);
+  }
+  return Status::Ok();
+}
+
 }  // namespace vimgfs

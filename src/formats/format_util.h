@@ -4,6 +4,8 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <set>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -23,5 +25,10 @@ std::array<std::byte, 16> RandomUuid(bool guid_order);
 // and sparse copies see the holes. Past the end of the file reads as zeros.
 Status LookupPlainExtents(File& file, uint64_t host_base, uint64_t off, uint64_t len, bool writable,
                           std::vector<Mapping>* out);
+
+// Writes the 512-byte sectors of `table` named in `dirty` to `file` at base + their offset,
+// one write per run of consecutive sectors, removing each run from `dirty` once written.
+Status WriteDirtySectors(File& file, uint64_t base, std::span<const std::byte> table, std::set<uint64_t>* dirty,
+                         IoTag tag);
 
 }  // namespace vimgfs

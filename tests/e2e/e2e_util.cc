@@ -75,6 +75,18 @@ bool IsMountPoint(const std::string& path) {
   return false;
 }
 
+// Whatever part of a /proc file could be read; empty when the process is gone.
+static std::string ReadProcFile(const std::string& path) {
+  std::string all;
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return all;
+  char buf[4096];
+  ssize_t n;
+  while ((n = read(fd, buf, sizeof buf)) > 0) all.append(buf, static_cast<size_t>(n));
+  close(fd);
+  return all;
+}
+
 pid_t FindDaemon(const std::string& mountpoint) {
   std::string want = Canonical(mountpoint);
   DIR* d = opendir("/proc");
@@ -84,8 +96,9 @@ pid_t FindDaemon(const std::string& mountpoint) {
     char* end = nullptr;
     long pid = std::strtol(e->d_name, &end, 10);
     if (*end != '\0' || pid <= 0) continue;
-    std::ifstream in(std::string("/proc/") + e->d_name + "/cmdline", std::ios::binary);
-    std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    // A process may exit while we read: read(2) then fails with ESRCH, which
+    // std::ifstream turns into an exception, so read with plain syscalls.
+    std::string all = ReadProcFile(std::string("/proc/") + e->d_name + "/cmdline");
     std::vector<std::string> args;
     std::string cur;
     for (char c : all) {
@@ -108,9 +121,7 @@ bool WaitGone(pid_t pid, int timeout_ms) {
   for (int waited = 0; waited < timeout_ms; waited += 10) {
     if (kill(pid, 0) != 0 && errno == ESRCH) return true;
     // A zombie that our shell left behind also counts as gone.
-    std::ifstream st("/proc/" + std::to_string(pid) + "/stat");
-    std::string s;
-    std::getline(st, s);
+    std::string s = ReadProcFile("/proc/" + std::to_string(pid) + "/stat");
     auto rp = s.rfind(')');
     if (rp != std::string::npos && rp + 2 < s.size() && s[rp + 2] == 'Z') return true;
     SleepMs(10);

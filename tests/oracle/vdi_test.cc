@@ -301,28 +301,12 @@ TEST(VdiOracle, HeaderErrorsMatchQemu) {
   }
 }
 
-// MANIFEST.tsv rows: path, source, creator, format, qemu_driver, virtual_size, raw_sha256...
-std::vector<std::vector<std::string>> ManifestRows(const std::string& corpus) {
-  std::vector<std::vector<std::string>> rows;
-  std::ifstream in(corpus + "/MANIFEST.tsv");
-  std::string line;
-  std::getline(in, line);  // header
-  while (std::getline(in, line)) {
-    std::vector<std::string> cols;
-    std::stringstream ss(line);
-    std::string col;
-    while (std::getline(ss, col, '\t')) cols.push_back(col);
-    if (cols.size() >= 7) rows.push_back(cols);
-  }
-  return rows;
-}
-
 TEST(VdiOracle, CorpusVirtualBoxImagesReadWithRecordedSha256) {
   const std::string corpus = test::CorpusDir();
   if (corpus.empty()) GTEST_SKIP() << "corpus not found";
   test::TempDir dir;
   int seen = 0;
-  for (const auto& row : ManifestRows(corpus)) {
+  for (const auto& row : test::CorpusManifest(corpus)) {
     if (row[4] != "vdi") continue;
     const std::string path = corpus + "/" + row[0];
     if (row[0].rfind("good/", 0) == 0) {
@@ -346,7 +330,7 @@ TEST(VdiOracle, CorpusVirtualBoxImagesReadWithRecordedSha256) {
   EXPECT_GE(seen, 5);
 
   // Writing into a VirtualBox layout (block map at 1 MiB, data at 2 MiB) keeps it valid.
-  for (const auto& row : ManifestRows(corpus)) {
+  for (const auto& row : test::CorpusManifest(corpus)) {
     if (row[4] != "vdi" || row[0].rfind("good/", 0) != 0) continue;
     const std::string copy = dir.File("vbox.vdi"), raw = dir.File("vbox.raw");
     std::filesystem::copy_file(corpus + "/" + row[0], copy,

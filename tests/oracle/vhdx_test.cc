@@ -589,27 +589,12 @@ TEST(VhdxOracle, MalformedImagesGiveOneLineErrors) {
   expect_refused(a, "parent loop a-b", "");
 }
 
-std::vector<std::vector<std::string>> ManifestRows(const std::string& corpus) {
-  std::vector<std::vector<std::string>> rows;
-  std::ifstream in(corpus + "/MANIFEST.tsv");
-  std::string line;
-  std::getline(in, line);
-  while (std::getline(in, line)) {
-    std::vector<std::string> cols;
-    std::stringstream ss(line);
-    std::string col;
-    while (std::getline(ss, col, '\t')) cols.push_back(col);
-    if (cols.size() >= 7) rows.push_back(cols);
-  }
-  return rows;
-}
-
 TEST(VhdxOracle, CorpusImagesReadWithRecordedSha256) {
   const std::string corpus = test::CorpusDir();
   if (corpus.empty()) GTEST_SKIP() << "corpus not found (/work/shared/corpus, see VIMGFS_CORPUS in tests/CMakeLists.txt)";
   test::TempDir dir;
   int seen = 0;
-  for (const auto& row : ManifestRows(corpus)) {
+  for (const auto& row : test::CorpusManifest(corpus)) {
     if (row[4] != "vhdx") continue;
     std::string path = corpus + "/" + row[0];
     if (row[0].ends_with(".bz2") || row[0].ends_with(".gz")) {

@@ -549,21 +549,6 @@ TEST(VmdkOracle, UntrustedRefusesExtentsOutsideTheFolder) {
   EXPECT_EQ(buf[0], std::byte{0x61});
 }
 
-std::vector<std::vector<std::string>> ManifestRows(const std::string& corpus) {
-  std::vector<std::vector<std::string>> rows;
-  std::ifstream in(corpus + "/MANIFEST.tsv");
-  std::string line;
-  std::getline(in, line);  // header: path source creator format qemu_driver virtual_size raw_sha256 ...
-  while (std::getline(in, line)) {
-    std::vector<std::string> cols;
-    std::stringstream ss(line);
-    std::string col;
-    while (std::getline(ss, col, '\t')) cols.push_back(col);
-    if (cols.size() >= 7) rows.push_back(cols);
-  }
-  return rows;
-}
-
 // SHA-256 of the whole virtual disk, streamed through openssl (several times faster than
 // sha256sum here; disks up to 16 GiB) or sha256sum.
 std::string Sha256OfDisk(Image& img) {
@@ -590,7 +575,7 @@ TEST(VmdkOracle, CorpusImagesReadWithRecordedSha256AndBadOnesAreRefused) {
   const std::string corpus = test::CorpusDir();
   if (corpus.empty()) GTEST_SKIP() << "corpus not found";
   int good = 0, bad = 0;
-  for (const auto& row : ManifestRows(corpus)) {
+  for (const auto& row : test::CorpusManifest(corpus)) {
     if (row[4] != "vmdk") continue;
     const std::string path = corpus + "/" + row[0];
     SCOPED_TRACE(path);

@@ -377,28 +377,13 @@ TEST(VpcOracle, DifferencingParentOutsideTheFolderIsRefusedWhenUntrusted) {
   EXPECT_FALSE(Image::Open(dir.File("sub/child.vhd"), o).ok());
 }
 
-std::vector<std::vector<std::string>> ManifestRows(const std::string& corpus) {
-  std::vector<std::vector<std::string>> rows;
-  std::ifstream in(corpus + "/MANIFEST.tsv");
-  std::string line;
-  std::getline(in, line);
-  while (std::getline(in, line)) {
-    std::vector<std::string> cols;
-    std::stringstream ss(line);
-    std::string col;
-    while (std::getline(ss, col, '\t')) cols.push_back(col);
-    if (cols.size() >= 8) rows.push_back(cols);
-  }
-  return rows;
-}
-
 TEST(VpcOracle, CorpusVhdsReadWithRecordedSha256) {
   const std::string corpus = test::CorpusDir();
   if (corpus.empty()) GTEST_SKIP() << "../shared/corpus not found: the third-party images are not here";
   REQUIRE_QEMU_IMG();
   test::TempDir dir;
   int good = 0, bad = 0;
-  for (const auto& row : ManifestRows(corpus)) {
+  for (const auto& row : test::CorpusManifest(corpus)) {
     if (row[4] != "vpc") continue;
     SCOPED_TRACE(row[0]);
     std::string path = corpus + "/" + row[0];

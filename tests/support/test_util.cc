@@ -11,6 +11,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <stdexcept>
 
 namespace vimgfs::test {
@@ -61,6 +62,21 @@ std::string VimgfsBinary() {
 std::string CorpusDir() {
   std::string dir = std::getenv("VIMGFS_CORPUS") ? std::getenv("VIMGFS_CORPUS") : VIMGFS_CORPUS;
   return std::filesystem::exists(dir + "/MANIFEST.tsv") ? dir : "";
+}
+
+std::vector<std::vector<std::string>> CorpusManifest(const std::string& corpus) {
+  std::vector<std::vector<std::string>> rows;
+  std::ifstream in(corpus + "/MANIFEST.tsv");
+  std::string line;
+  std::getline(in, line);  // header
+  while (std::getline(in, line)) {
+    std::vector<std::string> cols;
+    std::stringstream ss(line);
+    std::string col;
+    while (std::getline(ss, col, '\t')) cols.push_back(col);
+    if (cols.size() >= 7) rows.push_back(cols);
+  }
+  return rows;
 }
 
 std::string FuzzRegressionDir() { return VIMGFS_FUZZ_REGRESSIONS; }

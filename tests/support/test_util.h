@@ -25,6 +25,9 @@ bool HaveProgram(const std::string& name);
 std::string VimgfsBinary();
 // Path of ../shared/corpus (env VIMGFS_CORPUS overrides); "" if absent.
 std::string CorpusDir();
+// The rows of the corpus's MANIFEST.tsv (path, source, creator, format, qemu_driver,
+// virtual_size, raw_sha256, ...), each with at least those 7 columns.
+std::vector<std::vector<std::string>> CorpusManifest(const std::string& corpus);
 // tests/fuzz/regressions: inputs that once crashed a fuzz target.
 std::string FuzzRegressionDir();
 

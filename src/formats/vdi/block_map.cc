@@ -3,6 +3,7 @@
 #include <cstring>
 #include <optional>
 
+#include "formats/format_util.h"
 #include "formats/vdi/vdi_internal.h"
 #include "util/checked.h"
 #include "util/endian.h"
@@ -321,23 +322,8 @@ Status VdiMap::WriteHeaderAndMap(std::optional<uint32_t> header_count, bool head
   }
   // Otherwise back to back, in the order that errs toward what qemu calls a leak.
   if (header_count && header_first) RETURN_IF_ERROR(WriteHeader(*header_count));
-  auto it = dirty_sectors_.begin();
-  while (it != dirty_sectors_.end()) {
-    const uint64_t start = *it;
-    uint64_t end = start + 1;
-    auto next = std::next(it);
-    while (next != dirty_sectors_.end() && *next == end) {
-      ++end;
-      ++next;
-    }
-    const uint64_t lo = start * kSectorSize;
-    const uint64_t hi = std::min<uint64_t>(end * kSectorSize, bmap_.size());
-    RETURN_IF_ERROR(file_->PWrite(h_.offset_bmap + lo,
-                                  std::span<const std::byte>(bmap_.data() + lo, hi - lo),
-                                  IoTag::kBlockMap)
-                        .WithContext("'{}': writing the VDI block map", path_));
-    it = dirty_sectors_.erase(it, next);
-  }
+  RETURN_IF_ERROR(WriteDirtySectors(*file_, h_.offset_bmap, bmap_, &dirty_sectors_, IoTag::kBlockMap)
+                      .WithContext("'{}': writing the VDI block map", path_));
   if (header_count && !header_first) RETURN_IF_ERROR(WriteHeader(*header_count));
   return Status::Ok();
 }

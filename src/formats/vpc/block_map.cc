@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "formats/format_util.h"
 #include "formats/vpc/vpc_internal.h"
 #include "util/checked.h"
 #include "util/endian.h"
@@ -308,22 +309,8 @@ Status VpcMap::WriteBack() {
                         .WithContext("'{}': writing the sector bitmap of VHD block {}", path_, block));
   }
   dirty_bitmaps_.clear();
-  auto it = dirty_sectors_.begin();
-  while (it != dirty_sectors_.end()) {
-    const uint64_t start = *it;
-    uint64_t end = start + 1;
-    auto next = std::next(it);
-    while (next != dirty_sectors_.end() && *next == end) {
-      ++end;
-      ++next;
-    }
-    const uint64_t lo = start * kSectorSize, hi = std::min<uint64_t>(end * kSectorSize, bat_.size());
-    RETURN_IF_ERROR(file_->PWrite(dyn_.table_offset + lo, std::span<const std::byte>(bat_.data() + lo, hi - lo),
-                                  IoTag::kBlockMap)
-                        .WithContext("'{}': writing the VHD block allocation table", path_));
-    it = dirty_sectors_.erase(it, next);
-  }
-  return Status::Ok();
+  return WriteDirtySectors(*file_, dyn_.table_offset, bat_, &dirty_sectors_, IoTag::kBlockMap)
+      .WithContext("'{}': writing the VHD block allocation table", path_);
 }
 
 Status VpcMap::SyncFiles() {
