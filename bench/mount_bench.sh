@@ -1,7 +1,8 @@
 #!/bin/bash
 # Mount benchmark: the same fio jobs on
-#   vimgfs   - a 2 GiB qcow2 mounted with vimgfs (raw view on a regular-file mount point)
-#   qemu     - the same kind of qcow2 exported by qemu-storage-daemon (--export type=fuse)
+#   vimgfs   - a 2 GiB image (qcow2, or FORMAT) mounted with vimgfs (raw view on a
+#              regular-file mount point)
+#   qemu     - the same kind of image exported by qemu-storage-daemon (--export type=fuse)
 #   host     - a plain 2 GiB file on the host file system (the ceiling)
 # Each round gives every target a fresh image, so each sees the same allocation history: a
 # 1 MiB sequential write over the whole disk first (allocating), then reads of that data,
@@ -11,12 +12,16 @@
 # Usage: bench/mount_bench.sh [VIMGFS_BINARY]   (root; needs fio, qemu-img,
 #        qemu-storage-daemon from qemu-system-common). Env: BENCH_DIR (work folder, default
 #        a temp dir under /var/tmp), RUNTIME (seconds per timed job, default 8), REPEAT
-#        (rounds, default 2; the best round per job and target is reported).
+#        (rounds, default 2; the best round per job and target is reported), FORMAT
+#        (image format of both mounted images: qcow2 (default), vhdx, vpc, vdi, vmdk).
+#        The image is checked afterwards with qemu-img check (vimgfs check for vpc, which
+#        qemu-img cannot check).
 set -euo pipefail
 
 VIMGFS=${1:-${VIMGFS:-$(dirname "$0")/../build/vimgfs}}
 RUNTIME=${RUNTIME:-8}
 REPEAT=${REPEAT:-2}
+FORMAT=${FORMAT:-qcow2}
 SIZE=2G
 
 die() { echo "mount_bench: $*" >&2; exit 1; }
@@ -50,6 +55,10 @@ JOBS=(
   "fsync-rw-4k-j4|--rw=randrw --rwmixread=75 --bs=4k --fsync=1 --numjobs=4 --time_based --runtime=$RUNTIME"
 )
 
+# vpc: a size qemu keeps exactly (no CHS rounding), as Azure wants.
+create_opts=()
+[ "$FORMAT" = vpc ] && create_opts=(-o force_size=on)
+
 alive() { [ -n "$1" ] && kill -0 "$1" 2>/dev/null; }
 peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
@@ -76,14 +85,14 @@ for rep in $(seq "$REPEAT"); do
   # Fresh images each round, both mounted at once; every job runs on the three targets
   # back to back so that load from elsewhere on the machine hits them alike.
   truncate -s "$SIZE" "$WORK/host.raw"
-  qemu-img create -q -f qcow2 "$WORK/vimgfs.qcow2" "$SIZE"
-  qemu-img create -q -f qcow2 "$WORK/qemu.qcow2" "$SIZE"
+  qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/vimgfs.img" "$SIZE"
+  qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/qemu.img" "$SIZE"
   touch "$WORK/vimgfs.mnt" "$WORK/qemu.mnt"
-  "$VIMGFS" "$WORK/vimgfs.qcow2" "$WORK/vimgfs.mnt"
-  VPID=$(pgrep -n -f "vimgfs.qcow2 $WORK/vimgfs.mnt" || true)
+  "$VIMGFS" -f "$FORMAT" "$WORK/vimgfs.img" "$WORK/vimgfs.mnt"
+  VPID=$(pgrep -n -f "vimgfs.img $WORK/vimgfs.mnt" || true)
   qemu-storage-daemon \
-    --blockdev "driver=file,node-name=file,filename=$WORK/qemu.qcow2" \
-    --blockdev driver=qcow2,node-name=fmt,file=file \
+    --blockdev "driver=file,node-name=file,filename=$WORK/qemu.img" \
+    --blockdev "driver=$FORMAT,node-name=fmt,file=file" \
     --export "type=fuse,id=exp,node-name=fmt,mountpoint=$WORK/qemu.mnt,writable=on" \
     --daemonize --pidfile "$WORK/qsd.pid"
   QPID=$(cat "$WORK/qsd.pid")
@@ -100,12 +109,16 @@ for rep in $(seq "$REPEAT"); do
   fusermount3 -u "$WORK/qemu.mnt"
   kill "$QPID" 2>/dev/null || true
   for _ in $(seq 100); do alive "$VPID" || alive "$QPID" || break; sleep 0.1; done
-  qemu-img check "$WORK/vimgfs.qcow2" >/dev/null 2>&1 || VCHECK="NOT CLEAN"
-  rm -f "$WORK/qsd.pid" "$WORK/vimgfs.qcow2" "$WORK/qemu.qcow2" "$WORK/host.raw"
+  if [ "$FORMAT" = vpc ]; then
+    "$VIMGFS" check "$WORK/vimgfs.img" >/dev/null 2>&1 || VCHECK="NOT CLEAN"
+  else
+    qemu-img check -f "$FORMAT" "$WORK/vimgfs.img" >/dev/null 2>&1 || VCHECK="NOT CLEAN"
+  fi
+  rm -f "$WORK/qsd.pid" "$WORK/vimgfs.img" "$WORK/qemu.img" "$WORK/host.raw"
 done
 
 # --- report ---
-python3 - "$WORK/results" "$VRSS" "$QRSS" "$VCHECK" <<'EOF'
+python3 - "$WORK/results" "$VRSS" "$QRSS" "$VCHECK" "$FORMAT" <<'EOF'
 import sys
 rows = {}
 for line in open(sys.argv[1]):
@@ -122,5 +135,5 @@ for job, r in rows.items():
     print("%-16s %s %s %s %s" % (job, cell("vimgfs"), cell("qemu"), cell("host"), ratio))
 print("peak RSS: vimgfs %.1f MiB, qemu-storage-daemon %.1f MiB" %
       (int(sys.argv[2]) / 1024, int(sys.argv[3]) / 1024))
-print("qemu-img check of the vimgfs image afterwards:", sys.argv[4])
+print("format %s; check of the vimgfs image afterwards: %s" % (sys.argv[5], sys.argv[4]))
 EOF
