@@ -453,6 +453,12 @@ TEST(VpcOracle, MalformedImagesGiveOneClearError) {
          refix_footer(f, 0);
        },
        "outside the file"},
+      {"header cut short by the end of the file",  // as qemu's afl5 sample: zeros past the end
+       [&](auto& f) {
+         StoreBE32(&f[512 + vpc::dyn::kMaxTableEntries], 0x40000001);
+         f.resize(1028);
+       },
+       "Max Table Entries too large (1073741825)"},
       {"absurd size",
        [&](auto& f) {
          std::memcpy(&f[vpc::foot::kCreatorApp], "win ", 4);

@@ -54,12 +54,15 @@ Result<std::unique_ptr<ClusterMap>> OpenVpc(OpenContext ctx) {
   if (footer.disk_type != kTypeDynamic && footer.disk_type != kTypeDifferencing)
     return Status::InvalidFormat("'{}': invalid VPC image (disk type {} with a footer at the start)", ctx.path,
                                  footer.disk_type);
-  if (footer.data_offset > file_size || kDynHeaderSize > file_size - footer.data_offset)
+  if (footer.data_offset >= file_size)
     return Status::InvalidFormat("'{}': VHD dynamic header offset 0x{:x} is outside the file ({} bytes)", ctx.path,
                                  footer.data_offset, file_size);
+  // A header cut short by the end of the file reads as zeros past it, as in qemu: its
+  // fields are then validated like any others (so the same image gives qemu's message).
   std::array<std::byte, kDynHeaderSize> draw{};
-  RETURN_IF_ERROR(
-      file->PRead(footer.data_offset, draw).WithContext("'{}': Error reading dynamic VHD header", ctx.path));
+  const uint64_t present = std::min<uint64_t>(kDynHeaderSize, file_size - footer.data_offset);
+  RETURN_IF_ERROR(file->PRead(footer.data_offset, std::span(draw).first(present))
+                      .WithContext("'{}': Error reading dynamic VHD header", ctx.path));
   ASSIGN_OR_RETURN(DynHeader dh, ParseDynHeader(draw, footer.virtual_size, file_size, *file, ctx.path));
   std::vector<std::byte> bat(AlignUp(uint64_t{dh.max_table_entries} * 4, kSectorSize));
   if (!bat.empty())
