@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs dependencies, builds, and runs every test: the GoogleTest suites on a normal
 # build, the CI subset of qemu's iotests (tests/iotests/ci.txt), then the suites again under
-# AddressSanitizer + UndefinedBehaviorSanitizer. End-to-end mount tests need root,
+# AddressSanitizer + UndefinedBehaviorSanitizer, then every libFuzzer target for a short
+# time (scripts/fuzz.sh; VIMGFS_FUZZ_SECONDS per target). End-to-end mount tests need root,
 # /dev/fuse and loop devices; without them they skip and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,3 +22,7 @@ export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # quarter of its mutants keeps it within the test timeout (the normal build ran them all).
 export VIMGFS_CHECK_DIFF_SCALE=0.25
 (cd build-asan && ctest --output-on-failure -j"$jobs" --timeout 1500)
+
+# Every libFuzzer target (clang build in build-fuzz/) on seeds qemu-img makes, for
+# VIMGFS_FUZZ_SECONDS each (default 20): about 5 minutes with the build.
+scripts/fuzz.sh

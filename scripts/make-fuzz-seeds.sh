@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Makes seed inputs for the libFuzzer targets (tests/fuzz) with qemu-img and qemu-io, at run
+# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx) and
+# OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. Nothing it makes belongs in the
+# repository. Small virtual sizes and clusters keep the seeds small (mostly well under
+# 300 KiB): vdi (1 MiB blocks) and vpc (2 MiB blocks) are cut after the part written
+# (reads past the end of a file are zeros), vpc keeping its footer; a VHDX cannot be
+# smaller than 4 MiB (see below).
+#
+# Images of ../shared/corpus (or $VIMGFS_CORPUS), when that folder exists, join as extra
+# seeds by the format MANIFEST.tsv gives them (the qemu_driver column): plain files are
+# symlinked (read in place), compressed ones (.gz, .bz2) are unpacked here. Files larger
+# than $VIMGFS_FUZZ_SEED_MAX bytes (default 4 MiB; unpacked and trailing zeros dropped)
+# are left out. Saved crash inputs in tests/fuzz/regressions/<format>-* join their format.
+#
+#   scripts/make-fuzz-seeds.sh [OUT]     # OUT defaults to /var/tmp/vimgfs-fuzz/seeds
+set -euo pipefail
+src=$(cd "$(dirname "$0")/.." && pwd)
+out=${1:-${VIMGFS_FUZZ_DIR:-/var/tmp/vimgfs-fuzz}/seeds}
+corpus=${VIMGFS_CORPUS:-$src/../shared/corpus}
+cap=${VIMGFS_FUZZ_SEED_MAX:-4194304}
+
+case "$(realpath -m "$out")/" in
+  "$src"/*) echo "make-fuzz-seeds: $out is inside the source tree; pick a folder outside it" >&2
+            exit 2 ;;
+esac
+command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
+  { echo "make-fuzz-seeds: qemu-img and qemu-io are needed (package qemu-utils)" >&2; exit 2; }
+
+formats=(qcow2 vmdk vdi vpc vhdx vmdk_descriptor)
+rm -rf "$out"
+for f in "${formats[@]}"; do mkdir -p "$out/$f"; done
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+failed=0
+# run CMD...: a seed qemu cannot make (an option this qemu lacks) is skipped with a warning.
+run() {
+  if ! "$@" >/dev/null 2>"$work/err"; then
+    echo "make-fuzz-seeds: skipped: $* ($(head -c 200 "$work/err" | tr '\n' ' '))" >&2
+    failed=$((failed + 1))
+    return 1
+  fi
+}
+img() { run qemu-img create -q "$@"; }
+# io FMT FILE 'cmd' ...: qemu-io commands on an image.
+io() {
+  local fmt=$1 file=$2; shift 2
+  local args=()
+  for c in "$@"; do args+=(-c "$c"); done
+  run qemu-io -f "$fmt" "${args[@]}" "$file"
+}
+keep() { cp "$2" "$out/$1/$3"; }               # keep FMT FILE NAME
+# Offset just past the last non-zero byte of a file (od folds repeated lines into '*').
+data_end() {
+  od -A d -t x1 "$1" | awk '
+    $1 == "*" { star = 1; next }
+    { if (star && prevnz) last = $1; star = 0; nz = 0
+      for (i = 2; i <= NF; i++) if ($i != "00") nz = 1
+      if (nz) last = $1 + NF - 1; prevnz = nz }
+    END { print last + 0 }'
+}
+# keep_trimmed FMT FILE NAME [MAX]: without trailing zeros, rounded up to 512 bytes, and
+# cut at MAX bytes.
+keep_trimmed() {
+  local n; n=$(data_end "$2"); n=$(( (n + 511) / 512 * 512 ))
+  [ -z "${4:-}" ] || [ "$n" -le "$4" ] || n=$4
+  head -c "$n" "$2" >"$out/$1/$3"
+}
+# keep_cut_footer FMT FILE NAME BYTES: the first BYTES, then the 512-byte footer (vpc).
+keep_cut_footer() {
+  { head -c "$4" "$2"; tail -c 512 "$2"; } >"$out/$1/$3"
+}
+
+# ---- qcow2 ----
+q() { rm -f "$1"; img -f qcow2 "$@"; }
+pattern=('write -P 0x11 0 3k' 'write -P 0x22 8k 4k' 'write -z 64k 8k' 'write -P 0x33 200k 1k')
+q plain.qcow2 -o cluster_size=4k 1M && io qcow2 plain.qcow2 "${pattern[@]}" &&
+  keep qcow2 plain.qcow2 plain.qcow2
+q v2.qcow2 -o compat=0.10,cluster_size=4k 1M && io qcow2 v2.qcow2 "${pattern[@]}" &&
+  keep qcow2 v2.qcow2 compat010.qcow2
+q small.qcow2 -o cluster_size=512 256k && io qcow2 small.qcow2 "${pattern[@]:0:2}" &&
+  keep qcow2 small.qcow2 cluster512.qcow2
+for ct in zlib zstd; do
+  q comp.qcow2 -o cluster_size=4k,compression_type=$ct 1M &&
+    io qcow2 comp.qcow2 'write -c -P 0x44 0 16k' 'write -c -P 0x45 32k 4k' 'write -P 0x46 48k 4k' &&
+    keep qcow2 comp.qcow2 compressed-$ct.qcow2
+done
+q base.qcow2 -o cluster_size=4k 1M && io qcow2 base.qcow2 'write -P 0x55 0 8k' &&
+  q over.qcow2 -o cluster_size=4k -b base.qcow2 -F qcow2 1M &&
+  io qcow2 over.qcow2 'write -P 0x66 4k 4k' && keep qcow2 over.qcow2 backing.qcow2
+q snap.qcow2 -o cluster_size=4k 1M && io qcow2 snap.qcow2 'write -P 0x77 0 8k' &&
+  run qemu-img snapshot -c first snap.qcow2 && io qcow2 snap.qcow2 'write -P 0x78 4k 8k' &&
+  run qemu-img snapshot -c second snap.qcow2 && io qcow2 snap.qcow2 'discard 0 4k' &&
+  keep qcow2 snap.qcow2 snapshots.qcow2
+q ext.qcow2 -o cluster_size=16k,extended_l2=on 1M &&
+  io qcow2 ext.qcow2 'write -P 0x88 0 2k' 'write -z 32k 8k' 'write -P 0x89 70k 3k' 'discard 128k 16k' &&
+  keep qcow2 ext.qcow2 extended_l2.qcow2
+q extc.qcow2 -o cluster_size=16k,extended_l2=on 1M &&
+  io qcow2 extc.qcow2 'write -c -P 0x8a 0 16k' 'write -P 0x8b 20k 2k' &&
+  keep qcow2 extc.qcow2 extended_l2-compressed.qcow2
+for rb in 1 64; do
+  q rb.qcow2 -o cluster_size=4k,refcount_bits=$rb 1M && io qcow2 rb.qcow2 "${pattern[@]}" &&
+    keep qcow2 rb.qcow2 refcount$rb.qcow2
+done
+q lazy.qcow2 -o cluster_size=4k,lazy_refcounts=on 1M && io qcow2 lazy.qcow2 "${pattern[@]:0:2}" &&
+  keep qcow2 lazy.qcow2 lazy_refcounts.qcow2
+q pre.qcow2 -o cluster_size=4k,preallocation=metadata 256k && keep qcow2 pre.qcow2 prealloc-metadata.qcow2
+q bm.qcow2 -o cluster_size=4k 1M && run qemu-img bitmap --add bm.qcow2 b0 &&
+  run qemu-img bitmap --add -g 64k bm.qcow2 b1 && io qcow2 bm.qcow2 'write -P 0x99 0 4k' &&
+  keep qcow2 bm.qcow2 bitmaps.qcow2
+rm -f df.raw
+q df.qcow2 -o cluster_size=4k,data_file=df.raw,data_file_raw=on 256k &&
+  io qcow2 df.qcow2 'write -P 0xaa 0 4k' && keep qcow2 df.qcow2 data_file.qcow2
+
+# ---- vmdk ----
+v() { rm -f "$1"; img -f vmdk "$@"; }
+v sparse.vmdk 1M && io vmdk sparse.vmdk 'write -P 0x12 0 4k' 'write -P 0x13 640k 1k' &&
+  keep vmdk sparse.vmdk monolithicSparse.vmdk
+v c6.vmdk -o compat6=on,adapter_type=lsilogic 1M && io vmdk c6.vmdk 'write -P 0x14 0 1k' &&
+  keep vmdk c6.vmdk compat6.vmdk
+v zg.vmdk -o zeroed_grain=on 1M && io vmdk zg.vmdk 'write -P 0x15 0 1k' 'write -z 64k 64k' &&
+  keep vmdk zg.vmdk zeroed_grain.vmdk
+v so.vmdk -o subformat=streamOptimized 1M && io vmdk so.vmdk 'write -P 0x16 0 64k' &&
+  keep vmdk so.vmdk streamOptimized.vmdk
+rm -f so-src.raw && run qemu-img create -q -f raw so-src.raw 512k &&
+  io raw so-src.raw 'write -P 0x17 0 70k' 'write -P 0x18 300k 4k' &&
+  run qemu-img convert -O vmdk -o subformat=streamOptimized so-src.raw so2.vmdk &&
+  keep vmdk so2.vmdk streamOptimized-convert.vmdk
+v vbase.vmdk 1M && v child.vmdk -b vbase.vmdk -F vmdk 1M &&
+  io vmdk child.vmdk 'write -P 0x19 0 2k' && keep vmdk child.vmdk backing.vmdk
+for sub in monolithicFlat twoGbMaxExtentFlat twoGbMaxExtentSparse; do
+  rm -f d-$sub*.vmdk
+  if v d-$sub.vmdk -o subformat=$sub 1M; then
+    keep vmdk d-$sub.vmdk descriptor-$sub.vmdk
+    keep vmdk_descriptor d-$sub.vmdk $sub.txt
+  fi
+done
+[ -f d-twoGbMaxExtentSparse-s001.vmdk ] && keep vmdk d-twoGbMaxExtentSparse-s001.vmdk extent-s001.vmdk
+# The descriptor embedded in a sparse extent (sector 1 on, NUL-padded).
+for f in sparse child so; do
+  [ -f $f.vmdk ] && dd if=$f.vmdk bs=512 skip=1 count=20 status=none | tr -d '\000' \
+    >"$out/vmdk_descriptor/embedded-$f.txt"
+done
+
+# ---- vdi (1 MiB blocks: cut after the data written) ----
+rm -f dyn.vdi st.vdi
+img -f vdi dyn.vdi 4M && keep vdi dyn.vdi empty.vdi
+img -f vdi dyn.vdi 4M && io vdi dyn.vdi 'write -P 0x21 0 3k' 'write -P 0x22 100k 1k' &&
+  keep_trimmed vdi dyn.vdi dynamic.vdi
+img -f vdi -o static=on st.vdi 128k && io vdi st.vdi 'write -P 0x23 0 1k' &&
+  keep_trimmed vdi st.vdi static.vdi
+
+# ---- vpc (2 MiB blocks: cut, footer kept) ----
+rm -f dyn.vhd fix.vhd
+img -f vpc dyn.vhd 4M && keep vpc dyn.vhd dynamic-empty.vhd
+img -f vpc dyn.vhd 4M && io vpc dyn.vhd 'write -P 0x31 0 3k' 'write -P 0x32 2M 1k' &&
+  keep_cut_footer vpc dyn.vhd dynamic.vhd 65536
+img -f vpc -o subformat=fixed,force_size=on fix.vhd 128k && io vpc fix.vhd 'write -P 0x33 0 1k' &&
+  keep vpc fix.vhd fixed.vhd
+img -f vpc -o subformat=fixed fix2.vhd 64k && keep vpc fix2.vhd fixed-chs.vhd
+
+# ---- vhdx ----
+# qemu puts the regions at 1 MiB steps (the metadata region ends at 4 MiB) and the first
+# data block at 8 MiB, so a VHDX cannot be small: each seed is its first 4 MiB. Images
+# with data then name blocks past their end, which the parser must refuse cleanly.
+rm -f a.vhdx b.vhdx c.vhdx
+keep4m() { head -c 4194304 "$2" >"$out/$1/$3"; }
+img -f vhdx -o block_size=1M,log_size=1M a.vhdx 4M && keep4m vhdx a.vhdx empty.vhdx
+img -f vhdx -o block_size=8M,log_size=1M,block_state_zero=off c.vhdx 16M &&
+  keep4m vhdx c.vhdx block8m.vhdx
+img -f vhdx -o block_size=1M,log_size=1M b.vhdx 4M && io vhdx b.vhdx 'write -P 0x41 0 2k' &&
+  keep4m vhdx b.vhdx written-cut.vhdx
+
+# ---- saved crash inputs ----
+if [ -d "$src/tests/fuzz/regressions" ]; then
+  for f in "$src"/tests/fuzz/regressions/*; do
+    [ -f "$f" ] || continue
+    b=$(basename "$f")
+    for fmt in "${formats[@]}"; do
+      [[ $b == "$fmt"-* ]] && ln -sf "$f" "$out/$fmt/regression-$b"
+    done
+  done
+fi
+
+# ---- ../shared/corpus ----
+ncorpus=0
+if [ -f "$corpus/MANIFEST.tsv" ]; then
+  corpus=$(cd "$corpus" && pwd)
+  while IFS=$'\t' read -r path _ _ _ driver _; do
+    [ "$path" = path ] && continue
+    [ -d "$out/$driver" ] && [ -f "$corpus/$path" ] || continue
+    name=corpus-$(basename "$path")
+    case "$path" in
+      *.gz|*.bz2)
+        name=${name%.*}
+        case "$path" in *.gz) dec=(gzip -dc) ;; *) dec=(bzip2 -dc) ;; esac
+        command -v "${dec[0]}" >/dev/null || continue
+        # Unpack only as much as can survive the cap (plus the zeros that get dropped).
+        "${dec[@]}" "$corpus/$path" 2>/dev/null | head -c $((cap * 64)) >"$work/unpacked" || true
+        n=$(data_end "$work/unpacked")
+        [ "$n" -gt 0 ] && [ "$n" -le "$cap" ] || continue
+        keep_trimmed "$driver" "$work/unpacked" "$name" ;;
+      *)
+        [ "$(stat -c %s "$corpus/$path")" -le "$cap" ] || continue
+        ln -sf "$corpus/$path" "$out/$driver/$name" ;;
+    esac
+    ncorpus=$((ncorpus + 1))
+  done <"$corpus/MANIFEST.tsv"
+fi
+
+for f in "${formats[@]}"; do
+  n=$(find "$out/$f" -mindepth 1 | wc -l)
+  [ "$n" -gt 0 ] || { echo "make-fuzz-seeds: no seed for $f" >&2; exit 1; }
+  echo "seeds: $f: $n files, largest $(find -L "$out/$f" -type f -printf '%s\n' | sort -n | tail -1) bytes"
+done
+echo "seeds in $out ($ncorpus from $corpus; $failed qemu steps skipped)"
