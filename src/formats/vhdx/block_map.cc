@@ -74,11 +74,18 @@ Result<std::unique_ptr<ClusterMap>> OpenVhdx(OpenContext ctx) {
           path, off);
     }
   }
-  std::vector<std::byte> raw(p.bat_entries * 8);
-  RETURN_IF_ERROR(reader.Read(p.bat_offset, raw).WithContext("'{}': reading the VHDX BAT", path));
+  // Read in pieces: a 64 TiB disk of 1 MiB blocks has a 512 MiB BAT, held once.
   std::vector<uint64_t> bat(p.bat_entries);
-  for (uint64_t i = 0; i < p.bat_entries; ++i) bat[i] = LoadLE64(&raw[i * 8]);
-  raw = {};
+  {
+    std::vector<std::byte> raw(std::min<uint64_t>(p.bat_entries * 8, 4 * MiB));
+    for (uint64_t done = 0; done < p.bat_entries;) {
+      const uint64_t n = std::min<uint64_t>(p.bat_entries - done, raw.size() / 8);
+      RETURN_IF_ERROR(reader.Read(p.bat_offset + done * 8, std::span(raw.data(), n * 8))
+                          .WithContext("'{}': reading the VHDX BAT", path));
+      for (uint64_t i = 0; i < n; ++i) bat[done + i] = LoadLE64(&raw[i * 8]);
+      done += n;
+    }
+  }
 
   // Validate every entry: a known state, and data inside the file, clear of the metadata.
   for (uint64_t i = 0; i < p.bat_entries; ++i) {

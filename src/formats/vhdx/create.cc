@@ -130,14 +130,24 @@ Status CreateVhdx(const CreateContext& ctx) {
   StoreLE32(&md[base + 36], p.physical_sector);
   RETURN_IF_ERROR(write(p.metadata_offset, md, IoTag::kHeader));
 
-  // BAT.
-  std::vector<std::byte> bat(AlignUp(std::max<uint64_t>(p.bat_entries * 8, 1), 4 * KiB));
-  for (uint64_t b = 0; b < p.data_blocks; ++b) {
-    uint64_t e = zero_state ? kZero : kNotPresent;
-    if (fixed && !zero_state) e = (data_start + b * block_size) | kFullyPresent;
-    StoreLE64(&bat[p.PayloadIndex(b) * 8], e);
+  // BAT, in pieces; all-zero pieces (NOT_PRESENT) stay holes, as qemu leaves them, so a
+  // 64 TiB disk of 1 MiB blocks does not write a 512 MiB table of zeros.
+  constexpr uint64_t kPiece = 1 * MiB;
+  const uint64_t bat_bytes = AlignUp(std::max<uint64_t>(p.bat_entries * 8, 1), 4 * KiB);
+  std::vector<std::byte> piece;
+  for (uint64_t at = 0; at < bat_bytes; at += kPiece) {
+    piece.assign(std::min(kPiece, bat_bytes - at), std::byte{0});
+    bool any = false;
+    for (uint64_t i = at / 8; i < std::min(p.bat_entries, (at + piece.size()) / 8); ++i) {
+      if (i % (p.chunk_ratio + 1) == p.chunk_ratio) continue;  // sector bitmap: not present
+      const uint64_t b = i - i / (p.chunk_ratio + 1);
+      uint64_t e = zero_state ? kZero : kNotPresent;
+      if (fixed && !zero_state) e = (data_start + b * block_size) | kFullyPresent;
+      StoreLE64(&piece[i * 8 - at], e);
+      any |= e != 0;
+    }
+    if (any) RETURN_IF_ERROR(write(p.bat_offset + at, piece, IoTag::kBlockMap));
   }
-  RETURN_IF_ERROR(write(p.bat_offset, bat, IoTag::kBlockMap));
 
   // Headers last: the image is valid only once they are there.
   Header h;

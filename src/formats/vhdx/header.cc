@@ -238,9 +238,9 @@ Status ComputeGeometry(Params* p, const std::string& path) {
   } else {
     p->bat_entries = p->data_blocks == 0 ? 0 : p->data_blocks + (p->data_blocks - 1) / p->chunk_ratio;
   }
-  if (p->bat_entries * 8 > limits::kMaxMapBytes) {
+  if (p->bat_entries * 8 > kMaxBatBytes) {  // cannot happen with validated sizes; a guard
     return Status::Unsupported("'{}': VHDX BAT of {} entries exceeds the limit of {} bytes", path,
-                               p->bat_entries, limits::kMaxMapBytes);
+                               p->bat_entries, kMaxBatBytes);
   }
   if (p->bat_entries * 8 > p->bat_length) {
     return Status::InvalidFormat("'{}': VHDX BAT region ({} bytes) is too small for {} entries", path,

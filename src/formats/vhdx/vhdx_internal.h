@@ -82,6 +82,11 @@ inline constexpr uint64_t kSectorBitmapBlockSize = 1 * MiB;
 inline constexpr uint64_t kLogSector = 4 * KiB;
 inline constexpr uint64_t kMaxLogLength = 256 * MiB;     // what we scan at open
 inline constexpr uint64_t kMaxParentLocatorBytes = 64 * KiB;
+// The largest BAT a valid image has: 64 TiB of 1 MiB blocks, plus one sector bitmap entry
+// per 4096 of them (a differencing image with 512-byte sectors): 512 MiB + 128 KiB. qemu
+// holds the whole BAT in memory too; the generic map cap (256 MiB) would refuse the
+// 64 TiB images qemu makes with small blocks.
+inline constexpr uint64_t kMaxBatBytes = ((kMaxVirtualSize / kMinBlockSize) * 4097 / 4096) * 8;
 
 // BAT entry states.
 inline constexpr uint64_t kStateMask = 7;
