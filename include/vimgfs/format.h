@@ -308,6 +308,9 @@ struct FormatTraits {
   GrowPreallocation grow_preallocation = GrowPreallocation::kNone;
   // Added to "The image size is too large for file format 'F'" on create.
   const char* too_large_hint = "";
+  // Whether qemu's driver answers block status. Without it (vhdx) qemu-img map sees the
+  // whole image as data at depth 0, with no offset (Image::MapAsQemu).
+  bool block_status = true;
 };
 
 // A format: stateless, registered in formats/registry.cc.

@@ -106,6 +106,10 @@ class Image {
   // What [off, off+len) is, merged into runs, looking through the backing chain
   // (qemu-img map semantics). With this_image_only, depth is 0 or 1 (1 = not here).
   Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool this_image_only = false);
+  // As `qemu-img map` reports it: like Map, but an image whose format qemu asks no block
+  // status of (FormatTraits::block_status) is all data with no offset, at its depth.
+  // Map stays exact for the tools that copy or seek (convert, the mount's SEEK_DATA).
+  Result<std::vector<BlockStatus>> MapAsQemu(uint64_t off, uint64_t len);
   // The raw mappings of this image alone (no backing), for tools that copy allocated data.
   Status Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out);
 
@@ -139,6 +143,7 @@ class Image {
   Status WriteCompressed(uint64_t off, std::span<const std::byte> stream);
 
  private:
+  Result<std::vector<BlockStatus>> MapImpl(uint64_t off, uint64_t len, bool this_image_only, bool as_qemu);
   friend struct ImageOpener;
   friend struct ImageInternals;  // white-box tests reach the format's map through it
   Image() = default;

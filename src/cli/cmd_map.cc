@@ -115,7 +115,7 @@ int RunMap(int argc, char** argv) {
   constexpr uint64_t kSlice = 64ull << 30;
   for (uint64_t pos = start; pos < end && ok;) {
     uint64_t n = std::min(kSlice, end - pos);
-    auto runs = img->Map(pos, n);
+    auto runs = img->MapAsQemu(pos, n);
     if (!runs.ok()) {
       PrintFileError(filename, runs.error());
       return 1;
@@ -144,7 +144,8 @@ int RunMap(int argc, char** argv) {
     }
     pos += n;
   }
-  if (ok && have) ok = Dump(json, curr, nullptr);
+  if (ok && !have) curr.start = start;  // nothing to walk: qemu-img prints one empty run
+  if (ok) ok = Dump(json, curr, nullptr);
   if (json) std::printf("]\n");
   return ok ? 0 : 1;
 }

@@ -737,7 +737,25 @@ FormatInfo Image::Info() {
 }
 
 Result<std::vector<BlockStatus>> Image::Map(uint64_t off, uint64_t len, bool this_image_only) {
+  return MapImpl(off, len, this_image_only, false);
+}
+
+Result<std::vector<BlockStatus>> Image::MapAsQemu(uint64_t off, uint64_t len) {
+  return MapImpl(off, len, false, true);
+}
+
+Result<std::vector<BlockStatus>> Image::MapImpl(uint64_t off, uint64_t len, bool this_image_only,
+                                                bool as_qemu) {
   RETURN_IF_ERROR(CheckRange("map of", off, len, false));
+  if (as_qemu && !traits().block_status) {
+    // qemu's generic answer for such a driver: allocated data, its place unknown.
+    BlockStatus all;
+    all.offset = off;
+    all.length = len;
+    all.present = all.data = true;
+    if (len == 0) return std::vector<BlockStatus>{};
+    return std::vector<BlockStatus>{all};
+  }
   std::vector<BlockStatus> out;
   auto push = [&out](const BlockStatus& bs) {
     if (bs.length == 0) return;
@@ -803,7 +821,7 @@ Result<std::vector<BlockStatus>> Image::Map(uint64_t off, uint64_t len, bool thi
           }
           uint64_t in_backing = pos < backing_->size() ? std::min(m.length, backing_->size() - pos) : 0;
           if (in_backing) {
-            ASSIGN_OR_RETURN(auto sub, backing_->Map(pos, in_backing, false));
+            ASSIGN_OR_RETURN(auto sub, backing_->MapImpl(pos, in_backing, false, as_qemu));
             for (BlockStatus& b : sub) {
               b.depth += 1;
               push(b);
@@ -813,7 +831,10 @@ Result<std::vector<BlockStatus>> Image::Map(uint64_t off, uint64_t len, bool thi
             BlockStatus tail;
             tail.offset = pos + in_backing;
             tail.length = m.length - in_backing;
-            tail.depth = 1;
+            // qemu-img map: the image over a shorter backing file reports the part past
+            // that file's end as its own zeros (depth 0); the copying tools read it as
+            // belonging to the backing chain.
+            tail.depth = as_qemu ? 0 : 1;
             tail.zero = true;
             push(tail);
           }

@@ -40,8 +40,17 @@ Result<std::unique_ptr<ClusterMap>> OpenVhdx(OpenContext ctx) {
 
   std::map<uint64_t, std::vector<std::byte>> overlay;
   uint64_t last_file_offset = 0, last_sequence = 0;
+  bool log_active = false;
   RETURN_IF_ERROR(ReadLog(file, file_size, headers.current, path, &overlay, &last_file_offset,
-                          &last_sequence));
+                          &last_sequence, &log_active));
+  if (read_only && log_active && ctx.options.for_check) {
+    // `check` without -r reports what qemu-img reports: it will not look at an image whose
+    // log is pending (other read-only opens replay it in memory).
+    return Status::InvalidFormat(
+        "VHDX image file '{}' opened read-only, but contains a log that needs to be replayed\n"
+        "To replay the log, run:\nqemu-img check -r all '{}'",
+        path, path);
+  }
   if (!read_only && !IsNullGuid(headers.current.log_guid)) {
     // Replay into the file, make it durable, then retire the log.
     for (const auto& [off, sector] : overlay) {
@@ -132,6 +141,7 @@ Result<std::unique_ptr<ClusterMap>> OpenVhdx(OpenContext ctx) {
                                        read_only);
   map->set_file_size_at_open(file_size);
   map->set_log_cursor(last_sequence);
+  map->set_log_replayed(!read_only && log_active);
   return std::unique_ptr<ClusterMap>(std::move(map));
 }
 

@@ -10,6 +10,8 @@ namespace vimgfs::vhdx {
 
 Result<CheckReport> VhdxMap::Check(RepairMode mode) {
   CheckReport report;
+  // qemu counts a log replayed at the (read-write) open as one corruption fixed.
+  if (log_replayed_ && mode != RepairMode::kNone) report.corruptions_fixed = 1;
   ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
   std::vector<std::pair<uint64_t, uint64_t>> used;  // (offset, entry index)
   for (uint64_t i = 0; i < bat_.size(); ++i) {

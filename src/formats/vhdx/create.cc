@@ -80,7 +80,9 @@ Status CreateVhdx(const CreateContext& ctx) {
   p.bat_offset = log_offset + log_size;
   p.metadata_offset = p.bat_offset + p.bat_length;
   p.metadata_length = 1 * MiB;
-  const uint64_t data_start = AlignUp(p.metadata_offset + p.metadata_length, block_size);
+  // qemu's layout: payload starts 5 MiB past the BAT (the metadata's 1 MiB and room to
+  // spare), 1 MiB aligned whatever the block size; a dynamic file ends there.
+  const uint64_t data_start = p.bat_offset + p.bat_length + 5 * MiB;
 
   ASSIGN_OR_RETURN(std::unique_ptr<File> file, CreateImageFile(ctx, ctx.path));
   RETURN_IF_ERROR(file->Truncate(0));
@@ -102,11 +104,11 @@ Status CreateVhdx(const CreateContext& ctx) {
   std::memcpy(&rt[16], kBatGuid.data(), 16);
   StoreLE64(&rt[32], p.bat_offset);
   StoreLE32(&rt[40], static_cast<uint32_t>(p.bat_length));
-  StoreLE32(&rt[44], 1);
+  StoreLE32(&rt[44], 0);  // not flagged required, as qemu writes them
   std::memcpy(&rt[48], kMetadataGuid.data(), 16);
   StoreLE64(&rt[64], p.metadata_offset);
   StoreLE32(&rt[72], static_cast<uint32_t>(p.metadata_length));
-  StoreLE32(&rt[76], 1);
+  StoreLE32(&rt[76], 0);
   StoreChecksum(rt, 4);
   RETURN_IF_ERROR(write(kRegion1Offset, rt, IoTag::kHeader));
   RETURN_IF_ERROR(write(kRegion2Offset, rt, IoTag::kHeader));
@@ -122,7 +124,7 @@ Status CreateVhdx(const CreateContext& ctx) {
   PutMetaEntry(md.data(), 3, kLogicalSectorGuid, base + 32, 4, 6);
   PutMetaEntry(md.data(), 4, kPhysicalSectorGuid, base + 36, 4, 6);
   StoreLE32(&md[base], p.block_size);
-  StoreLE32(&md[base + 4], 0);
+  StoreLE32(&md[base + 4], fixed ? 1 : 0);  // LeaveBlocksAllocated for fixed, as qemu
   StoreLE64(&md[base + 8], p.disk_size);
   const Guid page83 = NewGuid();
   std::memcpy(&md[base + 16], page83.data(), 16);
@@ -142,7 +144,7 @@ Status CreateVhdx(const CreateContext& ctx) {
       if (i % (p.chunk_ratio + 1) == p.chunk_ratio) continue;  // sector bitmap: not present
       const uint64_t b = i - i / (p.chunk_ratio + 1);
       uint64_t e = zero_state ? kZero : kNotPresent;
-      if (fixed && !zero_state) e = (data_start + b * block_size) | kFullyPresent;
+      if (fixed && !zero_state) e = AlignUp(data_start + b * block_size, MiB) | kFullyPresent;
       StoreLE64(&piece[i * 8 - at], e);
       any |= e != 0;
     }
@@ -184,6 +186,7 @@ class VhdxFormat final : public FormatDriver {
                  "'off' when using 'qemu-img convert' with subformat=dynamic."},
             },
         .create_preallocation = FormatTraits::CreatePreallocation::kIgnored,
+        .block_status = false,  // qemu 7.2's vhdx driver has no block status
     };
     return kTraits;
   }

@@ -74,9 +74,10 @@ uint64_t LogEntrySize(size_t sectors) {
 
 Status ReadLog(File* file, uint64_t file_size, const Header& h, const std::string& path,
                std::map<uint64_t, std::vector<std::byte>>* overlay, uint64_t* last_file_offset,
-               uint64_t* last_sequence) {
+               uint64_t* last_sequence, bool* active) {
   *last_file_offset = 0;
   *last_sequence = 0;
+  *active = false;
   if (IsNullGuid(h.log_guid)) return Status::Ok();
   // Every valid entry, by position.
   std::map<uint64_t, Entry> valid;
@@ -111,6 +112,7 @@ Status ReadLog(File* file, uint64_t file_size, const Header& h, const std::strin
     return Status::Corrupt("'{}': VHDX log says the file had {} bytes, but it has {}", path,
                            head->flushed, file_size);
   }
+  *active = true;
   for (const Entry* e : seq) {
     const uint64_t descs = LoadLE32(&e->bytes[24]);
     uint64_t data_at = DivRoundUp(64 + descs * 32, kLogSector) * kLogSector;

@@ -170,9 +170,10 @@ Status ComputeGeometry(Params* p, const std::string& path);
 // The log. Replays the active sequence of h's log into `overlay` (4 KiB sectors by file
 // offset, later entries replacing earlier ones). *last_file_offset: the largest
 // LastFileOffset of the replayed entries (the file is at least that long after replay).
+// *active: the log holds an active sequence (qemu: a log that needs replaying).
 Status ReadLog(File* file, uint64_t file_size, const Header& h, const std::string& path,
                std::map<uint64_t, std::vector<std::byte>>* overlay, uint64_t* last_file_offset,
-               uint64_t* last_sequence);
+               uint64_t* last_sequence, bool* active);
 // Builds one log entry (header, descriptors, data sectors) that writes `sectors`
 // (4 KiB each, by file offset). Its tail is itself.
 std::vector<std::byte> BuildLogEntry(const Guid& log_guid, uint64_t sequence, uint64_t tail,
@@ -205,6 +206,7 @@ class VhdxMap final : public ClusterMap {
   uint64_t file_size_at_open() const { return file_size_at_open_; }
   void set_file_size_at_open(uint64_t s) { file_size_at_open_ = s; }
   void set_log_cursor(uint64_t seq) { log_sequence_ = seq; }
+  void set_log_replayed(bool r) { log_replayed_ = r; }
 
  private:
   Status CheckWritable() const;
@@ -225,6 +227,7 @@ class VhdxMap final : public ClusterMap {
   uint64_t file_size_at_open_ = 0;
   uint64_t log_sequence_ = 0;
   uint64_t log_pos_ = 0;          // where the next log entry goes, relative to the log
+  bool log_replayed_ = false;     // a read-write open replayed a log (check counts it fixed)
   std::set<uint64_t> dirty_bat_sectors_;  // 4 KiB sectors of the BAT region
   std::map<uint64_t, std::vector<std::byte>> bitmaps_;  // chunk -> sector bitmap
 };
