@@ -78,7 +78,8 @@ void LoopDetach(const std::string& dev);
 
 // qemu-img check exit code (0 clean, 3 leaks only, 2 corrupt ...), output in *out.
 int QemuCheck(const std::string& image, std::string* out = nullptr);
-// qemu-img check, or vimgfs check for the formats qemu-img cannot check (exit 63: VHD).
+// qemu-img check, or vimgfs check for the formats qemu-img cannot check (exit 63: VHD); a
+// VHDX with a pending log is checked with -r all, which replays it (its crash recovery).
 int CheckImage(const std::string& image, std::string* out = nullptr);
 // qemu-img create's arguments for an image of exactly `size` of format fmt (VHD: force_size,
 // or qemu rounds the size up to a CHS geometry).

@@ -1,4 +1,4 @@
-// End-to-end crash test (qcow2, vdi, vmdk, vpc): kill -9 the daemon at random points during
+// End-to-end crash test (qcow2, vdi, vmdk, vpc, vhdx): kill -9 the daemon at random points during
 // random writes, many times over the same image. After each crash qemu-img check must find no corruption
 // (leaks are allowed) and every write acknowledged by a completed fsync must be there.
 //
@@ -164,7 +164,8 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
   EXPECT_TRUE(check == 0 || check == 3);
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, MountCrash, ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "qcow2+direct"));
+INSTANTIATE_TEST_SUITE_P(Formats, MountCrash,
+                         ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow2+direct"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

@@ -246,6 +246,26 @@ TEST_P(MountIo, LseekAgreesWithQemuImgMap) {
   close(fd);
   UnmountAndCheck();
 
+  if (GetParam() == "vhdx") {
+    // qemu-img map sees a VHDX as all data (its driver has no block status), so it is no
+    // reference here: every write lies in a data run, and the 8 MiB blocks never written
+    // (8..40 MiB, 48..64 MiB) are holes.
+    auto in_data = [&](uint64_t a, uint64_t b) {
+      for (const auto& [s, e] : runs)
+        if (s <= a && b <= e) return true;
+      return false;
+    };
+    EXPECT_TRUE(in_data(0, 4096));
+    EXPECT_TRUE(in_data(5 * 65536 + 100, 5 * 65536 + 1100));
+    EXPECT_TRUE(in_data(100 * 65536, 103 * 65536));
+    EXPECT_TRUE(in_data(40 * kMiB, 40 * kMiB + 65536));
+    for (const auto& [s, e] : runs) {
+      EXPECT_FALSE(s < 40 * kMiB && e > 8 * kMiB) << s << ".." << e;
+      EXPECT_LE(e, 48 * kMiB);
+    }
+    EXPECT_GE(runs.size(), 2u);
+    return;
+  }
   auto map = nlohmann::json::parse(MustRun("qemu-img map --output=json -f " + GetParam() + " " + Quote(image_)));
   std::vector<std::pair<uint64_t, uint64_t>> expect;
   for (const auto& e : map) {
@@ -411,7 +431,7 @@ TEST_P(MountIo, SignalsCloseCleanly) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, MountIo, ::testing::Values("raw", "qcow2", "vdi", "vmdk", "vpc"));
+INSTANTIATE_TEST_SUITE_P(Formats, MountIo, ::testing::Values("raw", "qcow2", "vdi", "vmdk", "vpc", "vhdx"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

@@ -167,6 +167,12 @@ const ExactCase kExactCases[] = {
      "-c 'write -P 0xd2 3000000 5000' img >/dev/null"},
     {"vpc_fixed", "vpc",
      "qemu-img create -q -f vpc -o subformat=fixed img 8M && qemu-io -f vpc -c 'write -P 0xd3 4k 1M' img >/dev/null"},
+    {"vhdx_dynamic", "vhdx",
+     "qemu-img create -q -f vhdx -o block_size=1M img 32M && qemu-io -f vhdx -c 'write -P 0xe1 0 1M' "
+     "-c 'write -P 0xe2 3000000 5000' -c 'write -z 5M 1M' -c 'write -P 0xe3 31M 1M' img >/dev/null"},
+    {"vhdx_fixed", "vhdx",
+     "qemu-img create -q -f vhdx -o subformat=fixed,block_state_zero=off img 9M && "
+     "qemu-io -f vhdx -c 'write -P 0xe4 4k 1M' -c 'write -P 0xe5 8M 512' img >/dev/null"},
 };
 
 void PrintTo(const ExactCase& c, std::ostream* os) { *os << c.name; }
