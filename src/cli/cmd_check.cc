@@ -15,6 +15,7 @@ const char kUsage[] =
     "\n"
     "Checks an image's metadata for consistency, and repairs it with -r.\n"
     "  -r leaks   free leaked clusters;  -r all   also fix corruptions\n"
+    "             (a VHDX log left unreplayed is replayed by either, and refused without)\n"
     "Exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only,\n"
     "63 the format cannot be checked.\n"
     "  -U, --force-share  check the image even while another process writes it (no lock; not with -r)\n";
