@@ -15,9 +15,8 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <variant>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "vimgfs/env.h"
 #include "vimgfs/status.h"
@@ -91,6 +90,40 @@ struct BackingRef {
   std::string format;  // backing-format hint, may be empty
 };
 
+// qemu-img info's "format-specific" facts, typed per format; the CLI renders them as
+// JSON or text (the formats never build JSON).
+struct Qcow2Bitmap {
+  std::string name;
+  uint64_t granularity = 0;
+  bool in_use = false;
+  bool auto_enabled = false;  // the "auto" flag: tracks writes while the image is open
+};
+struct Qcow2Details {
+  bool v3 = true;  // compat 1.1; false: 0.10
+  bool zstd = false;
+  bool lazy_refcounts = false;  // v3 only
+  std::vector<Qcow2Bitmap> bitmaps;
+  uint32_t refcount_bits = 16;
+  std::optional<std::string> data_file;  // the external data file's name, when there is one
+  bool data_file_raw = false;
+  bool corrupt = false;  // v3 only
+  bool extended_l2 = false;
+};
+struct VmdkExtentDetails {
+  std::string filename;
+  std::string format;  // the descriptor's extent type: SPARSE, FLAT, ZERO, VMFS, ...
+  uint64_t virtual_size = 0;
+  uint64_t cluster_size = 0;  // 0: not sparse
+  bool compressed = false;
+};
+struct VmdkDetails {
+  uint32_t cid = 0;
+  uint32_t parent_cid = 0;
+  std::string create_type;
+  std::vector<VmdkExtentDetails> extents;
+};
+using FormatDetails = std::variant<std::monostate, Qcow2Details, VmdkDetails>;
+
 // Format-level facts for `info`.
 struct FormatInfo {
   std::string format;           // "qcow2", "vmdk", "vdi", "raw"
@@ -103,7 +136,7 @@ struct FormatInfo {
   Codec compression = Codec::kNone;
   // Zero clusters read as zeros over any backing file (qcow2 v3; v2 can only deallocate).
   bool zero_clusters = false;
-  nlohmann::json format_specific;  // qemu-img info's "format-specific" object (or null)
+  FormatDetails format_specific;  // monostate: the format has none (as in qemu)
 };
 
 struct CheckReport {
@@ -311,6 +344,9 @@ struct FormatTraits {
   // Whether qemu's driver answers block status. Without it (vhdx) qemu-img map sees the
   // whole image as data at depth 0, with no offset (Image::MapAsQemu).
   bool block_status = true;
+  // What qemu-img info calls the disk size: the image file's allocation alone, or (vmdk,
+  // whose driver sums its extents) that of every host file. qcow2's data file is not counted.
+  bool disk_size_sums_host_files = false;
 };
 
 // A format: stateless, registered in formats/registry.cc.

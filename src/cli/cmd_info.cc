@@ -43,20 +43,15 @@ nlohmann::ordered_json ImageInfoJson(Image& img) {
     actual = *a;
     have_actual = true;
   }
-  for (File* f : img.host_files()) {
-    if (f == &img.file()) continue;
-    if (auto a = f->AllocatedSize(); a.ok()) actual += *a;
+  if (img.traits().disk_size_sums_host_files) {
+    for (File* f : img.host_files()) {
+      if (f == &img.file()) continue;
+      if (auto a = f->AllocatedSize(); a.ok()) actual += *a;
+    }
   }
   if (have_actual) j["actual-size"] = actual;
   if (fi.encrypted) j["encrypted"] = true;
-  if (!fi.format_specific.is_null()) {
-    nlohmann::ordered_json fs = nlohmann::ordered_json::parse(fi.format_specific.dump());
-    if (fs.is_object() && fs.contains("type") && fs.contains("data")) {
-      j["format-specific"] = fs;
-    } else {
-      j["format-specific"] = {{"type", img.format()}, {"data", fs}};
-    }
-  }
+  if (auto fs = FormatSpecificJson(img.format(), fi.format_specific); !fs.is_null()) j["format-specific"] = std::move(fs);
   if (const auto& b = img.backing_ref()) {
     j["backing-filename"] = b->name;
     j["full-backing-filename"] = PathCombine(img.path(), b->name);

@@ -21,6 +21,59 @@ nlohmann::ordered_json SnapshotJson(const SnapshotInfo& s) {
   return j;
 }
 
+namespace {
+
+nlohmann::ordered_json Qcow2Json(const Qcow2Details& d) {
+  nlohmann::ordered_json data;
+  data["compat"] = d.v3 ? "1.1" : "0.10";
+  data["compression-type"] = d.zstd ? "zstd" : "zlib";
+  if (d.v3) data["lazy-refcounts"] = d.lazy_refcounts;
+  if (!d.bitmaps.empty()) {
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const Qcow2Bitmap& b : d.bitmaps) {
+      nlohmann::ordered_json flags = nlohmann::ordered_json::array();
+      if (b.in_use) flags.push_back("in-use");
+      if (b.auto_enabled) flags.push_back("auto");
+      list.push_back({{"flags", flags}, {"name", b.name}, {"granularity", b.granularity}});
+    }
+    data["bitmaps"] = list;
+  }
+  data["refcount-bits"] = d.refcount_bits;
+  if (d.data_file) {
+    data["data-file"] = *d.data_file;
+    data["data-file-raw"] = d.data_file_raw;
+  }
+  if (d.v3) {
+    data["corrupt"] = d.corrupt;
+    data["extended-l2"] = d.extended_l2;
+  }
+  return data;
+}
+
+nlohmann::ordered_json VmdkJson(const VmdkDetails& d) {
+  nlohmann::ordered_json extents = nlohmann::ordered_json::array();
+  for (const VmdkExtentDetails& e : d.extents) {
+    nlohmann::ordered_json x;
+    if (e.compressed) x["compressed"] = true;
+    x["virtual-size"] = e.virtual_size;
+    x["filename"] = e.filename;
+    if (e.cluster_size) x["cluster-size"] = e.cluster_size;
+    x["format"] = e.format;
+    extents.push_back(x);
+  }
+  return {{"cid", d.cid}, {"parent-cid", d.parent_cid}, {"create-type", d.create_type}, {"extents", extents}};
+}
+
+}  // namespace
+
+nlohmann::ordered_json FormatSpecificJson(const std::string& format, const FormatDetails& details) {
+  nlohmann::ordered_json data;
+  if (const auto* q = std::get_if<Qcow2Details>(&details)) data = Qcow2Json(*q);
+  else if (const auto* v = std::get_if<VmdkDetails>(&details)) data = VmdkJson(*v);
+  else return nullptr;
+  return {{"type", format}, {"data", std::move(data)}};
+}
+
 std::string SnapshotTableHeader() {
   char buf[128];
   std::snprintf(buf, sizeof buf, "%-10s%-17s%8s%20s%13s%11s", "ID", "TAG", "VM SIZE", "DATE",

@@ -11,6 +11,8 @@ namespace vimgfs::cli {
 
 // The ImageInfo object of `qemu-img info --output=json` for one image.
 nlohmann::ordered_json ImageInfoJson(Image& img);
+// The "format-specific" object ({"type": format, "data": {...}}); null when the format has none.
+nlohmann::ordered_json FormatSpecificJson(const std::string& format, const FormatDetails& details);
 // One element of "snapshots".
 nlohmann::ordered_json SnapshotJson(const SnapshotInfo& s);
 // The human layout of one ImageInfo object.

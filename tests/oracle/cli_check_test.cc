@@ -1,6 +1,8 @@
 // `vimgfs check` against `qemu-img check` on clean and damaged copies of the same images.
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "cli_test_helpers.h"
 
 namespace vimgfs::test {

@@ -2,6 +2,8 @@
 // subformat compares equal, passes `qemu-img check`, and is the format qemu detects.
 #include <sys/stat.h>
 
+#include <nlohmann/json.hpp>
+
 #include "cli_test_helpers.h"
 
 namespace vimgfs::test {

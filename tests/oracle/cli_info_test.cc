@@ -1,4 +1,6 @@
 // `vimgfs create` and `vimgfs info` against qemu-img on the same images.
+#include <nlohmann/json.hpp>
+
 #include "cli_test_helpers.h"
 
 namespace vimgfs::test {
@@ -23,9 +25,16 @@ TEST_F(CliInfoTest, JsonMatchesQemuForEveryFormat) {
   struct Case { std::string fmt, name, opts; };
   for (const Case& c : {Case{"qcow2", "a.qcow2", ""}, Case{"qcow2", "v2.qcow2", "compat=0.10"},
                         Case{"qcow2", "z.qcow2", "compression_type=zstd,cluster_size=4096"},
-                        Case{"vmdk", "a.vmdk", ""}, Case{"vdi", "a.vdi", ""}, Case{"raw", "a.raw", ""}}) {
+                        // qemu-img counts only the qcow2 file in the disk size, not the data file
+                        Case{"qcow2", "d.qcow2", "data_file=d.data,data_file_raw=on"},
+                        Case{"qcow2", "l.qcow2", "lazy_refcounts=on,extended_l2=on"},
+                        Case{"vmdk", "a.vmdk", ""},
+                        // ... but every extent of a VMDK
+                        Case{"vmdk", "s.vmdk", "subformat=twoGbMaxExtentSparse"},
+                        Case{"vdi", "a.vdi", ""}, Case{"raw", "a.raw", ""}}) {
     SCOPED_TRACE(c.name);
     MakeImage(c.fmt, c.name, c.opts);
+    if (c.name == "l.qcow2") MustSh("qemu-img bitmap --add -g 128k --disable l.qcow2 b0");
     nlohmann::json v = Json(V("info --output=json " + c.name));
     nlohmann::json q = Json(Q("info --output=json " + c.name));
     for (const char* key : {"virtual-size", "format", "filename", "cluster-size", "dirty-flag",

@@ -295,11 +295,12 @@ TEST(Qcow2ReadOracle, BitmapsAreListedAndCounted) {
   auto i = OpenRO(img);
   ASSERT_NE(i, nullptr);
   FormatInfo fi = i->Info();
-  const auto& bitmaps = fi.format_specific["data"]["bitmaps"];
-  ASSERT_EQ(bitmaps.size(), 2u) << fi.format_specific.dump();
-  EXPECT_EQ(bitmaps[0]["name"], "b1");
-  EXPECT_EQ(bitmaps[0]["flags"][0], "auto");
-  EXPECT_EQ(bitmaps[1]["granularity"], 131072);
+  const auto& bitmaps = std::get<Qcow2Details>(fi.format_specific).bitmaps;
+  ASSERT_EQ(bitmaps.size(), 2u);
+  EXPECT_EQ(bitmaps[0].name, "b1");
+  EXPECT_TRUE(bitmaps[0].auto_enabled);
+  EXPECT_FALSE(bitmaps[0].in_use);
+  EXPECT_EQ(bitmaps[1].granularity, 131072u);
   // Bitmap clusters are references: check finds neither leaks nor corruptions.
   auto rep = i->Check(RepairMode::kNone);
   ASSERT_TRUE(rep.ok());

@@ -14,6 +14,8 @@
 #include <sstream>
 #include <thread>
 
+#include <nlohmann/json.hpp>
+
 #include "support/test_util.h"
 #include "util/checked.h"
 #include "util/endian.h"

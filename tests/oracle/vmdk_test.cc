@@ -118,8 +118,8 @@ TEST(VmdkOracle, QemuMadeImagesReadByteExact) {
     ExpectSameAsQemuRaw(dir, image);
     auto img = OpenOrDie(image, true);
     ASSERT_NE(img, nullptr);
-    EXPECT_EQ(img->Info().format_specific["data"]["create-type"],
-              QemuInfo(image)["format-specific"]["data"]["create-type"]);
+    EXPECT_EQ(std::get<VmdkDetails>(img->Info().format_specific).create_type,
+              QemuInfo(image)["format-specific"]["data"]["create-type"].get<std::string>());
   }
 }
 
@@ -142,8 +142,10 @@ TEST(VmdkOracle, StreamOptimizedFromQemuReadsByteExactAndRefusesWrites) {
   std::vector<std::byte> buf(4096);
   EXPECT_FALSE(img->Write(0, buf).ok());
   FormatInfo fi = img->Info();
-  EXPECT_EQ(fi.format_specific["data"]["create-type"], "streamOptimized");
-  EXPECT_EQ(fi.format_specific["data"]["extents"][0]["compressed"], true);
+  const auto& d = std::get<VmdkDetails>(fi.format_specific);
+  EXPECT_EQ(d.create_type, "streamOptimized");
+  ASSERT_FALSE(d.extents.empty());
+  EXPECT_TRUE(d.extents[0].compressed);
 }
 
 TEST(VmdkOracle, ParentLinkReadsThroughToTheParent) {
@@ -162,8 +164,8 @@ TEST(VmdkOracle, ParentLinkReadsThroughToTheParent) {
   EXPECT_EQ(img->backing_ref()->name, "base.vmdk");
   EXPECT_EQ(img->backing_ref()->format, "vmdk");
   ASSERT_NE(img->backing(), nullptr);
-  EXPECT_EQ(img->Info().format_specific["data"]["parent-cid"],
-            QemuInfo(child)["format-specific"]["data"]["parent-cid"]);
+  EXPECT_EQ(std::get<VmdkDetails>(img->Info().format_specific).parent_cid,
+            QemuInfo(child)["format-specific"]["data"]["parent-cid"].get<uint32_t>());
 }
 
 // Writing to a parent gives it a new CID; its children then no longer read through to it
@@ -201,7 +203,7 @@ TEST(VmdkOracle, FiveGiBTwoGbMaxExtentSparseWrittenAcrossExtents) {
   auto img = OpenOrDie(image, true);
   ASSERT_NE(img, nullptr);
   EXPECT_EQ(img->size(), 5 * kGiB);
-  EXPECT_EQ(img->Info().format_specific["data"]["extents"].size(), 3u);
+  EXPECT_EQ(std::get<VmdkDetails>(img->Info().format_specific).extents.size(), 3u);
 }
 
 // Random writes through vimgfs::Image on an image vimgfs created; the same writes on a
@@ -536,7 +538,9 @@ TEST(VmdkOracle, UntrustedRefusesExtentsOutsideTheFolder) {
   auto info = Image::Open(dir.File("in/d.vmdk"), o);
   ASSERT_TRUE(info.ok()) << info.error().message();
   auto fi = (*info)->Info();
-  EXPECT_EQ(fi.format_specific["data"]["extents"][1]["filename"], "../outside-flat.vmdk");
+  const auto& extents = std::get<VmdkDetails>(fi.format_specific).extents;
+  ASSERT_EQ(extents.size(), 2u);
+  EXPECT_EQ(extents[1].filename, "../outside-flat.vmdk");
   std::vector<std::byte> buf(512);
   EXPECT_TRUE((*info)->Read(0, buf).ok());
   EXPECT_EQ(buf[0], std::byte{0x62});

@@ -197,7 +197,7 @@ TEST_F(Qcow2Hostile, CorruptBitOpensReadOnly) {
   EXPECT_TRUE((*r)->Read(0, buf).ok());
   EXPECT_FALSE((*r)->Write(0, buf).ok());
   EXPECT_FALSE(ImageInternals::Map(**r).PrepareWrite(0, 512).ok());
-  EXPECT_EQ((*r)->Info().format_specific["data"]["corrupt"], true);
+  EXPECT_TRUE(std::get<Qcow2Details>((*r)->Info().format_specific).corrupt);
 }
 
 TEST_F(Qcow2Hostile, RandomCorruptionNeverCrashes) {

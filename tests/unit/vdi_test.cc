@@ -111,7 +111,7 @@ TEST_F(VdiTest, CreateDynamicMatchesQemuLayout) {
   FormatInfo info = (*img)->Info();
   EXPECT_EQ(info.format, "vdi");
   EXPECT_EQ(info.cluster_size, kMiB);
-  EXPECT_TRUE(info.format_specific.is_null());
+  EXPECT_TRUE(std::holds_alternative<std::monostate>(info.format_specific));
   std::vector<std::byte> buf(4096, std::byte{1});
   ASSERT_TRUE((*img)->Read(5 * kMiB, buf).ok());
   EXPECT_EQ(buf, std::vector<std::byte>(4096));

@@ -326,8 +326,9 @@ TEST_F(VmdkMemTest, MultiExtentFlatAndZeroDiskReadsInGuestOrder) {
   ASSERT_TRUE(info.ok());
   auto fi = (*info)->Info();
   EXPECT_EQ(fi.cluster_size, 0u);
-  EXPECT_EQ(fi.format_specific["data"]["extents"].size(), 3u);
-  EXPECT_EQ(fi.format_specific["data"]["extents"][1]["format"], "ZERO");
+  const auto& d = std::get<VmdkDetails>(fi.format_specific);
+  ASSERT_EQ(d.extents.size(), 3u);
+  EXPECT_EQ(d.extents[1].format, "ZERO");
 }
 
 TEST_F(VmdkMemTest, SparseWritesUpdateBothGrainTablesAndSurviveReopen) {

@@ -406,8 +406,8 @@ std::vector<File*> Qcow2Map::host_files() {
 }
 
 // The persistent dirty bitmaps, as qemu-img info lists them (only while consistent).
-nlohmann::ordered_json Qcow2Map::BitmapList() {
-  nlohmann::ordered_json list = nlohmann::ordered_json::array();
+std::vector<Qcow2Bitmap> Qcow2Map::BitmapList() {
+  std::vector<Qcow2Bitmap> list;
   if (!header_.bitmaps_ext || header_.bitmaps_ext->size() < 24 ||
       !(header_.autoclear_features & kAutoclearBitmaps))
     return list;
@@ -424,13 +424,11 @@ nlohmann::ordered_json Qcow2Map::BitmapList() {
     uint64_t name_size = LoadBE16(dir.data() + pos + 18);
     uint64_t extra_size = LoadBE32(dir.data() + pos + 20);
     if (pos + 24 + extra_size + name_size > dir_size || gran_bits > 63) break;
-    nlohmann::ordered_json b;
-    nlohmann::ordered_json fl = nlohmann::ordered_json::array();
-    if (flags & 1) fl.push_back("in-use");
-    if (flags & 2) fl.push_back("auto");
-    b["flags"] = fl;
-    b["name"] = std::string(reinterpret_cast<const char*>(dir.data() + pos + 24 + extra_size), name_size);
-    b["granularity"] = uint64_t{1} << gran_bits;
+    Qcow2Bitmap b;
+    b.in_use = flags & 1;
+    b.auto_enabled = flags & 2;
+    b.name = std::string(reinterpret_cast<const char*>(dir.data() + pos + 24 + extra_size), name_size);
+    b.granularity = uint64_t{1} << gran_bits;
     list.push_back(b);
     pos += AlignUp(24 + extra_size + name_size, 8);
   }
@@ -458,24 +456,19 @@ FormatInfo Qcow2Map::Info() {
     si.disk_size = s.disk_size;
     fi.snapshots.push_back(si);
   }
-  nlohmann::ordered_json data;
-  data["compat"] = v3_ ? "1.1" : "0.10";
-  data["compression-type"] = header_.compression_type == kCompressionZstd ? "zstd" : "zlib";
-  if (v3_) data["lazy-refcounts"] = (header_.compatible_features & kCompatLazyRefcounts) != 0;
-  if (auto bitmaps = BitmapList(); !bitmaps.empty()) data["bitmaps"] = bitmaps;
-  data["refcount-bits"] = refcount_bits_;
+  Qcow2Details d;
+  d.v3 = v3_;
+  d.zstd = header_.compression_type == kCompressionZstd;
+  d.lazy_refcounts = (header_.compatible_features & kCompatLazyRefcounts) != 0;
+  d.bitmaps = BitmapList();
+  d.refcount_bits = refcount_bits_;
   if (header_.has_data_file()) {
-    data["data-file"] = header_.data_file.value_or("");
-    data["data-file-raw"] = (header_.autoclear_features & kAutoclearDataFileRaw) != 0;
+    d.data_file = header_.data_file.value_or("");
+    d.data_file_raw = (header_.autoclear_features & kAutoclearDataFileRaw) != 0;
   }
-  if (v3_) {
-    data["corrupt"] = corrupt_;
-    data["extended-l2"] = extended_l2_;
-  }
-  nlohmann::ordered_json fs;
-  fs["type"] = "qcow2";
-  fs["data"] = data;
-  fi.format_specific = nlohmann::json::parse(fs.dump());
+  d.corrupt = corrupt_;
+  d.extended_l2 = extended_l2_;
+  fi.format_specific = std::move(d);
   return fi;
 }
 

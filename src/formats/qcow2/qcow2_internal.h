@@ -286,7 +286,7 @@ class Qcow2Map final : public ClusterMap {
   // WriteBackTables, then a sync of the image file: all metadata durable.
   Status FlushAll();
   Status CheckWritable();
-  nlohmann::ordered_json BitmapList();
+  std::vector<Qcow2Bitmap> BitmapList();
   Status MarkDirty();
 
   // State.

@@ -53,7 +53,6 @@ class RawMap final : public ClusterMap {
     FormatInfo fi;
     fi.format = "raw";
     fi.virtual_size = size_;
-    fi.format_specific = nullptr;
     return fi;
   }
 

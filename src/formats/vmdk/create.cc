@@ -43,10 +43,8 @@ Result<uint32_t> ParentCid(const CreateContext& ctx, const std::string& name) {
   if ((*img)->format() != "vmdk")
     return Status::InvalidArgument("backing_file must be a vmdk image");
   FormatInfo fi = (*img)->Info();
-  uint32_t cid = 0xffffffff;
-  if (fi.format_specific.is_object() && fi.format_specific.contains("data"))
-    cid = fi.format_specific["data"].value("cid", 0xffffffffu);
-  return cid;
+  const auto* vmdk = std::get_if<VmdkDetails>(&fi.format_specific);
+  return vmdk ? vmdk->cid : 0xffffffffu;
 }
 
 }  // namespace

@@ -98,19 +98,19 @@ std::unique_ptr<Extent> NewZeroExtent(uint64_t length) {
   return e;
 }
 
-nlohmann::json Extent::Info() const {
-  nlohmann::json j;
+VmdkExtentDetails Extent::Info() const {
+  VmdkExtentDetails d;
   auto* self = const_cast<Extent*>(this);
-  if (self->compressed()) j["compressed"] = true;
-  j["virtual-size"] = length;
+  d.compressed = self->compressed();
+  d.virtual_size = length;
   if (auto* u = dynamic_cast<const UnopenedExtent*>(this)) {
-    j["filename"] = u->name();
+    d.filename = u->name();
   } else {
-    j["filename"] = self->file() ? self->file()->path() : std::string();
+    d.filename = self->file() ? self->file()->path() : std::string();
   }
-  if (grain_bytes()) j["cluster-size"] = grain_bytes();
-  j["format"] = type;
-  return j;
+  d.cluster_size = grain_bytes();
+  d.format = type;
+  return d;
 }
 
 }  // namespace vimgfs::vmdk

@@ -169,14 +169,12 @@ class VmdkMap final : public ClusterMap {
       if (e->grain_bytes() != g) g = 0;
     }
     fi.cluster_size = g;
-    nlohmann::json ex = nlohmann::json::array();
-    for (auto& e : extents) ex.push_back(e->Info());
-    fi.format_specific = {{"type", "vmdk"},
-                          {"data",
-                           {{"cid", cid},
-                            {"parent-cid", parent_cid},
-                            {"create-type", create_type},
-                            {"extents", ex}}}};
+    VmdkDetails d;
+    d.cid = cid;
+    d.parent_cid = parent_cid;
+    d.create_type = create_type;
+    for (auto& e : extents) d.extents.push_back(e->Info());
+    fi.format_specific = std::move(d);
     return fi;
   }
 
@@ -402,6 +400,7 @@ class VmdkDriverImpl final : public FormatDriver {
             },
         .compression = FormatTraits::Compression::kStreamSubformat,
         .compressed_subformat = "streamOptimized",
+        .disk_size_sums_host_files = true,
     };
     return kTraits;
   }

@@ -26,8 +26,6 @@
 #include <string_view>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "engine/table_cache.h"
 #include "vimgfs/format.h"
 
@@ -150,7 +148,7 @@ class Extent {
   virtual bool compressed() const { return false; }
   // `qemu-img check`: "" when fine, else the ERROR line (and *check_error for read errors).
   virtual Result<std::string> CheckGrains(uint64_t guest_start) { return std::string(); }
-  nlohmann::json Info() const;
+  VmdkExtentDetails Info() const;
 };
 
 struct SparseOpenResult {
