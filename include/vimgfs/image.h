@@ -186,6 +186,11 @@ class Image {
   std::optional<BackingRef> backing_ref_;
   std::string backing_path_;
   std::mutex meta_mu_;                      // guards every call into map_
+  // Changes whenever a host range of this image may come to hold other data (writes
+  // committed, zeroing, resize, close): decompressed units cached under an older
+  // generation are stale. Per image, so one image's writes keep the others' caches.
+  std::atomic<uint64_t> mapping_generation_{0};  // set on open (Image::Open)
+  void MappingChanged();
   std::unique_ptr<RangeLock> range_lock_;   // cluster-range locks for writers
   bool closed_ = false;
 

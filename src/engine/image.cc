@@ -43,7 +43,8 @@ const std::byte* ZeroBuffer() {
 }
 
 // The last decompressed unit of each thread: sequential reads of a compressed image touch
-// one unit with several requests.
+// one unit with several requests. It is valid while its image's mapping generation is
+// the one it was read under (Image::mapping_generation_).
 struct DecompressedUnit {
   const File* file = nullptr;
   uint64_t host_offset = UINT64_MAX;
@@ -51,7 +52,13 @@ struct DecompressedUnit {
   std::vector<std::byte> data;
 };
 thread_local DecompressedUnit tls_unit;
-std::atomic<uint64_t> g_write_generation{1};
+
+// Generations are unique across images, so a unit cached for a closed image never
+// matches a new image that reuses its addresses.
+uint64_t NextMappingGeneration() {
+  static std::atomic<uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
 
 }  // namespace
 
@@ -164,6 +171,7 @@ struct ImageOpener {
       return Status::Unsupported("'{}': image format '{}' is not supported", path, format);
     if (!driver) return Status::InvalidArgument("Unknown driver '{}'", format);
     std::unique_ptr<Image> img(new Image());
+    img->MappingChanged();
     img->env_ = env;
     img->path_ = path;
     img->format_ = format;
@@ -247,6 +255,10 @@ Status Image::Create(const std::string& format, CreateContext ctx, bool unsafe) 
   return driver->Create(ctx);
 }
 
+void Image::MappingChanged() {
+  mapping_generation_.store(NextMappingGeneration(), std::memory_order_release);
+}
+
 Image::~Image() {
   if (!closed_) (void)Close();
 }
@@ -254,8 +266,8 @@ Image::~Image() {
 Status Image::Close() {
   if (closed_) return Status::Ok();
   closed_ = true;
-  // Invalidates every thread's decompressed-unit cache: the File it names goes away.
-  g_write_generation.fetch_add(1, std::memory_order_release);
+  // Invalidates the decompressed units of this image: the File they name goes away.
+  MappingChanged();
   Status s;
   {
     std::lock_guard lk(meta_mu_);
@@ -311,7 +323,7 @@ Status Image::ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> b
           off - m.unit_guest_offset + buf.size() > m.unit_size)
         return Status::Corrupt("'{}': compressed unit at {:#x} has an impossible size", path_, m.host_offset);
       DecompressedUnit& u = tls_unit;
-      uint64_t gen = g_write_generation.load(std::memory_order_acquire);
+      uint64_t gen = mapping_generation_.load(std::memory_order_acquire);
       if (u.file != m.file || u.host_offset != m.host_offset || u.generation != gen ||
           u.data.size() != m.unit_size) {
         std::vector<std::byte> in(m.compressed_length);
@@ -412,7 +424,7 @@ Status Image::FinishPlan(const WritePlan& plan, const Status& data_written) {
     return data_written;
   }
   RETURN_IF_ERROR(map_->CommitWrite(plan));
-  g_write_generation.fetch_add(1, std::memory_order_release);
+  MappingChanged();
   return Status::Ok();
 }
 
@@ -567,7 +579,7 @@ Status Image::Resize(uint64_t new_size, bool allow_shrink) {
   {
     std::lock_guard lk(meta_mu_);
     RETURN_IF_ERROR(map_->Resize(new_size, allow_shrink, zero_grown));
-    g_write_generation.fetch_add(1, std::memory_order_release);
+    MappingChanged();
     size_ = map_->virtual_size();
   }
   return Status::Ok();
@@ -579,7 +591,7 @@ Status Image::ChangeWhole(bool writes, const std::function<Status(ClusterMap&)>&
   RangeLock::Guard g(*range_lock_, 0, UINT64_MAX, true);
   std::lock_guard lk(meta_mu_);
   Status s = change(*map_);
-  g_write_generation.fetch_add(1, std::memory_order_release);
+  MappingChanged();
   size_ = map_->virtual_size();
   return s;
 }
@@ -630,7 +642,7 @@ Status Image::WriteCompressed(uint64_t off, std::span<const std::byte> stream) {
   // The format writes the stream under the metadata lock: convert is its one writer.
   std::lock_guard lk(meta_mu_);
   Status s = map_->WriteCompressed(off, stream);
-  g_write_generation.fetch_add(1, std::memory_order_release);
+  MappingChanged();
   return s;
 }
 
@@ -670,7 +682,7 @@ Status Image::ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard)
   {
     std::lock_guard lk(meta_mu_);
     s = discard ? map_->Discard(a, b - a) : map_->ZeroRange(a, b - a, unmap);
-    g_write_generation.fetch_add(1, std::memory_order_release);
+    MappingChanged();
   }
   if (!discard && s.kind() == ErrorKind::kUnsupported) s = WriteZeroChunks(a, b - a);
   if (discard && s.kind() == ErrorKind::kUnsupported) s = Status::Ok();  // discard is advisory
