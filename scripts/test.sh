@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Installs dependencies, builds, and runs every test: the GoogleTest suites on a normal
-# build, the CI subset of qemu's iotests (tests/iotests/ci.txt), then the suites again under
-# AddressSanitizer + UndefinedBehaviorSanitizer, then every libFuzzer target for a short
-# time (scripts/fuzz.sh; VIMGFS_FUZZ_SECONDS per target). End-to-end mount tests need root,
-# /dev/fuse and loop devices; without them they skip and say why.
+# build (warnings are errors), the CI subset of qemu's iotests (tests/iotests/ci.txt), then the
+# suites again under AddressSanitizer + UndefinedBehaviorSanitizer, then every libFuzzer
+# target for a short time (scripts/fuzz.sh; VIMGFS_FUZZ_SECONDS per target). End-to-end
+# mount tests need root, /dev/fuse and loop devices; without them they skip and say why.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 
 jobs=$(nproc)
-scripts/build.sh build
+scripts/build.sh build -DVIMGFS_WERROR=ON
 (cd build && ctest --output-on-failure -j"$jobs" --timeout 1500)
 
 # qemu's own iotests with vimgfs as qemu-img: the CI subset (docs/TESTING.md).

@@ -5,6 +5,8 @@
 
 #include <tuple>
 
+#include <nlohmann/json.hpp>
+
 #include "cli_test_helpers.h"
 #include "io/lock.h"
 #include "vimgfs/env.h"
@@ -287,7 +289,7 @@ TEST_F(CliOpsTest, ForceShareIsRefusedByCommandsThatWrite) {
   MustSh("qemu-img create -q -f qcow2 a.qcow2 8M && qemu-io -c 'write -P 0x11 0 64k' a.qcow2 >/dev/null");
   MustSh("qemu-img snapshot -c s a.qcow2");
   std::string before = Sha256OfFile(F("a.qcow2"));
-  for (const std::string& args : {"snapshot -U -c t a.qcow2", "snapshot -U -d s a.qcow2",
+  for (std::string args : {"snapshot -U -c t a.qcow2", "snapshot -U -d s a.qcow2",
                                   "snapshot -U -a s a.qcow2", "check -U -r leaks a.qcow2",
                                   "check -U -r all a.qcow2"}) {
     SCOPED_TRACE(args);
@@ -300,7 +302,7 @@ TEST_F(CliOpsTest, ForceShareIsRefusedByCommandsThatWrite) {
     }
   }
   // Reading with -U is fine.
-  for (const std::string& args : {"snapshot -U -l a.qcow2", "check -U a.qcow2"}) {
+  for (std::string args : {"snapshot -U -l a.qcow2", "check -U a.qcow2"}) {
     EXPECT_EQ(V(args).exit_code, 0) << args;
     EXPECT_EQ(Q(args).exit_code, 0) << args;
   }
