@@ -5,7 +5,7 @@ pkgs=(build-essential cmake ninja-build pkg-config
       libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libfmt-dev
       libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev
       qemu-utils e2fsprogs util-linux kmod
-      clang libclang-rt-14-dev)  # clang and its sanitizer/libFuzzer runtimes: scripts/fuzz.sh
+      clang libclang-rt-14-dev clang-format)  # fuzz.sh (clang, runtimes); check-format.sh
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -39,10 +39,10 @@ struct Mapping {
     kCompressed,   // one compressed unit; decompress, then take the slice
   };
   Kind kind = Kind::kUnallocated;
-  uint64_t length = 0;          // guest bytes covered, starting at the looked-up offset
-  File* file = nullptr;         // kData, kCompressed: the host file (owned by the format)
-  uint64_t host_offset = 0;     // kData: host offset of the first guest byte of this run
-                                // kCompressed: host offset of the compressed stream
+  uint64_t length = 0;       // guest bytes covered, starting at the looked-up offset
+  File* file = nullptr;      // kData, kCompressed: the host file (owned by the format)
+  uint64_t host_offset = 0;  // kData: host offset of the first guest byte of this run
+                             // kCompressed: host offset of the compressed stream
   // kCompressed only:
   uint64_t compressed_length = 0;  // bytes to read from host_offset (an upper bound is fine)
   uint64_t unit_guest_offset = 0;  // guest offset where the compressed unit begins
@@ -126,9 +126,9 @@ using FormatDetails = std::variant<std::monostate, Qcow2Details, VmdkDetails>;
 
 // Format-level facts for `info`.
 struct FormatInfo {
-  std::string format;           // "qcow2", "vmdk", "vdi", "raw"
+  std::string format;  // "qcow2", "vmdk", "vdi", "raw"
   uint64_t virtual_size = 0;
-  uint64_t cluster_size = 0;    // 0: none (raw)
+  uint64_t cluster_size = 0;  // 0: none (raw)
   bool dirty = false;
   bool encrypted = false;
   std::vector<SnapshotInfo> snapshots;
@@ -145,8 +145,8 @@ struct CheckReport {
   int64_t check_errors = 0;
   int64_t corruptions_fixed = 0;
   int64_t leaks_fixed = 0;
-  uint64_t image_end_offset = 0;   // 0: not reported
-  uint64_t total_clusters = 0;     // 0: not reported
+  uint64_t image_end_offset = 0;  // 0: not reported
+  uint64_t total_clusters = 0;    // 0: not reported
   uint64_t allocated_clusters = 0;
   uint64_t fragmented_clusters = 0;
   uint64_t compressed_clusters = 0;
@@ -250,13 +250,13 @@ class ClusterMap {
 
 // Options a user passes at open time.
 struct OpenOptions {
-  Env* env = nullptr;           // nullptr: Env::Default()
-  std::string format;           // empty: probe
+  Env* env = nullptr;                          // nullptr: Env::Default()
+  std::string format;                          // empty: probe
   const class FormatDriver* driver = nullptr;  // tests: use this driver, skip the registry
   bool read_only = false;
-  bool untrusted = false;       // refuse every external reference (docs/ARCHITECTURE.md, "Names inside images")
-  bool open_backing = true;     // false: leave the chain unopened (info without --backing-chain)
-  std::string snapshot;         // qcow2 internal snapshot to view read-only
+  bool untrusted = false;    // refuse every external reference (docs/ARCHITECTURE.md, "Names inside images")
+  bool open_backing = true;  // false: leave the chain unopened (info without --backing-chain)
+  std::string snapshot;      // qcow2 internal snapshot to view read-only
   uint64_t cache_bytes = 32ull << 20;  // metadata cache cap per image
   int max_chain_depth = 64;
   // Open for `check` as qemu-img opens with BDRV_O_CHECK: metadata tables reaching past
@@ -288,7 +288,7 @@ Result<OpenedReference> OpenReference(Env& env, const std::string& referrer_path
 struct OpenContext {
   Env* env = nullptr;
   std::string path;
-  std::unique_ptr<File> file;   // the image file, opened in the right mode
+  std::unique_ptr<File> file;  // the image file, opened in the right mode
   OpenOptions options;
 };
 
@@ -303,7 +303,7 @@ struct CreateContext {
   // NOCOW (btrfs) and an extent size hint (XFS; 0: none). Best effort, as in qemu.
   bool nocow = false;
   uint32_t extent_size_hint = 1u << 20;
-  bool extent_size_hint_given = false;  // a hint not set is then worth a warning
+  bool extent_size_hint_given = false;           // a hint not set is then worth a warning
   std::vector<std::string>* warnings = nullptr;  // for the user; may be null
 };
 

@@ -28,10 +28,10 @@ namespace vimgfs {
 struct BlockStatus {
   uint64_t offset = 0;
   uint64_t length = 0;
-  int depth = 0;        // 0: this image; n: the n-th backing image; chain length: none
-  bool present = false; // some image in the chain has it (data or zero)
-  bool zero = false;    // reads as zeros
-  bool data = false;    // backed by data (may still be zero bytes)
+  int depth = 0;         // 0: this image; n: the n-th backing image; chain length: none
+  bool present = false;  // some image in the chain has it (data or zero)
+  bool zero = false;     // reads as zeros
+  bool data = false;     // backed by data (may still be zero bytes)
   bool has_offset = false;
   uint64_t host_offset = 0;  // valid with has_offset (plain data only)
   std::string filename;      // the host file holding it (has_offset)
@@ -180,18 +180,18 @@ class Image {
   bool probed_raw_ = false;  // format guessed as raw: protect sector 0 (see Write)
   uint64_t size_ = 0;
   uint64_t cluster_size_ = 0;
-  File* file_ = nullptr;                    // owned by map_
+  File* file_ = nullptr;  // owned by map_
   std::unique_ptr<ClusterMap> map_;
   std::unique_ptr<Image> backing_;
   std::optional<BackingRef> backing_ref_;
   std::string backing_path_;
-  std::mutex meta_mu_;                      // guards every call into map_
+  std::mutex meta_mu_;  // guards every call into map_
   // Changes whenever a host range of this image may come to hold other data (writes
   // committed, zeroing, resize, close): decompressed units cached under an older
   // generation are stale. Per image, so one image's writes keep the others' caches.
   std::atomic<uint64_t> mapping_generation_{0};  // set on open (Image::Open)
   void MappingChanged();
-  std::unique_ptr<RangeLock> range_lock_;   // cluster-range locks for writers
+  std::unique_ptr<RangeLock> range_lock_;  // cluster-range locks for writers
   bool closed_ = false;
 
   // Flushes are shared (group commit): one that starts covers every write finished

@@ -14,16 +14,16 @@ namespace vimgfs {
 
 enum class ErrorKind {
   kOk,
-  kIo,             // the host said no (errno from the OS)
-  kInvalidFormat,  // not an image of that format, or a header field out of range
-  kUnsupported,    // a valid image using something vimgfs does not do
-  kCorrupt,        // a table entry that cannot be right; the image is flagged
-  kOutOfRange,     // request outside the virtual disk
-  kNoSpace,        // ENOSPC on the host
-  kReadOnly,       // write to an image opened read-only
-  kNotFound,       // file or snapshot missing
-  kInvalidArgument,// a bad option or argument from the user
-  kBusy,           // locked by another process
+  kIo,               // the host said no (errno from the OS)
+  kInvalidFormat,    // not an image of that format, or a header field out of range
+  kUnsupported,      // a valid image using something vimgfs does not do
+  kCorrupt,          // a table entry that cannot be right; the image is flagged
+  kOutOfRange,       // request outside the virtual disk
+  kNoSpace,          // ENOSPC on the host
+  kReadOnly,         // write to an image opened read-only
+  kNotFound,         // file or snapshot missing
+  kInvalidArgument,  // a bad option or argument from the user
+  kBusy,             // locked by another process
 };
 
 class [[nodiscard]] Status {
@@ -39,9 +39,9 @@ class [[nodiscard]] Status {
     return s;
   }
 
-#define VIMGFS_STATUS_FACTORY(Name, Kind, Errno)                                \
-  template <typename... Args>                                                   \
-  static Status Name(fmt::format_string<Args...> f, Args&&... args) {           \
+#define VIMGFS_STATUS_FACTORY(Name, Kind, Errno)                                       \
+  template <typename... Args>                                                          \
+  static Status Name(fmt::format_string<Args...> f, Args&&... args) {                  \
     return Error(ErrorKind::Kind, Errno, fmt::format(f, std::forward<Args>(args)...)); \
   }
   VIMGFS_STATUS_FACTORY(Io, kIo, EIO)
@@ -85,7 +85,7 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(T value) : v_(std::move(value)) {}         // NOLINT: implicit by design
   Result(Status status) : v_(std::move(status)) {}  // NOLINT: must not be OK
 
   bool has_value() const { return v_.index() == 0; }
@@ -112,15 +112,14 @@ class [[nodiscard]] Result {
 #define VIMGFS_CONCAT(a, b) VIMGFS_CONCAT_INNER(a, b)
 
 // Returns from the enclosing function when a Status is an error.
-#define RETURN_IF_ERROR(expr)                       \
-  do {                                              \
-    ::vimgfs::Status _st = (expr);                  \
-    if (!_st.ok()) return _st;                      \
+#define RETURN_IF_ERROR(expr)      \
+  do {                             \
+    ::vimgfs::Status _st = (expr); \
+    if (!_st.ok()) return _st;     \
   } while (0)
 
 // `ASSIGN_OR_RETURN(auto x, ResultExpr())`: binds the value or returns the error.
-#define ASSIGN_OR_RETURN(lhs, expr) \
-  ASSIGN_OR_RETURN_IMPL(VIMGFS_CONCAT(_res_, __LINE__), lhs, expr)
+#define ASSIGN_OR_RETURN(lhs, expr) ASSIGN_OR_RETURN_IMPL(VIMGFS_CONCAT(_res_, __LINE__), lhs, expr)
 #define ASSIGN_OR_RETURN_IMPL(tmp, lhs, expr) \
   auto tmp = (expr);                          \
   if (!tmp.has_value()) return tmp.error();   \

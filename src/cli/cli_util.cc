@@ -29,7 +29,9 @@ const std::string& ProgramName() { return g_program_name; }
 
 bool RunAsQemuImg() { return g_program_name == "qemu-img"; }
 
-void PrintError(const std::string& msg) { std::fprintf(stderr, "%s: %s\n", g_program_name.c_str(), msg.c_str()); }
+void PrintError(const std::string& msg) {
+  std::fprintf(stderr, "%s: %s\n", g_program_name.c_str(), msg.c_str());
+}
 
 std::string StripPathPrefix(const std::string& path, const std::string& msg) {
   std::string prefix = "'" + path + "': ";
@@ -59,8 +61,8 @@ std::string OpenErrorMessage(const std::string& path, const Status& s) {
   if (IsBackingLoop(s)) return msg;
   // A host error already reads "Could not open 'X': <strerror>"; qemu-img wraps it once
   // more ("Could not open 'X': Could not open 'X': No such file or directory").
-  bool host_error = s.kind() == ErrorKind::kNotFound || s.kind() == ErrorKind::kIo ||
-                    s.kind() == ErrorKind::kReadOnly;
+  bool host_error =
+      s.kind() == ErrorKind::kNotFound || s.kind() == ErrorKind::kIo || s.kind() == ErrorKind::kReadOnly;
   if (msg.rfind("Could not open '" + path + "'", 0) == 0)
     return host_error ? "Could not open '" + path + "': " + msg : msg;
   return "Could not open '" + path + "': " + StripPathPrefix(path, msg);
@@ -68,8 +70,10 @@ std::string OpenErrorMessage(const std::string& path, const Status& s) {
 
 int UsageError(const std::string& command, const std::string& msg) {
   PrintError(msg);
-  if (RunAsQemuImg()) std::fprintf(stderr, "Try 'qemu-img --help' for more information\n");
-  else std::fprintf(stderr, "Try 'vimgfs %s --help' for more information\n", command.c_str());
+  if (RunAsQemuImg())
+    std::fprintf(stderr, "Try 'qemu-img --help' for more information\n");
+  else
+    std::fprintf(stderr, "Try 'vimgfs %s --help' for more information\n", command.c_str());
   return 1;
 }
 
@@ -101,13 +105,27 @@ std::string JsonString(const std::string& s) {
   std::string out = "\"";
   for (unsigned char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\b': out += "\\b"; break;
-      case '\f': out += "\\f"; break;
-      case '\n': out += "\\n"; break;
-      case '\r': out += "\\r"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\b':
+        out += "\\b";
+        break;
+      case '\f':
+        out += "\\f";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\r':
+        out += "\\r";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (c < 0x20) {
           char buf[8];
@@ -217,8 +235,7 @@ std::string QemuHumanDump(const nlohmann::ordered_json& j, int indent) {
   return out;
 }
 
-Status ParseOptionList(const std::string& text,
-                       std::vector<std::pair<std::string, std::string>>* out) {
+Status ParseOptionList(const std::string& text, std::vector<std::pair<std::string, std::string>>* out) {
   size_t i = 0;
   while (i < text.size()) {
     std::string key;
@@ -282,8 +299,10 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   // Skipping the lock is safe only for a reader: a writer would change an image that a VM
   // or a mount is writing too (qemu-img refuses it the same way).
   if (o.force_share && !o.read_only)
-    return Status::InvalidArgument("Could not open '{}': force-share=on can only be used with "
-                                   "read-only images", path);
+    return Status::InvalidArgument(
+        "Could not open '{}': force-share=on can only be used with "
+        "read-only images",
+        path);
   ASSIGN_OR_RETURN(std::string host_path, HostFilename(path));
   ASSIGN_OR_RETURN(auto img, Image::Open(host_path, opts));
   if (!o.force_share)
@@ -344,8 +363,8 @@ std::string PathCombine(const std::string& base, const std::string& name) {
 }
 
 bool IsCacheMode(const std::string& mode) {
-  return mode == "none" || mode == "off" || mode == "writeback" || mode == "unsafe" ||
-         mode == "directsync" || mode == "writethrough";
+  return mode == "none" || mode == "off" || mode == "writeback" || mode == "unsafe" || mode == "directsync" ||
+         mode == "writethrough";
 }
 
 bool StdoutIsTty() { return isatty(STDOUT_FILENO) == 1; }

@@ -50,7 +50,7 @@ Status ParseOptionList(const std::string& text, std::vector<std::pair<std::strin
 bool IsHelpOption(const std::string& text);  // "help" or "?" inside an -o list
 
 struct ImageOpen {
-  std::string format;       // -f; empty: probe
+  std::string format;  // -f; empty: probe
   bool read_only = true;
   bool untrusted = false;
   bool open_backing = true;
@@ -63,7 +63,7 @@ struct ImageOpen {
   // Off where the same command then opens a file of this chain for writing (commit): OFD
   // locks cannot tell one process's opens apart, so it would refuse itself.
   bool lock_backing = true;
-  bool for_check = false;  // OpenOptions::for_check
+  bool for_check = false;     // OpenOptions::for_check
   bool keep_bitmaps = false;  // OpenOptions::keep_bitmaps
 };
 // Opens an image; on failure prints the error line and returns nullptr.
@@ -99,7 +99,7 @@ class Progress {
  public:
   explicit Progress(bool enabled) : enabled_(enabled) {}
   ~Progress() { End(); }
-  void Start() { Print(0.0f); }                                  // "(0.00/100%)"
+  void Start() { Print(0.0f); }  // "(0.00/100%)"
   void Update(double fraction) { Print(static_cast<float>(fraction * 100.0)); }
   void UpdatePercent(double percent) { Print(static_cast<float>(percent)); }
   void Done() {  // success: 100, then the newline

@@ -26,21 +26,23 @@ void DumpHuman(const CheckReport& r, bool quiet) {
     std::printf("No errors were found on the image.\n");
   } else {
     if (r.corruptions)
-      std::printf("\n%" PRId64 " errors were found on the image.\n"
+      std::printf("\n%" PRId64
+                  " errors were found on the image.\n"
                   "Data may be corrupted, or further writes to the image may corrupt it.\n",
                   r.corruptions);
     if (r.leaks)
-      std::printf("\n%" PRId64 " leaked clusters were found on the image.\n"
+      std::printf("\n%" PRId64
+                  " leaked clusters were found on the image.\n"
                   "This means waste of disk space, but no harm to data.\n",
                   r.leaks);
     if (r.check_errors)
       std::printf("\n%" PRId64 " internal errors have occurred during the check.\n", r.check_errors);
   }
   if (r.total_clusters != 0 && r.allocated_clusters != 0) {
-    std::printf("%" PRIu64 "/%" PRIu64 " = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed "
+    std::printf("%" PRIu64 "/%" PRIu64
+                " = %0.2f%% allocated, %0.2f%% fragmented, %0.2f%% compressed "
                 "clusters\n",
-                r.allocated_clusters, r.total_clusters,
-                r.allocated_clusters * 100.0 / r.total_clusters,
+                r.allocated_clusters, r.total_clusters, r.allocated_clusters * 100.0 / r.total_clusters,
                 r.fragmented_clusters * 100.0 / r.allocated_clusters,
                 r.compressed_clusters * 100.0 / r.allocated_clusters);
   }
@@ -126,11 +128,14 @@ int RunCheck(int argc, char** argv) {
   int64_t leaks_fixed = r.leaks_fixed, corruptions_fixed = r.corruptions_fixed;
   if (mode != RepairMode::kNone && (leaks_fixed || corruptions_fixed)) {
     if (output == "human" && !quiet)
-      std::printf("The following inconsistencies were found and repaired:\n\n"
-                  "    %" PRId64 " leaked clusters\n"
-                  "    %" PRId64 " corruptions\n\n"
-                  "Double checking the fixed image now...\n",
-                  leaks_fixed, corruptions_fixed);
+      std::printf(
+          "The following inconsistencies were found and repaired:\n\n"
+          "    %" PRId64
+          " leaked clusters\n"
+          "    %" PRId64
+          " corruptions\n\n"
+          "Double checking the fixed image now...\n",
+          leaks_fixed, corruptions_fixed);
     Status fl = img->Flush();
     if (!fl.ok()) {
       PrintFileError(filename, fl);

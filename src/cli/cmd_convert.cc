@@ -113,7 +113,8 @@ int RunConvert(int argc, char** argv) {
              errno = 0;
              long v = std::strtol(arg, &end, 0);
              if (errno || end == arg || *end || v < 1 || v > 16)
-               return stop_with("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+               return stop_with(
+                   "Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
              requests = static_cast<int>(v);
              return std::nullopt;
            })
@@ -146,7 +147,8 @@ int RunConvert(int argc, char** argv) {
   bar.Start();
   const std::string& out_name = operands.back();
   std::vector<std::string> sources(operands.begin(), operands.end() - 1);
-  if (!snapshot.empty() && sources.size() > 1) return *stop_with("No support for concatenating multiple snapshot");
+  if (!snapshot.empty() && sources.size() > 1)
+    return *stop_with("No support for concatenating multiple snapshot");
 
   // Sources.
   std::vector<std::unique_ptr<Image>> images;
@@ -182,8 +184,9 @@ int RunConvert(int argc, char** argv) {
   if (target_is_zero && out_backing)
     return *stop_with("Cannot use --target-is-zero when the destination image has a backing file");
   if (sources.size() > 1 && out_backing)
-    return *stop_with("Having a backing file for the target makes no sense when concatenating multiple "
-                      "input images");
+    return *stop_with(
+        "Having a backing file for the target makes no sense when concatenating multiple "
+        "input images");
   if (!no_create && out_backing && !out_backing_fmt)
     return *stop_with("Use of backing file requires explicit backing format");
   const std::string subformat = FindOption(opts, "subformat").value_or("");
@@ -205,8 +208,8 @@ int RunConvert(int argc, char** argv) {
     return 1;
   }
   if (stream_vmdk && (no_create || out_backing)) {
-    PrintError(fmt::format("{}: streamOptimized output must be created fresh, without a backing file",
-                           out_name));
+    PrintError(
+        fmt::format("{}: streamOptimized output must be created fresh, without a backing file", out_name));
     return 1;
   }
   if (!IsCacheMode(out_cache)) return *stop_with("Invalid cache option: " + out_cache);
@@ -264,7 +267,8 @@ int RunConvert(int argc, char** argv) {
 
   if (!no_create) {
     ctx.env = &env;
-    Status s = Image::Create(CreateDriverName(out_fmt), ctx, /*unsafe=*/true);  // the target's open checks the backing
+    Status s = Image::Create(CreateDriverName(out_fmt), ctx,
+                             /*unsafe=*/true);  // the target's open checks the backing
     for (const std::string& w : warnings) PrintError("warning: " + w);
     if (!s.ok()) return create_failed(s);
   }

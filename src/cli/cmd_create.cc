@@ -34,18 +34,21 @@ int RunCreate(int argc, char** argv) {
   bool unsafe = false, quiet = false;
   OptionParser parser("create", kUsage);
   parser.Value('f', nullptr, &fmt)
-      .Add('F', nullptr, true, [&](const char* arg) -> std::optional<int> {
-        backing_fmt = arg;
-        return std::nullopt;
-      })
-      .Add('b', nullptr, true, [&](const char* arg) -> std::optional<int> {
-        backing = arg;
-        return std::nullopt;
-      })
-      .Add('o', nullptr, true, [&](const char* arg) -> std::optional<int> {
-        if (!AccumulateOptions(&options, arg)) return 1;
-        return std::nullopt;
-      })
+      .Add('F', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             backing_fmt = arg;
+             return std::nullopt;
+           })
+      .Add('b', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             backing = arg;
+             return std::nullopt;
+           })
+      .Add('o', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             if (!AccumulateOptions(&options, arg)) return 1;
+             return std::nullopt;
+           })
       .Flag('q', nullptr, &quiet)
       .Flag('u', nullptr, &unsafe)
       .Accept(0, "untrusted", false)
@@ -108,15 +111,15 @@ int RunCreate(int argc, char** argv) {
       std::fprintf(stderr, "Detected format of %s.", (*b)->format().c_str());  // no newline, as qemu-img
       return 1;
     }
-    if (!size && !FindOption(opts, "size"))
-      SetCreateOption(fmt, "size", std::to_string((*b)->size()), &opts);
+    if (!size && !FindOption(opts, "size")) SetCreateOption(fmt, "size", std::to_string((*b)->size()), &opts);
   } else if (bfile && !bfmt) {
     return fail("Backing file specified without backing format");
   }
   std::optional<std::string> size_opt = FindOption(opts, "size");
   if (!size_opt) return fail("Image creation needs a size parameter");
   if (!quiet) {
-    std::printf("Formatting '%s', fmt=%s %s\n", filename.c_str(), fmt.c_str(), FormattingLine(fmt, opts).c_str());
+    std::printf("Formatting '%s', fmt=%s %s\n", filename.c_str(), fmt.c_str(),
+                FormattingLine(fmt, opts).c_str());
     std::fflush(stdout);
   }
 

@@ -51,7 +51,8 @@ nlohmann::ordered_json ImageInfoJson(Image& img) {
   }
   if (have_actual) j["actual-size"] = actual;
   if (fi.encrypted) j["encrypted"] = true;
-  if (auto fs = FormatSpecificJson(img.format(), fi.format_specific); !fs.is_null()) j["format-specific"] = std::move(fs);
+  if (auto fs = FormatSpecificJson(img.format(), fi.format_specific); !fs.is_null())
+    j["format-specific"] = std::move(fs);
   if (const auto& b = img.backing_ref()) {
     j["backing-filename"] = b->name;
     j["full-backing-filename"] = PathCombine(img.path(), b->name);

@@ -53,7 +53,8 @@ bool Dump(bool json, const Entry& e, Entry* next) {
     }
     return true;
   }
-  std::printf("{ \"start\": %" PRIu64 ", \"length\": %" PRIu64 ", \"depth\": %d, \"present\": %s, "
+  std::printf("{ \"start\": %" PRIu64 ", \"length\": %" PRIu64
+              ", \"depth\": %d, \"present\": %s, "
               "\"zero\": %s, \"data\": %s",
               e.start, e.length, e.depth, e.present ? "true" : "false", e.zero ? "true" : "false",
               e.data ? "true" : "false");

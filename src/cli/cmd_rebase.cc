@@ -71,8 +71,8 @@ int RunRebase(int argc, char** argv) {
   if (!img) return 1;
   // Checked after the open, as qemu-img does (a missing image is reported first).
   if (!backing.empty() && backing_fmt.empty()) {
-    PrintError(fmt::format("Could not change the backing file to '{}': backing format must be specified",
-                           backing));
+    PrintError(
+        fmt::format("Could not change the backing file to '{}': backing format must be specified", backing));
     return 1;
   }
 
@@ -86,8 +86,8 @@ int RunRebase(int argc, char** argv) {
       std::string path = PathCombine(filename, backing);
       auto b = OpenImage(path, bo);
       if (!b.ok()) {
-        PrintError(fmt::format("Could not open new backing file '{}': {}", path,
-                               OpenErrorMessage(path, b.error())));
+        PrintError(
+            fmt::format("Could not open new backing file '{}': {}", path, OpenErrorMessage(path, b.error())));
         return 1;
       }
       new_base = std::move(b).value();

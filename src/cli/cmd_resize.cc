@@ -83,8 +83,9 @@ int RunResize(int argc, char** argv) {
   auto delta = ParseSize(digits);
   if (!delta.ok()) {
     PrintError("Parameter 'size' expects a non-negative number below 2^64");
-    std::fprintf(stderr, "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-                         "and exabytes, respectively.\n");
+    std::fprintf(stderr,
+                 "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+                 "and exabytes, respectively.\n");
     return 1;
   }
 
@@ -119,9 +120,11 @@ int RunResize(int argc, char** argv) {
   }
   if (target < current && !shrink) {
     PrintError("Use the --shrink option to perform a shrink operation.");
-    std::fprintf(stderr, "%s: warning: Shrinking an image will delete all data beyond the shrunken "
-                         "image's end. Before performing such an operation, make sure there is no "
-                         "important data there.\n", ProgramName().c_str());
+    std::fprintf(stderr,
+                 "%s: warning: Shrinking an image will delete all data beyond the shrunken "
+                 "image's end. Before performing such an operation, make sure there is no "
+                 "important data there.\n",
+                 ProgramName().c_str());
     return 1;
   }
   const auto grow = img->traits().grow_preallocation;

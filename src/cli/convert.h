@@ -39,8 +39,8 @@ class ConcatSource {
 struct ConvertSettings {
   bool compress = false;
   Codec codec = Codec::kDeflateRaw;
-  uint64_t min_sparse = 4096;    // -S; 0: write everything, zeros included
-  bool target_fresh = true;      // created by us (reads as zeros) or --target-is-zero
+  uint64_t min_sparse = 4096;       // -S; 0: write everything, zeros included
+  bool target_fresh = true;         // created by us (reads as zeros) or --target-is-zero
   bool target_has_backing = false;  // -B: copy only the sources' top layers
   int threads = 1;
   int requests_in_flight = 8;    // -m: source reads ahead of the writer (1..16)

@@ -30,7 +30,8 @@ bool AllZero(const std::byte* p, size_t n) {
 }
 
 Status WithOffset(const Status& s, const char* what, uint64_t off) {
-  return Status::Error(s.kind(), s.err(), fmt::format("error while {} at byte {}: {}", what, off, s.message()));
+  return Status::Error(s.kind(), s.err(),
+                       fmt::format("error while {} at byte {}: {}", what, off, s.message()));
 }
 
 // What qemu-img's progress figure counts of a run: the data copied, and with -S 0 the zeros
@@ -227,7 +228,8 @@ void ProduceCopySteps(ConcatSource& src, const ConvertSettings& s, CopyQueue& qu
         continue;
       }
       for (uint64_t pos = r.offset; pos < r.offset + r.length;) {
-        uint64_t n = std::min<uint64_t>(kCopyChunk, r.offset + r.length - pos);  // from the run's start, as qemu
+        uint64_t n =
+            std::min<uint64_t>(kCopyChunk, r.offset + r.length - pos);  // from the run's start, as qemu
         int buf = queue.TakeFree();
         if (buf < 0) return;
         std::span<std::byte> b = queue.Buffer(buf, n);
@@ -288,8 +290,8 @@ Status CopyPlain(ConcatSource& src, Image& target, const ConvertSettings& s, Pro
 // One cluster of a compressed conversion.
 struct Unit {
   uint64_t off = 0;
-  bool zero = true;      // nothing to store
-  bool counted = false;  // in the progress figure (CountedBytes)
+  bool zero = true;               // nothing to store
+  bool counted = false;           // in the progress figure (CountedBytes)
   std::span<std::byte> data;      // cluster_size bytes of its batch's region (tail zero-padded)
   std::vector<std::byte> stream;  // compressed; empty: store data as is
   Status status;
@@ -542,20 +544,19 @@ Status ConvertToStream(ConcatSource& src, StreamOptimizedWriter& w, const Conver
   ASSIGN_OR_RETURN(uint64_t total, CountedTotal(src, rs, grain));
   ProgressCount count(s.progress, total);
   // Every grain is stored compressed, so the stream may be as long as deflate makes it.
-  Status st = CompressAndStore(src, grain, Codec::kZlib, w.max_stream_bytes() + 1, rs, count,
-                               [&](std::vector<Unit>& units) {
-                                 for (Unit& u : units) {
-                                   if (u.off >= src.size()) break;
-                                   if (u.zero) continue;
-                                   if (!u.status.ok()) return WithOffset(u.status, "compressing", u.off);
-                                   if (u.stream.empty())
-                                     return WithOffset(Status::Io("zlib could not compress the grain"),
-                                                       "compressing", u.off);
-                                   Status ws = w.WriteCompressedGrain(u.off / grain, u.stream);
-                                   if (!ws.ok()) return WithOffset(ws, "writing", u.off);
-                                 }
-                                 return Status::Ok();
-                               });
+  Status st = CompressAndStore(
+      src, grain, Codec::kZlib, w.max_stream_bytes() + 1, rs, count, [&](std::vector<Unit>& units) {
+        for (Unit& u : units) {
+          if (u.off >= src.size()) break;
+          if (u.zero) continue;
+          if (!u.status.ok()) return WithOffset(u.status, "compressing", u.off);
+          if (u.stream.empty())
+            return WithOffset(Status::Io("zlib could not compress the grain"), "compressing", u.off);
+          Status ws = w.WriteCompressedGrain(u.off / grain, u.stream);
+          if (!ws.ok()) return WithOffset(ws, "writing", u.off);
+        }
+        return Status::Ok();
+      });
   RETURN_IF_ERROR(st);
   return w.Finish();
 }

@@ -50,10 +50,23 @@ const Desc* FindDesc(const std::vector<Desc>& descs, const std::string& name) {
 
 // qemu's format drivers that create no images (vimgfs reads none of them either).
 bool IsQemuReadOnlyFormat(const std::string& fmt) {
-  static const std::set<std::string> kNames = {
-      "bochs", "cloop", "dmg", "vvfat", "blkdebug", "blkverify", "blklogwrites", "null-co",
-      "null-aio", "throttle", "compress", "copy-on-read", "copy-before-write", "preallocate",
-      "quorum", "replication", "snapshot-access"};
+  static const std::set<std::string> kNames = {"bochs",
+                                               "cloop",
+                                               "dmg",
+                                               "vvfat",
+                                               "blkdebug",
+                                               "blkverify",
+                                               "blklogwrites",
+                                               "null-co",
+                                               "null-aio",
+                                               "throttle",
+                                               "compress",
+                                               "copy-on-read",
+                                               "copy-before-write",
+                                               "preallocate",
+                                               "quorum",
+                                               "replication",
+                                               "snapshot-access"};
   return kNames.count(fmt) > 0;
 }
 
@@ -68,10 +81,14 @@ std::string Escape(const std::string& v) {
 
 const char* TypeLabel(Kind k) {
   switch (k) {
-    case Kind::kSize: return "size";
-    case Kind::kBool: return "bool (on/off)";
-    case Kind::kNumber: return "num";
-    case Kind::kString: break;
+    case Kind::kSize:
+      return "size";
+    case Kind::kBool:
+      return "bool (on/off)";
+    case Kind::kNumber:
+      return "num";
+    case Kind::kString:
+      break;
   }
   return "str";
 }
@@ -99,7 +116,8 @@ size_t ReadOptValue(const std::string& text, size_t pos, std::string* value) {
 Status CheckValue(const Desc& d, const std::string& value, std::string* stored) {
   *stored = value;
   switch (d.type) {
-    case Kind::kString: return Status::Ok();
+    case Kind::kString:
+      return Status::Ok();
     case Kind::kBool:
       if (value == "on" || value == "yes" || value == "true" || value == "y" || value == "off" ||
           value == "no" || value == "false" || value == "n")
@@ -136,8 +154,10 @@ Status CheckValue(const Desc& d, const std::string& value, std::string* stored) 
 
 void Put(OptionList* opts, const std::string& name, const std::string& value) {
   auto it = std::find_if(opts->begin(), opts->end(), [&](const auto& p) { return p.first == name; });
-  if (it != opts->end()) it->second = value;
-  else opts->emplace_back(name, value);
+  if (it != opts->end())
+    it->second = value;
+  else
+    opts->emplace_back(name, value);
 }
 
 bool IsTrue(const std::string& v) { return v == "on" || v == "yes" || v == "true" || v == "y"; }
@@ -168,7 +188,8 @@ bool HasHelpOption(const std::string& options) {
 
 std::string CreateFormatError(const std::string& fmt) {
   if (FormatDescs(fmt)) return "";
-  if (IsQemuReadOnlyFormat(fmt)) return fmt::format("Format driver '{}' does not support image creation", fmt);
+  if (IsQemuReadOnlyFormat(fmt))
+    return fmt::format("Format driver '{}' does not support image creation", fmt);
   return fmt::format("Unknown file format '{}'", fmt);
 }
 
@@ -195,12 +216,15 @@ int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename) {
     lines.push_back(line + " - " + d.help);
   }
   std::sort(lines.begin(), lines.end());
-  if (filename) std::printf("Supported options:\n");
-  else std::printf("Supported %s options:\n", fmt.c_str());
+  if (filename)
+    std::printf("Supported options:\n");
+  else
+    std::printf("Supported %s options:\n", fmt.c_str());
   for (const std::string& l : lines) std::printf("%s\n", l.c_str());
   if (!filename)
-    std::printf("\nThe protocol level may support further options.\n"
-                "Specify the target filename to include those options.\n");
+    std::printf(
+        "\nThe protocol level may support further options.\n"
+        "Specify the target filename to include those options.\n");
   return 0;
 }
 
@@ -256,7 +280,8 @@ std::string FormattingLine(const std::string& fmt, const OptionList& opts) {
     std::optional<std::string> v = FindOption(opts, d.name);
     if (!v && !d.default_value) continue;
     if (!out.empty()) out += ' ';
-    out += std::string(d.name) + "=" + (v && d.type == Kind::kString ? Escape(*v) : v.value_or(d.default_value));
+    out +=
+        std::string(d.name) + "=" + (v && d.type == Kind::kString ? Escape(*v) : v.value_or(d.default_value));
   }
   return out;
 }

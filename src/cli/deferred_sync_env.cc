@@ -31,7 +31,8 @@ std::unique_ptr<File> DeferredSyncEnv::Defer(std::unique_ptr<File> f, OpenMode m
   if (mode == OpenMode::kReadOnly) return f;
   {
     std::lock_guard lk(mu_);
-    if (std::find(written_.begin(), written_.end(), f->path()) == written_.end()) written_.push_back(f->path());
+    if (std::find(written_.begin(), written_.end(), f->path()) == written_.end())
+      written_.push_back(f->path());
   }
   return std::unique_ptr<File>(new DeferredSyncFile(std::move(f)));
 }

@@ -20,8 +20,8 @@ class DeferredSyncEnv final : public Env {
   Result<std::unique_ptr<File>> Create(const std::string& path, bool exclusive) override;
   Status Remove(const std::string& path) override { return base_->Remove(path); }
   Result<FileStat> Stat(const std::string& path) override { return base_->Stat(path); }
-  Result<std::unique_ptr<File>> OpenReference(const std::string& dir, const std::string& name,
-                                              OpenMode mode, bool beneath) override;
+  Result<std::unique_ptr<File>> OpenReference(const std::string& dir, const std::string& name, OpenMode mode,
+                                              bool beneath) override;
   // Opens every file written through this Env again and syncs it (data and metadata).
   Status SyncAll();
 

@@ -68,16 +68,19 @@ nlohmann::ordered_json VmdkJson(const VmdkDetails& d) {
 
 nlohmann::ordered_json FormatSpecificJson(const std::string& format, const FormatDetails& details) {
   nlohmann::ordered_json data;
-  if (const auto* q = std::get_if<Qcow2Details>(&details)) data = Qcow2Json(*q);
-  else if (const auto* v = std::get_if<VmdkDetails>(&details)) data = VmdkJson(*v);
-  else return nullptr;
+  if (const auto* q = std::get_if<Qcow2Details>(&details))
+    data = Qcow2Json(*q);
+  else if (const auto* v = std::get_if<VmdkDetails>(&details))
+    data = VmdkJson(*v);
+  else
+    return nullptr;
   return {{"type", format}, {"data", std::move(data)}};
 }
 
 std::string SnapshotTableHeader() {
   char buf[128];
-  std::snprintf(buf, sizeof buf, "%-10s%-17s%8s%20s%13s%11s", "ID", "TAG", "VM SIZE", "DATE",
-                "VM CLOCK", "ICOUNT");
+  std::snprintf(buf, sizeof buf, "%-10s%-17s%8s%20s%13s%11s", "ID", "TAG", "VM SIZE", "DATE", "VM CLOCK",
+                "ICOUNT");
   return buf;
 }
 
@@ -92,19 +95,20 @@ std::string SnapshotTableRow(const SnapshotInfo& s) {
                 static_cast<int>((secs / 60) % 60), static_cast<int>(secs % 60),
                 static_cast<int>((s.vm_clock_nsec / 1000000) % 1000));
   char icount[32] = "";
-  if (s.icount != UINT64_MAX) std::snprintf(icount, sizeof icount, "%" PRId64, static_cast<int64_t>(s.icount));
+  if (s.icount != UINT64_MAX)
+    std::snprintf(icount, sizeof icount, "%" PRId64, static_cast<int64_t>(s.icount));
   std::string size = SizeToStr(s.vm_state_size);
   char buf[512];
-  std::snprintf(buf, sizeof buf, "%-9s %-16s %8s%20s%13s%11s", s.id.c_str(), s.name.c_str(),
-                size.c_str(), date, clock, icount);
+  std::snprintf(buf, sizeof buf, "%-9s %-16s %8s%20s%13s%11s", s.id.c_str(), s.name.c_str(), size.c_str(),
+                date, clock, icount);
   return buf;
 }
 
 std::string HumanImageInfo(const nlohmann::ordered_json& j) {
   std::string out;
   uint64_t vsize = j.value("virtual-size", uint64_t{0});
-  out += fmt::format("image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\n",
-                     j.value("filename", ""), j.value("format", ""), SizeToStr(vsize), vsize);
+  out += fmt::format("image: {}\nfile format: {}\nvirtual size: {} ({} bytes)\n", j.value("filename", ""),
+                     j.value("format", ""), SizeToStr(vsize), vsize);
   if (j.contains("actual-size")) {
     out += "disk size: " + SizeToStr(j["actual-size"].get<uint64_t>()) + "\n";
   } else {
@@ -134,7 +138,8 @@ std::string HumanImageInfo(const nlohmann::ordered_json& j) {
       si.vm_state_size = s.value("vm-state-size", uint64_t{0});
       si.date_sec = s.value("date-sec", uint64_t{0});
       si.date_nsec = s.value("date-nsec", uint32_t{0});
-      si.vm_clock_nsec = s.value("vm-clock-sec", uint64_t{0}) * 1000000000ull + s.value("vm-clock-nsec", uint64_t{0});
+      si.vm_clock_nsec =
+          s.value("vm-clock-sec", uint64_t{0}) * 1000000000ull + s.value("vm-clock-nsec", uint64_t{0});
       si.icount = s.contains("icount") ? s["icount"].get<uint64_t>() : UINT64_MAX;
       out += SnapshotTableRow(si) + "\n";
     }

@@ -37,7 +37,8 @@ OptionParser& OptionParser::Value(char short_name, const char* long_name, std::s
 }
 
 OptionParser& OptionParser::Accept(char short_name, const char* long_name, bool takes_arg) {
-  return Add(short_name, long_name, takes_arg, [](const char*) -> std::optional<int> { return std::nullopt; });
+  return Add(short_name, long_name, takes_arg,
+             [](const char*) -> std::optional<int> { return std::nullopt; });
 }
 
 OptionParser& OptionParser::Refuse(const char* long_name, bool takes_arg) {

@@ -80,10 +80,9 @@ Status InflateInto(std::span<const std::byte> in, std::span<std::byte> out, int 
   size_t produced = out.size() - zs.avail_out;
   inflateEnd(&zs);
   // Z_BUF_ERROR with a full buffer means the stream goes on past the unit: qemu accepts it.
-  if ((r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) && produced == out.size())
-    return Status::Ok();
-  return Status::Corrupt("compressed data is invalid (inflate returned {} after {} of {} bytes)", r,
-                         produced, out.size());
+  if ((r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) && produced == out.size()) return Status::Ok();
+  return Status::Corrupt("compressed data is invalid (inflate returned {} after {} of {} bytes)", r, produced,
+                         out.size());
 }
 
 // The common case first: one whole stream of exactly out.size() bytes (trailing input,
@@ -93,11 +92,10 @@ Status DeflateInto(std::span<const std::byte> in, std::span<std::byte> out, bool
   libdeflate_decompressor* d = Codecs().Inflater();
   if (d) {
     size_t in_used = 0, produced = 0;
-    libdeflate_result r =
-        zlib_wrapper ? libdeflate_zlib_decompress_ex(d, in.data(), in.size(), out.data(), out.size(),
-                                                     &in_used, &produced)
-                     : libdeflate_deflate_decompress_ex(d, in.data(), in.size(), out.data(),
-                                                        out.size(), &in_used, &produced);
+    libdeflate_result r = zlib_wrapper ? libdeflate_zlib_decompress_ex(d, in.data(), in.size(), out.data(),
+                                                                       out.size(), &in_used, &produced)
+                                       : libdeflate_deflate_decompress_ex(d, in.data(), in.size(), out.data(),
+                                                                          out.size(), &in_used, &produced);
     if (r == LIBDEFLATE_SUCCESS && produced == out.size()) return Status::Ok();
   }
   return InflateInto(in, out, zlib_wrapper ? 15 : -15);
@@ -149,9 +147,8 @@ Result<std::vector<std::byte>> Compress(Codec codec, std::span<const std::byte> 
     if (!c) return Status::Io("cannot allocate a deflate compressor");
     const size_t room = max_out - 1;  // a stream of max_out bytes or more is of no use
     std::byte* out = codecs.Scratch(room);
-    size_t n = codec == Codec::kDeflateRaw
-                   ? libdeflate_deflate_compress(c, in.data(), in.size(), out, room)
-                   : libdeflate_zlib_compress(c, in.data(), in.size(), out, room);
+    size_t n = codec == Codec::kDeflateRaw ? libdeflate_deflate_compress(c, in.data(), in.size(), out, room)
+                                           : libdeflate_zlib_compress(c, in.data(), in.size(), out, room);
     return std::vector<std::byte>(out, out + n);  // n == 0: did not fit
   }
   if (codec == Codec::kZstd) {
@@ -159,8 +156,7 @@ Result<std::vector<std::byte>> Compress(Codec codec, std::span<const std::byte> 
     if (!c) return Status::Io("cannot allocate a zstd compressor");
     const size_t room = ZSTD_compressBound(in.size());
     std::byte* out = codecs.Scratch(room);
-    size_t n = ZSTD_compressCCtx(c, out, room, in.data(), in.size(),
-                                 level < 0 ? ZSTD_CLEVEL_DEFAULT : level);
+    size_t n = ZSTD_compressCCtx(c, out, room, in.data(), in.size(), level < 0 ? ZSTD_CLEVEL_DEFAULT : level);
     if (ZSTD_isError(n) || n >= max_out) return std::vector<std::byte>{};
     return std::vector<std::byte>(out, out + n);
   }

@@ -17,7 +17,7 @@ Status Decompress(Codec codec, std::span<const std::byte> in, std::span<std::byt
 
 // Compresses `in`; returns the stream, or an empty vector when it would not be smaller
 // than max_out bytes (the caller then stores the data uncompressed). level < 0: default.
-Result<std::vector<std::byte>> Compress(Codec codec, std::span<const std::byte> in,
-                                        size_t max_out, int level = -1);
+Result<std::vector<std::byte>> Compress(Codec codec, std::span<const std::byte> in, size_t max_out,
+                                        int level = -1);
 
 }  // namespace vimgfs

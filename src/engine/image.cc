@@ -137,8 +137,8 @@ bool IsBackingLoop(const Status& s) { return s.kind() == ErrorKind::kInvalidForm
 struct ImageOpener {
   // `opened`: the file at `path` when the caller opened it already (a backing file, opened
   // race-free by OpenReference, read-only); null to open `path` here.
-  static Result<std::unique_ptr<Image>> Open(const std::string& path, const OpenOptions& options,
-                                             int depth, std::set<std::string>* seen,
+  static Result<std::unique_ptr<Image>> Open(const std::string& path, const OpenOptions& options, int depth,
+                                             std::set<std::string>* seen,
                                              std::unique_ptr<File> opened = nullptr) {
     Env* env = options.env ? options.env : Env::Default();
     if (!opened) {
@@ -150,8 +150,7 @@ struct ImageOpener {
 
     char real[PATH_MAX];
     std::string key = realpath(path.c_str(), real) ? std::string(real) : path;
-    if (!seen->insert(key).second)
-      return LoopError(path);
+    if (!seen->insert(key).second) return LoopError(path);
     if (depth > std::min(options.max_chain_depth, limits::kMaxChainDepth))
       return Status::InvalidFormat("Could not open '{}': backing chain deeper than {} images", path,
                                    limits::kMaxChainDepth);
@@ -196,7 +195,8 @@ struct ImageOpener {
     img->backing_ref_ = img->map_->backing();
 
     if (img->backing_ref_ && options.open_backing) {
-      auto opened = OpenReference(*env, path, img->backing_ref_->name, OpenMode::kReadOnly, options.untrusted);
+      auto opened =
+          OpenReference(*env, path, img->backing_ref_->name, OpenMode::kReadOnly, options.untrusted);
       if (!opened.ok() && opened.error().kind() == ErrorKind::kNotFound)  // in qemu's words
         return Status::NotFound("Could not open backing file: Could not open '{}': No such file or directory",
                                 JoinPath(DirOf(path), img->backing_ref_->name));
@@ -232,8 +232,8 @@ Result<std::unique_ptr<Image>> Image::OpenReferenced(const std::string& referrer
   OpenOptions o = options;
   o.read_only = true;
   if (!o.env) o.env = Env::Default();
-  ASSIGN_OR_RETURN(OpenedReference ref, OpenReference(*o.env, referrer_path, name, OpenMode::kReadOnly,
-                                                      o.untrusted));
+  ASSIGN_OR_RETURN(OpenedReference ref,
+                   OpenReference(*o.env, referrer_path, name, OpenMode::kReadOnly, o.untrusted));
   std::set<std::string> seen;
   return ImageOpener::Open(ref.path, o, 0, &seen, std::move(ref.file));
 }
@@ -283,8 +283,8 @@ Status Image::Close() {
 Status Image::CheckRange(const char* what, uint64_t off, uint64_t len, bool writes) const {
   if (writes && read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
   if (off > size_ || len > size_ - off)
-    return Status::OutOfRange("'{}': {} {:#x}+{:#x} is past the end of the disk ({} bytes)", path_, what,
-                              off, len, size_);
+    return Status::OutOfRange("'{}': {} {:#x}+{:#x} is past the end of the disk ({} bytes)", path_, what, off,
+                              len, size_);
   return Status::Ok();
 }
 
@@ -372,7 +372,8 @@ Status Image::CheckProbedRawHead(uint64_t off, std::span<const std::byte> buf) {
     if (std::string_view(d->name()) != "raw" && d->Probe(head, path_) > 0)
       return Status::Error(ErrorKind::kReadOnly, EPERM,
                            fmt::format("'{}': refusing to write a {} header into an image probed as "
-                                       "raw (open it with -f raw)", path_, d->name()));
+                                       "raw (open it with -f raw)",
+                                       path_, d->name()));
   }
   return Status::Ok();
 }
@@ -462,7 +463,9 @@ Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
         s = ReadUnlocked(data_end, st.subspan(data_end - plan.guest_offset, readable_end - data_end));
       if (readable_end < plan_end)  // past the disk end inside the last cluster
         std::memset(staging.data() + (readable_end - plan.guest_offset), 0, plan_end - readable_end);
-      if (s.ok()) s = plan.fresh ? WriteSkippingZeros(plan, st) : plan.file->PWrite(plan.host_offset, st, IoTag::kCowData);
+      if (s.ok())
+        s = plan.fresh ? WriteSkippingZeros(plan, st)
+                       : plan.file->PWrite(plan.host_offset, st, IoTag::kCowData);
     }
     RETURN_IF_ERROR(FinishPlan(plan, s));
     pos = data_end;
@@ -483,7 +486,8 @@ Status Image::WriteSkippingZeros(const WritePlan& plan, std::span<const std::byt
     uint64_t run_end = at + n;
     while (run_end < data.size() && !is_zero(run_end, std::min(kPiece, data.size() - run_end)))
       run_end += std::min(kPiece, data.size() - run_end);
-    RETURN_IF_ERROR(plan.file->PWrite(plan.host_offset + at, data.subspan(at, run_end - at), IoTag::kCowData));
+    RETURN_IF_ERROR(
+        plan.file->PWrite(plan.host_offset + at, data.subspan(at, run_end - at), IoTag::kCowData));
     at = run_end;
   }
   // The whole range inside the file, as a written one would be.
@@ -540,8 +544,8 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
     // Whole clusters from pos: the plan starts there (no copy-on-write head).
     ASSIGN_OR_RETURN(const WritePlan plan, PlanWrite(pos, run, pos + run));
     if (plan.guest_offset != pos) {
-      RETURN_IF_ERROR(FinishPlan(plan, Status::Corrupt("'{}': format planned {:#x} for {:#x}", path_,
-                                                       plan.guest_offset, pos)));
+      RETURN_IF_ERROR(FinishPlan(
+          plan, Status::Corrupt("'{}': format planned {:#x} for {:#x}", path_, plan.guest_offset, pos)));
     }
     RETURN_IF_ERROR(FinishPlan(plan, FillHost(plan, fill)));
     pos += plan.length;
@@ -864,14 +868,29 @@ namespace {
 // The multiplier of a size suffix (binary units), 0 for none.
 uint64_t SuffixMultiplier(char c) {
   switch (c) {
-    case 'b': case 'B': return 1;
-    case 'k': case 'K': return 1ull << 10;
-    case 'm': case 'M': return 1ull << 20;
-    case 'g': case 'G': return 1ull << 30;
-    case 't': case 'T': return 1ull << 40;
-    case 'p': case 'P': return 1ull << 50;
-    case 'e': case 'E': return 1ull << 60;
-    default: return 0;
+    case 'b':
+    case 'B':
+      return 1;
+    case 'k':
+    case 'K':
+      return 1ull << 10;
+    case 'm':
+    case 'M':
+      return 1ull << 20;
+    case 'g':
+    case 'G':
+      return 1ull << 30;
+    case 't':
+    case 'T':
+      return 1ull << 40;
+    case 'p':
+    case 'P':
+      return 1ull << 50;
+    case 'e':
+    case 'E':
+      return 1ull << 60;
+    default:
+      return 0;
   }
 }
 
@@ -891,7 +910,7 @@ Result<uint64_t> ParseSize(std::string_view text) {
   if (end == p) return invalid();
   if (std::memchr(p, '-', static_cast<size_t>(end - p))) return invalid();
   bool overflow = errno == ERANGE;
-  unsigned __int128 fraction = 0;  // of 2^64
+  unsigned __int128 fraction = 0;                                 // of 2^64
   if (!overflow && whole == 0 && (*end == 'x' || *end == 'X')) {  // hex, no fraction
     errno = 0;
     whole = std::strtoull(p, &end, 16);

@@ -13,8 +13,7 @@ Status LockImageFiles(Image& img, bool write) {
 
 Status LockImageChain(Image& top) {
   RETURN_IF_ERROR(LockImageFiles(top, !top.read_only()));
-  for (Image* b = top.backing(); b != nullptr; b = b->backing())
-    RETURN_IF_ERROR(LockImageFiles(*b, false));
+  for (Image* b = top.backing(); b != nullptr; b = b->backing()) RETURN_IF_ERROR(LockImageFiles(*b, false));
   return Status::Ok();
 }
 

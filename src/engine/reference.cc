@@ -44,11 +44,12 @@ Result<OpenedReference> OpenReference(Env& env, const std::string& referrer_path
   if (s.kind() == ErrorKind::kUnsupported && s.err() == EXDEV)
     return Status::Error(ErrorKind::kUnsupported, EXDEV,
                          fmt::format("'{}' refers to '{}', outside its folder or through a symlink: "
-                                     "refused with --untrusted", referrer_path, name));
-  if (s.kind() == ErrorKind::kUnsupported && s.err() == EPERM)
-    return Status::Error(ErrorKind::kUnsupported, EPERM,
-                         fmt::format("'{}' refers to '{}', which is not a regular file: refused",
+                                     "refused with --untrusted",
                                      referrer_path, name));
+  if (s.kind() == ErrorKind::kUnsupported && s.err() == EPERM)
+    return Status::Error(
+        ErrorKind::kUnsupported, EPERM,
+        fmt::format("'{}' refers to '{}', which is not a regular file: refused", referrer_path, name));
   return s.WithContext("'{}' refers to '{}'", referrer_path, name);
 }
 

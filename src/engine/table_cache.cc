@@ -20,9 +20,7 @@ TableRef& TableRef::operator=(TableRef&& o) noexcept {
 static TableCache::Entry* AsEntry(void* p) { return static_cast<TableCache::Entry*>(p); }
 
 std::byte* TableRef::data() const { return AsEntry(entry_)->data.get(); }
-std::span<std::byte> TableRef::bytes() const {
-  return {AsEntry(entry_)->data.get(), cache_->table_size()};
-}
+std::span<std::byte> TableRef::bytes() const { return {AsEntry(entry_)->data.get(), cache_->table_size()}; }
 uint64_t TableRef::offset() const { return AsEntry(entry_)->offset; }
 void TableRef::MarkDirty() const { AsEntry(entry_)->dirty = true; }
 void TableRef::Release() {

@@ -43,8 +43,8 @@ Status LookupPlainExtents(File& file, uint64_t host_base, uint64_t off, uint64_t
   return Status::Ok();
 }
 
-Status WriteDirtySectors(File& file, uint64_t base, std::span<const std::byte> table, std::set<uint64_t>* dirty,
-                         IoTag tag) {
+Status WriteDirtySectors(File& file, uint64_t base, std::span<const std::byte> table,
+                         std::set<uint64_t>* dirty, IoTag tag) {
   constexpr uint64_t kSector = 512;
   auto it = dirty->begin();
   while (it != dirty->end()) {

@@ -28,7 +28,7 @@ Status LookupPlainExtents(File& file, uint64_t host_base, uint64_t off, uint64_t
 
 // Writes the 512-byte sectors of `table` named in `dirty` to `file` at base + their offset,
 // one write per run of consecutive sectors, removing each run from `dirty` once written.
-Status WriteDirtySectors(File& file, uint64_t base, std::span<const std::byte> table, std::set<uint64_t>* dirty,
-                         IoTag tag);
+Status WriteDirtySectors(File& file, uint64_t base, std::span<const std::byte> table,
+                         std::set<uint64_t>* dirty, IoTag tag);
 
 }  // namespace vimgfs

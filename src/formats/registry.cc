@@ -9,12 +9,7 @@ namespace vimgfs {
 
 const std::vector<const FormatDriver*>& AllFormats() {
   static const std::vector<const FormatDriver*> formats = {
-      Qcow2Driver(),
-      VmdkDriver(),
-      VdiDriver(),
-      VpcDriver(),
-      VhdxDriver(),
-      RawDriver(),
+      Qcow2Driver(), VmdkDriver(), VdiDriver(), VpcDriver(), VhdxDriver(), RawDriver(),
   };
   return formats;
 }
@@ -49,12 +44,14 @@ const Container kQemuContainers[] = {
      }},
     {"bochs",
      [](auto h, auto&) {
-       return StartsWith(h, "Bochs Virtual HD Image") && StartsWith(h, "Redolog", 32) && StartsWith(h, "Growing", 48) &&
-              h.size() >= 68 && (LoadLE32(&h[64]) == 0x00020000 || LoadLE32(&h[64]) == 0x00010000);
+       return StartsWith(h, "Bochs Virtual HD Image") && StartsWith(h, "Redolog", 32) &&
+              StartsWith(h, "Growing", 48) && h.size() >= 68 &&
+              (LoadLE32(&h[64]) == 0x00020000 || LoadLE32(&h[64]) == 0x00010000);
      }},
     {"cloop",
      [](auto h, auto&) {
-       return StartsWith(h, "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n");
+       return StartsWith(
+           h, "#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n");
      }},
     {"luks",
      [](auto h, auto&) {

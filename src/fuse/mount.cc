@@ -28,7 +28,8 @@ namespace {
 namespace fs = std::filesystem;
 
 bool SameFile(const std::string& a, const std::string& b) {
-  struct stat sa {}, sb {};
+  struct stat sa {
+  }, sb{};
   if (::stat(a.c_str(), &sa) != 0 || ::stat(b.c_str(), &sb) != 0) return false;
   return sa.st_dev == sb.st_dev && sa.st_ino == sb.st_ino;
 }
@@ -78,14 +79,18 @@ Result<std::unique_ptr<Image>> OpenOverlay(const MountConfig& c) {
   auto overlay = Image::Open(c.overlay, oo);
   if (!overlay.ok()) {
     if (overlay.error().kind() == ErrorKind::kInvalidFormat)
-      return Status::InvalidArgument("'{}' exists and is not a qcow2 image backed by '{}'; "
-                                     "refusing to use it as the overlay", c.overlay, c.image);
+      return Status::InvalidArgument(
+          "'{}' exists and is not a qcow2 image backed by '{}'; "
+          "refusing to use it as the overlay",
+          c.overlay, c.image);
     return overlay.error();
   }
   Image* backing = (*overlay)->backing();
   if (backing == nullptr || !SameFile(backing->path(), c.image)) {
-    return Status::InvalidArgument("'{}' exists but its backing file is not '{}'; refusing "
-                                   "to use it as the overlay", c.overlay, c.image);
+    return Status::InvalidArgument(
+        "'{}' exists but its backing file is not '{}'; refusing "
+        "to use it as the overlay",
+        c.overlay, c.image);
   }
   return std::move(*overlay);
 }
@@ -105,7 +110,8 @@ Result<std::unique_ptr<Image>> OpenImage(const MountConfig& c) {
     // now rather than fail every write with EROFS after the mount.
     return Status::ReadOnly(
         "'{}' ({}) cannot be written in place: mount it with -r, write to an overlay with "
-        "--overlay FILE, or convert it (vimgfs convert -O qcow2)", c.image, img->format());
+        "--overlay FILE, or convert it (vimgfs convert -O qcow2)",
+        c.image, img->format());
   }
   return img;
 }

@@ -13,8 +13,8 @@ namespace {
 // still carry them.
 bool IsIgnoredMountOption(std::string_view o) {
   static constexpr std::string_view kIgnored[] = {
-      "defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group",
-      "nofail", "_netdev", "loop", "nonempty",
+      "defaults", "auto",  "noauto", "user",    "nouser", "users",
+      "owner",    "group", "nofail", "_netdev", "loop",   "nonempty",
   };
   for (auto i : kIgnored)
     if (o == i) return true;
@@ -28,17 +28,41 @@ Status ApplyOption(MountConfig& c, std::string_view o) {
     return std::nullopt;
   };
   if (o.empty() || IsIgnoredMountOption(o)) return Status::Ok();
-  if (o == "ro") { c.read_only = true; return Status::Ok(); }
-  if (o == "rw") { c.read_only = false; return Status::Ok(); }
-  if (o == "untrusted") { c.untrusted = true; return Status::Ok(); }
-  if (o == "debug") { c.debug = true; return Status::Ok(); }
-  if (auto v = value_of("format")) { c.format = *v; return Status::Ok(); }
-  if (auto v = value_of("overlay")) { c.overlay = *v; return Status::Ok(); }
-  if (auto v = value_of("snapshot")) { c.snapshot = *v; return Status::Ok(); }
+  if (o == "ro") {
+    c.read_only = true;
+    return Status::Ok();
+  }
+  if (o == "rw") {
+    c.read_only = false;
+    return Status::Ok();
+  }
+  if (o == "untrusted") {
+    c.untrusted = true;
+    return Status::Ok();
+  }
+  if (o == "debug") {
+    c.debug = true;
+    return Status::Ok();
+  }
+  if (auto v = value_of("format")) {
+    c.format = *v;
+    return Status::Ok();
+  }
+  if (auto v = value_of("overlay")) {
+    c.overlay = *v;
+    return Status::Ok();
+  }
+  if (auto v = value_of("snapshot")) {
+    c.snapshot = *v;
+    return Status::Ok();
+  }
   if (auto v = value_of("detect_zeroes")) {
-    if (*v == "on" || *v == "unmap") c.detect_zeroes = true;
-    else if (*v == "off") c.detect_zeroes = false;
-    else return Status::InvalidArgument("invalid detect_zeroes value '{}' (on or off)", *v);
+    if (*v == "on" || *v == "unmap")
+      c.detect_zeroes = true;
+    else if (*v == "off")
+      c.detect_zeroes = false;
+    else
+      return Status::InvalidArgument("invalid detect_zeroes value '{}' (on or off)", *v);
     return Status::Ok();
   }
   if (auto v = value_of("cache_size")) {
@@ -90,14 +114,38 @@ Result<MountConfig> ParseMountArgs(int argc, char** argv) {
       positional.emplace_back(a);
       continue;
     }
-    if (a == "--") { only_positional = true; continue; }
-    if (a == "-h" || a == "--help") { c.help = true; continue; }
-    if (a == "-V" || a == "--version") { c.version = true; continue; }
-    if (a == "--read-only") { c.read_only = true; continue; }
-    if (a == "--untrusted") { c.untrusted = true; continue; }
-    if (a == "--foreground") { c.foreground = true; continue; }
-    if (a == "--debug") { c.debug = true; continue; }
-    if (a == "--single-threaded") { c.single_threaded = true; continue; }
+    if (a == "--") {
+      only_positional = true;
+      continue;
+    }
+    if (a == "-h" || a == "--help") {
+      c.help = true;
+      continue;
+    }
+    if (a == "-V" || a == "--version") {
+      c.version = true;
+      continue;
+    }
+    if (a == "--read-only") {
+      c.read_only = true;
+      continue;
+    }
+    if (a == "--untrusted") {
+      c.untrusted = true;
+      continue;
+    }
+    if (a == "--foreground") {
+      c.foreground = true;
+      continue;
+    }
+    if (a == "--debug") {
+      c.debug = true;
+      continue;
+    }
+    if (a == "--single-threaded") {
+      c.single_threaded = true;
+      continue;
+    }
     std::string v;
     ASSIGN_OR_RETURN(bool hit, long_value("--overlay", &c.overlay));
     if (hit) continue;
@@ -106,7 +154,10 @@ Result<MountConfig> ParseMountArgs(int argc, char** argv) {
     ASSIGN_OR_RETURN(hit, long_value("--format", &c.format));
     if (hit) continue;
     ASSIGN_OR_RETURN(hit, long_value("--options", &v));
-    if (hit) { RETURN_IF_ERROR(ApplyOptionList(c, v)); continue; }
+    if (hit) {
+      RETURN_IF_ERROR(ApplyOptionList(c, v));
+      continue;
+    }
     if (a.starts_with("--")) return Status::InvalidArgument("unknown option '{}'", a);
     // Short options; flags may be bundled (-fd), -o/-F take the rest or the next arg.
     for (size_t k = 1; k < a.size(); ++k) {
@@ -118,18 +169,32 @@ Result<MountConfig> ParseMountArgs(int argc, char** argv) {
         } else {
           ASSIGN_OR_RETURN(arg, next(std::string("-") + ch));
         }
-        if (ch == 'o') RETURN_IF_ERROR(ApplyOptionList(c, arg));
-        else c.format = arg;
+        if (ch == 'o')
+          RETURN_IF_ERROR(ApplyOptionList(c, arg));
+        else
+          c.format = arg;
         break;
       }
       switch (ch) {
-        case 'r': c.read_only = true; break;
-        case 'f': c.foreground = true; break;
-        case 'd': c.debug = true; break;
-        case 's': c.single_threaded = true; break;
-        case 'h': c.help = true; break;
-        case 'n': break;  // mount(8) "no mtab" passed by some helpers
-        default: return Status::InvalidArgument("unknown option '-{}'", ch);
+        case 'r':
+          c.read_only = true;
+          break;
+        case 'f':
+          c.foreground = true;
+          break;
+        case 'd':
+          c.debug = true;
+          break;
+        case 's':
+          c.single_threaded = true;
+          break;
+        case 'h':
+          c.help = true;
+          break;
+        case 'n':
+          break;  // mount(8) "no mtab" passed by some helpers
+        default:
+          return Status::InvalidArgument("unknown option '-{}'", ch);
       }
     }
   }

@@ -18,14 +18,14 @@ struct MountConfig {
   std::string image;
   std::string mountpoint;
   bool read_only = false;
-  std::string format;          // empty: probe
-  std::string overlay;         // qcow2 file receiving the writes; IMAGE stays untouched
-  std::string snapshot;        // qcow2 internal snapshot, read-only view
+  std::string format;    // empty: probe
+  std::string overlay;   // qcow2 file receiving the writes; IMAGE stays untouched
+  std::string snapshot;  // qcow2 internal snapshot, read-only view
   bool untrusted = false;
   bool foreground = false;
   bool debug = false;
   bool single_threaded = false;
-  bool detect_zeroes = true;   // whole zero clusters written become WriteZeroes
+  bool detect_zeroes = true;  // whole zero clusters written become WriteZeroes
   std::optional<uint64_t> cache_bytes;
   // Options handed to libfuse's -o (allow_other, fsname=, dev, suid, ...), one per entry.
   std::vector<std::string> fuse_options;

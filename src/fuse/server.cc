@@ -33,11 +33,19 @@ class Reply {
   explicit Reply(fuse_req_t req) : req_(req) {}
   bool done() const { return done_; }
 
-  void Err(int err) { if (Take()) fuse_reply_err(req_, err); }
+  void Err(int err) {
+    if (Take()) fuse_reply_err(req_, err);
+  }
   void Ok() { Err(0); }
-  void Entry(const fuse_entry_param& e) { if (Take()) fuse_reply_entry(req_, &e); }
-  void Attr(const struct stat& st) { if (Take()) fuse_reply_attr(req_, &st, kAttrTimeout); }
-  void Open(const fuse_file_info* fi) { if (Take()) fuse_reply_open(req_, fi); }
+  void Entry(const fuse_entry_param& e) {
+    if (Take()) fuse_reply_entry(req_, &e);
+  }
+  void Attr(const struct stat& st) {
+    if (Take()) fuse_reply_attr(req_, &st, kAttrTimeout);
+  }
+  void Open(const fuse_file_info* fi) {
+    if (Take()) fuse_reply_open(req_, fi);
+  }
   // An open reply carrying kernel FOPEN_* flags that libfuse 3.14's fuse_file_info
   // cannot express (FOPEN_PARALLEL_DIRECT_WRITES arrived in libfuse 3.15).
   void OpenWithFlags(const fuse_file_info* fi, uint32_t open_flags) {
@@ -53,10 +61,18 @@ class Reply {
   void Buf(const void* data, size_t n) {
     if (Take()) fuse_reply_buf(req_, static_cast<const char*>(data), n);
   }
-  void Write(size_t n) { if (Take()) fuse_reply_write(req_, n); }
-  void Statfs(const struct statvfs& s) { if (Take()) fuse_reply_statfs(req_, &s); }
-  void Lseek(off_t off) { if (Take()) fuse_reply_lseek(req_, off); }
-  void None() { if (Take()) fuse_reply_none(req_); }
+  void Write(size_t n) {
+    if (Take()) fuse_reply_write(req_, n);
+  }
+  void Statfs(const struct statvfs& s) {
+    if (Take()) fuse_reply_statfs(req_, &s);
+  }
+  void Lseek(off_t off) {
+    if (Take()) fuse_reply_lseek(req_, off);
+  }
+  void None() {
+    if (Take()) fuse_reply_none(req_);
+  }
 
  private:
   bool Take() {
@@ -120,8 +136,10 @@ void Dispatch(fuse_req_t req, const char* op, Fn&& fn) noexcept {
   // Expected answers (ENOENT, ENXIO from SEEK_DATA, EOPNOTSUPP, ...) carry no message or
   // a harmless kind and are not logged; failures of the host or the image are.
   try {
-    if (st.ok()) Srv(req)->Log(fmt::format("{}: internal error: no reply", op));
-    else if (Loggable(st) && !st.message().empty()) Srv(req)->Log(fmt::format("{}: {}", op, st.message()));
+    if (st.ok())
+      Srv(req)->Log(fmt::format("{}: internal error: no reply", op));
+    else if (Loggable(st) && !st.message().empty())
+      Srv(req)->Log(fmt::format("{}: {}", op, st.message()));
   } catch (...) {
   }
   reply.Err(err);
@@ -144,9 +162,7 @@ bool AllZero(const std::byte* p, size_t n) {
   return n <= 16 || std::memcmp(p, p + 16, n - 16) == 0;
 }
 
-int64_t ToNs(const struct timespec& ts) {
-  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
+int64_t ToNs(const struct timespec& ts) { return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec; }
 struct timespec FromNs(int64_t ns) {
   struct timespec ts {};
   ts.tv_sec = ns / 1000000000;
@@ -216,9 +232,10 @@ void OpSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fu
       if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
       if (s->options().read_only) return Status::ReadOnly("read-only mount");
       if (static_cast<uint64_t>(attr->st_size) != s->image().size()) {
-        s->Log(fmt::format("refusing to change the size of the raw view to {} (it is {}): "
-                           "use 'vimgfs resize' on the unmounted image",
-                           attr->st_size, s->image().size()));
+        s->Log(
+            fmt::format("refusing to change the size of the raw view to {} (it is {}): "
+                        "use 'vimgfs resize' on the unmounted image",
+                        attr->st_size, s->image().size()));
         return Status::Error(ErrorKind::kInvalidArgument, EPERM, "size is fixed");
       }
     }
@@ -271,7 +288,10 @@ void OpReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file
   Dispatch(req, "readdir", [&](Reply& r) -> Status {
     Server* s = Srv(req);
     if (!IsDir(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, ENOTDIR, "not a directory");
-    struct Ent { const char* name; struct stat st; };
+    struct Ent {
+      const char* name;
+      struct stat st;
+    };
     Ent ents[3] = {{".", s->DirAttr()}, {"..", s->DirAttr()}, {Server::kDiskName, s->FileAttr()}};
     std::vector<char> buf(size);
     size_t used = 0;
@@ -321,8 +341,7 @@ void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse
     size_t n = static_cast<size_t>(std::min<uint64_t>(total, end - static_cast<uint64_t>(off)));
     const fuse_buf& first = in->buf[in->idx];
     std::span<const std::byte> data;
-    if (in->count - in->idx == 1 && !(first.flags & FUSE_BUF_IS_FD) &&
-        first.size - in->off >= n) {
+    if (in->count - in->idx == 1 && !(first.flags & FUSE_BUF_IS_FD) && first.size - in->off >= n) {
       data = {static_cast<const std::byte*>(first.mem) + in->off, n};  // no copy
     } else {
       std::span<std::byte> tmp = ThreadBuffer(n);
@@ -435,8 +454,7 @@ void OpStatfs(fuse_req_t req, fuse_ino_t) {
 
 }  // namespace
 
-Server::Server(Image* image, ServerOptions options)
-    : image_(image), opt_(options), size_(image->size()) {
+Server::Server(Image* image, ServerOptions options) : image_(image), opt_(options), size_(image->size()) {
   // Whole clusters, but never below a page: raw reports 512-byte "clusters", and a write
   // alternating zero and data sectors is not worth splitting into many engine calls.
   uint64_t cs = image->cluster_size();
@@ -515,8 +533,10 @@ Result<uint64_t> Server::Seek(uint64_t off, int whence) {
 }
 
 void Server::Log(const std::string& line) const {
-  if (opt_.foreground) std::fprintf(stderr, "vimgfs: %s\n", line.c_str());
-  else syslog(LOG_ERR, "%s", line.c_str());
+  if (opt_.foreground)
+    std::fprintf(stderr, "vimgfs: %s\n", line.c_str());
+  else
+    syslog(LOG_ERR, "%s", line.c_str());
 }
 
 struct stat Server::FileAttr() const {
@@ -558,10 +578,14 @@ void Server::Touch() {
 
 void Server::SetTimes(const struct stat& attr, int to_set) {
   int64_t now = NowNs();
-  if (to_set & FUSE_SET_ATTR_ATIME_NOW) atime_ns_ = now;
-  else if (to_set & FUSE_SET_ATTR_ATIME) atime_ns_ = ToNs(attr.st_atim);
-  if (to_set & FUSE_SET_ATTR_MTIME_NOW) mtime_ns_ = now;
-  else if (to_set & FUSE_SET_ATTR_MTIME) mtime_ns_ = ToNs(attr.st_mtim);
+  if (to_set & FUSE_SET_ATTR_ATIME_NOW)
+    atime_ns_ = now;
+  else if (to_set & FUSE_SET_ATTR_ATIME)
+    atime_ns_ = ToNs(attr.st_atim);
+  if (to_set & FUSE_SET_ATTR_MTIME_NOW)
+    mtime_ns_ = now;
+  else if (to_set & FUSE_SET_ATTR_MTIME)
+    mtime_ns_ = ToNs(attr.st_mtim);
   if (to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME | FUSE_SET_ATTR_ATIME_NOW |
                 FUSE_SET_ATTR_MTIME_NOW | FUSE_SET_ATTR_CTIME))
     ctime_ns_ = now;

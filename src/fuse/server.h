@@ -32,7 +32,7 @@ struct ServerOptions {
   unsigned file_mode = 0644;  // permission bits of the raw view
   uid_t uid = 0;
   gid_t gid = 0;
-  struct timespec time {};    // initial atime/mtime/ctime (the image file's mtime)
+  struct timespec time {};  // initial atime/mtime/ctime (the image file's mtime)
 };
 
 class Server {

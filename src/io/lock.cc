@@ -19,10 +19,14 @@ constexpr unsigned Bit(LockPerm p) { return 1u << static_cast<int>(p); }
 // qemu's names for the permissions, as its messages use them (bdrv_perm_names).
 const char* PermName(int bit) {
   switch (bit) {
-    case 0: return "consistent read";
-    case 1: return "write";
-    case 2: return "write unchanged";
-    case 3: return "resize";
+    case 0:
+      return "consistent read";
+    case 1:
+      return "write";
+    case 2:
+      return "write unchanged";
+    case 3:
+      return "resize";
   }
   return "?";
 }
@@ -72,8 +76,8 @@ int TestByte(int fd, int byte) {
 bool LocksUnsupported(int err) { return err == ENOTSUP || err == EINVAL || err == ENOLCK; }
 
 Status BusyError(const std::string& path, bool shared, int bit) {
-  return Status::Busy("'{}': Failed to get {}\"{}\" lock: is another process using the image?",
-                      path, shared ? "shared " : "", PermName(bit));
+  return Status::Busy("'{}': Failed to get {}\"{}\" lock: is another process using the image?", path,
+                      shared ? "shared " : "", PermName(bit));
 }
 
 }  // namespace

@@ -20,8 +20,7 @@ namespace {
 
 class PosixFile final : public File {
  public:
-  PosixFile(int fd, std::string path, bool writable)
-      : fd_(fd), path_(std::move(path)), writable_(writable) {}
+  PosixFile(int fd, std::string path, bool writable) : fd_(fd), path_(std::move(path)), writable_(writable) {}
   ~PosixFile() override { ::close(fd_); }
 
   Status PRead(uint64_t off, std::span<std::byte> buf) override {
@@ -30,8 +29,8 @@ class PosixFile final : public File {
       ssize_t n = ::pread(fd_, buf.data() + done, buf.size() - done, static_cast<off_t>(off + done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        return Status::FromErrno(errno, "'{}': read of {} bytes at {:#x} failed: {}", path_,
-                                 buf.size(), off, std::strerror(errno));
+        return Status::FromErrno(errno, "'{}': read of {} bytes at {:#x} failed: {}", path_, buf.size(), off,
+                                 std::strerror(errno));
       }
       if (n == 0) {  // past EOF: zeros
         std::memset(buf.data() + done, 0, buf.size() - done);
@@ -48,8 +47,8 @@ class PosixFile final : public File {
       ssize_t n = ::pwrite(fd_, buf.data() + done, buf.size() - done, static_cast<off_t>(off + done));
       if (n < 0) {
         if (errno == EINTR) continue;
-        return Status::FromErrno(errno, "'{}': write of {} bytes at {:#x} failed: {}", path_,
-                                 buf.size(), off, std::strerror(errno));
+        return Status::FromErrno(errno, "'{}': write of {} bytes at {:#x} failed: {}", path_, buf.size(), off,
+                                 std::strerror(errno));
       }
       done += static_cast<size_t>(n);
     }
@@ -112,7 +111,7 @@ class PosixFile final : public File {
     off_t data = ::lseek(fd_, static_cast<off_t>(off), SEEK_DATA);
     if (data < 0) {
       if (errno == ENXIO) return HostExtent{false, size - off};  // a hole to EOF
-      return HostExtent{true, size - off};                        // no sparse support: all data
+      return HostExtent{true, size - off};                       // no sparse support: all data
     }
     if (static_cast<uint64_t>(data) > off) return HostExtent{false, static_cast<uint64_t>(data) - off};
     off_t hole = ::lseek(fd_, static_cast<off_t>(off), SEEK_HOLE);
@@ -173,8 +172,8 @@ Status ReferenceError(int err, const std::string& path) {
 
 class PosixEnv final : public Env {
  public:
-  Result<std::unique_ptr<File>> OpenReference(const std::string& dir, const std::string& name,
-                                              OpenMode mode, bool beneath) override {
+  Result<std::unique_ptr<File>> OpenReference(const std::string& dir, const std::string& name, OpenMode mode,
+                                              bool beneath) override {
     std::string path = JoinPath(dir, name);
     std::vector<std::string> parts;
     Fd dirfd(-1);
@@ -221,16 +220,14 @@ class PosixEnv final : public Env {
   Result<std::unique_ptr<File>> Open(const std::string& path, OpenMode mode) override {
     int flags = (mode == OpenMode::kReadWrite ? O_RDWR : O_RDONLY) | O_CLOEXEC;
     int fd = ::open(path.c_str(), flags);
-    if (fd < 0)
-      return Status::FromErrno(errno, "Could not open '{}': {}", path, std::strerror(errno));
+    if (fd < 0) return Status::FromErrno(errno, "Could not open '{}': {}", path, std::strerror(errno));
     return std::unique_ptr<File>(new PosixFile(fd, path, mode == OpenMode::kReadWrite));
   }
 
   Result<std::unique_ptr<File>> Create(const std::string& path, bool exclusive) override {
     int flags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
     int fd = ::open(path.c_str(), flags, 0644);
-    if (fd < 0)
-      return Status::FromErrno(errno, "Could not create '{}': {}", path, std::strerror(errno));
+    if (fd < 0) return Status::FromErrno(errno, "Could not create '{}': {}", path, std::strerror(errno));
     return std::unique_ptr<File>(new PosixFile(fd, path, true));
   }
 

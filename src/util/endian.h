@@ -12,16 +12,23 @@ template <typename T>
 inline T LoadBE(const void* p) {
   T v;
   std::memcpy(&v, p, sizeof v);
-  if constexpr (sizeof(T) == 2) return static_cast<T>(__builtin_bswap16(static_cast<uint16_t>(v)));
-  else if constexpr (sizeof(T) == 4) return static_cast<T>(__builtin_bswap32(static_cast<uint32_t>(v)));
-  else if constexpr (sizeof(T) == 8) return static_cast<T>(__builtin_bswap64(static_cast<uint64_t>(v)));
-  else return v;
+  if constexpr (sizeof(T) == 2)
+    return static_cast<T>(__builtin_bswap16(static_cast<uint16_t>(v)));
+  else if constexpr (sizeof(T) == 4)
+    return static_cast<T>(__builtin_bswap32(static_cast<uint32_t>(v)));
+  else if constexpr (sizeof(T) == 8)
+    return static_cast<T>(__builtin_bswap64(static_cast<uint64_t>(v)));
+  else
+    return v;
 }
 template <typename T>
 inline void StoreBE(void* p, T v) {
-  if constexpr (sizeof(T) == 2) v = static_cast<T>(__builtin_bswap16(static_cast<uint16_t>(v)));
-  else if constexpr (sizeof(T) == 4) v = static_cast<T>(__builtin_bswap32(static_cast<uint32_t>(v)));
-  else if constexpr (sizeof(T) == 8) v = static_cast<T>(__builtin_bswap64(static_cast<uint64_t>(v)));
+  if constexpr (sizeof(T) == 2)
+    v = static_cast<T>(__builtin_bswap16(static_cast<uint16_t>(v)));
+  else if constexpr (sizeof(T) == 4)
+    v = static_cast<T>(__builtin_bswap32(static_cast<uint32_t>(v)));
+  else if constexpr (sizeof(T) == 8)
+    v = static_cast<T>(__builtin_bswap64(static_cast<uint64_t>(v)));
   std::memcpy(p, &v, sizeof v);
 }
 template <typename T>

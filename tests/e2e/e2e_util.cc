@@ -102,7 +102,12 @@ pid_t FindDaemon(const std::string& mountpoint) {
     std::vector<std::string> args;
     std::string cur;
     for (char c : all) {
-      if (c == '\0') { args.push_back(cur); cur.clear(); } else { cur += c; }
+      if (c == '\0') {
+        args.push_back(cur);
+        cur.clear();
+      } else {
+        cur += c;
+      }
     }
     if (args.empty() || args[0].find("vimgfs") == std::string::npos) continue;
     for (size_t i = 1; i < args.size(); ++i) {
@@ -191,7 +196,10 @@ int Mount::Stop() {
     int status = 0;
     bool reaped = false;
     for (int waited = 0; waited < wait_ms; waited += 10) {
-      if (waitpid(pid_, &status, WNOHANG) == pid_) { reaped = true; break; }
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        reaped = true;
+        break;
+      }
       SleepMs(10);
     }
     if (!reaped) {
@@ -216,8 +224,10 @@ void Mount::Kill() {
   if (!active()) return;
   if (pid_ > 0) {
     kill(pid_, SIGKILL);
-    if (child_) waitpid(pid_, nullptr, 0);
-    else WaitGone(pid_, 10000);
+    if (child_)
+      waitpid(pid_, nullptr, 0);
+    else
+      WaitGone(pid_, 10000);
   }
   for (int i = 0; i < 50 && IsMountPoint(mountpoint_); ++i) {
     if (RunCommand("fusermount3 -u -z " + Quote(mountpoint_)).exit_code == 0) break;

@@ -19,17 +19,17 @@ std::string FuseUnavailableReason();
 // Why loop devices cannot be used ("" when they can).
 std::string LoopUnavailableReason();
 
-#define REQUIRE_FUSE()                                                         \
-  do {                                                                         \
-    std::string _why = ::vimgfs::e2e::FuseUnavailableReason();                 \
-    if (!_why.empty()) GTEST_SKIP() << _why;                                   \
-    REQUIRE_QEMU_IMG();                                                        \
+#define REQUIRE_FUSE()                                         \
+  do {                                                         \
+    std::string _why = ::vimgfs::e2e::FuseUnavailableReason(); \
+    if (!_why.empty()) GTEST_SKIP() << _why;                   \
+    REQUIRE_QEMU_IMG();                                        \
   } while (0)
 
-#define REQUIRE_LOOP()                                                         \
-  do {                                                                         \
-    std::string _why = ::vimgfs::e2e::LoopUnavailableReason();                 \
-    if (!_why.empty()) GTEST_SKIP() << _why;                                   \
+#define REQUIRE_LOOP()                                         \
+  do {                                                         \
+    std::string _why = ::vimgfs::e2e::LoopUnavailableReason(); \
+    if (!_why.empty()) GTEST_SKIP() << _why;                   \
   } while (0)
 
 // Whether path is a mount point right now (/proc/self/mountinfo).

@@ -26,8 +26,8 @@ TEST(MountConfig, FstabStyleOptionsAfterPositionals) {
 }
 
 TEST(MountConfig, ShortLongAndAttachedForms) {
-  auto c = Parse({"mount", "-rfs", "-Fvmdk", "--overlay=/o.qcow2", "-oallow_other,cache_size=64M",
-                  "img", "--untrusted", "mnt", "-o", "detect_zeroes=off"});
+  auto c = Parse({"mount", "-rfs", "-Fvmdk", "--overlay=/o.qcow2", "-oallow_other,cache_size=64M", "img",
+                  "--untrusted", "mnt", "-o", "detect_zeroes=off"});
   ASSERT_TRUE(c.ok()) << c.error().ToString();
   EXPECT_TRUE(c->read_only);
   EXPECT_TRUE(c->foreground);

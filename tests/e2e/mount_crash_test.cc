@@ -40,10 +40,10 @@ uint64_t HashBlock(const uint8_t* p) {
 }
 
 struct Model {
-  std::vector<uint64_t> durable;               // per block
-  std::vector<std::set<uint64_t>> pending;     // written since the last completed fsync
-  std::vector<uint64_t> latest;                // last content issued
-  std::vector<std::set<uint64_t>> history;     // every content ever issued (for messages)
+  std::vector<uint64_t> durable;            // per block
+  std::vector<std::set<uint64_t>> pending;  // written since the last completed fsync
+  std::vector<uint64_t> latest;             // last content issued
+  std::vector<std::set<uint64_t>> history;  // every content ever issued (for messages)
 
   Model() : durable(kBlocks), pending(kBlocks), latest(kBlocks), history(kBlocks) {
     std::vector<uint8_t> zero(kBlock, 0);
@@ -120,7 +120,8 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
       } else {
         uint64_t off = (rng() % (kSpan / kPage)) * kPage;
         uint64_t len = std::min<uint64_t>((1 + rng() % 64) * kPage, kSpan - off);
-        std::vector<uint8_t> data = (rng() % 10 == 0) ? std::vector<uint8_t>(len, 0) : RandomBytes(len, rng());
+        std::vector<uint8_t> data =
+            (rng() % 10 == 0) ? std::vector<uint8_t>(len, 0) : RandomBytes(len, rng());
         model.Issue(off, data.data(), len);
         std::memcpy(io_buf.get(), data.data(), len);  // O_DIRECT wants an aligned buffer
         if (!PWriteAll(fd, io_buf.get(), len, off)) break;
@@ -142,7 +143,7 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
       uint64_t h = HashBlock(seen.data() + b * kBlock);
       if (h != model.durable[b] && !model.pending[b].count(h)) {
         if (lost++ < 5) {
-          const char* holds = h == HashBlock(zeros.data())      ? "zeros"
+          const char* holds = h == HashBlock(zeros.data())     ? "zeros"
                               : model.history[b].count(h) != 0 ? "an older content of it"
                                                                : "data never written there";
           ADD_FAILURE() << "sector " << b << " (offset " << b * kBlock

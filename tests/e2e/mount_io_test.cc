@@ -55,8 +55,10 @@ class MountIo : public ::testing::TestWithParam<std::string> {
   void ExpectCheckClean() {
     std::string out;
     int code = CheckImage(image_, &out);
-    if (GetParam() == "raw") EXPECT_EQ(code, 63) << out;
-    else EXPECT_EQ(code, 0) << out;
+    if (GetParam() == "raw")
+      EXPECT_EQ(code, 63) << out;
+    else
+      EXPECT_EQ(code, 0) << out;
   }
   std::vector<uint8_t> QemuContent() {
     std::string raw = dir_.File("content.raw");
@@ -220,7 +222,10 @@ std::vector<std::pair<uint64_t, uint64_t>> SeekRuns(int fd, uint64_t size) {
     off_t d = lseek(fd, pos, SEEK_DATA);
     if (d < 0) break;
     off_t h = lseek(fd, d, SEEK_HOLE);
-    if (h <= d) { ADD_FAILURE() << "SEEK_HOLE " << h << " after data at " << d; break; }
+    if (h <= d) {
+      ADD_FAILURE() << "SEEK_HOLE " << h << " after data at " << d;
+      break;
+    }
     runs.emplace_back(d, h);
     pos = h;
   }
@@ -266,13 +271,16 @@ TEST_P(MountIo, LseekAgreesWithQemuImgMap) {
     EXPECT_GE(runs.size(), 2u);
     return;
   }
-  auto map = nlohmann::json::parse(MustRun("qemu-img map --output=json -f " + GetParam() + " " + Quote(image_)));
+  auto map =
+      nlohmann::json::parse(MustRun("qemu-img map --output=json -f " + GetParam() + " " + Quote(image_)));
   std::vector<std::pair<uint64_t, uint64_t>> expect;
   for (const auto& e : map) {
     if (e["zero"].get<bool>()) continue;
     uint64_t s = e["start"], l = e["length"];
-    if (!expect.empty() && expect.back().second == s) expect.back().second = s + l;
-    else expect.emplace_back(s, s + l);
+    if (!expect.empty() && expect.back().second == s)
+      expect.back().second = s + l;
+    else
+      expect.emplace_back(s, s + l);
   }
   EXPECT_EQ(runs, expect) << map.dump();
   EXPECT_GE(runs.size(), 3u);

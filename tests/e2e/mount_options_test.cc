@@ -86,8 +86,8 @@ TEST_F(MountOptions, MountFuse3Helper) {
   std::string bindir = dir_.File("bin");
   ASSERT_EQ(mkdir(bindir.c_str(), 0755), 0);
   ASSERT_EQ(symlink(test::VimgfsBinary().c_str(), (bindir + "/vimgfs").c_str()), 0);
-  auto r = RunCommand("PATH=" + Quote(bindir) + ":$PATH mount.fuse3 " + Quote(image_) + " " +
-                      Quote(mnt_) + " -t fuse.vimgfs -o rw,format=qcow2,nodev,nosuid");
+  auto r = RunCommand("PATH=" + Quote(bindir) + ":$PATH mount.fuse3 " + Quote(image_) + " " + Quote(mnt_) +
+                      " -t fuse.vimgfs -o rw,format=qcow2,nodev,nosuid");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   ASSERT_TRUE(IsMountPoint(mnt_));
   std::string info = MountOptionsOf(mnt_);
@@ -99,7 +99,9 @@ TEST_F(MountOptions, MountFuse3Helper) {
   close(fd);
   pid_t pid = FindDaemon(mnt_);
   ASSERT_EQ(RunCommand("umount " + Quote(mnt_)).exit_code, 0);
-  if (pid > 0) { EXPECT_TRUE(WaitGone(pid, 20000)); }
+  if (pid > 0) {
+    EXPECT_TRUE(WaitGone(pid, 20000));
+  }
   EXPECT_EQ(QemuCheck(image_), 0);
   auto out = MustRun("qemu-io -c 'read -P 0x22 5 1' " + Quote(image_));
   EXPECT_EQ(out.find("Pattern verification failed"), std::string::npos) << out;
@@ -114,17 +116,28 @@ TEST_F(MountOptions, MountTypeAndFstabAsInstalled) {
   std::string fstab = dir_.File("fstab");
   std::string line = image_ + " " + mnt_ + " fuse.vimgfs ro,format=qcow2,noauto,nofail 0 0\n";
   test::WriteWholeFile(fstab, std::vector<uint8_t>(line.begin(), line.end()));
-  std::string script =
-      "set -e; mount -t tmpfs none /usr/local/bin; ln -s " + Quote(test::VimgfsBinary()) +
-      " /usr/local/bin/vimgfs; mount --bind " + Quote(fstab) + " /etc/fstab; "
-      // fstab line
-      "mount " + Quote(mnt_) + "; grep ' " + mnt_ + " fuse.vimgfs ro,' /proc/self/mounts; "
-      "od -An -tx1 -N1 " + Quote(Disk()) + "; umount " + Quote(mnt_) + "; "
-      // mount -t with options after the positionals
-      "mount -t fuse.vimgfs " + Quote(image_) + " " + Quote(mnt_) + " -o rw; "
-      "grep ' " + mnt_ + " fuse.vimgfs rw,' /proc/self/mounts; "
-      "printf '\\125' | dd of=" + Quote(Disk()) + " bs=1 seek=7 conv=notrunc,fsync 2>/dev/null; "
-      "umount " + Quote(mnt_);
+  std::string script = "set -e; mount -t tmpfs none /usr/local/bin; ln -s " + Quote(test::VimgfsBinary()) +
+                       " /usr/local/bin/vimgfs; mount --bind " + Quote(fstab) +
+                       " /etc/fstab; "
+                       // fstab line
+                       "mount " +
+                       Quote(mnt_) + "; grep ' " + mnt_ +
+                       " fuse.vimgfs ro,' /proc/self/mounts; "
+                       "od -An -tx1 -N1 " +
+                       Quote(Disk()) + "; umount " + Quote(mnt_) +
+                       "; "
+                       // mount -t with options after the positionals
+                       "mount -t fuse.vimgfs " +
+                       Quote(image_) + " " + Quote(mnt_) +
+                       " -o rw; "
+                       "grep ' " +
+                       mnt_ +
+                       " fuse.vimgfs rw,' /proc/self/mounts; "
+                       "printf '\\125' | dd of=" +
+                       Quote(Disk()) +
+                       " bs=1 seek=7 conv=notrunc,fsync 2>/dev/null; "
+                       "umount " +
+                       Quote(mnt_);
   auto r = RunCommand("unshare --mount --propagation private sh -c " + Quote(script));
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_NE(r.out.find(" 11"), std::string::npos) << r.out;
@@ -237,7 +250,8 @@ TEST_F(MountOptions, OverlayKeepsImageUntouched) {
   auto info = nlohmann::json::parse(MustRun("qemu-img info --output=json " + Quote(overlay)));
   EXPECT_EQ(info["format"], "qcow2");
   EXPECT_EQ(info["backing-filename"], "a.qcow2") << "backing name relative to the overlay's folder";
-  auto out = MustRun("qemu-io -r -c 'read -P 0x33 524388 65536' -c 'read -P 0x11 0 524388' " + Quote(overlay));
+  auto out =
+      MustRun("qemu-io -r -c 'read -P 0x33 524388 65536' -c 'read -P 0x11 0 524388' " + Quote(overlay));
   EXPECT_EQ(out.find("verification failed"), std::string::npos) << out;
 
   // Reused on the next mount (via -o overlay=), data still there.
@@ -312,7 +326,9 @@ TEST_F(MountOptions, DetectZeroesFreesClusters) {
   auto map = nlohmann::json::parse(MustRun("qemu-img map --output=json " + Quote(image_)));
   for (const auto& e : map) {
     uint64_t s = e["start"];
-    if (s < kMiB || (s >= 4 * kMiB && s < 5 * kMiB)) { EXPECT_TRUE(e["zero"].get<bool>()) << e.dump(); }
+    if (s < kMiB || (s >= 4 * kMiB && s < 5 * kMiB)) {
+      EXPECT_TRUE(e["zero"].get<bool>()) << e.dump();
+    }
   }
   // Off: the same write allocates data.
   r = mount_.Start({image_, mnt_, "-o", "detect_zeroes=off"}, mnt_);

@@ -51,7 +51,8 @@ class SeedWorkflow : public ::testing::Test {
     ASSERT_FALSE(loop_.empty()) << "losetup failed";
   }
   void MountGuest(bool read_only) {
-    auto r = RunCommand("mount " + std::string(read_only ? "-o ro " : "") + Quote(loop_) + " " + Quote(guest_));
+    auto r =
+        RunCommand("mount " + std::string(read_only ? "-o ro " : "") + Quote(loop_) + " " + Quote(guest_));
     ASSERT_EQ(r.exit_code, 0) << r.err;
     guest_mounted_ = true;
   }
@@ -151,8 +152,7 @@ const ExactCase kExactCases[] = {
     {"qcow2_extended_l2", "qcow2",
      "qemu-img create -q -f qcow2 -o extended_l2=on,cluster_size=128k img 8M && "
      "qemu-io -c 'write -P 0x91 4k 4k' -c 'write -P 0x92 1M 7k' -c 'write -z 1028k 8k' img >/dev/null"},
-    {"raw_odd_size", "raw",
-     "head -c 12345 /dev/urandom > img"},
+    {"raw_odd_size", "raw", "head -c 12345 /dev/urandom > img"},
     {"vmdk_sparse", "vmdk",
      "qemu-img create -q -f vmdk img 32M && qemu-io -f vmdk -c 'write -P 0xa1 0 1M' "
      "-c 'write -P 0xa2 20M 70k' img >/dev/null"},
@@ -166,7 +166,8 @@ const ExactCase kExactCases[] = {
      "qemu-img create -q -f vpc img 32M && qemu-io -f vpc -c 'write -P 0xd1 0 1M' "
      "-c 'write -P 0xd2 3000000 5000' img >/dev/null"},
     {"vpc_fixed", "vpc",
-     "qemu-img create -q -f vpc -o subformat=fixed img 8M && qemu-io -f vpc -c 'write -P 0xd3 4k 1M' img >/dev/null"},
+     "qemu-img create -q -f vpc -o subformat=fixed img 8M && qemu-io -f vpc -c 'write -P 0xd3 4k 1M' img "
+     ">/dev/null"},
     {"vhdx_dynamic", "vhdx",
      "qemu-img create -q -f vhdx -o block_size=1M img 32M && qemu-io -f vhdx -c 'write -P 0xe1 0 1M' "
      "-c 'write -P 0xe2 3000000 5000' -c 'write -z 5M 1M' -c 'write -P 0xe3 31M 1M' img >/dev/null"},
@@ -187,13 +188,16 @@ TEST_P(ByteExact, DiskRawEqualsQemuConvert) {
   auto made = RunCommand("cd " + Quote(dir.path()) + " && " + c.script);
   ASSERT_EQ(made.exit_code, 0) << made.err;
   std::string img = dir.File("img"), want = dir.File("want.raw"), mnt = dir.File("mnt");
-  ASSERT_EQ(RunCommand(std::string("qemu-img convert -f ") + c.format + " -O raw " + Quote(img) + " " +
-                       Quote(want)).exit_code, 0);
+  ASSERT_EQ(
+      RunCommand(std::string("qemu-img convert -f ") + c.format + " -O raw " + Quote(img) + " " + Quote(want))
+          .exit_code,
+      0);
   ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
   std::string before = test::Sha256OfFile(img);
   auto r = mount.Start({"-r", "-F", c.format, img, mnt}, mnt);
   ASSERT_EQ(r.exit_code, 0) << r.err;
-  struct stat a {}, b {};
+  struct stat a {
+  }, b{};
   ASSERT_EQ(stat((mnt + "/disk.raw").c_str(), &a), 0);
   ASSERT_EQ(stat(want.c_str(), &b), 0);
   EXPECT_EQ(a.st_size, b.st_size);

@@ -31,7 +31,7 @@ void RunFormat(Env* env, const uint8_t* data, size_t size, const std::string& fm
     o.env = env;
     o.format = fmt;
     o.read_only = !write;
-    o.untrusted = true;           // no external references from fuzzed images
+    o.untrusted = true;  // no external references from fuzzed images
     o.cache_bytes = 1 << 20;
     auto img = Image::Open("/img", o);
     if (!img.ok()) continue;

@@ -43,7 +43,9 @@ class Rng {
   }
   uint64_t Below(uint64_t n) { return n ? Next() % n : 0; }
   template <typename T>
-  const T& Pick(const std::vector<T>& v) { return v[Below(v.size())]; }
+  const T& Pick(const std::vector<T>& v) {
+    return v[Below(v.size())];
+  }
 
  private:
   uint64_t s_;
@@ -177,10 +179,14 @@ Mutant MutateQcow2(const Base& base, const Qcow2Layout& q, Rng& rng) {
   // Offsets a pointer may be bent to: other metadata, data, just past EOF, far away.
   auto some_offset = [&]() -> uint64_t {
     switch (rng.Below(6)) {
-      case 0: return file_end + rng.Below(4) * cs;
-      case 1: return uint64_t{1} << (30 + rng.Below(25));
-      case 2: return cs;  // often the L1 or refcount table of qemu's layout
-      default: return rng.Pick(q.clusters);
+      case 0:
+        return file_end + rng.Below(4) * cs;
+      case 1:
+        return uint64_t{1} << (30 + rng.Below(25));
+      case 2:
+        return cs;  // often the L1 or refcount table of qemu's layout
+      default:
+        return rng.Pick(q.clusters);
     }
   };
   // A changed table entry (L1, L2, refcount table): bits, offsets, flags.
@@ -188,15 +194,34 @@ Mutant MutateQcow2(const Base& base, const Qcow2Layout& q, Rng& rng) {
     uint64_t e = GetBE(m.bytes, at, 8);
     uint64_t v = e;
     switch (rng.Below(9)) {
-      case 0: v = e | (uint64_t{1} << rng.Pick(std::vector<uint64_t>{1, 2, 8, 56, 60, 61, 62})) ; v |= reserved & (uint64_t{1} << rng.Below(64)); break;
-      case 1: v = e ^ (uint64_t{1} << 63); break;  // COPIED
-      case 2: v = (e & ~mask) | (((e & mask) + 512 * (1 + rng.Below(std::max<uint64_t>(cs / 512 - 1, 1)))) & mask); break;
-      case 3: v = (e & ~mask) | (some_offset() & mask); break;
-      case 4: v = 0; break;
-      case 5: v = e | (reserved ? (reserved & (uint64_t{1} << rng.Below(64))) : 0); break;
-      case 6: v = e ^ (uint64_t{1} << rng.Below(64)); break;
-      case 7: v = (e & ~mask) | ((e & mask) + cs); break;
-      default: v = some_offset() | (e & (uint64_t{1} << 63)); break;
+      case 0:
+        v = e | (uint64_t{1} << rng.Pick(std::vector<uint64_t>{1, 2, 8, 56, 60, 61, 62}));
+        v |= reserved & (uint64_t{1} << rng.Below(64));
+        break;
+      case 1:
+        v = e ^ (uint64_t{1} << 63);
+        break;  // COPIED
+      case 2:
+        v = (e & ~mask) | (((e & mask) + 512 * (1 + rng.Below(std::max<uint64_t>(cs / 512 - 1, 1)))) & mask);
+        break;
+      case 3:
+        v = (e & ~mask) | (some_offset() & mask);
+        break;
+      case 4:
+        v = 0;
+        break;
+      case 5:
+        v = e | (reserved ? (reserved & (uint64_t{1} << rng.Below(64))) : 0);
+        break;
+      case 6:
+        v = e ^ (uint64_t{1} << rng.Below(64));
+        break;
+      case 7:
+        v = (e & ~mask) | ((e & mask) + cs);
+        break;
+      default:
+        v = some_offset() | (e & (uint64_t{1} << 63));
+        break;
     }
     if (v == e) v = e ^ (uint64_t{1} << (9 + rng.Below(20)));
     m.Put(at, 8, v, true, label);
@@ -211,21 +236,43 @@ Mutant MutateQcow2(const Base& base, const Qcow2Layout& q, Rng& rng) {
       int width;
     };
     static const std::vector<Field> fields = {
-        {"version", 4, 4},          {"backing_file_offset", 8, 8}, {"backing_file_size", 16, 4},
-        {"cluster_bits", 20, 4},    {"size", 24, 8},               {"crypt_method", 32, 4},
-        {"l1_size", 36, 4},         {"l1_table_offset", 40, 8},    {"refcount_table_offset", 48, 8},
-        {"refcount_table_clusters", 56, 4}, {"nb_snapshots", 60, 4}, {"snapshots_offset", 64, 8},
-        {"incompatible_features", 72, 8}, {"compatible_features", 80, 8}, {"autoclear_features", 88, 8},
-        {"refcount_order", 96, 4},  {"header_length", 100, 4},
+        {"version", 4, 4},
+        {"backing_file_offset", 8, 8},
+        {"backing_file_size", 16, 4},
+        {"cluster_bits", 20, 4},
+        {"size", 24, 8},
+        {"crypt_method", 32, 4},
+        {"l1_size", 36, 4},
+        {"l1_table_offset", 40, 8},
+        {"refcount_table_offset", 48, 8},
+        {"refcount_table_clusters", 56, 4},
+        {"nb_snapshots", 60, 4},
+        {"snapshots_offset", 64, 8},
+        {"incompatible_features", 72, 8},
+        {"compatible_features", 80, 8},
+        {"autoclear_features", 88, 8},
+        {"refcount_order", 96, 4},
+        {"header_length", 100, 4},
     };
     // Fields that matter most are picked more often.
-    static const std::vector<int> weighted = {0, 1, 2, 3, 4, 5, 6, 6, 7, 7, 7, 8, 8, 8, 9, 9, 9, 10, 10,
-                                              11, 11, 12, 12, 13, 14, 15, 15, 16};
+    static const std::vector<int> weighted = {0, 1, 2, 3,  4,  5,  6,  6,  7,  7,  7,  8,  8,  8,
+                                              9, 9, 9, 10, 10, 11, 11, 12, 12, 13, 14, 15, 15, 16};
     const Field& f = fields[rng.Pick(weighted)];
     uint64_t old = GetBE(m.bytes, f.off, f.width);
-    std::vector<uint64_t> c = {0, 1, old + 1, old - 1, old * 2, old + cs, old + 512, old - cs, file_end,
-                               file_end + cs, uint64_t{1} << (20 + rng.Below(40)), rng.Next()};
-    if (f.off == 72) c = {old | 1, old | 2, old | 4, old | 8, old | 16, old & ~16ull, old | 32, old | (1ull << 63)};
+    std::vector<uint64_t> c = {0,
+                               1,
+                               old + 1,
+                               old - 1,
+                               old * 2,
+                               old + cs,
+                               old + 512,
+                               old - cs,
+                               file_end,
+                               file_end + cs,
+                               uint64_t{1} << (20 + rng.Below(40)),
+                               rng.Next()};
+    if (f.off == 72)
+      c = {old | 1, old | 2, old | 4, old | 8, old | 16, old & ~16ull, old | 32, old | (1ull << 63)};
     if (f.off == 80 || f.off == 88) c = {old | 1, old | 2, old | 4, old | (1ull << 40)};
     if (f.off == 96) c = {0, 1, 2, 3, 4, 5, 6, 7};
     if (f.off == 20) c = {old - 1, old + 1, 8, 9, 16, 21, 22};
@@ -245,8 +292,9 @@ Mutant MutateQcow2(const Base& base, const Qcow2Layout& q, Rng& rng) {
     uint64_t op = rng.Below(10);
     if (q.extended_l2 && op < 3) {
       uint64_t bm = GetBE(m.bytes, at + 8, 8);
-      std::vector<uint64_t> c = {bm | 1, bm | (1ull << 32), bm | (bm << 32), bm ^ (1ull << rng.Below(64)),
-                                 0xffffffffull, ~0ull, bm & 0xffffffffull, rng.Next()};
+      std::vector<uint64_t> c = {
+          bm | 1, bm | (1ull << 32),  bm | (bm << 32), bm ^ (1ull << rng.Below(64)), 0xffffffffull,
+          ~0ull,  bm & 0xffffffffull, rng.Next()};
       uint64_t v = rng.Pick(c);
       if (v == bm) v ^= 1ull << (32 + rng.Below(32));
       m.Put(at + 8, 8, v, true, "L2 subcluster bitmap");
@@ -256,7 +304,7 @@ Mutant MutateQcow2(const Base& base, const Qcow2Layout& q, Rng& rng) {
       // A compressed descriptor: flag on a normal entry, or a bent sector count/offset.
       uint32_t x = 62 - (q.cluster_bits - 8);
       uint64_t v = e >> 62 & 1 ? e ^ (uint64_t{1} << (x + rng.Below(62 - x)))
-                                : (e | (uint64_t{1} << 62)) & ~(uint64_t{1} << 63);
+                               : (e | (uint64_t{1} << 62)) & ~(uint64_t{1} << 63);
       if (rng.Below(3) == 0) v = (e >> 62 & 1) ? e + 512 * (1 + rng.Below(8)) : e | (uint64_t{1} << 62);
       if (v == e) v ^= 1ull << x;
       m.Put(at, 8, v, true, "L2 entry (compressed descriptor)");
@@ -272,10 +320,16 @@ Mutant MutateQcow2(const Base& base, const Qcow2Layout& q, Rng& rng) {
     if (q.rt_entries.empty()) return MutateQcow2(base, q, rng);
     uint64_t at = rng.Pick(q.rt_entries);
     uint64_t e = GetBE(m.bytes, at, 8);
-    std::vector<uint64_t> c = {e | (uint64_t{1} << rng.Below(9)), e + 512 * (1 + rng.Below(7)),
-                               file_end + rng.Below(4) * cs, uint64_t{1} << (30 + rng.Below(25)),
-                               0, rng.Pick(q.clusters), e | (uint64_t{1} << (56 + rng.Below(8))),
-                               e + cs, rng.Pick(q.clusters) | 0x100, uint64_t{256} * cs};
+    std::vector<uint64_t> c = {e | (uint64_t{1} << rng.Below(9)),
+                               e + 512 * (1 + rng.Below(7)),
+                               file_end + rng.Below(4) * cs,
+                               uint64_t{1} << (30 + rng.Below(25)),
+                               0,
+                               rng.Pick(q.clusters),
+                               e | (uint64_t{1} << (56 + rng.Below(8))),
+                               e + cs,
+                               rng.Pick(q.clusters) | 0x100,
+                               uint64_t{256} * cs};
     uint64_t v = rng.Pick(c);
     if (v == e) v = e ^ (1ull << (9 + rng.Below(12)));
     m.Put(at, 8, v, true, "refcount table entry");
@@ -304,7 +358,8 @@ Mutant MutateQcow2(const Base& base, const Qcow2Layout& q, Rng& rng) {
       int width = static_cast<int>(q.refcount_bits / 8);
       uint64_t at = rt_e + bit / 8;
       uint64_t cur = GetBE(m.bytes, at, width);
-      uint64_t v = rng.Pick(std::vector<uint64_t>{0, cur + 1, cur - 1, maxv, rng.Below(maxv) + 1, 2, 0}) & maxv;
+      uint64_t v =
+          rng.Pick(std::vector<uint64_t>{0, cur + 1, cur - 1, maxv, rng.Below(maxv) + 1, 2, 0}) & maxv;
       if (v == cur) v = (cur + 1) & maxv;
       m.Put(at, width, v, true, label);
     }
@@ -314,31 +369,41 @@ Mutant MutateQcow2(const Base& base, const Qcow2Layout& q, Rng& rng) {
     switch (rng.Below(7)) {
       case 0: {
         uint64_t l1 = GetBE(m.bytes, at, 8);
-        m.Put(at, 8, rng.Pick(std::vector<uint64_t>{l1 + 512, 0, file_end + cs, l1 + cs, rng.Pick(q.clusters),
-                                                    uint64_t{1} << 40}),
+        m.Put(at, 8,
+              rng.Pick(std::vector<uint64_t>{l1 + 512, 0, file_end + cs, l1 + cs, rng.Pick(q.clusters),
+                                             uint64_t{1} << 40}),
               true, "snapshot l1_table_offset");
         break;
       }
       case 1: {
         uint64_t n = GetBE(m.bytes, at + 8, 4);
-        m.Put(at + 8, 4, rng.Pick(std::vector<uint64_t>{0, n + 1, n - 1, 1 << 22, (1 << 22) + 1, 0xffffffff}), true,
-              "snapshot l1_size");
+        m.Put(at + 8, 4, rng.Pick(std::vector<uint64_t>{0, n + 1, n - 1, 1 << 22, (1 << 22) + 1, 0xffffffff}),
+              true, "snapshot l1_size");
         break;
       }
-      case 2: m.Put(at + 12, 2, GetBE(m.bytes, at + 12, 2) + 1 + rng.Below(3), true, "snapshot id_str_size"); break;
-      case 3: m.Put(at + 14, 2, rng.Below(2) ? 0 : 0xffff, true, "snapshot name_size"); break;
-      case 4: m.Put(at + 36, 4, rng.Pick(std::vector<uint64_t>{0, 8, 1024, 0x10000, 0xffffffff}), true,
-                    "snapshot extra_data_size");
+      case 2:
+        m.Put(at + 12, 2, GetBE(m.bytes, at + 12, 2) + 1 + rng.Below(3), true, "snapshot id_str_size");
         break;
-      case 5: m.Put(at + 48, 8, rng.Pick(std::vector<uint64_t>{0, 1ull << 40, 512, GetBE(m.bytes, at + 48, 8) * 4}),
-                    true, "snapshot disk_size");
+      case 3:
+        m.Put(at + 14, 2, rng.Below(2) ? 0 : 0xffff, true, "snapshot name_size");
         break;
-      default: bend_entry(at, "snapshot l1_table_offset (as entry)", 0); break;
+      case 4:
+        m.Put(at + 36, 4, rng.Pick(std::vector<uint64_t>{0, 8, 1024, 0x10000, 0xffffffff}), true,
+              "snapshot extra_data_size");
+        break;
+      case 5:
+        m.Put(at + 48, 8, rng.Pick(std::vector<uint64_t>{0, 1ull << 40, 512, GetBE(m.bytes, at + 48, 8) * 4}),
+              true, "snapshot disk_size");
+        break;
+      default:
+        bend_entry(at, "snapshot l1_table_offset (as entry)", 0);
+        break;
     }
   } else if (kind < 98) {
     // The file length: cut metadata or data off the end, or grow it.
     uint64_t size = m.bytes.size();
-    std::vector<uint64_t> c = {size - cs, size - 512, size / 2, size + cs, size + 3 * cs + 512, size - 2 * cs};
+    std::vector<uint64_t> c = {size - cs, size - 512,          size / 2,
+                               size + cs, size + 3 * cs + 512, size - 2 * cs};
     uint64_t v = rng.Pick(c);
     if (v > size + 64 * cs || v < cs) v = size + cs;
     m.bytes.resize(v, rng.Below(2) ? 0 : 0xa5);
@@ -384,10 +449,12 @@ Mutant MutateVmdk(const Base& base, Rng& rng) {
       uint64_t off;
       int width;
     };
-    static const std::vector<Field> fields = {
-        {"version", 4, 4},  {"flags", 8, 4},          {"capacity", 12, 8},  {"grainSize", 20, 8},
-        {"descriptorOffset", 28, 8}, {"descriptorSize", 36, 8}, {"numGTEsPerGT", 44, 4},
-        {"rgdOffset", 48, 8}, {"gdOffset", 56, 8}, {"overHead", 64, 8}, {"compressAlgorithm", 77, 2}};
+    static const std::vector<Field> fields = {{"version", 4, 4},           {"flags", 8, 4},
+                                              {"capacity", 12, 8},         {"grainSize", 20, 8},
+                                              {"descriptorOffset", 28, 8}, {"descriptorSize", 36, 8},
+                                              {"numGTEsPerGT", 44, 4},     {"rgdOffset", 48, 8},
+                                              {"gdOffset", 56, 8},         {"overHead", 64, 8},
+                                              {"compressAlgorithm", 77, 2}};
     const Field& f = rng.Pick(fields);
     uint64_t old = GetLE(m.bytes, hdr + f.off, f.width);
     uint64_t v = rng.Below(3) == 0 ? old ^ (uint64_t{1} << rng.Below(f.width * 8)) : bent(old);
@@ -423,10 +490,11 @@ Mutant MutateVdi(const Base& base, Rng& rng) {
       int width;
     };
     static const std::vector<Field> fields = {
-        {"signature", 64, 4},   {"version", 68, 4},     {"header_size", 72, 4}, {"image_type", 76, 4},
-        {"offset_bmap", 340, 4}, {"offset_data", 344, 4}, {"sector_size", 360, 4}, {"disk_size", 368, 8},
-        {"block_size", 376, 4}, {"block_extra", 380, 4}, {"blocks_in_image", 384, 4},
-        {"blocks_allocated", 388, 4}, {"blocks_allocated", 388, 4}, {"blocks_allocated", 388, 4}};
+        {"signature", 64, 4},         {"version", 68, 4},          {"header_size", 72, 4},
+        {"image_type", 76, 4},        {"offset_bmap", 340, 4},     {"offset_data", 344, 4},
+        {"sector_size", 360, 4},      {"disk_size", 368, 8},       {"block_size", 376, 4},
+        {"block_extra", 380, 4},      {"blocks_in_image", 384, 4}, {"blocks_allocated", 388, 4},
+        {"blocks_allocated", 388, 4}, {"blocks_allocated", 388, 4}};
     const Field& f = rng.Pick(fields);
     uint64_t old = GetLE(m.bytes, f.off, f.width);
     uint64_t v = rng.Pick(std::vector<uint64_t>{0, 1, old + 1, old - 1, old * 2, old / 2, 0xffffffff,
@@ -438,8 +506,9 @@ Mutant MutateVdi(const Base& base, Rng& rng) {
     uint64_t i = rng.Below(std::min<uint64_t>(blocks, allocated + 4));
     uint64_t at = bmap + i * 4;
     uint64_t old = GetLE(b, at, 4);
-    uint64_t v = rng.Pick(std::vector<uint64_t>{0, 1, old + 1, old - 1, blocks, blocks - 1, allocated, 0xffffffff,
-                                                0xfffffffe, 0x7fffffff, rng.Below(blocks + 2)}) & 0xffffffff;
+    uint64_t v = rng.Pick(std::vector<uint64_t>{0, 1, old + 1, old - 1, blocks, blocks - 1, allocated,
+                                                0xffffffff, 0xfffffffe, 0x7fffffff, rng.Below(blocks + 2)}) &
+                 0xffffffff;
     if (v == old) v = old + 1;
     m.Put(at, 4, v & 0xffffffff, false, fmt::format("block map entry {}", i));
   } else {
@@ -566,7 +635,8 @@ class CheckDifferentialTest : public ::testing::Test {
       auto sanitizer = [](const std::string& s) {
         return s.find("Sanitizer") != std::string::npos || s.find("runtime error:") != std::string::npos;
       };
-      if (x.vimgfs >= 128 || x.repair >= 128 || x.vimgfs < 0 || sanitizer(x.vimgfs_out) || sanitizer(x.repair_out)) {
+      if (x.vimgfs >= 128 || x.repair >= 128 || x.vimgfs < 0 || sanitizer(x.vimgfs_out) ||
+          sanitizer(x.repair_out)) {
         crashes++;
         why = "vimgfs crashed or hung";
       }
@@ -586,7 +656,8 @@ class CheckDifferentialTest : public ::testing::Test {
       }
       if (why.empty()) continue;
       ADD_FAILURE() << fmt << " " << files[i] << " " << whats[i] << "\n  " << why << "\nqemu-img check:\n"
-                    << x.qemu_out << "vimgfs check:\n" << x.vimgfs_out
+                    << x.qemu_out << "vimgfs check:\n"
+                    << x.vimgfs_out
                     << (x.repair >= 0 ? "vimgfs check -r all:\n" + x.repair_out + "qemu-img check after:\n" +
                                             x.after_out
                                       : "");
@@ -596,10 +667,11 @@ class CheckDifferentialTest : public ::testing::Test {
                                    std::filesystem::copy_options::overwrite_existing);
       }
     }
-    std::string summary = fmt::format("{}: {} mutated images, qemu-img calls {} corrupt; vimgfs misses {}, "
-                                      "repairs said done {}, still corrupt after repair {}, crashes {}\n"
-                                      "  (qemu exit, vimgfs exit) -> images:",
-                                      fmt, files.size(), corrupt, misses, repaired, bad_repairs, crashes);
+    std::string summary = fmt::format(
+        "{}: {} mutated images, qemu-img calls {} corrupt; vimgfs misses {}, "
+        "repairs said done {}, still corrupt after repair {}, crashes {}\n"
+        "  (qemu exit, vimgfs exit) -> images:",
+        fmt, files.size(), corrupt, misses, repaired, bad_repairs, crashes);
     for (auto& [k, n] : matrix) summary += fmt::format(" ({},{})={}", k.first, k.second, n);
     std::printf("%s\n", summary.c_str());
     RecordProperty(fmt + "_summary", summary);
@@ -612,13 +684,15 @@ class CheckDifferentialTest : public ::testing::Test {
 
 TEST_F(CheckDifferentialTest, Qcow2) {
   // Writes that leave data, zeroed, compressed and discarded clusters over several L2 tables.
-  const std::string io = "qemu-io -f qcow2 -c 'write -P 1 0 70k' -c 'write -P 2 200k 3k' -c 'write -z 300k 8k' "
-                         "-c 'write -c -P 3 512k 64k' -c 'write -P 4 900k 130k' -c 'discard 0 4k' ";
+  const std::string io =
+      "qemu-io -f qcow2 -c 'write -P 1 0 70k' -c 'write -P 2 200k 3k' -c 'write -z 300k 8k' "
+      "-c 'write -c -P 3 512k 64k' -c 'write -P 4 900k 130k' -c 'discard 0 4k' ";
   const std::string io2 = "qemu-io -f qcow2 -c 'write -P 5 60k 20k' -c 'write -P 6 1100k 40k' ";
   // Compressed clusters share host clusters: with narrow refcounts a snapshot would
   // overflow them, so those bases get plain writes only.
-  const std::string io_plain = "qemu-io -f qcow2 -c 'write -P 1 0 70k' -c 'write -P 2 200k 3k' "
-                               "-c 'write -z 300k 8k' -c 'write -P 4 900k 130k' ";
+  const std::string io_plain =
+      "qemu-io -f qcow2 -c 'write -P 1 0 70k' -c 'write -P 2 200k 3k' "
+      "-c 'write -z 300k 8k' -c 'write -P 4 900k 130k' ";
   struct Spec {
     const char* name;
     const char* opts;
@@ -644,24 +718,26 @@ TEST_F(CheckDifferentialTest, Qcow2) {
   };
   for (const Spec& s : specs) {
     std::string f = std::string(s.name) + ".qcow2";
-    std::string recipe = fmt::format("qemu-img create -q -f qcow2 {}{} {} {}", *s.opts ? "-o " : "", s.opts, f, s.size);
+    std::string recipe =
+        fmt::format("qemu-img create -q -f qcow2 {}{} {} {}", *s.opts ? "-o " : "", s.opts, f, s.size);
     if (s.write) recipe += " && " + (s.plain ? io_plain : io) + f + " >/dev/null";
     if (s.snapshots)
-      recipe += " && qemu-img snapshot -c s1 " + f + " && " + io2 + f + " >/dev/null && qemu-img snapshot -c s2 " + f;
+      recipe += " && qemu-img snapshot -c s1 " + f + " && " + io2 + f +
+                " >/dev/null && qemu-img snapshot -c s2 " + f;
     AddBase(f, recipe);
   }
   AddBase("bitmap.qcow2", "qemu-img create -q -f qcow2 -o cluster_size=4096 bitmap.qcow2 2M && " + io +
                               "bitmap.qcow2 >/dev/null && qemu-img bitmap --add bitmap.qcow2 b0");
   std::vector<Qcow2Layout> layouts;
   for (const Base& b : bases_) layouts.push_back(ParseQcow2(b.bytes));
-  Run("qcow2", 0x5eed0000, static_cast<int>(2000 * scale_), [&](const Base& b, Rng& rng) {
-    return MutateQcow2(b, layouts[&b - bases_.data()], rng);
-  });
+  Run("qcow2", 0x5eed0000, static_cast<int>(2000 * scale_),
+      [&](const Base& b, Rng& rng) { return MutateQcow2(b, layouts[&b - bases_.data()], rng); });
 }
 
 TEST_F(CheckDifferentialTest, Vmdk) {
-  MustSh("qemu-img create -q -f raw data.raw 3M && qemu-io -f raw -c 'write -P 7 0 200k' "
-         "-c 'write -P 8 1M 64k' -c 'write -P 9 2900k 20k' data.raw >/dev/null");
+  MustSh(
+      "qemu-img create -q -f raw data.raw 3M && qemu-io -f raw -c 'write -P 7 0 200k' "
+      "-c 'write -P 8 1M 64k' -c 'write -P 9 2900k 20k' data.raw >/dev/null");
   AddBase("sparse.vmdk", "qemu-img convert -f raw -O vmdk data.raw sparse.vmdk");
   AddBase("stream.vmdk", "qemu-img convert -f raw -O vmdk -o subformat=streamOptimized data.raw stream.vmdk");
   AddBase("empty.vmdk", "qemu-img create -q -f vmdk empty.vmdk 3M");
@@ -669,8 +745,9 @@ TEST_F(CheckDifferentialTest, Vmdk) {
 }
 
 TEST_F(CheckDifferentialTest, Vdi) {
-  MustSh("qemu-img create -q -f raw data.raw 5M && qemu-io -f raw -c 'write -P 7 0 1200k' "
-         "-c 'write -P 8 3M 64k' data.raw >/dev/null");
+  MustSh(
+      "qemu-img create -q -f raw data.raw 5M && qemu-io -f raw -c 'write -P 7 0 1200k' "
+      "-c 'write -P 8 3M 64k' data.raw >/dev/null");
   AddBase("dynamic.vdi", "qemu-img convert -f raw -O vdi data.raw dynamic.vdi");
   AddBase("static.vdi", "qemu-img convert -f raw -O vdi -o static=on data.raw static.vdi");
   AddBase("empty.vdi", "qemu-img create -q -f vdi empty.vdi 5M");

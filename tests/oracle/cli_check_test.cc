@@ -37,7 +37,9 @@ class CliCheckTest : public CliTest {
     SCOPED_TRACE("check " + args);
     CommandResult v = V("check " + args), q = Q("check " + args);
     EXPECT_EQ(v.exit_code, q.exit_code) << v.out << v.err << "\nqemu:\n" << q.out << q.err;
-    if (compare_stdout) { EXPECT_EQ(v.out, q.out); }
+    if (compare_stdout) {
+      EXPECT_EQ(v.out, q.out);
+    }
   }
 };
 
@@ -69,7 +71,8 @@ TEST_F(CliCheckTest, CorruptionAndRepair) {
   EXPECT_EQ(q.exit_code, 0);
   EXPECT_NE(v.out.find("The following inconsistencies were found and repaired:\n\n    0 leaked clusters\n"
                        "    1 corruptions\n\nDouble checking the fixed image now...\nNo errors were found"),
-            std::string::npos) << v.out;
+            std::string::npos)
+      << v.out;
   EXPECT_EQ(Q("check bad.qcow2").exit_code, 0);
   EXPECT_EQ(Q("compare bad.qcow2 qbad.qcow2").exit_code, 0);
 }

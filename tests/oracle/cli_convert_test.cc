@@ -14,8 +14,10 @@ class CliConvertTest : public CliTest {
   // Writes a pattern qemu-io understands into an image: random-ish data, text-like data,
   // a zeroed range and a hole.
   void Fill(const std::string& fmt, const std::string& name) {
-    MustSh("qemu-io -f " + fmt + " -c 'write -P 0x41 0 100k' -c 'write -P 0x5a 1M 64k' "
-           "-c 'write -P 0 3M 128k' -c 'write -P 0x17 5000k 300k' " + name + " >/dev/null");
+    MustSh("qemu-io -f " + fmt +
+           " -c 'write -P 0x41 0 100k' -c 'write -P 0x5a 1M 64k' "
+           "-c 'write -P 0 3M 128k' -c 'write -P 0x17 5000k 300k' " +
+           name + " >/dev/null");
   }
   // The sources of the matrix, made by qemu.
   void MakeSources() {
@@ -23,8 +25,9 @@ class CliConvertTest : public CliTest {
     MustSh("qemu-img create -q -f qcow2 base.qcow2 8M");
     Fill("qcow2", "base.qcow2");
     MustSh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 src.qcow2");
-    MustSh("qemu-io -c 'write -P 0x66 64k 64k' -c 'write -c -P 0x77 2M 64k' -c 'write -z 5M 64k' "
-           "src.qcow2 >/dev/null");
+    MustSh(
+        "qemu-io -c 'write -P 0x66 64k 64k' -c 'write -c -P 0x77 2M 64k' -c 'write -z 5M 64k' "
+        "src.qcow2 >/dev/null");
     MustSh("qemu-img create -q -f vmdk src.vmdk 8M");
     Fill("vmdk", "src.vmdk");
     MustSh("qemu-img create -q -f vdi src.vdi 8M");
@@ -138,7 +141,9 @@ TEST_F(CliConvertTest, SparseOutputAndFullAllocation) {
   Ok(V("convert -O qcow2 s.raw z.qcow2"));
   nlohmann::json map = Json(Q("map --output=json z.qcow2"));
   for (const auto& e : map)
-    if (e["data"] == true) { EXPECT_EQ(e["start"], 32 << 20) << e.dump(); }
+    if (e["data"] == true) {
+      EXPECT_EQ(e["start"], 32 << 20) << e.dump();
+    }
 }
 
 TEST_F(CliConvertTest, BackingTargetKeepsOnlyTheTopLayer) {
@@ -221,7 +226,9 @@ TEST_F(CliConvertTest, RequestsInFlightAndCacheModes) {
 TEST_F(CliConvertTest, Errors) {
   CommandResult r = V("convert -O qcow2 missing.qcow2 out.qcow2");
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_EQ(r.err, "vimgfs: Could not open 'missing.qcow2': Could not open 'missing.qcow2': No such file or directory\n");  // as qemu-img words it
+  EXPECT_EQ(r.err,
+            "vimgfs: Could not open 'missing.qcow2': Could not open 'missing.qcow2': No such file or "
+            "directory\n");  // as qemu-img words it
   MustSh("qemu-img create -q -f raw r.raw 1M");
   r = V("convert -c -O raw r.raw out.raw");
   EXPECT_EQ(r.exit_code, 1);
@@ -239,12 +246,14 @@ class CliConvertProgressTest : public CliTwinTest {};
 // data copied so far (in qemu's pieces: runs of at most 2 MiB, or clusters when
 // compressing) moved by more than one point, 100 twice and a newline.
 TEST_F(CliConvertProgressTest, ProgressLinesAsQemuImgPrintsThem) {
-  InBoth("qemu-img create -q -f qcow2 t.qcow2 128M && qemu-io -c 'write 0 1M' -c 'write 2M 1M' "
-         "-c 'write 4M 1M' -c 'write 32M 1M' -c 'write 50M 7M' -c 'write -z 60M 1M' "
-         "-c 'write 70M 100k' t.qcow2 >/dev/null");
+  InBoth(
+      "qemu-img create -q -f qcow2 t.qcow2 128M && qemu-io -c 'write 0 1M' -c 'write 2M 1M' "
+      "-c 'write 4M 1M' -c 'write 32M 1M' -c 'write 50M 7M' -c 'write -z 60M 1M' "
+      "-c 'write 70M 100k' t.qcow2 >/dev/null");
   InBoth("qemu-img convert -O raw t.qcow2 t.raw");
-  InBoth("qemu-img create -q -f qcow2 -b t.qcow2 -F qcow2 top.qcow2 && "
-         "qemu-io -c 'write 1M 3M' top.qcow2 >/dev/null");
+  InBoth(
+      "qemu-img create -q -f qcow2 -b t.qcow2 -F qcow2 top.qcow2 && "
+      "qemu-io -c 'write 1M 3M' top.qcow2 >/dev/null");
   for (const std::string args :
        {"-p -O qcow2 t.qcow2", "-p -O raw t.qcow2", "-p -c -O qcow2 t.qcow2", "-p -S 0 -O raw t.qcow2",
         "-p -O vmdk -o subformat=streamOptimized t.qcow2", "-p -q -O raw t.qcow2", "-p -O qcow2 t.raw",

@@ -13,9 +13,10 @@ namespace {
 class CliCreateTest : public CliTwinTest {};
 
 TEST_F(CliCreateTest, SizesAsQemuReadsThem) {
-  for (const std::string s : {"1024", "1024b", "1k", "1.5k", "1.5M", "1024.0", "1024.0b", "1.k", "0x200",
-                              "1.5", "1.5b", "1e3k", "1kB", "-1024", "-1k", "1kilobyte", "foobar",
-                              "99999999999999999999", "16E", "8E", "7E"}) {
+  for (const std::string s :
+       {"1024", "1024b", "1k",   "1.5k", "1.5M",  "1024.0", "1024.0b",   "1.k",    "0x200",
+        "1.5",  "1.5b",  "1e3k", "1kB",  "-1024", "-1k",    "1kilobyte", "foobar", "99999999999999999999",
+        "16E",  "8E",    "7E"}) {
     ExpectSame("create -f qcow2 t.qcow2 -- " + s);
     ExpectSame("create -f qcow2 -o size=" + s + " t.qcow2");
     ExpectSame("create -f raw t.raw -- " + s);
@@ -72,10 +73,11 @@ TEST_F(CliCreateTest, OptionListsAndHelp) {
 
 TEST_F(CliCreateTest, Qcow2OptionChecksInQemusOrderAndWords) {
   for (const std::string o :
-       {"compat=0.42", "compat=foobar", "compat=v2", "compat=0.10,lazy_refcounts=on", "compat=0.10,refcount_bits=8",
-        "compat=0.10,compression_type=zstd", "compat=0.10,extended_l2=on", "compat=0.10,data_file=d",
-        "extended_l2=on,cluster_size=4k", "compression_type=lz4", "refcount_bits=3", "refcount_bits=128",
-        "data_file_raw=on", "backing_fmt=qcow2", "preallocation=1234", "backing_file=b,backing_fmt=qcow2,preallocation=metadata",
+       {"compat=0.42", "compat=foobar", "compat=v2", "compat=0.10,lazy_refcounts=on",
+        "compat=0.10,refcount_bits=8", "compat=0.10,compression_type=zstd", "compat=0.10,extended_l2=on",
+        "compat=0.10,data_file=d", "extended_l2=on,cluster_size=4k", "compression_type=lz4",
+        "refcount_bits=3", "refcount_bits=128", "data_file_raw=on", "backing_fmt=qcow2", "preallocation=1234",
+        "backing_file=b,backing_fmt=qcow2,preallocation=metadata",
         "compat=0.10,refcount_bits=16,lazy_refcounts=on,extended_l2=on", "encryption=off"}) {
     ExpectSame("create -f qcow2 -u -o " + o + " t.qcow2 1M");
   }
@@ -83,9 +85,9 @@ TEST_F(CliCreateTest, Qcow2OptionChecksInQemusOrderAndWords) {
 
 TEST_F(CliCreateTest, FileProtocolOptions) {
   for (const std::string fmt : {"qcow2", "vmdk", "vdi", "raw", "file"}) {
-    for (const std::string o : {"preallocation=full,nocow=on,extent_size_hint=0", "nocow=on,preallocation=falloc",
-                                "extent_size_hint=1k", "extent_size_hint=5G", "extent_size_hint=-1",
-                                "preallocation=metadata", "preallocation=1234"}) {
+    for (const std::string o : {"preallocation=full,nocow=on,extent_size_hint=0",
+                                "nocow=on,preallocation=falloc", "extent_size_hint=1k", "extent_size_hint=5G",
+                                "extent_size_hint=-1", "preallocation=metadata", "preallocation=1234"}) {
       if (ExpectSame("create -f " + fmt + " -o " + o + " t." + fmt + " 1M")) {
         // qemu writes a little more; a vmdk's CID is random.
         ExpectSame("info t." + fmt + " | grep -v 'disk size\\|cid:'");

@@ -22,16 +22,18 @@ class CliInfoTest : public CliTest {
 };
 
 TEST_F(CliInfoTest, JsonMatchesQemuForEveryFormat) {
-  struct Case { std::string fmt, name, opts; };
-  for (const Case& c : {Case{"qcow2", "a.qcow2", ""}, Case{"qcow2", "v2.qcow2", "compat=0.10"},
-                        Case{"qcow2", "z.qcow2", "compression_type=zstd,cluster_size=4096"},
-                        // qemu-img counts only the qcow2 file in the disk size, not the data file
-                        Case{"qcow2", "d.qcow2", "data_file=d.data,data_file_raw=on"},
-                        Case{"qcow2", "l.qcow2", "lazy_refcounts=on,extended_l2=on"},
-                        Case{"vmdk", "a.vmdk", ""},
-                        // ... but every extent of a VMDK
-                        Case{"vmdk", "s.vmdk", "subformat=twoGbMaxExtentSparse"},
-                        Case{"vdi", "a.vdi", ""}, Case{"raw", "a.raw", ""}}) {
+  struct Case {
+    std::string fmt, name, opts;
+  };
+  for (const Case& c :
+       {Case{"qcow2", "a.qcow2", ""}, Case{"qcow2", "v2.qcow2", "compat=0.10"},
+        Case{"qcow2", "z.qcow2", "compression_type=zstd,cluster_size=4096"},
+        // qemu-img counts only the qcow2 file in the disk size, not the data file
+        Case{"qcow2", "d.qcow2", "data_file=d.data,data_file_raw=on"},
+        Case{"qcow2", "l.qcow2", "lazy_refcounts=on,extended_l2=on"}, Case{"vmdk", "a.vmdk", ""},
+        // ... but every extent of a VMDK
+        Case{"vmdk", "s.vmdk", "subformat=twoGbMaxExtentSparse"}, Case{"vdi", "a.vdi", ""},
+        Case{"raw", "a.raw", ""}}) {
     SCOPED_TRACE(c.name);
     MakeImage(c.fmt, c.name, c.opts);
     if (c.name == "l.qcow2") MustSh("qemu-img bitmap --add -g 128k --disable l.qcow2 b0");
@@ -91,11 +93,12 @@ TEST_F(CliInfoTest, SnapshotTable) {
 // qemu-iotests 043: a chain that loops names the image that repeats, in qemu-img's words.
 TEST_F(CliInfoTest, BackingChainLoopIsNamedAsQemuImgNamesIt) {
   MustSh("qemu-img create -q -f qcow2 self.qcow2 1M && qemu-img rebase -u -b self.qcow2 -F qcow2 self.qcow2");
-  MustSh("qemu-img create -q -f qcow2 b1.qcow2 1M && qemu-img create -q -f qcow2 -b b1.qcow2 -F qcow2 b2.qcow2"
-         " && qemu-img create -q -f qcow2 -b b2.qcow2 -F qcow2 t.qcow2"
-         " && qemu-img rebase -u -b b2.qcow2 -F qcow2 b1.qcow2");
-  for (const char* args : {"--backing-chain self.qcow2", "--backing-chain t.qcow2",
-                           "--backing-chain --output=json t.qcow2"}) {
+  MustSh(
+      "qemu-img create -q -f qcow2 b1.qcow2 1M && qemu-img create -q -f qcow2 -b b1.qcow2 -F qcow2 b2.qcow2"
+      " && qemu-img create -q -f qcow2 -b b2.qcow2 -F qcow2 t.qcow2"
+      " && qemu-img rebase -u -b b2.qcow2 -F qcow2 b1.qcow2");
+  for (const char* args :
+       {"--backing-chain self.qcow2", "--backing-chain t.qcow2", "--backing-chain --output=json t.qcow2"}) {
     SCOPED_TRACE(args);
     CommandResult v = V(std::string("info ") + args), q = Q(std::string("info ") + args);
     EXPECT_EQ(v.exit_code, 1);
@@ -108,7 +111,9 @@ TEST_F(CliInfoTest, BackingChainLoopIsNamedAsQemuImgNamesIt) {
 TEST_F(CliInfoTest, ErrorsNameTheFile) {
   CommandResult v = V("info nonexistent.qcow2");
   EXPECT_EQ(v.exit_code, 1);
-  EXPECT_EQ(v.err, "vimgfs: Could not open 'nonexistent.qcow2': Could not open 'nonexistent.qcow2': No such file or directory\n");  // as qemu-img words it
+  EXPECT_EQ(v.err,
+            "vimgfs: Could not open 'nonexistent.qcow2': Could not open 'nonexistent.qcow2': No such file or "
+            "directory\n");  // as qemu-img words it
   MakeImage("raw", "r.raw");
   v = V("info -f qcow2 r.raw");
   EXPECT_EQ(v.exit_code, 1);
@@ -169,10 +174,11 @@ TEST_F(CliInfoTest, CreateWithBackingAndErrors) {
   EXPECT_EQ(Q("compare base.qcow2 top.qcow2").exit_code, 0);
 
   // Errors: one line naming the file, exit 1, as qemu-img.
-  for (const std::string& bad : {std::string("-f qcow2 -o foo=bar e.qcow2 1M"), std::string("-f qcow2 e.qcow2"),
-                                 std::string("-f nosuchfmt e.img 1M"), std::string("-f qcow2 e.qcow2 12Q"),
-                                 std::string("-f qcow2 -b missing.qcow2 -F qcow2 e.qcow2"),
-                                 std::string("-f qcow2 -b base.qcow2 e.qcow2")}) {
+  for (const std::string& bad :
+       {std::string("-f qcow2 -o foo=bar e.qcow2 1M"), std::string("-f qcow2 e.qcow2"),
+        std::string("-f nosuchfmt e.img 1M"), std::string("-f qcow2 e.qcow2 12Q"),
+        std::string("-f qcow2 -b missing.qcow2 -F qcow2 e.qcow2"),
+        std::string("-f qcow2 -b base.qcow2 e.qcow2")}) {
     SCOPED_TRACE(bad);
     CommandResult e = V("create " + bad);
     CommandResult eq = Q("create " + bad);

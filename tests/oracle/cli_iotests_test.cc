@@ -45,7 +45,9 @@ class CliIotestsTest : public CliTest {
   void ExpectSame(bool same_map = true) {
     CommandResult c = Q("compare v.qcow2 q.qcow2");
     EXPECT_EQ(c.exit_code, 0) << c.out << c.err;
-    if (same_map) { EXPECT_EQ(Map("v.qcow2"), Map("q.qcow2")); }
+    if (same_map) {
+      EXPECT_EQ(Map("v.qcow2"), Map("q.qcow2"));
+    }
     nlohmann::json vi = Json(Q("info --output=json v.qcow2")), qi = Json(Q("info --output=json q.qcow2"));
     EXPECT_EQ(vi["virtual-size"], qi["virtual-size"]);
     CommandResult chk = Q("check v.qcow2");
@@ -147,7 +149,8 @@ TEST_F(CliIotestsTest, ResizeRefusesAVersion2ImageWithSnapshots) {
   MustSh("qemu-io -c 'write -P 0x2a 24M 64k' orig.qcow2 >/dev/null && qemu-img snapshot -c foo orig.qcow2");
   Copies("orig.qcow2");
   Both("resize", "64M");
-  EXPECT_NE(V("resize v.qcow2 64M").err.find("Can't resize a v2 image which has snapshots"), std::string::npos);
+  EXPECT_NE(V("resize v.qcow2 64M").err.find("Can't resize a v2 image which has snapshots"),
+            std::string::npos);
   Both("resize --shrink", "16M");
   ExpectSame();
   MustSh("qemu-img create -q -f qcow2 orig.qcow2 32M && qemu-img snapshot -c foo orig.qcow2");
@@ -229,8 +232,9 @@ TEST_F(CliIotestsTest, RebaseWritesZeroClustersWhereTheOldBackingFileEnded) {
   MustSh("qemu-img create -q -f qcow2 orig.qcow2 384k && qemu-img create -q -f qcow2 new.qcow2 384k");
   MustSh("qemu-img create -q -f qcow2 short.qcow2 128k");
   MustSh("qemu-io -c 'write -P 0x22 0 128k' -c 'write -P 0x11 128k 128k' orig.qcow2 >/dev/null");
-  MustSh("qemu-io -c 'write -P 0x11 0 64k' -c 'write -P 0x11 128k 64k' -c 'write -P 0x11 256k 64k' "
-         "new.qcow2 >/dev/null");
+  MustSh(
+      "qemu-io -c 'write -P 0x11 0 64k' -c 'write -P 0x11 128k 64k' -c 'write -P 0x11 256k 64k' "
+      "new.qcow2 >/dev/null");
   for (std::string old_backing : {"", "short.qcow2"}) {
     SCOPED_TRACE("old backing file '" + old_backing + "'");
     MustSh("cp orig.qcow2 o.qcow2");
@@ -263,12 +267,15 @@ TEST_F(CliIotestsTest, CommitOfZeroedOverlayUnmapsTheBase) {
 // freed clusters is punched, refcount blocks that count nothing leave the table, and the
 // file ends after the last cluster in use.
 TEST_F(CliIotestsTest, ShrinkGivesBackHostSpaceAndCutsTheFile) {
-  auto usage = [&](const std::string& f) { return std::stoull(Ok(Sh("du --block-size=1 " + f + " | cut -f1"))); };
+  auto usage = [&](const std::string& f) {
+    return std::stoull(Ok(Sh("du --block-size=1 " + f + " | cut -f1")));
+  };
   auto size = [&](const std::string& f) { return std::stoull(Ok(Sh("stat -c %s " + f))); };
   // 250: data at both ends of a metadata-preallocated image, then a shrink to 5M.
   MustSh("qemu-img create -q -f qcow2 -o cluster_size=1M,preallocation=metadata orig.qcow2 2100M");
-  MustSh("qemu-io -c 'discard 0 10M' -c 'discard 2090M 10M' -c 'write 2090M 10M' -c 'write 0 10M' "
-         "orig.qcow2 >/dev/null");
+  MustSh(
+      "qemu-io -c 'discard 0 10M' -c 'discard 2090M 10M' -c 'write 2090M 10M' -c 'write 0 10M' "
+      "orig.qcow2 >/dev/null");
   Copies("orig.qcow2");
   const uint64_t before = usage("v.qcow2");
   Both("resize --shrink", "5M");
@@ -282,8 +289,8 @@ TEST_F(CliIotestsTest, ShrinkGivesBackHostSpaceAndCutsTheFile) {
   // refcount blocks; after the shrink the file is cut as qemu cuts it.
   for (std::string bits : {"1", "16"}) {
     SCOPED_TRACE("refcount_bits=" + bits);
-    MustSh("rm -f orig.qcow2 check.qcow2 && qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=" + bits +
-           " orig.qcow2 32M");
+    MustSh("rm -f orig.qcow2 check.qcow2 && qemu-img create -q -f qcow2 -o cluster_size=512,refcount_bits=" +
+           bits + " orig.qcow2 32M");
     MustSh("qemu-io -c 'write -P 0xff 0 32M' orig.qcow2 >/dev/null");
     MustSh("qemu-img create -q -f qcow2 -o cluster_size=512 check.qcow2 10M");
     MustSh("qemu-io -c 'write -P 0xff 0 10M' check.qcow2 >/dev/null");

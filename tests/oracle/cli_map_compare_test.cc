@@ -16,8 +16,10 @@ class CliMapCompareTest : public CliTest {
     for (std::string fmt : {"qcow2", "vmdk", "vdi", "raw"}) {
       std::string f = "a." + fmt;
       MustSh("qemu-img create -q -f " + fmt + " " + f + " 32M");
-      MustSh("qemu-io -f " + fmt + " -c 'write -P 1 0 192k' -c 'write -P 2 4M 64k' -c 'write -z 8M 1M' "
-             "-c 'write -P 3 20M 1M' " + f + " >/dev/null");
+      MustSh("qemu-io -f " + fmt +
+             " -c 'write -P 1 0 192k' -c 'write -P 2 4M 64k' -c 'write -z 8M 1M' "
+             "-c 'write -P 3 20M 1M' " +
+             f + " >/dev/null");
     }
     MustSh("qemu-img create -q -f qcow2 -b a.qcow2 -F qcow2 top.qcow2");
     MustSh("qemu-io -c 'write -P 9 64k 64k' -c 'write -z 20M 64k' top.qcow2 >/dev/null");
@@ -60,7 +62,9 @@ TEST_F(CliMapCompareTest, Compare) {
   // Errors: exit 2.
   CommandResult v = V("compare a.raw missing.raw");
   EXPECT_EQ(v.exit_code, 2);
-  EXPECT_EQ(v.err, "vimgfs: Could not open 'missing.raw': Could not open 'missing.raw': No such file or directory\n");  // as qemu-img words it
+  EXPECT_EQ(v.err,
+            "vimgfs: Could not open 'missing.raw': Could not open 'missing.raw': No such file or "
+            "directory\n");  // as qemu-img words it
 }
 
 }  // namespace

@@ -24,7 +24,9 @@ class CliOpsTest : public CliTest {
     EXPECT_EQ(v.exit_code, q.exit_code) << v.err << "\nqemu: " << q.err;
     EXPECT_EQ(v.out, q.out);
   }
-  void Copies(const std::string& ext) { MustSh("cp orig." + ext + " v." + ext + " && cp orig." + ext + " q." + ext); }
+  void Copies(const std::string& ext) {
+    MustSh("cp orig." + ext + " v." + ext + " && cp orig." + ext + " q." + ext);
+  }
   void ExpectSameImages(const std::string& ext) {
     CommandResult c = Q("compare v." + ext + " q." + ext);
     EXPECT_EQ(c.exit_code, 0) << c.out << c.err;
@@ -47,7 +49,9 @@ TEST_F(CliOpsTest, ResizeEveryResizableFormat) {
     Both("resize -f " + fmt + " --shrink", fmt, "5M");
     ExpectSameImages(fmt);
     Both("resize -q -f " + fmt, fmt, "6M");
-    if (fmt == "qcow2") { EXPECT_EQ(Q("check v.qcow2").exit_code, 0); }
+    if (fmt == "qcow2") {
+      EXPECT_EQ(Q("check v.qcow2").exit_code, 0);
+    }
   }
 }
 
@@ -63,7 +67,8 @@ TEST_F(CliOpsTest, ResizeWithPreallocation) {
   auto grown_data = [&](const std::string& f) {  // bytes past 1M that map as data
     uint64_t n = 0;
     for (const auto& run : Json(Q("map --output=json " + f)))
-      if (run["data"] == true && run["start"].get<uint64_t>() >= (1u << 20)) n += run["length"].get<uint64_t>();
+      if (run["data"] == true && run["start"].get<uint64_t>() >= (1u << 20))
+        n += run["length"].get<uint64_t>();
     return n;
   };
   for (std::string fmt : {"qcow2", "raw", "vdi"}) {
@@ -79,7 +84,9 @@ TEST_F(CliOpsTest, ResizeWithPreallocation) {
       if (fmt == "vdi" && mode == "off") continue;  // vimgfs grows VDI, qemu cannot resize it
       EXPECT_EQ(v.exit_code, q.exit_code) << v.err << "\nqemu: " << q.err;
       if (v.exit_code != 0) {  // same message after the program name
-        if (fmt != "vdi") { EXPECT_EQ(v.err.substr(8), q.err.substr(10)); }
+        if (fmt != "vdi") {
+          EXPECT_EQ(v.err.substr(8), q.err.substr(10));
+        }
         continue;
       }
       EXPECT_EQ(Q("compare v." + fmt + " orig." + fmt).exit_code, 0);  // grown area reads zeros
@@ -92,8 +99,11 @@ TEST_F(CliOpsTest, ResizeWithPreallocation) {
       // (the file may reuse some free space it had, and new metadata takes a little).
       bool reserved = mode == "falloc" || mode == "full";
       int64_t grew = static_cast<int64_t>(host_bytes("v." + fmt)) - before;
-      if (reserved) { EXPECT_GE(grew, 3 << 19) << "grew by " << grew; }
-      else { EXPECT_LT(grew, 1 << 19) << "grew by " << grew; }
+      if (reserved) {
+        EXPECT_GE(grew, 3 << 19) << "grew by " << grew;
+      } else {
+        EXPECT_LT(grew, 1 << 19) << "grew by " << grew;
+      }
     }
   }
 }
@@ -118,8 +128,10 @@ TEST_F(CliOpsTest, LargePreallocatedGrowthWritesNoData) {
       EXPECT_LT(vi["actual-size"].get<uint64_t>(), 2 * qi["actual-size"].get<uint64_t>() + (1 << 20));
     }
     uint64_t v_data = 0, q_data = 0;
-    for (const auto& run : Json(Q("map --output=json v.qcow2"))) if (run["data"] == true) v_data += run["length"].get<uint64_t>();
-    for (const auto& run : Json(Q("map --output=json q.qcow2"))) if (run["data"] == true) q_data += run["length"].get<uint64_t>();
+    for (const auto& run : Json(Q("map --output=json v.qcow2")))
+      if (run["data"] == true) v_data += run["length"].get<uint64_t>();
+    for (const auto& run : Json(Q("map --output=json q.qcow2")))
+      if (run["data"] == true) q_data += run["length"].get<uint64_t>();
     EXPECT_EQ(v_data, q_data);
     EXPECT_EQ(v_data, grow);
   }
@@ -130,7 +142,9 @@ TEST_F(CliOpsTest, Snapshots) {
   MustSh("qemu-io -c 'write -P 1 0 1M' orig.qcow2 >/dev/null");
   Copies("qcow2");
   Both("snapshot -c s1", "qcow2");
-  MustSh("qemu-io -c 'write -P 2 0 512k' v.qcow2 >/dev/null && qemu-io -c 'write -P 2 0 512k' q.qcow2 >/dev/null");
+  MustSh(
+      "qemu-io -c 'write -P 2 0 512k' v.qcow2 >/dev/null && qemu-io -c 'write -P 2 0 512k' q.qcow2 "
+      ">/dev/null");
   Both("snapshot -c s2", "qcow2");
   CommandResult v = V("snapshot -l v.qcow2");
   EXPECT_NE(v.out.find(" s1 "), std::string::npos) << v.out;
@@ -152,8 +166,9 @@ TEST_F(CliOpsTest, Snapshots) {
 
 TEST_F(CliOpsTest, RebaseSafeAndUnsafe) {
   MustSh("qemu-img create -q -f qcow2 old.qcow2 4M && qemu-io -c 'write -P 1 0 1M' old.qcow2 >/dev/null");
-  MustSh("qemu-img create -q -f qcow2 new.qcow2 4M && qemu-io -c 'write -P 1 0 512k' -c 'write -P 4 3M 64k' "
-         "new.qcow2 >/dev/null");
+  MustSh(
+      "qemu-img create -q -f qcow2 new.qcow2 4M && qemu-io -c 'write -P 1 0 512k' -c 'write -P 4 3M 64k' "
+      "new.qcow2 >/dev/null");
   MustSh("qemu-img create -q -f qcow2 -b old.qcow2 -F qcow2 orig.qcow2");
   MustSh("qemu-io -c 'write -P 7 2M 64k' orig.qcow2 >/dev/null");
   MustSh("qemu-img convert -O raw orig.qcow2 before.raw");
@@ -242,7 +257,8 @@ TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
     auto f = Env::Default()->Open(F("a.qcow2"), OpenMode::kReadOnly);
     return f.ok() && !CheckImageLockable((*f)->fd(), F("a.qcow2"), true).ok();
   };
-  MustSh("(sleep 60 </dev/null 2>/dev/null | qemu-io a.qcow2 >/dev/null 2>holder.err & echo $! > holder.pid)");
+  MustSh(
+      "(sleep 60 </dev/null 2>/dev/null | qemu-io a.qcow2 >/dev/null 2>holder.err & echo $! > holder.pid)");
   bool held = false;
   for (int i = 0; i < 200 && !held; i++) {  // up to about 20 s on a loaded machine
     held = locked();
@@ -289,16 +305,17 @@ TEST_F(CliOpsTest, ForceShareIsRefusedByCommandsThatWrite) {
   MustSh("qemu-img create -q -f qcow2 a.qcow2 8M && qemu-io -c 'write -P 0x11 0 64k' a.qcow2 >/dev/null");
   MustSh("qemu-img snapshot -c s a.qcow2");
   std::string before = Sha256OfFile(F("a.qcow2"));
-  for (std::string args : {"snapshot -U -c t a.qcow2", "snapshot -U -d s a.qcow2",
-                                  "snapshot -U -a s a.qcow2", "check -U -r leaks a.qcow2",
-                                  "check -U -r all a.qcow2"}) {
+  for (std::string args : {"snapshot -U -c t a.qcow2", "snapshot -U -d s a.qcow2", "snapshot -U -a s a.qcow2",
+                           "check -U -r leaks a.qcow2", "check -U -r all a.qcow2"}) {
     SCOPED_TRACE(args);
     for (bool vimgfs : {true, false}) {
       CommandResult r = vimgfs ? V(args) : Q(args);
       EXPECT_EQ(r.exit_code, 1) << r.err;
       EXPECT_NE(r.err.find("Could not open 'a.qcow2': force-share=on can only be used with read-only images"),
-                std::string::npos) << r.err;
-      EXPECT_EQ(Sha256OfFile(F("a.qcow2")), before) << (vimgfs ? "vimgfs" : "qemu-img") << " changed the image";
+                std::string::npos)
+          << r.err;
+      EXPECT_EQ(Sha256OfFile(F("a.qcow2")), before)
+          << (vimgfs ? "vimgfs" : "qemu-img") << " changed the image";
     }
   }
   // Reading with -U is fine.

@@ -29,7 +29,7 @@ TEST_F(CliOptionsTest, BadCommandLinesFailAsInQemuImg) {
   for (const std::string& cmd : kCommands) {
     for (const std::string& args : bad) {
       if (args == "a.qcow2 b.qcow2 -f") {
-        if (cmd == "resize") continue;  // "-f" is taken as the size
+        if (cmd == "resize") continue;    // "-f" is taken as the size
         if (cmd == "snapshot") continue;  // vimgfs snapshot takes -f, qemu-img's does not
       }
       CommandResult q = Q(cmd + " " + args);
@@ -62,11 +62,20 @@ TEST_F(CliOptionsTest, UnderTheNameQemuImgErrorsReadAsQemuImgs) {
 
 TEST_F(CliOptionsTest, WrongOperandCountsFailAsInQemuImg) {
   MustSh("qemu-img create -q -f qcow2 a.qcow2 1M");
-  const std::vector<std::string> lines = {
-      "info", "info a.qcow2 a.qcow2", "check", "map a.qcow2 a.qcow2", "compare a.qcow2",
-      "compare a.qcow2 a.qcow2 a.qcow2", "convert a.qcow2", "snapshot", "snapshot -l -a x a.qcow2",
-      "commit", "rebase -b '' a.qcow2 a.qcow2", "resize a.qcow2", "resize a.qcow2 a.qcow2 1M",
-      "create -f qcow2"};
+  const std::vector<std::string> lines = {"info",
+                                          "info a.qcow2 a.qcow2",
+                                          "check",
+                                          "map a.qcow2 a.qcow2",
+                                          "compare a.qcow2",
+                                          "compare a.qcow2 a.qcow2 a.qcow2",
+                                          "convert a.qcow2",
+                                          "snapshot",
+                                          "snapshot -l -a x a.qcow2",
+                                          "commit",
+                                          "rebase -b '' a.qcow2 a.qcow2",
+                                          "resize a.qcow2",
+                                          "resize a.qcow2 a.qcow2 1M",
+                                          "create -f qcow2"};
   for (const std::string& line : lines) {
     SCOPED_TRACE(line);
     CommandResult q = Q(line);

@@ -255,7 +255,8 @@ std::function<Status(Env*)> Chain(const char* base_format, std::map<std::string,
     RETURN_IF_ERROR(Create(env, "qcow2", kTop, kDisk, options, "base.img", base_format));
     auto img = Open(env, kTop, false);
     if (!img) return Status::Corrupt("open failed");
-    for (uint64_t off : {uint64_t{4096}, kDisk / 4, kDisk / 2 - 512}) RETURN_IF_ERROR(img->Write(off, Pattern(30000, off)));
+    for (uint64_t off : {uint64_t{4096}, kDisk / 4, kDisk / 2 - 512})
+      RETURN_IF_ERROR(img->Write(off, Pattern(30000, off)));
     return img->Close();
   };
 }
@@ -273,9 +274,10 @@ class CrashPointTest : public ::testing::TestWithParam<Case> {
       auto data = ReadFile(*env, p);
       ASSERT_TRUE(data.ok());
       // qemu-img check needs the backing files beside the image.
-      test::WriteWholeFile(dir_.File(p.substr(p.rfind('/') + 1)),
-                           std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(data->data()),
-                                                reinterpret_cast<const uint8_t*>(data->data()) + data->size()));
+      test::WriteWholeFile(
+          dir_.File(p.substr(p.rfind('/') + 1)),
+          std::vector<uint8_t>(reinterpret_cast<const uint8_t*>(data->data()),
+                               reinterpret_cast<const uint8_t*>(data->data()) + data->size()));
       auto old = ReadFile(*pristine, p);
       if (!old.ok() || *old != *data) changed.push_back(p);
     }
@@ -284,17 +286,20 @@ class CrashPointTest : public ::testing::TestWithParam<Case> {
       ASSERT_TRUE(img) << p;
       auto report = img->Check(RepairMode::kNone);
       if (report.ok()) {
-        EXPECT_EQ(report->corruptions, 0) << p << ": " << (report->messages.empty() ? "" : report->messages[0]);
+        EXPECT_EQ(report->corruptions, 0)
+            << p << ": " << (report->messages.empty() ? "" : report->messages[0]);
         EXPECT_EQ(report->check_errors, 0) << p;
       } else {
         EXPECT_EQ(report.status().kind(), ErrorKind::kUnsupported) << report.status().message();
       }
       auto chk = RunCommand("qemu-img check " + Quote(dir_.File(p.substr(p.rfind('/') + 1))));
       EXPECT_TRUE(chk.exit_code == 0 || chk.exit_code == 3)
-          << p << ": qemu-img check says " << chk.exit_code << ":\n" << chk.out << chk.err;
+          << p << ": qemu-img check says " << chk.exit_code << ":\n"
+          << chk.out << chk.err;
     }
     View now = Look(env, kTop);
-    EXPECT_TRUE(now.disk == before.disk || now.disk == after.disk) << "the disk reads as neither before nor after";
+    EXPECT_TRUE(now.disk == before.disk || now.disk == after.disk)
+        << "the disk reads as neither before nor after";
     EXPECT_TRUE(now.snapshots == before.snapshots || now.snapshots == after.snapshots)
         << "the snapshot list is neither the one before nor after";
   }
@@ -369,7 +374,8 @@ std::vector<Case> Cases() {
     // qemu refuses to resize a v2 image that has snapshots (so does vimgfs): v2 shrinks
     // without them.
     const bool v2 = o.o.count("compat") && o.o.at("compat") == "0.10";
-    out.push_back({name("resize_shrink"), "qcow2", o.o, v2 ? Plain("qcow2", o.o) : WithSnapshots("qcow2", o.o),
+    out.push_back({name("resize_shrink"), "qcow2", o.o,
+                   v2 ? Plain("qcow2", o.o) : WithSnapshots("qcow2", o.o),
                    [](Env* e) { return Resize(e, kDisk / 3 & ~uint64_t{511}); }});
     out.push_back({name("commit"), "qcow2", o.o, Chain("qcow2", o.o, o.o), Commit});
     // The overlay shrunk to an unaligned size first: its last cluster keeps data past the

@@ -52,8 +52,8 @@ TEST_P(FaultTest, EveryFailedWriteLeavesACleanImage) {
   const FaultCase& fc = GetParam();
   test::TempDir dir;
   std::string pristine = dir.File("pristine.qcow2");
-  auto cr = RunCommand("qemu-img create -q -f qcow2 -o " + fc.create_options + " " +
-                       Quote(pristine) + " 16M");
+  auto cr =
+      RunCommand("qemu-img create -q -f qcow2 -o " + fc.create_options + " " + Quote(pristine) + " 16M");
   ASSERT_EQ(cr.exit_code, 0) << cr.err;
 
   // Clean run: count the writes.
@@ -102,18 +102,19 @@ TEST_P(FaultTest, EveryFailedWriteLeavesACleanImage) {
   EXPECT_GT(checked, 5);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Qcow2, FaultTest,
-    ::testing::Values(FaultCase{"cluster_size=512", EIO}, FaultCase{"cluster_size=512", ENOSPC},
-                      FaultCase{"cluster_size=65536,lazy_refcounts=on", EIO},
-                      FaultCase{"cluster_size=4096,refcount_bits=1", ENOSPC},
-                      FaultCase{"cluster_size=4096,compat=0.10", EIO}),
-    [](const auto& info) {
-      std::string n = info.param.create_options + (info.param.err == EIO ? "_EIO" : "_ENOSPC");
-      for (char& c : n)
-        if (!isalnum(static_cast<unsigned char>(c))) c = '_';
-      return n;
-    });
+INSTANTIATE_TEST_SUITE_P(Qcow2, FaultTest,
+                         ::testing::Values(FaultCase{"cluster_size=512", EIO},
+                                           FaultCase{"cluster_size=512", ENOSPC},
+                                           FaultCase{"cluster_size=65536,lazy_refcounts=on", EIO},
+                                           FaultCase{"cluster_size=4096,refcount_bits=1", ENOSPC},
+                                           FaultCase{"cluster_size=4096,compat=0.10", EIO}),
+                         [](const auto& info) {
+                           std::string n =
+                               info.param.create_options + (info.param.err == EIO ? "_EIO" : "_ENOSPC");
+                           for (char& c : n)
+                             if (!isalnum(static_cast<unsigned char>(c))) c = '_';
+                           return n;
+                         });
 
 }  // namespace
 }  // namespace vimgfs

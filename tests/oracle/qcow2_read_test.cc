@@ -66,8 +66,10 @@ void ExpectSameAsQemu(const test::TempDir& dir, const std::string& image, const 
 // Data-bearing guest ranges, merged: {start, end}.
 using Ranges = std::vector<std::pair<uint64_t, uint64_t>>;
 void AddRange(Ranges* r, uint64_t s, uint64_t e) {
-  if (!r->empty() && r->back().second == s) r->back().second = e;
-  else r->push_back({s, e});
+  if (!r->empty() && r->back().second == s)
+    r->back().second = e;
+  else
+    r->push_back({s, e});
 }
 
 void ExpectMapAgrees(const std::string& image) {
@@ -135,7 +137,8 @@ TEST(Qcow2ReadOracle, LayoutsMatchQemu) {
     test::TempDir dir;
     std::string img = dir.File("a.qcow2");
     uint64_t size = std::max<uint64_t>(8 << 20, 16 * c.cluster);
-    Sh(std::string("qemu-img create -q -f qcow2 -o ") + c.opts + " " + Quote(img) + " " + std::to_string(size));
+    Sh(std::string("qemu-img create -q -f qcow2 -o ") + c.opts + " " + Quote(img) + " " +
+       std::to_string(size));
     QemuIo(img, Workload(c.cluster));
     ExpectSameAsQemu(dir, img);
     ExpectMapAgrees(img);
@@ -157,7 +160,7 @@ TEST(Qcow2ReadOracle, CompressedZlibAndZstd) {
       std::fill(raw.begin() + (5 << 20), raw.begin() + (5 << 20) + 12288, 0x99);
       test::WriteWholeFile(src, raw);
       Sh("qemu-img convert -c -f raw -O qcow2 -o compression_type=" + std::string(type) +
-          ",cluster_size=" + cs + " " + Quote(src) + " " + Quote(img));
+         ",cluster_size=" + cs + " " + Quote(src) + " " + Quote(img));
       ExpectSameAsQemu(dir, img);
       ExpectMapAgrees(img);
       // Overwrite part of a compressed cluster with qemu, then read again.
@@ -175,10 +178,12 @@ TEST(Qcow2ReadOracle, BackingChainOfThree) {
     std::string base = dir.File("base.qcow2"), mid = dir.File("mid.qcow2"), top = dir.File("top.qcow2");
     Sh(std::string("qemu-img create -q -f qcow2 -o ") + opts + " " + Quote(base) + " 4M");
     QemuIo(base, {"write -P 0x01 0 4M"});
-    Sh(std::string("qemu-img create -q -f qcow2 -o ") + opts + " -b base.qcow2 -F qcow2 " + Quote(mid) + " 6M");
+    Sh(std::string("qemu-img create -q -f qcow2 -o ") + opts + " -b base.qcow2 -F qcow2 " + Quote(mid) +
+       " 6M");
     QemuIo(mid, {"write -P 0x02 64k 100k", "write -P 0x03 4M 1M"});
     if (std::string(opts) != "compat=0.10") QemuIo(mid, {"write -z 1M 128k"});
-    Sh(std::string("qemu-img create -q -f qcow2 -o ") + opts + " -b mid.qcow2 -F qcow2 " + Quote(top) + " 6M");
+    Sh(std::string("qemu-img create -q -f qcow2 -o ") + opts + " -b mid.qcow2 -F qcow2 " + Quote(top) +
+       " 6M");
     QemuIo(top, {"write -P 0x04 70k 3k", "write -P 0x05 3M 64k", "write -P 0x06 5M 4k"});
     ExpectSameAsQemu(dir, top);
     ExpectMapAgrees(top);
@@ -239,8 +244,8 @@ TEST(Qcow2ReadOracle, ExternalDataFile) {
     SCOPED_TRACE(raw);
     test::TempDir dir;
     std::string img = dir.File("d.qcow2");
-    Sh(std::string("qemu-img create -q -f qcow2 -o data_file=") + dir.File("d.data") + ",data_file_raw=" + raw + " " + Quote(img) +
-        " 4M");
+    Sh(std::string("qemu-img create -q -f qcow2 -o data_file=") + dir.File("d.data") +
+       ",data_file_raw=" + raw + " " + Quote(img) + " 4M");
     QemuIo(img, {"write -P 0x61 0 100k", "write -P 0x62 2M 64k"});
     ExpectSameAsQemu(dir, img);
     auto i = OpenRO(img);

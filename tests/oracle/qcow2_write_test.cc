@@ -68,10 +68,18 @@ void RandomWorkload(const std::string& image, const std::string& raw, uint64_t s
       uint64_t s_start = s * stripe, s_end = std::min(size, s_start + stripe);
       uint64_t len;
       switch (rng() % 4) {
-        case 0: len = 1 + rng() % 16; break;
-        case 1: len = 1 + rng() % 70000; break;
-        case 2: len = 1 + rng() % (600 << 10); break;
-        default: len = 1 + rng() % (3 << 20); break;
+        case 0:
+          len = 1 + rng() % 16;
+          break;
+        case 1:
+          len = 1 + rng() % 70000;
+          break;
+        case 2:
+          len = 1 + rng() % (600 << 10);
+          break;
+        default:
+          len = 1 + rng() % (3 << 20);
+          break;
       }
       len = std::min(len, s_end - s_start);
       uint64_t off = s_start + rng() % (s_end - s_start - len + 1);
@@ -178,7 +186,8 @@ TEST(Qcow2WriteOracle, SnapshotsAndChecksBesideWriters) {
       deleted++;
     }
     auto report = image.Check(RepairMode::kNone);
-    if (!report.ok()) failure = "check: " + report.error().message();
+    if (!report.ok())
+      failure = "check: " + report.error().message();
     else if (report->corruptions || report->check_errors)
       failure = "check found " + std::to_string(report->corruptions) + " corruptions";
   });
@@ -199,7 +208,8 @@ TEST(Qcow2WriteOracle, QemuImagesWithBackingAndCompressedClusters) {
     std::string base = dir.File("base.qcow2"), top = dir.File("top.qcow2"), raw = dir.File("top.raw");
     Sh(std::string("qemu-img create -q -f qcow2 -o ") + opts + " " + Quote(base) + " 24M");
     Sh("qemu-io -f qcow2 -c 'write -P 0x3c 0 24M' " + Quote(base));
-    Sh(std::string("qemu-img create -q -f qcow2 -o ") + opts + " -b base.qcow2 -F qcow2 " + Quote(top) + " 30M");
+    Sh(std::string("qemu-img create -q -f qcow2 -o ") + opts + " -b base.qcow2 -F qcow2 " + Quote(top) +
+       " 30M");
     Sh("qemu-io -f qcow2 -c 'write -P 0x7e 1M 3M' " + Quote(top));
     Sh("qemu-img convert -f qcow2 -O raw " + Quote(top) + " " + Quote(raw));
     RandomWorkload(top, raw, 100, 30);
@@ -214,8 +224,8 @@ TEST(Qcow2WriteOracle, QemuImagesWithBackingAndCompressedClusters) {
     std::vector<uint8_t> data(20 << 20);
     for (size_t i = 0; i < data.size(); i++) data[i] = static_cast<uint8_t>((i / 4096) * 7 + (i % 13 == 0));
     test::WriteWholeFile(src, data);
-    Sh("qemu-img convert -c -f raw -O qcow2 -o compression_type=" + std::string(type) + " " + Quote(src) + " " +
-       Quote(img));
+    Sh("qemu-img convert -c -f raw -O qcow2 -o compression_type=" + std::string(type) + " " + Quote(src) +
+       " " + Quote(img));
     Sh("cp " + Quote(src) + " " + Quote(raw));
     RandomWorkload(img, raw, 200, 30);
     ExpectCheckClean(img);
@@ -241,8 +251,8 @@ TEST(Qcow2WriteOracle, QemuReadsWhatVimgfsWrote) {
     ASSERT_TRUE(i->Close().ok());
   }
   auto r = RunCommand("qemu-io -f qcow2 -c 'read -P 0 0 3M' -c 'read -P 0x11 3M 3' -c 'read -P 0 " +
-                      std::to_string((3 << 20) + 3) + " 100' -c 'read -P 0xa5 " + std::to_string((5 << 20) + 1000) +
-                      " 100000' " + Quote(img));
+                      std::to_string((3 << 20) + 3) + " 100' -c 'read -P 0xa5 " +
+                      std::to_string((5 << 20) + 1000) + " 100000' " + Quote(img));
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
   ExpectCheckClean(img);
@@ -306,7 +316,8 @@ TEST(Qcow2WriteOracle, ResizeBackingAndSnapshotsStayClean) {
   EXPECT_NE(r.out.find("one"), std::string::npos) << r.out;
   EXPECT_NE(r.out.find("two"), std::string::npos) << r.out;
   // qemu sees snapshot "one" as vimgfs wrote it.
-  r = RunCommand("qemu-img convert -l snapshot.name=one -O raw " + Quote(img) + " " + Quote(dir.File("one.raw")));
+  r = RunCommand("qemu-img convert -l snapshot.name=one -O raw " + Quote(img) + " " +
+                 Quote(dir.File("one.raw")));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   r = RunCommand("qemu-io -f raw -c 'read -P 0 0 100' -c 'read -P 0xa1 100 300000' -c 'read -P 0xb2 " +
                  std::to_string((6ull << 30) + 7) + " 300000' " + Quote(dir.File("one.raw")));

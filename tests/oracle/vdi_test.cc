@@ -80,12 +80,10 @@ TEST(VdiOracle, QemuMadeImagesReadByteExact) {
     const char* name;
     const char* opts;
     const char* size;
-  } cases[] = {{"dyn.vdi", "", "20M"}, {"static.vdi", "-o static=on", "8M"},
-               {"odd.vdi", "", "5000000"}};
+  } cases[] = {{"dyn.vdi", "", "20M"}, {"static.vdi", "-o static=on", "8M"}, {"odd.vdi", "", "5000000"}};
   for (const Case& c : cases) {
     const std::string img = dir.File(c.name);
-    auto r = RunCommand(std::string("qemu-img create -q -f vdi ") + c.opts + " " + Quote(img) +
-                        " " + c.size);
+    auto r = RunCommand(std::string("qemu-img create -q -f vdi ") + c.opts + " " + Quote(img) + " " + c.size);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     auto size = OpenOrDie(img, true)->size();
     QemuIo(img, {"write -P 0x11 0 4k", "write -P 0x22 3M 1M", "write -P 0x33 1536k 700k",
@@ -107,8 +105,7 @@ TEST(VdiOracle, QemuMadeImagesReadByteExact) {
     // looks for holes in the host file there).
     if (std::string(c.name) != "static.vdi" && std::filesystem::exists(test::VimgfsBinary())) {
       for (const char* output : {"json", "human"}) {
-        auto ours = RunCommand(Quote(test::VimgfsBinary()) + " map --output=" + output + " " +
-                               Quote(img));
+        auto ours = RunCommand(Quote(test::VimgfsBinary()) + " map --output=" + output + " " + Quote(img));
         auto theirs = RunCommand(std::string("qemu-img map --output=") + output + " " + Quote(img));
         EXPECT_EQ(ours.out, theirs.out) << c.name;
       }
@@ -117,8 +114,7 @@ TEST(VdiOracle, QemuMadeImagesReadByteExact) {
 }
 
 // The same seeded writes go to a vimgfs image and to a raw file.
-void RandomWrites(Image& img, const std::string& raw_path, uint64_t seed, int n,
-                  uint64_t max_len) {
+void RandomWrites(Image& img, const std::string& raw_path, uint64_t seed, int n, uint64_t max_len) {
   std::mt19937_64 rng(seed);
   std::fstream raw(raw_path, std::ios::in | std::ios::out | std::ios::binary);
   for (int i = 0; i < n; ++i) {
@@ -143,8 +139,8 @@ TEST(VdiOracle, VimgfsWrittenImagesPassQemuCheckAndCompare) {
     ctx.size = size;
     if (is_static) ctx.options["static"] = "on";
     ASSERT_TRUE(Image::Create("vdi", ctx).ok());
-    auto r = RunCommand("qemu-img create -q -f raw " + Quote(raw_path) + " " +
-                        std::to_string(AlignUp(size, 512)));
+    auto r =
+        RunCommand("qemu-img create -q -f raw " + Quote(raw_path) + " " + std::to_string(AlignUp(size, 512)));
     ASSERT_EQ(r.exit_code, 0);
     {
       auto img = OpenOrDie(img_path, false);
@@ -235,12 +231,12 @@ TEST(VdiOracle, CheckFindsWhatQemuFinds) {
   struct Damage {
     uint64_t off;
     uint32_t value;
-  } damages[] = {{0x210, 1},           // block 4 shares data block 1 with block 3
-                 {0x210, 9},           // block 4 points past blocks_in_image
-                 {0x210, 4},           // past blocks_allocated, below blocks_in_image
-                 {0x184, 7},           // blocks_allocated too large
-                 {0x184, 1},           // too small
-                 {0x200, 0xfffffffe}}; // an allocated block turned into a zero block
+  } damages[] = {{0x210, 1},            // block 4 shares data block 1 with block 3
+                 {0x210, 9},            // block 4 points past blocks_in_image
+                 {0x210, 4},            // past blocks_allocated, below blocks_in_image
+                 {0x184, 7},            // blocks_allocated too large
+                 {0x184, 1},            // too small
+                 {0x200, 0xfffffffe}};  // an allocated block turned into a zero block
   for (const Damage& d : damages) {
     const std::string img = dir.File("damaged.vdi");
     std::filesystem::copy_file(base, img, std::filesystem::copy_options::overwrite_existing);
@@ -278,8 +274,8 @@ TEST(VdiOracle, HeaderErrorsMatchQemu) {
   struct Damage {
     uint64_t off;
     uint32_t value;
-  } damages[] = {{0x44, 0x00020001}, {0x154, 0x210}, {0x158, 0x410},
-                 {0x168, 1024},      {0x180, 2},     {0x1a8, 5}, {0x1b8, 5}};
+  } damages[] = {{0x44, 0x00020001}, {0x154, 0x210}, {0x158, 0x410}, {0x168, 1024},
+                 {0x180, 2},         {0x1a8, 5},     {0x1b8, 5}};
   for (const Damage& d : damages) {
     const std::string img = dir.File("bad.vdi");
     std::filesystem::copy_file(base, img, std::filesystem::copy_options::overwrite_existing);
@@ -339,9 +335,7 @@ TEST(VdiOracle, CorpusVirtualBoxImagesReadWithRecordedSha256) {
                                std::filesystem::copy_options::overwrite_existing);
     std::filesystem::remove(raw);
     if (test::HaveProgram("qemu-img")) {
-      ASSERT_EQ(RunCommand("qemu-img convert -f vdi -O raw " + Quote(copy) + " " + Quote(raw))
-                    .exit_code,
-                0);
+      ASSERT_EQ(RunCommand("qemu-img convert -f vdi -O raw " + Quote(copy) + " " + Quote(raw)).exit_code, 0);
     } else {
       ReadAllTo(copy, raw);
     }

@@ -141,7 +141,8 @@ TEST(VhdxOracle, QemuMadeImagesReadByteExact) {
                {"odd.vhdx", "", "5000001"}};
   for (const Case& c : cases) {
     const std::string img = dir.File(c.name);
-    auto r = RunCommand(std::string("qemu-img create -q -f vhdx ") + c.opts + " " + Quote(img) + " " + c.size);
+    auto r =
+        RunCommand(std::string("qemu-img create -q -f vhdx ") + c.opts + " " + Quote(img) + " " + c.size);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     ExpectSameAsQemuRaw(dir, img);  // empty
     auto v = OpenOrDie(img, true);
@@ -202,7 +203,9 @@ TEST(VhdxOracle, LogicalSector4096) {
   const std::string l4k = dir.File("l4k.vhdx");
   ASSERT_EQ(RunCommand("qemu-img create -q -f vhdx -o block_size=1M " + Quote(l4k) + " 16M").exit_code, 0);
   QemuIo(l4k, {"write -P 0x5a 4096 8192", "write -P 0x6b 5M 1M", "write -P 0x7c 15M 12k"});
-  ASSERT_EQ(RunCommand("qemu-img convert -f vhdx -O raw " + Quote(l4k) + " " + Quote(dir.File("l4k.raw"))).exit_code, 0);
+  ASSERT_EQ(RunCommand("qemu-img convert -f vhdx -O raw " + Quote(l4k) + " " + Quote(dir.File("l4k.raw")))
+                .exit_code,
+            0);
   SetSectorSizes(l4k, 4096, 4096);
   auto q = RunCommand("qemu-img info -f vhdx " + Quote(l4k));
   EXPECT_NE(q.exit_code, 0) << "qemu now opens 4096-byte logical sectors: compare with it directly";
@@ -221,7 +224,8 @@ TEST(VhdxOracle, LogicalSector4096) {
             0);
   const uint64_t offs[] = {(4ull << 30) - 4096, 4ull << 30, (5ull << 30) + 3 * kMiB + 512, big_size - 8192};
   std::vector<std::string> cmds;
-  for (size_t i = 0; i < std::size(offs); ++i) cmds.push_back(fmt::format("write -P 0x{:x} {} 8192", 0x21 + i, offs[i]));
+  for (size_t i = 0; i < std::size(offs); ++i)
+    cmds.push_back(fmt::format("write -P 0x{:x} {} 8192", 0x21 + i, offs[i]));
   QemuIo(big, cmds);
   RelayBatFor4096(big, kMiB, big_size);
   SetSectorSizes(big, 4096, 512);
@@ -315,7 +319,8 @@ TEST(VhdxOracle, TwoTiBSparse) {
   }
   std::vector<std::string> reads;
   for (size_t i = 0; i < std::size(ours); ++i)
-    reads.push_back(fmt::format("read -P 0x{:x} {} {}", 0x60 + i, ours[i], i + 1 < std::size(ours) ? 8192 : 4096));
+    reads.push_back(
+        fmt::format("read -P 0x{:x} {} {}", 0x60 + i, ours[i], i + 1 < std::size(ours) ? 8192 : 4096));
   reads.push_back(fmt::format("read -P 0x11 {} 4096", offs[1]));  // qemu's own write survives
   reads.push_back(fmt::format("read -P 0 {} 4096", (8ull << 30) + 4096));
   std::string line = "qemu-io -r -f vhdx";
@@ -334,9 +339,10 @@ TEST(VhdxOracle, SixtyFourTiBOfSmallBlocks) {
   test::TempDir dir;
   const std::string q = dir.File("q64.vhdx");
   const uint64_t size = 64ull << 40;
-  ASSERT_EQ(RunCommand("qemu-img create -q -f vhdx -o block_size=1M,block_state_zero=off " + Quote(q) + " 64T")
-                .exit_code,
-            0);
+  ASSERT_EQ(
+      RunCommand("qemu-img create -q -f vhdx -o block_size=1M,block_state_zero=off " + Quote(q) + " 64T")
+          .exit_code,
+      0);
   QemuIo(q, {fmt::format("write -P 0x3c {} 4096", size - 4096)});
   {
     auto v = OpenOrDie(q, true);
@@ -365,8 +371,8 @@ TEST(VhdxOracle, SixtyFourTiBOfSmallBlocks) {
     ASSERT_TRUE(w->Write(size - 4096, pat).ok());
     ASSERT_TRUE(w->Close().ok());
   }
-  auto r = RunCommand("qemu-io -r -f vhdx -c " + Quote(fmt::format("read -P 0x4d {} 4096", size - 4096)) + " " +
-                      Quote(ours));
+  auto r = RunCommand("qemu-io -r -f vhdx -c " + Quote(fmt::format("read -P 0x4d {} 4096", size - 4096)) +
+                      " " + Quote(ours));
   EXPECT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
   ExpectQemuCheckClean(ours);
@@ -553,7 +559,9 @@ TEST(VhdxOracle, LogIsReplayed) {
   std::filesystem::copy_file(logged, qcopy);
   auto r = RunCommand("qemu-img check -r all -f vhdx " + Quote(qcopy));
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-  ASSERT_EQ(RunCommand("qemu-img convert -f vhdx -O raw " + Quote(qcopy) + " " + Quote(dir.File("q.raw"))).exit_code, 0);
+  ASSERT_EQ(RunCommand("qemu-img convert -f vhdx -O raw " + Quote(qcopy) + " " + Quote(dir.File("q.raw")))
+                .exit_code,
+            0);
   const std::string want = test::Sha256OfFile(dir.File("q.raw"));
   {
     auto raw = test::ReadWholeFile(dir.File("q.raw"));
@@ -712,7 +720,9 @@ TEST(VhdxOracle, MalformedImagesGiveOneLineErrors) {
     EXPECT_NE(m.find(needle), std::string::npos) << what << ": " << m;
   };
   const std::string img = dir.File("bad.vhdx");
-  auto fresh = [&] { std::filesystem::copy_file(base, img, std::filesystem::copy_options::overwrite_existing); };
+  auto fresh = [&] {
+    std::filesystem::copy_file(base, img, std::filesystem::copy_options::overwrite_existing);
+  };
 
   fresh();
   Patch32(img, 64 * 1024 + 4, 0x12345678);
@@ -768,8 +778,11 @@ TEST(VhdxOracle, MalformedImagesGiveOneLineErrors) {
 TEST(VhdxOracle, CreateLayoutMatchesQemu) {
   REQUIRE_QEMU_IMG();
   test::TempDir dir;
-  const char* opts[] = {"", "subformat=fixed", "subformat=fixed,block_state_zero=off,block_size=1M",
-                        "block_size=2M,block_state_zero=off", "log_size=3M,block_size=4M",
+  const char* opts[] = {"",
+                        "subformat=fixed",
+                        "subformat=fixed,block_state_zero=off,block_size=1M",
+                        "block_size=2M,block_state_zero=off",
+                        "log_size=3M,block_size=4M",
                         "subformat=fixed,block_size=32M,block_state_zero=off"};
   const char* sizes[] = {"4M", "5000001", "20M", "3G"};
   auto read_at = [](const std::string& path, uint64_t off, uint64_t len) {
@@ -813,15 +826,18 @@ TEST(VhdxOracle, CreateLayoutMatchesQemu) {
 class VhdxCli : public test::CliTwinTest {};
 
 TEST_F(VhdxCli, MapAndCheckAsQemu) {
-  InBoth("qemu-img create -q -f vhdx -o block_size=1M dyn.vhdx 20M && "
-         "qemu-io -f vhdx -c 'write -P 1 1M 64k' -c 'write -z 3M 1M' -c 'write -P 2 15M 3M' dyn.vhdx >/dev/null");
+  InBoth(
+      "qemu-img create -q -f vhdx -o block_size=1M dyn.vhdx 20M && "
+      "qemu-io -f vhdx -c 'write -P 1 1M 64k' -c 'write -z 3M 1M' -c 'write -P 2 15M 3M' dyn.vhdx "
+      ">/dev/null");
   InBoth("qemu-img create -q -f vhdx -o subformat=fixed fixed.vhdx 9M");
   InBoth("qemu-img create -q -f vhdx empty.vhdx 0");
-  InBoth("qemu-img create -q -f qcow2 -b dyn.vhdx -F vhdx over.qcow2 24M && "
-         "qemu-io -f qcow2 -c 'write -P 3 0 512k' over.qcow2 >/dev/null");
+  InBoth(
+      "qemu-img create -q -f qcow2 -b dyn.vhdx -F vhdx over.qcow2 24M && "
+      "qemu-io -f qcow2 -c 'write -P 3 0 512k' over.qcow2 >/dev/null");
   for (const char* img : {"dyn.vhdx", "fixed.vhdx", "empty.vhdx", "over.qcow2"}) {
-    for (const char* args : {"", "--output=json", "--output=json --start-offset=1M --max-length=5M",
-                             "--start-offset=2M"}) {
+    for (const char* args :
+         {"", "--output=json", "--output=json --start-offset=1M --max-length=5M", "--start-offset=2M"}) {
       ExpectSame(std::string("map ") + args + " " + img);
     }
   }
@@ -862,7 +878,8 @@ TEST_F(VhdxCli, MapAndCheckAsQemu) {
 
 TEST(VhdxOracle, CorpusImagesReadWithRecordedSha256) {
   const std::string corpus = test::CorpusDir();
-  if (corpus.empty()) GTEST_SKIP() << "corpus not found (/work/shared/corpus, see VIMGFS_CORPUS in tests/CMakeLists.txt)";
+  if (corpus.empty())
+    GTEST_SKIP() << "corpus not found (/work/shared/corpus, see VIMGFS_CORPUS in tests/CMakeLists.txt)";
   test::TempDir dir;
   int seen = 0;
   for (const auto& row : test::CorpusManifest(corpus)) {

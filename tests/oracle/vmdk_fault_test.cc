@@ -23,8 +23,12 @@ struct Op {
   uint64_t len;
   bool zero;
 };
-const Op kOps[] = {{0, 70000, false},          {100000, 200000, false}, {(32 << 20) - 1000, 5000, false},
-                   {(40 << 20) + 3, 65536, false}, {1 << 20, 128 << 10, true}, {(63 << 20), 1 << 20, false}};
+const Op kOps[] = {{0, 70000, false},
+                   {100000, 200000, false},
+                   {(32 << 20) - 1000, 5000, false},
+                   {(40 << 20) + 3, 65536, false},
+                   {1 << 20, 128 << 10, true},
+                   {(63 << 20), 1 << 20, false}};
 
 std::vector<std::byte> Pattern(size_t n, int salt) {
   std::vector<std::byte> d(n);
@@ -126,15 +130,17 @@ TEST_P(VmdkFaultTest, EveryFailedWriteLeavesAConsistentImage) {
   EXPECT_EQ(checked, total_writes);
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Vmdk, VmdkFaultTest,
-    ::testing::Values(VmdkFaultCase{"", false, EIO}, VmdkFaultCase{"zeroed_grain=on", false, ENOSPC},
-                      VmdkFaultCase{"", true, EIO}, VmdkFaultCase{"zeroed_grain=on", true, ENOSPC}),
-    [](const auto& info) {
-      std::string n = std::string(*info.param.options ? "zeroed" : "plain") +
-                      (info.param.drop_gd_entry ? "_newgt" : "") + (info.param.err == EIO ? "_EIO" : "_ENOSPC");
-      return n;
-    });
+INSTANTIATE_TEST_SUITE_P(Vmdk, VmdkFaultTest,
+                         ::testing::Values(VmdkFaultCase{"", false, EIO},
+                                           VmdkFaultCase{"zeroed_grain=on", false, ENOSPC},
+                                           VmdkFaultCase{"", true, EIO},
+                                           VmdkFaultCase{"zeroed_grain=on", true, ENOSPC}),
+                         [](const auto& info) {
+                           std::string n = std::string(*info.param.options ? "zeroed" : "plain") +
+                                           (info.param.drop_gd_entry ? "_newgt" : "") +
+                                           (info.param.err == EIO ? "_EIO" : "_ENOSPC");
+                           return n;
+                         });
 
 }  // namespace
 }  // namespace vimgfs

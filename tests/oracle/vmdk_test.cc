@@ -131,8 +131,10 @@ TEST(VmdkOracle, StreamOptimizedFromQemuReadsByteExactAndRefusesWrites) {
   std::memset(data.data() + kMiB, 0, kMiB);           // a zero run: no grains stored
   std::memset(data.data() + 2 * kMiB, 0x5a, 100000);  // compressible
   test::WriteWholeFile(raw, data);
-  auto r = RunCommand("truncate -s 10M " + Quote(raw) + " && qemu-img convert -O vmdk -o "
-                      "subformat=streamOptimized " + Quote(raw) + " " + Quote(image));
+  auto r = RunCommand("truncate -s 10M " + Quote(raw) +
+                      " && qemu-img convert -O vmdk -o "
+                      "subformat=streamOptimized " +
+                      Quote(raw) + " " + Quote(image));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   ExpectSameAs(image, raw);
 
@@ -234,7 +236,9 @@ void WriteWorkload(const std::string& image, const std::string& raw, uint64_t si
     }
     std::fseek(f, static_cast<long>(off), SEEK_SET);
     std::fwrite(data.data(), 1, len, f);
-    if (i == 30) { ASSERT_TRUE(img->Flush().ok()); }
+    if (i == 30) {
+      ASSERT_TRUE(img->Flush().ok());
+    }
   }
   std::fclose(f);
   ASSERT_TRUE(img->Close().ok());
@@ -303,8 +307,7 @@ TEST(VmdkOracle, WritesOverAParentKeepTheParentAndMatchQemu) {
   EXPECT_EQ(info["backing-filename"], "base.vmdk");
   // Like qemu, the first write gives the image a new CID; the parent link is kept.
   EXPECT_NE(info["format-specific"]["data"]["cid"], cid_before);
-  EXPECT_EQ(info["format-specific"]["data"]["parent-cid"],
-            QemuInfo(base)["format-specific"]["data"]["cid"]);
+  EXPECT_EQ(info["format-specific"]["data"]["parent-cid"], QemuInfo(base)["format-specific"]["data"]["cid"]);
 }
 
 // Four threads writing disjoint random ranges at once (allocations interleave between
@@ -373,8 +376,9 @@ TEST(VmdkOracle, CowdSparseExtentReadsLikeQemu) {
   put32(5 * 512 + 4 * 255, 53);  // last grain
   for (size_t i = 0; i < 3 * 4096; i++) b[37 * 512 + i] = static_cast<uint8_t>(i * 7 + 3);
   test::WriteWholeFile(cowd, b);
-  const std::string text = "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n"
-                           "createType=\"vmfsSparse\"\nRW 2048 VMFSSPARSE \"c.vmdk\"\n";
+  const std::string text =
+      "# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n"
+      "createType=\"vmfsSparse\"\nRW 2048 VMFSSPARSE \"c.vmdk\"\n";
   test::WriteWholeFile(desc, std::vector<uint8_t>(text.begin(), text.end()));
   // qemu opens COWD through a descriptor only (a bare sparse file needs a CID for it).
   ExpectSameAsQemuRaw(dir, desc);
@@ -391,10 +395,14 @@ TEST(VmdkOracle, CowdSparseExtentReadsLikeQemu) {
 TEST(VmdkOracle, CreateMatchesQemuImgCreate) {
   REQUIRE_QEMU_IMG();
   test::TempDir dir;
-  const char* opts[] = {"subformat=monolithicSparse", "subformat=monolithicFlat",
-                        "subformat=twoGbMaxExtentSparse", "subformat=twoGbMaxExtentFlat",
-                        "subformat=streamOptimized", "zeroed_grain=on,adapter_type=lsilogic",
-                        "compat6=on", "hwversion=7,adapter_type=buslogic,toolsversion=123"};
+  const char* opts[] = {"subformat=monolithicSparse",
+                        "subformat=monolithicFlat",
+                        "subformat=twoGbMaxExtentSparse",
+                        "subformat=twoGbMaxExtentFlat",
+                        "subformat=streamOptimized",
+                        "zeroed_grain=on,adapter_type=lsilogic",
+                        "compat6=on",
+                        "hwversion=7,adapter_type=buslogic,toolsversion=123"};
   int n = 0;
   for (const char* o : opts) {
     SCOPED_TRACE(o);
@@ -439,7 +447,9 @@ TEST(VmdkOracle, CreateMatchesQemuImgCreate) {
     // The sparse file or descriptor bytes are equal once the CID line is masked (its
     // length varies: the CID is printed without leading zeros).
     auto qb = test::ReadWholeFile(q), vb = test::ReadWholeFile(v);
-    if (!text_desc) { ASSERT_EQ(qb.size(), vb.size()); }
+    if (!text_desc) {
+      ASSERT_EQ(qb.size(), vb.size());
+    }
     std::string qs(qb.begin(), qb.end()), vs(vb.begin(), vb.end());
     const bool sparse = qs.rfind("KDMV", 0) == 0;
     auto text = [&](const std::string& t) {
@@ -523,9 +533,10 @@ TEST(VmdkOracle, UntrustedRefusesExtentsOutsideTheFolder) {
   std::filesystem::create_directories(dir.File("in"));
   test::WriteWholeFile(dir.File("outside-flat.vmdk"), std::vector<uint8_t>(4096, 0x61));
   test::WriteWholeFile(dir.File("in/inside-flat.vmdk"), std::vector<uint8_t>(4096, 0x62));
-  const std::string text = "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n"
-                           "createType=\"twoGbMaxExtentFlat\"\n"
-                           "RW 8 FLAT \"inside-flat.vmdk\" 0\nRW 8 FLAT \"../outside-flat.vmdk\" 0\n";
+  const std::string text =
+      "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n"
+      "createType=\"twoGbMaxExtentFlat\"\n"
+      "RW 8 FLAT \"inside-flat.vmdk\" 0\nRW 8 FLAT \"../outside-flat.vmdk\" 0\n";
   test::WriteWholeFile(dir.File("in/d.vmdk"), std::vector<uint8_t>(text.begin(), text.end()));
   OpenOptions o;
   o.read_only = true;
@@ -601,7 +612,10 @@ TEST(VmdkOracle, CorpusImagesReadWithRecordedSha256AndBadOnesAreRefused) {
         std::vector<std::byte> buf(kMiB);
         bool failed = false;
         for (uint64_t off = 0; off < (*img)->size() && !failed; off += buf.size())
-          failed = !(*img)->Read(off, std::span(buf.data(), std::min<uint64_t>(buf.size(), (*img)->size() - off))).ok();
+          failed =
+              !(*img)
+                   ->Read(off, std::span(buf.data(), std::min<uint64_t>(buf.size(), (*img)->size() - off)))
+                   .ok();
         EXPECT_TRUE(failed) << "bad image opened and read without error";
       } else {
         EXPECT_EQ(img.error().message().find('\n'), std::string::npos);

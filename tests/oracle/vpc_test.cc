@@ -157,10 +157,11 @@ TEST(VpcOracle, VimgfsWrittenImagesReadBackInQemu) {
     ctx.options = c.options;
     ASSERT_TRUE(Image::Create("vpc", ctx).ok());
     // The size qemu gives the same request.
-    auto q = RunCommand("qemu-img create -q -f vpc " + Quote(dir.File("q.vhd")) + " " + std::to_string(c.size) +
-                        (c.options.count("force_size") ? " -o force_size=on" : ""));
+    auto q = RunCommand("qemu-img create -q -f vpc " + Quote(dir.File("q.vhd")) + " " +
+                        std::to_string(c.size) + (c.options.count("force_size") ? " -o force_size=on" : ""));
     ASSERT_EQ(q.exit_code, 0) << q.err;
-    auto qinfo = nlohmann::json::parse(RunCommand("qemu-img info -f vpc --output=json " + Quote(dir.File("q.vhd"))).out);
+    auto qinfo = nlohmann::json::parse(
+        RunCommand("qemu-img info -f vpc --output=json " + Quote(dir.File("q.vhd"))).out);
     std::vector<uint8_t> model;
     {
       auto img = OpenOrDie(path, false, "vpc");
@@ -240,7 +241,8 @@ TEST(VpcOracle, CreatedLayoutIsQemus) {
     // Equal but for the timestamp, the unique id and the checksum over them.
     for (size_t base = 0; base < a.size(); base += 512) {
       if (std::memcmp(b.data() + base, "conectix", 8) != 0) {
-        EXPECT_EQ(std::memcmp(a.data() + base, b.data() + base, std::min<size_t>(512, a.size() - base)), 0) << base;
+        EXPECT_EQ(std::memcmp(a.data() + base, b.data() + base, std::min<size_t>(512, a.size() - base)), 0)
+            << base;
         continue;
       }
       for (size_t i = 0; i < 512; ++i) {
@@ -268,7 +270,8 @@ struct Differencing {
   std::string parent, child;
   std::vector<uint8_t> expected;
 
-  explicit Differencing(const test::TempDir& dir) : parent(dir.File("base.vhd")), child(dir.File("child.vhd")) {
+  explicit Differencing(const test::TempDir& dir)
+      : parent(dir.File("base.vhd")), child(dir.File("child.vhd")) {
     auto r = RunCommand("qemu-img create -q -f vpc -o force_size=on " + Quote(parent) + " 4M");
     EXPECT_EQ(r.exit_code, 0) << r.err;
     QemuIo(parent, {"write -P 0xb0 0 4M"});
@@ -283,7 +286,8 @@ struct Differencing {
       p[vpc::foot::kHeads] = 16;
       p[vpc::foot::kSectorsPerTrack] = 63;
       StoreBE32(p + vpc::foot::kDiskType, vpc::kTypeDifferencing);
-      StoreBE32(p + vpc::foot::kChecksum, vpc::Checksum(std::as_bytes(std::span(p, 512)), vpc::foot::kChecksum));
+      StoreBE32(p + vpc::foot::kChecksum,
+                vpc::Checksum(std::as_bytes(std::span(p, 512)), vpc::foot::kChecksum));
     };
     footer(f.data());
     uint8_t* h = f.data() + 512;
@@ -304,8 +308,8 @@ struct Differencing {
     StoreBE32(h + vpc::dyn::kChecksum, vpc::Checksum(std::as_bytes(std::span(h, 1024)), vpc::dyn::kChecksum));
     std::memset(f.data() + 1536, 0xff, 512);
     StoreBE32(f.data() + 1536 + 4, 4096 / 512);  // block 1 at 4096
-    f[4096] = 0xff;  // sectors 0-7
-    f[4097] = 0x40;  // sector 9
+    f[4096] = 0xff;                              // sectors 0-7
+    f[4097] = 0x40;                              // sector 9
     std::memset(f.data() + 4096 + 512, 0xc1, kBlock);
     footer(f.data() + f.size() - 512);
     test::WriteWholeFile(child, f);
@@ -351,9 +355,9 @@ TEST(VpcOracle, DifferencingDiskReadsAbsentSectorsFromItsParent) {
   }
   // Both written blocks are now whole: qemu, which ignores the parent and the bitmaps,
   // sees the same bytes in them.
-  auto r = RunCommand("qemu-io -f vpc -c 'read -P 0xa1 " + std::to_string(d.kBlock + 20 * 512) + " 512' -c 'read -P 0xb0 " +
-                      std::to_string(d.kBlock + 21 * 512) + " 512' -c 'read -P 0xb0 " + std::to_string(3 * d.kBlock) +
-                      " 1000' " + Quote(d.child));
+  auto r = RunCommand("qemu-io -f vpc -c 'read -P 0xa1 " + std::to_string(d.kBlock + 20 * 512) +
+                      " 512' -c 'read -P 0xb0 " + std::to_string(d.kBlock + 21 * 512) +
+                      " 512' -c 'read -P 0xb0 " + std::to_string(3 * d.kBlock) + " 1000' " + Quote(d.child));
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
   // info shows the parent as the backing file.
@@ -389,7 +393,9 @@ TEST(VpcOracle, CorpusVhdsReadWithRecordedSha256) {
     std::string path = corpus + "/" + row[0];
     if (path.ends_with(".bz2") || path.ends_with(".gz")) {
       const std::string out = dir.File("unpacked.vhd");
-      ASSERT_EQ(RunCommand((path.ends_with(".gz") ? "zcat " : "bzcat ") + Quote(path) + " > " + Quote(out)).exit_code, 0);
+      ASSERT_EQ(RunCommand((path.ends_with(".gz") ? "zcat " : "bzcat ") + Quote(path) + " > " + Quote(out))
+                    .exit_code,
+                0);
       path = out;
     }
     if (row[0].rfind("bad/", 0) == 0) {
@@ -444,9 +450,12 @@ TEST(VpcOracle, MalformedImagesGiveOneClearError) {
     const char* expect;
   } mutations[] = {
       {"bad footer checksum", [](auto& f) { f[40] ^= 1; }, "checksum"},
-      {"bat past eof", [&](auto& f) { StoreBE64(&f[512 + vpc::dyn::kTableOffset], 1ull << 40); }, "outside the file"},
-      {"huge table", [&](auto& f) { StoreBE32(&f[512 + vpc::dyn::kMaxTableEntries], 0x40000001); }, "Max Table Entries"},
-      {"block size 3000", [&](auto& f) { StoreBE32(&f[512 + vpc::dyn::kBlockSize], 3000); }, "Invalid block size"},
+      {"bat past eof", [&](auto& f) { StoreBE64(&f[512 + vpc::dyn::kTableOffset], 1ull << 40); },
+       "outside the file"},
+      {"huge table", [&](auto& f) { StoreBE32(&f[512 + vpc::dyn::kMaxTableEntries], 0x40000001); },
+       "Max Table Entries"},
+      {"block size 3000", [&](auto& f) { StoreBE32(&f[512 + vpc::dyn::kBlockSize], 3000); },
+       "Invalid block size"},
       {"header past eof",
        [&](auto& f) {
          StoreBE64(&f[vpc::foot::kDataOffset], 1ull << 50);
@@ -512,13 +521,15 @@ TEST(VpcOracle, ContainersWithoutADriverAreRefusedNotReadAsRaw) {
   for (const char* fmt_name : {"qed", "qcow", "parallels", "luks"}) {
     SCOPED_TRACE(fmt_name);
     const std::string path = dir.File(std::string("x.") + fmt_name);
-    std::string extra = std::string(fmt_name) == "luks" ? " --object secret,id=s0,data=pw -o key-secret=s0,iter-time=10" : "";
+    std::string extra =
+        std::string(fmt_name) == "luks" ? " --object secret,id=s0,data=pw -o key-secret=s0,iter-time=10" : "";
     auto r = RunCommand(std::string("qemu-img create -q -f ") + fmt_name + extra + " " + Quote(path) + " 1M");
     ASSERT_EQ(r.exit_code, 0) << r.err;
     const auto before = test::ReadWholeFile(path);
     r = RunCommand(Vimgfs() + " info " + Quote(path));
     EXPECT_NE(r.exit_code, 0);
-    EXPECT_NE(r.err.find(std::string("image format '") + fmt_name + "' is not supported"), std::string::npos) << r.err;
+    EXPECT_NE(r.err.find(std::string("image format '") + fmt_name + "' is not supported"), std::string::npos)
+        << r.err;
     r = RunCommand(Vimgfs() + " info -f " + fmt_name + " " + Quote(path));
     EXPECT_NE(r.err.find("is not supported"), std::string::npos) << r.err;
     EXPECT_EQ(test::ReadWholeFile(path), before);

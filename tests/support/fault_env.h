@@ -17,8 +17,8 @@ struct FaultRule {
   std::optional<IoTag> tag;  // nullopt: any write
   int nth = 1;               // fail the nth matching write (1-based)
   int err = EIO;
-  bool sticky = false;       // keep failing every later matching write
-  bool fail_sync = false;    // also fail Sync once triggered
+  bool sticky = false;     // keep failing every later matching write
+  bool fail_sync = false;  // also fail Sync once triggered
 };
 
 class FaultEnv : public Env {

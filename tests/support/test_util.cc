@@ -44,15 +44,15 @@ CommandResult RunCommand(const std::string& command) {
 std::string Quote(const std::string& s) {
   std::string q = "'";
   for (char c : s) {
-    if (c == '\'') q += "'\\''";
-    else q += c;
+    if (c == '\'')
+      q += "'\\''";
+    else
+      q += c;
   }
   return q + "'";
 }
 
-bool HaveProgram(const std::string& name) {
-  return RunCommand("command -v " + Quote(name)).exit_code == 0;
-}
+bool HaveProgram(const std::string& name) { return RunCommand("command -v " + Quote(name)).exit_code == 0; }
 
 std::string VimgfsBinary() {
   if (const char* e = std::getenv("VIMGFS_BINARY")) return e;

@@ -50,9 +50,9 @@ void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data);
 std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed);
 
 // Skips the current test when qemu-img is missing (CI always has it).
-#define REQUIRE_QEMU_IMG()                                                \
-  do {                                                                    \
-    if (!::vimgfs::test::HaveProgram("qemu-img"))                         \
+#define REQUIRE_QEMU_IMG()                                                   \
+  do {                                                                       \
+    if (!::vimgfs::test::HaveProgram("qemu-img"))                            \
       GTEST_SKIP() << "qemu-img not installed (apt-get install qemu-utils)"; \
   } while (0)
 

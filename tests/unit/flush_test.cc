@@ -44,7 +44,9 @@ class GateEnv : public Env {
     ASSIGN_OR_RETURN(auto f, base_->Open(p, m));
     return std::unique_ptr<File>(new Gated(this, std::move(f)));
   }
-  Result<std::unique_ptr<File>> Create(const std::string& p, bool ex) override { return base_->Create(p, ex); }
+  Result<std::unique_ptr<File>> Create(const std::string& p, bool ex) override {
+    return base_->Create(p, ex);
+  }
   Status Remove(const std::string& p) override { return base_->Remove(p); }
   Result<FileStat> Stat(const std::string& p) override { return base_->Stat(p); }
 
@@ -187,9 +189,8 @@ TEST_P(FlushTest, FlushesArrivingDuringOneShareTheNext) {
 INSTANTIATE_TEST_SUITE_P(
     Formats, FlushTest,
     ::testing::Values(FormatCase{"raw", "raw", {}}, FormatCase{"qcow2", "qcow2", {}},
-                      FormatCase{"qcow2_v2", "qcow2", {{"compat", "0.10"}}},
-                      FormatCase{"vdi", "vdi", {}}, FormatCase{"vdi_static", "vdi", {{"static", "on"}}},
-                      FormatCase{"vmdk", "vmdk", {}},
+                      FormatCase{"qcow2_v2", "qcow2", {{"compat", "0.10"}}}, FormatCase{"vdi", "vdi", {}},
+                      FormatCase{"vdi_static", "vdi", {{"static", "on"}}}, FormatCase{"vmdk", "vmdk", {}},
                       FormatCase{"vmdk_split", "vmdk", {{"subformat", "twoGbMaxExtentSparse"}}},
                       FormatCase{"vmdk_flat", "vmdk", {{"subformat", "monolithicFlat"}}}),
     [](const auto& info) { return std::string(info.param.name); });

@@ -14,8 +14,8 @@ void ReplayDir(const std::string& dir, int* count) {
   for (const auto& e : std::filesystem::recursive_directory_iterator(dir)) {
     if (!e.is_regular_file() || e.file_size() > (64u << 20)) continue;
     std::string name = e.path().filename();
-    if (name == "MANIFEST.tsv" || name == "README.md" || name.ends_with(".sh") ||
-        name.ends_with(".bz2") || name.ends_with(".gz"))
+    if (name == "MANIFEST.tsv" || name == "README.md" || name.ends_with(".sh") || name.ends_with(".bz2") ||
+        name.ends_with(".gz"))
       continue;
     SCOPED_TRACE(e.path().string());
     auto bytes = test::ReadWholeFile(e.path());

@@ -206,7 +206,8 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(FormatCase{"raw", "raw", {}}, FormatCase{"qcow2", "qcow2", {}},
                       FormatCase{"qcow2_4k", "qcow2", {{"cluster_size", "4096"}}},
                       FormatCase{"qcow2_v2", "qcow2", {{"compat", "0.10"}}},
-                      FormatCase{"qcow2_refcount1", "qcow2", {{"refcount_bits", "1"}, {"cluster_size", "4096"}}},
+                      FormatCase{
+                          "qcow2_refcount1", "qcow2", {{"refcount_bits", "1"}, {"cluster_size", "4096"}}},
                       FormatCase{"qcow2_extended_l2", "qcow2", {{"extended_l2", "on"}}},
                       FormatCase{"qcow2_lazy", "qcow2", {{"lazy_refcounts", "on"}}},
                       FormatCase{"vdi", "vdi", {}}, FormatCase{"vdi_static", "vdi", {{"static", "on"}}},

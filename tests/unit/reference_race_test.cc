@@ -148,9 +148,10 @@ class ReferenceRace : public ::testing::TestWithParam<bool> {
 TEST_P(ReferenceRace, VmdkExtent) {
   std::string flat = dir_->File("disk-flat.vmdk");
   FillFile(flat, kGuestByte, kSize);
-  std::string desc = "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
-                     "createType=\"monolithicFlat\"\n\nRW 2048 FLAT \"disk-flat.vmdk\" 0\n\n"
-                     "ddb.virtualHWVersion = \"4\"\n";
+  std::string desc =
+      "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+      "createType=\"monolithicFlat\"\n\nRW 2048 FLAT \"disk-flat.vmdk\" 0\n\n"
+      "ddb.virtualHWVersion = \"4\"\n";
   test::WriteWholeFile(dir_->File("disk.vmdk"), std::vector<uint8_t>(desc.begin(), desc.end()));
   Race(dir_->File("disk.vmdk"), "vmdk", flat);
 }
@@ -207,14 +208,22 @@ TEST(ReferenceRules, RefusedWithoutBlocking) {
     bool ok;
   };
   std::vector<Case> cases = {
-      {"real.raw", true, true},          {"./sub/nested.raw", true, true},
-      {dir.File("real.raw"), true, true}, {"inside-link", true, false},
-      {"outside-link", true, false},     {"../" + outside.path().substr(outside.path().rfind('/') + 1) + "/secret", true, false},
-      {secret, true, false},             {"fifo", true, false},
-      {"sub", true, false},              {"missing", true, false},
-      {"inside-link", false, true},      {"outside-link", false, true},
-      {"fifo", false, false},            {"sub", false, false},
-      {"json:{}", false, false},         {"nbd://host/x", false, false},
+      {"real.raw", true, true},
+      {"./sub/nested.raw", true, true},
+      {dir.File("real.raw"), true, true},
+      {"inside-link", true, false},
+      {"outside-link", true, false},
+      {"../" + outside.path().substr(outside.path().rfind('/') + 1) + "/secret", true, false},
+      {secret, true, false},
+      {"fifo", true, false},
+      {"sub", true, false},
+      {"missing", true, false},
+      {"inside-link", false, true},
+      {"outside-link", false, true},
+      {"fifo", false, false},
+      {"sub", false, false},
+      {"json:{}", false, false},
+      {"nbd://host/x", false, false},
   };
   for (const Case& c : cases) {
     WithWatchdog([&] {

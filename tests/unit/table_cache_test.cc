@@ -41,7 +41,9 @@ class RecordingFile final : public File {
   std::string path_ = "rec";
 };
 
-std::string W(IoTag t, uint64_t off) { return "W" + std::to_string(static_cast<int>(t)) + "@" + std::to_string(off); }
+std::string W(IoTag t, uint64_t off) {
+  return "W" + std::to_string(static_cast<int>(t)) + "@" + std::to_string(off);
+}
 
 TEST(TableCacheTest, DependencyFlushesFirstCacheBeforeWriting) {
   RecordingFile f;

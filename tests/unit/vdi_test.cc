@@ -25,8 +25,7 @@ class VdiTest : public ::testing::Test {
  public:
   void SetUp() override { env_ = NewMemEnv(); }
 
-  void Create(const std::string& path, uint64_t size,
-              std::map<std::string, std::string> opts = {}) {
+  void Create(const std::string& path, uint64_t size, std::map<std::string, std::string> opts = {}) {
     CreateContext ctx;
     ctx.env = env_.get();
     ctx.path = path;
@@ -66,9 +65,7 @@ class VdiTest : public ::testing::Test {
     StoreLE64(b, v);
     ASSERT_TRUE((*f)->PWrite(off, b).ok());
   }
-  uint32_t Peek32(const std::string& path, uint64_t off) {
-    return LoadLE32(ReadFile(path).data() + off);
-  }
+  uint32_t Peek32(const std::string& path, uint64_t off) { return LoadLE32(ReadFile(path).data() + off); }
   CheckReport Check(const std::string& path) {
     auto img = Open(path, true);
     EXPECT_TRUE(img.ok()) << img.error().message();
@@ -102,7 +99,7 @@ TEST_F(VdiTest, CreateDynamicMatchesQemuLayout) {
   EXPECT_EQ(LoadLE32(&f[0x180]), 10u);
   EXPECT_EQ(LoadLE32(&f[0x184]), 0u);
   EXPECT_NE(0, std::memcmp(&f[0x188], &f[0x198], 16));  // two random UUIDs
-  EXPECT_EQ(static_cast<uint8_t>(f[0x18f]) >> 4, 4);     // version 4
+  EXPECT_EQ(static_cast<uint8_t>(f[0x18f]) >> 4, 4);    // version 4
   for (int b = 0; b < 10; ++b) EXPECT_EQ(LoadLE32(&f[0x200 + 4 * b]), vdi::kBlockFree);
 
   auto img = Open("d.vdi");
@@ -466,13 +463,13 @@ TEST_F(VdiTest, ReadsVersion0Layout) {
   std::vector<std::byte> f(420 + 8 + 2 * kMiB);
   StoreLE32(&f[0x40], vdi::kSignature);
   StoreLE32(&f[0x44], 0);
-  StoreLE32(&f[0x48], 1);           // dynamic
-  StoreLE64(&f[0x160], 2 * kMiB);   // disk size
-  StoreLE32(&f[0x168], kMiB);       // block size
-  StoreLE32(&f[0x16c], 2);          // blocks
-  StoreLE32(&f[0x170], 1);          // allocated
+  StoreLE32(&f[0x48], 1);          // dynamic
+  StoreLE64(&f[0x160], 2 * kMiB);  // disk size
+  StoreLE32(&f[0x168], kMiB);      // block size
+  StoreLE32(&f[0x16c], 2);         // blocks
+  StoreLE32(&f[0x170], 1);         // allocated
   StoreLE32(&f[420], vdi::kBlockFree);
-  StoreLE32(&f[424], 0);            // block 1 -> data block 0 at 428
+  StoreLE32(&f[424], 0);  // block 1 -> data block 0 at 428
   auto data = Pattern(kMiB, 8);
   std::memcpy(&f[428], data.data(), kMiB);
   {
@@ -523,7 +520,8 @@ TEST_F(VdiHostileTest, EachBadHeaderGivesOneClearError) {
     return [=](VdiTest* t, const std::string& p) { t->Poke32(p, off, v); };
   };
   const std::vector<Mutation> cases = {
-      {"truncated", [](VdiTest* t, const std::string& p) { static_cast<VdiHostileTest*>(t)->Truncate(p, 300); },
+      {"truncated",
+       [](VdiTest* t, const std::string& p) { static_cast<VdiHostileTest*>(t)->Truncate(p, 300); },
        "truncated VDI header"},
       {"tiny", [](VdiTest* t, const std::string& p) { static_cast<VdiHostileTest*>(t)->Truncate(p, 10); },
        "too small"},
@@ -584,8 +582,7 @@ TEST_F(VdiHostileTest, RandomDamageNeverCrashes) {
     }
     auto img = Open("fz.vdi");
     if (!img.ok()) {
-      EXPECT_NE(img.error().message().find("fz.vdi"), std::string::npos)
-          << img.error().message();
+      EXPECT_NE(img.error().message().find("fz.vdi"), std::string::npos) << img.error().message();
       continue;
     }
     ++opened;

@@ -92,17 +92,17 @@ TEST(VmdkDescriptor, ParsesVmwareStyleLinesAllAccessModesAndKinds) {
 
 TEST(VmdkDescriptor, MalformedExtentLinesAreOneClearError) {
   const char* bad[] = {
-      "RW 100 FLAT \"x.vmdk\"",            // FLAT needs an offset
-      "RW abc SPARSE \"x.vmdk\"",          // size not a number
-      "RW 0 SPARSE \"x.vmdk\"",            // zero size
+      "RW 100 FLAT \"x.vmdk\"",                // FLAT needs an offset
+      "RW abc SPARSE \"x.vmdk\"",              // size not a number
+      "RW 0 SPARSE \"x.vmdk\"",                // zero size
       "RW 99999999999999999999 FLAT \"x\" 0",  // overflows
       "RW 4611686018427387904 FLAT \"x\" 0",   // 2^62 sectors: absurd
-      "RW 100 BOGUS \"x.vmdk\"",           // unknown kind
-      "RW 100 SPARSE x.vmdk",              // unquoted name
-      "RW 100 SPARSE \"x.vmdk",            // unterminated name
-      "RW 100 SPARSE \"x.vmdk\" 5",        // offset on a sparse extent
-      "RW 100 FLAT \"x.vmdk\" 0 extra",    // trailing text
-      "RW 100 FLAT \"\" 0",                // empty name
+      "RW 100 BOGUS \"x.vmdk\"",               // unknown kind
+      "RW 100 SPARSE x.vmdk",                  // unquoted name
+      "RW 100 SPARSE \"x.vmdk",                // unterminated name
+      "RW 100 SPARSE \"x.vmdk\" 5",            // offset on a sparse extent
+      "RW 100 FLAT \"x.vmdk\" 0 extra",        // trailing text
+      "RW 100 FLAT \"\" 0",                    // empty name
   };
   for (const char* line : bad) {
     std::string text = std::string("version=1\ncreateType=\"monolithicFlat\"\n") + line + "\n";
@@ -200,7 +200,9 @@ class VmdkMemTest : public ::testing::Test {
     ASSERT_TRUE(f.ok());
     ASSERT_TRUE((*f)->PWrite(0, bytes).ok());
   }
-  void PutText(const std::string& path, const std::string& text) { Put(path, std::as_bytes(std::span(text))); }
+  void PutText(const std::string& path, const std::string& text) {
+    Put(path, std::as_bytes(std::span(text)));
+  }
   Result<std::unique_ptr<Image>> Open(const std::string& path, bool ro = true) {
     OpenOptions o;
     o.env = env.get();
@@ -242,8 +244,10 @@ TEST_F(VmdkMemTest, HostileSparseHeadersGiveOneClearError) {
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);
     auto b = good;
-    if (c.width == 4) StoreLE32(b.data() + c.field, static_cast<uint32_t>(c.value));
-    else StoreLE64(b.data() + c.field, c.value);
+    if (c.width == 4)
+      StoreLE32(b.data() + c.field, static_cast<uint32_t>(c.value));
+    else
+      StoreLE64(b.data() + c.field, c.value);
     Put(c.name, b);
     ExpectRefused(c.name, c.what);
   }
@@ -261,8 +265,9 @@ TEST_F(VmdkMemTest, HostileSparseHeadersGiveOneClearError) {
 
 TEST_F(VmdkMemTest, DescriptorLoopsAndBadExtentsAreRefused) {
   // A descriptor naming itself as its sparse extent.
-  PutText("self.vmdk", "# Disk DescriptorFile\nversion=1\ncreateType=\"twoGbMaxExtentSparse\"\n"
-                       "RW 100 SPARSE \"self.vmdk\"\n");
+  PutText("self.vmdk",
+          "# Disk DescriptorFile\nversion=1\ncreateType=\"twoGbMaxExtentSparse\"\n"
+          "RW 100 SPARSE \"self.vmdk\"\n");
   ExpectRefused("self.vmdk", "self.vmdk");
   // A capacity-0 sparse container whose embedded descriptor names the container itself.
   SparseHeader h;
@@ -271,8 +276,9 @@ TEST_F(VmdkMemTest, DescriptorLoopsAndBadExtentsAreRefused) {
   h.grain_size = 128;
   std::vector<std::byte> c(3 * 512);
   EncodeSparseHeader(h, c.data());
-  std::string text = "# Disk DescriptorFile\nversion=1\ncreateType=\"twoGbMaxExtentSparse\"\n"
-                     "RW 100 SPARSE \"box.vmdk\"\n";
+  std::string text =
+      "# Disk DescriptorFile\nversion=1\ncreateType=\"twoGbMaxExtentSparse\"\n"
+      "RW 100 SPARSE \"box.vmdk\"\n";
   std::memcpy(c.data() + 512, text.data(), text.size());
   Put("box.vmdk", c);
   ExpectRefused("box.vmdk", "descriptor");
@@ -287,8 +293,9 @@ TEST_F(VmdkMemTest, DescriptorLoopsAndBadExtentsAreRefused) {
   PutText("proto.vmdk", "version=1\ncreateType=\"monolithicFlat\"\nRW 100 FLAT \"nbd:host:1\" 0\n");
   ExpectRefused("proto.vmdk", "nbd:host:1");
   // Absurd total size.
-  PutText("huge.vmdk", "version=1\ncreateType=\"monolithicFlat\"\nRW 4503599627370496 ZERO\n"
-                       "RW 4503599627370496 ZERO\n");
+  PutText("huge.vmdk",
+          "version=1\ncreateType=\"monolithicFlat\"\nRW 4503599627370496 ZERO\n"
+          "RW 4503599627370496 ZERO\n");
   ExpectRefused("huge.vmdk", "extents add up");
 }
 
@@ -298,11 +305,12 @@ TEST_F(VmdkMemTest, MultiExtentFlatAndZeroDiskReadsInGuestOrder) {
   for (size_t i = 0; i < b.size(); i++) b[i] = std::byte(0x80 | (i % 7));
   Put("a-flat.vmdk", a);
   Put("b-flat.vmdk", b);
-  PutText("multi.vmdk", "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n"
-                        "createType=\"twoGbMaxExtentFlat\"\n"
-                        "RW 8 FLAT \"a-flat.vmdk\" 0\n"
-                        "RW 2 ZERO\n"
-                        "RW 4 FLAT \"b-flat.vmdk\" 8\n");
+  PutText("multi.vmdk",
+          "# Disk DescriptorFile\nversion=1\nCID=1\nparentCID=ffffffff\n"
+          "createType=\"twoGbMaxExtentFlat\"\n"
+          "RW 8 FLAT \"a-flat.vmdk\" 0\n"
+          "RW 2 ZERO\n"
+          "RW 4 FLAT \"b-flat.vmdk\" 8\n");
   auto img = Open("multi.vmdk", false);
   ASSERT_TRUE(img.ok()) << img.error().message();
   ASSERT_EQ((*img)->size(), 14u * 512);

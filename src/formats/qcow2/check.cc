@@ -31,7 +31,11 @@ class Counter {
  public:
   Counter(std::vector<uint32_t>* refs, CheckReport* r, uint32_t cluster_bits, uint64_t file_size,
           uint64_t refcount_max)
-      : refs_(refs), r_(r), bits_(cluster_bits), cs_(1ull << cluster_bits), file_size_(file_size),
+      : refs_(refs),
+        r_(r),
+        bits_(cluster_bits),
+        cs_(1ull << cluster_bits),
+        file_size_(file_size),
         max_(std::min<uint64_t>(refcount_max, UINT32_MAX)) {}
 
   // Adds `times` references to every cluster [off, off+len) touches.
@@ -41,7 +45,8 @@ class Counter {
     if (off > UINT64_MAX - len - cs_ || off + len >= file_size_ + cs_) {
       r_->corruptions += times;
       Report(r_, fmt::format("ERROR: counting reference for region exceeding the end of the file by one "
-                             "cluster or more: offset {:#x} size {:#x}", off, len));
+                             "cluster or more: offset {:#x} size {:#x}",
+                             off, len));
       return;
     }
     uint64_t first = off >> bits_, last = (off + len - 1) >> bits_;
@@ -109,8 +114,8 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
       cnt.Add(l2_off, cluster_size_);
       if (!IsAligned(l2_off, cluster_size_)) {
         report->corruptions++;
-        Report(report, fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted",
-                                   l2_off));
+        Report(report,
+               fmt::format("ERROR l2_offset={:x}: Table is not cluster aligned; L1 entry corrupted", l2_off));
       }
       L2Use& u = l2_tables[l2_off];
       u.times++;
@@ -141,13 +146,15 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
     if (!IsAligned(s.l1_table_offset, cluster_size_)) {
       report->corruptions++;
       Report(report, fmt::format("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; "
-                                 "snapshot table entry corrupted", s.id, s.name, s.l1_table_offset));
+                                 "snapshot table entry corrupted",
+                                 s.id, s.name, s.l1_table_offset));
       continue;
     }
     if (uint64_t{s.l1_size} * 8 > limits::kMaxL1Bytes) {
       report->corruptions++;
       Report(report, fmt::format("ERROR snapshot {} ({}) l1_size={:#x}: L1 table is too large; snapshot "
-                                 "table entry corrupted", s.id, s.name, s.l1_size));
+                                 "table entry corrupted",
+                                 s.id, s.name, s.l1_size));
       continue;
     }
     RETURN_IF_ERROR(walk_l1(s.l1_table_offset, s.l1_size, false));
@@ -178,7 +185,8 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
         if (IsCopied(e)) {
           report->corruptions += use.times;
           Report(report, fmt::format("ERROR: coffset={:#x}: copied flag must never be set for compressed "
-                                     "clusters", coff));
+                                     "clusters",
+                                     coff));
         }
         if (data_file) {
           report->corruptions += use.times;
@@ -187,8 +195,10 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
         }
         if (bm) {
           report->corruptions += use.times;
-          Report(report, fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation bitmap, "
-                                     "entry={:#x}", j, e));
+          Report(report,
+                 fmt::format("ERROR compressed cluster {} with non-zero subcluster allocation bitmap, "
+                             "entry={:#x}",
+                             j, e));
           continue;
         }
         cnt.Add(coff, CompressedLength(e, cluster_bits_), use.times);
@@ -214,25 +224,30 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
       if (SubAllocBits(bm) & SubZeroBits(bm)) {
         report->corruptions += use.times;
         Report(report, fmt::format("ERROR offset={:x}: Allocated cluster has corrupted subcluster allocation "
-                                   "bitmap", host));
+                                   "bitmap",
+                                   host));
       }
       if (!IsAligned(host, cluster_size_)) {
         bool has_data = extended_l2_ ? SubAllocBits(bm) != 0 : !zero_flag;
         if (has_data) {
           report->corruptions += use.times;
           Report(report, fmt::format("ERROR offset={:x}: Data cluster is not properly aligned; L2 entry "
-                                     "corrupted.", host));
+                                     "corrupted.",
+                                     host));
         } else if (mode == RepairMode::kAll && cached) {
           // A preallocated zero cluster loses its (bad) cluster and keeps reading zeros.
           Report(report, fmt::format("Repairing offset={:x}: Preallocated cluster is not properly aligned; "
-                                     "L2 entry corrupted.", host));
-          StoreL2(t, j, extended_l2_ ? 0 : kFlagZero, extended_l2_ ? MakeSubBitmap(0, SubZeroBits(bm) | SubAllocBits(bm)) : 0);
+                                     "L2 entry corrupted.",
+                                     host));
+          StoreL2(t, j, extended_l2_ ? 0 : kFlagZero,
+                  extended_l2_ ? MakeSubBitmap(0, SubZeroBits(bm) | SubAllocBits(bm)) : 0);
           report->corruptions_fixed++;
           continue;
         } else {
           report->corruptions += use.times;
           Report(report, fmt::format("ERROR offset={:x}: Preallocated cluster is not properly aligned; L2 "
-                                     "entry corrupted.", host));
+                                     "entry corrupted.",
+                                     host));
         }
       }
       if (use.active_times) {
@@ -287,7 +302,8 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
     if (!IsAligned(e, cluster_size_)) {
       report->corruptions++;
       Report(report, fmt::format("ERROR refcount block {} is not cluster aligned; refcount table entry "
-                                 "corrupted", i));
+                                 "corrupted",
+                                 i));
       *rebuild = true;
       continue;
     }
@@ -326,10 +342,13 @@ Status Qcow2Map::CompareRefcounts(const std::vector<uint32_t>& refs, RepairMode 
     // A referenced cluster counted as free needs the structure rebuilt (qemu: the block
     // holding its count may itself be what is wrong).
     if (stored == 0) *rebuild = true;
-    bool fix = stored != 0 && ((stored > ref && mode != RepairMode::kNone) ||
-                               (stored < ref && mode == RepairMode::kAll));
+    bool fix = stored != 0 &&
+               ((stored > ref && mode != RepairMode::kNone) || (stored < ref && mode == RepairMode::kAll));
     Report(r, fmt::format("{} cluster {} refcount={} reference={}",
-                          fix ? "Repairing" : stored < ref ? "ERROR" : "Leaked", c, stored, ref));
+                          fix            ? "Repairing"
+                          : stored < ref ? "ERROR"
+                                         : "Leaked",
+                          c, stored, ref));
     if (fix) {
       RETURN_IF_ERROR(SetRefcount(c, std::min<uint64_t>(ref, refcount_max_)));
       (stored < ref ? r->corruptions_fixed : r->leaks_fixed)++;

@@ -40,10 +40,10 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   if (h.has_data_file()) {
     if (!h.data_file || h.data_file->empty())
       return Status::InvalidFormat("'{}': image uses an external data file but does not name it", path);
-    ASSIGN_OR_RETURN(OpenedReference ref,
-                     OpenReference(*m->env_, path, *h.data_file,
-                                   m->read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite,
-                                   ctx.options.untrusted));
+    ASSIGN_OR_RETURN(
+        OpenedReference ref,
+        OpenReference(*m->env_, path, *h.data_file,
+                      m->read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite, ctx.options.untrusted));
     m->data_file_ = std::move(ref.file);
     m->data_ = m->data_file_.get();
   } else {
@@ -61,8 +61,7 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
     if (!found)
       for (const Snapshot& s : m->snapshots_)
         if (s.name == ctx.options.snapshot) found = &s;
-    if (!found)
-      return Status::NotFound("'{}': no snapshot '{}' in the image", path, ctx.options.snapshot);
+    if (!found) return Status::NotFound("'{}': no snapshot '{}' in the image", path, ctx.options.snapshot);
     l1_offset = found->l1_table_offset;
     l1_size = found->l1_size;
     if (found->has_disk_size) m->size_ = found->disk_size;
@@ -82,8 +81,8 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   m->reftable_.resize(rt_entries);
   {
     std::vector<std::byte> raw(rt_entries * 8);
-    RETURN_IF_ERROR(m->file_->PRead(h.refcount_table_offset, raw)
-                        .WithContext("'{}': reading the refcount table", path));
+    RETURN_IF_ERROR(
+        m->file_->PRead(h.refcount_table_offset, raw).WithContext("'{}': reading the refcount table", path));
     for (uint64_t i = 0; i < rt_entries; i++) m->reftable_[i] = LoadBE64(raw.data() + i * 8);
   }
 
@@ -102,8 +101,8 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
       rewrite = true;
     }
     // Auto-clear features we do not maintain must be cleared before we write.
-    uint64_t keep = h.autoclear_features &
-                    (kAutoclearDataFileRaw | (ctx.options.keep_bitmaps ? kAutoclearBitmaps : 0));
+    uint64_t keep =
+        h.autoclear_features & (kAutoclearDataFileRaw | (ctx.options.keep_bitmaps ? kAutoclearBitmaps : 0));
     if (keep != h.autoclear_features) {
       h.autoclear_features = keep;
       rewrite = true;

@@ -15,7 +15,8 @@ Status Qcow2Map::WriteCompressed(uint64_t guest_off, std::span<const std::byte> 
   if (header_.has_data_file())
     return Status::Unsupported("'{}': compressed clusters cannot be used with an external data file", path_);
   if (!IsAligned(guest_off, cluster_size_) || guest_off >= size_)
-    return Status::InvalidArgument("'{}': compressed write at {:#x} is not a whole cluster", path_, guest_off);
+    return Status::InvalidArgument("'{}': compressed write at {:#x} is not a whole cluster", path_,
+                                   guest_off);
   const uint64_t len = stream.size();
   if (len == 0 || len >= cluster_size_)
     return Status::InvalidArgument("'{}': compressed stream of {} bytes does not fit a cluster", path_, len);

@@ -50,9 +50,12 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
     } else if (key == "cluster_size") {
       ASSIGN_OR_RETURN(cluster_size, ParseSize(v));
     } else if (key == "compat") {
-      if (v == "0.10" || v == "v2") p.version = 2;
-      else if (v == "1.1" || v == "v3") p.version = 3;
-      else return Status::InvalidArgument("Parameter 'version' does not accept value '{}'", v);
+      if (v == "0.10" || v == "v2")
+        p.version = 2;
+      else if (v == "1.1" || v == "v3")
+        p.version = 3;
+      else
+        return Status::InvalidArgument("Parameter 'version' does not accept value '{}'", v);
     } else if (key == "lazy_refcounts") {
       ASSIGN_OR_RETURN(p.lazy_refcounts, ParseBoolOption(key, v));
     } else if (key == "refcount_bits") {
@@ -60,9 +63,12 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
       refcount_bits = std::strtoull(v.c_str(), &endp, 0);
       if (v.empty() || *endp) return Status::InvalidArgument("Parameter 'refcount-bits' expects a number");
     } else if (key == "compression_type") {
-      if (v == "zlib") p.compression = kCompressionZlib;
-      else if (v == "zstd") p.compression = kCompressionZstd;
-      else return Status::InvalidArgument("Parameter 'compression-type' does not accept value '{}'", v);
+      if (v == "zlib")
+        p.compression = kCompressionZlib;
+      else if (v == "zstd")
+        p.compression = kCompressionZstd;
+      else
+        return Status::InvalidArgument("Parameter 'compression-type' does not accept value '{}'", v);
       compression_set = true;
     } else if (key == "extended_l2") {
       ASSIGN_OR_RETURN(p.extended_l2, ParseBoolOption(key, v));
@@ -88,40 +94,48 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
     }
   }
   if (p.extended_l2 && p.version < 3)
-    return Status::InvalidArgument("Extended L2 entries are only supported with compatibility level 1.1 and "
-                                   "above (use version=v3 or greater)");
+    return Status::InvalidArgument(
+        "Extended L2 entries are only supported with compatibility level 1.1 and "
+        "above (use version=v3 or greater)");
   if (!IsPowerOfTwo(cluster_size) || cluster_size < 512 || cluster_size > (2u << 20))
     return Status::InvalidArgument("Cluster size must be a power of two between 512 and 2048k");
   p.cluster_bits = static_cast<uint32_t>(__builtin_ctzll(cluster_size));
   if (p.extended_l2 && p.cluster_bits < 14)
-    return Status::InvalidArgument("Extended L2 entries are only supported with cluster sizes of at least "
-                                   "16384 bytes");
+    return Status::InvalidArgument(
+        "Extended L2 entries are only supported with cluster sizes of at least "
+        "16384 bytes");
   const bool has_backing_file = p.backing && !p.backing->name.empty();
   if (has_backing_file && p.prealloc != "off" && !p.extended_l2)
-    return Status::InvalidArgument("Backing file and preallocation can only be used at the same time if "
-                                   "extended_l2 is on");
+    return Status::InvalidArgument(
+        "Backing file and preallocation can only be used at the same time if "
+        "extended_l2 is on");
   if (p.backing && !has_backing_file)
     return Status::InvalidArgument("Backing format cannot be used without backing file");
   if (p.version < 3 && p.lazy_refcounts)
-    return Status::InvalidArgument("Lazy refcounts only supported with compatibility level 1.1 and above "
-                                   "(use version=v3 or greater)");
+    return Status::InvalidArgument(
+        "Lazy refcounts only supported with compatibility level 1.1 and above "
+        "(use version=v3 or greater)");
   if (refcount_bits > 64 || !IsPowerOfTwo(refcount_bits))
     return Status::InvalidArgument("Refcount width must be a power of two and may not exceed 64 bits");
   if (p.version < 3 && refcount_bits != 16)
-    return Status::InvalidArgument("Different refcount widths than 16 bits require compatibility level 1.1 "
-                                   "or above (use version=v3 or greater)");
+    return Status::InvalidArgument(
+        "Different refcount widths than 16 bits require compatibility level 1.1 "
+        "or above (use version=v3 or greater)");
   p.refcount_order = static_cast<uint32_t>(__builtin_ctzll(refcount_bits));
-  if (p.data_file_raw && p.data_file.empty()) return Status::InvalidArgument("data-file-raw requires data-file");
+  if (p.data_file_raw && p.data_file.empty())
+    return Status::InvalidArgument("data-file-raw requires data-file");
   if (p.data_file_raw && has_backing_file)
     return Status::InvalidArgument("Backing file and data-file-raw cannot be used at the same time");
   // A raw data file must be readable alone: every cluster is mapped from the start.
   if (p.data_file_raw && p.prealloc == "off") p.prealloc = "metadata";
   if (!p.data_file.empty() && p.version < 3)
-    return Status::InvalidArgument("External data files are only supported with compatibility level 1.1 and "
-                                   "above (use version=v3 or greater)");
+    return Status::InvalidArgument(
+        "External data files are only supported with compatibility level 1.1 and "
+        "above (use version=v3 or greater)");
   if (compression_set && p.compression != kCompressionZlib && p.version < 3)
-    return Status::InvalidArgument("Non-zlib compression type is only supported with compatibility level 1.1 "
-                                   "and above (use version=v3 or greater)");
+    return Status::InvalidArgument(
+        "Non-zlib compression type is only supported with compatibility level 1.1 "
+        "and above (use version=v3 or greater)");
   if (p.size > uint64_t{INT64_MAX})
     return Status::InvalidArgument("Could not resize image: Image size cannot be negative");  // as qemu
   if (p.size > limits::kMaxVirtualSize) return TooLarge("Image size is too large");
@@ -140,8 +154,7 @@ Status CreateImage(const CreateContext& ctx) {
   const uint64_t size = AlignUp(p.size, 512);
   const uint64_t guest_clusters = DivRoundUp(size, cs);
   const uint64_t l1_entries = DivRoundUp(guest_clusters, l2_entries);
-  if (l1_entries * 8 > limits::kMaxL1Bytes)
-    return TooLarge("Image size is too large for this cluster size");
+  if (l1_entries * 8 > limits::kMaxL1Bytes) return TooLarge("Image size is too large for this cluster size");
   const uint64_t l1_clusters = std::max<uint64_t>(1, DivRoundUp(l1_entries * 8, cs));
   const bool prealloc = p.prealloc != "off";
   const bool has_data_file = !p.data_file.empty();
@@ -227,10 +240,18 @@ Status CreateImage(const CreateContext& ctx) {
       uint64_t n = std::min(rb_entries, total_clusters > first ? total_clusters - first : 0);
       for (uint64_t i = 0; i < n; i++) {
         switch (bits) {
-          case 8: block[i] = std::byte{1}; break;
-          case 16: StoreBE16(block.data() + i * 2, 1); break;
-          case 32: StoreBE32(block.data() + i * 4, 1); break;
-          case 64: StoreBE64(block.data() + i * 8, 1); break;
+          case 8:
+            block[i] = std::byte{1};
+            break;
+          case 16:
+            StoreBE16(block.data() + i * 2, 1);
+            break;
+          case 32:
+            StoreBE32(block.data() + i * 4, 1);
+            break;
+          case 64:
+            StoreBE64(block.data() + i * 8, 1);
+            break;
           default: {
             uint64_t bit = i * bits;
             block[bit / 8] |= static_cast<std::byte>(1u << (bit % 8));
@@ -285,7 +306,8 @@ class Qcow2Driver final : public FormatDriver {
                 {"encryption", Opt::kBool,
                  "Encrypt the image with format 'aes'. (Deprecated in favor of encrypt.format=aes)"},
                 {"encrypt.format", Opt::kString, "Encrypt the image, format choices: 'aes', 'luks'"},
-                {"encrypt.key-secret", Opt::kString, "ID of secret providing qcow AES key or LUKS passphrase"},
+                {"encrypt.key-secret", Opt::kString,
+                 "ID of secret providing qcow AES key or LUKS passphrase"},
                 {"encrypt.cipher-alg", Opt::kString, "Name of encryption cipher algorithm"},
                 {"encrypt.cipher-mode", Opt::kString, "Name of encryption cipher mode"},
                 {"encrypt.ivgen-alg", Opt::kString, "Name of IV generator algorithm"},

@@ -17,10 +17,9 @@ struct FeatureName {
 // The names qemu writes into the feature name table, so tools that do not know a
 // feature can say which one blocks them.
 constexpr FeatureName kFeatureNames[] = {
-    {0, 0, "dirty bit"},          {0, 1, "corrupt bit"},
-    {0, 2, "external data file"}, {0, 3, "compression type"},
-    {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
-    {2, 0, "bitmaps"},            {2, 1, "raw external data"},
+    {0, 0, "dirty bit"},        {0, 1, "corrupt bit"},         {0, 2, "external data file"},
+    {0, 3, "compression type"}, {0, 4, "extended L2 entries"}, {1, 0, "lazy refcounts"},
+    {2, 0, "bitmaps"},          {2, 1, "raw external data"},
 };
 
 // qemu's list of unsupported incompatible features: the names the feature table gives
@@ -107,8 +106,10 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
     pos += 8;
     if (type == kExtEnd) break;
     if (len > limits::kMaxHeaderExtensionBytes || len > ext_end - pos)
-      return Status::InvalidFormat("'{}': header extension {:#x} of {} bytes does not fit in the header "
-                                   "cluster", path, type, len);
+      return Status::InvalidFormat(
+          "'{}': header extension {:#x} of {} bytes does not fit in the header "
+          "cluster",
+          path, type, len);
     std::vector<std::byte> data(len);
     RETURN_IF_ERROR(file.PRead(pos, data));
     pos += AlignUp(len, 8);
@@ -134,7 +135,8 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
           std::string name(n, strnlen(n, 46));
           if (name.empty()) break;
           const uint8_t bit = static_cast<uint8_t>(data[i + 1]);
-          if (static_cast<uint8_t>(data[i]) == 0 && bit < 64) incompat_names.emplace_back(bit, std::move(name));
+          if (static_cast<uint8_t>(data[i]) == 0 && bit < 64)
+            incompat_names.emplace_back(bit, std::move(name));
         }
         break;
       case kExtBitmaps:
@@ -156,7 +158,9 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
                                FeatureList(unknown_incompat, incompat_names));
   if (h.crypt_method != 0)
     return Status::Unsupported("'{}': encrypted qcow2 images ({}) are not supported", path,
-                               h.crypt_method == 1 ? "AES" : h.crypt_method == 2 ? "LUKS" : "unknown method");
+                               h.crypt_method == 1   ? "AES"
+                               : h.crypt_method == 2 ? "LUKS"
+                                                     : "unknown method");
   if (h.incompatible_features & kIncompatCompression) {
     if (h.header_length <= kV3HeaderLength)
       return Status::InvalidFormat("'{}': compression type bit set without a compression type field", path);
@@ -227,8 +231,8 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
       return Status::InvalidFormat("'{}': backing file name at {:#x} is outside the header cluster", path,
                                    h.backing_file_offset);
     std::string name(h.backing_file_size, '\0');
-    RETURN_IF_ERROR(file.PRead(h.backing_file_offset,
-                               {reinterpret_cast<std::byte*>(name.data()), name.size()}));
+    RETURN_IF_ERROR(
+        file.PRead(h.backing_file_offset, {reinterpret_cast<std::byte*>(name.data()), name.size()}));
     if (name.find('\0') != std::string::npos)
       return Status::InvalidFormat("'{}': backing file name contains a NUL byte", path);
     h.backing_file = std::move(name);

@@ -54,9 +54,9 @@ inline constexpr uint8_t kCompressionZstd = 1;
 // ---- table entries ----
 
 inline constexpr uint64_t kOffsetMask = 0x00fffffffffffe00ull;  // bits 9..55
-inline constexpr uint64_t kFlagCopied = 1ull << 63;              // refcount exactly one
+inline constexpr uint64_t kFlagCopied = 1ull << 63;             // refcount exactly one
 inline constexpr uint64_t kFlagCompressed = 1ull << 62;
-inline constexpr uint64_t kFlagZero = 1ull << 0;                 // v3 standard descriptor
+inline constexpr uint64_t kFlagZero = 1ull << 0;  // v3 standard descriptor
 // Reserved bits of a standard L2 entry (1..8, 56..61) and of an L1 entry (0..8, 56..62).
 inline constexpr uint64_t kL2StandardReserved = 0x3f000000000001feull;
 inline constexpr uint64_t kL1Reserved = 0x7f000000000001ffull;
@@ -173,8 +173,8 @@ struct Snapshot {
 };
 
 // With `for_check` the entries' L1 tables are not validated: the check reports them.
-Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path,
-                                                 const Header& h, uint64_t file_size, bool for_check = false);
+Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path, const Header& h,
+                                                 uint64_t file_size, bool for_check = false);
 std::vector<std::byte> SerializeSnapshotTable(const std::vector<Snapshot>& snaps);
 
 // ---- the map ----
@@ -318,9 +318,9 @@ class Qcow2Map final : public ClusterMap {
   uint64_t refblock_entries_ = 0;
   uint32_t refcount_bits_ = 16;
   uint64_t refcount_max_ = 0xffff;
-  uint64_t free_hint_ = 0;           // no free cluster below this one
-  uint64_t host_end_ = 0;            // clusters at or past this offset are unused
-  uint64_t reserved_start_ = 0;      // clusters FindFree must skip (refcount table growth)
+  uint64_t free_hint_ = 0;       // no free cluster below this one
+  uint64_t host_end_ = 0;        // clusters at or past this offset are unused
+  uint64_t reserved_start_ = 0;  // clusters FindFree must skip (refcount table growth)
   uint64_t reserved_end_ = 0;
   bool growing_reftable_ = false;
 

@@ -18,10 +18,14 @@ constexpr uint64_t kMaxHostOffset = 1ull << 56;
 
 uint64_t ReadRefcountEntry(const std::byte* block, uint64_t i, uint32_t bits) {
   switch (bits) {
-    case 8: return static_cast<uint8_t>(block[i]);
-    case 16: return LoadBE16(block + i * 2);
-    case 32: return LoadBE32(block + i * 4);
-    case 64: return LoadBE64(block + i * 8);
+    case 8:
+      return static_cast<uint8_t>(block[i]);
+    case 16:
+      return LoadBE16(block + i * 2);
+    case 32:
+      return LoadBE32(block + i * 4);
+    case 64:
+      return LoadBE64(block + i * 8);
     default: {  // 1, 2, 4: bit 0 is the least significant bit of the byte
       uint64_t bit = i * bits;
       uint8_t byte = static_cast<uint8_t>(block[bit / 8]);
@@ -32,10 +36,18 @@ uint64_t ReadRefcountEntry(const std::byte* block, uint64_t i, uint32_t bits) {
 
 void WriteRefcountEntry(std::byte* block, uint64_t i, uint32_t bits, uint64_t v) {
   switch (bits) {
-    case 8: block[i] = static_cast<std::byte>(v); return;
-    case 16: StoreBE16(block + i * 2, static_cast<uint16_t>(v)); return;
-    case 32: StoreBE32(block + i * 4, static_cast<uint32_t>(v)); return;
-    case 64: StoreBE64(block + i * 8, v); return;
+    case 8:
+      block[i] = static_cast<std::byte>(v);
+      return;
+    case 16:
+      StoreBE16(block + i * 2, static_cast<uint16_t>(v));
+      return;
+    case 32:
+      StoreBE32(block + i * 4, static_cast<uint32_t>(v));
+      return;
+    case 64:
+      StoreBE64(block + i * 8, v);
+      return;
     default: {
       uint64_t bit = i * bits;
       uint8_t mask = static_cast<uint8_t>(((1u << bits) - 1) << (bit % 8));
@@ -58,8 +70,8 @@ Result<uint64_t> Qcow2Map::GetRefcount(uint64_t cluster) {
 
 Status Qcow2Map::SetRefcount(uint64_t cluster, uint64_t value) {
   if (value > refcount_max_)
-    return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", path_,
-                               cluster, refcount_bits_);
+    return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", path_, cluster,
+                               refcount_bits_);
   uint64_t b = cluster / refblock_entries_;
   RETURN_IF_ERROR(EnsureRefBlock(b));
   uint64_t off = reftable_[b] & kOffsetMask;
@@ -76,8 +88,8 @@ Status Qcow2Map::AddRefcount(uint64_t cluster, int64_t delta) {
   if (delta < 0 && rc < static_cast<uint64_t>(-delta))
     return Status::Corrupt("'{}': refcount of cluster {} would drop below zero", path_, cluster);
   if (delta > 0 && refcount_max_ - rc < static_cast<uint64_t>(delta))
-    return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", path_,
-                               cluster, refcount_bits_);
+    return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", path_, cluster,
+                               refcount_bits_);
   return SetRefcount(cluster, rc + delta);
 }
 
@@ -221,8 +233,7 @@ Result<uint64_t> Qcow2Map::AllocClusters(uint64_t n) {
     uint64_t first_block = start / refblock_entries_;
     uint64_t last_block = (start + n - 1) / refblock_entries_;
     bool ready = last_block < reftable_.size();
-    for (uint64_t b = first_block; ready && b <= last_block; b++)
-      ready = (reftable_[b] & kOffsetMask) != 0;
+    for (uint64_t b = first_block; ready && b <= last_block; b++) ready = (reftable_[b] & kOffsetMask) != 0;
     if (!ready) {
       // Creating blocks may take clusters of the run: make them, then search again.
       for (uint64_t b = first_block; b <= last_block; b++) RETURN_IF_ERROR(EnsureRefBlock(b));
@@ -233,8 +244,10 @@ Result<uint64_t> Qcow2Map::AllocClusters(uint64_t n) {
     auto overlaps = [&](uint64_t off, uint64_t len) { return len && off < b && a < off + len; };
     if (overlaps(header_.l1_table_offset, uint64_t{header_.l1_size} * 8) ||
         overlaps(header_.refcount_table_offset, reftable_.size() * 8) || overlaps(l1_offset_, l1_.size() * 8))
-      return Status::Corrupt("'{}': refcounts say the metadata at {:#x} is free; repair the image with "
-                             "'check -r all'", path_, a);
+      return Status::Corrupt(
+          "'{}': refcounts say the metadata at {:#x} is free; repair the image with "
+          "'check -r all'",
+          path_, a);
     for (uint64_t c = start; c < start + n; c++) RETURN_IF_ERROR(SetRefcount(c, 1));
     if (free_hint_ == start) free_hint_ = start + n;
     return start << cluster_bits_;

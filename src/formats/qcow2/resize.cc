@@ -170,8 +170,7 @@ Status Qcow2Map::TrimAfterShrink(const std::vector<uint64_t>& freed) {
 
 Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
   RETURN_IF_ERROR(CheckWritable());
-  if (new_size % 512)
-    return Status::InvalidArgument("'{}': the new size must be a multiple of 512", path_);
+  if (new_size % 512) return Status::InvalidArgument("'{}': the new size must be a multiple of 512", path_);
   if (new_size > limits::kMaxVirtualSize)
     return Status::InvalidArgument("'{}': new size {} is too large", path_, new_size);
   // A v2 snapshot need not record its disk size, so applying one after a resize could not
@@ -390,8 +389,8 @@ class MetadataSwitch {
     ASSIGN_OR_RETURN(std::vector<uint64_t> reftable, LayOutRefcounts());
     for (uint64_t c = 0; c < rc_.size(); c++)
       if (rc_[c] > m_.refcount_max_)
-        return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", m_.path_, c,
-                                   m_.refcount_bits_);
+        return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", m_.path_,
+                                   c, m_.refcount_bits_);
 
     // Everything new is written and durable before the header names it.
     const uint64_t start = region_ << m_.cluster_bits_;
@@ -439,7 +438,8 @@ class MetadataSwitch {
     if (!off || !len) return Status::Ok();
     for (uint64_t c = off >> m_.cluster_bits_; c <= (off + len - 1) >> m_.cluster_bits_; c++) {
       if (c >= rc_.size())
-        return Status::Corrupt("'{}': a table refers to {:#x}, past the end of the image file", m_.path_, off);
+        return Status::Corrupt("'{}': a table refers to {:#x}, past the end of the image file", m_.path_,
+                               off);
       if (delta < 0 && rc_[c] < static_cast<uint64_t>(-delta))
         return Status::Corrupt("'{}': refcount of cluster {} would drop below zero", m_.path_, c);
       rc_[c] += delta;
@@ -452,7 +452,8 @@ class MetadataSwitch {
       uint64_t bm;
       uint64_t e = LoadL2Raw(l2, j, &bm);
       if (IsCompressed(e)) {
-        RETURN_IF_ERROR(Add(CompressedHostOffset(e, m_.cluster_bits_), CompressedLength(e, m_.cluster_bits_), delta));
+        RETURN_IF_ERROR(
+            Add(CompressedHostOffset(e, m_.cluster_bits_), CompressedLength(e, m_.cluster_bits_), delta));
       } else if (L2EntryOffset(e) && !m_.header_.has_data_file()) {
         if (!IsAligned(L2EntryOffset(e), m_.cluster_size_))
           return Status::Corrupt("'{}': L2 entry {:#x} is not cluster aligned", m_.path_, e);
@@ -530,7 +531,8 @@ class MetadataSwitch {
         return Status::Corrupt("'{}': refcount layout came out short", m_.path_);
       table[b] = next;
       for (uint64_t c = b * per_block; c < std::min<uint64_t>(rc_.size(), (b + 1) * per_block); c++)
-        WriteRefcountEntry(At(next), c - b * per_block, m_.refcount_bits_, std::min(rc_[c], m_.refcount_max_));
+        WriteRefcountEntry(At(next), c - b * per_block, m_.refcount_bits_,
+                           std::min(rc_[c], m_.refcount_max_));
       next += m_.cluster_size_;
     }
     for (uint64_t i = 0; i < table.size(); i++) StoreBE64(At(reftable_off_) + i * 8, table[i]);
@@ -538,9 +540,9 @@ class MetadataSwitch {
   }
 
   Qcow2Map& m_;
-  uint64_t region_ = 0;            // first cluster of the new structures
-  std::vector<uint64_t> rc_;       // the refcounts after the switch, per host cluster
-  std::vector<std::byte> meta_;    // the new structures, from region_ on
+  uint64_t region_ = 0;          // first cluster of the new structures
+  std::vector<uint64_t> rc_;     // the refcounts after the switch, per host cluster
+  std::vector<std::byte> meta_;  // the new structures, from region_ on
   uint64_t reftable_off_ = 0;
 };
 
@@ -557,16 +559,17 @@ const Snapshot* FindSnapshot(const std::vector<Snapshot>& snaps, const std::stri
 Status Qcow2Map::SnapshotCreate(const std::string& name) {
   RETURN_IF_ERROR(CheckWritable());
   if (header_.has_data_file())
-    return Status::Unsupported("'{}': internal snapshots are not supported with an external data file", path_);
+    return Status::Unsupported("'{}': internal snapshots are not supported with an external data file",
+                               path_);
   if (name.size() > 0xffff) return Status::InvalidArgument("snapshot name is too long");
   for (const Snapshot& s : snapshots_)
     if (s.name == name)
-      return Status::InvalidArgument("Could not create snapshot '{}': snapshot with the same name exists", name);
+      return Status::InvalidArgument("Could not create snapshot '{}': snapshot with the same name exists",
+                                     name);
   if (refcount_max_ < 2)
     return Status::Unsupported("'{}': a refcount width of 1 bit cannot share clusters with a snapshot",
                                path_);
-  if (snapshots_.size() >= limits::kMaxSnapshots)
-    return Status::NoSpace("'{}': too many snapshots", path_);
+  if (snapshots_.size() >= limits::kMaxSnapshots) return Status::NoSpace("'{}': too many snapshots", path_);
   RETURN_IF_ERROR(FlushAll());
   // The snapshot keeps the active L1 table as it is on disk; the active image moves to
   // copies (MetadataSwitch).
@@ -574,12 +577,14 @@ Status Qcow2Map::SnapshotCreate(const std::string& name) {
   s.l1_table_offset = header_.l1_table_offset;
   s.l1_size = static_cast<uint32_t>(l1_.size());
   uint64_t max_id = 0;
-  for (const Snapshot& o : snapshots_) max_id = std::max<uint64_t>(max_id, strtoull(o.id.c_str(), nullptr, 10));
+  for (const Snapshot& o : snapshots_)
+    max_id = std::max<uint64_t>(max_id, strtoull(o.id.c_str(), nullptr, 10));
   s.id = std::to_string(max_id + 1);
   s.name = name;
   auto now = std::chrono::system_clock::now().time_since_epoch();
   s.date_sec = static_cast<uint32_t>(std::chrono::duration_cast<std::chrono::seconds>(now).count());
-  s.date_nsec = static_cast<uint32_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count() % 1000000000);
+  s.date_nsec =
+      static_cast<uint32_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(now).count() % 1000000000);
   s.disk_size = size_;
   s.has_disk_size = true;
   s.icount = 0;  // as qemu-img writes it (no instruction counter ran)

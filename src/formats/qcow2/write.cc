@@ -25,8 +25,10 @@ Status Qcow2Map::CheckWritable() {
   if (closed_) return Status::InvalidArgument("'{}': image is closed", path_);
   if (!read_only_) return Status::Ok();
   if (corrupt_)
-    return Status::ReadOnly("'{}': image is marked corrupt and can only be opened read-only; repair it "
-                            "with 'check -r all'", path_);
+    return Status::ReadOnly(
+        "'{}': image is marked corrupt and can only be opened read-only; repair it "
+        "with 'check -r all'",
+        path_);
   if (snapshot_view_) return Status::ReadOnly("'{}': a snapshot view is read-only", path_);
   return Status::ReadOnly("'{}' is opened read-only", path_);
 }
@@ -270,7 +272,8 @@ Status Qcow2Map::WriteL1() {
   std::vector<std::byte> raw(l1_.size() * 8);
   for (size_t i = 0; i < l1_.size(); i++) StoreBE64(raw.data() + i * 8, l1_[i]);
   if (!raw.empty())
-    RETURN_IF_ERROR(file_->PWrite(l1_offset_, raw, IoTag::kL1).WithContext("'{}': writing the L1 table", path_));
+    RETURN_IF_ERROR(
+        file_->PWrite(l1_offset_, raw, IoTag::kL1).WithContext("'{}': writing the L1 table", path_));
   l1_dirty_ = false;
   return Status::Ok();
 }

@@ -25,17 +25,15 @@ Result<std::unique_ptr<ClusterMap>> OpenVdi(OpenContext ctx) {
   std::vector<std::byte> bmap(bmap_size);
   if (bmap_size > 0) {
     RETURN_IF_ERROR(file->PRead(h.offset_bmap, bmap)
-                        .WithContext("'{}': reading the VDI block map at 0x{:x}", ctx.path,
-                                     h.offset_bmap));
+                        .WithContext("'{}': reading the VDI block map at 0x{:x}", ctx.path, h.offset_bmap));
   }
-  const bool read_only =
-      ctx.options.read_only || !file->writable() || !h.writable_layout();
-  return std::unique_ptr<ClusterMap>(std::make_unique<VdiMap>(
-      ctx.path, std::move(ctx.file), std::move(h), std::move(bmap), read_only));
+  const bool read_only = ctx.options.read_only || !file->writable() || !h.writable_layout();
+  return std::unique_ptr<ClusterMap>(
+      std::make_unique<VdiMap>(ctx.path, std::move(ctx.file), std::move(h), std::move(bmap), read_only));
 }
 
-VdiMap::VdiMap(std::string path, std::unique_ptr<File> file, Header header,
-               std::vector<std::byte> bmap, bool read_only)
+VdiMap::VdiMap(std::string path, std::unique_ptr<File> file, Header header, std::vector<std::byte> bmap,
+               bool read_only)
     : path_(std::move(path)),
       file_(std::move(file)),
       h_(std::move(header)),
@@ -59,9 +57,8 @@ void VdiMap::ScanForInconsistency() {
     const uint32_t e = entry(b);
     if (!IsAllocated(e)) continue;
     if (e >= limit) {
-      inconsistency_ = fmt::format(
-          "block map entry {} points to data block {}, past the {} allocated blocks", b, e,
-          limit);
+      inconsistency_ = fmt::format("block map entry {} points to data block {}, past the {} allocated blocks",
+                                   b, e, limit);
       return;
     }
     if (used[e]) {
@@ -75,21 +72,20 @@ void VdiMap::ScanForInconsistency() {
 Status VdiMap::CheckWritable(const char* what) const {
   if (closed_) return Status::InvalidArgument("'{}': image is closed", path_);
   if (!h_.writable_layout()) {
-    return Status::Unsupported("'{}': cannot {}: writing VDI version {}.{} images is not supported",
-                               path_, what, h_.version >> 16, h_.version & 0xffff);
+    return Status::Unsupported("'{}': cannot {}: writing VDI version {}.{} images is not supported", path_,
+                               what, h_.version >> 16, h_.version & 0xffff);
   }
   if (read_only_) return Status::ReadOnly("'{}': cannot {}: image is opened read-only", path_, what);
   if (!inconsistency_.empty()) {
-    return Status::Corrupt("'{}': cannot {}: {} (run 'vimgfs check')", path_, what,
-                           inconsistency_);
+    return Status::Corrupt("'{}': cannot {}: {} (run 'vimgfs check')", path_, what, inconsistency_);
   }
   return Status::Ok();
 }
 
 Status VdiMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
   if (guest_off > h_.virtual_size || len > h_.virtual_size - guest_off) {
-    return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_,
-                              len, guest_off, h_.virtual_size);
+    return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_, len,
+                              guest_off, h_.virtual_size);
   }
   const size_t first = out->size();
   const bool writable = !read_only_ && inconsistency_.empty();
@@ -153,9 +149,8 @@ Result<WritePlan> VdiMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
     // frees durable before their indices are handed out again.
     if (free_top_ < count_) RETURN_IF_ERROR(WriteMetadata());
     if (count_ >= h_.blocks_in_image || count_ >= kBlockZero) {
-      return Status::Corrupt(
-          "'{}': no free VDI block left ({} of {} blocks allocated; run 'vimgfs check')", path_,
-          count_, h_.blocks_in_image);
+      return Status::Corrupt("'{}': no free VDI block left ({} of {} blocks allocated; run 'vimgfs check')",
+                             path_, count_, h_.blocks_in_image);
     }
     idx = count_++;
     free_top_ = count_;
@@ -193,8 +188,7 @@ void VdiMap::AbortWrite(const WritePlan& plan) {
 }
 
 Status VdiMap::ZeroHostBlock(uint64_t block, uint32_t e, bool keep_allocated) {
-  const uint64_t len =
-      std::min<uint64_t>(h_.block_size, h_.virtual_size - block * h_.block_size);
+  const uint64_t len = std::min<uint64_t>(h_.block_size, h_.virtual_size - block * h_.block_size);
   Status st = file_->PunchHole(HostOffset(e), len);
   if (st.ok() && keep_allocated) {
     // Zeroing without unmap: reserve the space again. Best effort: the range already
@@ -205,15 +199,13 @@ Status VdiMap::ZeroHostBlock(uint64_t block, uint32_t e, bool keep_allocated) {
   static const std::vector<std::byte> zeros(1 << 20);
   for (uint64_t done = 0; done < len;) {
     const uint64_t n = std::min<uint64_t>(len - done, zeros.size());
-    RETURN_IF_ERROR(
-        file_->PWrite(HostOffset(e) + done, std::span(zeros.data(), n), IoTag::kData));
+    RETURN_IF_ERROR(file_->PWrite(HostOffset(e) + done, std::span(zeros.data(), n), IoTag::kData));
     done += n;
   }
   return Status::Ok();
 }
 
-Status VdiMap::ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t new_entry,
-                           bool unmap) {
+Status VdiMap::ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t new_entry, bool unmap) {
   // Only the block at the top of the data area can be given back (the next one is always
   // appended at blocks_allocated); the others keep their place and are zeroed in place
   // (hole punched). Taking the highest first frees a run of top blocks in one go.
@@ -229,8 +221,7 @@ Status VdiMap::ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t ne
       --free_top_;
     } else {
       RETURN_IF_ERROR(ZeroHostBlock(b, e, !unmap)
-                          .WithContext("'{}': zeroing VDI block {} at 0x{:x}", path_, b,
-                                       HostOffset(e)));
+                          .WithContext("'{}': zeroing VDI block {} at 0x{:x}", path_, b, HostOffset(e)));
     }
   }
   return Status::Ok();
@@ -238,11 +229,10 @@ Status VdiMap::ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t ne
 
 Status VdiMap::ZeroRange(uint64_t guest_off, uint64_t len, bool unmap) {
   RETURN_IF_ERROR(CheckWritable("zero"));
-  if (guest_off % h_.block_size != 0 || guest_off > h_.virtual_size ||
-      len > h_.virtual_size - guest_off ||
+  if (guest_off % h_.block_size != 0 || guest_off > h_.virtual_size || len > h_.virtual_size - guest_off ||
       ((guest_off + len) % h_.block_size != 0 && guest_off + len != h_.virtual_size)) {
-    return Status::InvalidArgument("'{}': zero range {}+{} is not aligned to VDI blocks", path_,
-                                   guest_off, len);
+    return Status::InvalidArgument("'{}': zero range {}+{} is not aligned to VDI blocks", path_, guest_off,
+                                   len);
   }
   const uint64_t first = guest_off / h_.block_size;
   const uint64_t end = DivRoundUp(guest_off + len, h_.block_size);
@@ -252,14 +242,13 @@ Status VdiMap::ZeroRange(uint64_t guest_off, uint64_t len, bool unmap) {
 Status VdiMap::Discard(uint64_t guest_off, uint64_t len) {
   RETURN_IF_ERROR(CheckWritable("discard"));
   if (guest_off > h_.virtual_size || len > h_.virtual_size - guest_off) {
-    return Status::OutOfRange("'{}': discard {}+{} is past the disk size", path_, guest_off,
-                              len);
+    return Status::OutOfRange("'{}': discard {}+{} is past the disk size", path_, guest_off, len);
   }
   // Whole blocks only; partial ones keep their data.
   const uint64_t first = DivRoundUp(guest_off, h_.block_size);
   const uint64_t end_off = guest_off + len;
-  const uint64_t end = end_off == h_.virtual_size ? DivRoundUp(end_off, h_.block_size)
-                                                  : end_off / h_.block_size;
+  const uint64_t end =
+      end_off == h_.virtual_size ? DivRoundUp(end_off, h_.block_size) : end_off / h_.block_size;
   if (first >= end) return Status::Ok();
   return ClearBlocks(first, end, kBlockFree, true);
 }
@@ -267,8 +256,7 @@ Status VdiMap::Discard(uint64_t guest_off, uint64_t len) {
 Status VdiMap::WriteHeader(uint32_t blocks_allocated) {
   h_.blocks_allocated = blocks_allocated;
   EncodeHeader(&h_);
-  return file_->PWrite(0, h_.raw, IoTag::kHeader)
-      .WithContext("'{}': writing the VDI header", path_);
+  return file_->PWrite(0, h_.raw, IoTag::kHeader).WithContext("'{}': writing the VDI header", path_);
 }
 
 Status VdiMap::WriteMetadata(bool durable) {
@@ -298,8 +286,7 @@ Status VdiMap::WriteMetadata(bool durable) {
   ASSIGN_OR_RETURN(uint64_t size, file_->Size());
   // qemu writes whole blocks; keep the file ending on a block like it does, even when the
   // last block is only partly inside the disk.
-  if ((grew && size < end) || (!grew && count_changes && size > end))
-    RETURN_IF_ERROR(file_->Truncate(end));
+  if ((grew && size < end) || (!grew && count_changes && size > end)) RETURN_IF_ERROR(file_->Truncate(end));
   return Status::Ok();
 }
 
@@ -369,9 +356,8 @@ Status VdiMap::Resize(uint64_t new_size, bool allow_shrink, bool /*zero_grown: V
   }
   if (new_size == h_.virtual_size) return Status::Ok();
   if (new_size > kMaxDiskSize) {
-    return Status::Unsupported(
-        "'{}': Unsupported VDI image size (size is 0x{:x}, max supported is 0x{:x})", path_,
-        new_size, kMaxDiskSize);
+    return Status::Unsupported("'{}': Unsupported VDI image size (size is 0x{:x}, max supported is 0x{:x})",
+                               path_, new_size, kMaxDiskSize);
   }
   const uint64_t blocks = DivRoundUp(new_size, h_.block_size);
   const uint64_t room = (h_.offset_data - h_.offset_bmap) / 4;
@@ -386,8 +372,7 @@ Status VdiMap::Resize(uint64_t new_size, bool allow_shrink, bool /*zero_grown: V
   const bool is_static = h_.image_type == kTypeStatic;
   if (blocks > old_blocks) {
     if (is_static && !reusable_.empty()) {
-      return Status::Unsupported("'{}': cannot grow a static VDI image after a failed write",
-                                 path_);
+      return Status::Unsupported("'{}': cannot grow a static VDI image after a failed write", path_);
     }
     bmap_.resize(AlignUp(blocks * 4, kSectorSize));
     for (uint64_t b = old_blocks; b < blocks; ++b) {

@@ -26,14 +26,13 @@ CheckReport CheckBlockMap(const Header& h, const std::vector<std::byte>& bmap, u
         ++report.corruptions;
       }
     } else {
-      report.messages.push_back(
-          fmt::format("ERROR: block index {} too large, is {}", block, e));
+      report.messages.push_back(fmt::format("ERROR: block index {} too large, is {}", block, e));
       ++report.corruptions;
     }
   }
   if (allocated != count) {
-    report.messages.push_back(fmt::format(
-        "ERROR: allocated blocks mismatch, is {}, should be {}", allocated, count));
+    report.messages.push_back(
+        fmt::format("ERROR: allocated blocks mismatch, is {}, should be {}", allocated, count));
     ++report.corruptions;
   }
   return report;

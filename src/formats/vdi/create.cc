@@ -27,13 +27,11 @@ Status CreateVdi(const CreateContext& ctx) {
     }
   }
   if (ctx.backing) {
-    return Status::Unsupported("'{}': Backing file not supported for file format 'vdi'",
-                               ctx.path);
+    return Status::Unsupported("'{}': Backing file not supported for file format 'vdi'", ctx.path);
   }
   if (size > kMaxDiskSize) {
-    return Status::Unsupported(
-        "'{}': Unsupported VDI image size (size is 0x{:x}, max supported is 0x{:x})", ctx.path,
-        size, kMaxDiskSize);
+    return Status::Unsupported("'{}': Unsupported VDI image size (size is 0x{:x}, max supported is 0x{:x})",
+                               ctx.path, size, kMaxDiskSize);
   }
   size = AlignUp(size, kSectorSize);  // qemu silently rounds up to a sector
   const uint64_t block_size = kDefaultBlockSize;
@@ -41,8 +39,8 @@ Status CreateVdi(const CreateContext& ctx) {
   const uint64_t bmap_size = AlignUp(blocks * 4, kSectorSize);
   if (blocks * 4 > limits::kMaxMapBytes) {
     return Status::Unsupported(
-        "'{}': a VDI image of {} bytes needs a block map of {} bytes, over vimgfs's limit of {}",
-        ctx.path, size, blocks * 4, limits::kMaxMapBytes);
+        "'{}': a VDI image of {} bytes needs a block map of {} bytes, over vimgfs's limit of {}", ctx.path,
+        size, blocks * 4, limits::kMaxMapBytes);
   }
   const uint64_t offset_bmap = kSectorSize;
   const uint64_t offset_data = offset_bmap + bmap_size;
@@ -101,9 +99,7 @@ class VdiFormat final : public FormatDriver {
   int Probe(std::span<const std::byte> head, const std::string& path) const override {
     return ProbeVdi(head);
   }
-  Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override {
-    return OpenVdi(std::move(ctx));
-  }
+  Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override { return OpenVdi(std::move(ctx)); }
   Status Create(const CreateContext& ctx) const override { return CreateVdi(ctx); }
 };
 

@@ -31,12 +31,10 @@ bool IsNullUuid(const std::byte* p) {
 // Checks shared by both layouts once the geometry fields are decoded.
 Status ValidateGeometry(Header* h, const std::string& path) {
   if (h->disk_size > limits::kMaxVirtualSize || h->disk_size > kMaxDiskSize) {
-    return Status::Unsupported(
-        "'{}': Unsupported VDI image size (size is 0x{:x}, max supported is 0x{:x})", path,
-        h->disk_size, kMaxDiskSize);
+    return Status::Unsupported("'{}': Unsupported VDI image size (size is 0x{:x}, max supported is 0x{:x})",
+                               path, h->disk_size, kMaxDiskSize);
   }
-  if (!IsPowerOfTwo(h->block_size) || h->block_size < kMinBlockSize ||
-      h->block_size > kMaxBlockSize) {
+  if (!IsPowerOfTwo(h->block_size) || h->block_size < kMinBlockSize || h->block_size > kMaxBlockSize) {
     return Status::Unsupported(
         "'{}': unsupported VDI image (block size {} is not a power of two from {} to {})", path,
         h->block_size, kMinBlockSize, kMaxBlockSize);
@@ -45,18 +43,16 @@ Status ValidateGeometry(Header* h, const std::string& path) {
   h->virtual_size = AlignUp(h->disk_size, kSectorSize);
   const uint64_t room = uint64_t{h->blocks_in_image} * h->block_size;
   if (h->virtual_size > room) {
-    return Status::Unsupported(
-        "'{}': unsupported VDI image (disk size {}, image bitmap has room for {})", path,
-        h->virtual_size, room);
+    return Status::Unsupported("'{}': unsupported VDI image (disk size {}, image bitmap has room for {})",
+                               path, h->virtual_size, room);
   }
   if (h->blocks_in_image > kMaxBlocks) {
-    return Status::Unsupported("'{}': unsupported VDI image (too many blocks {}, max is {})",
-                               path, h->blocks_in_image, kMaxBlocks);
+    return Status::Unsupported("'{}': unsupported VDI image (too many blocks {}, max is {})", path,
+                               h->blocks_in_image, kMaxBlocks);
   }
   if (h->bmap_bytes() > limits::kMaxMapBytes) {
-    return Status::Unsupported(
-        "'{}': VDI block map of {} bytes ({} blocks) exceeds the limit of {} bytes", path,
-        h->bmap_bytes(), h->blocks_in_image, limits::kMaxMapBytes);
+    return Status::Unsupported("'{}': VDI block map of {} bytes ({} blocks) exceeds the limit of {} bytes",
+                               path, h->bmap_bytes(), h->blocks_in_image, limits::kMaxMapBytes);
   }
   return Status::Ok();
 }
@@ -67,8 +63,8 @@ Result<Header> ParseVersion0(std::span<const std::byte, kSectorSize> s, uint64_t
   h.version = LoadLE32(&s[off::kVersion]);
   h.header_size = kHeader0Size;
   if (file_size < kPreHeaderSize + kHeader0Size) {
-    return Status::InvalidFormat("'{}': truncated VDI header ({} bytes, version 0 needs {})",
-                                 path, file_size, kPreHeaderSize + kHeader0Size);
+    return Status::InvalidFormat("'{}': truncated VDI header ({} bytes, version 0 needs {})", path, file_size,
+                                 kPreHeaderSize + kHeader0Size);
   }
   h.image_type = LoadLE32(&s[off0::kImageType]);
   h.image_flags = LoadLE32(&s[off0::kImageFlags]);
@@ -103,13 +99,11 @@ int ProbeVdi(std::span<const std::byte> head) {
 Result<Header> ParseHeader(std::span<const std::byte, kSectorSize> s, uint64_t file_size,
                            const std::string& path, bool for_check) {
   if (file_size < off::kVersion + 4) {
-    return Status::InvalidFormat("'{}': file of {} bytes is too small for a VDI header", path,
-                                 file_size);
+    return Status::InvalidFormat("'{}': file of {} bytes is too small for a VDI header", path, file_size);
   }
   const uint32_t signature = LoadLE32(&s[off::kSignature]);
   if (signature != kSignature) {
-    return Status::InvalidFormat("'{}': Image not in VDI format (bad signature {:08x})", path,
-                                 signature);
+    return Status::InvalidFormat("'{}': Image not in VDI format (bad signature {:08x})", path, signature);
   }
   Header h;
   h.version = LoadLE32(&s[off::kVersion]);
@@ -120,8 +114,8 @@ Result<Header> ParseHeader(std::span<const std::byte, kSectorSize> s, uint64_t f
                                h.version & 0xffff);
   }
   if (file_size < kPreHeaderSize + kHeader1Size) {
-    return Status::InvalidFormat("'{}': truncated VDI header ({} bytes, the header needs {})",
-                                 path, file_size, kPreHeaderSize + kHeader1Size);
+    return Status::InvalidFormat("'{}': truncated VDI header ({} bytes, the header needs {})", path,
+                                 file_size, kPreHeaderSize + kHeader1Size);
   }
   h.header_size = LoadLE32(&s[off::kHeaderSize]);
   h.image_type = LoadLE32(&s[off::kImageType]);
@@ -136,28 +130,26 @@ Result<Header> ParseHeader(std::span<const std::byte, kSectorSize> s, uint64_t f
   h.blocks_allocated = LoadLE32(&s[off::kBlocksAllocated]);
 
   if (h.header_size < kHeader1Size) {
-    return Status::Unsupported("'{}': unsupported VDI image (header size {} is less than {})",
-                               path, h.header_size, kHeader1Size);
+    return Status::Unsupported("'{}': unsupported VDI image (header size {} is less than {})", path,
+                               h.header_size, kHeader1Size);
   }
   if (h.image_type < kTypeDynamic || h.image_type > kTypeDiff) {
-    return Status::Unsupported("'{}': unsupported VDI image (image type {})", path,
-                               h.image_type);
+    return Status::Unsupported("'{}': unsupported VDI image (image type {})", path, h.image_type);
   }
   if (h.offset_bmap % kSectorSize != 0) {
-    return Status::Unsupported("'{}': unsupported VDI image (unaligned block map offset 0x{:x})",
-                               path, h.offset_bmap);
+    return Status::Unsupported("'{}': unsupported VDI image (unaligned block map offset 0x{:x})", path,
+                               h.offset_bmap);
   }
   if (h.offset_data % kSectorSize != 0) {
-    return Status::Unsupported("'{}': unsupported VDI image (unaligned data offset 0x{:x})",
-                               path, h.offset_data);
+    return Status::Unsupported("'{}': unsupported VDI image (unaligned data offset 0x{:x})", path,
+                               h.offset_data);
   }
   if (sector_size != kSectorSize) {
-    return Status::Unsupported("'{}': unsupported VDI image (sector size {} is not {})", path,
-                               sector_size, kSectorSize);
+    return Status::Unsupported("'{}': unsupported VDI image (sector size {} is not {})", path, sector_size,
+                               kSectorSize);
   }
   if (block_extra != 0) {
-    return Status::Unsupported("'{}': unsupported VDI image (block_extra {} is not 0)", path,
-                               block_extra);
+    return Status::Unsupported("'{}': unsupported VDI image (block_extra {} is not 0)", path, block_extra);
   }
   RETURN_IF_ERROR(ValidateGeometry(&h, path));
   if (!IsNullUuid(&s[off::kUuidLink])) {
@@ -169,16 +161,15 @@ Result<Header> ParseHeader(std::span<const std::byte, kSectorSize> s, uint64_t f
   const uint64_t header_end = kPreHeaderSize + uint64_t{h.header_size};
   if (h.offset_bmap < header_end) {
     return Status::InvalidFormat(
-        "'{}': VDI block map offset 0x{:x} is inside the header (which ends at 0x{:x})", path,
-        h.offset_bmap, header_end);
+        "'{}': VDI block map offset 0x{:x} is inside the header (which ends at 0x{:x})", path, h.offset_bmap,
+        header_end);
   }
   const uint64_t bmap_end = h.offset_bmap + h.bmap_bytes();  // < 2^33: no overflow
   // qemu opens such an image (and checks it); vimgfs refuses to read or write through it,
   // since a write would land on the block map, but lets check report what qemu reports.
   if ((h.offset_data < bmap_end || h.offset_data < header_end) && !for_check) {
-    return Status::InvalidFormat(
-        "'{}': VDI data offset 0x{:x} is inside the block map (0x{:x}..0x{:x})", path,
-        h.offset_data, h.offset_bmap, bmap_end);
+    return Status::InvalidFormat("'{}': VDI data offset 0x{:x} is inside the block map (0x{:x}..0x{:x})",
+                                 path, h.offset_data, h.offset_bmap, bmap_end);
   }
   if (bmap_end > file_size && !for_check) {
     return Status::InvalidFormat(

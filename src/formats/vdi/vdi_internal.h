@@ -43,10 +43,10 @@ inline constexpr uint32_t kBlockZero = 0xFFFFFFFEu;
 inline constexpr bool IsAllocated(uint32_t entry) { return entry < kBlockZero; }
 
 inline constexpr uint64_t kSectorSize = 512;
-inline constexpr uint64_t kPreHeaderSize = 72;       // text[64], signature, version
-inline constexpr uint32_t kHeader1Size = 384;        // VDIHEADER1 (0x180)
-inline constexpr uint32_t kHeader1PlusSize = 400;    // VDIHEADER1PLUS (0x190), what qemu 7.2 writes
-inline constexpr uint32_t kHeader0Size = 348;        // VDIHEADER0
+inline constexpr uint64_t kPreHeaderSize = 72;     // text[64], signature, version
+inline constexpr uint32_t kHeader1Size = 384;      // VDIHEADER1 (0x180)
+inline constexpr uint32_t kHeader1PlusSize = 400;  // VDIHEADER1PLUS (0x190), what qemu 7.2 writes
+inline constexpr uint32_t kHeader0Size = 348;      // VDIHEADER0
 inline constexpr uint64_t kDefaultBlockSize = 1ull << 20;
 // Block sizes accepted when reading: powers of two in this range. VirtualBox and qemu
 // only ever write 1 MiB; a block is one allocation unit and one copy-on-write buffer.
@@ -87,8 +87,8 @@ struct Header {
   uint32_t image_flags = 0;
   uint64_t offset_bmap = 0;
   uint64_t offset_data = 0;
-  uint64_t disk_size = 0;       // as stored (may be odd)
-  uint64_t virtual_size = 0;    // disk_size rounded up to 512, as qemu does
+  uint64_t disk_size = 0;     // as stored (may be odd)
+  uint64_t virtual_size = 0;  // disk_size rounded up to 512, as qemu does
   uint32_t block_size = 0;
   uint32_t blocks_in_image = 0;
   uint32_t blocks_allocated = 0;
@@ -119,8 +119,8 @@ int ProbeVdi(std::span<const std::byte> head);
 // point at it.
 class VdiMap final : public ClusterMap {
  public:
-  VdiMap(std::string path, std::unique_ptr<File> file, Header header,
-         std::vector<std::byte> bmap, bool read_only);
+  VdiMap(std::string path, std::unique_ptr<File> file, Header header, std::vector<std::byte> bmap,
+         bool read_only);
 
   uint64_t virtual_size() const override { return h_.virtual_size; }
   uint64_t cluster_size() const override { return h_.block_size; }
@@ -145,9 +145,7 @@ class VdiMap final : public ClusterMap {
   bool inconsistent() const { return !inconsistency_.empty(); }
 
  private:
-  uint64_t HostOffset(uint32_t entry) const {
-    return h_.offset_data + uint64_t{entry} * h_.block_size;
-  }
+  uint64_t HostOffset(uint32_t entry) const { return h_.offset_data + uint64_t{entry} * h_.block_size; }
   void SetEntry(uint64_t block, uint32_t value);
   // Scans the map once at open: entries past blocks_allocated or shared by two blocks
   // make the image unsafe to allocate in (inconsistency_ says why).
@@ -170,17 +168,17 @@ class VdiMap final : public ClusterMap {
   std::vector<std::byte> bmap_;  // the on-disk block map (little-endian), sector padded
   bool read_only_;
   bool closed_ = false;
-  std::string inconsistency_;    // non-empty: allocation refused
+  std::string inconsistency_;  // non-empty: allocation refused
 
   // Allocation state. count_ is blocks_allocated in memory, including blocks reserved by
   // PrepareWrite whose data is in flight. Indices [free_top_, count_) were freed (their
   // entries cleared) but the header still counts them until the next flush.
   uint32_t count_ = 0;
   uint32_t free_top_ = 0;
-  uint32_t disk_count_ = 0;                 // blocks_allocated as last written
-  std::vector<uint32_t> reusable_;          // reserved then aborted (never referenced)
-  std::set<uint32_t> in_flight_;            // reserved, data being written, not yet linked
-  std::set<uint64_t> dirty_sectors_;        // block map sectors (index from offset_bmap)
+  uint32_t disk_count_ = 0;           // blocks_allocated as last written
+  std::vector<uint32_t> reusable_;    // reserved then aborted (never referenced)
+  std::set<uint32_t> in_flight_;      // reserved, data being written, not yet linked
+  std::set<uint64_t> dirty_sectors_;  // block map sectors (index from offset_bmap)
 };
 
 Result<std::unique_ptr<ClusterMap>> OpenVdi(OpenContext ctx);

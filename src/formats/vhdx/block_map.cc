@@ -25,9 +25,7 @@ Status WriteBothHeaders(File* file, Headers* h, const std::string& path) {
   return Status::Ok();
 }
 
-bool Overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen) {
-  return a < b + blen && b < a + alen;
-}
+bool Overlaps(uint64_t a, uint64_t alen, uint64_t b, uint64_t blen) { return a < b + blen && b < a + alen; }
 
 }  // namespace
 
@@ -41,8 +39,8 @@ Result<std::unique_ptr<ClusterMap>> OpenVhdx(OpenContext ctx) {
   std::map<uint64_t, std::vector<std::byte>> overlay;
   uint64_t last_file_offset = 0, last_sequence = 0;
   bool log_active = false;
-  RETURN_IF_ERROR(ReadLog(file, file_size, headers.current, path, &overlay, &last_file_offset,
-                          &last_sequence, &log_active));
+  RETURN_IF_ERROR(ReadLog(file, file_size, headers.current, path, &overlay, &last_file_offset, &last_sequence,
+                          &log_active));
   if (read_only && log_active && ctx.options.for_check) {
     // `check` without -r reports what qemu-img reports: it will not look at an image whose
     // log is pending (other read-only opens replay it in memory).
@@ -124,8 +122,8 @@ Result<std::unique_ptr<ClusterMap>> OpenVhdx(OpenContext ctx) {
     if (len == 0) continue;
     if (off < MiB || Overlaps(off, len, p.bat_offset, p.bat_length) ||
         Overlaps(off, len, p.metadata_offset, p.metadata_length) || Overlaps(off, len, log_off, log_len)) {
-      return Status::Corrupt("'{}': VHDX BAT entry {} (offset 0x{:x}) overlaps the image metadata", path,
-                             i, off);
+      return Status::Corrupt("'{}': VHDX BAT entry {} (offset 0x{:x}) overlaps the image metadata", path, i,
+                             off);
     }
     if ((off > file_size || len > file_size - off) && !ctx.options.for_check) {
       return Status::Corrupt(
@@ -137,8 +135,8 @@ Result<std::unique_ptr<ClusterMap>> OpenVhdx(OpenContext ctx) {
       !p.parent.contains("volume_path")) {
     return Status::InvalidFormat("'{}': VHDX parent locator names no parent path", path);
   }
-  auto map = std::make_unique<VhdxMap>(path, std::move(ctx.file), headers, std::move(p), std::move(bat),
-                                       read_only);
+  auto map =
+      std::make_unique<VhdxMap>(path, std::move(ctx.file), headers, std::move(p), std::move(bat), read_only);
   map->set_file_size_at_open(file_size);
   map->set_log_cursor(last_sequence);
   map->set_log_replayed(!read_only && log_active);
@@ -200,8 +198,11 @@ Status VhdxMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* o
     const uint64_t e = bat_[p_.PayloadIndex(block)];
     const uint64_t st = EntryState(e);
     if (st == kFullyPresent) {
-      push({.kind = Mapping::Kind::kData, .length = n, .file = file_.get(),
-            .host_offset = EntryOffset(e) + in_block, .writable = writable});
+      push({.kind = Mapping::Kind::kData,
+            .length = n,
+            .file = file_.get(),
+            .host_offset = EntryOffset(e) + in_block,
+            .writable = writable});
     } else if (st == kPartiallyPresent) {
       const std::vector<std::byte>* bm = nullptr;
       RETURN_IF_ERROR(LoadBitmap(block / p_.chunk_ratio, &bm));
@@ -214,8 +215,11 @@ Status VhdxMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* o
         const bool present = (static_cast<uint8_t>((*bm)[bit / 8]) >> (bit % 8)) & 1;
         const uint64_t run = std::min<uint64_t>((sec + 1) * ls, in_block + n) - at;
         if (present) {
-          push({.kind = Mapping::Kind::kData, .length = run, .file = file_.get(),
-                .host_offset = EntryOffset(e) + at, .writable = false});
+          push({.kind = Mapping::Kind::kData,
+                .length = run,
+                .file = file_.get(),
+                .host_offset = EntryOffset(e) + at,
+                .writable = false});
         } else {
           push({.kind = Mapping::Kind::kUnallocated, .length = run});
         }
@@ -308,8 +312,8 @@ Status VhdxMap::WriteBat() {
   std::map<uint64_t, std::vector<std::byte>> enc;
   for (uint64_t s : dirty_bat_sectors_) {
     std::vector<std::byte> b(kLogSector);
-    RETURN_IF_ERROR(file_->PRead(p_.bat_offset + s * kLogSector, b)
-                        .WithContext("'{}': reading the VHDX BAT", path_));
+    RETURN_IF_ERROR(
+        file_->PRead(p_.bat_offset + s * kLogSector, b).WithContext("'{}': reading the VHDX BAT", path_));
     for (uint64_t i = 0; i < kLogSector / 8; ++i) {
       const uint64_t idx = s * (kLogSector / 8) + i;
       if (idx < bat_.size()) StoreLE64(&b[i * 8], bat_[idx]);

@@ -25,16 +25,16 @@ Result<CheckReport> VhdxMap::Check(RepairMode mode) {
             ? p_.block_size
             : std::min<uint64_t>(p_.block_size, p_.virtual_size - i * uint64_t{p_.block_size});
     if (off >= file_size) {
-      report.messages.push_back(fmt::format(
-          "VHDX BAT entry {} start offset {} points after end of file ({}). Image has probably "
-          "been truncated.",
-          i, off, file_size));
+      report.messages.push_back(
+          fmt::format("VHDX BAT entry {} start offset {} points after end of file ({}). Image has probably "
+                      "been truncated.",
+                      i, off, file_size));
       ++report.corruptions;
     } else if (off + block_length > file_size) {
-      report.messages.push_back(fmt::format(
-          "VHDX BAT entry {} end offset {} points after end of file ({}). Image has probably "
-          "been truncated.",
-          i, off + block_length - 1, file_size));
+      report.messages.push_back(
+          fmt::format("VHDX BAT entry {} end offset {} points after end of file ({}). Image has probably "
+                      "been truncated.",
+                      i, off + block_length - 1, file_size));
       ++report.corruptions;
     }
     used.emplace_back(off, i);

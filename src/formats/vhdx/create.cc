@@ -39,7 +39,8 @@ Status CreateVhdx(const CreateContext& ctx) {
       if (value == "fixed") {
         fixed = true;
       } else if (value != "dynamic") {
-        return Status::InvalidArgument("'{}': VHDX subformat '{}' is not 'dynamic' or 'fixed'", ctx.path, value);
+        return Status::InvalidArgument("'{}': VHDX subformat '{}' is not 'dynamic' or 'fixed'", ctx.path,
+                                       value);
       }
     } else if (key == "block_state_zero") {
       ASSIGN_OR_RETURN(zero_state, ParseBoolOption(key, value));
@@ -59,14 +60,18 @@ Status CreateVhdx(const CreateContext& ctx) {
   }
   if (block_size == 0) {
     // qemu's choice by disk size.
-    if (size > (32ull << 40)) block_size = 64 * MiB;
-    else if (size > (100ull << 30)) block_size = 32 * MiB;
-    else if (size > (1ull << 30)) block_size = 16 * MiB;
-    else block_size = 8 * MiB;
+    if (size > (32ull << 40))
+      block_size = 64 * MiB;
+    else if (size > (100ull << 30))
+      block_size = 32 * MiB;
+    else if (size > (1ull << 30))
+      block_size = 16 * MiB;
+    else
+      block_size = 8 * MiB;
   }
   if (block_size % MiB != 0 || !IsPowerOfTwo(block_size) || block_size > kMaxBlockSize) {
-    return Status::InvalidArgument("'{}': Block size must be a multiple of 1 MB and a power of two, at most 256 MB",
-                                   ctx.path);
+    return Status::InvalidArgument(
+        "'{}': Block size must be a multiple of 1 MB and a power of two, at most 256 MB", ctx.path);
   }
   Params p;
   p.block_size = static_cast<uint32_t>(block_size);

@@ -132,8 +132,7 @@ std::array<std::byte, kHeaderSize> EncodeHeader(const Header& h) {
 
 Result<Headers> ReadHeaders(File* file, uint64_t file_size, const std::string& path) {
   if (file_size < 1 * MiB) {
-    return Status::InvalidFormat("'{}': file of {} bytes is too small for a VHDX image", path,
-                                 file_size);
+    return Status::InvalidFormat("'{}': file of {} bytes is too small for a VHDX image", path, file_size);
   }
   std::array<std::byte, 8> ident{};
   RETURN_IF_ERROR(file->PRead(0, ident).WithContext("'{}': reading the VHDX file identifier", path));
@@ -166,8 +165,8 @@ Result<Headers> ReadHeaders(File* file, uint64_t file_size, const std::string& p
     if (!best || h.sequence > best->current.sequence) best = Headers{h, slot};
   }
   if (!best) {
-    return Status::InvalidFormat("'{}': no valid VHDX header (header 1: {}; header 2: {})", path,
-                                 why[0], why[1]);
+    return Status::InvalidFormat("'{}': no valid VHDX header (header 1: {}; header 2: {})", path, why[0],
+                                 why[1]);
   }
   const Header& h = best->current;
   if (h.version != 1) {
@@ -183,8 +182,8 @@ Result<Headers> ReadHeaders(File* file, uint64_t file_size, const std::string& p
         "at or past 1 MiB, at most {} bytes)",
         path, h.log_offset, h.log_length, kMaxLogLength);
   }
-  if (!IsNullGuid(h.log_guid) && (h.log_length == 0 || h.log_offset > file_size ||
-                                  h.log_length > file_size - h.log_offset)) {
+  if (!IsNullGuid(h.log_guid) &&
+      (h.log_length == 0 || h.log_offset > file_size || h.log_length > file_size - h.log_offset)) {
     return Status::InvalidFormat("'{}': VHDX log (offset 0x{:x}, {} bytes) is outside the file ({} bytes)",
                                  path, h.log_offset, h.log_length, file_size);
   }
@@ -202,8 +201,8 @@ Status ParseParentLocator(std::span<const std::byte> item, Params* p, const std:
   }
   const uint16_t count = LoadLE16(&item[18]);
   if (20 + uint64_t{count} * 12 > item.size()) {
-    return Status::InvalidFormat("'{}': VHDX parent locator has {} entries, more than fit in {} bytes",
-                                 path, count, item.size());
+    return Status::InvalidFormat("'{}': VHDX parent locator has {} entries, more than fit in {} bytes", path,
+                                 count, item.size());
   }
   for (uint16_t i = 0; i < count; ++i) {
     const std::byte* e = item.data() + 20 + i * 12;
@@ -292,8 +291,8 @@ Result<Params> ReadRegionsAndMetadata(const Reader& r, uint64_t file_size, const
     if (off % MiB != 0 || len % MiB != 0 || off < MiB || len == 0 || off > file_size ||
         len > file_size - off) {
       return Status::InvalidFormat(
-          "'{}': VHDX {} region (offset 0x{:x}, {} bytes) is misaligned or outside the file ({} bytes)",
-          path, bat ? "BAT" : "metadata", off, len, file_size);
+          "'{}': VHDX {} region (offset 0x{:x}, {} bytes) is misaligned or outside the file ({} bytes)", path,
+          bat ? "BAT" : "metadata", off, len, file_size);
     }
     if (bat) {
       p.bat_offset = off, p.bat_length = len, have_bat = true;
@@ -334,8 +333,9 @@ Result<Params> ReadRegionsAndMetadata(const Reader& r, uint64_t file_size, const
     const bool required = (flags & 4) != 0;
     if (len == 0) continue;
     if (off < kMetadataTableSize || off + len > p.metadata_length) {
-      return Status::InvalidFormat("'{}': VHDX metadata item {} (offset 0x{:x}, {} bytes) is outside the metadata region",
-                                   path, i, off, len);
+      return Status::InvalidFormat(
+          "'{}': VHDX metadata item {} (offset 0x{:x}, {} bytes) is outside the metadata region", path, i,
+          off, len);
     }
     auto read_item = [&](uint64_t want_min, uint64_t cap) -> Result<std::vector<std::byte>> {
       if (len < want_min || len > cap) {
@@ -392,8 +392,8 @@ Result<Params> ReadRegionsAndMetadata(const Reader& r, uint64_t file_size, const
     return Status::InvalidFormat("'{}': invalid VHDX physical sector size {}", path, p.physical_sector);
   }
   if (p.disk_size > kMaxVirtualSize || p.disk_size > limits::kMaxVirtualSize) {
-    return Status::Unsupported("'{}': VHDX virtual disk size {} exceeds the maximum of {}", path,
-                               p.disk_size, kMaxVirtualSize);
+    return Status::Unsupported("'{}': VHDX virtual disk size {} exceeds the maximum of {}", path, p.disk_size,
+                               kMaxVirtualSize);
   }
   if (p.has_parent && p.parent.empty()) {
     return Status::InvalidFormat("'{}': VHDX differencing image has no parent locator", path);

@@ -15,7 +15,7 @@ namespace vimgfs::vhdx {
 namespace {
 
 struct Entry {
-  uint64_t pos = 0;       // in the log
+  uint64_t pos = 0;  // in the log
   uint64_t length = 0;
   uint64_t tail = 0;
   uint64_t sequence = 0;
@@ -37,8 +37,8 @@ std::optional<Entry> TryEntry(File* file, const Header& h, uint64_t pos) {
   const uint64_t descs = LoadLE32(&hd[24]);
   e.flushed = LoadLE64(&hd[48]);
   e.last = LoadLE64(&hd[56]);
-  if (e.length == 0 || e.length % kLogSector || e.length > len || e.tail % kLogSector ||
-      e.tail >= len || e.sequence == 0) {
+  if (e.length == 0 || e.length % kLogSector || e.length > len || e.tail % kLogSector || e.tail >= len ||
+      e.sequence == 0) {
     return std::nullopt;
   }
   if (std::memcmp(&hd[32], h.log_guid.data(), 16) != 0) return std::nullopt;
@@ -109,8 +109,8 @@ Status ReadLog(File* file, uint64_t file_size, const Header& h, const std::strin
     return Status::Ok();
   }
   if (head->flushed > file_size) {
-    return Status::Corrupt("'{}': VHDX log says the file had {} bytes, but it has {}", path,
-                           head->flushed, file_size);
+    return Status::Corrupt("'{}': VHDX log says the file had {} bytes, but it has {}", path, head->flushed,
+                           file_size);
   }
   *active = true;
   for (const Entry* e : seq) {
@@ -120,8 +120,8 @@ Status ReadLog(File* file, uint64_t file_size, const Header& h, const std::strin
       const std::byte* d = &e->bytes[64 + i * 32];
       const uint64_t off = LoadLE64(d + 16);
       if (off % kLogSector || off < MiB) {
-        return Status::Corrupt("'{}': VHDX log entry {} writes at invalid offset 0x{:x}", path,
-                               e->sequence, off);
+        return Status::Corrupt("'{}': VHDX log entry {} writes at invalid offset 0x{:x}", path, e->sequence,
+                               off);
       }
       if (std::memcmp(d, "zero", 4) == 0) {
         const uint64_t zl = LoadLE64(d + 8);
@@ -140,9 +140,9 @@ Status ReadLog(File* file, uint64_t file_size, const Header& h, const std::strin
         return Status::Corrupt("'{}': VHDX log entry {} has a bad data sector", path, e->sequence);
       }
       std::vector<std::byte> sector(kLogSector);
-      std::memcpy(sector.data(), d + 8, 8);             // leading bytes
+      std::memcpy(sector.data(), d + 8, 8);  // leading bytes
       std::memcpy(sector.data() + 8, s + 8, 4084);
-      std::memcpy(sector.data() + 4092, d + 4, 4);      // trailing bytes
+      std::memcpy(sector.data() + 4092, d + 4, 4);  // trailing bytes
       (*overlay)[off] = std::move(sector);
     }
     *last_file_offset = std::max(*last_file_offset, e->last);

@@ -80,7 +80,7 @@ inline constexpr uint64_t kMaxBlockSize = 256 * MiB;
 inline constexpr uint64_t kMaxVirtualSize = 64ull << 40;  // 64 TiB (spec and qemu)
 inline constexpr uint64_t kSectorBitmapBlockSize = 1 * MiB;
 inline constexpr uint64_t kLogSector = 4 * KiB;
-inline constexpr uint64_t kMaxLogLength = 256 * MiB;     // what we scan at open
+inline constexpr uint64_t kMaxLogLength = 256 * MiB;  // what we scan at open
 inline constexpr uint64_t kMaxParentLocatorBytes = 64 * KiB;
 // The largest BAT a valid image has: 64 TiB of 1 MiB blocks, plus one sector bitmap entry
 // per 4096 of them (a differencing image with 512-byte sectors): 512 MiB + 128 KiB. qemu
@@ -145,7 +145,7 @@ struct Params {
   uint32_t block_size = 0;
   bool leave_allocated = false;
   bool has_parent = false;
-  uint64_t disk_size = 0;       // as stored
+  uint64_t disk_size = 0;  // as stored
   uint64_t virtual_size = 0;
   uint32_t logical_sector = 512;
   uint32_t physical_sector = 512;
@@ -162,8 +162,7 @@ struct Params {
   uint64_t BitmapIndex(uint64_t c) const { return c * (chunk_ratio + 1) + chunk_ratio; }
 };
 // Region table (either valid copy) and metadata, validated against file_size.
-Result<Params> ReadRegionsAndMetadata(const Reader& r, uint64_t file_size,
-                                      const std::string& path);
+Result<Params> ReadRegionsAndMetadata(const Reader& r, uint64_t file_size, const std::string& path);
 // Computes chunk_ratio, block and entry counts; validates against the BAT region.
 Status ComputeGeometry(Params* p, const std::string& path);
 
@@ -177,8 +176,7 @@ Status ReadLog(File* file, uint64_t file_size, const Header& h, const std::strin
 // Builds one log entry (header, descriptors, data sectors) that writes `sectors`
 // (4 KiB each, by file offset). Its tail is itself.
 std::vector<std::byte> BuildLogEntry(const Guid& log_guid, uint64_t sequence, uint64_t tail,
-                                     const std::map<uint64_t, const std::byte*>& sectors,
-                                     uint64_t file_size);
+                                     const std::map<uint64_t, const std::byte*>& sectors, uint64_t file_size);
 uint64_t LogEntrySize(size_t sectors);
 
 class VhdxMap final : public ClusterMap {
@@ -222,12 +220,12 @@ class VhdxMap final : public ClusterMap {
   std::vector<uint64_t> bat_;
   bool read_only_;
   bool closed_ = false;
-  bool wrote_ = false;            // FirstWrite done
-  uint64_t next_alloc_ = 0;       // next block's host offset
+  bool wrote_ = false;       // FirstWrite done
+  uint64_t next_alloc_ = 0;  // next block's host offset
   uint64_t file_size_at_open_ = 0;
   uint64_t log_sequence_ = 0;
-  uint64_t log_pos_ = 0;          // where the next log entry goes, relative to the log
-  bool log_replayed_ = false;     // a read-write open replayed a log (check counts it fixed)
+  uint64_t log_pos_ = 0;                  // where the next log entry goes, relative to the log
+  bool log_replayed_ = false;             // a read-write open replayed a log (check counts it fixed)
   std::set<uint64_t> dirty_bat_sectors_;  // 4 KiB sectors of the BAT region
   std::map<uint64_t, std::vector<std::byte>> bitmaps_;  // chunk -> sector bitmap
 };

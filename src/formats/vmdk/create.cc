@@ -40,8 +40,7 @@ Result<uint32_t> ParentCid(const CreateContext& ctx, const std::string& name) {
   o.open_backing = false;
   auto img = Image::OpenReferenced(ctx.path, name, o);
   if (!img.ok()) return img.error().WithContext("Could not open backing file");
-  if ((*img)->format() != "vmdk")
-    return Status::InvalidArgument("backing_file must be a vmdk image");
+  if ((*img)->format() != "vmdk") return Status::InvalidArgument("backing_file must be a vmdk image");
   FormatInfo fi = (*img)->Info();
   const auto* vmdk = std::get_if<VmdkDetails>(&fi.format_specific);
   return vmdk ? vmdk->cid : 0xffffffffu;
@@ -81,7 +80,8 @@ Status WriteEmptySparseExtent(File& file, const SparseLayout& l, std::string_vie
   EncodeSparseHeader(h, hdr);
   RETURN_IF_ERROR(file.PWrite(0, hdr, IoTag::kHeader));
   if (!descriptor.empty())
-    RETURN_IF_ERROR(file.PWrite(h.desc_offset * kSector, std::as_bytes(std::span(descriptor)), IoTag::kHeader));
+    RETURN_IF_ERROR(
+        file.PWrite(h.desc_offset * kSector, std::as_bytes(std::span(descriptor)), IoTag::kHeader));
   uint64_t gd_sectors = DivRoundUp(l.gd_entries * 4, kSector);
   uint64_t gt_sectors = DivRoundUp(l.gt_bytes, kSector);
   for (uint64_t dir : {h.rgd_offset, h.gd_offset}) {
@@ -117,11 +117,15 @@ Status CreateVmdk(const CreateContext& ctx) {
     } else if (k == "preallocation") {
       prealloc = v;
     } else if (k == "backing_file") {
-      if (!backing) backing = BackingRef{v, ""};
-      else backing->name = v;
+      if (!backing)
+        backing = BackingRef{v, ""};
+      else
+        backing->name = v;
     } else if (k == "backing_fmt") {
-      if (!backing) backing = BackingRef{"", v};
-      else backing->format = v;
+      if (!backing)
+        backing = BackingRef{"", v};
+      else
+        backing->format = v;
     } else if (k == "size") {
       // ctx.size holds it
     } else {
@@ -194,7 +198,8 @@ Status CreateVmdk(const CreateContext& ctx) {
       if (prealloc == "full" && bytes) {
         std::vector<std::byte> zeros(1 << 20);
         for (uint64_t off = 0; off < bytes; off += zeros.size())
-          RETURN_IF_ERROR(f->PWrite(off, std::span(zeros.data(), std::min<uint64_t>(zeros.size(), bytes - off))));
+          RETURN_IF_ERROR(
+              f->PWrite(off, std::span(zeros.data(), std::min<uint64_t>(zeros.size(), bytes - off))));
       }
       RETURN_IF_ERROR(f->Sync(false));
       d.extents.push_back(ExtentLine{Access::kRW, bytes / kSector, "FLAT", name, 0});

@@ -68,8 +68,8 @@ bool ParseHex32(std::string_view s, uint32_t* v) {
   return true;
 }
 
-Status ParseExtentLine(std::string_view line, Access access, std::string_view rest,
-                       const std::string& path, ExtentLine* out) {
+Status ParseExtentLine(std::string_view line, Access access, std::string_view rest, const std::string& path,
+                       ExtentLine* out) {
   auto bad = [&](const char* why) {
     return Status::InvalidFormat("'{}': invalid extent line '{}': {}", path, line, why);
   };
@@ -87,8 +87,8 @@ Status ParseExtentLine(std::string_view line, Access access, std::string_view re
     // A file name is allowed and ignored.
     return Status::Ok();
   }
-  if (t != "SPARSE" && t != "FLAT" && t != "VMFS" && t != "VMFSSPARSE" && t != "VMFSRDM" &&
-      t != "VMFSRAW" && t != "SESPARSE")
+  if (t != "SPARSE" && t != "FLAT" && t != "VMFS" && t != "VMFSSPARSE" && t != "VMFSRDM" && t != "VMFSRAW" &&
+      t != "SESPARSE")
     return bad("unknown extent type");
   if (!NextToken(&rest, &tok, &quoted) || !quoted || tok.empty()) return bad("no quoted file name");
   out->file = std::string(tok);
@@ -172,8 +172,7 @@ Result<Descriptor> ParseDescriptor(std::string_view text, const std::string& pat
     if (!quoted && first == "NOACCESS") access = Access::kNoAccess;
     if (access && line.find('=') == std::string_view::npos) {
       if (d.extents.size() >= kMaxExtents)
-        return Status::InvalidFormat("'{}': more than {} extents in the VMDK descriptor", path,
-                                     kMaxExtents);
+        return Status::InvalidFormat("'{}': more than {} extents in the VMDK descriptor", path, kMaxExtents);
       ExtentLine e;
       RETURN_IF_ERROR(ParseExtentLine(line, *access, rest, path, &e));
       d.extents.push_back(std::move(e));
@@ -224,8 +223,8 @@ bool LooksLikeDescriptor(std::string_view head) {
       head.remove_prefix(1);
       continue;
     }
-    for (const char* v : {"version=1\n", "version=2\n", "version=3\n", "version=1\r\n",
-                          "version=2\r\n", "version=3\r\n"}) {
+    for (const char* v :
+         {"version=1\n", "version=2\n", "version=3\n", "version=1\r\n", "version=2\r\n", "version=3\r\n"}) {
       if (head.substr(0, std::strlen(v)) == v) return true;
     }
     return false;

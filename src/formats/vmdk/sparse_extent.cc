@@ -30,7 +30,7 @@ struct SparseParams {
   bool zero_grain = false;
   bool compressed = false;
   bool markers = false;
-  bool stream = false;      // createType streamOptimized: read-only in place
+  bool stream = false;  // createType streamOptimized: read-only in place
 };
 
 class SparseExtent final : public Extent {
@@ -58,10 +58,10 @@ class SparseExtent final : public Extent {
     auto push = [&](const Mapping& m) {
       if (out->size() > first) {
         Mapping& b = out->back();
-        bool same = b.kind == m.kind &&
-                    (m.kind == Mapping::Kind::kUnallocated || m.kind == Mapping::Kind::kZero ||
-                     (m.kind == Mapping::Kind::kData && b.host_offset + b.length == m.host_offset &&
-                      b.writable == m.writable));
+        bool same =
+            b.kind == m.kind && (m.kind == Mapping::Kind::kUnallocated || m.kind == Mapping::Kind::kZero ||
+                                 (m.kind == Mapping::Kind::kData &&
+                                  b.host_offset + b.length == m.host_offset && b.writable == m.writable));
         if (same) {
           b.length += m.length;
           return;
@@ -114,9 +114,10 @@ class SparseExtent final : public Extent {
   Result<WritePlan> PrepareWrite(uint64_t off, uint64_t len) override {
     if (read_only) {
       if (p_.stream)
-        return Status::ReadOnly("'{}': a streamOptimized VMDK cannot be written in place; mount "
-                                "it with --overlay FILE or convert it to monolithicSparse first",
-                                file_->path());
+        return Status::ReadOnly(
+            "'{}': a streamOptimized VMDK cannot be written in place; mount "
+            "it with --overlay FILE or convert it to monolithicSparse first",
+            file_->path());
       return Status::ReadOnly("'{}' is opened read-only", file_->path());
     }
     uint64_t g = off / grain_;
@@ -155,7 +156,7 @@ class SparseExtent final : public Extent {
   Status WriteBack() override {
     if (read_only) return Status::Ok();
     RETURN_IF_ERROR(cache_.Flush());  // new grain tables land before directory entries name them
-        for (auto* dir : {&rgd, &gd}) {
+    for (auto* dir : {&rgd, &gd}) {
       if (dir->empty()) continue;
       uint64_t base = dir == &gd ? p_.gd_offset : p_.rgd_offset;
       // One sector of directory entries (128) at a time, where any changed.
@@ -187,8 +188,7 @@ class SparseExtent final : public Extent {
       }
       auto entry = GetEntry(g);
       uint64_t sector = (guest_start + g * grain_) / kSector;
-      if (!entry.ok())
-        return fmt::format("ERROR: could not get cluster_offset for sector {}", sector);
+      if (!entry.ok()) return fmt::format("ERROR: could not get cluster_offset for sector {}", sector);
       if (*entry == 0 || (*entry == kGteZeroed && p_.zero_grain)) continue;
       if (uint64_t{*entry} * kSector >= size)
         return fmt::format("ERROR: cluster offset for sector {} points after EOF", sector);
@@ -233,7 +233,8 @@ class SparseExtent final : public Extent {
 
   Status SetEntry(uint64_t g, uint32_t value) {
     uint64_t gi = g / p_.gtes;
-    if (gi >= gd.size()) return Status::Corrupt("'{}': grain {} is outside the grain directory", file_->path(), g);
+    if (gi >= gd.size())
+      return Status::Corrupt("'{}': grain {} is outside the grain directory", file_->path(), g);
     if (gd[gi] == 0 || (!rgd.empty() && rgd[gi] == 0)) {
       if (gd[gi] != 0 || (!rgd.empty() && rgd[gi] != 0))
         return Status::Corrupt("'{}': grain directories disagree at entry {}", file_->path(), gi);
@@ -259,8 +260,8 @@ class SparseExtent final : public Extent {
   std::vector<bool> gd_dirty_;
 };
 
-Result<std::vector<uint32_t>> ReadDirectory(File& file, uint64_t offset, uint64_t entries,
-                                            uint64_t file_size, const char* what) {
+Result<std::vector<uint32_t>> ReadDirectory(File& file, uint64_t offset, uint64_t entries, uint64_t file_size,
+                                            const char* what) {
   uint64_t bytes = entries * 4;
   if (bytes > limits::kMaxMapBytes) return Status::InvalidFormat("'{}': L1 size too big", file.path());
   auto end = CheckedAdd(offset, bytes);
@@ -382,8 +383,8 @@ Result<SparseOpenResult> OpenSparseExtent(File* file, std::unique_ptr<File> owne
   ASSIGN_OR_RETURN(auto gd, ReadDirectory(*file, p.gd_offset, gd_entries, file_size, "grain directory"));
   std::vector<uint32_t> rgd;
   if (redundant) {
-    ASSIGN_OR_RETURN(rgd, ReadDirectory(*file, p.rgd_offset, gd_entries, file_size,
-                                        "redundant grain directory"));
+    ASSIGN_OR_RETURN(rgd,
+                     ReadDirectory(*file, p.rgd_offset, gd_entries, file_size, "redundant grain directory"));
   }
   auto ext = std::make_unique<SparseExtent>(file, std::move(owned), p, file_size, cache_bytes);
   ext->gd = std::move(gd);

@@ -26,9 +26,8 @@ Result<SparseHeader> ReadFooterHeader(File& file) {
   const std::byte* marker = f;
   const std::byte* header = f + kSector;
   const std::byte* eos = f + 2 * kSector;
-  if (LoadLE32(header) != kMagicKdmv || LoadLE32(marker + 8) != 0 ||
-      LoadLE32(marker + 12) != kMarkerFooter || LoadLE64(eos) != 0 || LoadLE32(eos + 8) != 0 ||
-      LoadLE32(eos + 12) != kMarkerEos)
+  if (LoadLE32(header) != kMagicKdmv || LoadLE32(marker + 8) != 0 || LoadLE32(marker + 12) != kMarkerFooter ||
+      LoadLE64(eos) != 0 || LoadLE32(eos + 8) != 0 || LoadLE32(eos + 12) != kMarkerEos)
     return Status::InvalidFormat("'{}': Invalid footer", file.path());
   SparseHeader h = DecodeSparseHeader(header);
   if (h.gd_offset == kGdAtEnd)

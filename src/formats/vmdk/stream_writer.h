@@ -56,7 +56,7 @@ class StreamOptimizedWriter {
   uint64_t rgd_offset_ = 0;  // bytes
   std::vector<uint32_t> gd_, rgd_;
   std::map<uint64_t, std::vector<uint32_t>> pending_;  // grain table index -> entries
-  uint64_t next_ = 0;  // bytes, sector-aligned end of data
+  uint64_t next_ = 0;                                  // bytes, sector-aligned end of data
   bool finished_ = false;
 };
 

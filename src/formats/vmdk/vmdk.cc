@@ -15,10 +15,10 @@ namespace vmdk {
 namespace {
 
 bool KnownCreateType(const std::string& t) {
-  for (const char* k : {"monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
-                        "twoGbMaxExtentFlat", "streamOptimized", "vmfs", "vmfsSparse", "vmfsThin",
-                        "vmfsPreallocated", "vmfsEagerZeroedThick", "vmfsRaw", "vmfsRawDeviceMap",
-                        "vmfsPassthroughRawDeviceMap", "custom"}) {
+  for (const char* k :
+       {"monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "streamOptimized",
+        "vmfs", "vmfsSparse", "vmfsThin", "vmfsPreallocated", "vmfsEagerZeroedThick", "vmfsRaw",
+        "vmfsRawDeviceMap", "vmfsPassthroughRawDeviceMap", "custom"}) {
     if (t == k) return true;
   }
   return false;
@@ -100,8 +100,10 @@ class VmdkMap final : public ClusterMap {
     if (cid_updated || !desc_file || ro) return Status::Ok();
     cid_updated = true;
     auto p = desc_text.find("\nCID=");
-    if (desc_text.rfind("CID=", 0) == 0) p = 0;
-    else if (p != std::string::npos) p += 1;
+    if (desc_text.rfind("CID=", 0) == 0)
+      p = 0;
+    else if (p != std::string::npos)
+      p += 1;
     if (p == std::string::npos) return Status::Ok();
     auto end = desc_text.find('\n', p);
     if (end == std::string::npos) return Status::Ok();
@@ -182,8 +184,7 @@ class VmdkMap final : public ClusterMap {
     std::vector<File*> files;
     for (auto& e : extents) {
       File* f = e->file();
-      if (f && f != image_file && std::find(files.begin(), files.end(), f) == files.end())
-        files.push_back(f);
+      if (f && f != image_file && std::find(files.begin(), files.end(), f) == files.end()) files.push_back(f);
     }
     return files;
   }
@@ -194,9 +195,7 @@ class VmdkMap final : public ClusterMap {
     return CheckExtents(extents);
   }
 
-  std::string Path() const {
-    return image_file ? image_file->path() : std::string();
-  }
+  std::string Path() const { return image_file ? image_file->path() : std::string(); }
 };
 
 Status AddExtentsFromDescriptor(VmdkMap* map, const Descriptor& d, const std::string& desc_path,
@@ -216,8 +215,7 @@ Status AddExtentsFromDescriptor(VmdkMap* map, const Descriptor& d, const std::st
     bool ro = ctx.options.read_only || line.access == Access::kRdOnly;
     auto opened = OpenReference(env, desc_path, line.file, ro ? OpenMode::kReadOnly : OpenMode::kReadWrite,
                                 ctx.options.untrusted);
-    if (!opened.ok() && ctx.options.untrusted && !ctx.options.open_backing &&
-        opened.error().err() == EXDEV) {
+    if (!opened.ok() && ctx.options.untrusted && !ctx.options.open_backing && opened.error().err() == EXDEV) {
       // `info --untrusted` shows the name without opening it; nothing can read it.
       map->extents.push_back(NewUnopenedExtent(line.file, line.type, bytes));
       continue;
@@ -266,14 +264,15 @@ std::optional<uint32_t> ReadCid(File* f) {
 
 void CheckParentCid(VmdkMap* map, const OpenContext& ctx) {
   if (!map->parent || !ctx.options.open_backing) return;
-  auto parent = OpenReference(*ctx.env, ctx.path, map->parent->name, OpenMode::kReadOnly, ctx.options.untrusted);
+  auto parent =
+      OpenReference(*ctx.env, ctx.path, map->parent->name, OpenMode::kReadOnly, ctx.options.untrusted);
   if (!parent.ok()) return;  // the engine reports it when it opens the chain
   std::optional<uint32_t> cid = ReadCid(parent->file.get());
   if (!cid || *cid != map->parent_cid)
     map->stale_parent = fmt::format(
         "'{}': the parent image '{}' has changed since this image was made on it (its CID is {}, "
-        "parentCID here is {:x})", ctx.path, map->parent->name, cid ? fmt::format("{:x}", *cid) : "unreadable",
-        map->parent_cid);
+        "parentCID here is {:x})",
+        ctx.path, map->parent->name, cid ? fmt::format("{:x}", *cid) : "unreadable", map->parent_cid);
 }
 
 void ApplyDescriptorKeys(VmdkMap* map, const Descriptor& d) {
@@ -311,8 +310,8 @@ Result<std::unique_ptr<ClusterMap>> OpenVmdk(OpenContext ctx) {
   }
   if ((magic == kMagicKdmv || magic == kMagicCowd) && !container) {
     File* raw = ctx.file.get();
-    ASSIGN_OR_RETURN(SparseOpenResult r,
-                     OpenSparseExtent(raw, std::move(ctx.file), ctx.options.read_only, ctx.options.cache_bytes));
+    ASSIGN_OR_RETURN(SparseOpenResult r, OpenSparseExtent(raw, std::move(ctx.file), ctx.options.read_only,
+                                                          ctx.options.cache_bytes));
     if (!r.extent) return Status::InvalidFormat("'{}': invalid sparse VMDK header", path);
     bool compressed = r.extent->compressed();
     map->extents.push_back(std::move(r.extent));
@@ -396,7 +395,8 @@ class VmdkDriverImpl final : public FormatDriver {
                 {"subformat", Opt::kString,
                  "VMDK flat extent format, can be one of {monolithicSparse (default) | monolithicFlat | "
                  "twoGbMaxExtentSparse | twoGbMaxExtentFlat | streamOptimized} "},
-                {"zeroed_grain", Opt::kBool, "Enable efficient zero writes using the zeroed-grain GTE feature"},
+                {"zeroed_grain", Opt::kBool,
+                 "Enable efficient zero writes using the zeroed-grain GTE feature"},
             },
         .compression = FormatTraits::Compression::kStreamSubformat,
         .compressed_subformat = "streamOptimized",

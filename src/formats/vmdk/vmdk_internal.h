@@ -53,26 +53,26 @@ inline constexpr uint32_t kMarkerFooter = 3;
 inline constexpr uint64_t kGrainMarkerBytes = 12;
 
 // Limits (qemu's, where it has one).
-inline constexpr uint64_t kMaxGdEntries = 32ull << 20;       // qemu: "L1 size too big"
-inline constexpr uint32_t kMaxGtesPerGt = 512;               // qemu: "L2 table size too big"
+inline constexpr uint64_t kMaxGdEntries = 32ull << 20;  // qemu: "L1 size too big"
+inline constexpr uint32_t kMaxGtesPerGt = 512;          // qemu: "L2 table size too big"
 inline constexpr uint32_t kCowdGtesPerGt = 4096;
-inline constexpr uint64_t kMaxGrainBytes = 2ull << 20;       // engine COW/decompress unit
+inline constexpr uint64_t kMaxGrainBytes = 2ull << 20;  // engine COW/decompress unit
 inline constexpr size_t kMaxExtents = 4096;
-inline constexpr int kMaxDescriptorDepth = 4;                // capacity-0 sparse -> descriptor
+inline constexpr int kMaxDescriptorDepth = 4;  // capacity-0 sparse -> descriptor
 
 // ---- Hosted sparse extent header (512 bytes, little-endian) ----
 struct SparseHeader {
   uint32_t magic = kMagicKdmv;
   uint32_t version = 1;
   uint32_t flags = 0;
-  uint64_t capacity = 0;      // sectors
-  uint64_t grain_size = 0;    // sectors
-  uint64_t desc_offset = 0;   // sectors
-  uint64_t desc_size = 0;     // sectors
+  uint64_t capacity = 0;     // sectors
+  uint64_t grain_size = 0;   // sectors
+  uint64_t desc_offset = 0;  // sectors
+  uint64_t desc_size = 0;    // sectors
   uint32_t num_gtes_per_gt = 512;
-  uint64_t rgd_offset = 0;    // sectors
-  uint64_t gd_offset = 0;     // sectors
-  uint64_t overhead = 0;      // sectors (first grain)
+  uint64_t rgd_offset = 0;  // sectors
+  uint64_t gd_offset = 0;   // sectors
+  uint64_t overhead = 0;    // sectors (first grain)
   uint8_t unclean_shutdown = 0;
   uint16_t compress_algorithm = 0;
 };
@@ -85,9 +85,9 @@ enum class Access { kRW, kRdOnly, kNoAccess };
 struct ExtentLine {
   Access access = Access::kRW;
   uint64_t sectors = 0;
-  std::string type;      // "SPARSE", "FLAT", "ZERO", "VMFS", "VMFSSPARSE", ...
-  std::string file;      // empty for ZERO
-  uint64_t offset = 0;   // FLAT: start sector inside the file
+  std::string type;     // "SPARSE", "FLAT", "ZERO", "VMFS", "VMFSSPARSE", ...
+  std::string file;     // empty for ZERO
+  uint64_t offset = 0;  // FLAT: start sector inside the file
 };
 
 struct Descriptor {
@@ -153,9 +153,9 @@ class Extent {
 
 struct SparseOpenResult {
   std::unique_ptr<Extent> extent;
-  SparseHeader header;         // KDMV only
+  SparseHeader header;  // KDMV only
   bool is_cowd = false;
-  std::string embedded_desc;   // descriptor text in the extent ("" if none)
+  std::string embedded_desc;  // descriptor text in the extent ("" if none)
 };
 
 // Opens a KDMV or COWD sparse extent. The extent takes `file` when `owned` is set; else

@@ -35,7 +35,8 @@ bool BitSet(const std::vector<uint8_t>& bitmap, uint64_t sector) {
 Result<std::unique_ptr<ClusterMap>> OpenVpc(OpenContext ctx) {
   File* file = ctx.file.get();
   ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
-  if (file_size < kFooterSize) return Status::InvalidFormat("'{}': File too small for a VHD header", ctx.path);
+  if (file_size < kFooterSize)
+    return Status::InvalidFormat("'{}': File too small for a VHD header", ctx.path);
   if (!ctx.options.snapshot.empty())
     return Status::Unsupported("'{}': VHD images have no internal snapshots", ctx.path);
   std::array<std::byte, kFooterSize> raw{};
@@ -43,7 +44,8 @@ Result<std::unique_ptr<ClusterMap>> OpenVpc(OpenContext ctx) {
   const bool read_only = ctx.options.read_only || !file->writable();
   if (!HasFooterCookie(raw)) {
     // A fixed disk has its footer at the end only.
-    RETURN_IF_ERROR(file->PRead(file_size - kFooterSize, raw).WithContext("'{}': reading the VHD footer", ctx.path));
+    RETURN_IF_ERROR(
+        file->PRead(file_size - kFooterSize, raw).WithContext("'{}': reading the VHD footer", ctx.path));
     if (!HasFooterCookie(raw) || LoadBE32(&raw[foot::kDiskType]) != kTypeFixed)
       return Status::InvalidFormat("'{}': invalid VPC image", ctx.path);
     ASSIGN_OR_RETURN(Footer footer, ParseFooter(raw, ctx.path));
@@ -52,11 +54,11 @@ Result<std::unique_ptr<ClusterMap>> OpenVpc(OpenContext ctx) {
   }
   ASSIGN_OR_RETURN(Footer footer, ParseFooter(raw, ctx.path));
   if (footer.disk_type != kTypeDynamic && footer.disk_type != kTypeDifferencing)
-    return Status::InvalidFormat("'{}': invalid VPC image (disk type {} with a footer at the start)", ctx.path,
-                                 footer.disk_type);
+    return Status::InvalidFormat("'{}': invalid VPC image (disk type {} with a footer at the start)",
+                                 ctx.path, footer.disk_type);
   if (footer.data_offset >= file_size)
-    return Status::InvalidFormat("'{}': VHD dynamic header offset 0x{:x} is outside the file ({} bytes)", ctx.path,
-                                 footer.data_offset, file_size);
+    return Status::InvalidFormat("'{}': VHD dynamic header offset 0x{:x} is outside the file ({} bytes)",
+                                 ctx.path, footer.data_offset, file_size);
   // A header cut short by the end of the file reads as zeros past it, as in qemu: its
   // fields are then validated like any others (so the same image gives qemu's message).
   std::array<std::byte, kDynHeaderSize> draw{};
@@ -104,8 +106,9 @@ void VpcMap::SetEntry(uint64_t block, uint32_t value) {
 
 void VpcMap::ScanForInconsistency(uint64_t file_size) {
   // Metadata at the start of the file: footer copy, dynamic header, BAT.
-  const uint64_t meta_end = std::max({kFooterSize, footer_.data_offset + kDynHeaderSize,
-                                      AlignUp(dyn_.table_offset + uint64_t{dyn_.max_table_entries} * 4, kSectorSize)});
+  const uint64_t meta_end =
+      std::max({kFooterSize, footer_.data_offset + kDynHeaderSize,
+                AlignUp(dyn_.table_offset + uint64_t{dyn_.max_table_entries} * 4, kSectorSize)});
   next_block_ = meta_end;
   std::vector<std::pair<uint64_t, uint64_t>> blocks;  // start, block index
   for (uint64_t b = 0; b < dyn_.max_table_entries; ++b) {
@@ -125,7 +128,8 @@ void VpcMap::ScanForInconsistency(uint64_t file_size) {
   std::sort(blocks.begin(), blocks.end());
   for (size_t i = 1; i < blocks.size() && inconsistency_.empty(); ++i) {
     if (blocks[i].first < blocks[i - 1].first + BlockBytes())
-      inconsistency_ = fmt::format("blocks {} and {} overlap in the file", blocks[i - 1].second, blocks[i].second);
+      inconsistency_ =
+          fmt::format("blocks {} and {} overlap in the file", blocks[i - 1].second, blocks[i].second);
   }
   // qemu refuses the open here; the image was cut short.
   if (next_block_ > file_size && inconsistency_.empty())
@@ -157,15 +161,18 @@ Result<const std::vector<uint8_t>*> VpcMap::Bitmap(uint64_t block, uint32_t e) {
 
 Status VpcMap::LookupFixed(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
   // All data (qemu reports a fixed disk's holes as data that reads as zeros).
-  out->push_back(Mapping{.kind = Mapping::Kind::kData, .length = len, .file = file_.get(), .host_offset = guest_off,
+  out->push_back(Mapping{.kind = Mapping::Kind::kData,
+                         .length = len,
+                         .file = file_.get(),
+                         .host_offset = guest_off,
                          .writable = !read_only_ && inconsistency_.empty()});
   return Status::Ok();
 }
 
 Status VpcMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
   if (guest_off > virtual_size() || len > virtual_size() - guest_off)
-    return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_, len, guest_off,
-                              virtual_size());
+    return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_, len,
+                              guest_off, virtual_size());
   if (fixed()) return LookupFixed(guest_off, len, out);
   const size_t first = out->size();
   const bool writable = !read_only_ && inconsistency_.empty();
@@ -180,12 +187,17 @@ Status VpcMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* ou
     } else if (!differencing()) {
       // qemu reads a dynamic disk's blocks whole, whatever their bitmaps say.
       Append(out, first,
-             Mapping{.kind = Mapping::Kind::kData, .length = n, .file = file_.get(),
-                     .host_offset = DataStart(e) + in_block, .writable = writable, .opaque_data = true});
+             Mapping{.kind = Mapping::Kind::kData,
+                     .length = n,
+                     .file = file_.get(),
+                     .host_offset = DataStart(e) + in_block,
+                     .writable = writable,
+                     .opaque_data = true});
     } else {
       ASSIGN_OR_RETURN(const std::vector<uint8_t>* bits, Bitmap(block, e));
-      const bool full = std::all_of(bits->begin(), bits->begin() + DivRoundUp(dyn_.block_size / kSectorSize, 8),
-                                    [](uint8_t b) { return b == 0xff; });
+      const bool full =
+          std::all_of(bits->begin(), bits->begin() + DivRoundUp(dyn_.block_size / kSectorSize, 8),
+                      [](uint8_t b) { return b == 0xff; });
       for (uint64_t pos = in_block; pos < in_block + n;) {
         const uint64_t sector = pos / kSectorSize;
         const bool here = BitSet(*bits, sector);
@@ -245,7 +257,8 @@ Result<WritePlan> VpcMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
     ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
     fresh = start + dyn_.bitmap_size >= file_size;  // only the old footer lies past start
     if (start / kSectorSize >= kBatUnused)
-      return Status::Unsupported("'{}': the VHD file is full (block offsets are 32-bit sector numbers)", path_);
+      return Status::Unsupported("'{}': the VHD file is full (block offsets are 32-bit sector numbers)",
+                                 path_);
     // The footer moves first, so the file always ends in one.
     RETURN_IF_ERROR(file_->PWrite(start + BlockBytes(), footer_.raw, IoTag::kHeader)
                         .WithContext("'{}': writing the VHD footer", path_));
@@ -267,7 +280,8 @@ Result<WritePlan> VpcMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
 Status VpcMap::CommitWrite(const WritePlan& plan) {
   const uint64_t block = plan.cookie[0];
   if (plan.cookie[2] == 1) {
-    if (entry(block) != kBatUnused) return Status::Corrupt("'{}': VHD block {} was allocated twice", path_, block);
+    if (entry(block) != kBatUnused)
+      return Status::Corrupt("'{}': VHD block {} was allocated twice", path_, block);
     SetEntry(block, static_cast<uint32_t>(plan.cookie[1] / kSectorSize));  // written at the next flush
     bitmaps_.erase(block);
   } else if (plan.cookie[2] == 2) {
@@ -307,9 +321,10 @@ Status VpcMap::WriteBack() {
   // Data durable before a BAT entry or a bitmap bit names it.
   RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
   for (uint64_t block : dirty_bitmaps_) {
-    RETURN_IF_ERROR(file_->PWrite(BlockStart(entry(block)), std::as_bytes(std::span(bitmaps_.at(block))),
-                                  IoTag::kBlockMap)
-                        .WithContext("'{}': writing the sector bitmap of VHD block {}", path_, block));
+    RETURN_IF_ERROR(
+        file_
+            ->PWrite(BlockStart(entry(block)), std::as_bytes(std::span(bitmaps_.at(block))), IoTag::kBlockMap)
+            .WithContext("'{}': writing the sector bitmap of VHD block {}", path_, block));
   }
   dirty_bitmaps_.clear();
   return WriteDirtySectors(*file_, dyn_.table_offset, bat_, &dirty_sectors_, IoTag::kBlockMap)

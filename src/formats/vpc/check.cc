@@ -19,7 +19,8 @@ Result<CheckReport> VpcMap::Check(RepairMode mode) {
   ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
   if (fixed()) {
     if (virtual_size() + kFooterSize > file_size)
-      corrupt(fmt::format("the disk size {} reaches into the footer (file of {} bytes)", virtual_size(), file_size));
+      corrupt(fmt::format("the disk size {} reaches into the footer (file of {} bytes)", virtual_size(),
+                          file_size));
     return report;
   }
   if (!dyn_.checksum_ok) corrupt("the dynamic header checksum is wrong");

@@ -14,7 +14,8 @@
 namespace vimgfs::vpc {
 namespace {
 
-std::array<std::byte, kFooterSize> MakeFooter(uint32_t disk_type, uint64_t size, const Geometry& g, bool force_size) {
+std::array<std::byte, kFooterSize> MakeFooter(uint32_t disk_type, uint64_t size, const Geometry& g,
+                                              bool force_size) {
   std::array<std::byte, kFooterSize> f{};
   std::byte* p = f.data();
   std::memcpy(p + foot::kCookie, "conectix", 8);
@@ -48,9 +49,12 @@ Status CreateVpc(const CreateContext& ctx) {
     if (key == "force_size") {
       ASSIGN_OR_RETURN(force_size, ParseBoolOption(key, value));
     } else if (key == "subformat") {
-      if (value == "dynamic") disk_type = kTypeDynamic;
-      else if (value == "fixed") disk_type = kTypeFixed;
-      else return Status::InvalidArgument("Parameter 'subformat' does not accept value '{}'", value);
+      if (value == "dynamic")
+        disk_type = kTypeDynamic;
+      else if (value == "fixed")
+        disk_type = kTypeFixed;
+      else
+        return Status::InvalidArgument("Parameter 'subformat' does not accept value '{}'", value);
     } else if (key == "size") {
       ASSIGN_OR_RETURN(size, ParseSize(value));
     } else if (key == "preallocation") {
@@ -70,7 +74,8 @@ Status CreateVpc(const CreateContext& ctx) {
   RETURN_IF_ERROR(file->Truncate(0));
   if (disk_type == kTypeFixed) {
     RETURN_IF_ERROR(file->Truncate(size + kFooterSize));
-    RETURN_IF_ERROR(file->PWrite(size, footer, IoTag::kHeader).WithContext("'{}': Unable to write VHD header", ctx.path));
+    RETURN_IF_ERROR(
+        file->PWrite(size, footer, IoTag::kHeader).WithContext("'{}': Unable to write VHD header", ctx.path));
     return file->Sync(false).WithContext("'{}': syncing", ctx.path);
   }
   // Footer copy, dynamic header, BAT (all unused), footer.
@@ -92,7 +97,8 @@ Status CreateVpc(const CreateContext& ctx) {
   StoreBE32(h + dyn::kChecksum, Checksum(std::span(h, kDynHeaderSize), dyn::kChecksum));
   std::memset(head.data() + table_offset, 0xff, bat_bytes);
   std::memcpy(head.data() + table_offset + bat_bytes, footer.data(), kFooterSize);
-  RETURN_IF_ERROR(file->PWrite(0, head, IoTag::kHeader).WithContext("'{}': Unable to create or write VHD header", ctx.path));
+  RETURN_IF_ERROR(file->PWrite(0, head, IoTag::kHeader)
+                      .WithContext("'{}': Unable to create or write VHD header", ctx.path));
   return file->Sync(false).WithContext("'{}': syncing", ctx.path);
 }
 
@@ -109,7 +115,8 @@ class VpcFormat final : public FormatDriver {
                 {"subformat", CreateOptionSpec::Type::kString,
                  "Type of virtual hard disk format. Supported formats are {dynamic (default) | fixed} "},
                 {"force_size", CreateOptionSpec::Type::kBool,
-                 "Force disk size calculation to use the actual size specified, rather than using the nearest "
+                 "Force disk size calculation to use the actual size specified, rather than using the "
+                 "nearest "
                  "CHS-based calculation"},
             },
         .create_preallocation = FormatTraits::CreatePreallocation::kIgnored,

@@ -44,8 +44,7 @@ Geometry GeometryFor(uint64_t total_sectors) {
 
 // Creator applications whose images mean current_size, not the geometry (qemu's table).
 bool SizeFromCurrentSize(const std::string& app) {
-  return app == "win " || app == "qem2" || app == "d2v " || app == "CTXS" ||
-         app == std::string("tap\0", 4);
+  return app == "win " || app == "qem2" || app == "d2v " || app == "CTXS" || app == std::string("tap\0", 4);
 }
 
 constexpr uint32_t FourCc(const char (&s)[5]) {
@@ -88,8 +87,7 @@ Result<uint64_t> CreatedSize(uint64_t size, bool force_size, Geometry* geometry)
   }
   if (g.sectors() == kMaxGeometry) {
     sectors = size / kSectorSize;
-    if (sectors > kMaxSectors)
-      return Status::InvalidArgument("Disk size is too large, max size is 2040 GiB");
+    if (sectors > kMaxSectors) return Status::InvalidArgument("Disk size is too large, max size is 2040 GiB");
   } else {
     sectors = g.sectors();
   }
@@ -124,8 +122,8 @@ Result<Footer> ParseFooter(std::span<const std::byte, kFooterSize> raw, const st
   f.size_from_geometry = !SizeFromCurrentSize(f.creator_app) && sectors != kMaxGeometry;
   if (!f.size_from_geometry) sectors = f.current_size / kSectorSize;
   if (sectors > kMaxSectors)
-    return Status::InvalidFormat("'{}': VHD disk size of {} sectors is larger than the 2040 GiB maximum", path,
-                                 sectors);
+    return Status::InvalidFormat("'{}': VHD disk size of {} sectors is larger than the 2040 GiB maximum",
+                                 path, sectors);
   f.virtual_size = sectors * kSectorSize;
   return f;
 }
@@ -146,14 +144,16 @@ Result<DynHeader> ParseDynHeader(std::span<const std::byte, kDynHeaderSize> raw,
   if (virtual_size / h.block_size > 0xffffffffull)
     return Status::InvalidFormat("'{}': Too many blocks", path);
   if (uint64_t{h.max_table_entries} * h.block_size < virtual_size)
-    return Status::InvalidFormat("'{}': Page table too small ({} entries of {} bytes for a disk of {} bytes)", path,
-                                 h.max_table_entries, h.block_size, virtual_size);
+    return Status::InvalidFormat("'{}': Page table too small ({} entries of {} bytes for a disk of {} bytes)",
+                                 path, h.max_table_entries, h.block_size, virtual_size);
   const uint64_t bat_bytes = uint64_t{h.max_table_entries} * 4;
   if (h.max_table_entries > 0x7fffffffu / 4 || bat_bytes > limits::kMaxMapBytes)
     return Status::InvalidFormat("'{}': Max Table Entries too large ({})", path, h.max_table_entries);
-  if (!IsAligned(h.table_offset, kSectorSize) || h.table_offset > file_size || bat_bytes > file_size - h.table_offset)
-    return Status::InvalidFormat("'{}': VHD block allocation table (offset 0x{:x}, {} bytes) is outside the file ({} bytes)",
-                                 path, h.table_offset, bat_bytes, file_size);
+  if (!IsAligned(h.table_offset, kSectorSize) || h.table_offset > file_size ||
+      bat_bytes > file_size - h.table_offset)
+    return Status::InvalidFormat(
+        "'{}': VHD block allocation table (offset 0x{:x}, {} bytes) is outside the file ({} bytes)", path,
+        h.table_offset, bat_bytes, file_size);
 
   h.parent_name = Utf16ToUtf8(std::span(&raw[dyn::kParentName], dyn::kParentNameBytes), true).value_or("");
   for (int i = 0; i < dyn::kLocatorCount; ++i) {
@@ -165,8 +165,9 @@ Result<DynHeader> ParseDynHeader(std::span<const std::byte, kDynHeaderSize> raw,
     const uint64_t offset = LoadBE64(e + 16);
     if (length == 0) continue;
     if (length > kMaxLocatorBytes || offset > file_size || length > file_size - offset)
-      return Status::InvalidFormat("'{}': VHD parent locator {} (offset 0x{:x}, {} bytes) is outside the file", path, i,
-                                   offset, length);
+      return Status::InvalidFormat(
+          "'{}': VHD parent locator {} (offset 0x{:x}, {} bytes) is outside the file", path, i, offset,
+          length);
     if (loc.platform != kPlatformW2ru && loc.platform != kPlatformW2ku && loc.platform != kPlatformMacX) {
       h.locators.push_back(loc);  // kept for check; not a path we can use
       continue;

@@ -98,7 +98,7 @@ inline constexpr size_t kBlockSize = 32;
 inline constexpr size_t kChecksum = 36;
 inline constexpr size_t kParentUniqueId = 40;
 inline constexpr size_t kParentTimestamp = 56;
-inline constexpr size_t kParentName = 64;       // UTF-16 big-endian, 512 bytes
+inline constexpr size_t kParentName = 64;  // UTF-16 big-endian, 512 bytes
 inline constexpr size_t kParentNameBytes = 512;
 inline constexpr size_t kParentLocators = 576;  // 8 entries of 24 bytes
 inline constexpr size_t kLocatorEntrySize = 24;
@@ -126,8 +126,8 @@ struct Footer {
   uint64_t data_offset = 0;
   uint64_t current_size = 0;
   Geometry geometry;
-  std::string creator_app;                   // 4 characters
-  uint64_t virtual_size = 0;                 // as qemu computes it (see above)
+  std::string creator_app;    // 4 characters
+  uint64_t virtual_size = 0;  // as qemu computes it (see above)
   bool size_from_geometry = false;
 };
 
@@ -136,8 +136,8 @@ Result<Footer> ParseFooter(std::span<const std::byte, kFooterSize> raw, const st
 bool HasFooterCookie(std::span<const std::byte> raw);
 
 struct ParentLocator {
-  uint32_t platform = 0;      // 'W2ru', 'W2ku', 'MacX', ...
-  std::string path;           // decoded to UTF-8 with '/' separators; empty if undecodable
+  uint32_t platform = 0;  // 'W2ru', 'W2ku', 'MacX', ...
+  std::string path;       // decoded to UTF-8 with '/' separators; empty if undecodable
 };
 
 struct DynHeader {
@@ -145,9 +145,9 @@ struct DynHeader {
   uint64_t table_offset = 0;
   uint32_t max_table_entries = 0;
   uint32_t block_size = 0;
-  uint32_t bitmap_size = 0;        // bytes before each block's data, whole sectors
-  bool checksum_ok = true;         // qemu does not verify it; check reports it
-  std::string parent_name;         // UTF-8, from the UTF-16BE name field
+  uint32_t bitmap_size = 0;  // bytes before each block's data, whole sectors
+  bool checksum_ok = true;   // qemu does not verify it; check reports it
+  std::string parent_name;   // UTF-8, from the UTF-16BE name field
   std::vector<ParentLocator> locators;
 };
 
@@ -210,7 +210,7 @@ class VpcMap final : public ClusterMap {
   std::unique_ptr<File> file_;
   Footer footer_;
   DynHeader dyn_;
-  std::vector<std::byte> bat_;     // on-disk BAT (big-endian), sector padded
+  std::vector<std::byte> bat_;  // on-disk BAT (big-endian), sector padded
   bool read_only_;
   bool closed_ = false;
   std::string inconsistency_;
@@ -220,10 +220,10 @@ class VpcMap final : public ClusterMap {
   // once the reserved blocks are written). Reserved blocks whose data write failed are
   // reused before the file grows.
   uint64_t next_block_ = 0;
-  std::vector<uint64_t> reusable_;          // block start offsets
-  std::set<uint64_t> dirty_sectors_;        // BAT sectors to write at the next flush
+  std::vector<uint64_t> reusable_;                    // block start offsets
+  std::set<uint64_t> dirty_sectors_;                  // BAT sectors to write at the next flush
   std::map<uint64_t, std::vector<uint8_t>> bitmaps_;  // block -> sector bitmap
-  std::set<uint64_t> dirty_bitmaps_;        // completed bitmaps to write at the next flush
+  std::set<uint64_t> dirty_bitmaps_;                  // completed bitmaps to write at the next flush
 };
 
 Result<std::unique_ptr<ClusterMap>> OpenVpc(OpenContext ctx);
