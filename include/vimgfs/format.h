@@ -171,6 +171,12 @@ class ClusterMap {
   // Appends mappings covering exactly [guest_off, guest_off+len) in order. Never
   // allocates; may load tables into the cache. REQUIRES: range inside virtual_size().
   virtual Status Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) = 0;
+  // Lookup from cached metadata alone: true with the mappings appended when every table
+  // it needs is cached and valid; false (out unchanged or to be cut back by the caller)
+  // otherwise, and the engine calls Lookup. The engine calls it under a shared lock,
+  // concurrently with other LookupCached calls but never with any other call: it must
+  // change nothing but atomics (TableCache::Peek). Formats without a fast path say false.
+  virtual bool LookupCached(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) { return false; }
 
   // Reserves host space for a write starting at guest_off (refcounts or bitmaps updated
   // in the cache, nothing linked yet). The plan starts at or before guest_off and covers

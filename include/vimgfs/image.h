@@ -14,6 +14,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <shared_mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -185,7 +186,8 @@ class Image {
   std::unique_ptr<Image> backing_;
   std::optional<BackingRef> backing_ref_;
   std::string backing_path_;
-  std::mutex meta_mu_;  // guards every call into map_
+  // Guards every call into map_: exclusive, except for ClusterMap::LookupCached (shared).
+  std::shared_mutex meta_mu_;
   // Changes whenever a host range of this image may come to hold other data (writes
   // committed, zeroing, resize, close): decompressed units cached under an older
   // generation are stale. Per image, so one image's writes keep the others' caches.

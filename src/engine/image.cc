@@ -6,7 +6,9 @@
 //      shared; allocating writes, zeroing and discards hold them exclusive, so nobody
 //      reads a mapping that is being replaced or frees a cluster under a reader.
 //   2. meta_mu_: held for every call into the format, never across data I/O, nor across
-//      the final fsync of a flush (ClusterMap::SyncFiles).
+//      the final fsync of a flush (ClusterMap::SyncFiles). Exclusive, but shared for
+//      lookups answered from cached tables (ClusterMap::LookupCached), so reads that hit
+//      the cache run side by side.
 //
 // Write ordering: data (with the copy-on-write head and tail) is written before
 // CommitWrite links it; the format's caches then order metadata write-back.
@@ -290,9 +292,17 @@ Status Image::CheckRange(const char* what, uint64_t off, uint64_t len, bool writ
 
 Status Image::Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out) {
   RETURN_IF_ERROR(CheckRange("range", off, len, false));
-  std::lock_guard lk(meta_mu_);
   size_t first = out->size();
-  RETURN_IF_ERROR(map_->Lookup(off, len, out));
+  bool cached;
+  {
+    std::shared_lock lk(meta_mu_);
+    cached = map_->LookupCached(off, len, out);
+  }
+  if (!cached) {
+    out->resize(first);
+    std::lock_guard lk(meta_mu_);
+    RETURN_IF_ERROR(map_->Lookup(off, len, out));
+  }
   // A format bug or a hostile table must not make us read or write outside the buffer.
   uint64_t covered = 0;
   for (size_t i = first; i < out->size(); i++) covered += (*out)[i].length;

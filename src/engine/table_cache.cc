@@ -99,20 +99,24 @@ bool TableCache::dirty() const {
 }
 
 Status TableCache::EvictOne() {
-  // Least recently used unpinned table, from the back.
-  for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
-    Entry* e = *it;
-    if (e->pins > 0) continue;
-    if (e->dirty) {
-      RETURN_IF_ERROR(ResolveDependencies());
-      RETURN_IF_ERROR(file_->PWrite(e->offset, {e->data.get(), table_size_}, tag_)
-                          .WithContext("writing metadata table at {:#x}", e->offset));
-      e->dirty = false;
-      unsynced_ = true;
+  // Least recently used unpinned table, from the back. Peeks do not reorder the list (they
+  // run concurrently), so a peeked table is passed over once: the second pass takes it.
+  for (int pass = 0; pass < 2; pass++) {
+    for (auto it = lru_.rbegin(); it != lru_.rend(); ++it) {
+      Entry* e = *it;
+      if (e->pins.load(std::memory_order_relaxed) > 0) continue;
+      if (pass == 0 && e->referenced.exchange(false, std::memory_order_relaxed)) continue;
+      if (e->dirty) {
+        RETURN_IF_ERROR(ResolveDependencies());
+        RETURN_IF_ERROR(file_->PWrite(e->offset, {e->data.get(), table_size_}, tag_)
+                            .WithContext("writing metadata table at {:#x}", e->offset));
+        e->dirty = false;
+        unsynced_ = true;
+      }
+      lru_.erase(e->lru_pos);
+      entries_.erase(e->offset);
+      return Status::Ok();
     }
-    lru_.erase(e->lru_pos);
-    entries_.erase(e->offset);
-    return Status::Ok();
   }
   return Status::Ok();  // everything pinned: grow past the cap for now
 }
@@ -152,6 +156,15 @@ Result<TableRef> TableCache::Get(uint64_t offset) {
   return TableRef(this, e);
 }
 
+TableRef TableCache::Peek(uint64_t offset) {
+  auto it = entries_.find(offset);
+  if (it == entries_.end()) return TableRef();
+  Entry* e = it->second.get();
+  e->pins.fetch_add(1, std::memory_order_relaxed);
+  e->referenced.store(true, std::memory_order_relaxed);
+  return TableRef(this, e);
+}
+
 Result<TableRef> TableCache::GetEmpty(uint64_t offset) {
   auto it = entries_.find(offset);
   Entry* e;
@@ -169,11 +182,11 @@ Result<TableRef> TableCache::GetEmpty(uint64_t offset) {
 
 void TableCache::Forget(uint64_t offset) {
   auto it = entries_.find(offset);
-  if (it == entries_.end() || it->second->pins > 0) return;
+  if (it == entries_.end() || it->second->pins.load(std::memory_order_relaxed) > 0) return;
   lru_.erase(it->second->lru_pos);
   entries_.erase(it);
 }
 
-void TableCache::Unpin(Entry* e) { e->pins--; }
+void TableCache::Unpin(Entry* e) { e->pins.fetch_sub(1, std::memory_order_relaxed); }
 
 }  // namespace vimgfs

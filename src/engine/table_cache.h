@@ -12,6 +12,7 @@
 // Not thread-safe: the engine calls formats with its metadata mutex held.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <list>
@@ -61,6 +62,11 @@ class TableCache {
 
   // The table at host offset, read from the file on a miss.
   Result<TableRef> Get(uint64_t offset);
+  // The table at host offset if it is cached, else an empty ref. Changes nothing but the
+  // pin count and the referenced mark (both atomic), so callers that exclude only the
+  // cache's mutators (a shared lock, docs/ARCHITECTURE.md "Threads and locks") may call it
+  // concurrently. A peeked table gets a second chance at eviction.
+  TableRef Peek(uint64_t offset);
   // A new table at offset, zero-filled and dirty, without reading the file.
   Result<TableRef> GetEmpty(uint64_t offset);
   // Drops the table at offset (it was freed); its dirty content is discarded.
@@ -85,7 +91,8 @@ class TableCache {
     uint64_t offset = 0;
     std::unique_ptr<std::byte[]> data;
     bool dirty = false;
-    int pins = 0;
+    std::atomic<int> pins{0};
+    std::atomic<bool> referenced{false};  // peeked since eviction last passed it
     std::list<Entry*>::iterator lru_pos;
   };
 

@@ -200,6 +200,71 @@ TEST(Qcow2WriteOracle, SnapshotsAndChecksBesideWriters) {
   EXPECT_EQ(std::count(r.out.begin(), r.out.end(), '\n'), snapshots - deleted + 2) << r.out;
 }
 
+// Reads that hit cached L2 tables share the metadata lock (ClusterMap::LookupCached); with
+// a cache of four tables, readers and a writer evict each other's tables all the time. The
+// readers stay in the lower half, which qemu wrote and nobody changes, so every read has
+// one right answer; the writer's upper half must end as it wrote it.
+TEST(Qcow2WriteOracle, ReadersBesideAWriterWithATinyCache) {
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  std::string img = dir.File("r.qcow2"), raw = dir.File("r.raw");
+  const uint64_t size = 64 << 20, half = size / 2;
+  std::vector<uint8_t> content = test::RandomBytes(size, 5);
+  for (uint64_t off = 0; off < size; off += 3 << 20)  // holes too: unallocated clusters
+    std::fill_n(content.begin() + off, 1 << 20, 0);
+  {
+    std::ofstream f(raw, std::ios::binary);
+    f.write(reinterpret_cast<const char*>(content.data()), content.size());
+  }
+  Sh("qemu-img convert -f raw -O qcow2 -o cluster_size=4096 " + Quote(raw) + " " + Quote(img));
+  OpenOptions o;
+  o.cache_bytes = 1;  // the minimum: four L2 tables of 2 MiB each, for 32 in use
+  auto opened = Image::Open(img, o);
+  ASSERT_TRUE(opened.ok()) << opened.error().message();
+  std::unique_ptr<Image> image = std::move(opened).value();
+  std::atomic<bool> stop{false};
+  std::vector<std::string> errors(5);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; t++) {
+    threads.emplace_back([&, t] {
+      std::mt19937_64 rng(100 + t);
+      std::vector<std::byte> buf;
+      for (int i = 0; i < 1500 && errors[t].empty(); i++) {
+        uint64_t len = 1 + rng() % (i % 3 == 0 ? 300000 : 9000);
+        uint64_t off = rng() % (half - len);
+        buf.resize(len);
+        Status s = image->Read(off, buf);
+        if (!s.ok())
+          errors[t] = s.message();
+        else if (std::memcmp(buf.data(), content.data() + off, len) != 0)
+          errors[t] = "wrong data at " + std::to_string(off) + "+" + std::to_string(len);
+      }
+    });
+  }
+  threads.emplace_back([&] {
+    std::mt19937_64 rng(7);
+    while (!stop && errors[4].empty()) {
+      uint64_t len = 1 + rng() % 200000;
+      uint64_t off = half + rng() % (half - len);
+      std::vector<uint8_t> bytes = test::RandomBytes(len, rng());
+      Status s = image->Write(off, std::as_bytes(std::span(bytes)));
+      if (!s.ok()) errors[4] = s.message();
+      std::copy(bytes.begin(), bytes.end(), content.begin() + off);
+    }
+  });
+  for (int t = 0; t < 4; t++) threads[t].join();
+  stop = true;
+  threads[4].join();
+  for (const auto& e : errors) EXPECT_EQ(e, "");
+  ASSERT_TRUE(image->Close().ok());
+  {
+    std::ofstream f(raw, std::ios::binary | std::ios::trunc);
+    f.write(reinterpret_cast<const char*>(content.data()), content.size());
+  }
+  ExpectCheckClean(img);
+  ExpectCompareEqual(img, raw);
+}
+
 TEST(Qcow2WriteOracle, QemuImagesWithBackingAndCompressedClusters) {
   REQUIRE_QEMU_IMG();
   for (const char* opts : {"compat=1.1", "compat=0.10", "extended_l2=on"}) {

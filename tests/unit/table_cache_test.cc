@@ -105,5 +105,41 @@ TEST(TableCacheTest, PinnedTablesAreNotEvictedAndContentSurvives) {
   EXPECT_EQ(again->data()[7], std::byte{42});
 }
 
+TEST(TableCacheTest, PeekFindsOnlyCachedTablesAndReadsNothing) {
+  RecordingFile f;
+  f.data[4096] = std::byte{0x5a};
+  TableCache cache(&f, 512, 4, IoTag::kL2);
+  EXPECT_FALSE(cache.Peek(4096));  // not cached: no read either
+  ASSERT_TRUE(cache.Get(4096).ok());
+  TableRef p = cache.Peek(4096);
+  ASSERT_TRUE(p);
+  EXPECT_EQ(p.data()[0], std::byte{0x5a});
+  EXPECT_EQ(p.offset(), 4096u);
+  EXPECT_TRUE(f.log.empty());
+}
+
+TEST(TableCacheTest, PeekPinsAndGivesASecondChanceAtEviction) {
+  RecordingFile f;
+  TableCache cache(&f, 512, 4, IoTag::kL2);
+  for (uint64_t off : {4096, 8192, 12288, 16384}) ASSERT_TRUE(cache.Get(off).ok());
+  // 4096 is the least recently used. While peeked it is pinned: a new table evicts another.
+  {
+    TableRef pinned = cache.Peek(4096);
+    ASSERT_TRUE(cache.Get(20480).ok());
+    EXPECT_TRUE(cache.Peek(4096));
+    EXPECT_FALSE(cache.Peek(8192));  // the next least recently used went instead
+  }
+  // Unpinned but peeked since eviction last passed it: passed over once more.
+  ASSERT_TRUE(cache.Get(24576).ok());
+  EXPECT_TRUE(cache.Peek(4096));
+  EXPECT_FALSE(cache.Peek(12288));
+  // Peeked again just now, but when every candidate was peeked the second pass still evicts.
+  for (uint64_t off : {16384, 20480, 24576}) (void)cache.Peek(off);
+  ASSERT_TRUE(cache.Get(28672).ok());
+  int cached = 0;
+  for (uint64_t off : {4096, 16384, 20480, 24576, 28672}) cached += cache.Peek(off) ? 1 : 0;
+  EXPECT_EQ(cached, 4);
+}
+
 }  // namespace
 }  // namespace vimgfs

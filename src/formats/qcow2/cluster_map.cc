@@ -257,6 +257,18 @@ void Push(std::vector<Mapping>* out, size_t first, const Mapping& m) {
 }  // namespace
 
 Status Qcow2Map::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
+  bool missed = false;
+  return LookupIn(false, &missed, guest_off, len, out);
+}
+
+bool Qcow2Map::LookupCached(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
+  bool missed = false;
+  // An error (a bad entry) is left for Lookup to report, under the exclusive lock.
+  return LookupIn(true, &missed, guest_off, len, out).ok() && !missed;
+}
+
+Status Qcow2Map::LookupIn(bool cached_only, bool* missed, uint64_t guest_off, uint64_t len,
+                          std::vector<Mapping>* out) {
   const size_t first = out->size();
   const uint64_t end = guest_off + len;
   uint64_t pos = guest_off;
@@ -273,7 +285,16 @@ Status Qcow2Map::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* 
       pos = l2_span_end;
       continue;
     }
-    ASSIGN_OR_RETURN(TableRef l2, l2_cache_->Get(l2_off));
+    TableRef l2;
+    if (cached_only) {
+      l2 = l2_cache_->Peek(l2_off);
+      if (!l2) {
+        *missed = true;
+        return Status::Ok();
+      }
+    } else {
+      ASSIGN_OR_RETURN(l2, l2_cache_->Get(l2_off));
+    }
     // A table shared with a snapshot is never written in place, whatever its entries say.
     const bool writable_ok = writable_image && IsCopied(l1_[l1i]);
     while (pos < l2_span_end) {

@@ -190,6 +190,7 @@ class Qcow2Map final : public ClusterMap {
   bool read_only() const override { return read_only_; }
 
   Status Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) override;
+  bool LookupCached(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) override;
   Result<WritePlan> PrepareWrite(uint64_t guest_off, uint64_t len) override;
   Status CommitWrite(const WritePlan& plan) override;
   void AbortWrite(const WritePlan& plan) override;
@@ -240,6 +241,9 @@ class Qcow2Map final : public ClusterMap {
   // The L2 table for l1_index, allocating (or copying a shared one) when `allocate`.
   Result<TableRef> GetL2(uint64_t l1_index, bool allocate);
   uint64_t LoadL2(const TableRef& t, uint64_t idx, uint64_t* bitmap) const;
+  // Lookup's body; cached_only: tables are only peeked, and *missed says one was not cached.
+  Status LookupIn(bool cached_only, bool* missed, uint64_t guest_off, uint64_t len,
+                  std::vector<Mapping>* out);
   void StoreL2(const TableRef& t, uint64_t idx, uint64_t entry, uint64_t bitmap) const;
 
   // Refcounts (refcount.cc).
