@@ -64,7 +64,7 @@ class TableCache {
   Result<TableRef> Get(uint64_t offset);
   // The table at host offset if it is cached, else an empty ref. Changes nothing but the
   // pin count and the referenced mark (both atomic), so callers that exclude only the
-  // cache's mutators (a shared lock, docs/ARCHITECTURE.md "Threads and locks") may call it
+  // cache's mutators (a shared lock, docs/ARCHITECTURE.md "Threading and lock order") may call it
   // concurrently. A peeked table gets a second chance at eviction.
   TableRef Peek(uint64_t offset);
   // A new table at offset, zero-filled and dirty, without reading the file.
