@@ -88,7 +88,7 @@ for rep in $(seq "$REPEAT"); do
   qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/vimgfs.img" "$SIZE"
   qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/qemu.img" "$SIZE"
   touch "$WORK/vimgfs.mnt" "$WORK/qemu.mnt"
-  "$VIMGFS" -f "$FORMAT" "$WORK/vimgfs.img" "$WORK/vimgfs.mnt"
+  "$VIMGFS" -F "$FORMAT" "$WORK/vimgfs.img" "$WORK/vimgfs.mnt"
   VPID=$(pgrep -n -f "vimgfs.img $WORK/vimgfs.mnt" || true)
   qemu-storage-daemon \
     --blockdev "driver=file,node-name=file,filename=$WORK/qemu.img" \
