@@ -175,7 +175,8 @@ class ClusterMap {
   // it needs is cached and valid; false (out unchanged or to be cut back by the caller)
   // otherwise, and the engine calls Lookup. The engine calls it under a shared lock,
   // concurrently with other LookupCached calls but never with any other call: it must
-  // change nothing but atomics (TableCache::Peek). Formats without a fast path say false.
+  // change nothing but atomics (TableCache::Peek). Called only for formats whose traits
+  // say cached_lookups.
   virtual bool LookupCached(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) { return false; }
 
   // Reserves host space for a write starting at guest_off (refcounts or bitmaps updated
@@ -353,6 +354,9 @@ struct FormatTraits {
   // What qemu-img info calls the disk size: the image file's allocation alone, or (vmdk,
   // whose driver sums its extents) that of every host file. qcow2's data file is not counted.
   bool disk_size_sums_host_files = false;
+  // Whether ClusterMap::LookupCached can answer (qcow2). Only then does the engine try it
+  // under the shared lock first; other formats go straight to Lookup, with no second try.
+  bool cached_lookups = false;
 };
 
 // A format: stateless, registered in formats/registry.cc.

@@ -178,7 +178,8 @@ class Image {
   std::string format_;
   const FormatDriver* driver_ = nullptr;
   bool read_only_ = false;
-  bool probed_raw_ = false;  // format guessed as raw: protect sector 0 (see Write)
+  bool probed_raw_ = false;      // format guessed as raw: protect sector 0 (see Write)
+  bool cached_lookups_ = false;  // FormatTraits::cached_lookups of the driver
   uint64_t size_ = 0;
   uint64_t cluster_size_ = 0;
   File* file_ = nullptr;  // owned by map_

@@ -177,6 +177,7 @@ struct ImageOpener {
     img->path_ = path;
     img->format_ = format;
     img->driver_ = driver;
+    img->cached_lookups_ = driver->traits().cached_lookups;
     img->file_ = file.get();
     img->probed_raw_ = probed && format == "raw";
 
@@ -293,8 +294,8 @@ Status Image::CheckRange(const char* what, uint64_t off, uint64_t len, bool writ
 Status Image::Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out) {
   RETURN_IF_ERROR(CheckRange("range", off, len, false));
   size_t first = out->size();
-  bool cached;
-  {
+  bool cached = false;
+  if (cached_lookups_) {
     std::shared_lock lk(meta_mu_);
     cached = map_->LookupCached(off, len, out);
   }

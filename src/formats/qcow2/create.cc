@@ -333,6 +333,7 @@ class Qcow2Driver final : public FormatDriver {
         .compression = FormatTraits::Compression::kClusters,
         .grow_preallocation = FormatTraits::GrowPreallocation::kClusters,
         .too_large_hint = " (try using a larger cluster size)",
+        .cached_lookups = true,
     };
     return kTraits;
   }
