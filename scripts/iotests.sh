@@ -9,6 +9,8 @@
 #   scripts/iotests.sh --ci                  the list in tests/iotests/ci.txt, vimgfs only:
 #                                            each must pass (CI runs this)
 #   scripts/iotests.sh --vimgfs-only ...     skip the qemu-img baseline run
+#   scripts/iotests.sh --fetch               only fetch qemu's source (the oracle tests read
+#                                            its sample images) and print its folder
 #
 # vimgfs serves create/info/check/convert/compare/map/resize/snapshot/rebase/commit; the
 # qemu-img commands it does not have yet (amend, measure, dd, bitmap, bench) go to qemu-img,
@@ -24,14 +26,16 @@ formats=()
 tests=()
 ci=0
 baseline=1
+fetch_only=0
 jobs=${IOTESTS_JOBS:-$(nproc)}
 while [ $# -gt 0 ]; do
   case "$1" in
     -f) formats+=("$2"); shift 2 ;;
     --ci) ci=1; baseline=0; shift ;;
     --vimgfs-only) baseline=0; shift ;;
+    --fetch) fetch_only=1; shift ;;
     -j) jobs=$2; shift 2 ;;
-    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) tests+=("$1"); shift ;;
   esac
 done
@@ -47,7 +51,6 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-[ -x "$vimgfs" ] || "$top/scripts/build.sh" build
 
 # qemu's source at the installed version, Debian's patches applied.
 version=$(dpkg-query -W -f='${source:Version}' qemu-utils)
@@ -72,6 +75,8 @@ if [ ! -x "$src/tests/qemu-iotests/check" ]; then
   sed -i "s/-accel qtest'/-accel tcg'/" "$src/tests/qemu-iotests/testenv.py"
 fi
 iotests="$src/tests/qemu-iotests"
+if [ $fetch_only -eq 1 ]; then echo "$src"; exit 0; fi
+[ -x "$vimgfs" ] || "$top/scripts/build.sh" build
 
 # The front end: vimgfs's commands to vimgfs (named qemu-img), the rest to qemu-img.
 frontend="$cache/frontend"

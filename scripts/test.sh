@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 scripts/check-format.sh
 
+# qemu's source at the installed version: its iotests run below, and the oracle tests read
+# its sample images (bochs, cloop, dmg, parallels, ...), which never enter the repository.
+export VIMGFS_QEMU_SOURCE=$(scripts/iotests.sh --fetch | tail -1)
+
 jobs=$(nproc)
 scripts/build.sh build -DVIMGFS_WERROR=ON
 (cd build && ctest --output-on-failure -j"$jobs" --timeout 1500)

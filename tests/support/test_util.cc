@@ -64,6 +64,29 @@ std::string CorpusDir() {
   return std::filesystem::exists(dir + "/MANIFEST.tsv") ? dir : "";
 }
 
+std::string QemuSourceDir() {
+  namespace fs = std::filesystem;
+  const char* env = std::getenv("VIMGFS_QEMU_SOURCE");
+  if (env && *env) return fs::exists(std::string(env) + "/tests/qemu-iotests") ? env : "";
+  std::error_code ec;
+  std::string best;
+  for (const auto& e : fs::directory_iterator("/var/tmp/vimgfs-iotests", ec)) {
+    std::string p = e.path().string();
+    if (fs::exists(p + "/tests/qemu-iotests/sample_images") && p > best) best = p;
+  }
+  return best;
+}
+
+std::string QemuSampleImage(const std::string& name, const std::string& dir) {
+  std::string src = QemuSourceDir();
+  if (src.empty()) return "";
+  std::string packed = src + "/tests/qemu-iotests/sample_images/" + name + ".bz2";
+  if (!std::filesystem::exists(packed)) return "";
+  std::string out = dir + "/" + name;
+  if (RunCommand("bzip2 -dc " + Quote(packed) + " > " + Quote(out)).exit_code != 0) return "";
+  return out;
+}
+
 std::vector<std::vector<std::string>> CorpusManifest(const std::string& corpus) {
   std::vector<std::vector<std::string>> rows;
   std::ifstream in(corpus + "/MANIFEST.tsv");

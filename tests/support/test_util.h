@@ -30,6 +30,12 @@ std::string CorpusDir();
 std::vector<std::vector<std::string>> CorpusManifest(const std::string& corpus);
 // tests/fuzz/regressions: inputs that once crashed a fuzz target.
 std::string FuzzRegressionDir();
+// qemu's source tree fetched by scripts/iotests.sh --fetch (env VIMGFS_QEMU_SOURCE, else the
+// newest folder under /var/tmp/vimgfs-iotests); "" if absent.
+std::string QemuSourceDir();
+// qemu-iotests' sample image `name` (e.g. "parallels-v1"; stored there as name.bz2),
+// decompressed into `dir`: its path, or "" when qemu's source has not been fetched.
+std::string QemuSampleImage(const std::string& name, const std::string& dir);
 
 // A fresh directory removed (recursively) on destruction.
 class TempDir {
@@ -54,6 +60,16 @@ std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed);
   do {                                                                       \
     if (!::vimgfs::test::HaveProgram("qemu-img"))                            \
       GTEST_SKIP() << "qemu-img not installed (apt-get install qemu-utils)"; \
+  } while (0)
+
+// Sets `path` to qemu's sample image `name` decompressed into `dir`, or skips the test
+// saying how to fetch it (CI fetches it before the tests: scripts/test.sh).
+#define REQUIRE_QEMU_SAMPLE(path, name, dir)                                                      \
+  do {                                                                                            \
+    path = ::vimgfs::test::QemuSampleImage(name, dir);                                            \
+    if (path.empty())                                                                             \
+      GTEST_SKIP() << "qemu's sample image " << (name)                                            \
+                   << " is not here: run scripts/iotests.sh --fetch (or set VIMGFS_QEMU_SOURCE)"; \
   } while (0)
 
 }  // namespace vimgfs::test
