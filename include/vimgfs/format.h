@@ -359,6 +359,22 @@ struct FormatTraits {
   bool cached_lookups = false;
 };
 
+// A new image written front to back, each allocation unit stored once as one compressed
+// stream (vmdk streamOptimized), for formats whose traits say kStreamSubformat.
+class StreamWriter {
+ public:
+  virtual ~StreamWriter() = default;
+  virtual uint64_t unit_size() const = 0;
+  virtual Codec codec() const = 0;
+  // The longest stream a unit may take (the codec's worst case on incompressible data).
+  virtual uint64_t max_stream_bytes() const = 0;
+  // Stores unit `index` (guest bytes [index*unit_size(), ...)), compressed in codec() from
+  // the zero-padded unit. Units that are all zeros are not stored; ascending order.
+  virtual Status WriteCompressedUnit(uint64_t index, std::span<const std::byte> stream) = 0;
+  // Writes what remains (tables, end marker) and syncs; the image is valid only after it.
+  virtual Status Finish() = 0;
+};
+
 // A format: stateless, registered in formats/registry.cc.
 class FormatDriver {
  public:
@@ -371,6 +387,11 @@ class FormatDriver {
   virtual Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const = 0;
   virtual Status Create(const CreateContext& ctx) const {
     return Status::Unsupported("creating {} images is not supported", name());
+  }
+  // Creates the image as a stream (FormatTraits::compressed_subformat), written by the
+  // copy pipeline (CopyToStream).
+  virtual Result<std::unique_ptr<StreamWriter>> CreateStream(const CreateContext& ctx) const {
+    return Status::Unsupported("{} images cannot be written as a stream", name());
   }
 };
 

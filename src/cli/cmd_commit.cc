@@ -1,4 +1,5 @@
 // vimgfs commit: qemu-img commit (write an overlay's data into its backing file).
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -6,6 +7,7 @@
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "cli/option_parser.h"
+#include "vimgfs/copy.h"
 
 namespace vimgfs::cli {
 namespace {
@@ -21,7 +23,31 @@ const char kUsage[] =
     "  -b base   commit into this image of the backing chain\n"
     "  -p, -q    progress on a terminal; quiet\n";
 
-constexpr uint64_t kChunk = 2 << 20;
+// What the layers above the base hold, as the copy pipeline's source: runs listed before
+// the base changes under the copy (docs/ARCHITECTURE.md, "The copy pipeline").
+class AboveBase final : public CopySource {
+ public:
+  AboveBase(Image& top, std::vector<BlockStatus> runs) : top_(top), runs_(std::move(runs)) {}
+  uint64_t size() const override { return top_.size(); }
+  Status Read(uint64_t off, std::span<std::byte> buf) override { return top_.Read(off, buf); }
+  Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool) override {
+    std::vector<BlockStatus> out;
+    auto it = std::upper_bound(runs_.begin(), runs_.end(), off,
+                               [](uint64_t o, const BlockStatus& r) { return o < r.offset + r.length; });
+    for (; it != runs_.end() && it->offset < off + len; ++it) {
+      BlockStatus r = *it;
+      uint64_t from = std::max(r.offset, off), to = std::min(r.offset + r.length, off + len);
+      r.offset = from;
+      r.length = to - from;
+      out.push_back(std::move(r));
+    }
+    return out;
+  }
+
+ private:
+  Image& top_;
+  std::vector<BlockStatus> runs_;
+};
 
 // The canonical absolute path of an existing file, or "" when it cannot be resolved.
 std::string RealPath(const std::string& p) {
@@ -109,36 +135,15 @@ int RunCommit(int argc, char** argv) {
   }
 
   Progress bar(progress && StdoutIsTty());
-  uint64_t total = 0, done = 0;
-  for (const BlockStatus& b : runs) total += b.length;
-  std::vector<std::byte> buf(kChunk);
-  for (const BlockStatus& b : runs) {
-    if (b.zero) {
-      // Unmapped, as qemu-img's commit (a mirror job with unmap on) leaves them (iotest 313).
-      Status s = wbase->WriteZeroes(b.offset, b.length, true);
-      if (!s.ok()) {
-        PrintFileError(base_path, s);
-        return 1;
-      }
-    } else {
-      for (uint64_t pos = b.offset; pos < b.offset + b.length;) {
-        uint64_t n = std::min<uint64_t>(kChunk, b.offset + b.length - pos);
-        std::span<std::byte> sp(buf.data(), n);
-        Status s = top->Read(pos, sp);
-        if (!s.ok()) {
-          PrintFileError(filename, s);
-          return 1;
-        }
-        s = wbase->Write(pos, sp);
-        if (!s.ok()) {
-          PrintFileError(base_path, s);
-          return 1;
-        }
-        pos += n;
-        bar.Update(total ? static_cast<double>(done + (pos - b.offset)) / total : 1.0);
-      }
-    }
-    done += b.length;
+  AboveBase above(*top, std::move(runs));
+  CopyOptions co;
+  co.target_fresh = false;
+  co.min_sparse = 0;  // data as it is; zero runs are unmapped, as qemu-img's commit (a mirror
+                      // job with unmap on) leaves them (iotest 313)
+  co.progress = [&bar](double percent) { bar.UpdatePercent(percent); };
+  if (Status s = CopyToImage(above, *wbase, co); !s.ok()) {
+    PrintFileError(base_path, s);
+    return 1;
   }
   bar.Done();
   Status s = wbase->Close();

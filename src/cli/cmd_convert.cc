@@ -8,10 +8,9 @@
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "cli/option_parser.h"
-#include "cli/convert.h"
 #include "cli/create_options.h"
 #include "cli/deferred_sync_env.h"
-#include "formats/vmdk/stream_writer.h"
+#include "vimgfs/copy.h"
 
 namespace vimgfs::cli {
 namespace {
@@ -193,8 +192,8 @@ int RunConvert(int argc, char** argv) {
   const FormatDriver* out_driver = FindFormat(out_fmt);
   const FormatTraits::Compression compression =
       out_driver ? out_driver->traits().compression : FormatTraits::Compression::kNone;
-  const bool stream_vmdk = compression == FormatTraits::Compression::kStreamSubformat &&
-                           subformat == out_driver->traits().compressed_subformat;
+  const bool as_stream = compression == FormatTraits::Compression::kStreamSubformat &&
+                         subformat == out_driver->traits().compressed_subformat;
   if (compress) {
     if (compression == FormatTraits::Compression::kNone)
       return *stop_with("Compression not supported for this file format");
@@ -207,16 +206,17 @@ int RunConvert(int argc, char** argv) {
     PrintError("-B makes no sense when concatenating multiple input images with -n");  // as qemu
     return 1;
   }
-  if (stream_vmdk && (no_create || out_backing)) {
+  if (as_stream && (no_create || out_backing)) {
     PrintError(
         fmt::format("{}: streamOptimized output must be created fresh, without a backing file", out_name));
     return 1;
   }
   if (!IsCacheMode(out_cache)) return *stop_with("Invalid cache option: " + out_cache);
 
-  ConvertSettings cs;
+  CopyOptions cs;
   cs.min_sparse = min_sparse;
-  cs.progress = &bar;
+  cs.zero_runs = min_sparse != 0;  // -S 0 writes the zeros too
+  cs.progress = [&bar](double percent) { bar.UpdatePercent(percent); };
   cs.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   if (const char* t = std::getenv("VIMGFS_THREADS")) cs.threads = std::clamp(std::atoi(t), 1, 256);
   cs.requests_in_flight = requests;
@@ -245,16 +245,16 @@ int RunConvert(int argc, char** argv) {
     if (out_backing || out_backing_fmt)
       ctx.backing = BackingRef{out_backing.value_or(""), out_backing_fmt.value_or("")};
   }
-  const std::map<std::string, std::string>& create_opts = ctx.options;
 
   // Flushes are deferred to one sync of each output file at the end, and skipped in the
   // default "unsafe" mode (a half-written conversion is worth nothing either way).
   DeferredSyncEnv env(Env::Default());
   const bool durable = out_cache != "unsafe";
-  if (stream_vmdk) {
-    auto w = StreamOptimizedWriter::Open(env, out_path, src.size(), create_opts);
+  if (as_stream) {
+    ctx.env = &env;
+    auto w = out_driver->CreateStream(ctx);
     if (!w.ok()) return create_failed(w.error());
-    Status s = ConvertToStream(src, **w, cs);
+    Status s = CopyToStream(src, **w, cs);
     w->reset();
     if (s.ok() && durable) s = env.SyncAll();
     if (!s.ok()) {
@@ -288,7 +288,7 @@ int RunConvert(int argc, char** argv) {
     cs.compress = true;
     cs.codec = target->Info().compression;
   }
-  Status s = ConvertToImage(src, *target, cs);
+  Status s = CopyToImage(src, *target, cs);
   if (s.ok()) s = target->Close();
   target.reset();
   if (s.ok() && durable) s = env.SyncAll();

@@ -5,6 +5,7 @@
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "cli/option_parser.h"
+#include "vimgfs/copy.h"
 
 namespace vimgfs::cli {
 namespace {
@@ -19,18 +20,57 @@ const char kUsage[] =
     "-b \"\" makes the image independent of any backing file.\n"
     "  -U, --force-share  open the old and new backing files without locking them\n";
 
-constexpr uint64_t kStep = 1 << 20;
-
-// Reads [off, off+buf.size()) of img, zeros past its end (or everywhere when img is null).
-Status ReadOrZero(Image* img, uint64_t off, std::span<std::byte> buf) {
-  uint64_t have = 0;
-  if (img && off < img->size()) {
-    have = std::min<uint64_t>(buf.size(), img->size() - off);
-    RETURN_IF_ERROR(img->Read(off, buf.first(have)));
+// What the image reads through its old backing file (zeros past its end, or everywhere
+// without one) where it has nothing of its own: the copy pipeline's source for a safe rebase
+// (docs/ARCHITECTURE.md, "The copy pipeline"). Where the old backing file has ended, the
+// runs are zero runs when the image can store zero clusters, which then read as zeros over
+// any backing file (qcow2 v3; v2 gets zero data), as qemu-img writes them (iotest 252).
+class ThroughOldBacking final : public CopySource {
+ public:
+  ThroughOldBacking(Image& img, Image* old_base, bool zero_clusters)
+      : img_(img),
+        old_base_(old_base),
+        zeros_from_(!zero_clusters ? UINT64_MAX
+                    : old_base     ? old_base->size()
+                                   : 0) {}
+  uint64_t size() const override { return img_.size(); }
+  Status Read(uint64_t off, std::span<std::byte> buf) override {
+    uint64_t have = 0;
+    if (old_base_ && off < old_base_->size()) {
+      have = std::min<uint64_t>(buf.size(), old_base_->size() - off);
+      Status s = old_base_->Read(off, buf.first(have));
+      if (!s.ok()) return Status::Error(s.kind(), s.err(), "old backing file: " + s.message());
+    }
+    std::memset(buf.data() + have, 0, buf.size() - have);
+    return Status::Ok();
   }
-  std::memset(buf.data() + have, 0, buf.size() - have);
-  return Status::Ok();
-}
+  Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool) override {
+    ASSIGN_OR_RETURN(auto runs, img_.Map(off, len, true));
+    std::vector<BlockStatus> out;
+    for (const BlockStatus& r : runs) {
+      if (r.depth == 0) continue;  // the image has it: unaffected by its backing file
+      const uint64_t end = r.offset + r.length;
+      for (uint64_t pos = r.offset; pos < end;) {
+        const bool zero = pos >= zeros_from_;
+        const uint64_t stop = zero ? end : std::min(end, zeros_from_);
+        BlockStatus piece;
+        piece.offset = pos;
+        piece.length = stop - pos;
+        piece.present = true;
+        piece.zero = zero;
+        piece.data = !zero;
+        out.push_back(piece);
+        pos = stop;
+      }
+    }
+    return out;
+  }
+
+ private:
+  Image& img_;
+  Image* old_base_;
+  uint64_t zeros_from_;
+};
 
 }  // namespace
 
@@ -92,53 +132,20 @@ int RunRebase(int argc, char** argv) {
       }
       new_base = std::move(b).value();
     }
-    Image* old_base = img->backing();
-    // Zero clusters that keep reading zeros over any backing file: qcow2 v3 (v2 can only
-    // deallocate, which would show the new backing file).
-    const bool zero_clusters = img->Info().zero_clusters;
+    // Only the clusters whose content differs between the old and the new backing file
+    // are copied (a cluster at a time: 512-byte runs would split clusters for no gain).
+    ThroughOldBacking source(*img, img->backing(), img->Info().zero_clusters);
+    ImageSource reference(new_base.get());
     Progress bar(progress && StdoutIsTty());
-    std::vector<std::byte> a(kStep), b(kStep);
-    const uint64_t size = img->size();
-    const uint64_t cluster = img->cluster_size();
-    for (uint64_t pos = 0; pos < size; pos += kStep) {
-      uint64_t n = std::min(kStep, size - pos);
-      auto runs = img->Map(pos, n, true);
-      if (!runs.ok()) {
-        PrintFileError(filename, runs.error());
-        return 1;
-      }
-      for (const BlockStatus& r : *runs) {
-        if (r.depth == 0) continue;  // the image has it: unaffected by its backing file
-        std::span<std::byte> sa(a.data(), r.length), sb(b.data(), r.length);
-        Status s = ReadOrZero(old_base, r.offset, sa);
-        if (!s.ok()) {
-          PrintError(fmt::format("error while reading old backing file: {}", s.message()));
-          return 1;
-        }
-        s = ReadOrZero(new_base.get(), r.offset, sb);
-        if (!s.ok()) {
-          PrintError(fmt::format("error while reading new backing file: {}", s.message()));
-          return 1;
-        }
-        // Copy differing clusters (512-byte runs would split clusters for no gain).
-        uint64_t unit = std::min<uint64_t>(cluster, r.length);
-        for (uint64_t i = 0; i < r.length;) {
-          uint64_t end = std::min(r.length, (r.offset + i) / unit * unit + unit - r.offset);
-          if (std::memcmp(sa.data() + i, sb.data() + i, end - i) != 0) {
-            // Past the old backing file's end (or with none) the image read zeros: it gets
-            // zero clusters, not zero data, as qemu-img writes them (iotest 252).
-            const bool old_zero = zero_clusters && (!old_base || r.offset + i >= old_base->size());
-            s = old_zero ? img->WriteZeroes(r.offset + i, end - i, false)
-                         : img->Write(r.offset + i, sa.subspan(i, end - i));
-            if (!s.ok()) {
-              PrintError(fmt::format("error while writing to COW image: {}", s.message()));
-              return 1;
-            }
-          }
-          i = end;
-        }
-      }
-      bar.Update(static_cast<double>(pos + n) / size);
+    CopyOptions co;
+    co.target_fresh = false;
+    co.target_has_backing = true;  // zeros are zero clusters, never unmapped
+    co.min_sparse = 0;
+    co.unless_same_as = &reference;
+    co.progress = [&bar](double percent) { bar.UpdatePercent(percent); };
+    if (Status s = CopyToImage(source, *img, co); !s.ok()) {
+      PrintError(fmt::format("error while copying to the image: {}", s.message()));
+      return 1;
     }
     bar.Done();
   }

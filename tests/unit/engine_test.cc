@@ -11,6 +11,7 @@
 
 #include "engine/codec.h"
 #include "support/fault_env.h"
+#include "vimgfs/copy.h"
 #include "vimgfs/image.h"
 
 namespace vimgfs {
@@ -230,6 +231,111 @@ TEST_F(EngineTest, ZeroingUnallocatedSpaceAllocatesNothing) {
   auto img = MakeToy("/a", 8 * kCluster);
   ASSERT_TRUE(img->WriteZeroes(100, 5000, false).ok());
   EXPECT_TRUE(ToyStates()["/a"].table.empty());
+}
+
+// The copy pipeline (include/vimgfs/copy.h) on toy images.
+TEST_F(EngineTest, CopyLeavesZerosOfAFreshTargetUnwrittenAndCopiesTheRest) {
+  auto src = MakeToy("/src", 32 * kCluster);
+  auto data = Bytes(3 * kCluster, 11);
+  ASSERT_TRUE(src->Write(5 * kCluster, data).ok());
+  ASSERT_TRUE(src->Write(20 * kCluster, std::vector<std::byte>(kCluster)).ok());  // zero data
+  auto dst = MakeToy("/dst", 32 * kCluster);
+  ImageSource source(src.get());
+  ASSERT_TRUE(CopyToImage(source, *dst, CopyOptions{}).ok());
+  EXPECT_EQ(ReadAll(*dst), ReadAll(*src));
+  // Only the three clusters of data were allocated: the zero data was found and skipped.
+  EXPECT_EQ(ToyStates()["/dst"].table.size(), 3u);
+}
+
+TEST_F(EngineTest, CopyZeroesWhatTheSourceHasAsZerosInATargetThatIsNotFresh) {
+  auto src = MakeToy("/src", 8 * kCluster);
+  ASSERT_TRUE(src->WriteZeroes(2 * kCluster, 2 * kCluster, false).ok());  // zero clusters 2, 3
+  auto dst = MakeToy("/dst", 8 * kCluster);
+  ASSERT_TRUE(dst->Write(0, Bytes(8 * kCluster, 12)).ok());
+  ImageSource source(src.get());
+  CopyOptions o;
+  o.target_fresh = false;
+  o.min_sparse = 0;
+  ASSERT_TRUE(CopyToImage(source, *dst, o).ok());
+  // Every run of the source is written: its unallocated parts read zeros too.
+  EXPECT_EQ(ReadAll(*dst), std::vector<std::byte>(8 * kCluster));
+}
+
+// A source that offers only some runs of an image (as commit offers the layers above the base).
+class SomeRuns final : public CopySource {
+ public:
+  SomeRuns(Image& img, std::vector<BlockStatus> runs) : img_(img), runs_(std::move(runs)) {}
+  uint64_t size() const override { return img_.size(); }
+  Status Read(uint64_t off, std::span<std::byte> buf) override { return img_.Read(off, buf); }
+  Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool) override {
+    std::vector<BlockStatus> out;
+    for (BlockStatus r : runs_)
+      if (r.offset >= off && r.offset + r.length <= off + len) out.push_back(r);
+    return out;
+  }
+
+ private:
+  Image& img_;
+  std::vector<BlockStatus> runs_;
+};
+
+TEST_F(EngineTest, CopyWritesOnlyTheRunsTheSourceOffers) {
+  auto src = MakeToy("/src", 8 * kCluster);
+  ASSERT_TRUE(src->Write(0, Bytes(8 * kCluster, 13)).ok());
+  auto dst = MakeToy("/dst", 8 * kCluster);
+  BlockStatus run;
+  run.offset = 3 * kCluster;
+  run.length = 2 * kCluster;
+  run.present = run.data = true;
+  SomeRuns source(*src, {run});
+  CopyOptions o;
+  o.target_fresh = false;
+  ASSERT_TRUE(CopyToImage(source, *dst, o).ok());
+  auto got = ReadAll(*dst), want = std::vector<std::byte>(8 * kCluster), all = ReadAll(*src);
+  std::memcpy(want.data() + 3 * kCluster, all.data() + 3 * kCluster, 2 * kCluster);
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(ToyStates()["/dst"].table.size(), 2u);
+}
+
+TEST_F(EngineTest, CopyUnlessSameAsWritesOnlyTheClustersThatDiffer) {
+  // Source and reference agree except in clusters 1 and 6 (and the reference ends early:
+  // past its end it reads zeros, which the source's cluster 7 also is).
+  auto content = Bytes(8 * kCluster, 14);
+  std::memset(content.data() + 7 * kCluster, 0, kCluster);
+  auto src = MakeToy("/src", 8 * kCluster);
+  ASSERT_TRUE(src->Write(0, content).ok());
+  auto changed = content;
+  changed[kCluster + 5] ^= std::byte{1};
+  changed[6 * kCluster] ^= std::byte{0x80};
+  changed.resize(7 * kCluster);
+  auto ref = MakeRaw("/ref.raw", changed);
+  auto dst = MakeToy("/dst", 8 * kCluster);
+  ImageSource source(src.get()), reference(ref.get());
+  CopyOptions o;
+  o.target_fresh = false;
+  o.min_sparse = 0;
+  o.unless_same_as = &reference;
+  ASSERT_TRUE(CopyToImage(source, *dst, o).ok());
+  EXPECT_EQ(ToyStates()["/dst"].table.size(), 2u);
+  EXPECT_TRUE(ToyStates()["/dst"].table.count(1));
+  EXPECT_TRUE(ToyStates()["/dst"].table.count(6));
+  auto got = ReadAll(*dst);
+  EXPECT_EQ(std::memcmp(got.data() + kCluster, content.data() + kCluster, kCluster), 0);
+  EXPECT_EQ(std::memcmp(got.data() + 6 * kCluster, content.data() + 6 * kCluster, kCluster), 0);
+}
+
+TEST_F(EngineTest, CopyReportsTheProgressFigureUpToAHundred) {
+  auto src = MakeToy("/src", 64 * kCluster);
+  ASSERT_TRUE(src->Write(0, Bytes(64 * kCluster, 15)).ok());
+  auto dst = MakeToy("/dst", 64 * kCluster);
+  ImageSource source(src.get());
+  std::vector<double> seen;
+  CopyOptions o;
+  o.progress = [&](double p) { seen.push_back(p); };
+  ASSERT_TRUE(CopyToImage(source, *dst, o).ok());
+  ASSERT_FALSE(seen.empty());
+  EXPECT_TRUE(std::is_sorted(seen.begin(), seen.end()));
+  EXPECT_DOUBLE_EQ(seen.back(), 100.0);
 }
 
 TEST_F(EngineTest, RequestsPastTheEndFail) {

@@ -13,11 +13,12 @@
 #include <vector>
 
 #include "vimgfs/env.h"
+#include "vimgfs/format.h"
 #include "vimgfs/status.h"
 
 namespace vimgfs {
 
-class StreamOptimizedWriter {
+class StreamOptimizedWriter final : public StreamWriter {
  public:
   // Creates `path` (truncating it) for a disk of `size` bytes. `options` are the vmdk
   // create options (-o): adapter_type, hwversion, compat6, toolsversion; subformat, if
@@ -25,7 +26,14 @@ class StreamOptimizedWriter {
   static Result<std::unique_ptr<StreamOptimizedWriter>> Open(
       Env& env, const std::string& path, uint64_t size,
       const std::map<std::string, std::string>& options = {});
-  ~StreamOptimizedWriter();
+  ~StreamOptimizedWriter() override;
+
+  // StreamWriter: grains, zlib streams.
+  uint64_t unit_size() const override { return grain_size_; }
+  Codec codec() const override { return Codec::kZlib; }
+  Status WriteCompressedUnit(uint64_t index, std::span<const std::byte> stream) override {
+    return WriteCompressedGrain(index, stream);
+  }
 
   uint64_t grain_size() const { return grain_size_; }
   uint64_t size() const { return size_; }
@@ -38,10 +46,10 @@ class StreamOptimizedWriter {
   // grain), so callers can compress grains on several threads. Zero grains: skip them.
   Status WriteCompressedGrain(uint64_t index, std::span<const std::byte> zlib_stream);
   // The longest zlib stream a grain may take (deflate's worst case on incompressible data).
-  uint64_t max_stream_bytes() const { return grain_size_ + grain_size_ / 16 + 1024; }
+  uint64_t max_stream_bytes() const override { return grain_size_ + grain_size_ / 16 + 1024; }
   // Writes the grain tables and the end-of-stream marker and syncs. Required for a valid
   // image; the writer is unusable afterwards.
-  Status Finish();
+  Status Finish() override;
 
  private:
   StreamOptimizedWriter() = default;

@@ -5,6 +5,7 @@
 #include <random>
 
 #include "formats/drivers.h"
+#include "formats/vmdk/stream_writer.h"
 #include "formats/vmdk/vmdk_internal.h"
 #include "util/checked.h"
 #include "util/endian.h"
@@ -420,6 +421,11 @@ class VmdkDriverImpl final : public FormatDriver {
     CreateContext c = ctx;
     if (!c.env) c.env = Env::Default();
     return CreateVmdk(c);
+  }
+  Result<std::unique_ptr<StreamWriter>> CreateStream(const CreateContext& ctx) const override {
+    Env* env = ctx.env ? ctx.env : Env::Default();
+    ASSIGN_OR_RETURN(auto w, StreamOptimizedWriter::Open(*env, ctx.path, ctx.size, ctx.options));
+    return std::unique_ptr<StreamWriter>(std::move(w));
   }
 };
 

@@ -1,16 +1,19 @@
+// The copy pipeline (include/vimgfs/copy.h): a reading thread ahead of the writer for plain
+// copies; batches of clusters compressed on every core, stored strictly in order.
+#include "vimgfs/copy.h"
+
+#include <fmt/format.h>
+
 #include <algorithm>
-#include <atomic>
 #include <condition_variable>
-#include <mutex>
 #include <cstring>
 #include <deque>
+#include <mutex>
 #include <thread>
 
-#include "cli/convert.h"
 #include "engine/codec.h"
-#include "formats/vmdk/stream_writer.h"
 
-namespace vimgfs::cli {
+namespace vimgfs {
 namespace {
 
 constexpr uint64_t kMapWindow = 1ull << 30;
@@ -36,9 +39,9 @@ Status WithOffset(const Status& s, const char* what, uint64_t off) {
 
 // What qemu-img's progress figure counts of a run: the data copied, and with -S 0 the zeros
 // written too; not what the target's backing file provides.
-uint64_t CountedBytes(const BlockStatus& r, const ConvertSettings& s) {
+uint64_t CountedBytes(const BlockStatus& r, const CopyOptions& s) {
   if (s.target_has_backing && r.depth > 0) return 0;
-  if (r.zero && s.min_sparse != 0) return 0;
+  if (r.zero && s.zero_runs) return 0;
   return r.length;
 }
 
@@ -46,19 +49,29 @@ uint64_t CountedBytes(const BlockStatus& r, const ConvertSettings& s) {
 // moved on as each piece is copied (a run of at most 2 MiB, or a cluster when compressing).
 class ProgressCount {
  public:
-  ProgressCount(Progress* bar, uint64_t total) : bar_(bar), total_(total) {}
+  ProgressCount(const std::function<void(double)>& report, uint64_t total) : report_(report), total_(total) {}
   void Add(uint64_t n) {
-    if (!bar_ || total_ == 0) return;
+    if (!report_ || total_ == 0) return;
     done_ += n;
-    bar_->UpdatePercent(100.0 * static_cast<double>(done_) / static_cast<double>(total_));
+    report_(100.0 * static_cast<double>(done_) / static_cast<double>(total_));
   }
 
  private:
-  Progress* bar_;
+  const std::function<void(double)>& report_;
   uint64_t total_, done_ = 0;
 };
 
 }  // namespace
+
+Status ImageSource::Read(uint64_t off, std::span<std::byte> buf) {
+  if (!image_) return buf.empty() ? Status::Ok() : Status::OutOfRange("read past the end of an empty disk");
+  return image_->Read(off, buf);
+}
+
+Result<std::vector<BlockStatus>> ImageSource::Map(uint64_t off, uint64_t len, bool top_only) {
+  if (!image_) return std::vector<BlockStatus>{};
+  return image_->Map(off, len, top_only);
+}
 
 ConcatSource::ConcatSource(std::vector<std::unique_ptr<Image>> images) : images_(std::move(images)) {
   for (const auto& img : images_) {
@@ -106,7 +119,7 @@ namespace {
 
 // Writes [off, off+len) of data already in buf: blocks of min_sparse bytes that are all
 // zeros are skipped (fresh target) or zeroed, the rest is written.
-Status WriteSparse(Image& target, uint64_t off, std::span<const std::byte> buf, const ConvertSettings& s) {
+Status WriteSparse(Image& target, uint64_t off, std::span<const std::byte> buf, const CopyOptions& s) {
   const bool skip_zeros = s.target_fresh && !s.target_has_backing;
   if (s.min_sparse == 0) {
     return target.Write(off, buf);
@@ -212,7 +225,7 @@ class CopyQueue {
 
 // Walks the source's block status and reads its data, `queue`'s buffers ahead of the
 // writer (qemu-img's -m requests in flight).
-void ProduceCopySteps(ConcatSource& src, const ConvertSettings& s, CopyQueue& queue) {
+void ProduceCopySteps(CopySource& src, const CopyOptions& s, CopyQueue& queue) {
   const uint64_t size = src.size();
   for (uint64_t win = 0; win < size && !queue.quitting(); win += kMapWindow) {
     uint64_t wlen = std::min(kMapWindow, size - win);
@@ -223,7 +236,7 @@ void ProduceCopySteps(ConcatSource& src, const ConvertSettings& s, CopyQueue& qu
     }
     for (const BlockStatus& r : *runs) {
       if (s.target_has_backing && r.depth > 0) continue;  // the target's backing has it
-      if (r.zero && s.min_sparse != 0) {
+      if (r.zero && s.zero_runs) {
         if (!queue.Push({r.offset, r.length, true, -1, Status::Ok()})) return;
         continue;
       }
@@ -252,19 +265,68 @@ void ProduceCopySteps(ConcatSource& src, const ConvertSettings& s, CopyQueue& qu
   queue.Finish();
 }
 
+// Rebase's rule: writes, in ascending order, only the target clusters of [off, off+len)
+// whose content differs from `reference` (data: `buf`; a zero run: nullptr), neighbours in
+// one write.
+Status WriteWhereDifferent(Image& target, CopySource& reference, uint64_t off, uint64_t len,
+                           const std::byte* buf, std::vector<std::byte>& scratch, const CopyOptions& s) {
+  const uint64_t cluster = target.cluster_size();
+  for (uint64_t done = 0; done < len;) {
+    const uint64_t n = std::min<uint64_t>(len - done, kCopyChunk);
+    const uint64_t at = off + done;
+    scratch.resize(kCopyChunk);
+    std::span<std::byte> ref(scratch.data(), n);
+    // The reference may end before the source does: it reads zeros past its end.
+    const uint64_t have = at < reference.size() ? std::min<uint64_t>(n, reference.size() - at) : 0;
+    if (have) RETURN_IF_ERROR(reference.Read(at, ref.first(have)));
+    std::memset(ref.data() + have, 0, n - have);
+    auto differs = [&](uint64_t i, uint64_t end) {
+      return buf ? std::memcmp(buf + done + i, ref.data() + i, end - i) != 0
+                 : !AllZero(ref.data() + i, end - i);
+    };
+    for (uint64_t i = 0; i < n;) {
+      uint64_t end = std::min(n, (at + i) / cluster * cluster + cluster - at);
+      if (!differs(i, end)) {
+        i = end;
+        continue;
+      }
+      uint64_t run_end = end;
+      while (run_end < n) {
+        uint64_t next = std::min(n, run_end + cluster);
+        if (!differs(run_end, next)) break;
+        run_end = next;
+      }
+      RETURN_IF_ERROR(buf ? target.Write(at + i, std::span<const std::byte>(buf + done + i, run_end - i))
+                          : target.WriteZeroes(at + i, run_end - i, !s.target_has_backing));
+      i = run_end;
+    }
+    done += n;
+  }
+  return Status::Ok();
+}
+
 // Reads on one thread and writes, in order, on this one, so reading the source and
 // writing the target overlap as they do in qemu-img.
-Status CopyPlain(ConcatSource& src, Image& target, const ConvertSettings& s, ProgressCount& count) {
+Status CopyPlain(CopySource& src, Image& target, const CopyOptions& s, ProgressCount& count) {
   CopyQueue queue(std::clamp(s.requests_in_flight, 1, 16));
   std::thread reader([&] { ProduceCopySteps(src, s, queue); });
   Status result;
   CopyStep step;
+  std::vector<std::byte> scratch;
   while (queue.Pop(&step)) {
     if (!step.status.ok()) {
       result = step.status;
       break;
     }
-    if (step.zero_run) {
+    if (s.unless_same_as) {
+      const std::byte* data = step.zero_run ? nullptr : queue.Buffer(step.buf, step.len).data();
+      Status st = WriteWhereDifferent(target, *s.unless_same_as, step.off, step.len, data, scratch, s);
+      queue.Release(step.buf);
+      if (!st.ok()) {
+        result = WithOffset(st, "writing", step.off);
+        break;
+      }
+    } else if (step.zero_run) {
       if (!s.target_fresh || s.target_has_backing) {
         Status st = target.WriteZeroes(step.off, step.len, !s.target_has_backing);
         if (!st.ok()) {
@@ -372,8 +434,8 @@ class CompressPool {
 // Fills units (cluster-aligned, starting at `start`) with source content, each a slice of
 // `region`; runs of units that need reading are read with one call. Zero clusters are
 // found from the map without reading.
-Status ReadUnits(ConcatSource& src, uint64_t start, uint64_t cluster, std::vector<Unit>& units,
-                 std::vector<std::byte>& region, const ConvertSettings& s) {
+Status ReadUnits(CopySource& src, uint64_t start, uint64_t cluster, std::vector<Unit>& units,
+                 std::vector<std::byte>& region, const CopyOptions& s) {
   const uint64_t size = src.size();
   const size_t n = units.size();
   region.resize(cluster * n);
@@ -419,7 +481,7 @@ Status ReadUnits(ConcatSource& src, uint64_t start, uint64_t cluster, std::vecto
 // Stores finished units in order; neighbours stored as they are (no stream) go out as one
 // write, their data being contiguous in the batch's region.
 Status WriteUnits(std::vector<Unit>& units, uint64_t size, uint64_t cluster, Image& target,
-                  const ConvertSettings& s) {
+                  const CopyOptions& s) {
   auto plain = [&](const Unit& u) { return u.off < size && u.status.ok() && !u.zero && u.stream.empty(); };
   for (size_t i = 0; i < units.size();) {
     Unit& u = units[i];
@@ -456,8 +518,8 @@ size_t BatchUnits(int threads, uint64_t unit) {
 // thread reads the next one and hands finished ones to `store` strictly in order, so the
 // output does not depend on timing.
 template <typename StoreBatch>
-Status CompressAndStore(ConcatSource& src, uint64_t unit, Codec codec, uint64_t max_out,
-                        const ConvertSettings& s, ProgressCount& count, StoreBatch store) {
+Status CompressAndStore(CopySource& src, uint64_t unit, Codec codec, uint64_t max_out, const CopyOptions& s,
+                        ProgressCount& count, StoreBatch store) {
   const uint64_t size = src.size();
   const size_t batch = BatchUnits(s.threads, unit);
   const uint64_t step = unit * batch;
@@ -498,7 +560,7 @@ Status CompressAndStore(ConcatSource& src, uint64_t unit, Codec codec, uint64_t 
 
 // The total of qemu-img's progress figure: the counted bytes of the source, or with `unit`
 // (compressing) the bytes of each unit that holds some. Only worked out for -p.
-Result<uint64_t> CountedTotal(ConcatSource& src, const ConvertSettings& s, uint64_t unit) {
+Result<uint64_t> CountedTotal(CopySource& src, const CopyOptions& s, uint64_t unit) {
   uint64_t total = 0;
   if (!s.progress) return total;
   const uint64_t size = src.size();
@@ -520,7 +582,7 @@ Result<uint64_t> CountedTotal(ConcatSource& src, const ConvertSettings& s, uint6
   return total;
 }
 
-Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s, ProgressCount& count) {
+Status CopyCompressed(CopySource& src, Image& target, const CopyOptions& s, ProgressCount& count) {
   const uint64_t cluster = target.cluster_size();
   // A stream must be shorter than the cluster to be worth it (qemu's rule).
   return CompressAndStore(src, cluster, s.codec, cluster - 1, s, count, [&](std::vector<Unit>& units) {
@@ -530,29 +592,33 @@ Status CopyCompressed(ConcatSource& src, Image& target, const ConvertSettings& s
 
 }  // namespace
 
-Status ConvertToImage(ConcatSource& src, Image& target, const ConvertSettings& s) {
+Status CopyToImage(CopySource& src, Image& target, const CopyOptions& s) {
+  // Compressed clusters are written whole; rebase's comparison works on plain copies.
+  if (s.compress && s.unless_same_as)
+    return Status::InvalidArgument("a compressed copy cannot skip equal clusters");
   const uint64_t unit = s.compress ? target.cluster_size() : 0;
   ASSIGN_OR_RETURN(uint64_t total, CountedTotal(src, s, unit));
   ProgressCount count(s.progress, total);
   return s.compress ? CopyCompressed(src, target, s, count) : CopyPlain(src, target, s, count);
 }
 
-Status ConvertToStream(ConcatSource& src, StreamOptimizedWriter& w, const ConvertSettings& s) {
-  const uint64_t grain = w.grain_size();
-  ConvertSettings rs = s;
+Status CopyToStream(CopySource& src, StreamWriter& w, const CopyOptions& s) {
+  const uint64_t unit = w.unit_size();
+  CopyOptions rs = s;
   rs.target_has_backing = false;
-  ASSIGN_OR_RETURN(uint64_t total, CountedTotal(src, rs, grain));
+  rs.unless_same_as = nullptr;
+  ASSIGN_OR_RETURN(uint64_t total, CountedTotal(src, rs, unit));
   ProgressCount count(s.progress, total);
-  // Every grain is stored compressed, so the stream may be as long as deflate makes it.
+  // Every unit is stored compressed, so the stream may be as long as the codec makes it.
   Status st = CompressAndStore(
-      src, grain, Codec::kZlib, w.max_stream_bytes() + 1, rs, count, [&](std::vector<Unit>& units) {
+      src, unit, w.codec(), w.max_stream_bytes() + 1, rs, count, [&](std::vector<Unit>& units) {
         for (Unit& u : units) {
           if (u.off >= src.size()) break;
           if (u.zero) continue;
           if (!u.status.ok()) return WithOffset(u.status, "compressing", u.off);
           if (u.stream.empty())
-            return WithOffset(Status::Io("zlib could not compress the grain"), "compressing", u.off);
-          Status ws = w.WriteCompressedGrain(u.off / grain, u.stream);
+            return WithOffset(Status::Io("could not compress the unit"), "compressing", u.off);
+          Status ws = w.WriteCompressedUnit(u.off / unit, u.stream);
           if (!ws.ok()) return WithOffset(ws, "writing", u.off);
         }
         return Status::Ok();
@@ -561,4 +627,4 @@ Status ConvertToStream(ConcatSource& src, StreamOptimizedWriter& w, const Conver
   return w.Finish();
 }
 
-}  // namespace vimgfs::cli
+}  // namespace vimgfs
