@@ -167,6 +167,10 @@ class Image {
   // Writes a copy-on-write fill into a fresh plan (WritePlan::fresh), leaving its zero
   // pieces unwritten.
   Status WriteSkippingZeros(const WritePlan& plan, std::span<const std::byte> data);
+  // A write of a plan's host range, which may lie past the end of its file.
+  Status WritePlanData(const WritePlan& plan, uint64_t at, std::span<const std::byte> data, IoTag tag);
+  // Makes `file` at least `end` bytes long, never shorter (see grow_mu_).
+  Status GrowFileTo(File& file, uint64_t end);
   Status ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard);
   // Runs `change` on the format's map with every cluster locked exclusive and the
   // metadata lock held, then refreshes the size and drops decompressed units.
@@ -195,6 +199,11 @@ class Image {
   std::atomic<uint64_t> mapping_generation_{0};  // set on open (Image::Open)
   void MappingChanged();
   std::unique_ptr<RangeLock> range_lock_;  // cluster-range locks for writers
+  // A file grows by a truncate only after its size was read; a write past that size on
+  // another thread in between would be cut off. Plan data writes (the writes that reach
+  // past the end outside meta_mu_) hold this shared; GrowFileTo holds it exclusive, and
+  // meta_mu_ too for the format's own writes past the end (tables). Taken before meta_mu_.
+  std::shared_mutex grow_mu_;
   bool closed_ = false;
 
   // Flushes are shared (group commit): one that starts covers every write finished

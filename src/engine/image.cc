@@ -461,7 +461,7 @@ Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
     Status s;
     if (plan.guest_offset == pos && data_end == plan_end) {
       // The request covers the plan: write straight from the caller's buffer.
-      s = plan.file->PWrite(plan.host_offset, buf.subspan(pos - off, plan.length), IoTag::kData);
+      s = WritePlanData(plan, 0, buf.subspan(pos - off, plan.length), IoTag::kData);
     } else {
       // Copy-on-write: head and tail keep the current content (backing, compressed, zero).
       staging.resize(plan.length);
@@ -474,9 +474,7 @@ Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
         s = ReadUnlocked(data_end, st.subspan(data_end - plan.guest_offset, readable_end - data_end));
       if (readable_end < plan_end)  // past the disk end inside the last cluster
         std::memset(staging.data() + (readable_end - plan.guest_offset), 0, plan_end - readable_end);
-      if (s.ok())
-        s = plan.fresh ? WriteSkippingZeros(plan, st)
-                       : plan.file->PWrite(plan.host_offset, st, IoTag::kCowData);
+      if (s.ok()) s = plan.fresh ? WriteSkippingZeros(plan, st) : WritePlanData(plan, 0, st, IoTag::kCowData);
     }
     RETURN_IF_ERROR(FinishPlan(plan, s));
     pos = data_end;
@@ -497,14 +495,23 @@ Status Image::WriteSkippingZeros(const WritePlan& plan, std::span<const std::byt
     uint64_t run_end = at + n;
     while (run_end < data.size() && !is_zero(run_end, std::min(kPiece, data.size() - run_end)))
       run_end += std::min(kPiece, data.size() - run_end);
-    RETURN_IF_ERROR(
-        plan.file->PWrite(plan.host_offset + at, data.subspan(at, run_end - at), IoTag::kCowData));
+    RETURN_IF_ERROR(WritePlanData(plan, at, data.subspan(at, run_end - at), IoTag::kCowData));
     at = run_end;
   }
   // The whole range inside the file, as a written one would be.
-  ASSIGN_OR_RETURN(uint64_t file_size, plan.file->Size());
-  const uint64_t end = plan.host_offset + plan.length;
-  return end > file_size ? plan.file->Truncate(end) : Status::Ok();
+  return GrowFileTo(*plan.file, plan.host_offset + plan.length);
+}
+
+Status Image::WritePlanData(const WritePlan& plan, uint64_t at, std::span<const std::byte> data, IoTag tag) {
+  std::shared_lock g(grow_mu_);
+  return plan.file->PWrite(plan.host_offset + at, data, tag);
+}
+
+Status Image::GrowFileTo(File& file, uint64_t end) {
+  std::unique_lock g(grow_mu_);
+  std::lock_guard lk(meta_mu_);
+  ASSIGN_OR_RETURN(uint64_t size, file.Size());
+  return end > size ? file.Truncate(end) : Status::Ok();
 }
 
 Status Image::FillHost(const WritePlan& plan, Fill fill) {
@@ -518,12 +525,12 @@ Status Image::FillHost(const WritePlan& plan, Fill fill) {
     if (plan.host_offset < file_size)
       s = plan.file->PunchHole(plan.host_offset, std::min(end, file_size) - plan.host_offset);
     if (s.ok() && fill == Fill::kReserved) return plan.file->Allocate(plan.host_offset, plan.length);
-    if (s.ok()) return end > file_size ? plan.file->Truncate(end) : s;
+    if (s.ok()) return end > file_size ? GrowFileTo(*plan.file, end) : s;
     if (s.kind() != ErrorKind::kUnsupported) return s;
   }
   for (uint64_t done = 0; done < plan.length;) {
     uint64_t n = std::min(kZeroChunk, plan.length - done);
-    RETURN_IF_ERROR(plan.file->PWrite(plan.host_offset + done, {ZeroBuffer(), n}, IoTag::kData));
+    RETURN_IF_ERROR(WritePlanData(plan, done, {ZeroBuffer(), n}, IoTag::kData));
     done += n;
   }
   return Status::Ok();

@@ -166,6 +166,46 @@ TEST(Qcow2WriteOracle, VimgfsCreatedImagesAreCleanAfterRandomWrites) {
   }
 }
 
+// Threads writing 4 KiB pieces into the quarters of shared clusters: allocations race at
+// the end of the file, and a fresh cluster whose tail reads zeros grows the file by a
+// truncate (Image::GrowFileTo) that must never cut off what another thread just wrote past
+// the size it read.
+TEST(Qcow2WriteOracle, InterleavedWritersGrowingTheFileLoseNothing) {
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  const std::string img = dir.File("i.qcow2"), raw = dir.File("i.raw");
+  const uint64_t size = 64ull << 20, quarter = 16 << 10;
+  ASSERT_TRUE(CreateWithVimgfs(img, size, {}).ok());
+  std::vector<uint8_t> model(size, 0);
+  {
+    auto opened = Image::Open(img, OpenOptions{});
+    ASSERT_TRUE(opened.ok()) << opened.error().message();
+    std::unique_ptr<Image> w = std::move(opened).value();
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        std::mt19937_64 rng(500 + t);
+        for (int i = 0; i < 400; ++i) {
+          // Thread t owns quarter t of every cluster; a write is one 4 KiB piece of it.
+          const uint64_t at =
+              (rng() % (size / (4 * quarter))) * 4 * quarter + t * quarter + (rng() % 4) * 4096;
+          auto data = test::RandomBytes(4096, rng());
+          std::memcpy(model.data() + at, data.data(), data.size());
+          EXPECT_TRUE(w->Write(at, std::as_bytes(std::span(data))).ok());
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+    std::vector<std::byte> now(size);
+    ASSERT_TRUE(w->Read(0, now).ok());
+    EXPECT_EQ(std::memcmp(now.data(), model.data(), size), 0) << "read back through the same image";
+    ASSERT_TRUE(w->Close().ok());
+  }
+  ExpectCheckClean(img);
+  test::WriteWholeFile(raw, model);
+  ExpectCompareEqual(img, raw);
+}
+
 // Whole-image changes through Image (snapshots, check) wait for the writers on other
 // threads and they for them: the image ends clean, with the writes and every snapshot.
 TEST(Qcow2WriteOracle, SnapshotsAndChecksBesideWriters) {
