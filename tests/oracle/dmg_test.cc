@@ -48,7 +48,8 @@ test::CommandResult Qemu(const std::string& args) {
 Bytes Content(size_t n, uint64_t seed) {
   Bytes random = test::RandomBytes(n, seed);
   Bytes out(n);
-  for (size_t i = 0; i < n; i++) out[i] = (i / 64) % 3 == 0 ? random[i] : static_cast<uint8_t>((i / 512 + seed) & 0xff);
+  for (size_t i = 0; i < n; i++)
+    out[i] = (i / 64) % 3 == 0 ? random[i] : static_cast<uint8_t>((i / 512 + seed) & 0xff);
   return out;
 }
 
@@ -429,7 +430,7 @@ TEST(DmgOracle, HostileTrailersAndTablesAreRefusedWithOneLine) {
   const bool have_qemu = test::HaveProgram("qemu-img");
   struct Case {
     std::string name;
-    std::function<void(DmgGenerator&)> setup;  // before Build
+    std::function<void(DmgGenerator&)> setup;   // before Build
     std::function<void(DmgGenerator&)> damage;  // after Build
     std::string expect;
     bool qemu_refuses;  // qemu-img refuses it too (some vimgfs refuses alone)
@@ -444,12 +445,13 @@ TEST(DmgOracle, HostileTrailersAndTablesAreRefusedWithOneLine) {
   const size_t kFirstChunk = 1;  // entry 0 is the comment
   std::vector<Case> cases = {
       {"empty.dmg", nullptr, [](DmgGenerator& g) { g.file.clear(); }, "at least 512 bytes", true},
-      {"nokoly.dmg", nullptr, [](DmgGenerator& g) { g.file[g.trailer_at] = 'K'; }, "Could not locate UDIF trailer",
+      {"nokoly.dmg", nullptr, [](DmgGenerator& g) { g.file[g.trailer_at] = 'K'; },
+       "Could not locate UDIF trailer", true},
+      {"fork-past.dmg", nullptr,
+       [](DmgGenerator& g) { PutBE64(g.file, g.trailer_at + 0x18, g.trailer_at + 1); }, "data fork offset",
        true},
-      {"fork-past.dmg", nullptr, [](DmgGenerator& g) { PutBE64(g.file, g.trailer_at + 0x18, g.trailer_at + 1); },
-       "data fork offset", true},
-      {"plist-past.dmg", nullptr,
-       [](DmgGenerator& g) { PutBE64(g.file, g.trailer_at + 0xe0, g.trailer_at); }, "property list", true},
+      {"plist-past.dmg", nullptr, [](DmgGenerator& g) { PutBE64(g.file, g.trailer_at + 0xe0, g.trailer_at); },
+       "property list", true},
       {"plist-wrap.dmg", nullptr,
        [](DmgGenerator& g) { PutBE64(g.file, g.trailer_at + 0xd8, UINT64_MAX - 10); }, "property list", true},
       {"rsrc-past.dmg", nullptr,
@@ -458,8 +460,8 @@ TEST(DmgOracle, HostileTrailersAndTablesAreRefusedWithOneLine) {
          PutBE64(g.file, g.trailer_at + 0x30, g.trailer_at);
        },
        "resource fork", true},
-      {"no-tables.dmg", nullptr, [](DmgGenerator& g) { PutBE64(g.file, g.trailer_at + 0xe0, 0); }, "no block tables",
-       true},
+      {"no-tables.dmg", nullptr, [](DmgGenerator& g) { PutBE64(g.file, g.trailer_at + 0xe0, 0); },
+       "no block tables", true},
       {"rsrc-data.dmg", [](DmgGenerator& g) { g.resource_fork = true; },
        [](DmgGenerator& g) {  // the data length (at the fork's start + 8) overruns the fork
          const uint64_t fork_at = LoadBE64(&g.file[g.trailer_at + 0x28]);
@@ -468,28 +470,24 @@ TEST(DmgOracle, HostileTrailersAndTablesAreRefusedWithOneLine) {
        "resource data", true},
       {"huge-disk.dmg", nullptr, [](DmgGenerator& g) { PutBE64(g.file, g.trailer_at + 0x1ec, UINT64_MAX); },
        "too large", true},
-      {"count-max.dmg", patch_entry(kFirstChunk + 1, dmg::mish::kEntrySectorCount, 131073),
-       nullptr, "is larger than max (131072)", true},
+      {"count-max.dmg", patch_entry(kFirstChunk + 1, dmg::mish::kEntrySectorCount, 131073), nullptr,
+       "is larger than max (131072)", true},
       {"length-max.dmg", patch_entry(kFirstChunk, dmg::mish::kEntryLength, (64ull << 20) + 1), nullptr,
        "is larger than max (67108864)", true},
       {"overlap.dmg", patch_entry(kFirstChunk + 1, dmg::mish::kEntrySector, 1), nullptr, "overlaps", false},
       {"past-disk.dmg", patch_entry(kFirstChunk + 2, dmg::mish::kEntrySector, 1000), nullptr, "past the end",
        false},
-      {"sector-wrap.dmg", patch_entry(kFirstChunk + 1, dmg::mish::kEntrySector, UINT64_MAX), nullptr, "overflows",
-       false},
+      {"sector-wrap.dmg", patch_entry(kFirstChunk + 1, dmg::mish::kEntrySector, UINT64_MAX), nullptr,
+       "overflows", false},
       {"offset-wrap.dmg", patch_entry(kFirstChunk + 1, dmg::mish::kEntryOffset, UINT64_MAX - 5), nullptr,
        "overflows", false},
       {"raw-short.dmg", patch_entry(kFirstChunk, dmg::mish::kEntryLength, 1000), nullptr, "stores 1000 bytes",
        false},
       {"bad-base64.dmg",
-       [](DmgGenerator& g) {
-         g.patch_plist = [](std::string& p) { p.insert(p.find("<data>") + 20, "*"); };
-       },
+       [](DmgGenerator& g) { g.patch_plist = [](std::string& p) { p.insert(p.find("<data>") + 20, "*"); }; },
        nullptr, "not valid base64", false},
       {"no-close.dmg",
-       [](DmgGenerator& g) {
-         g.patch_plist = [](std::string& p) { p.erase(p.rfind("</data>"), 7); };
-       },
+       [](DmgGenerator& g) { g.patch_plist = [](std::string& p) { p.erase(p.rfind("</data>"), 7); }; },
        nullptr, "has no </data>", true},
   };
   for (const Case& c : cases) {
@@ -553,9 +551,9 @@ TEST(DmgOracle, ProbedByNameAloneAndOpenedReadOnlyOnly) {
   EXPECT_EQ(v.exit_code, 0) << v.err;
   EXPECT_EQ(v.out, q.out);
   // Commands that open read-write are refused as qemu-img refuses them.
-  for (std::string args : {"resize " + Quote(image) + " 1M", "snapshot -c s " + Quote(image),
-                           "check -r all " + Quote(image), "rebase -u -b y " + Quote(image),
-                           "create -f dmg " + Quote(dir.File("new.dmg")) + " 1M"}) {
+  for (std::string args :
+       {"resize " + Quote(image) + " 1M", "snapshot -c s " + Quote(image), "check -r all " + Quote(image),
+        "rebase -u -b y " + Quote(image), "create -f dmg " + Quote(dir.File("new.dmg")) + " 1M"}) {
     SCOPED_TRACE(args);
     q = Qemu(args);
     v = RunCommand(Vimgfs() + " " + args);

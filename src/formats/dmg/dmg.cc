@@ -38,13 +38,14 @@ Status DmgMap::Unreadable(uint64_t sector) const {
                                        "supported",
                                        path_, sector, DescribeChunkType(c.type)));
   }
-  return Status::Corrupt("'{}': cannot read sector {}: no chunk of the block tables covers it", path_, sector);
+  return Status::Corrupt("'{}': cannot read sector {}: no chunk of the block tables covers it", path_,
+                         sector);
 }
 
 Status DmgMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
   if (guest_off > virtual_size() || len > virtual_size() - guest_off)
-    return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_, len, guest_off,
-                              virtual_size());
+    return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_, len,
+                              guest_off, virtual_size());
   const size_t first = out->size();
   const auto& chunks = tables_.readable;
   const uint64_t end = guest_off + len;
@@ -54,7 +55,8 @@ Status DmgMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* ou
   if (it != chunks.begin()) --it;
   for (uint64_t pos = guest_off; pos < end; ++it) {
     const uint64_t sector = pos / kSectorSize;
-    if (it == chunks.end() || sector < it->first_sector || sector >= it->end_sector()) return Unreadable(sector);
+    if (it == chunks.end() || sector < it->first_sector || sector >= it->end_sector())
+      return Unreadable(sector);
     const Chunk& c = *it;
     const uint64_t chunk_start = c.first_sector * kSectorSize;
     const uint64_t n = std::min(end, c.end_sector() * kSectorSize) - pos;
@@ -98,7 +100,8 @@ Result<std::unique_ptr<ClusterMap>> OpenDmg(OpenContext ctx) {
   if (!ctx.options.snapshot.empty())
     return Status::Unsupported("'{}': dmg images have no internal snapshots", ctx.path);
   ASSIGN_OR_RETURN(Tables tables, ReadTables(*ctx.file, ctx.path));
-  return std::unique_ptr<ClusterMap>(std::make_unique<DmgMap>(ctx.path, std::move(ctx.file), std::move(tables)));
+  return std::unique_ptr<ClusterMap>(
+      std::make_unique<DmgMap>(ctx.path, std::move(ctx.file), std::move(tables)));
 }
 
 namespace {

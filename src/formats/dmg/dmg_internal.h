@@ -95,9 +95,9 @@ struct Chunk {
 };
 
 struct Tables {
-  uint64_t sector_count = 0;         // the disk, from the trailer
-  std::vector<Chunk> readable;       // sorted, disjoint, inside the disk
-  std::vector<Chunk> unreadable;     // lzfse, ADC, unknown types: qemu leaves them out
+  uint64_t sector_count = 0;      // the disk, from the trailer
+  std::vector<Chunk> readable;    // sorted, disjoint, inside the disk
+  std::vector<Chunk> unreadable;  // lzfse, ADC, unknown types: qemu leaves them out
 };
 
 // A chunk type as an error names it ("lzfse-compressed", "of unknown type 1234").

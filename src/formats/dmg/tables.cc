@@ -85,8 +85,9 @@ class TableReader {
       return Status::InvalidFormat("'{}': data fork offset {} lies past the UDIF trailer at {}", path_,
                                    data_fork_offset_, trailer);
     if (rsrc_offset >= trailer || rsrc_length > trailer - rsrc_offset)
-      return Status::InvalidFormat("'{}': resource fork ({} bytes at {}) does not end before the UDIF trailer at {}",
-                                   path_, rsrc_length, rsrc_offset, trailer);
+      return Status::InvalidFormat(
+          "'{}': resource fork ({} bytes at {}) does not end before the UDIF trailer at {}", path_,
+          rsrc_length, rsrc_offset, trailer);
     if (plist_offset >= trailer || plist_length > trailer - plist_offset)
       return Status::InvalidFormat(
           "'{}': property list ({} bytes at {}) does not end before the UDIF trailer at {}", path_,
@@ -110,7 +111,8 @@ class TableReader {
     ASSIGN_OR_RETURN(uint64_t size, file_.Size());
     // qemu sees the file's length rounded up to a sector; bytes past the end read as zeros.
     const uint64_t length = AlignUp(size, kSectorSize);
-    if (length < kSectorSize) return Status::InvalidFormat("'{}': dmg file must be at least 512 bytes long", path_);
+    if (length < kSectorSize)
+      return Status::InvalidFormat("'{}': dmg file must be at least 512 bytes long", path_);
     const uint64_t start = length > kKolySearchBack ? length - kKolySearchBack : 0;
     std::vector<std::byte> window(std::min(length, kKolySearchBytes));
     RETURN_IF_ERROR(file_.PRead(start, window).WithContext("'{}': reading the UDIF trailer", path_));
@@ -128,15 +130,17 @@ class TableReader {
     const uint64_t data_offset = LoadBE32(&head[0]);
     const uint64_t data_length = LoadBE32(&head[8]);
     if (data_offset > length || data_length == 0 || data_length > length - data_offset)
-      return Status::InvalidFormat("'{}': resource data ({} bytes at {}) lies outside the resource fork ({} bytes)",
-                                   path_, data_length, data_offset, length);
+      return Status::InvalidFormat(
+          "'{}': resource data ({} bytes at {}) lies outside the resource fork ({} bytes)", path_,
+          data_length, data_offset, length);
     if (data_length > limits::kMaxDmgTableBytes)
       return Status::InvalidFormat("'{}': resource data of {} bytes is larger than max ({})", path_,
                                    data_length, limits::kMaxDmgTableBytes);
     // Read whole at once: a run of tiny resources must not cost a read each. qemu lets the
     // last resource's length field count towards the data, so 4 bytes may lie past it.
     std::vector<std::byte> data(data_length + 4);
-    RETURN_IF_ERROR(file_.PRead(offset + data_offset, data).WithContext("'{}': reading the resource fork", path_));
+    RETURN_IF_ERROR(
+        file_.PRead(offset + data_offset, data).WithContext("'{}': reading the resource fork", path_));
     uint64_t pos = 0;
     while (pos < data_length) {
       const uint64_t n = LoadBE32(&data[pos]);
@@ -171,7 +175,8 @@ class TableReader {
         return Status::InvalidFormat("'{}': property list: <data> element {} has no </data>", path_, element);
       auto bytes = DecodeBase64(std::string_view(text).substr(pos, end - pos));
       if (!bytes)
-        return Status::InvalidFormat("'{}': property list: <data> element {} is not valid base64", path_, element);
+        return Status::InvalidFormat("'{}': property list: <data> element {} is not valid base64", path_,
+                                     element);
       RETURN_IF_ERROR(ReadMish(*bytes));
       pos = end + kClose.size();
       element++;
@@ -215,8 +220,8 @@ class TableReader {
       c.host_offset = *offset;
       c.host_length = LoadBE64(e + mish::kEntryLength);
       if (c.host_length > limits::kMaxDmgChunkBytes)
-        return Status::InvalidFormat("'{}': length {} for chunk {} is larger than max ({})", path_, c.host_length,
-                                     index, limits::kMaxDmgChunkBytes);
+        return Status::InvalidFormat("'{}': length {} for chunk {} is larger than max ({})", path_,
+                                     c.host_length, index, limits::kMaxDmgChunkBytes);
       if (!CheckedAdd(c.first_sector, c.sector_count) || !CheckedAdd(c.host_offset, c.host_length))
         return Status::InvalidFormat("'{}': chunk {} overflows", path_, index);
       if (c.type == kChunkRaw && c.host_length < c.sector_count * kSectorSize)
@@ -233,12 +238,13 @@ class TableReader {
     const auto& r = tables_.readable;
     for (size_t i = 0; i < r.size(); i++) {
       if (i > 0 && r[i].first_sector < r[i - 1].end_sector())
-        return Status::InvalidFormat("'{}': chunk at sectors {}..{} overlaps or precedes the chunk before it ({}..{})",
-                                     path_, r[i].first_sector, r[i].end_sector(), r[i - 1].first_sector,
-                                     r[i - 1].end_sector());
+        return Status::InvalidFormat(
+            "'{}': chunk at sectors {}..{} overlaps or precedes the chunk before it ({}..{})", path_,
+            r[i].first_sector, r[i].end_sector(), r[i - 1].first_sector, r[i - 1].end_sector());
       if (r[i].end_sector() > tables_.sector_count)
-        return Status::InvalidFormat("'{}': chunk at sectors {}..{} reaches past the end of the disk ({} sectors)",
-                                     path_, r[i].first_sector, r[i].end_sector(), tables_.sector_count);
+        return Status::InvalidFormat(
+            "'{}': chunk at sectors {}..{} reaches past the end of the disk ({} sectors)", path_,
+            r[i].first_sector, r[i].end_sector(), tables_.sector_count);
     }
     return Status::Ok();
   }
