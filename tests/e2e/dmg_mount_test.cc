@@ -40,7 +40,8 @@ TEST(DmgMount, ReadOnlyMountReadsLikeQemuImgAndAnOverlayTakesWrites) {
     Mount m;
     r = m.Start({"--overlay", overlay, image, mnt}, mnt);
     ASSERT_EQ(r.exit_code, 0) << r.err;
-    r = RunCommand("printf hello | dd of=" + Quote(mnt + "/disk.raw") + " bs=1 seek=4096 conv=notrunc status=none");
+    r = RunCommand("printf hello | dd of=" + Quote(mnt + "/disk.raw") +
+                   " bs=1 seek=4096 conv=notrunc status=none");
     EXPECT_EQ(r.exit_code, 0) << r.err;
     EXPECT_EQ(m.Stop(), 0);
   }

@@ -7,6 +7,7 @@
 // hostile trailers and tables are refused with one line.
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -84,7 +85,8 @@ class DmgGenerator {
   explicit DmgGenerator(const test::TempDir& dir) : dir_(dir) {}
 
   bool resource_fork = false;
-  uint64_t prefix = 1000;  // bytes before the data fork: the trailer's data fork offset
+  uint64_t prefix = 1000;     // bytes before the data fork: the trailer's data fork offset
+  size_t tiny_resources = 0;  // 1-byte resources before the block tables (resource fork)
   std::vector<std::vector<GenChunk>> partitions;
   // Applied to each mish table before it is stored (hostile variants).
   std::function<void(Bytes& mish, size_t partition)> patch_mish;
@@ -156,6 +158,7 @@ class DmgGenerator {
         data.insert(data.end(), len.begin(), len.end());
         data.insert(data.end(), r->begin(), r->end());
       }
+      for (size_t i = 0; i < tiny_resources; i++) data.insert(data.end(), {0, 0, 0, 1, 0x22});
       for (const Bytes& t : tables) {
         Bytes len(4);
         PutBE32(len, 0, static_cast<uint32_t>(t.size()));
@@ -510,6 +513,17 @@ TEST(DmgOracle, HostileTrailersAndTablesAreRefusedWithOneLine) {
     if (have_qemu && c.qemu_refuses) {
       EXPECT_EQ(Qemu("info -f dmg " + Quote(path)).exit_code, 1);
     }
+  }
+  // Millions of tiny resources cost no read each: the image opens at once.
+  {
+    DmgGenerator g(dir);
+    g.resource_fork = true;
+    g.tiny_resources = 3'000'000;
+    g.partitions = {{{dmg::kChunkRaw, 2, 1}}};
+    const std::string path = g.Write("tiny-resources.dmg");
+    auto start = std::chrono::steady_clock::now();
+    EXPECT_EQ(ReadWhole(path), g.expected);
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
   }
   // Damaged zlib data: the image opens; reading the chunk fails, as in qemu.
   DmgGenerator g(dir);

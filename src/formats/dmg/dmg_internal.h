@@ -12,8 +12,8 @@
 // a classic resource fork whose data area holds length-prefixed resources), else in the
 // XML property list, as base64 inside <data> elements.
 //
-// What qemu does, and so vimgfs (differences noted in docs/ARCHITECTURE.md terms: this
-// is an untrusted image, so every field is checked):
+// What qemu does, and so vimgfs (every field checked besides, as docs/ARCHITECTURE.md,
+// "Untrusted images", asks):
 //   - The trailer is the first "koly" in the 515 bytes that end 508 bytes before the file
 //     size rounded up to a sector (so an odd-sized file still finds it).
 //   - Every <data> element of the property list is decoded; blocks that are not "mish"
@@ -25,10 +25,13 @@
 //   - A compressed chunk inflates to at most 64 MiB, and no chunk stores more than
 //     64 MiB (qemu's limits). The disk is the trailer's sector count; sectors no chunk
 //     covers cannot be read (qemu: I/O error).
-// vimgfs refuses besides: offsets that overflow, chunks out of order or overlapping,
-// chunks reaching past the disk, raw chunks storing fewer bytes than their sectors, more
+// vimgfs refuses besides: offsets that overflow, chunks out of order or overlapping (qemu's
+// binary search would miss them), chunks reaching past the disk, raw chunks storing fewer
+// bytes than their sectors (qemu serves stale buffer bytes), base64 with characters other
+// than whitespace (qemu skips them), resource data over limits::kMaxDmgTableBytes, more
 // chunks than limits::kMaxDmgChunks. bzip2 chunks are read as qemu reads them with its
-// dmg-bz2 module (Debian's qemu-img lacks the module and fails them).
+// dmg-bz2 module (Debian's qemu-img lacks the module and fails them). Compressed chunks
+// are the engine's units (Mapping::Kind::kCompressed): inflated whole and cached.
 //
 // Files:
 //   tables.cc  the trailer, the property list and resource fork, the mish tables
