@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes seed inputs for the libFuzzer targets (tests/fuzz) with qemu-img and qemu-io, at run
-# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx) and
+# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx dmg) and
 # OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. Nothing it makes belongs in the
 # repository. Small virtual sizes and clusters keep the seeds small (mostly well under
 # 300 KiB): vdi (1 MiB blocks) and vpc (2 MiB blocks) are cut after the part written
@@ -27,7 +27,7 @@ esac
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
   { echo "make-fuzz-seeds: qemu-img and qemu-io are needed (package qemu-utils)" >&2; exit 2; }
 
-formats=(qcow2 vmdk vdi vpc vhdx vmdk_descriptor)
+formats=(qcow2 vmdk vdi vpc vhdx vmdk_descriptor dmg)
 rm -rf "$out"
 for f in "${formats[@]}"; do mkdir -p "$out/$f"; done
 work=$(mktemp -d)
@@ -172,6 +172,16 @@ img -f vhdx -o block_size=8M,log_size=1M,block_state_zero=off c.vhdx 16M &&
   keep4m vhdx c.vhdx block8m.vhdx
 img -f vhdx -o block_size=1M,log_size=1M b.vhdx 4M && io vhdx b.vhdx 'write -P 0x41 0 2k' &&
   keep4m vhdx b.vhdx written-cut.vhdx
+
+# ---- dmg ----
+# qemu writes no dmg: qemu's sample image, from its source fetched by scripts/iotests.sh --fetch.
+qsrc=${VIMGFS_QEMU_SOURCE:-$(ls -d /var/tmp/vimgfs-iotests/*/ 2>/dev/null | sort -V | tail -1)}
+dmg_sample=${qsrc%/}/tests/qemu-iotests/sample_images/simple-dmg.dmg.bz2
+if [ -n "$qsrc" ] && [ -f "$dmg_sample" ]; then
+  bzip2 -dc "$dmg_sample" >"$out/dmg/simple.dmg"
+else
+  echo "make-fuzz-seeds: no dmg seed (qemu's source not fetched: scripts/iotests.sh --fetch)" >&2
+fi
 
 # ---- saved crash inputs ----
 if [ -d "$src/tests/fuzz/regressions" ]; then

@@ -28,6 +28,7 @@ enum class Codec {
   kDeflateRaw,  // raw deflate, no header (qcow2 zlib clusters)
   kZlib,        // zlib stream with header (VMDK streamOptimized grains)
   kZstd,        // zstd frame(s) (qcow2 compression_type=zstd)
+  kBzip2,       // one bzip2 stream (dmg UDBZ chunks)
 };
 
 // Where a run of guest bytes lives.
@@ -357,6 +358,9 @@ struct FormatTraits {
   // Whether ClusterMap::LookupCached can answer (qcow2). Only then does the engine try it
   // under the shared lock first; other formats go straight to Lookup, with no second try.
   bool cached_lookups = false;
+  // Whether qemu-img info reports "dirty-flag": only for drivers that answer bdrv_get_info
+  // (dmg does not).
+  bool info_dirty_flag = true;
 };
 
 // A new image written front to back, each allocation unit stored once as one compressed

@@ -48,7 +48,7 @@ const Desc* FindDesc(const std::vector<Desc>& descs, const std::string& name) {
   return nullptr;
 }
 
-// qemu's format drivers that create no images (vimgfs reads none of them either).
+// qemu's format drivers that create no images (vimgfs creates none of them either).
 bool IsQemuReadOnlyFormat(const std::string& fmt) {
   static const std::set<std::string> kNames = {"bochs",
                                                "cloop",
@@ -187,9 +187,9 @@ bool HasHelpOption(const std::string& options) {
 }
 
 std::string CreateFormatError(const std::string& fmt) {
-  if (FormatDescs(fmt)) return "";
   if (IsQemuReadOnlyFormat(fmt))
     return fmt::format("Format driver '{}' does not support image creation", fmt);
+  if (FormatDescs(fmt)) return "";
   return fmt::format("Unknown file format '{}'", fmt);
 }
 

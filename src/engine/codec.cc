@@ -1,5 +1,6 @@
 #include "engine/codec.h"
 
+#include <bzlib.h>
 #include <libdeflate.h>
 #include <zlib.h>
 #include <zstd.h>
@@ -120,6 +121,27 @@ Status ZstdInto(std::span<const std::byte> in, std::span<std::byte> out) {
   return Status::Ok();
 }
 
+// One bzip2 stream that must end exactly at out.size() bytes (as qemu's dmg-bz2 module
+// reads a dmg chunk). A stream has no dictionary to keep, so there is no context to reuse.
+Status Bzip2Into(std::span<const std::byte> in, std::span<std::byte> out) {
+  bz_stream bz{};
+  if (BZ2_bzDecompressInit(&bz, 0, 0) != BZ_OK) return Status::Corrupt("bzip2 decoder allocation failed");
+  // bzlib counts in unsigned int: units are far below 4 GiB (limits::kMaxInflatedUnit).
+  bz.next_in = reinterpret_cast<char*>(const_cast<std::byte*>(in.data()));
+  bz.avail_in = static_cast<unsigned>(in.size());
+  bz.next_out = reinterpret_cast<char*>(out.data());
+  bz.avail_out = static_cast<unsigned>(out.size());
+  int r = BZ2_bzDecompress(&bz);
+  const size_t produced = out.size() - bz.avail_out;
+  BZ2_bzDecompressEnd(&bz);
+  if (r == BZ_STREAM_END && produced == out.size()) return Status::Ok();
+  if (r == BZ_STREAM_END || r == BZ_OK)
+    return Status::Corrupt("compressed data is invalid (bzip2 stream {} after {} of {} bytes)",
+                           r == BZ_STREAM_END ? "ended" : "goes on", produced, out.size());
+  return Status::Corrupt("compressed data is invalid (bzip2 error {} after {} of {} bytes)", r, produced,
+                         out.size());
+}
+
 }  // namespace
 
 Status Decompress(Codec codec, std::span<const std::byte> in, std::span<std::byte> out) {
@@ -130,6 +152,8 @@ Status Decompress(Codec codec, std::span<const std::byte> in, std::span<std::byt
       return DeflateInto(in, out, true);
     case Codec::kZstd:
       return ZstdInto(in, out);
+    case Codec::kBzip2:
+      return Bzip2Into(in, out);
     case Codec::kNone:
       break;
   }

@@ -1,4 +1,5 @@
-// Compression codecs for compressed clusters and grains (zlib/deflate and zstd).
+// Compression codecs for compressed clusters, grains and chunks (zlib/deflate, zstd; bzip2
+// for reading only).
 #pragma once
 
 #include <cstddef>

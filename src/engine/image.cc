@@ -329,8 +329,8 @@ Status Image::ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> b
       return Status::Ok();
     }
     case Mapping::Kind::kCompressed: {
-      if (m.unit_size == 0 || m.unit_size > limits::kMaxCompressedUnit ||
-          m.compressed_length > 2 * limits::kMaxCompressedUnit + 4096 || off < m.unit_guest_offset ||
+      if (m.unit_size == 0 || m.unit_size > limits::kMaxInflatedUnit ||
+          m.compressed_length > limits::kMaxInflatedUnit + 4096 || off < m.unit_guest_offset ||
           off - m.unit_guest_offset + buf.size() > m.unit_size)
         return Status::Corrupt("'{}': compressed unit at {:#x} has an impossible size", path_, m.host_offset);
       DecompressedUnit& u = tls_unit;

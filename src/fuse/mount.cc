@@ -104,14 +104,21 @@ Result<std::unique_ptr<Image>> OpenImage(const MountConfig& c) {
     std::fprintf(stderr, "vimgfs: '%s' is not writable: mounting read-only\n", c.image.c_str());
     o.read_only = true;
   }
-  ASSIGN_OR_RETURN(auto img, Image::Open(c.image, o));
-  if (!o.read_only && img->read_only()) {
-    // The format can't write this image (VMDK streamOptimized, read-only extents): say so
-    // now rather than fail every write with EROFS after the mount.
+  auto img = Image::Open(c.image, o);
+  // The format can't write this image (VMDK streamOptimized, read-only extents), or opens
+  // read-only only (dmg): say so now rather than fail every write with EROFS after the mount.
+  const bool refused = !img.ok() && img.error().kind() == ErrorKind::kReadOnly;
+  if (!o.read_only && (refused || (img.ok() && (*img)->read_only()))) {
+    std::string format = o.format;
+    if (img.ok()) {
+      format = (*img)->format();
+    } else if (auto probed = Image::Probe(*Env::Default(), c.image); probed.ok() && format.empty()) {
+      format = *probed;
+    }
     return Status::ReadOnly(
         "'{}' ({}) cannot be written in place: mount it with -r, write to an overlay with "
         "--overlay FILE, or convert it (vimgfs convert -O qcow2)",
-        c.image, img->format());
+        c.image, format);
   }
   return img;
 }

@@ -222,6 +222,7 @@ std::string MountUsage(const std::string& prog) {
       "The daemon goes to the background once the mount is ready. Unmount with\n"
       "'fusermount3 -u MOUNTPOINT' or 'umount MOUNTPOINT': the image is flushed, marked\n"
       "clean and closed. The image is locked like qemu locks it while mounted.\n"
+      "A dmg (Apple disk image, read-only) mounts with -r or --overlay.\n"
       "\n"
       "Options:\n"
       "  -r, --read-only       mount read-only (also: -o ro)\n"
