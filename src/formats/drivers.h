@@ -11,5 +11,7 @@ const FormatDriver* VmdkDriver();
 const FormatDriver* VdiDriver();
 const FormatDriver* VhdxDriver();
 const FormatDriver* VpcDriver();
+const FormatDriver* BochsDriver();
+const FormatDriver* CloopDriver();
 
 }  // namespace vimgfs

@@ -104,15 +104,22 @@ Result<std::unique_ptr<Image>> OpenImage(const MountConfig& c) {
     std::fprintf(stderr, "vimgfs: '%s' is not writable: mounting read-only\n", c.image.c_str());
     o.read_only = true;
   }
-  ASSIGN_OR_RETURN(auto img, Image::Open(c.image, o));
-  if (!o.read_only && img->read_only()) {
-    // The format can't write this image (VMDK streamOptimized, read-only extents): say so
-    // now rather than fail every write with EROFS after the mount.
+  auto opened = Image::Open(c.image, o);
+  // The format can't write this image (VMDK streamOptimized, read-only extents) or any
+  // image (bochs, cloop): say so now rather than fail every write with EROFS after the mount.
+  const auto cannot_write = [&](const std::string& format) {
     return Status::ReadOnly(
         "'{}' ({}) cannot be written in place: mount it with -r, write to an overlay with "
         "--overlay FILE, or convert it (vimgfs convert -O qcow2)",
-        c.image, img->format());
+        c.image, format);
+  };
+  if (!opened.ok() && !o.read_only && IsReadOnlyFormat(opened.error())) {
+    if (!c.format.empty()) return cannot_write(c.format);
+    auto probed = Image::Probe(*Env::Default(), c.image);
+    return cannot_write(probed.ok() ? *probed : "read-only format");
   }
+  ASSIGN_OR_RETURN(auto img, std::move(opened));
+  if (!o.read_only && img->read_only()) return cannot_write(img->format());
   return img;
 }
 

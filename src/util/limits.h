@@ -33,5 +33,13 @@ inline constexpr uint64_t kMaxDescriptorBytes = 1ull << 20;
 inline constexpr uint64_t kMaxMapBytes = 256ull << 20;
 // Largest compressed unit we inflate (qcow2 2 MiB cluster; VMDK grain up to 2 MiB here).
 inline constexpr uint64_t kMaxCompressedUnit = 2ull << 20;
+// A cloop block: qemu's MAX_BLOCK_SIZE, 64 MiB inflated; its compressed form may take twice
+// that (qemu refuses larger gaps in the offsets table).
+inline constexpr uint64_t kMaxCloopBlock = 64ull << 20;
+inline constexpr uint64_t kMaxCloopCompressedBlock = 2 * kMaxCloopBlock;
+// The largest unit the engine inflates for any format, and the most it reads for one:
+// cloop's blocks are the largest. Each reading thread keeps its last unit.
+inline constexpr uint64_t kMaxInflatedUnit = kMaxCloopBlock;
+inline constexpr uint64_t kMaxInflatedInput = kMaxCloopCompressedBlock + 4096;
 
 }  // namespace vimgfs::limits
