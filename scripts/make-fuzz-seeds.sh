@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Makes seed inputs for the libFuzzer targets (tests/fuzz) with qemu-img and qemu-io, at run
-# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx dmg) and
-# OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. Nothing it makes belongs in the
-# repository. Small virtual sizes and clusters keep the seeds small (mostly well under
+# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx bochs cloop dmg) and
+# OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. qemu-img cannot create bochs, cloop or
+# dmg: their seeds are qemu's sample images (from qemu's source fetched by scripts/iotests.sh
+# --fetch, or $VIMGFS_QEMU_SOURCE) and, for bochs and cloop, small images written here by
+# python3. Nothing it makes belongs in the repository. Small virtual sizes and clusters keep
+# the seeds small (mostly well under
 # 300 KiB): vdi (1 MiB blocks) and vpc (2 MiB blocks) are cut after the part written
 # (reads past the end of a file are zeros), vpc keeping its footer; a VHDX cannot be
 # smaller than 4 MiB (see below).
@@ -27,7 +30,7 @@ esac
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
   { echo "make-fuzz-seeds: qemu-img and qemu-io are needed (package qemu-utils)" >&2; exit 2; }
 
-formats=(qcow2 vmdk vdi vpc vhdx vmdk_descriptor dmg)
+formats=(qcow2 vmdk vdi vpc vhdx bochs cloop dmg vmdk_descriptor)
 rm -rf "$out"
 for f in "${formats[@]}"; do mkdir -p "$out/$f"; done
 work=$(mktemp -d)
@@ -173,14 +176,63 @@ img -f vhdx -o block_size=8M,log_size=1M,block_state_zero=off c.vhdx 16M &&
 img -f vhdx -o block_size=1M,log_size=1M b.vhdx 4M && io vhdx b.vhdx 'write -P 0x41 0 2k' &&
   keep4m vhdx b.vhdx written-cut.vhdx
 
-# ---- dmg ----
-# qemu writes no dmg: qemu's sample image, from its source fetched by scripts/iotests.sh --fetch.
-qsrc=${VIMGFS_QEMU_SOURCE:-$(ls -d /var/tmp/vimgfs-iotests/*/ 2>/dev/null | sort -V | tail -1)}
-dmg_sample=${qsrc%/}/tests/qemu-iotests/sample_images/simple-dmg.dmg.bz2
-if [ -n "$qsrc" ] && [ -f "$dmg_sample" ]; then
-  bzip2 -dc "$dmg_sample" >"$out/dmg/simple.dmg"
+# ---- bochs, cloop, dmg (read-only formats: qemu-img cannot create them) ----
+samples=""
+for d in ${VIMGFS_QEMU_SOURCE:-${VIMGFS_IOTESTS_DIR:-/var/tmp/vimgfs-iotests}/*}; do
+  [ -d "$d/tests/qemu-iotests/sample_images" ] && samples=$d/tests/qemu-iotests/sample_images
+done
+[ -f "$samples/empty.bochs.bz2" ] && bzip2 -dc "$samples/empty.bochs.bz2" >"$out/bochs/empty.bochs"
+[ -f "$samples/simple-pattern.cloop.bz2" ] &&
+  bzip2 -dc "$samples/simple-pattern.cloop.bz2" >"$out/cloop/simple-pattern.cloop"
+[ -f "$samples/simple-dmg.dmg.bz2" ] && bzip2 -dc "$samples/simple-dmg.dmg.bz2" >"$out/dmg/simple.dmg"
+[ -n "$samples" ] || echo "make-fuzz-seeds: qemu's source not fetched (scripts/iotests.sh --fetch): no sample seeds" >&2
+if command -v python3 >/dev/null; then
+  python3 - "$out" <<'PY'
+import struct, sys, zlib
+out = sys.argv[1]
+def bochs(name, version, extent, bitmap, disk, sectors):
+    spe = extent // 512
+    entries = (disk // 512 + spe - 1) // spe
+    catalog = [0xFFFFFFFF] * entries
+    bitmap_sectors = 1 + (bitmap - 1) // 512
+    blocks = {}
+    for s in sectors:
+        e = s // spe
+        if catalog[e] == 0xFFFFFFFF:
+            catalog[e] = len(blocks)
+            blocks[catalog[e]] = bytearray((bitmap_sectors + spe) * 512)
+        b = blocks[catalog[e]]
+        b[(s % spe) // 8] |= 1 << (s % spe % 8)
+        at = (bitmap_sectors + s % spe) * 512
+        b[at:at + 512] = bytes([s & 0xff, 0xb0]) * 256
+    h = bytearray(512)
+    h[0:22] = b"Bochs Virtual HD Image"; h[32:39] = b"Redolog"; h[48:55] = b"Growing"
+    struct.pack_into("<IIIII", h, 64, version, 512, entries, bitmap, extent)
+    struct.pack_into("<Q", h, 84 if version == 0x10000 else 88, disk)
+    data = bytes(h) + struct.pack("<%dI" % entries, *catalog)
+    for i in sorted(blocks):
+        data += bytes(blocks[i])
+    open(out + "/bochs/" + name, "wb").write(data)
+bochs("written.bochs", 0x20000, 4096, 1, 256 * 1024, [0, 1, 9, 63, 200, 511])
+bochs("v1.bochs", 0x10000, 4096, 1, 64 * 1024, [3, 4, 100])
+bochs("extent64k.bochs", 0x20000, 65536, 16, 512 * 1024, [0, 130, 900])
+def cloop(name, block, blocks, level):
+    streams = [zlib.compress(bytes([i * 7 & 0xff]) * (block // 2) + bytes(range(256)) * (block // 512), level)
+               for i in range(blocks)]
+    at = 136 + 8 * (blocks + 1)
+    offsets = [at]
+    for s in streams:
+        at += len(s); offsets.append(at)
+    script = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\nexit $?\n"
+    data = script.ljust(128, b"\0") + struct.pack(">II", block, blocks)
+    data += struct.pack(">%dQ" % (blocks + 1), *offsets) + b"".join(streams)
+    open(out + "/cloop/" + name, "wb").write(data)
+cloop("blocks4k.cloop", 4096, 6, 6)
+cloop("blocks1536.cloop", 1536, 5, 9)
+cloop("stored.cloop", 2048, 3, 0)
+PY
 else
-  echo "make-fuzz-seeds: no dmg seed (qemu's source not fetched: scripts/iotests.sh --fetch)" >&2
+  echo "make-fuzz-seeds: python3 missing: bochs and cloop get qemu's sample images only" >&2
 fi
 
 # ---- saved crash inputs ----

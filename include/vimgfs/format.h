@@ -49,6 +49,10 @@ struct Mapping {
   uint64_t unit_guest_offset = 0;  // guest offset where the compressed unit begins
   uint32_t unit_size = 0;          // decompressed size of the unit
   Codec codec = Codec::kNone;
+  // The stream must end exactly at unit_size bytes (cloop: qemu inflates with Z_FINISH and
+  // wants Z_STREAM_END); otherwise a stream that goes on past the unit is read up to it
+  // (qcow2, VMDK grains, as qemu reads them).
+  bool stream_ends_unit = false;
   // kData: the bytes may be overwritten in place (qcow2: refcount 1, i.e. not shared with
   // a snapshot). When false, a write needs PrepareWrite even though data is present.
   bool writable = false;
@@ -358,9 +362,12 @@ struct FormatTraits {
   // Whether ClusterMap::LookupCached can answer (qcow2). Only then does the engine try it
   // under the shared lock first; other formats go straight to Lookup, with no second try.
   bool cached_lookups = false;
-  // Whether qemu-img info reports "dirty-flag": only for drivers that answer bdrv_get_info
-  // (dmg does not).
-  bool info_dirty_flag = true;
+  // qemu's driver cannot write (bochs, cloop): a read-write open is refused with qemu's
+  // "Image is read-only" before the file is read, and the format cannot be created.
+  bool read_only = false;
+  // Whether qemu's driver answers bdrv_get_info, so that qemu-img info shows "dirty-flag"
+  // (bochs, cloop and dmg do not).
+  bool reports_dirty_flag = true;
 };
 
 // A new image written front to back, each allocation unit stored once as one compressed

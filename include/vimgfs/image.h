@@ -221,6 +221,9 @@ class Image {
 // True for the error Image::Open gives when a backing chain comes back to an image: it
 // reads "Backing file 'X' creates an infinite loop." and takes no "Could not open" context.
 bool IsBackingLoop(const Status& s);
+// True for the error Image::Open gives when asked to open for writing an image whose
+// format is only read (FormatTraits::read_only): "'X': Image is read-only", as qemu-img.
+bool IsReadOnlyFormat(const Status& s);
 
 // Parses qemu-img size strings as qemu does: "10G", "512", "1.5M", "64k", "1024.0",
 // "0x200" (binary units, B k K M G T P E; a fraction needs a unit above B).

@@ -58,7 +58,7 @@ nlohmann::ordered_json ImageInfoJson(Image& img) {
     j["full-backing-filename"] = PathCombine(img.path(), b->name);
     if (!b->format.empty()) j["backing-filename-format"] = b->format;
   }
-  if (img.traits().info_dirty_flag) j["dirty-flag"] = fi.dirty;
+  if (img.traits().reports_dirty_flag) j["dirty-flag"] = fi.dirty;
   return j;
 }
 

@@ -15,7 +15,8 @@ const char kUsage[] =
     "\n"
     "Shows where the guest's data lives: human output lists the data runs and the host file\n"
     "and offset holding each; JSON lists every run with depth, present, zero, data, offset.\n"
-    "A VHDX image shows as one data run without offset, as in qemu-img (no block status).\n"
+    "A VHDX, bochs or cloop image shows as one data run without offset, as in qemu-img (no\n"
+    "block status).\n"
     "  -U, --force-share  open the image even while another process writes it (no lock)\n";
 
 struct Entry {

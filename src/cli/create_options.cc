@@ -29,7 +29,7 @@ const std::vector<Desc> kFileProtocol = {
 const std::vector<Desc>* FormatDescs(const std::string& fmt) {
   if (fmt == "file") return &kFileProtocol;
   const FormatDriver* d = FindFormat(fmt);
-  return d ? &d->traits().create_options : nullptr;
+  return d && !d->traits().read_only ? &d->traits().create_options : nullptr;
 }
 
 // The format's options, then the file protocol's it does not have (qemu_opts_append).

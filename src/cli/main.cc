@@ -39,7 +39,7 @@ void PrintUsage(FILE* out) {
   std::fprintf(
       out,
       "\nFormats: qcow2, vmdk, vdi, vpc (VHD), vhdx, raw (detected from content unless -f is given).\n"
-      "Read-only: dmg (Apple disk images, known by their .dmg name, as qemu knows them).\n"
+      "Read-only, as in qemu: bochs, cloop, dmg (Apple disk images, known by their .dmg name).\n"
       "Run 'vimgfs COMMAND --help' for a command's options, 'vimgfs mount --help'\n"
       "for the mount options, and see vimgfs(1).\n");
 }

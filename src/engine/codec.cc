@@ -70,7 +70,8 @@ ThreadCodecs& Codecs() {
 
 // zlib's streaming inflate: the lenient path, for streams libdeflate's whole-buffer
 // decoder does not take as they are.
-Status InflateInto(std::span<const std::byte> in, std::span<std::byte> out, int window_bits) {
+// With must_end the stream has to end exactly at out.size() bytes (Z_STREAM_END).
+Status InflateInto(std::span<const std::byte> in, std::span<std::byte> out, int window_bits, bool must_end) {
   z_stream zs{};
   if (inflateInit2(&zs, window_bits) != Z_OK) return Status::Corrupt("inflateInit failed");
   zs.next_in = reinterpret_cast<Bytef*>(const_cast<std::byte*>(in.data()));
@@ -80,8 +81,10 @@ Status InflateInto(std::span<const std::byte> in, std::span<std::byte> out, int 
   int r = inflate(&zs, Z_FINISH);
   size_t produced = out.size() - zs.avail_out;
   inflateEnd(&zs);
-  // Z_BUF_ERROR with a full buffer means the stream goes on past the unit: qemu accepts it.
-  if ((r == Z_STREAM_END || r == Z_BUF_ERROR || r == Z_OK) && produced == out.size()) return Status::Ok();
+  // Z_BUF_ERROR with a full buffer means the stream goes on past the unit: qemu accepts it,
+  // except where the unit must be the whole stream (cloop).
+  const bool ended = r == Z_STREAM_END || (!must_end && (r == Z_BUF_ERROR || r == Z_OK));
+  if (ended && produced == out.size()) return Status::Ok();
   return Status::Corrupt("compressed data is invalid (inflate returned {} after {} of {} bytes)", r, produced,
                          out.size());
 }
@@ -89,7 +92,8 @@ Status InflateInto(std::span<const std::byte> in, std::span<std::byte> out, int 
 // The common case first: one whole stream of exactly out.size() bytes (trailing input,
 // such as a qcow2 sector's padding, is ignored), decoded by libdeflate at about twice
 // zlib's speed. Anything else goes to zlib, which decides and words the error.
-Status DeflateInto(std::span<const std::byte> in, std::span<std::byte> out, bool zlib_wrapper) {
+Status DeflateInto(std::span<const std::byte> in, std::span<std::byte> out, bool zlib_wrapper,
+                   bool must_end) {
   libdeflate_decompressor* d = Codecs().Inflater();
   if (d) {
     size_t in_used = 0, produced = 0;
@@ -97,9 +101,10 @@ Status DeflateInto(std::span<const std::byte> in, std::span<std::byte> out, bool
                                                                        out.size(), &in_used, &produced)
                                        : libdeflate_deflate_decompress_ex(d, in.data(), in.size(), out.data(),
                                                                           out.size(), &in_used, &produced);
+    // Success means the whole stream was decoded (and its checksum matched).
     if (r == LIBDEFLATE_SUCCESS && produced == out.size()) return Status::Ok();
   }
-  return InflateInto(in, out, zlib_wrapper ? 15 : -15);
+  return InflateInto(in, out, zlib_wrapper ? 15 : -15, must_end);
 }
 
 Status ZstdInto(std::span<const std::byte> in, std::span<std::byte> out) {
@@ -144,12 +149,12 @@ Status Bzip2Into(std::span<const std::byte> in, std::span<std::byte> out) {
 
 }  // namespace
 
-Status Decompress(Codec codec, std::span<const std::byte> in, std::span<std::byte> out) {
+Status Decompress(Codec codec, std::span<const std::byte> in, std::span<std::byte> out, bool must_end) {
   switch (codec) {
     case Codec::kDeflateRaw:
-      return DeflateInto(in, out, false);
+      return DeflateInto(in, out, false, must_end);
     case Codec::kZlib:
-      return DeflateInto(in, out, true);
+      return DeflateInto(in, out, true, must_end);
     case Codec::kZstd:
       return ZstdInto(in, out);
     case Codec::kBzip2:

@@ -50,6 +50,7 @@ const std::byte* ZeroBuffer() {
 struct DecompressedUnit {
   const File* file = nullptr;
   uint64_t host_offset = UINT64_MAX;
+  uint64_t compressed_length = 0;  // cloop: an empty block may start where the next one does
   uint64_t generation = 0;
   std::vector<std::byte> data;
 };
@@ -135,6 +136,15 @@ Status LoopError(const std::string& path) {
 
 bool IsBackingLoop(const Status& s) { return s.kind() == ErrorKind::kInvalidFormat && s.err() == ELOOP; }
 
+// A read-write open of a format that is only read, worded as qemu-img words it.
+namespace {
+Status ReadOnlyFormatError(const std::string& path) {
+  return Status::Error(ErrorKind::kReadOnly, EACCES, fmt::format("'{}': Image is read-only", path));
+}
+}  // namespace
+
+bool IsReadOnlyFormat(const Status& s) { return s.kind() == ErrorKind::kReadOnly && s.err() == EACCES; }
+
 // Opening is a static member so it can fill private state; the chain walk recurses.
 struct ImageOpener {
   // `opened`: the file at `path` when the caller opened it already (a backing file, opened
@@ -171,6 +181,8 @@ struct ImageOpener {
     if (!driver && IsUndrivenQemuFormat(format))
       return Status::Unsupported("'{}': image format '{}' is not supported", path, format);
     if (!driver) return Status::InvalidArgument("Unknown driver '{}'", format);
+    // qemu's read-only drivers refuse a read-write open first (bdrv_apply_auto_read_only).
+    if (!read_only && driver->traits().read_only) return ReadOnlyFormatError(path);
     std::unique_ptr<Image> img(new Image());
     img->MappingChanged();
     img->env_ = env;
@@ -330,21 +342,26 @@ Status Image::ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> b
     }
     case Mapping::Kind::kCompressed: {
       if (m.unit_size == 0 || m.unit_size > limits::kMaxInflatedUnit ||
-          m.compressed_length > limits::kMaxInflatedUnit + 4096 || off < m.unit_guest_offset ||
+          m.compressed_length > limits::kMaxInflatedInput || off < m.unit_guest_offset ||
           off - m.unit_guest_offset + buf.size() > m.unit_size)
         return Status::Corrupt("'{}': compressed unit at {:#x} has an impossible size", path_, m.host_offset);
       DecompressedUnit& u = tls_unit;
       uint64_t gen = mapping_generation_.load(std::memory_order_acquire);
-      if (u.file != m.file || u.host_offset != m.host_offset || u.generation != gen ||
-          u.data.size() != m.unit_size) {
+      if (u.file != m.file || u.host_offset != m.host_offset || u.compressed_length != m.compressed_length ||
+          u.generation != gen || u.data.size() != m.unit_size) {
         std::vector<std::byte> in(m.compressed_length);
         RETURN_IF_ERROR(m.file->PRead(m.host_offset, in));
-        u.data.resize(m.unit_size);
         u.file = nullptr;
-        RETURN_IF_ERROR(Decompress(m.codec, in, u.data)
+        // A large unit (a cloop block of up to 64 MiB) is not kept for the thread's
+        // smaller units after it.
+        if (u.data.capacity() > limits::kMaxCompressedUnit && u.data.capacity() > 2 * uint64_t{m.unit_size})
+          std::vector<std::byte>().swap(u.data);
+        u.data.resize(m.unit_size);
+        RETURN_IF_ERROR(Decompress(m.codec, in, u.data, m.stream_ends_unit)
                             .WithContext("'{}': compressed cluster at {:#x}", path_, m.host_offset));
         u.file = m.file;
         u.host_offset = m.host_offset;
+        u.compressed_length = m.compressed_length;
         u.generation = gen;
       }
       std::memcpy(buf.data(), u.data.data() + (off - m.unit_guest_offset), buf.size());

@@ -12,5 +12,7 @@ const FormatDriver* VdiDriver();
 const FormatDriver* VhdxDriver();
 const FormatDriver* VpcDriver();
 const FormatDriver* DmgDriver();
+const FormatDriver* BochsDriver();
+const FormatDriver* CloopDriver();
 
 }  // namespace vimgfs

@@ -104,22 +104,22 @@ Result<std::unique_ptr<Image>> OpenImage(const MountConfig& c) {
     std::fprintf(stderr, "vimgfs: '%s' is not writable: mounting read-only\n", c.image.c_str());
     o.read_only = true;
   }
-  auto img = Image::Open(c.image, o);
-  // The format can't write this image (VMDK streamOptimized, read-only extents), or opens
-  // read-only only (dmg): say so now rather than fail every write with EROFS after the mount.
-  const bool refused = !img.ok() && img.error().kind() == ErrorKind::kReadOnly;
-  if (!o.read_only && (refused || (img.ok() && (*img)->read_only()))) {
-    std::string format = o.format;
-    if (img.ok()) {
-      format = (*img)->format();
-    } else if (auto probed = Image::Probe(*Env::Default(), c.image); probed.ok() && format.empty()) {
-      format = *probed;
-    }
+  auto opened = Image::Open(c.image, o);
+  // The format can't write this image (VMDK streamOptimized, read-only extents) or any
+  // image (bochs, cloop, dmg): say so now rather than fail every write with EROFS after the mount.
+  const auto cannot_write = [&](const std::string& format) {
     return Status::ReadOnly(
         "'{}' ({}) cannot be written in place: mount it with -r, write to an overlay with "
         "--overlay FILE, or convert it (vimgfs convert -O qcow2)",
         c.image, format);
+  };
+  if (!opened.ok() && !o.read_only && IsReadOnlyFormat(opened.error())) {
+    if (!c.format.empty()) return cannot_write(c.format);
+    auto probed = Image::Probe(*Env::Default(), c.image);
+    return cannot_write(probed.ok() ? *probed : "read-only format");
   }
+  ASSIGN_OR_RETURN(auto img, std::move(opened));
+  if (!o.read_only && img->read_only()) return cannot_write(img->format());
   return img;
 }
 

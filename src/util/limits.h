@@ -1,6 +1,7 @@
 // Hard limits on what an image may make us allocate or follow, each with its reason.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 namespace vimgfs::limits {
@@ -34,13 +35,19 @@ inline constexpr uint64_t kMaxMapBytes = 256ull << 20;
 // Largest compressed unit we inflate (qcow2 2 MiB cluster; VMDK grain up to 2 MiB here).
 inline constexpr uint64_t kMaxCompressedUnit = 2ull << 20;
 // dmg chunks: qemu's DMG_LENGTHS_MAX caps what a chunk stores and inflates to (64 MiB).
-// The engine inflates units up to this size (the largest any format has).
 inline constexpr uint64_t kMaxDmgChunkBytes = 64ull << 20;
-inline constexpr uint64_t kMaxInflatedUnit = kMaxDmgChunkBytes;
 // dmg block tables: qemu reads at most 16 MiB of XML property list; a resource fork's data
 // (qemu: no cap) is read whole, up to 64 MiB; at most 1M chunks (a 1 TiB disk in 1 MiB chunks).
 inline constexpr uint64_t kMaxDmgPlistBytes = 16ull << 20;
 inline constexpr uint64_t kMaxDmgTableBytes = 64ull << 20;
 inline constexpr uint64_t kMaxDmgChunks = 1ull << 20;
+// A cloop block: qemu's MAX_BLOCK_SIZE, 64 MiB inflated; its compressed form may take twice
+// that (qemu refuses larger gaps in the offsets table).
+inline constexpr uint64_t kMaxCloopBlock = 64ull << 20;
+inline constexpr uint64_t kMaxCloopCompressedBlock = 2 * kMaxCloopBlock;
+// The largest unit the engine inflates for any format, and the most it reads for one:
+// cloop's blocks (and dmg's chunks) are the largest. Each reading thread keeps its last unit.
+inline constexpr uint64_t kMaxInflatedUnit = std::max(kMaxCloopBlock, kMaxDmgChunkBytes);
+inline constexpr uint64_t kMaxInflatedInput = kMaxCloopCompressedBlock + 4096;
 
 }  // namespace vimgfs::limits

@@ -497,5 +497,29 @@ TEST(CodecTest, RoundTripsEveryCodec) {
   }
 }
 
+// cloop's blocks must be whole zlib streams (qemu inflates with Z_FINISH and wants
+// Z_STREAM_END at exactly the block size); qcow2 and VMDK units may go on past the unit.
+TEST(CodecTest, StreamMustEndAtTheUnit) {
+  std::vector<std::byte> in(8192);
+  for (size_t i = 0; i < in.size(); i++) in[i] = std::byte((i * 7 / 300) & 0xff);
+  auto z = Compress(Codec::kZlib, in, in.size());
+  ASSERT_TRUE(z.ok());
+  std::vector<std::byte> half(4096), whole(8192);
+  EXPECT_TRUE(Decompress(Codec::kZlib, *z, half).ok()) << "lenient: the first 4096 bytes";
+  EXPECT_FALSE(Decompress(Codec::kZlib, *z, half, true).ok()) << "the stream goes on past the unit";
+  EXPECT_TRUE(Decompress(Codec::kZlib, *z, whole, true).ok());
+  std::vector<std::byte> trailing = *z;
+  trailing.insert(trailing.end(), 16, std::byte{0xee});
+  EXPECT_TRUE(Decompress(Codec::kZlib, trailing, whole, true).ok()) << "bytes after the stream are ignored";
+  std::vector<std::byte> no_check(z->begin(), z->end() - 4);
+  EXPECT_TRUE(Decompress(Codec::kZlib, no_check, whole).ok()) << "lenient: all bytes produced";
+  EXPECT_FALSE(Decompress(Codec::kZlib, no_check, whole, true).ok()) << "no end: no adler32";
+  std::vector<std::byte> bad_check = *z;
+  bad_check.back() ^= std::byte{1};
+  EXPECT_FALSE(Decompress(Codec::kZlib, bad_check, whole, true).ok());
+  std::vector<std::byte> bigger(8192 + 512);
+  EXPECT_FALSE(Decompress(Codec::kZlib, *z, bigger, true).ok()) << "ends short of the unit";
+}
+
 }  // namespace
 }  // namespace vimgfs

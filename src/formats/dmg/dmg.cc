@@ -95,8 +95,7 @@ FormatInfo DmgMap::Info() {
 }
 
 Result<std::unique_ptr<ClusterMap>> OpenDmg(OpenContext ctx) {
-  // qemu's dmg driver opens read-only only.
-  if (!ctx.options.read_only) return Status::ReadOnly("'{}': Image is read-only", ctx.path);
+  // Read-write opens never get here: the traits say read_only, and the engine refuses them.
   if (!ctx.options.snapshot.empty())
     return Status::Unsupported("'{}': dmg images have no internal snapshots", ctx.path);
   ASSIGN_OR_RETURN(Tables tables, ReadTables(*ctx.file, ctx.path));
@@ -114,7 +113,8 @@ class DmgFormat final : public FormatDriver {
         .create_options = {},
         .create_preallocation = FormatTraits::CreatePreallocation::kIgnored,
         .block_status = false,  // qemu 7.2's dmg driver has no block status
-        .info_dirty_flag = false,
+        .read_only = true,      // qemu's dmg driver opens read-only only
+        .reports_dirty_flag = false,
     };
     return kTraits;
   }
