@@ -56,8 +56,8 @@ Result<std::unique_ptr<ClusterMap>> OpenQcow(OpenContext ctx) {
     }
     if (Overlaps(l2, h.l2_bytes(), 0, kHeaderSize) || Overlaps(l2, h.l2_bytes(), h.l1_offset, h.l1_bytes()) ||
         (h.backing_offset != 0 && Overlaps(l2, h.l2_bytes(), h.backing_offset, h.backing_size))) {
-      return Status::InvalidFormat("'{}': qcow L2 table at 0x{:x} (L1 entry {}) overlaps the header or L1 table",
-                                   ctx.path, l2, i);
+      return Status::InvalidFormat(
+          "'{}': qcow L2 table at 0x{:x} (L1 entry {}) overlaps the header or L1 table", ctx.path, l2, i);
     }
   }
   const bool read_only = ctx.options.read_only || !file->writable();
@@ -122,8 +122,8 @@ Result<uint64_t> QcowMap::AppendSpace(uint64_t bytes, uint64_t align) {
 
 Status QcowMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
   if (guest_off > h_.virtual_size || len > h_.virtual_size - guest_off) {
-    return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_, len, guest_off,
-                              h_.virtual_size);
+    return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_, len,
+                              guest_off, h_.virtual_size);
   }
   const uint64_t cs = h_.cluster_size();
   const uint64_t table_span = cs << h_.l2_bits;  // guest bytes one L2 table maps
@@ -167,7 +167,8 @@ Status QcowMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* o
         const uint64_t csize = (e >> (63 - h_.cluster_bits)) & (cs - 1);
         if (csize == 0 || host > end_ || csize > end_ - host) {
           return Status::Corrupt(
-              "'{}': compressed cluster at guest offset 0x{:x} (host 0x{:x}, {} bytes) is not inside the file",
+              "'{}': compressed cluster at guest offset 0x{:x} (host 0x{:x}, {} bytes) is not inside the "
+              "file",
               path_, guest_off - in_cluster, host, csize);
         }
         m.kind = Mapping::Kind::kCompressed;
@@ -202,7 +203,8 @@ Status QcowMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* o
 Result<WritePlan> QcowMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
   RETURN_IF_ERROR(CheckWritable());
   if (guest_off >= h_.virtual_size) {
-    return Status::OutOfRange("'{}': write at {} is past the disk size {}", path_, guest_off, h_.virtual_size);
+    return Status::OutOfRange("'{}': write at {} is past the disk size {}", path_, guest_off,
+                              h_.virtual_size);
   }
   const uint64_t cs = h_.cluster_size();
   const uint64_t cluster = guest_off / cs;
@@ -226,7 +228,8 @@ Result<WritePlan> QcowMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
       return plan;
     }
     // A run of clusters without their own data, inside this L2 table and the request.
-    const uint64_t request_end = DivRoundUp(std::min(guest_off + std::max<uint64_t>(len, 1), h_.virtual_size), cs);
+    const uint64_t request_end =
+        DivRoundUp(std::min(guest_off + std::max<uint64_t>(len, 1), h_.virtual_size), cs);
     uint64_t last = std::min(request_end, ((l1i + 1) << h_.l2_bits)) - 1;
     last = std::min(last, cluster + std::max<uint64_t>(1, kMaxPlanBytes / cs) - 1);
     while (cluster + n <= last && !reusable(entry(cluster + n))) ++n;
@@ -268,7 +271,8 @@ Status QcowMap::WriteCompressed(uint64_t guest_off, std::span<const std::byte> s
   RETURN_IF_ERROR(CheckWritable());
   const uint64_t cs = h_.cluster_size();
   if (!IsAligned(guest_off, cs) || guest_off >= h_.virtual_size) {
-    return Status::InvalidArgument("'{}': compressed write at 0x{:x} is not a whole cluster", path_, guest_off);
+    return Status::InvalidArgument("'{}': compressed write at 0x{:x} is not a whole cluster", path_,
+                                   guest_off);
   }
   // The entry holds the length in cluster_bits bits.
   if (stream.empty() || stream.size() >= cs) {
@@ -280,14 +284,16 @@ Status QcowMap::WriteCompressed(uint64_t guest_off, std::span<const std::byte> s
   // Streams are packed back to back at the end of the file, unaligned, as qemu packs them.
   ASSIGN_OR_RETURN(uint64_t host, AppendSpace(stream.size(), 1));
   if (host >= (uint64_t{1} << (63 - h_.cluster_bits))) {
-    return Status::NoSpace("'{}': compressed cluster offset 0x{:x} does not fit a qcow table entry", path_, host);
+    return Status::NoSpace("'{}': compressed cluster offset 0x{:x} does not fit a qcow table entry", path_,
+                           host);
   }
   RETURN_IF_ERROR(file_->PWrite(host, stream, IoTag::kData)
                       .WithContext("'{}': writing a compressed cluster at 0x{:x}", path_, host));
   ASSIGN_OR_RETURN(TableRef l2, GetL2(l1i, true));
   l2_cache_->DependsOnFlush();
   const uint64_t index = (guest_off / cs) & (h_.l2_entries() - 1);
-  StoreBE64(l2.data() + index * 8, kCompressedFlag | (uint64_t{stream.size()} << (63 - h_.cluster_bits)) | host);
+  StoreBE64(l2.data() + index * 8,
+            kCompressedFlag | (uint64_t{stream.size()} << (63 - h_.cluster_bits)) | host);
   l2.MarkDirty();
   return Status::Ok();
 }
@@ -304,8 +310,8 @@ Status QcowMap::MakeEmpty() {
   dirty_l1_.clear();
   std::vector<std::byte> zeros(h_.l1_bytes());
   if (!zeros.empty()) {
-    RETURN_IF_ERROR(file_->PWrite(h_.l1_offset, zeros, IoTag::kL1)
-                        .WithContext("'{}': writing the qcow L1 table", path_));
+    RETURN_IF_ERROR(
+        file_->PWrite(h_.l1_offset, zeros, IoTag::kL1).WithContext("'{}': writing the qcow L1 table", path_));
   }
   RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
   const uint64_t keep = h_.fixed_metadata_end();

@@ -45,8 +45,8 @@ Status CreateQcow(const CreateContext& ctx) {
     }
     backing_name = ctx.backing->name;
     if (backing_name.size() > limits::kMaxBackingNameBytes) {
-      return Status::InvalidArgument("Backing file name too long ({} bytes, qcow allows {})", backing_name.size(),
-                                     limits::kMaxBackingNameBytes);
+      return Status::InvalidArgument("Backing file name too long ({} bytes, qcow allows {})",
+                                     backing_name.size(), limits::kMaxBackingNameBytes);
     }
   }
   // "fat:" is qemu's vvfat pseudo backing file: the image gets none, but the geometry of
@@ -77,7 +77,8 @@ Status CreateQcow(const CreateContext& ctx) {
 
   ASSIGN_OR_RETURN(std::unique_ptr<File> file, CreateImageFile(ctx, ctx.path));
   RETURN_IF_ERROR(file->Truncate(0));
-  RETURN_IF_ERROR(file->PWrite(0, head, IoTag::kHeader).WithContext("'{}': writing the qcow header", ctx.path));
+  RETURN_IF_ERROR(
+      file->PWrite(0, head, IoTag::kHeader).WithContext("'{}': writing the qcow header", ctx.path));
   const std::vector<std::byte> zeros(std::min<uint64_t>(l1_disk_bytes, 1 << 20));
   for (uint64_t done = 0; done < l1_disk_bytes;) {
     const uint64_t n = std::min<uint64_t>(zeros.size(), l1_disk_bytes - done);
@@ -112,8 +113,12 @@ class QcowFormat final : public FormatDriver {
     };
     return kTraits;
   }
-  int Probe(std::span<const std::byte> head, const std::string& path) const override { return ProbeQcow(head); }
-  Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override { return OpenQcow(std::move(ctx)); }
+  int Probe(std::span<const std::byte> head, const std::string& path) const override {
+    return ProbeQcow(head);
+  }
+  Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override {
+    return OpenQcow(std::move(ctx));
+  }
   Status Create(const CreateContext& ctx) const override { return CreateQcow(ctx); }
 };
 

@@ -29,8 +29,8 @@ Result<uint64_t> L1Entries(uint64_t size, uint32_t cluster_bits, uint32_t l2_bit
   // qemu's bound (the table's byte size must fit an int), then vimgfs's memory limit.
   if (entries > INT_MAX / 8) return Status::InvalidFormat("'{}': Image too large", path);
   if (entries * 8 > limits::kMaxMapBytes) {
-    return Status::Unsupported("'{}': qcow L1 table of {} bytes ({} GiB disk) exceeds the limit of {} bytes", path,
-                               entries * 8, size >> 30, limits::kMaxMapBytes);
+    return Status::Unsupported("'{}': qcow L1 table of {} bytes ({} GiB disk) exceeds the limit of {} bytes",
+                               path, entries * 8, size >> 30, limits::kMaxMapBytes);
   }
   return entries;
 }
@@ -40,7 +40,8 @@ Result<Header> ParseHeader(std::span<const std::byte, kHeaderSize> raw, uint64_t
   if (file_size < kHeaderSize) {
     return Status::InvalidFormat("'{}': file of {} bytes is too small for a qcow header", path, file_size);
   }
-  if (LoadBE32(&raw[off::kMagic]) != kMagic) return Status::InvalidFormat("'{}': Image not in qcow format", path);
+  if (LoadBE32(&raw[off::kMagic]) != kMagic)
+    return Status::InvalidFormat("'{}': Image not in qcow format", path);
   const uint32_t version = LoadBE32(&raw[off::kVersion]);
   if (version != kVersion) {
     return Status::Unsupported("'{}': qcow (v1) does not support qcow version {}{}", path, version,
