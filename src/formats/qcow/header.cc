@@ -75,13 +75,13 @@ Result<Header> ParseHeader(std::span<const std::byte, kHeaderSize> raw, uint64_t
   if (h.crypt_method != kCryptNone) {
     return Status::InvalidFormat("'{}': invalid encryption method in qcow header ({})", path, h.crypt_method);
   }
+  ASSIGN_OR_RETURN(h.l1_entries, L1Entries(h.size, h.cluster_bits, h.l2_bits, path));
   // qemu counts whole sectors only.
   h.virtual_size = AlignDown(h.size, kSectorSize);
   if (h.virtual_size > limits::kMaxVirtualSize) {
     return Status::Unsupported("'{}': qcow disk size {} exceeds the limit of {} bytes", path, h.size,
                                limits::kMaxVirtualSize);
   }
-  ASSIGN_OR_RETURN(h.l1_entries, L1Entries(h.size, h.cluster_bits, h.l2_bits, path));
   const auto l1_end = CheckedAdd(h.l1_offset, h.l1_bytes());
   if (!l1_end || *l1_end > file_size) {
     return Status::InvalidFormat(
