@@ -16,7 +16,7 @@ const char kUsage[] =
     "                     [--untrusted] filename [size]\n"
     "\n"
     "Creates a new disk image 'filename' of 'size' bytes (suffixes k, M, G, T, P, E; 1.5M).\n"
-    "  -f fmt          image format: qcow2, vmdk, vdi, vpc, vhdx or raw (default raw; 'file' is raw)\n"
+    "  -f fmt          image format: qcow2, vmdk, vdi, vpc, vhdx, qcow or raw (default raw; 'file' is raw)\n"
     "  -o options      comma-separated format options, also size=, nocow, extent_size_hint\n"
     "                  and preallocation ('-o help' lists them; with a file name, all)\n"
     "  -b backing_file image the new one is based on (its size is used when none is given)\n"

@@ -38,7 +38,7 @@ void PrintUsage(FILE* out) {
   for (const Command& c : kCommands) std::fprintf(out, "  %s\n", c.synopsis);
   std::fprintf(
       out,
-      "\nFormats: qcow2, vmdk, vdi, vpc (VHD), vhdx, raw (detected from content unless -f is given).\n"
+      "\nFormats: qcow2, vmdk, vdi, vpc (VHD), vhdx, qcow, raw (detected from content unless -f is given).\n"
       "Run 'vimgfs COMMAND --help' for a command's options, 'vimgfs mount --help'\n"
       "for the mount options, and see vimgfs(1).\n");
 }

@@ -178,8 +178,8 @@ TEST(Qcow1Oracle, CreateWritesQemusBytesAndRefusesWhatQemuRefuses) {
   test::TempDir dir;
   const std::string ours = dir.File("ours.qcow"), theirs = dir.File("theirs.qcow");
   ASSERT_EQ(RunCommand("qemu-img create -q -f qcow " + Quote(dir.File("b.qcow")) + " 1M").exit_code, 0);
-  for (const std::string args : {"3M", "1000", "100G", "-o encryption=off 2M", "-b b.qcow -F qcow",
-                                 "-u -b nosuch.img -F raw 20M"}) {
+  for (const std::string args :
+       {"3M", "1000", "100G", "-o encryption=off 2M", "-b b.qcow -F qcow", "-u -b nosuch.img -F raw 20M"}) {
     SCOPED_TRACE(args);
     auto q = RunCommand("qemu-img create -q -f qcow " + Quote(theirs) + " " + args);
     auto v = RunCommand(Vimgfs() + " create -q -f qcow " + Quote(ours) + " " + args);
@@ -235,7 +235,8 @@ TEST(Qcow1Oracle, CommitEmptiesTheOverlayAsQemuDoes) {
     const std::string base = dir.File(tool + "-base.qcow"), top = dir.File(tool + "-top.qcow");
     ASSERT_EQ(RunCommand("qemu-img create -q -f qcow " + Quote(base) + " 4M").exit_code, 0);
     QemuIo(base, {"write -P 0x01 0 4M"});
-    ASSERT_EQ(RunCommand("qemu-img create -q -f qcow -b " + Quote(base) + " -F qcow " + Quote(top)).exit_code, 0);
+    ASSERT_EQ(RunCommand("qemu-img create -q -f qcow -b " + Quote(base) + " -F qcow " + Quote(top)).exit_code,
+              0);
     QemuIo(top, {"write -P 0x02 1M 5k"});
   }
   auto r = RunCommand("qemu-img commit -q " + Quote(dir.File("qemu-top.qcow")));
@@ -252,9 +253,10 @@ TEST(Qcow1Oracle, EncryptedImagesAreRefusedWithOneLine) {
   REQUIRE_QEMU_IMG();
   test::TempDir dir;
   const std::string image = dir.File("e.qcow");
-  auto r = RunCommand("qemu-img create -q -f qcow --object secret,id=s0,data=pw -o encrypt.format=aes,"
-                      "encrypt.key-secret=s0 " +
-                      Quote(image) + " 1M");
+  auto r = RunCommand(
+      "qemu-img create -q -f qcow --object secret,id=s0,data=pw -o encrypt.format=aes,"
+      "encrypt.key-secret=s0 " +
+      Quote(image) + " 1M");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   for (const std::string cmd : {"info", "convert -O raw", "map"}) {
     std::string args = Quote(image) + (cmd.starts_with("convert") ? " " + Quote(dir.File("o.raw")) : "");
