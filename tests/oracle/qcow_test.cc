@@ -13,6 +13,7 @@
 
 #include "formats/qcow/qcow_internal.h"
 #include "support/test_util.h"
+#include "util/checked.h"
 #include "util/endian.h"
 #include "vimgfs/image.h"
 
@@ -357,6 +358,7 @@ TEST_F(Qcow1Hostile, TablesPastTheFileOrOnTheHeaderAreRefused) {
     return bad;
   };
   ExpectRefused(l2_entry(good_.size() + 4096), "bad host offset");
+  ExpectRefused(l2_entry(AlignUp(good_.size(), 512)), "bad host offset");
   ExpectRefused(l2_entry(l2_offset_ + 7), "bad host offset");  // unaligned: qemu says EIO
   ExpectRefused(l2_entry(qcow::kCompressedFlag | (uint64_t{100} << 51) | (good_.size() - 10)),
                 "not inside the file");
@@ -392,6 +394,25 @@ TEST_F(Qcow1Hostile, DataClusterOnTheHeaderIsMovedNotOverwritten) {
   EXPECT_EQ(raw[4096 + 512], 0x99);
   EXPECT_EQ(raw[4096 + 1023], 0x99);
   EXPECT_TRUE(std::equal(bad.begin() + 1536, bad.begin() + 4608, raw.begin() + 4096 + 1024));
+}
+
+TEST_F(Qcow1Hostile, DataClusterPastTheEndReadsZerosAndIsMovedOnWrite) {
+  // A cluster that starts inside the file and ends past it: the tail reads as zeros (as
+  // in qemu); a write moves the cluster rather than growing the file under it.
+  auto bad = good_;
+  const uint64_t host = AlignDown(bad.size() - 1, 512);
+  StoreBE64(&bad[l2_offset_ + 8], host);
+  const std::string path = dir_.File("tail.qcow");
+  test::WriteWholeFile(path, bad);
+  auto img = OpenQcow(path, false);
+  ASSERT_TRUE(img.ok()) << img.error().message();
+  auto before = ReadAll(**img);
+  EXPECT_EQ(before, QemuRaw(dir_, path));
+  std::vector<uint8_t> buf(512, 0x99);
+  ASSERT_TRUE((*img)->Write(4096, std::as_bytes(std::span(buf))).ok());
+  ASSERT_TRUE((*img)->Close().ok());
+  std::copy(buf.begin(), buf.end(), before.begin() + 4096);
+  EXPECT_EQ(QemuRaw(dir_, path), before);
 }
 
 TEST(Qcow1Probe, VersionTellsQcowFromQcow2) {

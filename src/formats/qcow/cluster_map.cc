@@ -85,10 +85,15 @@ Status QcowMap::CheckWritable() const {
 }
 
 bool QcowMap::PlainEntryValid(uint64_t e) const {
-  // qemu fails reads of unaligned data clusters; every cluster it allocates is whole
-  // inside the file.
-  return (e & kCompressedFlag) == 0 && IsAligned(e, kSectorSize) && e <= end_ &&
-         h_.cluster_size() <= end_ - e;
+  // qemu fails reads of unaligned data clusters. A cluster must start inside the file; a
+  // tail past the end reads as zeros, as in qemu.
+  return (e & kCompressedFlag) == 0 && IsAligned(e, kSectorSize) && e < end_;
+}
+
+bool QcowMap::PlainEntryWritable(uint64_t e) const {
+  // Written in place only when whole inside the file (a write past the end would land on
+  // space AppendSpace hands out) and clear of the header, name and L1 table.
+  return e != 0 && PlainEntryValid(e) && h_.cluster_size() <= end_ - e && e >= h_.fixed_metadata_end();
 }
 
 Result<TableRef> QcowMap::GetL2(uint64_t l1i, bool allocate) {
@@ -128,7 +133,6 @@ Status QcowMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* o
   const uint64_t cs = h_.cluster_size();
   const uint64_t table_span = cs << h_.l2_bits;  // guest bytes one L2 table maps
   const size_t first = out->size();
-  const uint64_t meta_end = h_.fixed_metadata_end();
   auto append = [&](const Mapping& m) {
     Mapping* prev = out->size() > first ? &out->back() : nullptr;
     if (prev && prev->kind == m.kind &&
@@ -188,9 +192,9 @@ Status QcowMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* o
         m.kind = Mapping::Kind::kData;
         m.file = file_.get();
         m.host_offset = e + in_cluster;
-        // A cluster on top of the header, name or L1 table is read but never written in
-        // place: PrepareWrite moves it.
-        m.writable = !read_only_ && e >= meta_end;
+        // A cluster on top of the header, name or L1 table, or reaching past the end of
+        // the file, is read but never written in place: PrepareWrite moves it.
+        m.writable = !read_only_ && PlainEntryWritable(e);
       }
       append(m);
       guest_off += n;
@@ -209,8 +213,7 @@ Result<WritePlan> QcowMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
   const uint64_t cs = h_.cluster_size();
   const uint64_t cluster = guest_off / cs;
   const uint64_t l1i = cluster >> h_.l2_bits;
-  const uint64_t meta_end = h_.fixed_metadata_end();
-  auto reusable = [&](uint64_t e) { return e != 0 && PlainEntryValid(e) && e >= meta_end; };
+  auto reusable = [&](uint64_t e) { return PlainEntryWritable(e); };
 
   WritePlan plan;
   plan.file = file_.get();

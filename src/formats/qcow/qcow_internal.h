@@ -143,6 +143,8 @@ class QcowMap final : public ClusterMap {
   Result<uint64_t> AppendSpace(uint64_t bytes, uint64_t align);
   // A plain data entry's cluster, when it may be read (and written in place).
   bool PlainEntryValid(uint64_t entry) const;
+  // A plain data entry's cluster, when it may be written in place.
+  bool PlainEntryWritable(uint64_t entry) const;
   Status WriteL1Entries();
 
   std::string path_;
