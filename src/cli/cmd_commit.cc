@@ -1,4 +1,5 @@
 // vimgfs commit: qemu-img commit (write an overlay's data into its backing file).
+#include <cerrno>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -95,7 +96,9 @@ int RunCommit(int argc, char** argv) {
   }
 
   ImageOpen bo;
-  bo.format = base_fmt;
+  // A base probed as raw (qcow stores no backing format) is probed again, so its first
+  // sector stays protected as in qemu (iotest 301).
+  bo.format = base->probed_raw() ? "" : base_fmt;
   bo.read_only = false;
   bo.untrusted = untrusted;
   auto wbase = OpenOrReport(base_path, bo);
@@ -130,6 +133,10 @@ int RunCommit(int argc, char** argv) {
           return 1;
         }
         s = wbase->Write(pos, sp);
+        if (!s.ok() && s.err() == EPERM) {
+          PrintError("Block job failed: Operation not permitted");  // qemu-img's words
+          return 1;
+        }
         if (!s.ok()) {
           PrintFileError(base_path, s);
           return 1;

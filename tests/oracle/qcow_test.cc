@@ -250,6 +250,24 @@ TEST(Qcow1Oracle, CommitEmptiesTheOverlayAsQemuDoes) {
   EXPECT_EQ(QemuRaw(dir, dir.File("ours-top.qcow")), QemuRaw(dir, dir.File("qemu-base.qcow")));
 }
 
+TEST(Qcow1Oracle, CommitKeepsARawBaseRaw) {
+  // qcow stores no backing format, so a raw base is probed: a commit that would write
+  // another format's header into its first sector is refused, as qemu refuses it.
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  const std::string base = dir.File("base.img"), top = dir.File("top.qcow"), q2 = dir.File("x.qcow2");
+  test::WriteWholeFile(base, std::vector<uint8_t>(kMiB));
+  ASSERT_EQ(RunCommand(Vimgfs() + " create -q -f qcow -u -b base.img -F raw " + Quote(top) + " 1M").exit_code,
+            0);
+  ASSERT_EQ(RunCommand("qemu-img create -q -f qcow2 " + Quote(q2) + " 1M").exit_code, 0);
+  auto r = RunCommand("qemu-img convert -n -f raw -O qcow " + Quote(q2) + " " + Quote(top));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  r = RunCommand(Vimgfs() + " commit " + Quote(top));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("Block job failed: Operation not permitted"), std::string::npos) << r.err;
+  EXPECT_EQ(test::ReadWholeFile(base), std::vector<uint8_t>(kMiB));
+}
+
 TEST(Qcow1Oracle, EncryptedImagesAreRefusedWithOneLine) {
   REQUIRE_QEMU_IMG();
   test::TempDir dir;
