@@ -268,6 +268,21 @@ TEST(Qcow1Oracle, CommitKeepsARawBaseRaw) {
   EXPECT_EQ(test::ReadWholeFile(base), std::vector<uint8_t>(kMiB));
 }
 
+TEST(Qcow1Oracle, UntrustedRefusesABackingFileOutsideTheFolder) {
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  std::filesystem::create_directory(dir.File("sub"));
+  ASSERT_EQ(RunCommand("qemu-img create -q -f qcow " + Quote(dir.File("a.qcow")) + " 1M").exit_code, 0);
+  const std::string top = dir.File("sub/t.qcow");
+  ASSERT_EQ(RunCommand("qemu-img create -q -f qcow -b ../a.qcow -F qcow " + Quote(top)).exit_code, 0);
+  EXPECT_EQ(RunCommand(Vimgfs() + " convert -O raw " + Quote(top) + " " + Quote(dir.File("o.raw"))).exit_code,
+            0);
+  auto r =
+      RunCommand(Vimgfs() + " convert --untrusted -O raw " + Quote(top) + " " + Quote(dir.File("o.raw")));
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.err.find("refused with --untrusted"), std::string::npos) << r.err;
+}
+
 TEST(Qcow1Oracle, EncryptedImagesAreRefusedWithOneLine) {
   REQUIRE_QEMU_IMG();
   test::TempDir dir;
