@@ -3,7 +3,7 @@
 # with vimgfs as QEMU_IMG_PROG, and once with qemu-img itself, and prints per format the
 # tests that pass with qemu-img and fail with vimgfs. See docs/TESTING.md.
 #
-#   scripts/iotests.sh                       every test, formats qcow2 vmdk vdi raw vpc vhdx
+#   scripts/iotests.sh                       every test, formats qcow2 vmdk vdi raw vpc vhdx qcow
 #   scripts/iotests.sh -f qcow2 -f raw       only these formats
 #   scripts/iotests.sh -f qcow2 020 292      only these tests
 #   scripts/iotests.sh --ci                  the list in tests/iotests/ci.txt, vimgfs only:
@@ -39,7 +39,7 @@ while [ $# -gt 0 ]; do
     *) tests+=("$1"); shift ;;
   esac
 done
-[ ${#formats[@]} -gt 0 ] || formats=(qcow2 vmdk vdi raw vpc vhdx)
+[ ${#formats[@]} -gt 0 ] || formats=(qcow2 vmdk vdi raw vpc vhdx qcow)
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
