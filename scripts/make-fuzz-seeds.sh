@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Makes seed inputs for the libFuzzer targets (tests/fuzz) with qemu-img and qemu-io, at run
-# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx bochs cloop dmg) and
-# OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. qemu-img cannot create bochs, cloop or
-# dmg: their seeds are qemu's sample images (from qemu's source fetched by scripts/iotests.sh
-# --fetch, or $VIMGFS_QEMU_SOURCE) and, for bochs and cloop, small images written here by
-# python3. Nothing it makes belongs in the repository. Small virtual sizes and clusters keep
-# the seeds small (mostly well under
+# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx qcow bochs cloop dmg)
+# and OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. qemu-img cannot create bochs, cloop
+# or dmg: their seeds are qemu's sample images (from qemu's source fetched by
+# scripts/iotests.sh --fetch, or $VIMGFS_QEMU_SOURCE) and, for bochs and cloop, small images
+# written here by python3. Nothing it makes belongs in the repository. Small virtual sizes
+# and clusters keep the seeds small (mostly well under
 # 300 KiB): vdi (1 MiB blocks) and vpc (2 MiB blocks) are cut after the part written
 # (reads past the end of a file are zeros), vpc keeping its footer; a VHDX cannot be
 # smaller than 4 MiB (see below).
@@ -30,7 +30,7 @@ esac
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
   { echo "make-fuzz-seeds: qemu-img and qemu-io are needed (package qemu-utils)" >&2; exit 2; }
 
-formats=(qcow2 vmdk vdi vpc vhdx bochs cloop dmg vmdk_descriptor)
+formats=(qcow2 vmdk vdi vpc vhdx qcow bochs cloop dmg vmdk_descriptor)
 rm -rf "$out"
 for f in "${formats[@]}"; do mkdir -p "$out/$f"; done
 work=$(mktemp -d)
@@ -175,6 +175,14 @@ img -f vhdx -o block_size=8M,log_size=1M,block_state_zero=off c.vhdx 16M &&
   keep4m vhdx c.vhdx block8m.vhdx
 img -f vhdx -o block_size=1M,log_size=1M b.vhdx 4M && io vhdx b.vhdx 'write -P 0x41 0 2k' &&
   keep4m vhdx b.vhdx written-cut.vhdx
+
+# ---- qcow (version 1): plain, with a backing file, compressed ----
+rm -f p.qcow b.qcow c.qcow
+img -f qcow p.qcow 4M && keep qcow p.qcow empty.qcow
+img -f qcow p.qcow 4M && io qcow p.qcow 'write -P 0x51 0 5k' 'write -P 0x52 2M 1k' && keep qcow p.qcow plain.qcow
+img -f qcow -b p.qcow -F qcow b.qcow && io qcow b.qcow 'write -P 0x53 1k 1k' && keep qcow b.qcow backing.qcow
+# qemu-img 7.2 exits 1 after a complete convert -c to qcow (its final alignment write fails).
+qemu-img convert -c -O qcow p.qcow c.qcow 2>/dev/null; [ -s c.qcow ] && keep qcow c.qcow compressed.qcow
 
 # ---- bochs, cloop, dmg (read-only formats: qemu-img cannot create them) ----
 samples=""

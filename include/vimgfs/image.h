@@ -65,6 +65,8 @@ class Image {
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
   const std::string& format() const { return format_; }
+  // The format was guessed as raw (no format given): sector 0 is protected (see Write).
+  bool probed_raw() const { return probed_raw_; }
   // What the image's format can do (its driver's declaration).
   const FormatTraits& traits() const { return driver_->traits(); }
   bool read_only() const { return read_only_; }

@@ -1,5 +1,6 @@
 // vimgfs commit: qemu-img commit (write an overlay's data into its backing file).
 #include <algorithm>
+#include <cerrno>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -121,7 +122,9 @@ int RunCommit(int argc, char** argv) {
   }
 
   ImageOpen bo;
-  bo.format = base_fmt;
+  // A base probed as raw (qcow stores no backing format) is probed again, so its first
+  // sector stays protected as in qemu (iotest 301).
+  bo.format = base->probed_raw() ? "" : base_fmt;
   bo.read_only = false;
   bo.untrusted = untrusted;
   auto wbase = OpenOrReport(base_path, bo);
@@ -142,7 +145,11 @@ int RunCommit(int argc, char** argv) {
                       // job with unmap on) leaves them (iotest 313)
   co.progress = [&bar](double percent) { bar.UpdatePercent(percent); };
   if (Status s = CopyToImage(above, *wbase, co); !s.ok()) {
-    PrintFileError(base_path, s);
+    if (s.err() == EPERM) {
+      PrintError("Block job failed: Operation not permitted");  // qemu-img's words
+    } else {
+      PrintFileError(base_path, s);
+    }
     return 1;
   }
   bar.Done();

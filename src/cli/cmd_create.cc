@@ -16,7 +16,7 @@ const char kUsage[] =
     "                     [--untrusted] filename [size]\n"
     "\n"
     "Creates a new disk image 'filename' of 'size' bytes (suffixes k, M, G, T, P, E; 1.5M).\n"
-    "  -f fmt          image format: qcow2, vmdk, vdi, vpc, vhdx or raw (default raw; 'file' is raw)\n"
+    "  -f fmt          image format: qcow2, vmdk, vdi, vpc, vhdx, qcow or raw (default raw; 'file' is raw)\n"
     "  -o options      comma-separated format options, also size=, nocow, extent_size_hint\n"
     "                  and preallocation ('-o help' lists them; with a file name, all)\n"
     "  -b backing_file image the new one is based on (its size is used when none is given)\n"
@@ -102,9 +102,14 @@ int RunCreate(int argc, char** argv) {
     bo.force_share = true;  // only its size is read: qemu-img reads it even while in use
     auto b = OpenImage(*bname, bo);
     if (!b.ok()) {
-      // Here qemu-img names a host error once: "Could not open 'b': No such file or directory".
+      // Here qemu-img names a host error once: "Could not open 'b': No such file or directory";
+      // a format's complaint comes alone ("invalid VMDK image descriptor", iotest 301).
       const std::string& msg = b.error().message();
-      return no_backing(msg.rfind("Could not open '", 0) == 0 ? msg : OpenErrorMessage(*bfile, b.error()));
+      const ErrorKind kind = b.error().kind();
+      const bool host_error =
+          kind == ErrorKind::kNotFound || kind == ErrorKind::kIo || kind == ErrorKind::kReadOnly;
+      if (msg.rfind("Could not open '", 0) == 0) return no_backing(msg);
+      return no_backing(host_error ? OpenErrorMessage(*bfile, b.error()) : StripPathPrefix(*bname, msg));
     }
     if (!bfmt) {
       fail("Backing file specified without backing format");

@@ -30,7 +30,7 @@ bool HasHelpOption(const std::string& options);
 int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename);
 
 // Why a format cannot be created: "Unknown file format 'x'" or "Format driver 'x' does not
-// support image creation". Empty when it can (qcow2, vmdk, vdi, vpc, vhdx, raw, file).
+// support image creation". Empty when it can (qcow2, vmdk, vdi, vpc, vhdx, qcow, raw, file).
 std::string CreateFormatError(const std::string& fmt);
 // The driver that writes fmt ("file" is raw on the file protocol).
 std::string CreateDriverName(const std::string& fmt);

@@ -14,5 +14,6 @@ const FormatDriver* VpcDriver();
 const FormatDriver* DmgDriver();
 const FormatDriver* BochsDriver();
 const FormatDriver* CloopDriver();
+const FormatDriver* QcowDriver();
 
 }  // namespace vimgfs

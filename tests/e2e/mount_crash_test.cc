@@ -1,4 +1,4 @@
-// End-to-end crash test (qcow2, vdi, vmdk, vpc, vhdx): kill -9 the daemon at random points during
+// End-to-end crash test (qcow2, vdi, vmdk, vpc, vhdx, qcow): kill -9 the daemon at random points during
 // random writes, many times over the same image. After each crash qemu-img check must find no corruption
 // (leaks are allowed) and every write acknowledged by a completed fsync must be there.
 //
@@ -133,7 +133,10 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
 
     std::string out;
     int check = CheckImage(image, &out);
-    EXPECT_TRUE(check == 0 || check == 3) << "check exit " << check << "\n" << out;
+    // qcow cannot be checked (exit 63); the content model below still judges it.
+    EXPECT_TRUE(check == 0 || check == 3 || (check == 63 && GetParam() == "qcow"))
+        << "check exit " << check << "\n"
+        << out;
     ASSERT_NE(check, 2) << "corruption after crash";
     ASSERT_TRUE(QemuToRaw(image, raw));
     auto seen = test::ReadWholeFile(raw);
@@ -162,11 +165,11 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
   ASSERT_TRUE(mount.StartForeground({"-F", fmt, image, mnt}, mnt));
   EXPECT_EQ(mount.Stop(), 0);
   int check = CheckImage(image);
-  EXPECT_TRUE(check == 0 || check == 3);
+  EXPECT_TRUE(check == 0 || check == 3 || (check == 63 && GetParam() == "qcow"));
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, MountCrash,
-                         ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow2+direct"));
+                         ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow2+direct", "qcow"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

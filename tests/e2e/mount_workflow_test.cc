@@ -168,6 +168,9 @@ const ExactCase kExactCases[] = {
     {"vpc_fixed", "vpc",
      "qemu-img create -q -f vpc -o subformat=fixed img 8M && qemu-io -f vpc -c 'write -P 0xd3 4k 1M' img "
      ">/dev/null"},
+    {"qcow", "qcow",
+     "qemu-img create -q -f qcow img 32M && qemu-io -f qcow -c 'write -P 0xf1 0 1M' "
+     "-c 'write -P 0xf2 3000000 5000' img >/dev/null"},
     {"vhdx_dynamic", "vhdx",
      "qemu-img create -q -f vhdx -o block_size=1M img 32M && qemu-io -f vhdx -c 'write -P 0xe1 0 1M' "
      "-c 'write -P 0xe2 3000000 5000' -c 'write -z 5M 1M' -c 'write -P 0xe3 31M 1M' img >/dev/null"},

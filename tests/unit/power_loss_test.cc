@@ -217,7 +217,8 @@ INSTANTIATE_TEST_SUITE_P(
                       FormatCase{"vhdx_no_zero_state", "vhdx", {{"block_state_zero", "off"}}},
                       FormatCase{"vmdk", "vmdk", {}},
                       FormatCase{"vmdk_split", "vmdk", {{"subformat", "twoGbMaxExtentSparse"}}},
-                      FormatCase{"vmdk_zeroed_grain", "vmdk", {{"zeroed_grain", "on"}}}),
+                      FormatCase{"vmdk_zeroed_grain", "vmdk", {{"zeroed_grain", "on"}}},
+                      FormatCase{"qcow", "qcow", {}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace
