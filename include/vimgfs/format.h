@@ -357,6 +357,9 @@ struct FormatTraits {
   // Whether ClusterMap::LookupCached can answer (qcow2). Only then does the engine try it
   // under the shared lock first; other formats go straight to Lookup, with no second try.
   bool cached_lookups = false;
+  // Whether qemu's driver answers bdrv_get_info. Without it (parallels) qemu-img info
+  // shows no cluster size and no dirty flag.
+  bool get_info = true;
 };
 
 // A format: stateless, registered in formats/registry.cc.

@@ -58,7 +58,7 @@ nlohmann::ordered_json ImageInfoJson(Image& img) {
     j["full-backing-filename"] = PathCombine(img.path(), b->name);
     if (!b->format.empty()) j["backing-filename-format"] = b->format;
   }
-  j["dirty-flag"] = fi.dirty;
+  if (img.traits().get_info) j["dirty-flag"] = fi.dirty;
   return j;
 }
 

@@ -11,5 +11,6 @@ const FormatDriver* VmdkDriver();
 const FormatDriver* VdiDriver();
 const FormatDriver* VhdxDriver();
 const FormatDriver* VpcDriver();
+const FormatDriver* ParallelsDriver();
 
 }  // namespace vimgfs

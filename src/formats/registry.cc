@@ -9,7 +9,7 @@ namespace vimgfs {
 
 const std::vector<const FormatDriver*>& AllFormats() {
   static const std::vector<const FormatDriver*> formats = {
-      Qcow2Driver(), VmdkDriver(), VdiDriver(), VpcDriver(), VhdxDriver(), RawDriver(),
+      Qcow2Driver(), VmdkDriver(), VdiDriver(), VpcDriver(), VhdxDriver(), ParallelsDriver(), RawDriver(),
   };
   return formats;
 }
