@@ -1,4 +1,4 @@
-// End-to-end crash test (qcow2, vdi, vmdk, vpc, vhdx): kill -9 the daemon at random points during
+// End-to-end crash test (qcow2, vdi, vmdk, vpc, vhdx, parallels): kill -9 the daemon at random points during
 // random writes, many times over the same image. After each crash qemu-img check must find no corruption
 // (leaks are allowed) and every write acknowledged by a completed fsync must be there.
 //
@@ -166,7 +166,8 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, MountCrash,
-                         ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow2+direct"));
+                         ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "parallels",
+                                           "qcow2+direct"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

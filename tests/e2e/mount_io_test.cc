@@ -439,7 +439,8 @@ TEST_P(MountIo, SignalsCloseCleanly) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Formats, MountIo, ::testing::Values("raw", "qcow2", "vdi", "vmdk", "vpc", "vhdx"));
+INSTANTIATE_TEST_SUITE_P(Formats, MountIo,
+                         ::testing::Values("raw", "qcow2", "vdi", "vmdk", "vpc", "vhdx", "parallels"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

@@ -518,7 +518,7 @@ TEST(VpcOracle, ContainersWithoutADriverAreRefusedNotReadAsRaw) {
   REQUIRE_QEMU_IMG();
   test::TempDir dir;
   // qemu-img makes the ones it can create; vimgfs must name each and refuse it.
-  for (const char* fmt_name : {"qed", "qcow", "parallels", "luks"}) {
+  for (const char* fmt_name : {"qed", "qcow", "luks"}) {
     SCOPED_TRACE(fmt_name);
     const std::string path = dir.File(std::string("x.") + fmt_name);
     std::string extra =

@@ -47,8 +47,8 @@ Result<std::unique_ptr<ClusterMap>> OpenParallels(OpenContext ctx) {
   if (h.in_use == kInUse && !read_only && !ctx.options.for_check)
     return Status::Corrupt("'{}': parallels: Image was not closed correctly; cannot be opened read/write",
                            ctx.path);
-  auto map = std::make_unique<ParallelsMap>(ctx.path, std::move(ctx.file), h, std::move(meta), file_size,
-                                            read_only);
+  auto map =
+      std::make_unique<ParallelsMap>(ctx.path, std::move(ctx.file), h, std::move(meta), file_size, read_only);
   if (!read_only) RETURN_IF_ERROR(map->MarkInUse());
   return std::unique_ptr<ClusterMap>(std::move(map));
 }
@@ -94,7 +94,8 @@ void ParallelsMap::Scan(uint64_t file_size) {
   std::sort(used.begin(), used.end());
   for (size_t k = 1; k < used.size() && inconsistency_.empty(); ++k) {
     if (used[k].first < used[k - 1].first + cs)
-      inconsistency_ = fmt::format("clusters {} and {} overlap in the file", used[k - 1].second, used[k].second);
+      inconsistency_ =
+          fmt::format("clusters {} and {} overlap in the file", used[k - 1].second, used[k].second);
   }
   if (!IsPowerOfTwo(cs))
     unwritable_ = fmt::format("writing clusters of {} bytes (not a power of two) is not supported", cs);
@@ -173,7 +174,8 @@ Status ParallelsMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mappin
 Result<WritePlan> ParallelsMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
   RETURN_IF_ERROR(CheckWritable("write"));
   if (guest_off >= h_.virtual_size)
-    return Status::OutOfRange("'{}': write at {} is past the disk size {}", path_, guest_off, h_.virtual_size);
+    return Status::OutOfRange("'{}': write at {} is past the disk size {}", path_, guest_off,
+                              h_.virtual_size);
   const uint64_t cs = h_.cluster_size;
   const uint64_t cluster = guest_off / cs;
   if (cluster >= h_.bat_entries)
@@ -198,6 +200,12 @@ Result<WritePlan> ParallelsMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
       return Status::NoSpace("'{}': the Parallels file is full (BAT entries are 32-bit)", path_);
     ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
     plan.fresh = host >= file_size;
+    // The file covers the cluster before its data is written: a fill that skips zeros
+    // then never has to grow the file itself, which could race with (and cut off) the
+    // data of a later cluster written at the same time. Only later reservations lie
+    // beyond, so nobody writes past host + cs meanwhile.
+    if (host + cs > file_size)
+      RETURN_IF_ERROR(file_->Truncate(host + cs).WithContext("'{}': growing the file", path_));
     next_alloc_ = host + cs;
   }
   plan.host_offset = host;
@@ -209,7 +217,8 @@ Result<WritePlan> ParallelsMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
 Status ParallelsMap::CommitWrite(const WritePlan& plan) {
   if (plan.cookie[2] != 1) return Status::Ok();
   const uint64_t cluster = plan.cookie[0];
-  if (entry(cluster) != 0) return Status::Corrupt("'{}': Parallels cluster {} was allocated twice", path_, cluster);
+  if (entry(cluster) != 0)
+    return Status::Corrupt("'{}': Parallels cluster {} was allocated twice", path_, cluster);
   // Reaches the disk at the next flush, after the data is synced.
   SetEntry(cluster, static_cast<uint32_t>(plan.cookie[1] / h_.entry_unit()));
   return Status::Ok();

@@ -31,8 +31,8 @@ Result<Header> ParseHeader(std::span<const std::byte, kHeaderSize> raw, const st
   h.tracks = LoadLE32(&raw[off::kTracks]);
   if (h.tracks == 0) return Status::InvalidFormat("'{}': Invalid image: Zero sectors per track", path);
   if (h.tracks > kMaxTracks)
-    return Status::Unsupported("'{}': Invalid image: Too big cluster ({} sectors, at most {})", path, h.tracks,
-                               kMaxTracks);
+    return Status::Unsupported("'{}': Invalid image: Too big cluster ({} sectors, at most {})", path,
+                               h.tracks, kMaxTracks);
   h.cluster_size = uint64_t{h.tracks} * kSectorSize;
   h.bat_entries = LoadLE32(&raw[off::kBatEntries]);
   // qemu's own cap is 2 GiB of entries; vimgfs holds the BAT in memory and caps it lower.

@@ -133,13 +133,13 @@ class ParallelsMap final : public ClusterMap {
   std::vector<std::byte> meta_;  // header + BAT as on disk (in_use as last written)
   bool read_only_;
   bool closed_ = false;
-  bool unclean_ = false;  // in_use was set when opened: the last writer did not close it
+  bool unclean_ = false;       // in_use was set when opened: the last writer did not close it
   std::string inconsistency_;  // a BAT that a write could corrupt further: run check
   std::string unwritable_;     // a geometry vimgfs does not write (the image is fine)
 
-  uint64_t next_alloc_ = 0;            // host offset of the next new cluster
-  std::vector<uint64_t> reusable_;     // reserved, data write failed, never named by the BAT
-  std::set<uint64_t> dirty_sectors_;   // sectors of meta_ to write at the next flush
+  uint64_t next_alloc_ = 0;           // host offset of the next new cluster
+  std::vector<uint64_t> reusable_;    // reserved, data write failed, never named by the BAT
+  std::set<uint64_t> dirty_sectors_;  // sectors of meta_ to write at the next flush
 };
 
 Result<std::unique_ptr<ClusterMap>> OpenParallels(OpenContext ctx);
