@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes seed inputs for the libFuzzer targets (tests/fuzz) with qemu-img and qemu-io, at run
-# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx) and
+# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx parallels) and
 # OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. Nothing it makes belongs in the
 # repository. Small virtual sizes and clusters keep the seeds small (mostly well under
 # 300 KiB): vdi (1 MiB blocks) and vpc (2 MiB blocks) are cut after the part written
@@ -27,7 +27,7 @@ esac
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
   { echo "make-fuzz-seeds: qemu-img and qemu-io are needed (package qemu-utils)" >&2; exit 2; }
 
-formats=(qcow2 vmdk vdi vpc vhdx vmdk_descriptor)
+formats=(qcow2 vmdk vdi vpc vhdx parallels vmdk_descriptor)
 rm -rf "$out"
 for f in "${formats[@]}"; do mkdir -p "$out/$f"; done
 work=$(mktemp -d)
@@ -172,6 +172,13 @@ img -f vhdx -o block_size=8M,log_size=1M,block_state_zero=off c.vhdx 16M &&
   keep4m vhdx c.vhdx block8m.vhdx
 img -f vhdx -o block_size=1M,log_size=1M b.vhdx 4M && io vhdx b.vhdx 'write -P 0x41 0 2k' &&
   keep4m vhdx b.vhdx written-cut.vhdx
+
+# ---- parallels (small clusters keep the BAT and the data small) ----
+rm -f p.parallels
+img -f parallels -o cluster_size=4k p.parallels 1M && keep parallels p.parallels empty.parallels
+img -f parallels -o cluster_size=4k p.parallels 1M &&
+  io parallels p.parallels 'write -P 0x51 0 3k' 'write -P 0x52 100k 1k' 'write -P 0x53 20k 4k' &&
+  keep parallels p.parallels written.parallels
 
 # ---- saved crash inputs ----
 if [ -d "$src/tests/fuzz/regressions" ]; then

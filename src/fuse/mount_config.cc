@@ -225,7 +225,7 @@ std::string MountUsage(const std::string& prog) {
       "\n"
       "Options:\n"
       "  -r, --read-only       mount read-only (also: -o ro)\n"
-      "  -F, --format FMT      image format (qcow2, vmdk, vdi, vpc, vhdx, raw); probed if absent\n"
+      "  -F, --format FMT      image format (qcow2, vmdk, vdi, vpc, vhdx, parallels, raw); probed if absent\n"
       "      --overlay FILE    send writes to the qcow2 FILE backed by IMAGE (created if\n"
       "                        absent); IMAGE is opened read-only and never changes\n"
       "      --snapshot NAME   read-only view of the qcow2 internal snapshot NAME\n"

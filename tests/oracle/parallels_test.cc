@@ -55,7 +55,8 @@ void ExpectSameAsQemuRaw(const test::TempDir& dir, const std::string& image) {
     EXPECT_EQ(test::Sha256OfFile(ours), test::Sha256OfFile(theirs)) << image;
   } else {
     std::filesystem::remove(theirs);
-    auto r = RunCommand("qemu-img dd -f parallels -O raw bs=1M count=8 if=" + Quote(image) + " of=" + Quote(theirs));
+    auto r = RunCommand("qemu-img dd -f parallels -O raw bs=1M count=8 if=" + Quote(image) +
+                        " of=" + Quote(theirs));
     ASSERT_EQ(r.exit_code, 0) << r.err;
   }
   // And through the library, in odd pieces that cross clusters.
@@ -160,7 +161,8 @@ TEST(ParallelsOracle, CreateWritesWhatQemuWritesAndRefusesWhatQemuRefuses) {
     for (const char* size : {"1001", "10M", "3G"}) {
       SCOPED_TRACE(std::string(opts) + " " + size);
       const std::string q = dir.File("q.img"), v = dir.File("v.img");
-      auto rq = RunCommand(std::string("qemu-img create -q -f parallels ") + opts + " " + Quote(q) + " " + size);
+      auto rq =
+          RunCommand(std::string("qemu-img create -q -f parallels ") + opts + " " + Quote(q) + " " + size);
       auto rv = RunCommand(Vimgfs() + " create -q -f parallels " + opts + " " + Quote(v) + " " + size);
       ASSERT_EQ(rq.exit_code, 0) << rq.err;
       ASSERT_EQ(rv.exit_code, 0) << rv.err;
@@ -174,6 +176,11 @@ TEST(ParallelsOracle, CreateWritesWhatQemuWritesAndRefusesWhatQemuRefuses) {
   ExpectSameOutput("create -f parallels -o cluster_size=512 " + x + " 3T");
   ExpectSameOutput("create -f parallels -o preallocation=metadata " + x + " 1M");
   ExpectSameOutput("create -f parallels -o bogus=1 " + x + " 1M");
+  // qemu's driver cannot resize, and says so; the image is left as it was.
+  ASSERT_EQ(RunCommand("qemu-img create -q -f parallels " + x + " 1M").exit_code, 0);
+  const auto before = test::ReadWholeFile(dir.File("x.img"));
+  ExpectSameOutput("resize -f parallels " + x + " 2M");
+  EXPECT_EQ(test::ReadWholeFile(dir.File("x.img")), before);
   // qemu's parallels images name no backing file.
   ASSERT_EQ(RunCommand("qemu-img create -q -f raw " + Quote(dir.File("base.raw")) + " 1M").exit_code, 0);
   ExpectSameOutput("create -f parallels -b " + Quote(dir.File("base.raw")) + " -F raw " + x + " 1M");
@@ -192,8 +199,8 @@ TEST(ParallelsOracle, VimgfsWritesQemuReadsAndChecksClean) {
   for (const char* cluster : {"512", "4k", "64k", "1M"}) {
     SCOPED_TRACE(cluster);
     const std::string img = dir.File(std::string("c_") + cluster + ".parallels");
-    auto r = RunCommand(Vimgfs() + " convert -O parallels -o cluster_size=" + cluster + " " + Quote(raw) + " " +
-                        Quote(img));
+    auto r = RunCommand(Vimgfs() + " convert -O parallels -o cluster_size=" + cluster + " " + Quote(raw) +
+                        " " + Quote(img));
     ASSERT_EQ(r.exit_code, 0) << r.err;
     ExpectQemuCheckClean(img);
     ExpectQemuCompareEqual(img, raw);
@@ -244,7 +251,8 @@ TEST(ParallelsOracle, VimgfsWritesQemuReadsAndChecksClean) {
   }
   // And back: qemu's image converted by vimgfs to qcow2 reads the same.
   const std::string img = dir.File("c_64k.parallels"), q2 = dir.File("c.qcow2");
-  ASSERT_EQ(RunCommand(Vimgfs() + " convert -f parallels -O qcow2 " + Quote(img) + " " + Quote(q2)).exit_code, 0);
+  ASSERT_EQ(RunCommand(Vimgfs() + " convert -f parallels -O qcow2 " + Quote(img) + " " + Quote(q2)).exit_code,
+            0);
   auto r = RunCommand("qemu-img compare -f parallels -F qcow2 " + Quote(img) + " " + Quote(q2));
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
 }
@@ -253,7 +261,8 @@ TEST(ParallelsOracle, ImageLeftInUseIsRefusedAndRepairedAsQemuDoes) {
   REQUIRE_QEMU_IMG();
   test::TempDir dir;
   const std::string base = dir.File("base.img");
-  ASSERT_EQ(RunCommand("qemu-img create -q -f parallels -o cluster_size=64k " + Quote(base) + " 4M").exit_code, 0);
+  ASSERT_EQ(
+      RunCommand("qemu-img create -q -f parallels -o cluster_size=64k " + Quote(base) + " 4M").exit_code, 0);
   QemuIo(base, {"write -P 1 0 100k", "write -P 2 1M 64k"});
   Poke32(base, 44, 0x746F6E59);  // what a writer killed before closing leaves
   {
@@ -265,15 +274,18 @@ TEST(ParallelsOracle, ImageLeftInUseIsRefusedAndRepairedAsQemuDoes) {
   ExpectSameOutput("info -f parallels " + Quote(base));
   auto w = RunCommand(Vimgfs() + " resize -f parallels " + Quote(base) + " 8M");
   EXPECT_NE(w.exit_code, 0);
-  EXPECT_NE(w.err.find("parallels: Image was not closed correctly; cannot be opened read/write"), std::string::npos)
+  EXPECT_NE(w.err.find("parallels: Image was not closed correctly; cannot be opened read/write"),
+            std::string::npos)
       << w.err;
   for (const char* mode : {"", "-r leaks", "-r all"}) {
     for (const char* output : {"human", "json"}) {
       SCOPED_TRACE(std::string(mode) + " " + output);
       std::filesystem::create_directories(dir.File("q"));
       std::filesystem::create_directories(dir.File("v"));
-      std::filesystem::copy_file(base, dir.File("q/x.img"), std::filesystem::copy_options::overwrite_existing);
-      std::filesystem::copy_file(base, dir.File("v/x.img"), std::filesystem::copy_options::overwrite_existing);
+      std::filesystem::copy_file(base, dir.File("q/x.img"),
+                                 std::filesystem::copy_options::overwrite_existing);
+      std::filesystem::copy_file(base, dir.File("v/x.img"),
+                                 std::filesystem::copy_options::overwrite_existing);
       const std::string args = std::string("check ") + mode + " --output=" + output + " -f parallels x.img";
       auto q = RunCommand("cd " + Quote(dir.File("q")) + " && qemu-img " + args);
       auto v = RunCommand("cd " + Quote(dir.File("v")) + " && " + Vimgfs() + " " + args);
@@ -296,7 +308,8 @@ TEST(ParallelsOracle, LeakRepairOfAnEmptyImageWithALargeBatMatchesQemu) {
     std::filesystem::remove_all(dir.File("v"));
     std::filesystem::create_directories(dir.File("q"));
     std::filesystem::create_directories(dir.File("v"));
-    ASSERT_EQ(RunCommand("cd " + Quote(dir.File("q")) + " && qemu-img create -q -f parallels -o cluster_size=64k x.img 10G")
+    ASSERT_EQ(RunCommand("cd " + Quote(dir.File("q")) +
+                         " && qemu-img create -q -f parallels -o cluster_size=64k x.img 10G")
                   .exit_code,
               0);
     std::filesystem::copy_file(dir.File("q/x.img"), dir.File("v/x.img"));
@@ -313,7 +326,8 @@ TEST(ParallelsOracle, LeakRepairOfAnEmptyImageWithALargeBatMatchesQemu) {
 // A small qemu-made image with data in clusters 0..3 (4 KiB clusters, data from 4 KiB).
 std::string MakeSmall(const test::TempDir& dir, const std::string& name) {
   const std::string img = dir.File(name);
-  EXPECT_EQ(RunCommand("qemu-img create -q -f parallels -o cluster_size=4k " + Quote(img) + " 64k").exit_code, 0);
+  EXPECT_EQ(RunCommand("qemu-img create -q -f parallels -o cluster_size=4k " + Quote(img) + " 64k").exit_code,
+            0);
   QemuIo(img, {"write -P 0xa1 0 16k"});
   return img;
 }
@@ -362,8 +376,8 @@ TEST(ParallelsOracle, HostileBatEntriesAreReadSafelyAndNeverWrittenThrough) {
                        Bad{"in the BAT", "512", 20, 1, "overlaps the Parallels header or BAT"}}) {
     SCOPED_TRACE(b.what);
     const std::string img = dir.File(std::string("bad_") + b.cluster_size + ".img");
-    ASSERT_EQ(RunCommand(std::string("qemu-img create -q -f parallels -o cluster_size=") + b.cluster_size + " " +
-                         Quote(img) + " 64k")
+    ASSERT_EQ(RunCommand(std::string("qemu-img create -q -f parallels -o cluster_size=") + b.cluster_size +
+                         " " + Quote(img) + " 64k")
                   .exit_code,
               0);
     QemuIo(img, {"write -P 0xa1 0 16k"});

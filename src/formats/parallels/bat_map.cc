@@ -91,6 +91,14 @@ void ParallelsMap::Scan(uint64_t file_size) {
       inconsistency_ = fmt::format("cluster {} is outside the image (at 0x{:x}, the file ends at 0x{:x})", i,
                                    start, file_size);
   }
+  // Where new clusters would go: never far past the end of the file (a hostile offset
+  // would make the file huge).
+  if (inconsistency_.empty() && h_.data_start > file_size)
+    inconsistency_ = fmt::format("the data area (at 0x{:x}) starts past the end of the file (0x{:x})",
+                                 h_.data_start, file_size);
+  if (inconsistency_.empty() && h_.ext_off > file_size)
+    inconsistency_ = fmt::format("the format extension (at 0x{:x}) lies past the end of the file (0x{:x})",
+                                 h_.ext_off, file_size);
   std::sort(used.begin(), used.end());
   for (size_t k = 1; k < used.size() && inconsistency_.empty(); ++k) {
     if (used[k].first < used[k - 1].first + cs)
@@ -260,7 +268,7 @@ Status ParallelsMap::Close() {
     return Status::Ok();
   }
   Status st = Flush();
-  if (st.ok() && inconsistency_.empty() && h_.ext_off == 0) {
+  if (st.ok() && inconsistency_.empty() && unwritable_.empty() && h_.ext_off == 0) {
     // As qemu's close: the file ends where the last cluster does (space reserved by failed
     // writes goes; an empty data area cut by a leak repair comes back as zeros).
     const uint64_t end = DataEnd();
