@@ -153,6 +153,41 @@ TEST(ParallelsOracle, QemuSampleImagesReadAsQemuReadsThem) {
   }
 }
 
+TEST(ParallelsOracle, WritesGoPastTheFormatExtensionAndLeaveItIntact) {
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  std::string path;
+  REQUIRE_QEMU_SAMPLE(path, "parallels-with-bitmap", dir.path());
+  const auto before = test::ReadWholeFile(path);
+  const uint64_t ext = uint64_t{LoadLE32(reinterpret_cast<const std::byte*>(before.data()) + 56)} * 512;
+  ASSERT_GT(ext, 0u);
+  std::vector<std::byte> data(3 << 20);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::byte>(i * 7 + 1);
+  {
+    auto im = OpenOrDie(path, false);
+    ASSERT_NE(im, nullptr);
+    ASSERT_TRUE(im->Write(0, data).ok());
+    ASSERT_TRUE(im->Close().ok());
+  }
+  const auto after = test::ReadWholeFile(path);
+  ASSERT_GE(after.size(), before.size());
+  // Everything past the BAT that was there before is untouched: the extension cluster and
+  // the bitmap clusters it names (qemu's read-only open parses them again below).
+  EXPECT_EQ(std::memcmp(after.data() + (1 << 20), before.data() + (1 << 20), before.size() - (1 << 20)), 0);
+  const std::string raw = dir.File("expect.raw");
+  {
+    std::vector<uint8_t> bytes(8 << 20);
+    std::memcpy(bytes.data(), data.data(), data.size());
+    test::WriteWholeFile(raw, bytes);
+  }
+  auto r = RunCommand("qemu-img dd -f parallels -O raw bs=1M count=8 if=" + Quote(path) + " of=" +
+                      Quote(dir.File("got.raw")));
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(test::Sha256OfFile(dir.File("got.raw")), test::Sha256OfFile(raw));
+  r = RunCommand("qemu-img check -f parallels " + Quote(path));
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
 TEST(ParallelsOracle, CreateWritesWhatQemuWritesAndRefusesWhatQemuRefuses) {
   REQUIRE_QEMU_IMG();
   test::TempDir dir;
