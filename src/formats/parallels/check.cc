@@ -58,9 +58,8 @@ Result<CheckReport> ParallelsMap::Check(RepairMode mode) {
     prev = host;
   }
   if (!dirty_sectors_.empty() && fix_errors) {
-    // Only entries cleared: no data depends on them.
-    RETURN_IF_ERROR(WriteDirtySectors(*file_, 0, meta_, &dirty_sectors_, IoTag::kBlockMap)
-                        .WithContext("'{}': writing the Parallels BAT", path_));
+    // The cleared entries, with any others still due (their data synced first).
+    RETURN_IF_ERROR(WriteBack());
     RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
     Scan(file_size);
   }
