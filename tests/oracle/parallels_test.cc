@@ -180,8 +180,8 @@ TEST(ParallelsOracle, WritesGoPastTheFormatExtensionAndLeaveItIntact) {
     std::memcpy(bytes.data(), data.data(), data.size());
     test::WriteWholeFile(raw, bytes);
   }
-  auto r = RunCommand("qemu-img dd -f parallels -O raw bs=1M count=8 if=" + Quote(path) + " of=" +
-                      Quote(dir.File("got.raw")));
+  auto r = RunCommand("qemu-img dd -f parallels -O raw bs=1M count=8 if=" + Quote(path) +
+                      " of=" + Quote(dir.File("got.raw")));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(test::Sha256OfFile(dir.File("got.raw")), test::Sha256OfFile(raw));
   r = RunCommand("qemu-img check -f parallels " + Quote(path));
