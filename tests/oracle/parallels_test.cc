@@ -151,6 +151,20 @@ TEST(ParallelsOracle, QemuSampleImagesReadAsQemuReadsThem) {
     ExpectSameAsQemuRaw(dir, path);
     ExpectInfoMapCheckAlike(path);
   }
+  // Written by vimgfs (entries in sectors for v1, in clusters for v2), read back by qemu.
+  const std::string raw = dir.File("new.raw");
+  auto data = test::RandomBytes(2 << 20, 3);
+  std::fill(data.begin() + (192 << 10), data.begin() + (512 << 10), 0);
+  test::WriteWholeFile(raw, data);
+  for (const char* name : {"parallels-v1", "parallels-v2"}) {
+    SCOPED_TRACE(name);
+    std::string path;
+    REQUIRE_QEMU_SAMPLE(path, name, dir.path());
+    auto r = RunCommand(Vimgfs() + " convert -n -f raw -O parallels " + Quote(raw) + " " + Quote(path));
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    ExpectQemuCheckClean(path);
+    ExpectQemuCompareEqual(path, raw);
+  }
 }
 
 TEST(ParallelsOracle, WritesGoPastTheFormatExtensionAndLeaveItIntact) {
