@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Makes seed inputs for the libFuzzer targets (tests/fuzz) with qemu-img and qemu-io, at run
-# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx qcow bochs cloop dmg)
-# and OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. qemu-img cannot create bochs, cloop
-# or dmg: their seeds are qemu's sample images (from qemu's source fetched by
+# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx qcow parallels bochs
+# cloop dmg) and OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. qemu-img cannot create
+# bochs, cloop or dmg: their seeds are qemu's sample images (from qemu's source fetched by
 # scripts/iotests.sh --fetch, or $VIMGFS_QEMU_SOURCE) and, for bochs and cloop, small images
 # written here by python3. Nothing it makes belongs in the repository. Small virtual sizes
 # and clusters keep the seeds small (mostly well under
@@ -30,7 +30,7 @@ esac
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
   { echo "make-fuzz-seeds: qemu-img and qemu-io are needed (package qemu-utils)" >&2; exit 2; }
 
-formats=(qcow2 vmdk vdi vpc vhdx qcow bochs cloop dmg vmdk_descriptor)
+formats=(qcow2 vmdk vdi vpc vhdx qcow parallels bochs cloop dmg vmdk_descriptor)
 rm -rf "$out"
 for f in "${formats[@]}"; do mkdir -p "$out/$f"; done
 work=$(mktemp -d)
@@ -176,6 +176,12 @@ img -f vhdx -o block_size=8M,log_size=1M,block_state_zero=off c.vhdx 16M &&
 img -f vhdx -o block_size=1M,log_size=1M b.vhdx 4M && io vhdx b.vhdx 'write -P 0x41 0 2k' &&
   keep4m vhdx b.vhdx written-cut.vhdx
 
+# ---- parallels (small clusters keep the BAT and the data small) ----
+rm -f p.parallels
+img -f parallels -o cluster_size=4k p.parallels 1M && keep parallels p.parallels empty.parallels
+img -f parallels -o cluster_size=4k p.parallels 1M &&
+  io parallels p.parallels 'write -P 0x51 0 3k' 'write -P 0x52 100k 1k' 'write -P 0x53 20k 4k' &&
+  keep parallels p.parallels written.parallels
 # ---- qcow (version 1): plain, with a backing file, compressed ----
 rm -f p.qcow b.qcow c.qcow
 img -f qcow p.qcow 4M && keep qcow p.qcow empty.qcow

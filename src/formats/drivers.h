@@ -15,5 +15,6 @@ const FormatDriver* DmgDriver();
 const FormatDriver* BochsDriver();
 const FormatDriver* CloopDriver();
 const FormatDriver* QcowDriver();
+const FormatDriver* ParallelsDriver();
 
 }  // namespace vimgfs

@@ -268,6 +268,14 @@ int CheckImage(const std::string& image, std::string* out) {
     if (out) *out = qemu_out + r.out + r.err;
     return r.exit_code;
   }
+  if (code == 2 && qemu_out.find("ERROR image was not closed correctly") != std::string::npos &&
+      qemu_out.find("\n1 errors were found") != std::string::npos) {
+    // A parallels image left marked in use by the killed writer, as qemu leaves it: that
+    // mark is the one error, and -r all clears it. Cleared, it must be clean.
+    auto r = RunCommand("qemu-img check -r all " + Quote(image));
+    if (out) *out = qemu_out + r.out + r.err;
+    return r.exit_code;
+  }
   if (code != 63) {
     if (out) *out = qemu_out;
     return code;

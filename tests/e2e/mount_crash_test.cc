@@ -1,6 +1,6 @@
-// End-to-end crash test (qcow2, vdi, vmdk, vpc, vhdx, qcow): kill -9 the daemon at random points during
-// random writes, many times over the same image. After each crash qemu-img check must find no corruption
-// (leaks are allowed) and every write acknowledged by a completed fsync must be there.
+// End-to-end crash test (qcow2, vdi, vmdk, vpc, vhdx, qcow, parallels): kill -9 the daemon at random points
+// during random writes, many times over the same image. After each crash qemu-img check must find no
+// corruption (leaks are allowed) and every write acknowledged by a completed fsync must be there.
 //
 // The model keeps, per 512-byte sector, the content known durable (as of the last
 // completed fsync) and every content written since. After a crash a sector must hold one
@@ -169,7 +169,8 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, MountCrash,
-                         ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow2+direct", "qcow"));
+                         ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow2+direct", "qcow",
+                                           "parallels"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

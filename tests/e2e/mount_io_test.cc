@@ -440,7 +440,8 @@ TEST_P(MountIo, SignalsCloseCleanly) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, MountIo,
-                         ::testing::Values("raw", "qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow"));
+                         ::testing::Values("raw", "qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow",
+                                           "parallels"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

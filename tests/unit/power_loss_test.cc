@@ -158,8 +158,14 @@ class PowerLossTest : public ::testing::TestWithParam<FormatCase> {
     std::unique_ptr<Image> img = OpenImage(&env, true);
     ASSERT_TRUE(img);
     auto report = img->Check(RepairMode::kNone);
+    // A format that marks the image in use while it is open for writing (parallels, as
+    // qemu does) leaves the mark after a crash: qemu-img check counts it as the one error
+    // and -r all clears it, as below.
+    const bool left_in_use = report.ok() && !report->messages.empty() &&
+                             report->messages[0] == "ERROR image was not closed correctly";
     if (report.ok()) {
-      EXPECT_EQ(report->corruptions, 0) << (report->messages.empty() ? "" : report->messages[0]);
+      EXPECT_EQ(report->corruptions, left_in_use ? 1 : 0)
+          << (report->messages.empty() ? "" : report->messages[0]);
       EXPECT_EQ(report->check_errors, 0);
     } else {
       EXPECT_EQ(report.status().kind(), ErrorKind::kUnsupported) << report.status().message();
@@ -169,6 +175,18 @@ class PowerLossTest : public ::testing::TestWithParam<FormatCase> {
     EXPECT_EQ(model.Verify(disk), "");
     img.reset();
 
+    if (left_in_use) {
+      OpenOptions o;
+      o.env = &env;
+      o.format = GetParam().format;
+      o.for_check = true;
+      auto repairing = Image::Open("img", o);
+      ASSERT_TRUE(repairing.ok()) << repairing.status().message();
+      auto repaired = (*repairing)->Check(RepairMode::kAll);
+      ASSERT_TRUE(repaired.ok());
+      EXPECT_EQ(repaired->corruptions_fixed, repaired->corruptions);
+      ASSERT_TRUE((*repairing)->Close().ok());
+    }
     // Still usable: more writes after the crash leave it consistent.
     img = OpenImage(&env, false);
     ASSERT_TRUE(img);
@@ -218,7 +236,8 @@ INSTANTIATE_TEST_SUITE_P(
                       FormatCase{"vmdk", "vmdk", {}},
                       FormatCase{"vmdk_split", "vmdk", {{"subformat", "twoGbMaxExtentSparse"}}},
                       FormatCase{"vmdk_zeroed_grain", "vmdk", {{"zeroed_grain", "on"}}},
-                      FormatCase{"qcow", "qcow", {}}),
+                      FormatCase{"qcow", "qcow", {}},
+                      FormatCase{"parallels", "parallels", {{"cluster_size", "64k"}}}),
     [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace
