@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Makes seed inputs for the libFuzzer targets (tests/fuzz) with qemu-img and qemu-io, at run
-# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx qcow parallels bochs
-# cloop dmg) and OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. qemu-img cannot create
-# bochs, cloop or dmg: their seeds are qemu's sample images (from qemu's source fetched by
-# scripts/iotests.sh --fetch, or $VIMGFS_QEMU_SOURCE) and, for bochs and cloop, small images
-# written here by python3. Nothing it makes belongs in the repository. Small virtual sizes
-# and clusters keep the seeds small (mostly well under
+# time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx qcow parallels qed
+# bochs cloop dmg) and OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. qemu-img cannot
+# create bochs, cloop or dmg: their seeds are qemu's sample images (from qemu's source
+# fetched by scripts/iotests.sh --fetch, or $VIMGFS_QEMU_SOURCE) and, for bochs and cloop,
+# small images written here by python3. Nothing it makes belongs in the repository. Small
+# virtual sizes and clusters keep the seeds small (mostly well under
 # 300 KiB): vdi (1 MiB blocks) and vpc (2 MiB blocks) are cut after the part written
 # (reads past the end of a file are zeros), vpc keeping its footer; a VHDX cannot be
 # smaller than 4 MiB (see below).
@@ -30,7 +30,7 @@ esac
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
   { echo "make-fuzz-seeds: qemu-img and qemu-io are needed (package qemu-utils)" >&2; exit 2; }
 
-formats=(qcow2 vmdk vdi vpc vhdx qcow parallels bochs cloop dmg vmdk_descriptor)
+formats=(qcow2 vmdk vdi vpc vhdx qcow parallels qed bochs cloop dmg vmdk_descriptor)
 rm -rf "$out"
 for f in "${formats[@]}"; do mkdir -p "$out/$f"; done
 work=$(mktemp -d)
@@ -176,6 +176,13 @@ img -f vhdx -o block_size=8M,log_size=1M,block_state_zero=off c.vhdx 16M &&
 img -f vhdx -o block_size=1M,log_size=1M b.vhdx 4M && io vhdx b.vhdx 'write -P 0x41 0 2k' &&
   keep4m vhdx b.vhdx written-cut.vhdx
 
+# ---- qed (4 KiB clusters keep the files small) ----
+rm -f a.qed b.qed base.qed
+img -f qed -o cluster_size=4k a.qed 1M && keep qed a.qed empty.qed
+img -f qed -o cluster_size=4k,table_size=2 b.qed 1M &&
+  io qed b.qed 'write -P 0x51 0 3k' 'write -z 64k 8k' 'write -P 0x52 200k 1k' && keep qed b.qed written.qed
+img -f qed -o cluster_size=4k base.qed 1M && img -f qed -o cluster_size=4k -b base.qed -F qed over.qed &&
+  io qed over.qed 'write -P 0x53 4k 4k' && keep qed over.qed backing.qed
 # ---- parallels (small clusters keep the BAT and the data small) ----
 rm -f p.parallels
 img -f parallels -o cluster_size=4k p.parallels 1M && keep parallels p.parallels empty.parallels

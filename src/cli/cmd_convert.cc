@@ -23,7 +23,7 @@ const char kUsage[] =
     "\n"
     "Converts one or more images (concatenated) into 'output' of format output_fmt (default\n"
     "raw). Only allocated data is read; zero areas stay unallocated in the target.\n"
-    "  -O fmt           output format: qcow2, vmdk, vdi, vpc, vhdx, qcow, raw\n"
+    "  -O fmt           output format: qcow2, vmdk, vdi, vpc, vhdx, qed, qcow, parallels, raw\n"
     "  -o options       output format options ('-o help' lists them)\n"
     "  -c               compress the output (qcow2: zlib or -o compression_type=zstd; qcow: zlib;\n"
     "                   vmdk streamOptimized is always compressed), on every core\n"

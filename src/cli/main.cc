@@ -36,12 +36,12 @@ void PrintUsage(FILE* out) {
                "Commands:\n",
                VIMGFS_VERSION);
   for (const Command& c : kCommands) std::fprintf(out, "  %s\n", c.synopsis);
-  std::fprintf(
-      out,
-      "\nFormats: qcow2, vmdk, vdi, vpc (VHD), vhdx, raw (detected from content unless -f is given).\n"
-      "Read-only, as in qemu: bochs, cloop, dmg (Apple disk images, known by their .dmg name).\n"
-      "Run 'vimgfs COMMAND --help' for a command's options, 'vimgfs mount --help'\n"
-      "for the mount options, and see vimgfs(1).\n");
+  std::fprintf(out,
+               "\nFormats: qcow2, vmdk, vdi, vpc (VHD), vhdx, qed, qcow, parallels, raw (detected from\n"
+               "content unless -f is given).\n"
+               "Read-only, as in qemu: bochs, cloop, dmg (Apple disk images, known by their .dmg name).\n"
+               "Run 'vimgfs COMMAND --help' for a command's options, 'vimgfs mount --help'\n"
+               "for the mount options, and see vimgfs(1).\n");
 }
 
 }  // namespace

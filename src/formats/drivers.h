@@ -16,5 +16,6 @@ const FormatDriver* BochsDriver();
 const FormatDriver* CloopDriver();
 const FormatDriver* QcowDriver();
 const FormatDriver* ParallelsDriver();
+const FormatDriver* QedDriver();
 
 }  // namespace vimgfs

@@ -9,8 +9,8 @@ namespace vimgfs {
 
 const std::vector<const FormatDriver*>& AllFormats() {
   static const std::vector<const FormatDriver*> formats = {
-      Qcow2Driver(),     VmdkDriver(),  VdiDriver(),   VpcDriver(), VhdxDriver(), QcowDriver(),
-      ParallelsDriver(), BochsDriver(), CloopDriver(), DmgDriver(), RawDriver(),
+      Qcow2Driver(), VmdkDriver(),      VdiDriver(),   VpcDriver(),   VhdxDriver(), QcowDriver(),
+      QedDriver(),   ParallelsDriver(), BochsDriver(), CloopDriver(), DmgDriver(),  RawDriver(),
   };
   return formats;
 }

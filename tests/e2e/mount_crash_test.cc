@@ -1,5 +1,5 @@
-// End-to-end crash test (qcow2, vdi, vmdk, vpc, vhdx, qcow, parallels): kill -9 the daemon at random points
-// during random writes, many times over the same image. After each crash qemu-img check must find no
+// End-to-end crash test (qcow2, vdi, vmdk, vpc, vhdx, qcow, parallels, qed): kill -9 the daemon at random
+// points during random writes, many times over the same image. After each crash qemu-img check must find no
 // corruption (leaks are allowed) and every write acknowledged by a completed fsync must be there.
 //
 // The model keeps, per 512-byte sector, the content known durable (as of the last
@@ -170,7 +170,7 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
 
 INSTANTIATE_TEST_SUITE_P(Formats, MountCrash,
                          ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow2+direct", "qcow",
-                                           "parallels"));
+                                           "parallels", "qed"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

@@ -440,8 +440,8 @@ TEST_P(MountIo, SignalsCloseCleanly) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, MountIo,
-                         ::testing::Values("raw", "qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow",
-                                           "parallels"));
+                         ::testing::Values("raw", "qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow", "parallels",
+                                           "qed"));
 
 }  // namespace
 }  // namespace vimgfs::e2e

@@ -177,6 +177,9 @@ const ExactCase kExactCases[] = {
     {"vhdx_fixed", "vhdx",
      "qemu-img create -q -f vhdx -o subformat=fixed,block_state_zero=off img 9M && "
      "qemu-io -f vhdx -c 'write -P 0xe4 4k 1M' -c 'write -P 0xe5 8M 512' img >/dev/null"},
+    {"qed", "qed",
+     "qemu-img create -q -f qed -o cluster_size=4k img 32M && qemu-io -f qed -c 'write -P 0xf1 0 1M' "
+     "-c 'write -P 0xf2 3000000 5000' -c 'write -z 5M 1M' img >/dev/null"},
 };
 
 void PrintTo(const ExactCase& c, std::ostream* os) { *os << c.name; }

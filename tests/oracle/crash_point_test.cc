@@ -414,6 +414,11 @@ std::vector<Case> Cases() {
   out.push_back({"qcow_commit", "qcow", {}, Chain("qcow", {}, top), Commit});
   for (const Opt& o : std::vector<Opt>{{"vmdk", {}}, {"vmdk_zeroed_grain", {{"zeroed_grain", "on"}}}})
     out.push_back({std::string("vmdk_commit_") + o.name, "vmdk", o.o, Chain("vmdk", o.o, top), Commit});
+  for (const Opt& o : std::vector<Opt>{{"qed", {{"cluster_size", "4096"}, {"table_size", "2"}}}}) {
+    out.push_back({std::string("qed_commit_") + o.name, "qed", o.o, Chain("qed", o.o, top), Commit});
+    out.push_back({std::string("qed_resize_grow_") + o.name, "qed", o.o, Plain("qed", o.o),
+                   [](Env* e) { return Resize(e, 2 * kDisk); }});
+  }
   return out;
 }
 

@@ -230,6 +230,7 @@ INSTANTIATE_TEST_SUITE_P(
                       FormatCase{"qcow2_lazy", "qcow2", {{"lazy_refcounts", "on"}}},
                       FormatCase{"vdi", "vdi", {}}, FormatCase{"vdi_static", "vdi", {{"static", "on"}}},
                       FormatCase{"vpc", "vpc", {}}, FormatCase{"vpc_fixed", "vpc", {{"subformat", "fixed"}}},
+                      FormatCase{"qed", "qed", {{"cluster_size", "4096"}, {"table_size", "2"}}},
                       FormatCase{"vhdx", "vhdx", {{"block_size", "1M"}}},
                       FormatCase{"vhdx_fixed", "vhdx", {{"subformat", "fixed"}, {"block_size", "1M"}}},
                       FormatCase{"vhdx_no_zero_state", "vhdx", {{"block_state_zero", "off"}}},
