@@ -48,25 +48,14 @@ const Desc* FindDesc(const std::vector<Desc>& descs, const std::string& name) {
   return nullptr;
 }
 
-// qemu's format drivers that create no images (vimgfs creates none of them either).
+// qemu's drivers that create no images and that vimgfs has no driver for. Read-only
+// formats vimgfs drives (bochs, cloop, dmg) say so by their traits.
 bool IsQemuReadOnlyFormat(const std::string& fmt) {
-  static const std::set<std::string> kNames = {"bochs",
-                                               "cloop",
-                                               "dmg",
-                                               "vvfat",
-                                               "blkdebug",
-                                               "blkverify",
-                                               "blklogwrites",
-                                               "null-co",
-                                               "null-aio",
-                                               "throttle",
-                                               "compress",
-                                               "copy-on-read",
-                                               "copy-before-write",
-                                               "preallocate",
-                                               "quorum",
-                                               "replication",
-                                               "snapshot-access"};
+  if (const FormatDriver* d = FindFormat(fmt)) return d->traits().read_only;
+  static const std::set<std::string> kNames = {
+      "vvfat",       "blkdebug", "blkverify",   "blklogwrites",   "null-co",
+      "null-aio",    "throttle", "compress",    "copy-on-read",   "copy-before-write",
+      "preallocate", "quorum",   "replication", "snapshot-access"};
   return kNames.count(fmt) > 0;
 }
 
