@@ -1,6 +1,8 @@
 // Data and metadata cases from qemu's qemu-iotests, each as a scenario run with vimgfs
 // and with qemu-img on copies of the same images, judged by qemu-img / qemu-io. The iotest
 // each one comes from is named above it.
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -350,6 +352,75 @@ TEST_F(CliIotestsTest, UnknownIncompatibleFeaturesAreListedAsQemuListsThem) {
     EXPECT_NE(q.err.find("Unsupported qcow2 feature(s): Unknown incompatible feature: "), std::string::npos);
     EXPECT_EQ(Message(v.err).substr(Message(v.err).find("Unsupported")),
               Message(q.err).substr(Message(q.err).find("Unsupported")));
+  }
+}
+
+// Writes `bytes` at `offset` of a file in the test folder (qemu-iotests' poke_file).
+void Poke(const std::string& path, uint64_t offset, const std::vector<uint8_t>& bytes) {
+  std::vector<uint8_t> img = ReadWholeFile(path);
+  if (img.size() < offset + bytes.size()) img.resize(offset + bytes.size(), 0);
+  std::copy(bytes.begin(), bytes.end(), img.begin() + static_cast<std::ptrdiff_t>(offset));
+  WriteWholeFile(path, img);
+}
+
+// iotests 108 and 039: check -r all rebuilds a refcount structure it cannot trust where
+// qemu rebuilds it (the first free clusters, so a file that cannot grow is rebuilt inside
+// itself), grows the file for a refcount block past its end, says what qemu-img says, and
+// clears the dirty and corrupt marks once nothing is left wrong.
+TEST_F(CliIotestsTest, RepairRebuildsRefcountsWhereAndAsQemuDoes) {
+  struct Case {
+    const char* name;
+    const char* make;  // shell, makes t.qcow2
+    std::vector<std::pair<uint64_t, std::vector<uint8_t>>> pokes;
+  };
+  const std::vector<Case> cases = {
+      {"no refcount table",
+       "qemu-img create -q -f qcow2 t.qcow2 64M && qemu-io -c 'write -P 42 0 64k' t.qcow2",
+       {{0x30, {0, 0, 0, 0, 0, 0, 0, 0}}, {0x38, {0, 0, 0, 0}}}},
+      {"refblock past the end, otherwise clean",
+       "qemu-img create -q -f qcow2 t.qcow2 64M",
+       {{0x10008, {0, 0, 0, 0, 0, 0x10, 0, 0}}, {0x20020, {0, 1}}}},
+      {"refblock past the end, unallocated",
+       "qemu-img create -q -f qcow2 t.qcow2 64M",
+       {{0x10008, {0, 0, 0, 0, 0, 0x10, 0, 0}}}},
+      {"refblock past INT64_MAX",
+       "qemu-img create -q -f qcow2 t.qcow2 64M",
+       {{0x10008, {0x7f, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0}}}},
+      {"header cluster counted free, room left in the file",
+       "qemu-img create -q -f qcow2 -o cluster_size=512 t.qcow2 1M && qemu-io -c 'write 0 64k' t.qcow2 && "
+       "truncate -s +256K t.qcow2",
+       {}},  // the first refblock's first entry is zeroed below
+      {"dirty lazy-refcount image",
+       "qemu-img create -q -f qcow2 -o compat=1.1,lazy_refcounts=on t.qcow2 128M && "
+       "(qemu-io -c 'write -P 0x5a 0 512' -c 'sigraise 9' t.qcow2 >/dev/null 2>&1; true)",
+       {}},
+      {"corrupt mark and a leak",
+       "qemu-img create -q -f qcow2 t.qcow2 1M && qemu-io -c 'write 0 64k' t.qcow2",
+       {{79, {0x02}}, {0x20006, {0, 2}}}},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    MustSh("rm -f t.qcow2 v.qcow2 q.qcow2 && " + std::string(c.make));
+    for (const auto& [offset, bytes] : c.pokes) Poke(F("t.qcow2"), offset, bytes);
+    if (std::string(c.name).starts_with("header cluster")) {
+      std::vector<uint8_t> img = ReadWholeFile(F("t.qcow2"));
+      auto be64 = [&](size_t at) {
+        uint64_t v = 0;
+        for (int i = 0; i < 8; i++) v = v << 8 | img[at + i];
+        return v;
+      };
+      Poke(F("t.qcow2"), be64(be64(48)), {0, 0});
+    }
+    Copies("t.qcow2");
+    Both("check -r all");
+    std::vector<uint8_t> v = ReadWholeFile(F("v.qcow2")), q = ReadWholeFile(F("q.qcow2"));
+    // Where the new refcount table went (offset and clusters), and the feature marks.
+    EXPECT_EQ(std::vector<uint8_t>(v.begin() + 48, v.begin() + 60),
+              std::vector<uint8_t>(q.begin() + 48, q.begin() + 60));
+    EXPECT_EQ(std::vector<uint8_t>(v.begin() + 72, v.begin() + 80),
+              std::vector<uint8_t>(q.begin() + 72, q.begin() + 80));
+    EXPECT_EQ(v.size(), q.size());
+    ExpectSame();
   }
 }
 

@@ -3,6 +3,8 @@
 // rebuild of the whole refcount structure when the refcount blocks themselves are bad;
 // and the recount of dirty lazy-refcount images.
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <map>
 
 #include "formats/qcow2/qcow2_internal.h"
@@ -37,6 +39,8 @@ class Counter {
         cs_(1ull << cluster_bits),
         file_size_(file_size),
         max_(std::min<uint64_t>(refcount_max, UINT32_MAX)) {}
+
+  void SetFileSize(uint64_t file_size) { file_size_ = file_size; }
 
   // Adds `times` references to every cluster [off, off+len) touches.
   void Add(uint64_t off, uint64_t len, uint64_t times = 1) {
@@ -82,8 +86,19 @@ Result<std::vector<uint64_t>> Qcow2Map::ReadTableForCheck(uint64_t off, uint64_t
   return out;
 }
 
+std::string Qcow2Map::GrowFileToCover(uint64_t block_offset) {
+  // qemu's wording is strerror's: an end past INT64_MAX is EINVAL, and so is a count of
+  // clusters this check could not hold in memory.
+  if (block_offset > uint64_t{INT64_MAX} - cluster_size_ ||
+      ((block_offset + cluster_size_) >> cluster_bits_) > kMaxCheckedClusters)
+    return std::strerror(EINVAL);
+  Status s = file_->Truncate(block_offset + cluster_size_);
+  if (!s.ok()) return std::strerror(s.err() ? s.err() : EIO);
+  return {};
+}
+
 Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* report, RepairMode mode,
-                                 bool* rebuild, bool count_refcount_structure) {
+                                 bool* rebuild) {
   ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
   uint64_t n = DivRoundUp(file_size, cluster_size_);
   if (n > kMaxCheckedClusters)
@@ -260,7 +275,7 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
   }
 
   if (snap_bytes) cnt.Add(header_.snapshots_offset, snap_bytes);
-  if (count_refcount_structure) cnt.Add(header_.refcount_table_offset, reftable_.size() * 8);
+  cnt.Add(header_.refcount_table_offset, reftable_.size() * 8);
 
   if (header_.bitmaps_ext && header_.bitmaps_ext->size() >= 24) {
     const std::byte* p = header_.bitmaps_ext->data();
@@ -288,7 +303,6 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
     }
   }
 
-  if (!count_refcount_structure) return Status::Ok();
   // The refcount blocks, judged by their raw table entries as qemu does.
   for (uint64_t i = 0; i < reftable_.size(); i++) {
     if (reftable_[i] & kRefTableReserved) {
@@ -309,8 +323,22 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
     }
     if ((e >> cluster_bits_) >= refs->size()) {
       report->corruptions++;
-      Report(report, fmt::format("ERROR refcount block {} is outside image", i));
-      *rebuild = true;
+      const bool fix = mode == RepairMode::kAll;
+      Report(report, fmt::format("{} refcount block {} is outside image", fix ? "Repairing" : "ERROR", i));
+      if (!fix) continue;
+      // As qemu does: grow the file so the block exists (reading zeros); if that fails,
+      // the structure is rebuilt without it.
+      if (std::string why = GrowFileToCover(e); !why.empty()) {
+        Report(report, fmt::format("ERROR could not resize image: {}", why));
+        *rebuild = true;
+        continue;
+      }
+      ASSIGN_OR_RETURN(file_size, file_->Size());
+      cnt.SetFileSize(file_size);
+      refs->resize(DivRoundUp(file_size, cluster_size_), 0);
+      report->corruptions--;
+      report->corruptions_fixed++;
+      cnt.Add(e, cluster_size_);
       continue;
     }
     if (e == 0) continue;
@@ -360,54 +388,100 @@ Status Qcow2Map::CompareRefcounts(const std::vector<uint32_t>& refs, RepairMode 
   return Status::Ok();
 }
 
-Status Qcow2Map::RebuildRefcountStructure() {
-  std::vector<uint32_t> refs;
-  CheckReport scratch;
-  bool unused = false;
-  RETURN_IF_ERROR(CountReferences(&refs, &scratch, RepairMode::kNone, &unused, false));
-  ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
-  // The new blocks and table go past everything in use; they must count themselves.
-  const uint64_t start = std::max<uint64_t>(refs.size(), DivRoundUp(file_size, cluster_size_));
-  const uint64_t per_table_cluster = cluster_size_ / 8;
-  uint64_t blocks = 0, table_clusters = 0;
-  for (;;) {
-    uint64_t b = DivRoundUp(start + blocks + table_clusters, refblock_entries_);
-    uint64_t t = DivRoundUp(b, per_table_cluster);
-    if (b == blocks && t == table_clusters) break;
-    blocks = b;
-    table_clusters = t;
-  }
-  if (table_clusters * cluster_size_ > limits::kMaxRefTableBytes)
-    return Status::NoSpace("'{}': a rebuilt refcount table would exceed {} bytes", path_,
-                           limits::kMaxRefTableBytes);
-  const uint64_t end = start + blocks + table_clusters;
-  refs.resize(end, 0);
-  for (uint64_t c = start; c < end; c++) refs[c] = 1;
+namespace {
 
-  std::vector<uint64_t> table(table_clusters * per_table_cluster, 0);
-  std::vector<std::byte> buf(cluster_size_);
-  for (uint64_t b = 0; b < blocks; b++) {
-    std::fill(buf.begin(), buf.end(), std::byte{0});
-    for (uint64_t i = 0; i < refblock_entries_ && b * refblock_entries_ + i < end; i++)
-      WriteRefcountEntry(buf.data(), i, refcount_bits_,
-                         std::min<uint64_t>(refs[b * refblock_entries_ + i], refcount_max_));
-    table[b] = (start + b) << cluster_bits_;
-    RETURN_IF_ERROR(file_->PWrite(table[b], buf, IoTag::kRefBlock));
+// First fit of `count` clusters in the in-memory refcounts, from *first_free on, as qemu's
+// rebuild allocates (so a rebuilt image has qemu's layout, and a file that cannot grow,
+// such as a block device, is rebuilt inside itself when it has room). *first_free ends at
+// the first free cluster seen.
+uint64_t AllocInMemory(std::vector<uint32_t>* refs, uint64_t count, uint64_t* first_free) {
+  uint64_t c = *first_free, run = 0;
+  bool first_gap = true;
+  for (; c < refs->size() && run < count; c++) {
+    if ((*refs)[c] != 0) {
+      run = 0;
+      continue;
+    }
+    run++;
+    if (first_gap) {
+      *first_free = c;
+      first_gap = false;
+    }
   }
+  if (run < count) refs->resize(c + count - run, 0);
+  c -= run;
+  for (uint64_t i = 0; i < count; i++) (*refs)[c + i] = 1;
+  return c;
+}
+
+}  // namespace
+
+Result<bool> Qcow2Map::WriteRebuiltRefblocks(std::vector<uint32_t>* refs, uint64_t first, uint64_t end,
+                                             std::vector<uint64_t>* table) {
+  const uint64_t per_table_cluster = cluster_size_ / 8;
+  uint64_t first_free = 0;
+  bool grown = false;
+  std::vector<std::byte> buf(cluster_size_);
+  for (uint64_t c = first; c < end && c < refs->size(); c++) {
+    if ((*refs)[c] == 0) continue;
+    const uint64_t index = c / refblock_entries_;
+    const uint64_t block_start = index * refblock_entries_;
+    if (index >= table->size() || (*table)[index] == 0) {
+      // Never inside a block already written: its counts would miss the new block.
+      first_free = std::max(first_free, block_start);
+      const uint64_t at = AllocInMemory(refs, 1, &first_free);
+      end = std::max(end, at + 1);  // the block counting this block must be written too
+      if (index >= table->size()) {
+        uint64_t entries = AlignUp(index + 1, per_table_cluster);
+        if (entries * 8 > limits::kMaxRefTableBytes)
+          return Status::NoSpace("'{}': a rebuilt refcount table would exceed {} bytes", path_,
+                                 limits::kMaxRefTableBytes);
+        table->resize(entries, 0);
+        grown = true;
+      }
+      (*table)[index] = at << cluster_bits_;
+    }
+    std::fill(buf.begin(), buf.end(), std::byte{0});
+    for (uint64_t i = 0; i < refblock_entries_ && block_start + i < refs->size(); i++)
+      WriteRefcountEntry(buf.data(), i, refcount_bits_,
+                         std::min<uint64_t>((*refs)[block_start + i], refcount_max_));
+    RETURN_IF_ERROR(file_->PWrite((*table)[index], buf, IoTag::kRefBlock));
+    c = block_start + refblock_entries_ - 1;
+  }
+  return grown;
+}
+
+Status Qcow2Map::RebuildRefcountStructure(std::vector<uint32_t>* refs) {
+  // `refs` counts every reference, the old structure's included, so the new blocks and
+  // table go only where nothing lives; the old structure stays intact until the header
+  // switches, and is a leak afterwards (the caller frees it).
+  RETURN_IF_ERROR(FlushAll());
+  std::vector<uint64_t> table;
+  ASSIGN_OR_RETURN(bool grown, WriteRebuiltRefblocks(refs, 0, refs->size(), &table));
+  uint64_t table_cluster = 0, table_clusters = 0;
+  do {
+    // The table's own clusters need counting, which may need a block, which may grow
+    // the table: until it stops growing. Earlier tries stay allocated (leaks).
+    table_clusters = DivRoundUp(table.size() * 8, cluster_size_);
+    uint64_t first_free = 0;
+    table_cluster = AllocInMemory(refs, table_clusters, &first_free);
+    ASSIGN_OR_RETURN(grown,
+                     WriteRebuiltRefblocks(refs, table_cluster, table_cluster + table_clusters, &table));
+  } while (grown);
+
   std::vector<std::byte> raw(table.size() * 8);
   for (size_t i = 0; i < table.size(); i++) StoreBE64(raw.data() + i * 8, table[i]);
-  RETURN_IF_ERROR(file_->PWrite((start + blocks) << cluster_bits_, raw, IoTag::kRefTable));
+  RETURN_IF_ERROR(file_->PWrite(table_cluster << cluster_bits_, raw, IoTag::kRefTable));
+  // The new structure is durable before the header names it.
   RETURN_IF_ERROR(file_->Sync(true));
-
-  // Switch to the new structure; the old blocks are no longer looked at (nor written).
-  header_.refcount_table_offset = (start + blocks) << cluster_bits_;
+  header_.refcount_table_offset = table_cluster << cluster_bits_;
   header_.refcount_table_clusters = static_cast<uint32_t>(table_clusters);
   RETURN_IF_ERROR(WriteHeader());
   RETURN_IF_ERROR(file_->Sync(true));
   reftable_ = std::move(table);
   ref_cache_ = std::make_unique<TableCache>(file_.get(), static_cast<uint32_t>(cluster_size_),
                                             ref_cache_->max_tables(), IoTag::kRefBlock);
-  host_end_ = std::max(host_end_, end << cluster_bits_);
+  host_end_ = std::max(host_end_, uint64_t{refs->size()} << cluster_bits_);
   free_hint_ = 0;
   return Status::Ok();
 }
@@ -511,19 +585,26 @@ Result<CheckReport> Qcow2Map::Check(RepairMode mode) {
   RETURN_IF_ERROR(CompareRefcounts(refs, RepairMode::kNone, &r, &rebuild));
   if (rebuild && mode == RepairMode::kAll) {
     Report(&r, "Rebuilding refcount structure");
-    RETURN_IF_ERROR(RebuildRefcountStructure());
-    // Everything found so far is repaired by the rebuild or found again by a recount.
-    CheckReport again;
+    Status rebuilt = RebuildRefcountStructure(&refs);
+    if (!rebuilt.ok()) {
+      free_hint_ = 0;
+      return rebuilt;
+    }
+    // As qemu: count again against the new structure; the old one is now leaked and is
+    // freed, and only what that could not free stays a finding.
+    const CheckReport found = r;
+    r.corruptions = 0;
+    r.leaks = 0;
     bool still = false;
-    RETURN_IF_ERROR(CountReferences(&refs, &again, RepairMode::kNone, &still));
-    RETURN_IF_ERROR(CompareRefcounts(refs, RepairMode::kAll, &again, &still));
-    r.corruptions_fixed += std::max<int64_t>(r.corruptions - again.corruptions, 0);
-    r.leaks_fixed += std::max<int64_t>(r.leaks - again.leaks, 0);
-    r.corruptions = again.corruptions;
-    r.leaks = again.leaks;
-    r.check_errors = again.check_errors;
-    r.image_end_offset = again.image_end_offset;
-    for (std::string& m : again.messages) Report(&r, std::move(m));
+    RETURN_IF_ERROR(CountReferences(&refs, &r, RepairMode::kNone, &still));
+    CheckReport leak_fix;
+    RETURN_IF_ERROR(CompareRefcounts(refs, RepairMode::kLeaks, &leak_fix, &still));
+    for (std::string& m : leak_fix.messages) Report(&r, std::move(m));
+    if (still) Report(&r, "ERROR rebuilt refcount structure is still broken");
+    if (r.corruptions < found.corruptions) r.corruptions_fixed += found.corruptions - r.corruptions;
+    if (r.leaks < found.leaks) r.leaks_fixed += found.leaks - r.leaks;
+    r.leaks += leak_fix.leaks;
+    r.image_end_offset = leak_fix.image_end_offset;
   } else if (mode != RepairMode::kNone) {
     if (rebuild) {
       // Freeing leaks cannot be trusted while counts of referenced clusters are missing.
@@ -531,8 +612,11 @@ Result<CheckReport> Qcow2Map::Check(RepairMode mode) {
       return Status::Io("ERROR need to rebuild refcount structures\nInput/output error");
     }
     if (r.leaks || r.corruptions) {
+      // Again, repairing this time; what the first pass said stays said (qemu prints it).
       uint64_t end = r.image_end_offset;
+      std::vector<std::string> said = std::move(r.messages);
       r = before;
+      r.messages = std::move(said);
       RETURN_IF_ERROR(CompareRefcounts(refs, mode, &r, &rebuild));
       r.image_end_offset = end;
     }
@@ -545,7 +629,18 @@ Result<CheckReport> Qcow2Map::Check(RepairMode mode) {
     for (const Snapshot& s : snapshots_) incomplete |= v3_ && s.extra.size() < 16;
     if (incomplete) RETURN_IF_ERROR(WriteSnapshotTable(*this, snapshots_));
   }
-  if (mode != RepairMode::kNone) RETURN_IF_ERROR(FlushAll());
+  if (mode == RepairMode::kNone) return r;
+  RETURN_IF_ERROR(FlushAll());
+  // A repair that leaves nothing wrong makes the image clean and consistent again, as
+  // qemu's does: the lazy-refcount dirty mark and the corrupt mark go.
+  constexpr uint64_t kMarks = kIncompatDirty | kIncompatCorrupt;
+  if (r.check_errors == 0 && r.corruptions == 0 && (header_.incompatible_features & kMarks)) {
+    header_.incompatible_features &= ~kMarks;
+    RETURN_IF_ERROR(WriteHeader());
+    RETURN_IF_ERROR(file_->Sync(true));
+    corrupt_ = false;
+    clear_dirty_on_close_ = false;
+  }
   return r;
 }
 

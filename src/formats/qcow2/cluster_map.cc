@@ -34,7 +34,10 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   m->corrupt_ = h.incompatible_features & kIncompatCorrupt;
   m->size_ = h.size;
   m->snapshot_view_ = !ctx.options.snapshot.empty();
-  m->read_only_ = ctx.options.read_only || m->snapshot_view_ || !m->file_->writable() || m->corrupt_;
+  // A corrupt image opens read-write only for check -r, which may clear the mark (qemu's
+  // BDRV_O_CHECK).
+  m->read_only_ = ctx.options.read_only || m->snapshot_view_ || !m->file_->writable() ||
+                  (m->corrupt_ && !ctx.options.for_check);
   m->host_end_ = AlignUp(file_size, m->cluster_size_);
 
   if (h.has_data_file()) {
@@ -94,8 +97,9 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
 
   if (!m->read_only_) {
     bool rewrite = false;
-    if (h.incompatible_features & kIncompatDirty) {
+    if ((h.incompatible_features & kIncompatDirty) && !ctx.options.for_check) {
       // Lazy refcounts left the counts stale: recount from the tables before any write.
+      // (check -r finds and repairs them itself, and says so, as qemu-img does.)
       RETURN_IF_ERROR(m->RebuildRefcounts().WithContext("'{}': repairing refcounts of a dirty image", path));
       h.incompatible_features &= ~kIncompatDirty;
       rewrite = true;

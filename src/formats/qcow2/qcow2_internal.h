@@ -266,16 +266,21 @@ class Qcow2Map final : public ClusterMap {
   // Check (check.cc), step by step as qemu-img check goes.
   // Counts references of every cluster reachable from the header into `refs` and reports
   // what is wrong with the tables on the way. -r all repairs what it can in place. Sets
-  // *rebuild when the refcount blocks themselves cannot be trusted. Without
-  // count_refcount_structure the refcount table and blocks are left out (a new structure
-  // is about to replace them).
-  Status CountReferences(std::vector<uint32_t>* refs, CheckReport* report, RepairMode mode, bool* rebuild,
-                         bool count_refcount_structure = true);
+  // *rebuild when the refcount blocks themselves cannot be trusted.
+  Status CountReferences(std::vector<uint32_t>* refs, CheckReport* report, RepairMode mode, bool* rebuild);
   // Stored refcounts against `refs`: leaks and corruptions, fixed as `mode` allows.
   Status CompareRefcounts(const std::vector<uint32_t>& refs, RepairMode mode, CheckReport* r, bool* rebuild);
-  // Writes a whole new refcount table and blocks past the end of the file from the
-  // references the tables make, and switches the header to them.
-  Status RebuildRefcountStructure();
+  // Writes a whole new refcount table and blocks from `refs` (every reference counted,
+  // the old structure's included), placed first-fit in clusters nothing uses as qemu
+  // places them, and switches the header to them. `refs` gains the new clusters.
+  Status RebuildRefcountStructure(std::vector<uint32_t>* refs);
+  // The refcount blocks of `refs` that hold a count in clusters [first, end), allocating
+  // blocks (and table entries) as needed; true when the table had to grow.
+  Result<bool> WriteRebuiltRefblocks(std::vector<uint32_t>* refs, uint64_t first, uint64_t end,
+                                     std::vector<uint64_t>* table);
+  // Grows the file so a refcount block at block_offset lies inside it (check -r all);
+  // the cause as strerror words when it cannot, else empty.
+  std::string GrowFileToCover(uint64_t block_offset);
   // OFLAG_COPIED of the active L1 and L2 entries against the refcounts.
   Status CheckCopiedFlags(RepairMode mode, CheckReport* r);
   // `entries` big-endian words at off; zeros past the end of the file.
