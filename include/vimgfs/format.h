@@ -156,6 +156,10 @@ struct CheckReport {
   uint64_t fragmented_clusters = 0;
   uint64_t compressed_clusters = 0;
   std::vector<std::string> messages;  // "ERROR cluster 5 refcount=0 reference=1" lines
+  // Set when the check could not go on (qemu-img: "Check failed: <failure>", exit 1);
+  // error_reports are then the program's own error lines, printed before the messages.
+  std::string failure;
+  std::vector<std::string> error_reports;
 };
 
 enum class RepairMode { kNone, kLeaks, kAll };

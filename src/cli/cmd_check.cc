@@ -124,6 +124,12 @@ int RunCheck(int argc, char** argv) {
     return 1;
   }
   CheckReport r = *res;
+  if (!r.failure.empty()) {
+    for (const std::string& e : r.error_reports) PrintError(e);
+    for (const std::string& m : r.messages) std::fprintf(stderr, "%s\n", m.c_str());
+    PrintError(fmt::format("Check failed: {}", r.failure));
+    return 1;
+  }
   for (const std::string& m : r.messages) std::fprintf(stderr, "%s\n", m.c_str());
   int64_t leaks_fixed = r.leaks_fixed, corruptions_fixed = r.corruptions_fixed;
   if (mode != RepairMode::kNone && (leaks_fixed || corruptions_fixed)) {

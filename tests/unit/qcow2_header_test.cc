@@ -164,7 +164,7 @@ TEST_F(Qcow2Hostile, OtherHeaderFields) {
   ExpectOpenError("virtual size");
   Put64(24, 16 << 20);
   Put32(60, 1000000);
-  ExpectOpenError("snapshots");
+  ExpectOpenError("Snapshot table too large");
   Put32(60, 1);
   Put64(64, 1ull << 40);
   ExpectOpenError("snapshot table offset");

@@ -140,24 +140,13 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
   };
   RETURN_IF_ERROR(walk_l1(header_.l1_table_offset, header_.l1_size, true));
 
-  // Version 3 entries carry at least the large VM state size and the disk size (qemu:
-  // "incomplete" otherwise; version 2 needs neither); -r all rewrites the table (Check,
-  // once refcounts are right).
-  for (size_t i = 0; i < snapshots_.size() && v3_; i++) {
-    if (snapshots_[i].extra.size() >= 16) continue;
-    Report(report, fmt::format("{} snapshot table entry {} is incomplete",
-                               mode == RepairMode::kAll ? "Repairing" : "ERROR", i));
-    (mode == RepairMode::kAll ? report->corruptions_fixed : report->corruptions)++;
-  }
   if (data_file && !snapshots_.empty()) {
     report->corruptions++;
     Report(report, fmt::format("ERROR {} snapshots in image with data file", snapshots_.size()));
   }
-  uint64_t snap_bytes = 0;
+  const uint64_t snap_bytes = SnapshotTableExtent(snapshots_);
   for (size_t i = 0; i < snapshots_.size(); i++) {
     const Snapshot& s = snapshots_[i];
-    uint64_t entry = 40 + s.extra.size() + s.id.size() + s.name.size();
-    snap_bytes += i + 1 < snapshots_.size() ? AlignUp(entry, 8) : entry;  // the last one unpadded
     if (!IsAligned(s.l1_table_offset, cluster_size_)) {
       report->corruptions++;
       Report(report, fmt::format("ERROR snapshot {} ({}) l1_offset={:#x}: L1 table is not cluster aligned; "
@@ -574,6 +563,51 @@ Result<CheckReport> Qcow2Map::Check(RepairMode mode) {
   CheckReport r;
   if (mode != RepairMode::kNone) RETURN_IF_ERROR(CheckWritable());
   r.total_clusters = DivRoundUp(size_, cluster_size_);
+  // The snapshot table first, as qemu reads it: past its limits only -r all goes on, by
+  // dropping what is past them.
+  bool rewrite_snapshot_table = false;
+  if (!snapshot_table_error_.ok()) {
+    std::string why = snapshot_table_error_.message();
+    if (why.starts_with("'" + path_ + "': ")) why = why.substr(path_.size() + 4);
+    if (mode != RepairMode::kAll) {
+      // qemu stops here: its error line, the hint, "Check failed: File too large".
+      const bool too_many = header_.nb_snapshots > limits::kMaxSnapshots;
+      const size_t nl = why.find('\n');
+      r.error_reports.push_back(fmt::format(
+          "ERROR {}{}", too_many ? "" : "failed to read the snapshot table: ", why.substr(0, nl)));
+      if (nl != std::string::npos) Report(&r, why.substr(nl + 1));
+      r.check_errors++;
+      r.failure = std::strerror(EFBIG);
+      return r;
+    }
+    ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+    SnapshotTableRepair fix;
+    ASSIGN_OR_RETURN(snapshots_,
+                     ParseSnapshotTable(*file_, path_, header_, file_size, SnapshotRead::kRepair, &fix));
+    for (std::string& m : fix.messages) Report(&r, std::move(m));
+    if (fix.discarded) {
+      // The header first: the refcount check below counts what it names (the dropped
+      // snapshots' clusters become leaks it frees).
+      header_.nb_snapshots = static_cast<uint32_t>(snapshots_.size());
+      RETURN_IF_ERROR(WriteHeader());
+      RETURN_IF_ERROR(file_->Sync(true));
+      r.corruptions_fixed += static_cast<int64_t>(fix.discarded);
+    }
+    // Entries cut short are written anew once refcounts are right.
+    r.corruptions_fixed += static_cast<int64_t>(fix.extra_dropped);
+    rewrite_snapshot_table = fix.extra_dropped != 0;
+    snapshot_table_error_ = Status::Ok();
+  }
+  // Version 3 entries carry at least the large VM state size and the disk size (qemu:
+  // "incomplete" otherwise; version 2 needs neither); -r all rewrites the table once
+  // refcounts are right.
+  for (size_t i = 0; i < snapshots_.size() && v3_; i++) {
+    if (snapshots_[i].extra.size() >= 16) continue;
+    Report(&r, fmt::format("{} snapshot table entry {} is incomplete",
+                           mode == RepairMode::kAll ? "Repairing" : "ERROR", i));
+    (mode == RepairMode::kAll ? r.corruptions_fixed : r.corruptions)++;
+    rewrite_snapshot_table |= mode == RepairMode::kAll;
+  }
   std::vector<uint32_t> refs;
   bool rebuild = false;
   RETURN_IF_ERROR(CountReferences(&refs, &r, mode, &rebuild));
@@ -625,9 +659,7 @@ Result<CheckReport> Qcow2Map::Check(RepairMode mode) {
 
   if (!snapshot_view_) RETURN_IF_ERROR(CheckCopiedFlags(mode, &r));
   if (mode == RepairMode::kAll) {
-    bool incomplete = false;
-    for (const Snapshot& s : snapshots_) incomplete |= v3_ && s.extra.size() < 16;
-    if (incomplete) RETURN_IF_ERROR(WriteSnapshotTable(*this, snapshots_));
+    if (rewrite_snapshot_table) RETURN_IF_ERROR(WriteSnapshotTable(*this, snapshots_));
   }
   if (mode == RepairMode::kNone) return r;
   RETURN_IF_ERROR(FlushAll());

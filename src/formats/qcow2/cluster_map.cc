@@ -53,7 +53,17 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
     m->data_ = m->file_.get();
   }
 
-  ASSIGN_OR_RETURN(m->snapshots_, ParseSnapshotTable(*m->file_, path, h, file_size, ctx.options.for_check));
+  if (ctx.options.for_check) {
+    // What qemu's limits refuse is the check's to report (and check -r all's to drop).
+    auto snaps = ParseSnapshotTable(*m->file_, path, h, file_size, SnapshotRead::kCheck);
+    if (snaps.ok()) {
+      m->snapshots_ = std::move(*snaps);
+    } else {
+      m->snapshot_table_error_ = snaps.error();
+    }
+  } else {
+    ASSIGN_OR_RETURN(m->snapshots_, ParseSnapshotTable(*m->file_, path, h, file_size, SnapshotRead::kOpen));
+  }
 
   uint64_t l1_offset = h.l1_table_offset;
   uint64_t l1_size = h.l1_size;
@@ -121,13 +131,29 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
 }
 
 Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path, const Header& h,
-                                                 uint64_t file_size, bool for_check) {
+                                                 uint64_t file_size, SnapshotRead how,
+                                                 SnapshotTableRepair* repair) {
+  const bool for_check = how != SnapshotRead::kOpen;
   // For check, entries past the end of the file read as zeros, as qemu reads them.
   const uint64_t end = for_check ? uint64_t{INT64_MAX} : file_size;
+  uint64_t count = h.nb_snapshots;
+  if (count > limits::kMaxSnapshots) {
+    if (how != SnapshotRead::kRepair)
+      return Status::InvalidFormat(
+          "'{}': snapshot table too large\nYou can force-remove all {} overhanging snapshots with qemu-img "
+          "check -r all",
+          path, count - limits::kMaxSnapshots);
+    repair->messages.push_back(
+        fmt::format("Discarding {} overhanging snapshots", count - limits::kMaxSnapshots));
+    repair->discarded += count - limits::kMaxSnapshots;
+    count = limits::kMaxSnapshots;
+  }
   std::vector<Snapshot> out;
   uint64_t pos = h.snapshots_offset;
-  uint64_t total = 0;
-  for (uint32_t i = 0; i < h.nb_snapshots; i++) {
+  uint64_t table_length = 0;  // as qemu counts it: what is kept of each entry
+  for (uint64_t i = 0; i < count; i++) {
+    pos = AlignUp(pos, 8);
+    table_length = AlignUp(table_length, 8);
     std::byte fixed[40];
     if (pos + 40 > end)
       return Status::InvalidFormat("'{}': snapshot table is past the end of the file", path);
@@ -141,24 +167,50 @@ Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& 
     s.date_nsec = LoadBE32(fixed + 20);
     s.vm_clock_nsec = LoadBE64(fixed + 24);
     s.vm_state_size = LoadBE32(fixed + 32);
-    uint32_t extra_len = LoadBE32(fixed + 36);
-    uint64_t entry = AlignUp(40ull + extra_len + id_len + name_len, 8);
-    total += entry;
-    if (extra_len > limits::kMaxHeaderExtensionBytes || total > limits::kMaxSnapshotTableBytes ||
-        pos + 40 + extra_len + id_len + name_len > end)  // qemu leaves the last entry unpadded
-      return Status::InvalidFormat("'{}': snapshot table entry {} is invalid or past the end of the file",
-                                   path, i);
-    std::vector<std::byte> rest(entry - 40);
-    RETURN_IF_ERROR(file.PRead(pos + 40, rest));
-    s.extra.assign(rest.begin(), rest.begin() + extra_len);
-    if (extra_len >= 8) s.vm_state_size = LoadBE64(s.extra.data());
-    if (extra_len >= 16) {
+    const uint32_t extra_len = LoadBE32(fixed + 36);
+    uint32_t kept_extra = extra_len;
+    if (extra_len > kMaxSnapshotExtraData) {
+      if (how != SnapshotRead::kRepair)
+        return Status::InvalidFormat(
+            "'{}': Too much extra metadata in snapshot table entry {}\nYou can force-remove this extra "
+            "metadata with qemu-img check -r all",
+            path, i);
+      repair->messages.push_back(
+          fmt::format("Discarding too much extra metadata in snapshot table entry {} "
+                      "({} > {})",
+                      i, extra_len, kMaxSnapshotExtraData));
+      repair->extra_dropped++;
+      kept_extra = kMaxSnapshotExtraData;
+      s.dropped_extra = extra_len - kept_extra;
+    }
+    const uint64_t entry_end = pos + 40 + uint64_t{extra_len} + id_len + name_len;
+    if (entry_end > end)
+      return Status::InvalidFormat("'{}': snapshot table entry {} is past the end of the file", path, i);
+    table_length += 40 + uint64_t{kept_extra} + id_len + name_len;
+    if (table_length > limits::kMaxSnapshotTableBytes || entry_end - h.snapshots_offset > INT32_MAX) {
+      if (how != SnapshotRead::kRepair)
+        return Status::InvalidFormat(
+            "'{}': Snapshot table is too big\nYou can force-remove all {} overhanging snapshots with "
+            "qemu-img check -r all",
+            path, count - i);
+      repair->messages.push_back(
+          fmt::format("Discarding {} overhanging snapshots (snapshot table is too big)", count - i));
+      repair->discarded += count - i;
+      break;
+    }
+    std::vector<std::byte> extra(kept_extra);
+    RETURN_IF_ERROR(file.PRead(pos + 40, extra));
+    std::vector<std::byte> names(uint64_t{id_len} + name_len);
+    RETURN_IF_ERROR(file.PRead(pos + 40 + extra_len, names));
+    s.extra = std::move(extra);
+    if (kept_extra >= 8) s.vm_state_size = LoadBE64(s.extra.data());
+    if (kept_extra >= 16) {
       s.disk_size = LoadBE64(s.extra.data() + 8);
       s.has_disk_size = true;
     }
-    if (extra_len >= 24) s.icount = LoadBE64(s.extra.data() + 16);
-    s.id.assign(reinterpret_cast<const char*>(rest.data() + extra_len), id_len);
-    s.name.assign(reinterpret_cast<const char*>(rest.data() + extra_len + id_len), name_len);
+    if (kept_extra >= 24) s.icount = LoadBE64(s.extra.data() + 16);
+    s.id.assign(reinterpret_cast<const char*>(names.data()), id_len);
+    s.name.assign(reinterpret_cast<const char*>(names.data() + id_len), name_len);
     if (!s.has_disk_size) s.disk_size = h.size;
     uint64_t cs = h.cluster_size();
     if (for_check) {
@@ -171,9 +223,19 @@ Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& 
                                    s.l1_table_offset);
     }
     out.push_back(std::move(s));
-    pos += entry;
+    pos = entry_end;
   }
   return out;
+}
+
+uint64_t SnapshotTableExtent(const std::vector<Snapshot>& snaps) {
+  uint64_t bytes = 0;
+  for (size_t i = 0; i < snaps.size(); i++) {
+    const Snapshot& s = snaps[i];
+    uint64_t entry = 40 + s.extra.size() + s.dropped_extra + s.id.size() + s.name.size();
+    bytes += i + 1 < snaps.size() ? AlignUp(entry, 8) : entry;  // the last one unpadded
+  }
+  return bytes;
 }
 
 std::vector<std::byte> SerializeSnapshotTable(const std::vector<Snapshot>& snaps) {

@@ -170,11 +170,29 @@ struct Snapshot {
   bool has_disk_size = false;
   uint64_t icount = UINT64_MAX;
   std::vector<std::byte> extra;  // extra data as stored (preserved)
+  // Extra data on disk past the 1024 bytes kept (check -r all drops it when it rewrites
+  // the table); the entry still spans it until then.
+  uint64_t dropped_extra = 0;
 };
 
-// With `for_check` the entries' L1 tables are not validated: the check reports them.
+// How a snapshot table is read. kOpen: as an image is opened (tables validated, qemu's
+// limits refuse the open with its words and hint); kCheck: entries past the end of the
+// file read as zeros and their L1 tables are left to the check; kRepair: kCheck, and
+// what qemu's limits refuse is dropped instead, as check -r all drops it.
+enum class SnapshotRead { kOpen, kCheck, kRepair };
+// What kRepair dropped: the messages qemu prints, snapshots discarded, entries cut short.
+struct SnapshotTableRepair {
+  std::vector<std::string> messages;
+  uint64_t discarded = 0;
+  uint64_t extra_dropped = 0;
+};
+// qemu's limits on the table (QCOW_MAX_SNAPSHOTS, its 64 MiB, 1 KiB of extra data each).
+inline constexpr uint32_t kMaxSnapshotExtraData = 1024;
 Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path, const Header& h,
-                                                 uint64_t file_size, bool for_check = false);
+                                                 uint64_t file_size, SnapshotRead how,
+                                                 SnapshotTableRepair* repair = nullptr);
+// Bytes the table spans on disk as read (the last entry unpadded, as qemu writes it).
+uint64_t SnapshotTableExtent(const std::vector<Snapshot>& snaps);
 std::vector<std::byte> SerializeSnapshotTable(const std::vector<Snapshot>& snaps);
 
 // ---- the map ----
@@ -306,6 +324,8 @@ class Qcow2Map final : public ClusterMap {
   File* data_ = nullptr;             // where guest clusters live (file_ or data_file_)
   Header header_;
   std::vector<Snapshot> snapshots_;
+  // Opened for check: why the snapshot table could not be read within qemu's limits.
+  Status snapshot_table_error_;
   uint64_t size_ = 0;
   uint32_t cluster_bits_ = 16;
   uint64_t cluster_size_ = 65536;

@@ -294,13 +294,6 @@ Result<std::vector<uint64_t>> ReadL1(Qcow2Map& m, uint64_t off, uint64_t entries
   return l1;
 }
 
-// Bytes the stored snapshot table takes (entries may carry less extra data than we write).
-uint64_t StoredSnapshotTableBytes(const std::vector<Snapshot>& snaps) {
-  uint64_t bytes = 0;
-  for (const Snapshot& s : snaps) bytes += AlignUp(40 + s.extra.size() + s.id.size() + s.name.size(), 8);
-  return bytes;
-}
-
 // Snapshot create, delete and apply change refcounts and COPIED flags together: a data
 // cluster that gains a sharer must lose its COPIED flag at the instant its refcount
 // becomes 2, and one that loses its last sharer must get the flag back as its refcount
@@ -338,7 +331,7 @@ class MetadataSwitch {
       ASSIGN_OR_RETURN(std::vector<uint64_t> l1, ReadL1(m_, s.l1_table_offset, s.l1_size));
       RETURN_IF_ERROR(Tree(s.l1_table_offset, l1, -1));
     }
-    RETURN_IF_ERROR(Add(m_.header_.snapshots_offset, StoredSnapshotTableBytes(m_.snapshots_), -1));
+    RETURN_IF_ERROR(Add(m_.header_.snapshots_offset, SnapshotTableExtent(m_.snapshots_), -1));
     RETURN_IF_ERROR(Add(m_.header_.refcount_table_offset, m_.reftable_.size() * 8, -1));
     for (uint64_t e : m_.reftable_)
       if (e & kOffsetMask) RETURN_IF_ERROR(Add(e & kOffsetMask, cs, -1));
@@ -424,8 +417,10 @@ class MetadataSwitch {
     m_.l1_offset_ = l1_off;
     m_.l1_dirty_ = m_.header_dirty_ = false;
     m_.size_ = new_size;
-    for (Snapshot& s : snaps)
+    for (Snapshot& s : snaps) {
       if (s.extra.size() < 24) s.extra.resize(24);  // as serialized
+      s.dropped_extra = 0;
+    }
     m_.snapshots_ = std::move(snaps);
     m_.free_hint_ = 0;
     m_.host_end_ = rc_.size() << m_.cluster_bits_;
