@@ -229,6 +229,11 @@ class ClusterMap {
   // Host files other than the main one (data file, extents), for `info` and locking.
   virtual std::vector<File*> host_files() { return {}; }
 
+  // Whether qemu's block status (qemu-img map) looks through this image's data runs into
+  // the host file, so holes there show as zeros. Most drivers' answers come from the host
+  // file itself; qcow2 looks only when the image seems preallocated (see its override).
+  virtual Result<bool> MapShowsHostHoles() { return true; }
+
   virtual Result<CheckReport> Check(RepairMode mode) {
     return Status::Unsupported("this format cannot be checked");
   }

@@ -1,5 +1,7 @@
 // vimgfs snapshot: qemu-img snapshot (-l list, -c create, -a apply, -d delete).
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
@@ -65,16 +67,24 @@ int RunSnapshot(int argc, char** argv) {
       for (const SnapshotInfo& si : fi.snapshots) std::printf("%s\n", SnapshotTableRow(si).c_str());
       return 0;
     }
+    // qemu-img's words: a failed create says only its errno; a format without snapshots
+    // cannot load one and finds none to delete.
     case 'c':
       s = img->SnapshotCreate(name);
-      if (!s.ok()) s = s.WithContext("Could not create snapshot '{}'", name);
+      if (!s.ok()) {
+        const int err = s.err() ? s.err() : EIO;
+        s = Status::Io("Could not create snapshot '{}': {} ({})", name, -err, std::strerror(err));
+      }
       break;
     case 'a':
       s = img->SnapshotApply(name);
+      if (s.kind() == ErrorKind::kUnsupported)
+        s = Status::Unsupported("Block driver does not support snapshots");
       if (!s.ok()) s = s.WithContext("Could not apply snapshot '{}'", name);
       break;
     case 'd':
       s = img->SnapshotDelete(name);
+      if (s.kind() == ErrorKind::kUnsupported) s = Status::NotFound("snapshot not found");
       if (!s.ok()) s = s.WithContext("Could not delete snapshot '{}'", name);
       break;
   }

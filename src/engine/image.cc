@@ -816,6 +816,13 @@ Result<std::vector<BlockStatus>> Image::MapImpl(uint64_t off, uint64_t len, bool
       out.push_back(bs);
     }
   };
+  // The copying tools always want the host file's holes (they read as zeros); qemu-img
+  // map shows them only where the format's block status looks at the host file.
+  bool probe_holes = true;
+  if (as_qemu) {
+    std::lock_guard lk(meta_mu_);
+    ASSIGN_OR_RETURN(probe_holes, map_->MapShowsHostHoles());
+  }
   // Walk in bounded steps so a huge sparse disk needs no huge mapping vector.
   constexpr uint64_t kStep = 1ull << 30;
   std::vector<Mapping> maps;
@@ -833,7 +840,7 @@ Result<std::vector<BlockStatus>> Image::MapImpl(uint64_t off, uint64_t len, bool
           bs.present = bs.data = true;
           bs.has_offset = true;
           bs.filename = m.file->path();
-          if (m.opaque_data) {
+          if (m.opaque_data || !probe_holes) {
             bs.host_offset = m.host_offset;
             push(bs);
             break;

@@ -468,5 +468,56 @@ TEST_F(CliIotestsTest, SnapshotTablePastQemusLimitsIsRefusedAndRepairedAsQemu) {
   }
 }
 
+// iotest 244: qemu-img map looks through a qcow2 image's data clusters into the host
+// file's holes only when the image looks metadata-preallocated (more clusters counted than
+// the file holds). A raw external data file's holes are data then, not zeros; and an image
+// vimgfs creates must weigh as qemu's own does (its whole first cluster written).
+TEST_F(CliIotestsTest, MapShowsHostHolesOnlyWhereQemuLooksForThem) {
+  for (const char* creator : {"qemu-img", "vimgfs"}) {
+    SCOPED_TRACE(creator);
+    const std::string tool = std::string(creator) == "qemu-img" ? "qemu-img" : Quote(VimgfsBinary());
+    MustSh("rm -f t.qcow2 t.data && " + tool +
+           " create -q -f qcow2 -o data_file=t.data,data_file_raw=on t.qcow2 64M && "
+           "qemu-io -c 'write -P 0x11 1M 4M' -c 'discard 2M 2M' -c 'write -z 3M 3M' t.qcow2 >/dev/null");
+    CommandResult v = V("map --output=json t.qcow2"), q = Q("map --output=json t.qcow2");
+    EXPECT_EQ(v.exit_code, 0) << v.err;
+    EXPECT_EQ(v.out, q.out);
+    EXPECT_NE(
+        q.out.find("{ \"start\": 0, \"length\": 2097152, \"depth\": 0, \"present\": true, \"zero\": false"),
+        std::string::npos)
+        << q.out;
+  }
+  // A sparse copy looks preallocated: there qemu reports the holes as zeros, and so must we.
+  MustSh(
+      "rm -f t.qcow2 && qemu-img create -q -f qcow2 t.qcow2 8M && "
+      "qemu-io -c 'write -P 0 0 4M' -c 'write -P 5 4M 1M' t.qcow2 >/dev/null && "
+      "cp --sparse=always t.qcow2 s.qcow2");
+  CommandResult v = V("map --output=json s.qcow2"), q = Q("map --output=json s.qcow2");
+  EXPECT_EQ(v.out, q.out);
+  EXPECT_NE(q.out.find("\"zero\": true, \"data\": true"), std::string::npos) << q.out;
+}
+
+// qemu-img snapshot's words and exit codes: names may repeat; a failed create says its
+// errno; a format without snapshots cannot load one and finds none to delete.
+TEST_F(CliIotestsTest, SnapshotErrorsInQemusWords) {
+  MustSh("qemu-img create -q -f qcow2 t.qcow2 1M && qemu-img create -q -f raw t.raw 1M");
+  Copies("t.qcow2");
+  Both("snapshot -c a");
+  Both("snapshot -c a");
+  EXPECT_EQ(Ok(Q("snapshot -l v.qcow2")).size(), Ok(Q("snapshot -l q.qcow2")).size());
+  Both("snapshot -a nosuch");
+  Both("snapshot -d nosuch");
+  for (const char* op : {"-c a", "-a a", "-d a"}) {
+    SCOPED_TRACE(op);
+    CommandResult v = V(std::string("snapshot ") + op + " t.raw"),
+                  q = Q(std::string("snapshot ") + op + " t.raw");
+    EXPECT_EQ(v.exit_code, q.exit_code);
+    // qemu-img adds its raw-probing warning first; the error is its last line.
+    std::string qerr = Message(q.err);
+    qerr = qerr.substr(qerr.rfind('\n', qerr.size() - 2) + 1);
+    EXPECT_EQ(Message(v.err), qerr);
+  }
+}
+
 }  // namespace
 }  // namespace vimgfs::test

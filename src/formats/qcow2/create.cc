@@ -225,6 +225,9 @@ Status CreateImage(const CreateContext& ctx) {
 
   ASSIGN_OR_RETURN(auto f, CreateImageFile(ctx, ctx.path));
   RETURN_IF_ERROR(f->Truncate(0));
+  // The whole first cluster, as qemu writes it: the same bytes, and the same host
+  // allocation, which qemu's block status weighs (Qcow2Map::MapShowsHostHoles).
+  if (head.size() < cs) head.resize(cs);
   RETURN_IF_ERROR(f->PWrite(0, head, IoTag::kHeader));
 
   // Refcount table and blocks.

@@ -185,8 +185,8 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
   if (uint64_t{h.l1_size} * 8 > limits::kMaxL1Bytes)
     return Status::InvalidFormat("'{}': Active L1 table too large", path);
   uint64_t need_l1 = DivRoundUp(DivRoundUp(h.size, cs), l2_entries);
-  if (h.l1_size < need_l1)
-    return Status::InvalidFormat("'{}': L1 table is too small", path);
+  if (need_l1 > INT32_MAX) return Status::InvalidFormat("'{}': Image is too big", path);
+  if (h.l1_size < need_l1) return Status::InvalidFormat("'{}': L1 table is too small", path);
   if (h.l1_size > 0) {
     if (!IsAligned(h.l1_table_offset, cs) || (h.l1_table_offset == 0 && !for_check))
       return Status::InvalidFormat("'{}': L1 table offset {:#x} is invalid", path, h.l1_table_offset);

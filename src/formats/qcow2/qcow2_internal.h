@@ -224,6 +224,7 @@ class Qcow2Map final : public ClusterMap {
   Result<CheckReport> Check(RepairMode mode) override;
   Status Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) override;
   Status SetBacking(const std::optional<BackingRef>& ref) override;
+  Result<bool> MapShowsHostHoles() override;
   Status SnapshotCreate(const std::string& name) override;
   Status SnapshotApply(const std::string& name) override;
   Status SnapshotDelete(const std::string& name) override;
@@ -356,6 +357,9 @@ class Qcow2Map final : public ClusterMap {
   std::unique_ptr<TableCache> l2_cache_;
   std::unique_ptr<TableCache> ref_cache_;
   bool clear_dirty_on_close_ = false;
+  // MapShowsHostHoles, decided once per open as qemu decides it.
+  bool preallocated_checked_ = false;
+  bool preallocated_ = false;
   // Packing state of WriteCompressed: next free byte and end of the clusters it owns.
   uint64_t comp_next_ = 0;
   uint64_t comp_end_ = 0;

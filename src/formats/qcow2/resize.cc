@@ -4,6 +4,7 @@
 // synced before the header points at them, old ones freed after. Snapshots switch the
 // whole metadata in one header write (MetadataSwitch).
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 
@@ -557,10 +558,7 @@ Status Qcow2Map::SnapshotCreate(const std::string& name) {
     return Status::Unsupported("'{}': internal snapshots are not supported with an external data file",
                                path_);
   if (name.size() > 0xffff) return Status::InvalidArgument("snapshot name is too long");
-  for (const Snapshot& s : snapshots_)
-    if (s.name == name)
-      return Status::InvalidArgument("Could not create snapshot '{}': snapshot with the same name exists",
-                                     name);
+  // A name may repeat, as in qemu: each snapshot has its own ID.
   if (refcount_max_ < 2)
     return Status::Unsupported("'{}': a refcount width of 1 bit cannot share clusters with a snapshot",
                                path_);
@@ -592,7 +590,7 @@ Status Qcow2Map::SnapshotCreate(const std::string& name) {
 Status Qcow2Map::SnapshotApply(const std::string& name) {
   RETURN_IF_ERROR(CheckWritable());
   const Snapshot* s = FindSnapshot(snapshots_, name);
-  if (!s) return Status::NotFound("Could not apply snapshot '{}': snapshot not found", name);
+  if (!s) return Status::NotFound("Failed to load snapshot: {}", std::strerror(ENOENT));
   uint64_t new_size = s->disk_size;
   if (L1EntriesFor(new_size) > s->l1_size)
     return Status::Corrupt("'{}': snapshot '{}' has an L1 table too small for its size", path_, name);
@@ -609,7 +607,7 @@ Status WriteSnapshotTable(Qcow2Map& m, std::vector<Snapshot> snaps) {
 Status Qcow2Map::SnapshotDelete(const std::string& name) {
   RETURN_IF_ERROR(CheckWritable());
   const Snapshot* s = FindSnapshot(snapshots_, name);
-  if (!s) return Status::NotFound("Could not delete snapshot '{}': snapshot not found", name);
+  if (!s) return Status::NotFound("snapshot not found");
   std::vector<Snapshot> snaps;
   for (const Snapshot& o : snapshots_)
     if (&o != s) snaps.push_back(o);
