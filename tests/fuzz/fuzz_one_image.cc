@@ -1,8 +1,8 @@
 // The fuzz body: the input is an image file in an in-memory Env; it is opened as each
 // format (and probed), or as one forced format (FuzzOneImageAs), then read, mapped and
-// asked for info. Writes go to a fresh copy per pass, so allocation paths on hostile
-// tables run too. Shared by the libFuzzer targets and the regression test that replays
-// saved inputs in every test run.
+// asked for info, then checked and repaired as `check` and `check -r all` do. Writes go to
+// a fresh copy per pass, so allocation paths on hostile tables run too. Shared by the libFuzzer targets and
+// the regression test that replays saved inputs in every test run.
 #include "fuzz/fuzz_one_image.h"
 
 #include <algorithm>
@@ -57,6 +57,25 @@ void RunFormat(Env* env, const uint8_t* data, size_t size, const std::string& fm
   }
 }
 
+// check as the CLI runs it: read-only, then -r all and the check after it.
+void CheckFormat(Env* env, const uint8_t* data, size_t size, const std::string& fmt) {
+  for (RepairMode mode : {RepairMode::kNone, RepairMode::kAll}) {
+    OpenOptions o;
+    o.env = env;
+    o.format = fmt;
+    o.read_only = mode == RepairMode::kNone;
+    o.untrusted = true;
+    o.for_check = true;
+    o.cache_bytes = 1 << 20;
+    auto img = Image::Open("/img", o);
+    if (!img.ok()) continue;
+    if ((*img)->Check(mode).ok() && mode != RepairMode::kNone) (void)(*img)->Check(RepairMode::kNone);
+    (void)(*img)->Close();
+    auto f = env->Create("/img");
+    if (f.ok()) (void)(*f)->PWrite(0, {reinterpret_cast<const std::byte*>(data), size});
+  }
+}
+
 }  // namespace
 
 void FuzzOneImage(const uint8_t* data, size_t size) {
@@ -64,13 +83,17 @@ void FuzzOneImage(const uint8_t* data, size_t size) {
   std::vector<std::string> formats = {""};
   for (const FormatDriver* d : AllFormats())
     if (std::string_view(d->name()) != "raw") formats.push_back(d->name());
-  for (const std::string& fmt : formats) RunFormat(env.get(), data, size, fmt);
+  for (const std::string& fmt : formats) {
+    RunFormat(env.get(), data, size, fmt);
+    CheckFormat(env.get(), data, size, fmt);
+  }
 }
 
 bool FuzzOneImageAs(const uint8_t* data, size_t size, std::string_view format) {
   if (!format.empty() && FindFormat(format) == nullptr) return false;
   auto env = EnvWith(data, size);
   RunFormat(env.get(), data, size, std::string(format));
+  CheckFormat(env.get(), data, size, std::string(format));
   return true;
 }
 

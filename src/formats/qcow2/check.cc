@@ -16,6 +16,9 @@ namespace {
 
 // A reference-count array of one uint32 per host cluster; refuse absurd files.
 constexpr uint64_t kMaxCheckedClusters = 256ull << 20;
+// A refcount block past the end of the file is grown into only this far (qemu has no
+// limit): a hostile entry must not make the counts of terabytes of sparse file.
+constexpr uint64_t kMaxGrownClusters = 16ull << 20;
 // A hostile image can make millions of findings; past this many only the counts grow.
 constexpr size_t kMaxMessages = 100000;
 
@@ -87,11 +90,10 @@ Result<std::vector<uint64_t>> Qcow2Map::ReadTableForCheck(uint64_t off, uint64_t
 }
 
 std::string Qcow2Map::GrowFileToCover(uint64_t block_offset) {
-  // qemu's wording is strerror's: an end past INT64_MAX is EINVAL, and so is a count of
-  // clusters this check could not hold in memory.
-  if (block_offset > uint64_t{INT64_MAX} - cluster_size_ ||
-      ((block_offset + cluster_size_) >> cluster_bits_) > kMaxCheckedClusters)
-    return std::strerror(EINVAL);
+  // qemu's wording is strerror's: an end past INT64_MAX is EINVAL; past our own limit the
+  // file is too large to grow into.
+  if (block_offset > uint64_t{INT64_MAX} - cluster_size_) return std::strerror(EINVAL);
+  if (((block_offset + cluster_size_) >> cluster_bits_) > kMaxGrownClusters) return std::strerror(EFBIG);
   Status s = file_->Truncate(block_offset + cluster_size_);
   if (!s.ok()) return std::strerror(s.err() ? s.err() : EIO);
   return {};
