@@ -16,9 +16,10 @@ namespace {
 
 // A reference-count array of one uint32 per host cluster; refuse absurd files.
 constexpr uint64_t kMaxCheckedClusters = 256ull << 20;
-// A refcount block past the end of the file is grown into only this far (qemu has no
-// limit): a hostile entry must not make the counts of terabytes of sparse file.
-constexpr uint64_t kMaxGrownClusters = 16ull << 20;
+// A refcount block past the end of the file is grown into only this many clusters past
+// it (qemu has no limit; a block a crash left unwritten lies just past the end): a hostile
+// entry must not make the counts of terabytes of sparse file.
+constexpr uint64_t kMaxGrownClusters = 1ull << 20;
 // A hostile image can make millions of findings; past this many only the counts grow.
 constexpr size_t kMaxMessages = 100000;
 
@@ -93,7 +94,11 @@ std::string Qcow2Map::GrowFileToCover(uint64_t block_offset) {
   // qemu's wording is strerror's: an end past INT64_MAX is EINVAL; past our own limit the
   // file is too large to grow into.
   if (block_offset > uint64_t{INT64_MAX} - cluster_size_) return std::strerror(EINVAL);
-  if (((block_offset + cluster_size_) >> cluster_bits_) > kMaxGrownClusters) return std::strerror(EFBIG);
+  auto file_size = file_->Size();
+  if (!file_size.ok()) return std::strerror(EIO);
+  if (((block_offset + cluster_size_) >> cluster_bits_) >
+      DivRoundUp(*file_size, cluster_size_) + kMaxGrownClusters)
+    return std::strerror(EFBIG);
   Status s = file_->Truncate(block_offset + cluster_size_);
   if (!s.ok()) return std::strerror(s.err() ? s.err() : EIO);
   return {};

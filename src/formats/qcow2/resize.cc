@@ -287,7 +287,15 @@ Status Qcow2Map::SetBacking(const std::optional<BackingRef>& ref) {
 
 namespace {
 
+// A snapshot's L1 table. Opened for check, the snapshot table is not validated (the check
+// reports bad entries), so its sizes and offsets are checked here before use.
 Result<std::vector<uint64_t>> ReadL1(Qcow2Map& m, uint64_t off, uint64_t entries) {
+  if (entries * 8 > limits::kMaxL1Bytes)
+    return Status::Corrupt("'{}': a snapshot L1 table of {} entries is too large", m.path_, entries);
+  ASSIGN_OR_RETURN(uint64_t file_size, m.file_->Size());
+  if (entries &&
+      (!IsAligned(off, m.cluster_size_) || off == 0 || off > file_size || entries * 8 > file_size - off))
+    return Status::Corrupt("'{}': snapshot L1 table offset {:#x} is invalid", m.path_, off);
   std::vector<std::byte> raw(entries * 8);
   RETURN_IF_ERROR(m.file_->PRead(off, raw));
   std::vector<uint64_t> l1(entries);
