@@ -90,14 +90,12 @@ Result<std::vector<uint64_t>> Qcow2Map::ReadTableForCheck(uint64_t off, uint64_t
   return out;
 }
 
-std::string Qcow2Map::GrowFileToCover(uint64_t block_offset) {
+std::string Qcow2Map::GrowFileToCover(uint64_t block_offset, uint64_t file_size) {
   // qemu's wording is strerror's: an end past INT64_MAX is EINVAL; past our own limit the
   // file is too large to grow into.
   if (block_offset > uint64_t{INT64_MAX} - cluster_size_) return std::strerror(EINVAL);
-  auto file_size = file_->Size();
-  if (!file_size.ok()) return std::strerror(EIO);
   if (((block_offset + cluster_size_) >> cluster_bits_) >
-      DivRoundUp(*file_size, cluster_size_) + kMaxGrownClusters)
+      DivRoundUp(file_size, cluster_size_) + kMaxGrownClusters)
     return std::strerror(EFBIG);
   Status s = file_->Truncate(block_offset + cluster_size_);
   if (!s.ok()) return std::strerror(s.err() ? s.err() : EIO);
@@ -324,7 +322,7 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
       if (!fix) continue;
       // As qemu does: grow the file so the block exists (reading zeros); if that fails,
       // the structure is rebuilt without it.
-      if (std::string why = GrowFileToCover(e); !why.empty()) {
+      if (std::string why = GrowFileToCover(e, file_size); !why.empty()) {
         Report(report, fmt::format("ERROR could not resize image: {}", why));
         *rebuild = true;
         continue;

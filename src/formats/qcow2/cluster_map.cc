@@ -493,21 +493,24 @@ std::vector<File*> Qcow2Map::host_files() {
 
 // qemu looks through data clusters into the host file's holes only when it takes the
 // image for metadata-preallocated: more clusters carry a refcount than the file has
-// allocated on the host (by a ninth, and at least two). Its rule, so map reads the same.
+// allocated on the host (by a ninth, and at least two). Its rule, so map reads the same;
+// as in qemu, a refcount that cannot be read makes the answer no, not a failed map.
 Result<bool> Qcow2Map::MapShowsHostHoles() {
   if (!preallocated_checked_) {
-    ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
-    ASSIGN_OR_RETURN(uint64_t allocated, file_->AllocatedSize());
-    const uint64_t real = allocated / cluster_size_;
+    preallocated_checked_ = true;
+    auto file_size = file_->Size();
+    auto allocated = file_->AllocatedSize();
+    if (!file_size.ok() || !allocated.ok()) return preallocated_;
+    const uint64_t real = *allocated / cluster_size_;
     const uint64_t threshold = std::max(real * 10 / 9, real + 2);
-    const uint64_t end = DivRoundUp(file_size, cluster_size_);
+    const uint64_t end = DivRoundUp(*file_size, cluster_size_);
     uint64_t counted = 0;
     for (uint64_t c = 0; c < end && counted < threshold; c++) {
-      ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(c));
-      counted += rc != 0;
+      auto rc = GetRefcount(c);
+      if (!rc.ok()) return preallocated_;
+      counted += *rc != 0;
     }
     preallocated_ = counted >= threshold;
-    preallocated_checked_ = true;
   }
   return preallocated_;
 }

@@ -297,9 +297,9 @@ class Qcow2Map final : public ClusterMap {
   // blocks (and table entries) as needed; true when the table had to grow.
   Result<bool> WriteRebuiltRefblocks(std::vector<uint32_t>* refs, uint64_t first, uint64_t end,
                                      std::vector<uint64_t>* table);
-  // Grows the file so a refcount block at block_offset lies inside it (check -r all);
-  // the cause as strerror words when it cannot, else empty.
-  std::string GrowFileToCover(uint64_t block_offset);
+  // Grows the file (now file_size bytes) so a refcount block at block_offset lies inside
+  // it (check -r all); the cause as strerror words when it cannot, else empty.
+  std::string GrowFileToCover(uint64_t block_offset, uint64_t file_size);
   // OFLAG_COPIED of the active L1 and L2 entries against the refcounts.
   Status CheckCopiedFlags(RepairMode mode, CheckReport* r);
   // `entries` big-endian words at off; zeros past the end of the file.
