@@ -237,11 +237,17 @@ class ClusterMap {
   virtual Result<CheckReport> Check(RepairMode mode) {
     return Status::Unsupported("this format cannot be checked");
   }
-  // Changes the virtual size. zero_grown: what a grow adds must read as zeros even where a
-  // backing image has data (the engine asks for it when the backing image is longer than
-  // the old size, as qemu does, and has first made the last partial cluster one the format
-  // can zero in place: see Image::Resize).
-  virtual Status Resize(uint64_t new_size, bool allow_shrink, bool zero_grown = false) {
+  // What a grow adds, when it must read as zeros even where a backing image has data (the
+  // engine asks for it when the backing image is longer than the old size, as qemu does,
+  // and has first made the last partial cluster one the format can zero in place: see
+  // Image::Resize).
+  enum class GrowZeros {
+    kNone,       // nothing to hide
+    kZeros,      // zeros, as cheaply as the format can mark them
+    kWithHomes,  // zeros over host clusters of their own (qemu's metadata preallocation)
+  };
+  // Changes the virtual size.
+  virtual Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown = GrowZeros::kNone) {
     return Status::Unsupported("resizing this format is not supported");
   }
   virtual Status SnapshotCreate(const std::string& name) {

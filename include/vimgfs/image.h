@@ -90,15 +90,18 @@ class Image {
     kReserved,  // punched, then reserved unwritten with fallocate ("falloc")
     kZeros,     // written with zeros ("full")
   };
-  // Gives every unallocated cluster of [off, off+len) a home in the image that reads as
-  // zeros, without writing guest data through the whole range; mapped clusters are left
-  // as they are, partial clusters at the ends are written with zeros. kUnsupported from
+  // Gives every unallocated cluster of [off, off+len), and every zero cluster without a
+  // host cluster, a home in the image that reads as zeros, without writing guest data
+  // through the whole range; mapped clusters are left as they are, partial clusters at
+  // the ends are written with zeros. kUnsupported from
   // a format that cannot allocate (the caller writes zeros instead).
   Status Preallocate(uint64_t off, uint64_t len, Fill fill);
   // Changes the virtual size (the format's Resize; size() follows). A grow over a backing
   // image longer than the old size makes the new space read as zeros, not as the backing
-  // image's data, as qemu's truncate does. Not to be called while other I/O runs.
-  Status Resize(uint64_t new_size, bool allow_shrink);
+  // image's data, as qemu's truncate does; with `metadata_prealloc` those zeros get host
+  // clusters of their own, as qemu's resize --preallocation=metadata lays them out (the
+  // caller preallocates the rest with Preallocate). Not to be called while other I/O runs.
+  Status Resize(uint64_t new_size, bool allow_shrink, bool metadata_prealloc = false);
   // All acknowledged writes durable, data and metadata.
   Status Flush();
   // Flush calls now waiting for one under way to finish (they share what follows it).

@@ -108,7 +108,16 @@ int RunCommit(int argc, char** argv) {
   const std::string base_path = base->path();
   const std::string base_fmt = base->format();
 
-  // Everything allocated above the base, collected before the base changes.
+  // Everything allocated above the base, collected before the base changes. Past the end
+  // of a short layer between top and base, the top reads zeros whatever the base holds:
+  // those zeros count as allocated above the base (qemu's rule for short backing files,
+  // iotest 274), so the base gets them too.
+  uint64_t short_end = top->size();
+  {
+    Image* layer = top->backing();
+    for (int d = 1; d < base_depth; ++d, layer = layer->backing())
+      short_end = std::min(short_end, layer->size());
+  }
   std::vector<BlockStatus> runs;
   for (uint64_t pos = 0; pos < top->size(); pos += 1ull << 30) {
     uint64_t n = std::min<uint64_t>(1ull << 30, top->size() - pos);
@@ -117,8 +126,19 @@ int RunCommit(int argc, char** argv) {
       PrintFileError(filename, r.error());
       return 1;
     }
-    for (const BlockStatus& b : *r)
-      if (b.present && b.depth < base_depth) runs.push_back(b);
+    for (BlockStatus b : *r) {
+      if (b.present && b.depth < base_depth) {
+        runs.push_back(std::move(b));
+        continue;
+      }
+      uint64_t end = b.offset + b.length;
+      if (end <= short_end) continue;
+      BlockStatus zeros;
+      zeros.offset = std::max(b.offset, short_end);
+      zeros.length = end - zeros.offset;
+      zeros.present = zeros.zero = true;
+      runs.push_back(zeros);
+    }
   }
 
   ImageOpen bo;

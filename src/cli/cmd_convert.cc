@@ -202,10 +202,6 @@ int RunConvert(int argc, char** argv) {
     if (FindOption(opts, "preallocation").value_or("off") != "off")
       return *stop_with("Compression and preallocation not supported at the same time");
   }
-  if (out_backing && no_create) {
-    PrintError("-B makes no sense when concatenating multiple input images with -n");  // as qemu
-    return 1;
-  }
   if (as_stream && (no_create || out_backing)) {
     PrintError(
         fmt::format("{}: streamOptimized output must be created fresh, without a backing file", out_name));
@@ -276,7 +272,10 @@ int RunConvert(int argc, char** argv) {
   to.format = CreateDriverName(out_fmt);
   to.read_only = false;
   to.untrusted = untrusted;
-  to.open_backing = cs.target_has_backing;
+  // An existing target (-n) keeps its own backing file open, as qemu-img does: a zero run
+  // over it must be written where the backing file holds data (a version 2 qcow2 has no
+  // zero flag to hide it; iotest 122).
+  to.open_backing = cs.target_has_backing || no_create;
   to.env = &env;  // partial-cluster writes copy from it
   auto target = OpenOrReport(out_name, to);
   if (!target) return 1;

@@ -118,6 +118,10 @@ int RunResize(int argc, char** argv) {
     PrintError("New image size must be positive");
     return 1;
   }
+  if (target <= current && prealloc != "off") {
+    PrintError("Preallocation can only be used for growing images");
+    return 1;
+  }
   if (target < current && !shrink) {
     PrintError("Use the --shrink option to perform a shrink operation.");
     std::fprintf(stderr,
@@ -134,7 +138,7 @@ int RunResize(int argc, char** argv) {
     PrintError(fmt::format("Unsupported preallocation mode: {}", prealloc));
     return 1;
   }
-  Status s = img->Resize(target, shrink);
+  Status s = img->Resize(target, shrink, prealloc == "metadata");
   if (!s.ok()) {
     // qemu-img reports the driver's words alone ("Can't resize a v2 image which has
     // snapshots"), without the file name.

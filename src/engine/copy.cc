@@ -352,7 +352,8 @@ Status CopyPlain(CopySource& src, Image& target, const CopyOptions& s, ProgressC
 // One cluster of a compressed conversion.
 struct Unit {
   uint64_t off = 0;
-  bool zero = true;               // nothing to store
+  bool zero = true;               // all zeros
+  bool keep = false;              // stored even when all zeros (-S 0: fully allocated)
   bool counted = false;           // in the progress figure (CountedBytes)
   std::span<std::byte> data;      // cluster_size bytes of its batch's region (tail zero-padded)
   std::vector<std::byte> stream;  // compressed; empty: store data as is
@@ -409,7 +410,7 @@ class CompressPool {
         if (b->next >= b->units->size()) queue_.pop_front();
       }
       Unit& u = (*b->units)[i];
-      if (!u.zero) {
+      if (!u.zero || u.keep) {
         auto r = Compress(codec_, u.data, max_out_);
         if (r.ok()) {
           u.stream = std::move(r).value();
@@ -446,6 +447,7 @@ Status ReadUnits(CopySource& src, uint64_t start, uint64_t cluster, std::vector<
     Unit& u = units[i];
     u.off = start + i * cluster;
     u.zero = true;
+    u.keep = false;
     u.data = {region.data() + i * cluster, static_cast<size_t>(cluster)};
     u.stream.clear();
     u.status = Status::Ok();
@@ -458,7 +460,9 @@ Status ReadUnits(CopySource& src, uint64_t start, uint64_t cluster, std::vector<
       if (CountedBytes(r, s) > 0) u.counted = true;
       if (s.target_has_backing && r.depth > 0) continue;
       if (!r.zero || s.target_has_backing) need[i] = true;
+      if (!s.zero_runs) u.keep = true;
     }
+    if (u.keep && !need[i]) std::memset(u.data.data(), 0, cluster);  // stored, not read
   }
   for (size_t i = 0; i < n;) {
     if (!need[i]) {
@@ -482,7 +486,9 @@ Status ReadUnits(CopySource& src, uint64_t start, uint64_t cluster, std::vector<
 // write, their data being contiguous in the batch's region.
 Status WriteUnits(std::vector<Unit>& units, uint64_t size, uint64_t cluster, Image& target,
                   const CopyOptions& s) {
-  auto plain = [&](const Unit& u) { return u.off < size && u.status.ok() && !u.zero && u.stream.empty(); };
+  auto plain = [&](const Unit& u) {
+    return u.off < size && u.status.ok() && (!u.zero || u.keep) && u.stream.empty();
+  };
   for (size_t i = 0; i < units.size();) {
     Unit& u = units[i];
     if (u.off >= size) break;
@@ -490,7 +496,7 @@ Status WriteUnits(std::vector<Unit>& units, uint64_t size, uint64_t cluster, Ima
     if (!u.status.ok()) return WithOffset(u.status, "compressing", u.off);
     Status st;
     size_t next = i + 1;
-    if (u.zero) {
+    if (u.zero && !u.keep) {
       if (!s.target_fresh || s.target_has_backing) st = target.WriteZeroes(u.off, len, !s.target_has_backing);
     } else if (u.stream.empty()) {
       while (next < units.size() && plain(units[next])) next++;
@@ -614,7 +620,7 @@ Status CopyToStream(CopySource& src, StreamWriter& w, const CopyOptions& s) {
       src, unit, w.codec(), w.max_stream_bytes() + 1, rs, count, [&](std::vector<Unit>& units) {
         for (Unit& u : units) {
           if (u.off >= src.size()) break;
-          if (u.zero) continue;
+          if (u.zero && !u.keep) continue;
           if (!u.status.ok()) return WithOffset(u.status, "compressing", u.off);
           if (u.stream.empty())
             return WithOffset(Status::Io("could not compress the unit"), "compressing", u.off);

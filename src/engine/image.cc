@@ -563,7 +563,10 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
     maps.clear();
     RETURN_IF_ERROR(Lookup(pos, end - pos, &maps));
     const Mapping m = maps.front();
-    if (m.kind != Mapping::Kind::kUnallocated || backing_) {
+    // Zeros with no host cluster (what a grow over a longer backing image leaves) get one
+    // too, as qemu's preallocating truncate gives them.
+    const bool homeless_zero = m.kind == Mapping::Kind::kZero && m.file == nullptr;
+    if ((m.kind != Mapping::Kind::kUnallocated && !homeless_zero) || backing_) {
       pos += m.length;  // has a home already, or shows backing data: not ours to replace
       continue;
     }
@@ -583,6 +586,10 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
           plan, Status::Corrupt("'{}': format planned {:#x} for {:#x}", path_, plan.guest_offset, pos)));
     }
     RETURN_IF_ERROR(FinishPlan(plan, FillHost(plan, fill)));
+    // qemu's metadata preallocation zeroes such a run after allocating it: the clusters
+    // keep their zero flag over the new home (with falloc and full they are data).
+    if (homeless_zero && fill == Fill::kHole)
+      RETURN_IF_ERROR(ZeroUnlocked(plan.guest_offset, plan.length, /*unmap=*/false, false));
     pos += plan.length;
   }
   return Status::Ok();
@@ -609,7 +616,7 @@ Status Image::SettleLastCluster() {
   return WriteAllocating(from, buf);
 }
 
-Status Image::Resize(uint64_t new_size, bool allow_shrink) {
+Status Image::Resize(uint64_t new_size, bool allow_shrink, bool metadata_prealloc) {
   WriteDone done(this);
   if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
   // qemu's bdrv_co_truncate asks for zeros (BDRV_REQ_ZERO_WRITE) exactly then.
@@ -617,7 +624,11 @@ Status Image::Resize(uint64_t new_size, bool allow_shrink) {
   if (zero_grown) RETURN_IF_ERROR(SettleLastCluster());
   {
     std::lock_guard lk(meta_mu_);
-    RETURN_IF_ERROR(map_->Resize(new_size, allow_shrink, zero_grown));
+    using GrowZeros = ClusterMap::GrowZeros;
+    RETURN_IF_ERROR(map_->Resize(new_size, allow_shrink,
+                                 !zero_grown         ? GrowZeros::kNone
+                                 : metadata_prealloc ? GrowZeros::kWithHomes
+                                                     : GrowZeros::kZeros));
     MappingChanged();
     size_ = map_->virtual_size();
   }

@@ -521,5 +521,99 @@ TEST_F(CliIotestsTest, SnapshotErrorsInQemusWords) {
   }
 }
 
+// iotest 274: past the end of a short image between the top and the base, the top reads
+// zeros whatever the base holds; commit -b gives the base those zeros.
+TEST_F(CliIotestsTest, CommitOverAShortIntermediateWritesItsZerosIntoTheBase) {
+  MustSh("qemu-img create -q -f qcow2 base.qcow2 2M && qemu-io -c 'write -P 1 0 2M' base.qcow2 >/dev/null");
+  MustSh("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 mid.qcow2 1M");
+  MustSh("qemu-img create -q -f qcow2 -b mid.qcow2 -F qcow2 top.qcow2 2M");
+  Ok(V("commit -b base.qcow2 top.qcow2"));
+  Ok(Io("-c 'read -P 1 0 1M' -c 'read -P 0 1M 1M' base.qcow2"));
+  Ok(Q("check base.qcow2"));
+}
+
+// iotest 122: convert -n into an image of its own keeps that image's backing file open:
+// the source's zeros must hide what the backing file holds, by zero flags (version 3) or
+// by written zeros (version 2, which has none). -B with -n names the backing file the
+// copy may rely on instead.
+TEST_F(CliIotestsTest, ConvertIntoAnExistingOverlayHidesItsBackingData) {
+  MustSh("qemu-img create -q -f qcow2 src.qcow2 4M && qemu-io -c 'write -P 7 1M 1M' src.qcow2 >/dev/null");
+  MustSh("qemu-img create -q -f qcow2 b.qcow2 4M && qemu-io -c 'write -P 9 0 4M' b.qcow2 >/dev/null");
+  for (std::string compat : {"1.1", "0.10"}) {
+    SCOPED_TRACE(compat);
+    for (std::string tool : {"v", "q"}) {
+      const std::string t = tool + ".qcow2";
+      MustSh("rm -f " + t + " && qemu-img create -q -f qcow2 -o compat=" + compat + " -b b.qcow2 -F qcow2 " +
+             t + " 4M");
+      Ok(tool == "v" ? V("convert -O qcow2 -n src.qcow2 " + t) : Q("convert -O qcow2 -n src.qcow2 " + t));
+    }
+    Ok(Q("compare src.qcow2 v.qcow2"));
+    ExpectSame();
+  }
+  // -B with -n: accepted, the target's backing file provides what the source's does.
+  MustSh(
+      "qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 ov.qcow2 4M && qemu-io -c 'write -P 3 0 64k' ov.qcow2 "
+      ">/dev/null");
+  MustSh("qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 out.qcow2 4M");
+  Ok(V("convert -O qcow2 -B b.qcow2 -n ov.qcow2 out.qcow2"));
+  Ok(Q("compare ov.qcow2 out.qcow2"));
+  EXPECT_EQ(Map("out.qcow2")[0]["depth"], 0);
+  EXPECT_EQ(Map("out.qcow2")[1]["depth"], 1);
+}
+
+// iotest 122: -S 0 allocates everything, compressed or not, zeros included; images laid
+// out as qemu lays them (L2 table, then data), so a fresh copy's data is one contiguous run.
+TEST_F(CliIotestsTest, ConvertFullAllocationAndLayoutAsQemu) {
+  MustSh("qemu-img create -q -f qcow2 src.qcow2 64M && qemu-io -c 'write -P 1 0 3M' src.qcow2 >/dev/null");
+  for (std::string opts : {"-S 0", "-c -S 0", ""}) {
+    SCOPED_TRACE(opts);
+    MustSh("rm -f v.qcow2 q.qcow2");
+    Ok(V("convert -O qcow2 " + opts + " src.qcow2 v.qcow2"));
+    Ok(Q("convert -O qcow2 " + opts + " src.qcow2 q.qcow2"));
+    EXPECT_EQ(Q("map --output=json v.qcow2").out, Q("map --output=json q.qcow2").out);
+    Ok(Q("compare src.qcow2 v.qcow2"));
+  }
+}
+
+// iotest 274: a grow with preallocation over a longer backing file: metadata gives the
+// zeros host clusters under their zero flags (L2 table before data, refcount blocks after
+// the run), falloc and full give zeroed data clusters; laid out as qemu lays them.
+TEST_F(CliIotestsTest, PreallocatedGrowOverALongerBackingFileAsQemu) {
+  struct Case {
+    const char* mode;
+    const char* base;
+    const char* old_size;
+    const char* new_size;
+  };
+  for (const Case& c : {Case{"metadata", "6G", "4G", "7G"}, Case{"falloc", "10M", "5M", "15M"},
+                        Case{"full", "16M", "8M", "12M"}}) {
+    SCOPED_TRACE(c.mode);
+    MustSh(std::string("rm -f base.qcow2 && qemu-img create -q -f qcow2 base.qcow2 ") + c.base);
+    MustSh(std::string("qemu-io -c 'write -P 1 ") + c.old_size + " 64k' base.qcow2 >/dev/null");
+    MustSh(std::string("rm -f o.qcow2 && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 o.qcow2 ") +
+           c.old_size);
+    Copies("o.qcow2");
+    Both(std::string("resize --preallocation=") + c.mode, c.new_size);
+    EXPECT_EQ(Q("map --output=json v.qcow2").out, Q("map --output=json q.qcow2").out);
+    Ok(Io(std::string("-c 'read -P 0 ") + c.old_size + " 64k' v.qcow2"));
+    ExpectSame();
+  }
+  // Preallocation is for growing only (iotest 106).
+  Both("resize --shrink --preallocation=falloc", "-- -64K");
+}
+
+// iotest 175: a fresh raw image has its first block written (qemu's file driver does it
+// for the alignment probe), so map and the host allocation show it as qemu's do.
+TEST_F(CliIotestsTest, FreshRawImageHasItsFirstBlockAsQemu) {
+  for (const char* size : {"1M", "1536"}) {
+    SCOPED_TRACE(size);
+    MustSh("rm -f v.raw q.raw");
+    Ok(V(std::string("create -f raw v.raw ") + size));
+    Ok(Q(std::string("create -f raw q.raw ") + size));
+    EXPECT_EQ(Q("map --output=json -f raw v.raw").out, Q("map --output=json -f raw q.raw").out);
+    EXPECT_EQ(Sh("stat -c %b v.raw").out, Sh("stat -c %b q.raw").out);
+  }
+}
+
 }  // namespace
 }  // namespace vimgfs::test

@@ -110,7 +110,7 @@ class ParallelsMap final : public ClusterMap {
   Status Close() override;
   FormatInfo Info() override;
   Result<CheckReport> Check(RepairMode mode) override;
-  Status Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) override {
+  Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) override {
     return Status::Unsupported("Image format driver does not support resize");  // qemu 7.2's driver
   }
 

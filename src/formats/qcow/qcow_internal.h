@@ -124,7 +124,7 @@ class QcowMap final : public ClusterMap {
   std::optional<BackingRef> backing() const override;
   FormatInfo Info() override;
   // qemu's qcow driver cannot resize: refused in qemu-img's words.
-  Status Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) override {
+  Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) override {
     return Status::Unsupported("Image format driver does not support resize");
   }
   // Nor change the backing file name (rebase -u), in qemu-img's words.

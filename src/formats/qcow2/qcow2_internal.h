@@ -222,7 +222,7 @@ class Qcow2Map final : public ClusterMap {
   FormatInfo Info() override;
   std::vector<File*> host_files() override;
   Result<CheckReport> Check(RepairMode mode) override;
-  Status Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) override;
+  Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) override;
   Status SetBacking(const std::optional<BackingRef>& ref) override;
   Result<bool> MapShowsHostHoles() override;
   Status SnapshotCreate(const std::string& name) override;
@@ -239,7 +239,7 @@ class Qcow2Map final : public ClusterMap {
   Status DiscardClusters(uint64_t off, uint64_t len, bool full);
 
   // Resize's parts (resize.cc).
-  Status ZeroGrown(uint64_t old_size, uint64_t new_size);
+  Status ZeroGrown(uint64_t old_size, uint64_t new_size, bool homes);
   Status MapRawDataFile(uint64_t old_size, uint64_t new_size);
   Status TrimAfterShrink(const std::vector<uint64_t>& freed);
 

@@ -235,8 +235,20 @@ Result<uint64_t> Qcow2Map::AllocClusters(uint64_t n) {
     bool ready = last_block < reftable_.size();
     for (uint64_t b = first_block; ready && b <= last_block; b++) ready = (reftable_[b] & kOffsetMask) != 0;
     if (!ready) {
-      // Creating blocks may take clusters of the run: make them, then search again.
-      for (uint64_t b = first_block; b <= last_block; b++) RETURN_IF_ERROR(EnsureRefBlock(b));
+      // The run is chosen first and its new refcount blocks go after it, as qemu places
+      // them (the run stays where a fresh image's data would be). A refcount table growth
+      // on the way drops the reservation: the search below then finds the run moved.
+      const bool reserve = reserved_end_ == 0;
+      const uint64_t hint = free_hint_;  // searches skipping the run move it past the run
+      if (reserve) {
+        reserved_start_ = start;
+        reserved_end_ = start + n;
+      }
+      Status s;
+      for (uint64_t b = first_block; b <= last_block && s.ok(); b++) s = EnsureRefBlock(b);
+      if (reserve) reserved_start_ = reserved_end_ = 0;
+      free_hint_ = std::min(free_hint_, hint);
+      RETURN_IF_ERROR(s);
       continue;
     }
     // A hostile refcount of 0 for live metadata must not hand that metadata out again.

@@ -54,8 +54,9 @@ static Status ReplaceL1(Qcow2Map& m, uint64_t entries) {
 // old end on, and zeros written in place over the rest of the old last (sub)cluster, whose
 // bytes past the old end may still hold data from before a shrink. The engine
 // (Image::Resize) has made that (sub)cluster writable data; size_ is the new size already,
-// the header not yet.
-Status Qcow2Map::ZeroGrown(uint64_t old_size, uint64_t new_size) {
+// the header not yet. With `homes`, each whole cluster gets a host cluster under its zero
+// flag, L2 table before data as qemu's metadata preallocation lays them out.
+Status Qcow2Map::ZeroGrown(uint64_t old_size, uint64_t new_size, bool homes) {
   const uint64_t unit = extended_l2_ ? subcluster_size_ : cluster_size_;
   const uint64_t zero_start = AlignUp(old_size, unit);
   if (zero_start > old_size) {
@@ -90,7 +91,34 @@ Status Qcow2Map::ZeroGrown(uint64_t old_size, uint64_t new_size) {
     uint32_t mask = SubMask(first, last);
     StoreL2(l2, L2Index(cluster), e, MakeSubBitmap(SubAllocBits(bm) & ~mask, SubZeroBits(bm) | mask));
   }
-  if (new_size > whole) RETURN_IF_ERROR(ZeroRange(whole, new_size - whole, false));
+  if (new_size <= whole) return Status::Ok();
+  if (!homes) return ZeroRange(whole, new_size - whole, false);
+  const uint64_t end_cluster = DivRoundUp(new_size, cluster_size_);
+  uint64_t file_end = 0;
+  for (uint64_t c = ClusterIndex(whole); c < end_cluster;) {
+    const uint64_t l1i = L1Index(c);
+    const uint64_t table_end = std::min(end_cluster, (l1i + 1) * l2_entries_);
+    ASSIGN_OR_RETURN(TableRef l2, GetL2(l1i, true));
+    uint64_t host = c << cluster_bits_;  // an external data file: the guest offset
+    if (!header_.has_data_file()) {
+      ASSIGN_OR_RETURN(host, AllocClusters(table_end - c));
+      RETURN_IF_ERROR(l2_cache_->SetDependency(ref_cache_.get()));
+      file_end = host + ((table_end - c) << cluster_bits_);
+    }
+    for (; c < table_end; c++, host += cluster_size_) {
+      uint64_t bm;
+      uint64_t old = LoadL2(l2, L2Index(c), &bm);
+      if (extended_l2_) {
+        StoreL2(l2, L2Index(c), host | kFlagCopied, MakeSubBitmap(0, 0xffffffffu));
+      } else {
+        StoreL2(l2, L2Index(c), host | kFlagCopied | kFlagZero, 0);
+      }
+      if (old & ~(kFlagCopied | kFlagZero)) RETURN_IF_ERROR(FreeL2Entry(old));
+    }
+  }
+  // Every cluster inside the file, as qemu-img check wants them.
+  ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  if (file_end > file_size) RETURN_IF_ERROR(file_->Truncate(file_end));
   return Status::Ok();
 }
 
@@ -169,7 +197,7 @@ Status Qcow2Map::TrimAfterShrink(const std::vector<uint64_t>& freed) {
   return Status::Ok();
 }
 
-Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
+Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) {
   RETURN_IF_ERROR(CheckWritable());
   if (new_size % 512) return Status::InvalidArgument("'{}': the new size must be a multiple of 512", path_);
   if (new_size > limits::kMaxVirtualSize)
@@ -230,7 +258,7 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
     }
   } else {
     const uint64_t zero_unit = extended_l2_ ? subcluster_size_ : cluster_size_;
-    if (zero_grown && !v3_ && new_size > AlignUp(size_, zero_unit))
+    if (zero_grown != GrowZeros::kNone && !v3_ && new_size > AlignUp(size_, zero_unit))
       return Status::Unsupported("Failed to zero out new clusters: Operation not supported");
     uint64_t need = L1EntriesFor(new_size);
     if (need * 8 > limits::kMaxL1Bytes)
@@ -253,7 +281,8 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
   // below is written before it.
   Status s;
   if (new_size > old_size && raw_data_file) s = MapRawDataFile(old_size, new_size);
-  if (s.ok() && new_size > old_size && zero_grown) s = ZeroGrown(old_size, new_size);
+  if (s.ok() && new_size > old_size && zero_grown != GrowZeros::kNone)
+    s = ZeroGrown(old_size, new_size, zero_grown == GrowZeros::kWithHomes);
   if (!s.ok()) {  // the old size stays (a later header write must not carry the new one)
     header_.size = size_ = old_size;
     return s;

@@ -109,6 +109,9 @@ Result<WritePlan> Qcow2Map::PrepareWrite(uint64_t pos, uint64_t len) {
     n++;
   }
   l2.Release();
+  // The L2 table first, then the data: qemu's order, so images we write lay out as its do
+  // (the data of a run stays contiguous across the table's allocation; iotest 122).
+  RETURN_IF_ERROR(GetL2(l1i, true).status());
   ASSIGN_OR_RETURN(uint64_t new_host, AllocClusters(n));
   RETURN_IF_ERROR(l2_cache_->SetDependency(ref_cache_.get()));
   plan.guest_offset = cstart;

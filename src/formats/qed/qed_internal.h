@@ -125,7 +125,7 @@ class QedMap final : public ClusterMap {
   std::optional<BackingRef> backing() const override;
   FormatInfo Info() override;
   Result<CheckReport> Check(RepairMode mode) override;
-  Status Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) override;
+  Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) override;
   Status SetBacking(const std::optional<BackingRef>& ref) override;
 
  private:

@@ -332,10 +332,11 @@ FormatInfo QedMap::Info() {
   return info;
 }
 
-Status QedMap::Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) {
+Status QedMap::Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) {
   RETURN_IF_ERROR(CheckWritable());
   // qemu's truncate takes no flags: a grow that must hide a longer backing file fails.
-  if (zero_grown) return Status::Unsupported("Block driver does not support requested flags");
+  if (zero_grown != GrowZeros::kNone)
+    return Status::Unsupported("Block driver does not support requested flags");
   if (!IsValidImageSize(new_size, header_.cluster_size, header_.table_size))
     return Status::InvalidArgument("Invalid image size specified");
   if (new_size < header_.image_size)

@@ -1,6 +1,7 @@
 // raw: the file is the disk. Holes (SEEK_HOLE) are reported as zero runs so block
 // status, map and sparse copies see them; writes into holes fill them in place.
 #include <algorithm>
+#include <array>
 #include <climits>
 
 #include "formats/drivers.h"
@@ -9,6 +10,16 @@
 
 namespace vimgfs {
 namespace {
+
+// A raw file grown from empty gets its first block written with zeros, as qemu's file
+// driver does (so block status sees the host's alignment): a fresh image maps one data
+// block at 0 in qemu-img map and occupies that block on disk.
+Status AllocateFirstBlock(File& f, uint64_t size) {
+  if (size == 0) return Status::Ok();
+  static const std::array<std::byte, 4096> kZeros{};
+  const uint64_t n = std::min<uint64_t>(size < kZeros.size() ? 512 : kZeros.size(), size);
+  return f.PWrite(0, std::span(kZeros.data(), n));
+}
 
 constexpr uint64_t kSector = 512;
 
@@ -60,11 +71,12 @@ class RawMap final : public ClusterMap {
     return Status::Unsupported("This image format does not support checks");
   }
 
-  Status Resize(uint64_t new_size, bool allow_shrink, bool) override {
+  Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros) override {
     if (read_only_) return Status::ReadOnly("'{}' is opened read-only", file_->path());
     if (new_size < size_ && !allow_shrink)
       return Status::InvalidArgument("Use the --shrink option to perform a shrink operation.");
     RETURN_IF_ERROR(file_->Truncate(new_size));
+    if (size_ == 0) RETURN_IF_ERROR(AllocateFirstBlock(*file_, new_size));
     size_ = new_size;
     return Status::Ok();
   }
@@ -112,6 +124,7 @@ class RawDriverImpl final : public FormatDriver {
       return Status::InvalidArgument("Could not resize file: Invalid argument");
     ASSIGN_OR_RETURN(auto f, CreateImageFile(ctx, ctx.path));
     RETURN_IF_ERROR(f->Truncate(ctx.size));
+    if (prealloc == "off") RETURN_IF_ERROR(AllocateFirstBlock(*f, ctx.size));
     if (prealloc == "falloc" && ctx.size) RETURN_IF_ERROR(f->Allocate(0, ctx.size));
     if (prealloc == "full") {
       std::vector<std::byte> zeros(1 << 20);

@@ -348,7 +348,7 @@ Result<CheckReport> VdiMap::Check(RepairMode mode) {
   return CheckBlockMap(h_, bmap_, count_);
 }
 
-Status VdiMap::Resize(uint64_t new_size, bool allow_shrink, bool /*zero_grown: VDI has no backing file*/) {
+Status VdiMap::Resize(uint64_t new_size, bool allow_shrink, GrowZeros /*VDI has no backing file*/) {
   RETURN_IF_ERROR(CheckWritable("resize"));
   new_size = AlignUp(new_size, kSectorSize);
   if (new_size < h_.virtual_size) {

@@ -137,7 +137,7 @@ class VdiMap final : public ClusterMap {
   Status Close() override;
   FormatInfo Info() override;
   Result<CheckReport> Check(RepairMode mode) override;
-  Status Resize(uint64_t new_size, bool allow_shrink, bool zero_grown) override;
+  Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) override;
 
   // For tests and check.
   const Header& header() const { return h_; }

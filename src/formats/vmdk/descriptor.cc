@@ -68,10 +68,10 @@ bool ParseHex32(std::string_view s, uint32_t* v) {
   return true;
 }
 
-Status ParseExtentLine(std::string_view line, Access access, std::string_view rest, const std::string& path,
-                       ExtentLine* out) {
-  auto bad = [&](const char* why) {
-    return Status::InvalidFormat("'{}': invalid extent line '{}': {}", path, line, why);
+Status ParseExtentLine(std::string_view line, Access access, std::string_view rest, ExtentLine* out) {
+  // qemu-img's words; the caller's "Could not open 'FILE'" names the file.
+  auto bad = [&](const char* /*why, for the reader*/) {
+    return Status::InvalidFormat("Invalid extent line: {}", line);
   };
   out->access = access;
   std::string_view tok;
@@ -95,8 +95,7 @@ Status ParseExtentLine(std::string_view line, Access access, std::string_view re
   if (NextToken(&rest, &tok, &quoted)) {
     if (quoted || !ParseU64(tok, &out->offset)) return bad("the offset is not a number");
     if (out->offset > limits::kMaxVirtualSize / kSector) return bad("the offset is too large");
-    if (t != "FLAT" && t != "VMFS" && t != "VMFSRDM" && t != "VMFSRAW")
-      return bad("only flat extents take an offset");
+    if (t != "FLAT") return bad("only FLAT extents take an offset (qemu reads VMFS without one)");
   } else if (t == "FLAT") {
     return bad("a FLAT extent needs an offset");
   }
@@ -174,7 +173,7 @@ Result<Descriptor> ParseDescriptor(std::string_view text, const std::string& pat
       if (d.extents.size() >= kMaxExtents)
         return Status::InvalidFormat("'{}': more than {} extents in the VMDK descriptor", path, kMaxExtents);
       ExtentLine e;
-      RETURN_IF_ERROR(ParseExtentLine(line, *access, rest, path, &e));
+      RETURN_IF_ERROR(ParseExtentLine(line, *access, rest, &e));
       d.extents.push_back(std::move(e));
       continue;
     }

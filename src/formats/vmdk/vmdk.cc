@@ -158,7 +158,7 @@ class VmdkMap final : public ClusterMap {
     return Status::Ok();
   }
   Status Close() override { return Flush(); }
-  Status Resize(uint64_t, bool, bool) override {
+  Status Resize(uint64_t, bool, GrowZeros) override {
     return Status::Unsupported("Image format driver does not support resize");
   }
 
