@@ -274,8 +274,10 @@ TEST(VdiOracle, HeaderErrorsMatchQemu) {
   struct Damage {
     uint64_t off;
     uint32_t value;
-  } damages[] = {{0x44, 0x00020001}, {0x154, 0x210}, {0x158, 0x410}, {0x168, 1024},
-                 {0x180, 2},         {0x1a8, 5},     {0x1b8, 5}};
+  } damages[] = {
+      {0x44, 0x00020001}, {0x154, 0x210}, {0x158, 0x410},    {0x168, 1024},     {0x180, 2},
+      {0x1a8, 5},         {0x1b8, 5},     {0x178, 2 * kMiB}, {0x180, 536870785}};  // one block past qemu's
+                                                                                   // VDI_BLOCKS_IN_IMAGE_MAX
   for (const Damage& d : damages) {
     const std::string img = dir.File("bad.vdi");
     std::filesystem::copy_file(base, img, std::filesystem::copy_options::overwrite_existing);
@@ -296,6 +298,38 @@ TEST(VdiOracle, HeaderErrorsMatchQemu) {
     ASSERT_FALSE(v.ok());
     EXPECT_NE(v.error().message().find(cause.substr(0, cause.find('\n'))), std::string::npos)
         << v.error().message() << " vs " << r.err;
+  }
+}
+
+// A block map larger than the pages vimgfs keeps (20 TiB: an 80 MiB map; clean pages are
+// dropped past 64 MiB): a map of the whole disk pages through all of it, writes at both
+// ends and in the middle land where qemu reads them, and qemu's check finds the map and
+// the count right.
+TEST(VdiOracle, BlockMapLargerThanItsPageCacheReadsAndWritesAsQemu) {
+  REQUIRE_QEMU_IMG();
+  test::TempDir dir;
+  const std::string img = dir.File("big.vdi");
+  ASSERT_EQ(RunCommand("qemu-img create -q -f vdi " + Quote(img) + " 20T").exit_code, 0);
+  const uint64_t size = 20ull << 40;
+  const uint64_t offsets[] = {0, size / 2 + 3 * kMiB, size - kMiB};
+  {
+    auto v = OpenOrDie(img, false);
+    ASSERT_NE(v, nullptr);
+    auto m = v->Map(0, size);
+    ASSERT_TRUE(m.ok()) << m.error().message();
+    uint64_t covered = 0;
+    for (const BlockStatus& b : *m) covered += b.length;
+    EXPECT_EQ(covered, size);
+    for (size_t i = 0; i < std::size(offsets); i++) {
+      std::vector<std::byte> data(64 << 10, std::byte(0x30 + i));
+      ASSERT_TRUE(v->Write(offsets[i], data).ok());
+    }
+    ASSERT_TRUE(v->Close().ok());
+  }
+  ExpectQemuCheckClean(img);
+  for (size_t i = 0; i < std::size(offsets); i++) {
+    QemuIo(img, {"read -P " + std::to_string(0x30 + i) + " " + std::to_string(offsets[i]) + " 64k",
+                 "read -P 0 " + std::to_string(offsets[i] + (64 << 10)) + " 64k"});
   }
 }
 

@@ -16,57 +16,45 @@ Result<std::unique_ptr<ClusterMap>> OpenVdi(OpenContext ctx) {
   ASSIGN_OR_RETURN(uint64_t file_size, file->Size());
   std::array<std::byte, kSectorSize> sector{};
   RETURN_IF_ERROR(file->PRead(0, sector).WithContext("'{}': reading the VDI header", ctx.path));
-  ASSIGN_OR_RETURN(Header h, ParseHeader(sector, file_size, ctx.path, ctx.options.for_check));
+  const bool no_writes = ctx.options.for_check || ctx.options.read_only || !file->writable();
+  ASSIGN_OR_RETURN(Header h, ParseHeader(sector, file_size, ctx.path, no_writes));
 
-  // Version 1.x keeps the map sector-aligned with room up to offset_data: hold whole
-  // sectors so that a changed entry is written back as the sector around it.
-  uint64_t bmap_size = h.bmap_bytes();
-  if (h.writable_layout()) bmap_size = AlignUp(bmap_size, kSectorSize);
-  std::vector<std::byte> bmap(bmap_size);
-  if (bmap_size > 0) {
-    RETURN_IF_ERROR(file->PRead(h.offset_bmap, bmap)
-                        .WithContext("'{}': reading the VDI block map at 0x{:x}", ctx.path, h.offset_bmap));
-  }
   const bool read_only = ctx.options.read_only || !file->writable() || !h.writable_layout();
-  return std::unique_ptr<ClusterMap>(
-      std::make_unique<VdiMap>(ctx.path, std::move(ctx.file), std::move(h), std::move(bmap), read_only));
+  auto map = std::make_unique<VdiMap>(ctx.path, std::move(ctx.file), std::move(h), read_only);
+  if (!read_only) RETURN_IF_ERROR(map->ScanForInconsistency());
+  return std::unique_ptr<ClusterMap>(std::move(map));
 }
 
-VdiMap::VdiMap(std::string path, std::unique_ptr<File> file, Header header, std::vector<std::byte> bmap,
-               bool read_only)
+// Version 1.x keeps the map sector-aligned with room up to offset_data: whole sectors, so
+// that a changed entry is written back as the sector around it.
+VdiMap::VdiMap(std::string path, std::unique_ptr<File> file, Header header, bool read_only)
     : path_(std::move(path)),
       file_(std::move(file)),
       h_(std::move(header)),
-      bmap_(std::move(bmap)),
+      bmap_(file_.get(), h_.offset_bmap,
+            h_.writable_layout() ? AlignUp(h_.bmap_bytes(), kSectorSize) : h_.bmap_bytes(), path_),
       read_only_(read_only) {
   count_ = free_top_ = disk_count_ = h_.blocks_allocated;
-  if (!read_only_) ScanForInconsistency();
 }
 
-uint32_t VdiMap::entry(uint64_t block) const { return LoadLE32(&bmap_[block * 4]); }
-
-void VdiMap::SetEntry(uint64_t block, uint32_t value) {
-  StoreLE32(&bmap_[block * 4], value);
-  dirty_sectors_.insert(block * 4 / kSectorSize);
-}
-
-void VdiMap::ScanForInconsistency() {
+Status VdiMap::ScanForInconsistency() {
   const uint32_t limit = std::min(h_.blocks_allocated, h_.blocks_in_image);
   std::vector<bool> used(limit);
   for (uint64_t b = 0; b < h_.blocks_in_image; ++b) {
-    const uint32_t e = entry(b);
+    ASSIGN_OR_RETURN(const uint32_t e, bmap_.Get(b));
     if (!IsAllocated(e)) continue;
     if (e >= limit) {
       inconsistency_ = fmt::format("block map entry {} points to data block {}, past the {} allocated blocks",
                                    b, e, limit);
-      return;
+      return Status::Ok();
     }
     if (used[e]) {
       inconsistency_ = fmt::format("data block {} is used by two block map entries", e);
-      return;
+      return Status::Ok();
     }
     used[e] = true;
   }
+  return Status::Ok();
 }
 
 Status VdiMap::CheckWritable(const char* what) const {
@@ -93,7 +81,7 @@ Status VdiMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* ou
     const uint64_t block = guest_off / h_.block_size;
     const uint64_t in_block = guest_off % h_.block_size;
     const uint64_t n = std::min<uint64_t>(len, h_.block_size - in_block);
-    const uint32_t e = entry(block);
+    ASSIGN_OR_RETURN(const uint32_t e, bmap_.Get(block));
     Mapping m;
     m.length = n;
     if (IsAllocated(e)) {
@@ -133,7 +121,7 @@ Result<WritePlan> VdiMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
   plan.length = h_.block_size;
   plan.file = file_.get();
   plan.cookie[0] = block;
-  const uint32_t e = entry(block);
+  ASSIGN_OR_RETURN(const uint32_t e, bmap_.Get(block));
   if (IsAllocated(e)) {  // already there (e.g. allocated while the engine waited)
     plan.host_offset = HostOffset(e);
     plan.cookie[1] = e;
@@ -167,12 +155,11 @@ Status VdiMap::CommitWrite(const WritePlan& plan) {
   const uint64_t block = plan.cookie[0];
   const uint32_t idx = static_cast<uint32_t>(plan.cookie[1]);
   in_flight_.erase(idx);
-  if (block >= h_.blocks_in_image || IsAllocated(entry(block))) {
-    return Status::Corrupt("'{}': VDI block {} was allocated twice", path_, block);
-  }
+  if (block >= h_.blocks_in_image) return Status::Corrupt("'{}': VDI block {} is past the map", path_, block);
+  ASSIGN_OR_RETURN(const uint32_t old, bmap_.Get(block));
+  if (IsAllocated(old)) return Status::Corrupt("'{}': VDI block {} was allocated twice", path_, block);
   // The entry reaches the disk at the next flush, after the data is synced.
-  SetEntry(block, idx);
-  return Status::Ok();
+  return bmap_.Set(block, idx);
 }
 
 void VdiMap::AbortWrite(const WritePlan& plan) {
@@ -211,13 +198,14 @@ Status VdiMap::ClearBlocks(uint64_t first_block, uint64_t end_block, uint32_t ne
   // (hole punched). Taking the highest first frees a run of top blocks in one go.
   std::vector<std::pair<uint32_t, uint64_t>> allocated;  // (data index, block)
   for (uint64_t b = first_block; b < end_block; ++b) {
-    if (IsAllocated(entry(b))) allocated.emplace_back(entry(b), b);
+    ASSIGN_OR_RETURN(const uint32_t e, bmap_.Get(b));
+    if (IsAllocated(e)) allocated.emplace_back(e, b);
   }
   std::sort(allocated.rbegin(), allocated.rend());
   const bool can_free = h_.image_type != kTypeStatic;
   for (const auto& [e, b] : allocated) {
     if (can_free && e + 1 == free_top_) {
-      SetEntry(b, new_entry);
+      RETURN_IF_ERROR(bmap_.Set(b, new_entry));
       --free_top_;
     } else {
       RETURN_IF_ERROR(ZeroHostBlock(b, e, !unmap)
@@ -269,7 +257,7 @@ Status VdiMap::WriteMetadata(bool durable) {
   while (new_count > disk_count_ && in_flight_.contains(new_count - 1)) --new_count;
   const bool count_changes = new_count != disk_count_;
   const bool grew = new_count > disk_count_;
-  if (!count_changes && dirty_sectors_.empty()) return Status::Ok();
+  if (!count_changes && !bmap_.dirty()) return Status::Ok();
   // Data durable before any entry points at it.
   RETURN_IF_ERROR(file_->Sync(true).WithContext("'{}': syncing", path_));
   RETURN_IF_ERROR(WriteHeaderAndMap(count_changes ? std::optional(new_count) : std::nullopt, grew));
@@ -294,23 +282,21 @@ Status VdiMap::WriteHeaderAndMap(std::optional<uint32_t> header_count, bool head
   // Where the map follows the header (qemu's layout) and the span is small, one write
   // carries both, so a killed process never leaves one without the other.
   const uint64_t header_bytes = h_.raw.size();
-  uint64_t dirty_end = dirty_sectors_.empty() ? 0 : (*dirty_sectors_.rbegin() + 1) * kSectorSize;
-  dirty_end = std::min<uint64_t>(dirty_end, bmap_.size());
+  const uint64_t dirty_end = bmap_.dirty_end();
   if (header_count && h_.offset_bmap == header_bytes && dirty_end <= (1u << 20)) {
     h_.blocks_allocated = *header_count;
     EncodeHeader(&h_);
     std::vector<std::byte> buf(header_bytes + dirty_end);
     std::memcpy(buf.data(), h_.raw.data(), header_bytes);
-    std::memcpy(buf.data() + header_bytes, bmap_.data(), dirty_end);
+    RETURN_IF_ERROR(bmap_.CopyPrefix(dirty_end, buf.data() + header_bytes));
     RETURN_IF_ERROR(file_->PWrite(0, buf, IoTag::kBlockMap)
                         .WithContext("'{}': writing the VDI header and block map", path_));
-    dirty_sectors_.clear();
+    bmap_.ForgetDirty();
     return Status::Ok();
   }
   // Otherwise back to back, in the order that errs toward what qemu calls a leak.
   if (header_count && header_first) RETURN_IF_ERROR(WriteHeader(*header_count));
-  RETURN_IF_ERROR(WriteDirtySectors(*file_, h_.offset_bmap, bmap_, &dirty_sectors_, IoTag::kBlockMap)
-                      .WithContext("'{}': writing the VDI block map", path_));
+  RETURN_IF_ERROR(bmap_.WriteDirty(IoTag::kBlockMap));
   if (header_count && !header_first) RETURN_IF_ERROR(WriteHeader(*header_count));
   return Status::Ok();
 }
@@ -361,7 +347,7 @@ Status VdiMap::Resize(uint64_t new_size, bool allow_shrink, GrowZeros /*VDI has 
   }
   const uint64_t blocks = DivRoundUp(new_size, h_.block_size);
   const uint64_t room = (h_.offset_data - h_.offset_bmap) / 4;
-  if (blocks > room || blocks * 4 > limits::kMaxMapBytes) {
+  if (blocks > room || blocks > kMaxBlocks) {
     return Status::Unsupported(
         "'{}': the VDI block map has room for {} blocks ({} bytes); growing beyond that "
         "would move data blocks, which vimgfs does not do",
@@ -374,9 +360,9 @@ Status VdiMap::Resize(uint64_t new_size, bool allow_shrink, GrowZeros /*VDI has 
     if (is_static && !reusable_.empty()) {
       return Status::Unsupported("'{}': cannot grow a static VDI image after a failed write", path_);
     }
-    bmap_.resize(AlignUp(blocks * 4, kSectorSize));
+    bmap_.Grow(AlignUp(blocks * 4, kSectorSize));
     for (uint64_t b = old_blocks; b < blocks; ++b) {
-      SetEntry(b, is_static ? count_++ : kBlockFree);
+      RETURN_IF_ERROR(bmap_.Set(b, is_static ? count_++ : kBlockFree));
     }
     free_top_ = count_;
     if (is_static) RETURN_IF_ERROR(file_->Truncate(HostOffset(count_)));

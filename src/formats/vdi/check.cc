@@ -9,13 +9,13 @@
 
 namespace vimgfs::vdi {
 
-CheckReport CheckBlockMap(const Header& h, const std::vector<std::byte>& bmap, uint32_t count) {
+Result<CheckReport> CheckBlockMap(const Header& h, BlockMapPages& bmap, uint32_t count) {
   CheckReport report;
   // taken[i]: some entry names data block i (qemu's message names the index twice).
   std::vector<bool> taken(h.blocks_in_image);
   uint32_t allocated = 0;
   for (uint64_t block = 0; block < h.blocks_in_image; ++block) {
-    const uint32_t e = LoadLE32(&bmap[block * 4]);
+    ASSIGN_OR_RETURN(const uint32_t e, bmap.Get(block));
     if (!IsAllocated(e)) continue;
     if (e < h.blocks_in_image) {
       ++allocated;

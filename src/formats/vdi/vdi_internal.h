@@ -20,6 +20,7 @@
 #include <array>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -48,12 +49,10 @@ inline constexpr uint32_t kHeader1Size = 384;      // VDIHEADER1 (0x180)
 inline constexpr uint32_t kHeader1PlusSize = 400;  // VDIHEADER1PLUS (0x190), what qemu 7.2 writes
 inline constexpr uint32_t kHeader0Size = 348;      // VDIHEADER0
 inline constexpr uint64_t kDefaultBlockSize = 1ull << 20;
-// Block sizes accepted when reading: powers of two in this range. VirtualBox and qemu
-// only ever write 1 MiB; a block is one allocation unit and one copy-on-write buffer.
-inline constexpr uint64_t kMinBlockSize = 512;
-inline constexpr uint64_t kMaxBlockSize = 64ull << 20;
-// qemu's VDI_BLOCKS_IN_IMAGE_MAX: a block map of up to 4 GiB of entries.
-inline constexpr uint32_t kMaxBlocks = 0x3fffffff;
+// qemu's limits (VDI_BLOCKS_IN_IMAGE_MAX, VDI_DISK_SIZE_MAX): a block map just under
+// 2 GiB, a disk just under 512 TiB. Blocks are 1 MiB, the only size VirtualBox and qemu
+// write or qemu reads.
+inline constexpr uint32_t kMaxBlocks = (0x80000000u - 512) / 4;
 inline constexpr uint64_t kMaxDiskSize = uint64_t{kMaxBlocks} * kDefaultBlockSize;
 inline constexpr const char kQemuText[] = "<<< QEMU VM Virtual Disk Image >>>\n";
 
@@ -100,18 +99,55 @@ struct Header {
 };
 
 // Decodes and validates the header in `sector` (the first 512 bytes of the file, zero
-// padded) of a file of file_size bytes. Errors name `path` and the cause. With
-// `for_check` (OpenOptions::for_check) the block map may reach past the end of the file
-// (it reads as zeros there, as qemu reads it, and the check reports what that means).
+// padded) of a file of file_size bytes. Errors name `path` and the cause. The block map
+// may reach past the end of the file (it reads as zeros there, as qemu reads it). With
+// `no_writes` (a check, a read-only open) the data area may overlap the block map, as
+// qemu allows; a write there would land on the map, so a writable open is refused.
 Result<Header> ParseHeader(std::span<const std::byte, kSectorSize> sector, uint64_t file_size,
-                           const std::string& path, bool for_check = false);
+                           const std::string& path, bool no_writes = false);
 // Writes the mutable fields of h (blocks_allocated, disk_size, blocks_in_image) into
 // h.raw, which then is the sector to write at offset 0.
 void EncodeHeader(Header* h);
 int ProbeVdi(std::span<const std::byte> head);
 
-// The ClusterMap of an open VDI image. Keeps the whole block map in memory (bounded by
-// limits::kMaxMapBytes); changed sectors of it are written at Flush in a crash-safe order:
+// The block map, read from the file a page at a time as entries are used: the header sizes
+// it (up to 2 GiB), memory follows what is touched (clean pages are dropped past
+// kMaxPages). Where the map reaches past the end of the file it reads as zeros, as qemu
+// reads it. Changed sectors stay in memory until WriteDirty.
+class BlockMapPages {
+ public:
+  static constexpr uint64_t kPageBytes = 64 << 10;
+  static constexpr size_t kMaxPages = 1024;  // 64 MiB of clean pages
+
+  // `bytes`: the map's size from `offset` in `file` (sector padded where it is written).
+  BlockMapPages(File* file, uint64_t offset, uint64_t bytes, std::string path);
+  Result<uint32_t> Get(uint64_t index);
+  Status Set(uint64_t index, uint32_t value);
+  // The map grows to `bytes` (a resize); the caller sets every new entry.
+  void Grow(uint64_t bytes);
+  bool dirty() const { return !dirty_sectors_.empty(); }
+  // The end of the last dirty sector, in map bytes (0: none).
+  uint64_t dirty_end() const;
+  // The first n bytes of the map into out (for one write with the header).
+  Status CopyPrefix(uint64_t n, std::byte* out);
+  void ForgetDirty() { dirty_sectors_.clear(); }
+  // Writes the dirty sectors (a run inside one page per write) and forgets them.
+  Status WriteDirty(IoTag tag);
+
+ private:
+  Result<std::byte*> Page(uint64_t page);
+  void DropCleanPages();
+
+  File* file_;
+  uint64_t offset_;
+  uint64_t bytes_;
+  std::string path_;
+  std::map<uint64_t, std::vector<std::byte>> pages_;  // page index -> kPageBytes bytes
+  std::set<uint64_t> dirty_sectors_;                  // sector index from offset_
+};
+
+// The ClusterMap of an open VDI image. Reads its block map through BlockMapPages;
+// changed sectors of it are written at Flush in a crash-safe order:
 //   sync (data durable) -> header count and block map sectors, in one write where the
 //   map follows the header -> sync -> file grown or truncated to the counted blocks.
 // So an entry never reaches the disk before its data, the count always matches the
@@ -119,8 +155,7 @@ int ProbeVdi(std::span<const std::byte> head);
 // point at it.
 class VdiMap final : public ClusterMap {
  public:
-  VdiMap(std::string path, std::unique_ptr<File> file, Header header, std::vector<std::byte> bmap,
-         bool read_only);
+  VdiMap(std::string path, std::unique_ptr<File> file, Header header, bool read_only);
 
   uint64_t virtual_size() const override { return h_.virtual_size; }
   uint64_t cluster_size() const override { return h_.block_size; }
@@ -139,17 +174,16 @@ class VdiMap final : public ClusterMap {
   Result<CheckReport> Check(RepairMode mode) override;
   Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) override;
 
+  // Scans the map once at a writable open: entries past blocks_allocated or shared by two blocks
+  // make the image unsafe to allocate in (inconsistency_ says why).
+  Status ScanForInconsistency();
+
   // For tests and check.
   const Header& header() const { return h_; }
-  uint32_t entry(uint64_t block) const;
   bool inconsistent() const { return !inconsistency_.empty(); }
 
  private:
   uint64_t HostOffset(uint32_t entry) const { return h_.offset_data + uint64_t{entry} * h_.block_size; }
-  void SetEntry(uint64_t block, uint32_t value);
-  // Scans the map once at open: entries past blocks_allocated or shared by two blocks
-  // make the image unsafe to allocate in (inconsistency_ says why).
-  void ScanForInconsistency();
   Status CheckWritable(const char* what) const;
   // Clears guest blocks [first_block, end_block): top data blocks are given back (entry
   // set to new_entry), the others zeroed in place (hole punched; re-reserved unless unmap).
@@ -165,7 +199,7 @@ class VdiMap final : public ClusterMap {
   std::string path_;
   std::unique_ptr<File> file_;
   Header h_;
-  std::vector<std::byte> bmap_;  // the on-disk block map (little-endian), sector padded
+  BlockMapPages bmap_;
   bool read_only_;
   bool closed_ = false;
   std::string inconsistency_;  // non-empty: allocation refused
@@ -175,15 +209,14 @@ class VdiMap final : public ClusterMap {
   // entries cleared) but the header still counts them until the next flush.
   uint32_t count_ = 0;
   uint32_t free_top_ = 0;
-  uint32_t disk_count_ = 0;           // blocks_allocated as last written
-  std::vector<uint32_t> reusable_;    // reserved then aborted (never referenced)
-  std::set<uint32_t> in_flight_;      // reserved, data being written, not yet linked
-  std::set<uint64_t> dirty_sectors_;  // block map sectors (index from offset_bmap)
+  uint32_t disk_count_ = 0;         // blocks_allocated as last written
+  std::vector<uint32_t> reusable_;  // reserved then aborted (never referenced)
+  std::set<uint32_t> in_flight_;    // reserved, data being written, not yet linked
 };
 
 Result<std::unique_ptr<ClusterMap>> OpenVdi(OpenContext ctx);
 Status CreateVdi(const CreateContext& ctx);
-// qemu's vdi_co_check over the in-memory map.
-CheckReport CheckBlockMap(const Header& h, const std::vector<std::byte>& bmap, uint32_t count);
+// qemu's vdi_co_check over the block map.
+Result<CheckReport> CheckBlockMap(const Header& h, BlockMapPages& bmap, uint32_t count);
 
 }  // namespace vimgfs::vdi
