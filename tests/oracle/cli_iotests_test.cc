@@ -615,5 +615,29 @@ TEST_F(CliIotestsTest, FreshRawImageHasItsFirstBlockAsQemu) {
   }
 }
 
+// iotest 242: a persistent bitmap outside qemu's constraints (here an unknown flag) makes
+// qemu refuse the whole image at open, in these words; so do we. Cleared, it opens again.
+TEST_F(CliIotestsTest, BitmapOutsideQemusConstraintsRefusesTheImage) {
+  MustSh("qemu-img create -q -f qcow2 b.qcow2 1M && qemu-img bitmap --add b.qcow2 bitmap-0");
+  // The bitmap directory's offset (extension 0x23852875), then the entry's flags word.
+  const std::string flags_at =
+      "python3 -c \"import struct,sys; d=open('b.qcow2','rb').read(); p=struct.unpack('>I',d[100:104])[0]\n"
+      "while True:\n"
+      "  t,l=struct.unpack('>II',d[p:p+8])\n"
+      "  if t==0x23852875: print(struct.unpack('>Q',d[p+24:p+32])[0]+12); break\n"
+      "  p+=8+(l+7)//8*8\"";
+  const std::string at = Ok(Sh(flags_at));
+  ASSERT_FALSE(at.empty());
+  MustSh("printf '\\000\\000\\000\\006' | dd of=b.qcow2 bs=1 seek=" + at.substr(0, at.size() - 1) +
+         " conv=notrunc status=none");
+  Copies("b.qcow2");
+  Both("info");
+  EXPECT_NE(Q("info q.qcow2").err.find("Bitmap 'bitmap-0' doesn't satisfy the constraints"),
+            std::string::npos);
+  MustSh("printf '\\000\\000\\000\\002' | dd of=v.qcow2 bs=1 seek=" + at.substr(0, at.size() - 1) +
+         " conv=notrunc status=none");
+  Ok(V("info v.qcow2"));
+}
+
 }  // namespace
 }  // namespace vimgfs::test

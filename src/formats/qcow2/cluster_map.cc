@@ -105,6 +105,8 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   m->ref_cache_ = std::make_unique<TableCache>(m->file_.get(), static_cast<uint32_t>(m->cluster_size_),
                                                cache / 4 / m->cluster_size_, IoTag::kRefBlock);
 
+  RETURN_IF_ERROR(m->ValidateBitmapDirectory());
+
   if (!m->read_only_) {
     bool rewrite = false;
     if ((h.incompatible_features & kIncompatDirty) && !ctx.options.for_check) {
@@ -516,6 +518,73 @@ Result<bool> Qcow2Map::MapShowsHostHoles() {
 }
 
 // The persistent dirty bitmaps, as qemu-img info lists them (only while consistent).
+// qemu's limits on persistent bitmaps (qcow2.h, qcow2-bitmap.c).
+namespace {
+constexpr uint32_t kMaxBitmaps = 65535;
+constexpr uint64_t kMaxBitmapDirectoryBytes = 1024 * kMaxBitmaps;
+constexpr uint32_t kMaxBitmapTableSize = 0x8000000;
+constexpr uint64_t kMaxBitmapPhysBytes = 0x20000000;
+constexpr uint32_t kBitmapReservedFlags = 0xfffffffcu;
+constexpr uint16_t kMaxBitmapNameBytes = 1023;
+}  // namespace
+
+Status Qcow2Map::ValidateBitmapDirectory() {
+  // Without the autoclear bit the bitmaps are stale and ignored (qemu warns and drops them).
+  if (!header_.bitmaps_ext || !(header_.autoclear_features & kAutoclearBitmaps)) return Status::Ok();
+  const std::vector<std::byte>& ext = *header_.bitmaps_ext;
+  if (ext.size() != 24) return Status::InvalidFormat("'{}': bitmaps_ext: Invalid extension length", path_);
+  const uint32_t count = LoadBE32(ext.data());
+  if (LoadBE32(ext.data() + 4) != 0)
+    return Status::InvalidFormat("'{}': bitmaps_ext: Reserved field is not zero", path_);
+  const uint64_t dir_size = LoadBE64(ext.data() + 8), dir_off = LoadBE64(ext.data() + 16);
+  if (count > kMaxBitmaps)
+    return Status::InvalidFormat(
+        "'{}': bitmaps_ext: Image has {} bitmaps, exceeding the QEMU supported maximum of {}", path_, count,
+        kMaxBitmaps);
+  if (count == 0) return Status::InvalidFormat("'{}': found bitmaps extension with zero bitmaps", path_);
+  if (!IsAligned(dir_off, cluster_size_))
+    return Status::InvalidFormat("'{}': bitmaps_ext: invalid bitmap directory offset", path_);
+  if (dir_size > kMaxBitmapDirectoryBytes)
+    return Status::InvalidFormat(
+        "'{}': bitmaps_ext: bitmap directory size ({}) exceeds the maximum supported size ({})", path_,
+        dir_size, kMaxBitmapDirectoryBytes);
+  if (dir_size == 0) return Status::InvalidFormat("'{}': Requested bitmap directory size is zero", path_);
+  std::vector<std::byte> dir(dir_size);
+  RETURN_IF_ERROR(file_->PRead(dir_off, dir).WithContext("'{}': Failed to read bitmap directory", path_));
+  uint64_t pos = 0;
+  uint32_t entries = 0;
+  auto broken = [&] { return Status::InvalidFormat("'{}': Broken bitmap directory", path_); };
+  while (pos < dir_size) {
+    if (dir_size - pos < 24) return broken();
+    if (++entries > count)
+      return Status::InvalidFormat("'{}': More bitmaps found than specified in header extension", path_);
+    const std::byte* e = dir.data() + pos;
+    const uint64_t table_off = LoadBE64(e);
+    const uint32_t table_size = LoadBE32(e + 8), flags = LoadBE32(e + 12);
+    const uint8_t type = static_cast<uint8_t>(e[16]), gran_bits = static_cast<uint8_t>(e[17]);
+    const uint16_t name_size = LoadBE16(e + 18);
+    const uint32_t extra = LoadBE32(e + 20);
+    const uint64_t entry_size = AlignUp(24 + uint64_t{name_size} + extra, 8);
+    if (entry_size > dir_size - pos) return broken();
+    if (extra != 0) return Status::Unsupported("'{}': Bitmap extra data is not supported", path_);
+    const uint64_t phys = uint64_t{table_size} * cluster_size_;
+    bool ok = table_size != 0 && table_off != 0 && IsAligned(table_off, cluster_size_) &&
+              table_size <= kMaxBitmapTableSize && gran_bits <= 31 && gran_bits >= 9 &&
+              !(flags & kBitmapReservedFlags) && name_size <= kMaxBitmapNameBytes && type == 1 &&
+              phys <= kMaxBitmapPhysBytes;
+    // A bitmap not in use must cover the disk (one saved before a resize need not).
+    if (ok && !(flags & 1) && size_ > ((phys * 8) << gran_bits)) ok = false;
+    if (!ok) {
+      std::string name(reinterpret_cast<const char*>(e + 24), name_size);
+      return Status::InvalidFormat("'{}': Bitmap '{}' doesn't satisfy the constraints", path_, name);
+    }
+    pos += entry_size;
+  }
+  if (entries != count)
+    return Status::InvalidFormat("'{}': Less bitmaps found than specified in header extension", path_);
+  return Status::Ok();
+}
+
 std::vector<Qcow2Bitmap> Qcow2Map::BitmapList() {
   std::vector<Qcow2Bitmap> list;
   if (!header_.bitmaps_ext || header_.bitmaps_ext->size() < 24 ||

@@ -315,6 +315,9 @@ class Qcow2Map final : public ClusterMap {
   Status FlushAll();
   Status CheckWritable();
   std::vector<Qcow2Bitmap> BitmapList();
+  // The persistent bitmap directory as qemu loads it at open: its extension, every entry
+  // within qemu's constraints (qemu refuses to open the image otherwise).
+  Status ValidateBitmapDirectory();
   Status MarkDirty();
 
   // State.
