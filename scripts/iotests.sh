@@ -14,7 +14,7 @@
 #                                            its sample images) and print its folder
 #
 # vimgfs serves create/info/check/convert/compare/map/resize/snapshot/rebase/commit; the
-# qemu-img commands it does not have yet (amend, measure, dd, bitmap, bench) go to qemu-img,
+# qemu-img commands it does not have yet (amend, dd, bitmap, bench) go to qemu-img,
 # through a small front end run under the name qemu-img (so messages say "qemu-img:").
 # VM tests run qemu-system-x86_64 under TCG (Debian's build has no qtest accelerator).
 # Needs root for apt-get; the fetched tree lives in $VIMGFS_IOTESTS_DIR
@@ -85,7 +85,7 @@ mkdir -p "$frontend"
 cat > "$frontend/qemu-img" <<EOF
 #!/bin/bash
 case "\${1-}" in
-  create|info|check|convert|compare|map|resize|snapshot|rebase|commit) exec -a qemu-img "$vimgfs" "\$@" ;;
+  create|info|check|convert|compare|map|resize|snapshot|rebase|commit|measure) exec -a qemu-img "$vimgfs" "\$@" ;;
   *) exec /usr/bin/qemu-img "\$@" ;;
 esac
 EOF

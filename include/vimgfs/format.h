@@ -402,6 +402,22 @@ class StreamWriter {
 };
 
 // A format: stateless, registered in formats/registry.cc.
+class Image;
+
+// What `measure` asks of a format (qemu-img measure): the create options (-o, split as for
+// Create, the size among them), and the image whose content is to be measured, or none for
+// a new image of options' size.
+struct MeasureRequest {
+  std::map<std::string, std::string> options;
+  Image* source = nullptr;  // its whole backing chain counts, as a conversion would copy it
+};
+struct MeasureResult {
+  uint64_t required = 0;         // bytes the image takes for the source's data
+  uint64_t fully_allocated = 0;  // bytes with every cluster allocated
+  // The source's persistent bitmaps, when both the source and this format keep them.
+  std::optional<uint64_t> bitmaps;
+};
+
 class FormatDriver {
  public:
   virtual ~FormatDriver() = default;
@@ -418,6 +434,10 @@ class FormatDriver {
   // copy pipeline (CopyToStream).
   virtual Result<std::unique_ptr<StreamWriter>> CreateStream(const CreateContext& ctx) const {
     return Status::Unsupported("{} images cannot be written as a stream", name());
+  }
+  // The size an image of this format takes (qemu-img measure), computed as qemu computes it.
+  virtual Result<MeasureResult> Measure(const MeasureRequest& req) const {
+    return Status::Unsupported("Block driver '{}' does not support size measurement", name());
   }
 };
 

@@ -59,6 +59,8 @@ void PrintFileError(const std::string& path, const Status& s) {
 std::string OpenErrorMessage(const std::string& path, const Status& s) {
   const std::string& msg = s.message();
   if (IsBackingLoop(s)) return msg;
+  // qemu opens the image, then fails to load the snapshot (-l): not an open error.
+  if (msg.rfind("Failed to load snapshot: ", 0) == 0) return msg;
   // A host error already reads "Could not open 'X': <strerror>"; qemu-img wraps it once
   // more ("Could not open 'X': Could not open 'X': No such file or directory").
   bool host_error =
@@ -337,6 +339,35 @@ Result<std::string> HostFilename(const std::string& name) {
   if (HasProtocolPrefix(name))
     return Status::InvalidArgument("Unknown protocol '{}'", name.substr(0, name.find(':')));
   return name;
+}
+
+bool ParseSnapshotParam(const std::string& arg, std::string* snapshot) {
+  if (arg.rfind("snapshot.", 0) != 0) {
+    *snapshot = arg;  // a name or an ID
+    return true;
+  }
+  // qemu's internal_snapshot_opts: snapshot.id and snapshot.name, comma separated.
+  std::string id, name;
+  for (size_t pos = 0; pos <= arg.size();) {
+    size_t comma = arg.find(',', pos);
+    if (comma == std::string::npos) comma = arg.size();
+    const std::string item = arg.substr(pos, comma - pos);
+    const size_t eq = item.find('=');
+    const std::string key = item.substr(0, eq);
+    const std::string value = eq == std::string::npos ? "on" : item.substr(eq + 1);
+    if (key == "snapshot.id") {
+      id = value;
+    } else if (key == "snapshot.name") {
+      name = value;
+    } else {
+      PrintError(fmt::format("Invalid parameter '{}'", key));
+      PrintError(fmt::format("Failed in parsing snapshot param '{}'", arg));
+      return false;
+    }
+    pos = comma + 1;
+  }
+  *snapshot = name.empty() ? id : name;
+  return true;
 }
 
 std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value) {

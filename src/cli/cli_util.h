@@ -76,6 +76,11 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
 // protocol 'x'", as qemu-img says for a protocol it does not know.
 Result<std::string> HostFilename(const std::string& name);
 
+// A -l argument (convert, measure) as qemu-img takes it: "snapshot.name=NAME",
+// "snapshot.id=ID" or a bare name or ID, into *snapshot. Another "snapshot.*" key prints
+// qemu-img's two error lines and returns false.
+bool ParseSnapshotParam(const std::string& arg, std::string* snapshot);
+
 // qemu-img's cvtnum: a size argument (ParseSize) up to 2^63 - 1. On failure prints
 // qemu-img's two error lines naming `what` ("image size") and returns nullopt.
 std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value);

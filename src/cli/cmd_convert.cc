@@ -81,14 +81,7 @@ int RunConvert(int argc, char** argv) {
            })
       .Add('l', nullptr, true,
            [&](const char* arg) -> std::optional<int> {
-             std::string v = arg;
-             if (v.rfind("snapshot.name=", 0) == 0) {
-               snapshot = v.substr(14);
-             } else if (v.rfind("snapshot.id=", 0) == 0) {
-               snapshot = v.substr(12);
-             } else {
-               snapshot = v;
-             }
+             if (!ParseSnapshotParam(arg, &snapshot)) return 1;
              return std::nullopt;
            })
       .Add('S', nullptr, true,

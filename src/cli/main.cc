@@ -26,6 +26,8 @@ const Command kCommands[] = {
     {"snapshot", vimgfs::cli::RunSnapshot, "snapshot [-l | -c name | -a name | -d name] file"},
     {"rebase", vimgfs::cli::RunRebase, "rebase [-f fmt] [-u] -b backing [-F fmt] file"},
     {"commit", vimgfs::cli::RunCommit, "commit [-f fmt] [-d] [-b base] file"},
+    {"measure", vimgfs::cli::RunMeasure,
+     "measure [-O fmt] [-o opts] [--output=human|json] (--size N | file)"},
 };
 
 void PrintUsage(FILE* out) {

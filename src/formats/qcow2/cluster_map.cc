@@ -74,7 +74,7 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
     if (!found)
       for (const Snapshot& s : m->snapshots_)
         if (s.name == ctx.options.snapshot) found = &s;
-    if (!found) return Status::NotFound("'{}': no snapshot '{}' in the image", path, ctx.options.snapshot);
+    if (!found) return Status::NotFound("Failed to load snapshot: Can't find snapshot");  // qemu-img's words
     l1_offset = found->l1_table_offset;
     l1_size = found->l1_size;
     if (found->has_disk_size) m->size_ = found->disk_size;

@@ -348,6 +348,7 @@ class Qcow2Driver final : public FormatDriver {
     return Qcow2Map::Open(std::move(ctx));
   }
   Status Create(const CreateContext& ctx) const override { return CreateImage(ctx); }
+  Result<MeasureResult> Measure(const MeasureRequest& req) const override { return qcow2::Measure(req); }
 };
 
 }  // namespace

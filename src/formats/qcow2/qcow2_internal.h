@@ -188,6 +188,9 @@ struct SnapshotTableRepair {
 };
 // qemu's limits on the table (QCOW_MAX_SNAPSHOTS, its 64 MiB, 1 KiB of extra data each).
 inline constexpr uint32_t kMaxSnapshotExtraData = 1024;
+// qemu-img measure (measure.cc).
+Result<MeasureResult> Measure(const MeasureRequest& req);
+
 Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path, const Header& h,
                                                  uint64_t file_size, SnapshotRead how,
                                                  SnapshotTableRepair* repair = nullptr);

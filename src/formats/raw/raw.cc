@@ -7,6 +7,7 @@
 #include "formats/drivers.h"
 #include "formats/format_util.h"
 #include "util/checked.h"
+#include "vimgfs/image.h"
 
 namespace vimgfs {
 namespace {
@@ -134,6 +135,19 @@ class RawDriverImpl final : public FormatDriver {
       }
     }
     return f->Sync(false);
+  }
+
+  // qemu's raw_measure: the file is the disk, allocated or not.
+  Result<MeasureResult> Measure(const MeasureRequest& req) const override {
+    MeasureResult m;
+    if (req.source) {
+      m.required = req.source->size();
+    } else if (auto it = req.options.find("size"); it != req.options.end()) {
+      ASSIGN_OR_RETURN(uint64_t size, ParseSize(it->second));
+      m.required = AlignUp(size, kSector);
+    }
+    m.fully_allocated = m.required;
+    return m;
   }
 };
 
