@@ -10,6 +10,7 @@
 #include <numeric>
 #include <string_view>
 
+#include "cli/image_spec.h"
 #include "engine/image_lock.h"
 
 namespace vimgfs::cli {
@@ -284,7 +285,17 @@ bool IsHelpOption(const std::string& text) {
   return false;
 }
 
-Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpen& o) {
+Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpen& given) {
+  ImageOpen o = given;
+  std::string name = path;  // the host file's name, as typed or from a json:/image-opts spec
+  if (o.image_opts || IsJsonName(path)) {
+    ASSIGN_OR_RETURN(ImageSpec spec, ParseImageSpec(path, o.image_opts));
+    o.format = spec.format;
+    if (spec.read_only && !o.read_only) return Status::ReadOnly("Block node is read-only");
+    o.force_share = o.force_share || spec.force_share;
+    o.open_backing = o.open_backing && !spec.no_backing;
+    name = spec.filename;
+  }
   OpenOptions opts;
   opts.format = o.format;
   opts.read_only = o.read_only;
@@ -305,7 +316,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
         "Could not open '{}': force-share=on can only be used with "
         "read-only images",
         path);
-  ASSIGN_OR_RETURN(std::string host_path, HostFilename(path));
+  ASSIGN_OR_RETURN(std::string host_path, HostFilename(name));
   ASSIGN_OR_RETURN(auto img, Image::Open(host_path, opts));
   if (!o.force_share)
     RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img) : LockImageFiles(*img, !img->read_only()));
@@ -313,6 +324,10 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
 }
 
 std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o) {
+  if (o.image_opts && !o.format.empty()) {
+    PrintError("--image-opts and --format are mutually exclusive");
+    return nullptr;
+  }
   auto r = OpenImage(path, o);
   if (!r.ok()) {
     PrintError(OpenErrorMessage(path, r.error()));

@@ -63,6 +63,8 @@ struct ImageOpen {
   // Off where the same command then opens a file of this chain for writing (commit): OFD
   // locks cannot tell one process's opens apart, so it would refuse itself.
   bool lock_backing = true;
+  // The name is a --image-opts list (json: names are always recognised).
+  bool image_opts = false;
   bool for_check = false;     // OpenOptions::for_check
   bool keep_bitmaps = false;  // OpenOptions::keep_bitmaps
 };

@@ -18,7 +18,9 @@ const char kUsage[] =
     "             (a VHDX log left unreplayed is replayed by either, and refused without)\n"
     "Exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only,\n"
     "63 the format cannot be checked.\n"
-    "  -U, --force-share  check the image even while another process writes it (no lock; not with -r)\n";
+    "  -U, --force-share  check the image even while another process writes it (no lock; not with -r)\n"
+    "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 void DumpHuman(const CheckReport& r, bool quiet) {
   if (quiet) return;
@@ -72,6 +74,7 @@ void DumpJson(const CheckReport& r, const std::string& filename, const std::stri
 int RunCheck(int argc, char** argv) {
   std::string fmt, output = "human";
   bool untrusted = false, quiet = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   RepairMode mode = RepairMode::kNone;
   bool force_share = false;
   OptionParser opts("check", kUsage);
@@ -91,12 +94,13 @@ int RunCheck(int argc, char** argv) {
       .Accept('T', nullptr, true)
       .Flag('q', nullptr, &quiet)
       .Flag('U', "force-share", &force_share)
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (opts.operands().size() != 1) return UsageError("check", "Expecting one image file name");
   if (!CheckOutputFormat(output)) return 1;
   std::string filename = opts.operands()[0];
   ImageOpen o;
+  o.image_opts = image_opts;
   o.force_share = force_share;
   o.format = fmt;
   o.untrusted = untrusted;

@@ -22,7 +22,9 @@ const char kUsage[] =
     "backing file (other formats are left as they are).\n"
     "  -d        do not empty the overlay (implied by -b)\n"
     "  -b base   commit into this image of the backing chain\n"
-    "  -p, -q    progress on a terminal; quiet\n";
+    "  -p, -q    progress on a terminal; quiet\n"
+    "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 // What the layers above the base hold, as the copy pipeline's source: runs listed before
 // the base changes under the copy (docs/ARCHITECTURE.md, "The copy pipeline").
@@ -61,6 +63,7 @@ std::string RealPath(const std::string& p) {
 int RunCommit(int argc, char** argv) {
   std::string fmt, base_name;
   bool progress = false, quiet = false, untrusted = false, keep = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   OptionParser opts("commit", kUsage);
   opts.Value('f', nullptr, &fmt)
       .Value('b', nullptr, &base_name)
@@ -69,13 +72,15 @@ int RunCommit(int argc, char** argv) {
       .Flag('q', nullptr, &quiet)
       .Accept('t', nullptr, true)
       .Accept('r', nullptr, true)
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
   if (opts.operands().size() != 1) return UsageError("commit", "Expecting one image file name");
   std::string filename = opts.operands()[0];
 
   ImageOpen o;
+
+  o.image_opts = image_opts;
   o.format = fmt;
   o.read_only = true;
   o.untrusted = untrusted;

@@ -18,7 +18,9 @@ const char kUsage[] =
     "  -s               strict: sizes and allocation must match too\n"
     "  -p               show progress;  -q  quiet\n"
     "Exit codes: 0 identical, 1 different, 2 error.\n"
-    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n"
+    "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 constexpr uint64_t kChunk = 2 << 20;
 constexpr uint64_t kSector = 512;
@@ -71,6 +73,7 @@ class RunCursor {
 int RunCompare(int argc, char** argv) {
   std::string fmt1, fmt2;
   bool strict = false, progress = false, quiet = false, untrusted = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   bool force_share = false;
   OptionParser opts("compare", kUsage, 2);
   opts.Value('f', nullptr, &fmt1)
@@ -80,12 +83,13 @@ int RunCompare(int argc, char** argv) {
       .Flag('q', nullptr, &quiet)
       .Flag('s', nullptr, &strict)
       .Flag('U', "force-share", &force_share)
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
   if (opts.operands().size() != 2) return UsageError("compare", "Expecting two image file names");
   std::string f1 = opts.operands()[0], f2 = opts.operands()[1];
   ImageOpen o;
+  o.image_opts = image_opts;
   o.force_share = force_share;
   o.untrusted = untrusted;
   o.format = fmt1;

@@ -41,7 +41,9 @@ const char kUsage[] =
     "  -t cache         output cache mode (default unsafe, as qemu-img: nothing is flushed;\n"
     "                   any other mode makes the output durable before exit)\n"
     "  -T src_cache     source cache mode (checked, no effect on reads)\n"
-    "  -U, --force-share  read the source images even while another process writes them (no lock)\n";
+    "  -U, --force-share  read the source images even while another process writes them (no lock)\n"
+    "  --image-opts      the source image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 }  // namespace
 
@@ -51,6 +53,7 @@ int RunConvert(int argc, char** argv) {
   std::string options;  // the -o lists, joined
   bool compress = false, progress = false, quiet = false, no_create = false;
   bool target_is_zero = false, untrusted = false, out_of_order = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   bool copy_range = false, salvage = false, explicit_min_sparse = false;
   uint64_t min_sparse = 4096;
   std::string out_cache = "unsafe";  // qemu-img convert's default: no flushes at all
@@ -119,7 +122,7 @@ int RunConvert(int argc, char** argv) {
       .Refuse("target-image-opts")
       .Refuse("bitmaps")
       .Flag(0, "salvage", &salvage)
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = parser.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
 
@@ -146,6 +149,7 @@ int RunConvert(int argc, char** argv) {
   std::vector<std::unique_ptr<Image>> images;
   for (const std::string& name : sources) {
     ImageOpen o;
+    o.image_opts = image_opts;
     o.force_share = force_share;
     o.format = fmt;
     o.untrusted = untrusted;

@@ -21,7 +21,9 @@ const char kUsage[] =
     "  --output=FMT      'human' (default) or 'json'\n"
     "  --backing-chain   show every image of the backing chain\n"
     "  --untrusted       do not follow references the image makes to other files\n"
-    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n"
+    "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 }  // namespace
 
@@ -65,19 +67,22 @@ nlohmann::ordered_json ImageInfoJson(Image& img) {
 int RunInfo(int argc, char** argv) {
   std::string fmt, output = "human";
   bool chain = false, untrusted = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   bool force_share = false;
   OptionParser opts("info", kUsage);
   opts.Value('f', "format", &fmt)
       .Value(0, "output", &output)
       .Flag(0, "backing-chain", &chain)
       .Flag('U', "force-share", &force_share)
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (opts.operands().size() != 1) return UsageError("info", "Expecting one image file name");
   if (!CheckOutputFormat(output)) return 1;
   std::string filename = opts.operands()[0];
 
   ImageOpen o;
+
+  o.image_opts = image_opts;
 
   o.force_share = force_share;
   o.format = fmt;

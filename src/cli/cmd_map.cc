@@ -17,7 +17,9 @@ const char kUsage[] =
     "and offset holding each; JSON lists every run with depth, present, zero, data, offset.\n"
     "A VHDX, bochs or cloop image shows as one data run without offset, as in qemu-img (no\n"
     "block status).\n"
-    "  -U, --force-share  open the image even while another process writes it (no lock)\n";
+    "  -U, --force-share  open the image even while another process writes it (no lock)\n"
+    "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 struct Entry {
   uint64_t start = 0, length = 0;
@@ -70,6 +72,7 @@ bool Dump(bool json, const Entry& e, Entry* next) {
 int RunMap(int argc, char** argv) {
   std::string fmt, output = "human";
   bool untrusted = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   uint64_t start = 0;
   std::optional<uint64_t> max_length;
   bool force_share = false;
@@ -90,12 +93,13 @@ int RunMap(int argc, char** argv) {
       .Add(0, "start-offset", true, offset_option("start offset", &start))
       .Add(0, "max-length", true, offset_option("max length", &max_length))
       .Flag('U', "force-share", &force_share)
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (opts.operands().size() != 1) return UsageError("map", "Expecting one image file name");
   if (!CheckOutputFormat(output)) return 1;
   std::string filename = opts.operands()[0];
   ImageOpen o;
+  o.image_opts = image_opts;
   o.force_share = force_share;
   o.format = fmt;
   o.untrusted = untrusted;

@@ -26,7 +26,9 @@ const char kUsage[] =
     "  -f fmt           the source image's format (probed when absent)\n"
     "  -l snapshot.name=NAME  measure a qcow2 internal snapshot of the source\n"
     "  --output=FMT     'human' (default) or 'json'\n"
-    "  -U, --force-share  open the source even while another process writes it (no lock)\n";
+    "  -U, --force-share  open the source even while another process writes it (no lock)\n"
+    "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 }  // namespace
 
@@ -35,6 +37,7 @@ int RunMeasure(int argc, char** argv) {
   std::string options;  // the -o lists, joined
   std::optional<uint64_t> size;
   bool force_share = false, untrusted = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   OptionParser opts("measure", kUsage);
   opts.Value('f', nullptr, &fmt)
       .Value('O', nullptr, &out_fmt)
@@ -61,7 +64,7 @@ int RunMeasure(int argc, char** argv) {
              if (!size) return 1;
              return std::nullopt;
            })
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   const auto& operands = opts.operands();
   if (operands.size() > 1) {
@@ -69,7 +72,7 @@ int RunMeasure(int argc, char** argv) {
     return 1;
   }
   const std::string filename = operands.empty() ? "" : operands[0];
-  if (filename.empty() && (!fmt.empty() || !snapshot.empty())) {
+  if (filename.empty() && (image_opts || !fmt.empty() || !snapshot.empty())) {
     PrintError("--image-opts, -f, and -l require a filename argument.");
     return 1;
   }
@@ -85,6 +88,7 @@ int RunMeasure(int argc, char** argv) {
   std::unique_ptr<Image> source;
   if (!filename.empty()) {
     ImageOpen o;
+    o.image_opts = image_opts;
     o.format = fmt;
     o.force_share = force_share;
     o.untrusted = untrusted;

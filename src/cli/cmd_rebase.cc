@@ -18,7 +18,9 @@ const char kUsage[] =
     "every cluster it does not have whose content differs between the old and the new\n"
     "backing file, so the guest sees the same disk. -u only rewrites the reference.\n"
     "-b \"\" makes the image independent of any backing file.\n"
-    "  -U, --force-share  open the old and new backing files without locking them\n";
+    "  -U, --force-share  open the old and new backing files without locking them\n"
+    "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 // What the image reads through its old backing file (zeros past its end, or everywhere
 // without one) where it has nothing of its own: the copy pipeline's source for a safe rebase
@@ -77,6 +79,7 @@ class ThroughOldBacking final : public CopySource {
 int RunRebase(int argc, char** argv) {
   std::string fmt, backing, backing_fmt;
   bool have_b = false, unsafe = false, progress = false, quiet = false, untrusted = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   bool force_share = false;
   OptionParser opts("rebase", kUsage);
   opts.Value('f', nullptr, &fmt)
@@ -94,7 +97,7 @@ int RunRebase(int argc, char** argv) {
       .Accept('t', nullptr, true)
       .Accept('T', nullptr, true)
       .Accept('c', nullptr, false)
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
   if (opts.operands().size() != 1) return UsageError("rebase", "Expecting one image file name");
@@ -102,6 +105,7 @@ int RunRebase(int argc, char** argv) {
   std::string filename = opts.operands()[0];
   // -U applies to the backing files only, as in qemu-img: the image rebase writes is locked.
   ImageOpen o;
+  o.image_opts = image_opts;
   o.lock_backing = !force_share;
   o.format = fmt;
   o.read_only = false;

@@ -18,7 +18,9 @@ const char kUsage[] =
     "--shrink: data past the new end is lost). Suffixes k, M, G, T, P, E.\n"
     "  --preallocation=MODE  what a grown raw or qcow2 image gets for its new area: off\n"
     "                        (nothing), metadata (qcow2: clusters allocated, host file\n"
-    "                        left sparse), falloc (host space reserved), full (zeros)\n";
+    "                        left sparse), falloc (host space reserved), full (zeros)\n"
+    "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 // Gives the grown area [from, to) of an image its preallocation, as qemu-img resize does:
 // allocated clusters reading as zeros (qcow2: over a sparse, reserved or written host
@@ -57,13 +59,14 @@ int RunResize(int argc, char** argv) {
   argc--;
   std::string fmt;
   bool quiet = false, shrink = false, untrusted = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   std::string prealloc;
   OptionParser opts("resize", kUsage);
   opts.Value('f', "format", &fmt)
       .Flag('q', nullptr, &quiet)
       .Flag(0, "shrink", &shrink)
       .Value(0, "preallocation", &prealloc)
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (prealloc.empty()) prealloc = "off";
   if (prealloc != "off" && prealloc != "metadata" && prealloc != "falloc" && prealloc != "full") {
@@ -90,6 +93,8 @@ int RunResize(int argc, char** argv) {
   }
 
   ImageOpen o;
+
+  o.image_opts = image_opts;
   o.format = fmt;
   o.read_only = false;
   o.untrusted = untrusted;

@@ -17,7 +17,9 @@ const char kUsage[] =
     "\n"
     "Lists (-l, the default), creates (-c), applies (-a: reverts the disk to it) or deletes\n"
     "(-d) internal snapshots of a qcow2 image.\n"
-    "  -U, --force-share  list snapshots even while another process writes the image (no lock; -l only)\n";
+    "  -U, --force-share  list snapshots even while another process writes the image (no lock; -l only)\n"
+    "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
+    "                    json:{...} names are taken with or without it\n";
 
 }  // namespace
 
@@ -25,6 +27,7 @@ int RunSnapshot(int argc, char** argv) {
   std::string fmt, name;
   char action = 0;
   bool quiet = false, untrusted = false;
+  bool image_opts = false;  // --image-opts: the image names are key=value lists
   bool force_share = false;
   auto set_action = [&](char which) {
     return [&, which](const char* arg) -> std::optional<int> {
@@ -42,12 +45,13 @@ int RunSnapshot(int argc, char** argv) {
       .Value('f', nullptr, &fmt)
       .Flag('q', nullptr, &quiet)
       .Flag('U', "force-share", &force_share)
-      .CommonImageOptions(&untrusted);
+      .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (!action) action = 'l';
   if (opts.operands().size() != 1) return UsageError("snapshot", "Expecting one image file name");
   std::string filename = opts.operands()[0];
   ImageOpen o;
+  o.image_opts = image_opts;
   o.force_share = force_share;
   o.format = fmt;
   o.read_only = action == 'l';

@@ -49,10 +49,10 @@ OptionParser& OptionParser::Refuse(const char* long_name, bool takes_arg) {
   });
 }
 
-OptionParser& OptionParser::CommonImageOptions(bool* untrusted) {
+OptionParser& OptionParser::CommonImageOptions(bool* untrusted, bool* image_opts) {
   Flag(0, "untrusted", untrusted);
   Accept(0, "object", true);
-  return Refuse("image-opts");
+  return image_opts ? Flag(0, "image-opts", image_opts) : Refuse("image-opts");
 }
 
 std::optional<int> OptionParser::Parse(int argc, char** argv) {

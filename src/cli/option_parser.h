@@ -30,9 +30,9 @@ class OptionParser {
   OptionParser& Accept(char short_name, const char* long_name, bool takes_arg);
   // Options qemu-img has that vimgfs refuses: prints "<long_name> is not supported".
   OptionParser& Refuse(const char* long_name, bool takes_arg = false);
-  // What every image command takes: --untrusted, --object (accepted), --image-opts
-  // (refused).
-  OptionParser& CommonImageOptions(bool* untrusted);
+  // What every image command takes: --untrusted, --object (accepted), --image-opts (the
+  // image names are key=value lists; refused without image_opts).
+  OptionParser& CommonImageOptions(bool* untrusted, bool* image_opts = nullptr);
 
   // nullopt: parsed, operands() holds the rest of the command line; otherwise the exit
   // code (0 after --help).

@@ -17,11 +17,11 @@ TEST_F(CliMeasureTest, NewImagesOfEverySizeAndOptionAsQemu) {
       ExpectSame(std::string("measure --output=") + out + " -O raw --size " + size);
     }
   }
-  for (const char* o : {"cluster_size=512", "cluster_size=4k", "cluster_size=2M", "refcount_bits=1",
-                        "refcount_bits=64", "compat=0.10", "compat=1.1", "extended_l2=on",
-                        "extended_l2=on,cluster_size=2M", "preallocation=metadata", "preallocation=falloc",
-                        "preallocation=full", "lazy_refcounts=on", "backing_file=x",
-                        "cluster_size=512,refcount_bits=64", "nocow=on"}) {
+  for (const char* o :
+       {"cluster_size=512", "cluster_size=4k", "cluster_size=2M", "refcount_bits=1", "refcount_bits=64",
+        "compat=0.10", "compat=1.1", "extended_l2=on", "extended_l2=on,cluster_size=2M",
+        "preallocation=metadata", "preallocation=falloc", "preallocation=full", "lazy_refcounts=on",
+        "backing_file=x", "cluster_size=512,refcount_bits=64", "nocow=on"}) {
     ExpectSame(std::string("measure -O qcow2 -o ") + o + " --size 100G");
     ExpectSame(std::string("measure --output=json -O qcow2 -o ") + o + " --size 3G");
   }
@@ -36,7 +36,8 @@ TEST_F(CliMeasureTest, SourceImagesAsQemu) {
   InBoth("qemu-img create -q -f raw empty.raw 0 && qemu-img create -q -f qcow2 empty.qcow2 0");
   InBoth(
       "qemu-img create -q -f qcow2 q.qcow2 1G && qemu-io -c 'write 512 512' -c 'write 64K 64K' q.qcow2 "
-      ">/dev/null && qemu-img snapshot -c snapshot1 q.qcow2 && qemu-io -c 'write 128M 63K' q.qcow2 >/dev/null");
+      ">/dev/null && qemu-img snapshot -c snapshot1 q.qcow2 && qemu-io -c 'write 128M 63K' q.qcow2 "
+      ">/dev/null");
   InBoth(
       "qemu-img create -q -f qcow2 bm.qcow2 3G && qemu-img bitmap --add bm.qcow2 b0 && "
       "qemu-img bitmap --add -g 512k bm.qcow2 a-longer-bitmap-name && qemu-io -c 'write 1G 1M' bm.qcow2 "
@@ -67,16 +68,31 @@ TEST_F(CliMeasureTest, SourceImagesAsQemu) {
 
 TEST_F(CliMeasureTest, BadCommandLinesFailAsQemu) {
   InBoth("qemu-img create -q -f qcow2 t.qcow2 1G");
-  for (const char* args :
-       {"measure", "measure --size 2G t.qcow2", "measure t.qcow2 a", "measure -f qcow2", "measure -l snap1",
-        "measure -o , --size 1G", "measure -l snapshot.foo=bar", "measure --output foo", "measure --size -1",
-        "measure -O foo t.qcow2", "measure -O vmdk --size 1G", "measure -O vdi t.qcow2",
-        "measure -O file --size 1G", "measure -O bochs --size 1G", "measure -O qcow2 -o cluster_size=3000 --size 1G",
-        "measure -O qcow2 -o compat=2.0 --size 1G", "measure -O qcow2 -o compat=v3 --size 1G",
-        "measure -O qcow2 -o refcount_bits=3 --size 1G", "measure -O qcow2 -o compat=0.10,refcount_bits=8 --size 1G",
-        "measure -O qcow2 -o extended_l2=on,cluster_size=4k --size 1G", "measure -O qcow2 -o cluster_size=512 --size 7E",
-        "measure -O qcow2 -o invalid=1 --size 1G", "measure -O qcow2 -o preallocation=maybe --size 1G",
-        "measure -O qcow2 -l nosuch t.qcow2", "measure -O qcow2 missing.qcow2"}) {
+  for (const char* args : {"measure",
+                           "measure --size 2G t.qcow2",
+                           "measure t.qcow2 a",
+                           "measure -f qcow2",
+                           "measure -l snap1",
+                           "measure -o , --size 1G",
+                           "measure -l snapshot.foo=bar",
+                           "measure --output foo",
+                           "measure --size -1",
+                           "measure -O foo t.qcow2",
+                           "measure -O vmdk --size 1G",
+                           "measure -O vdi t.qcow2",
+                           "measure -O file --size 1G",
+                           "measure -O bochs --size 1G",
+                           "measure -O qcow2 -o cluster_size=3000 --size 1G",
+                           "measure -O qcow2 -o compat=2.0 --size 1G",
+                           "measure -O qcow2 -o compat=v3 --size 1G",
+                           "measure -O qcow2 -o refcount_bits=3 --size 1G",
+                           "measure -O qcow2 -o compat=0.10,refcount_bits=8 --size 1G",
+                           "measure -O qcow2 -o extended_l2=on,cluster_size=4k --size 1G",
+                           "measure -O qcow2 -o cluster_size=512 --size 7E",
+                           "measure -O qcow2 -o invalid=1 --size 1G",
+                           "measure -O qcow2 -o preallocation=maybe --size 1G",
+                           "measure -O qcow2 -l nosuch t.qcow2",
+                           "measure -O qcow2 missing.qcow2"}) {
     ExpectSame(args);
   }
 }

@@ -29,7 +29,8 @@ uint64_t RefcountMetadataSize(uint64_t clusters, uint64_t cluster_size, uint32_t
 }
 
 // qemu's qcow2_calc_prealloc_size: the bytes of a fully allocated image.
-uint64_t FullyAllocatedSize(uint64_t total, uint64_t cluster_size, uint32_t refcount_order, bool extended_l2) {
+uint64_t FullyAllocatedSize(uint64_t total, uint64_t cluster_size, uint32_t refcount_order,
+                            bool extended_l2) {
   const uint64_t aligned = AlignUp(total, cluster_size);
   const uint64_t l2e = extended_l2 ? 16 : 8;
   uint64_t meta = cluster_size;  // header
@@ -150,9 +151,8 @@ Result<MeasureResult> Measure(const MeasureRequest& req) {
   if (p.prealloc == "full" || p.prealloc == "falloc") required = virtual_size;
 
   MeasureResult m;
-  m.fully_allocated =
-      FullyAllocatedSize(virtual_size, cs, static_cast<uint32_t>(__builtin_ctzll(p.refcount_bits)),
-                         p.extended_l2);
+  m.fully_allocated = FullyAllocatedSize(
+      virtual_size, cs, static_cast<uint32_t>(__builtin_ctzll(p.refcount_bits)), p.extended_l2);
   // Data clusters not needed come off; the metadata of a full image stays counted.
   m.required = m.fully_allocated - virtual_size + required;
   if (p.version >= 3 && req.source) {

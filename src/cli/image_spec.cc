@@ -1,0 +1,207 @@
+// json: names and --image-opts lists, read into an ImageSpec.
+#include "cli/image_spec.h"
+
+#include <algorithm>
+
+#include <nlohmann/json.hpp>
+#include <set>
+#include <vector>
+
+#include "vimgfs/format.h"
+
+namespace vimgfs::cli {
+namespace {
+
+using Flat = std::map<std::string, std::string>;
+constexpr const char* kNull = "\x01null";  // a JSON null (no key=value list can spell it)
+
+// qemu's JSON parser also takes single-quoted strings: they become double-quoted ones.
+std::string DoubleQuoted(const std::string& in) {
+  std::string out;
+  char quote = 0;
+  for (size_t i = 0; i < in.size(); i++) {
+    const char c = in[i];
+    if (quote) {
+      if (c == '\\' && i + 1 < in.size()) {
+        if (quote == '\'' && in[i + 1] == '\'') {
+          out += '\'';
+        } else {
+          out += c;
+          out += in[i + 1];
+        }
+        i++;
+        continue;
+      }
+      if (c == quote) {
+        out += '"';
+        quote = 0;
+      } else if (c == '"') {
+        out += "\\\"";
+      } else {
+        out += c;
+      }
+      continue;
+    }
+    if (c == '"' || c == '\'') {
+      quote = c;
+      out += '"';
+    } else {
+      out += c;
+    }
+  }
+  return out;
+}
+
+void FlattenJson(const nlohmann::json& j, const std::string& prefix, Flat* out) {
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    const std::string key = prefix + it.key();
+    const nlohmann::json& v = it.value();
+    if (v.is_object()) {
+      FlattenJson(v, key + ".", out);
+    } else if (v.is_string()) {
+      (*out)[key] = v.get<std::string>();
+    } else if (v.is_null()) {
+      (*out)[key] = kNull;
+    } else if (v.is_boolean()) {
+      (*out)[key] = v.get<bool>() ? "on" : "off";
+    } else {
+      (*out)[key] = v.dump();
+    }
+  }
+}
+
+// "a=b,c=d" with ",," for a comma inside a value, as QemuOpts reads it.
+Result<Flat> ParseKeyValues(const std::string& text) {
+  Flat out;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    std::string item;
+    while (pos < text.size()) {
+      if (text[pos] == ',') {
+        if (pos + 1 < text.size() && text[pos + 1] == ',') {
+          item += ',';
+          pos += 2;
+          continue;
+        }
+        break;
+      }
+      item += text[pos++];
+    }
+    pos++;  // the separating comma
+    if (item.empty()) return Status::InvalidArgument("Invalid option list: {}", text);
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) {
+      out[item] = "on";
+    } else {
+      out[item.substr(0, eq)] = item.substr(eq + 1);
+    }
+  }
+  return out;
+}
+
+// How deep {} and [] nest outside strings (the JSON parser recurses that deep).
+size_t NestingDepth(const std::string& json) {
+  size_t depth = 0, deepest = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < json.size(); i++) {
+    const char c = json[i];
+    if (in_string) {
+      if (c == '\\') {
+        i++;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '{' || c == '[') {
+      deepest = std::max(deepest, ++depth);
+    } else if ((c == '}' || c == ']') && depth > 0) {
+      depth--;
+    }
+  }
+  return deepest;
+}
+
+bool IsTrue(const std::string& v) { return v == "on" || v == "true" || v == "yes"; }
+
+// Options qemu's file protocol and format drivers take that tune caching, discards, checks
+// or locking: nothing here depends on them.
+bool IsTuningOption(const std::string& key) {
+  static const std::set<std::string> kKeys = {
+      "node-name", "discard", "detect-zeroes", "auto-read-only", "cache.direct", "cache.no-flush",
+      "aio", "aio-max-batch", "locking", "drop-cache", "x-check-cache-dropped", "pr-manager",
+      "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
+      "discard-no-unref", "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
+      "refcount-cache-size", "cache-clean-interval", "zeroed-grain", "toolsversion"};
+  if (kKeys.contains(key)) return true;
+  return key.rfind("overlap-check.", 0) == 0;
+}
+
+Result<ImageSpec> Interpret(Flat opts) {
+  ImageSpec spec;
+  auto take = [&](const std::string& key) -> std::optional<std::string> {
+    auto it = opts.find(key);
+    if (it == opts.end()) return std::nullopt;
+    std::string v = it->second;
+    opts.erase(it);
+    return v;
+  };
+  const std::optional<std::string> driver = take("driver");
+  if (auto v = take("read-only")) spec.read_only = IsTrue(*v);
+  if (auto v = take("force-share")) spec.force_share = IsTrue(*v);
+  std::optional<std::string> filename = take("filename");
+  if (driver && *driver == "file") {
+    spec.format = "raw";  // the file protocol alone: the file is the disk
+  } else {
+    spec.format = driver.value_or("");  // none: probed, as qemu probes it
+    if (auto b = take("backing")) {
+      if (*b != kNull && *b != "null" && !b->empty())
+        return Status::Unsupported("a backing image given by node name ('{}') is not supported", *b);
+      spec.no_backing = true;
+    }
+    if (auto f = take("file")) filename = *f;  // "file": "name"
+    if (auto d = take("file.driver"); d && *d != "file")
+      return Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d);
+    if (auto f = take("file.filename")) filename = *f;
+    for (auto it = opts.begin(); it != opts.end();) {
+      const std::string& k = it->first;
+      if (k.rfind("file.", 0) == 0 && IsTuningOption(k.substr(5))) {
+        it = opts.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  if (!FindFormat(spec.format) && !spec.format.empty())
+    return Status::Unsupported("Unknown driver '{}'", spec.format);
+  if (!filename || filename->empty())
+    return Status::InvalidArgument("A block device must be specified for \"file\"");
+  spec.filename = *filename;
+  for (const auto& [key, value] : opts) {
+    if (IsTuningOption(key)) continue;
+    return Status::InvalidArgument("Block format '{}' does not support the option '{}'",
+                                   spec.format.empty() ? "file" : spec.format, key);
+  }
+  return spec;
+}
+
+}  // namespace
+
+bool IsJsonName(const std::string& name) { return name.rfind("json:", 0) == 0; }
+
+Result<ImageSpec> ParseImageSpec(const std::string& text, bool image_opts) {
+  Flat opts;
+  if (image_opts) {
+    ASSIGN_OR_RETURN(opts, ParseKeyValues(text));
+  } else {
+    const std::string json = DoubleQuoted(text.substr(5));
+    if (NestingDepth(json) > 32) return Status::InvalidArgument("Could not parse the JSON options: nested too deeply");
+    auto j = nlohmann::json::parse(json, nullptr, false);
+    if (j.is_discarded()) return Status::InvalidArgument("Could not parse the JSON options");
+    if (!j.is_object()) return Status::InvalidArgument("Invalid JSON object given");
+    FlattenJson(j, "", &opts);
+  }
+  return Interpret(std::move(opts));
+}
+
+}  // namespace vimgfs::cli

@@ -1,0 +1,32 @@
+// Image names as qemu-img takes them on its command line besides a plain file name:
+// `json:{...}` (any command) and the key=value lists of --image-opts. Both describe a
+// format driver over the file protocol; vimgfs reads the driver, the file name, a null
+// backing file, read-only and force-share, and accepts the tuning options qemu's drivers
+// take (cache sizes, discard passing, overlap checks, aio, locking), which change nothing
+// here. Names found inside images are never read this way (docs/ARCHITECTURE.md, "Names
+// inside images"): only the user's own command line.
+#pragma once
+
+#include <map>
+#include <string>
+
+#include "vimgfs/status.h"
+
+namespace vimgfs::cli {
+
+struct ImageSpec {
+  std::string format;     // the format driver; "raw" for the file protocol alone
+  std::string filename;   // the host file
+  bool no_backing = false;  // "backing": null
+  bool read_only = false;
+  bool force_share = false;
+};
+
+// Whether a command-line image name is a json: pseudo-protocol name.
+bool IsJsonName(const std::string& name);
+// Parses `json:{...}` (qemu's JSON, single-quoted strings included) or, with image_opts, a
+// key=value list ("driver=qcow2,file.filename=a.qcow2"; ",," is a comma in a value).
+// Errors read as qemu-img's.
+Result<ImageSpec> ParseImageSpec(const std::string& text, bool image_opts);
+
+}  // namespace vimgfs::cli

@@ -1,0 +1,70 @@
+// json: image names and --image-opts lists, beside qemu-img: the same output, messages and
+// exit codes for the forms scripts use (a format over the file protocol, backing: null,
+// tuning options), and the same refusals.
+#include <string>
+
+#include "cli_test_helpers.h"
+
+namespace vimgfs::test {
+namespace {
+
+class CliImageSpecTest : public CliTwinTest {
+ protected:
+  void SetUp() override {
+    CliTwinTest::SetUp();
+    if (IsSkipped()) return;
+    InBoth("qemu-img create -q -f qcow2 b.qcow2 1M && qemu-io -c 'write -P 5 0 64k' b.qcow2 >/dev/null");
+    InBoth(
+        "qemu-img create -q -f qcow2 -b b.qcow2 -F qcow2 t.qcow2 && qemu-io -c 'write -P 6 512k 64k' "
+        "t.qcow2 >/dev/null");
+  }
+};
+
+TEST_F(CliImageSpecTest, JsonNamesReadAsQemu) {
+  const std::string t = R"('json:{"driver": "qcow2", "file": {"driver": "file", "filename": "t.qcow2"}}')";
+  const std::string flat = R"('json:{"driver": "qcow2", "file.filename": "t.qcow2", "cache-size": 1048576}')";
+  const std::string no_backing =
+      R"('json:{"driver": "qcow2", "backing": null, "file": {"driver": "file", "filename": "t.qcow2"}}')";
+  const std::string quoted = R"("json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 't.qcow2'}}")";
+  for (const std::string& name : {t, flat, no_backing, quoted}) {
+    ExpectSame("map --output=json " + name);
+    ExpectSame("check " + name);
+    ExpectSame("compare " + name + " t.qcow2");
+    ExpectSame("measure -O qcow2 " + name);
+  }
+  ExpectSame("info " + t + " | head -3");
+  ExpectSame("convert -O raw " + no_backing + " out.raw && qemu-img compare -f raw out.raw b.qcow2; echo $?");
+}
+
+TEST_F(CliImageSpecTest, ImageOptsListsReadAsQemu) {
+  for (const char* opts :
+       {"driver=qcow2,file.filename=t.qcow2", "driver=qcow2,file.driver=file,file.filename=t.qcow2",
+        "driver=qcow2,file.filename=t.qcow2,lazy-refcounts=off,l2-cache-size=65536",
+        "driver=raw,file.filename=b.qcow2"}) {
+    ExpectSame(std::string("map --output=json --image-opts ") + opts);
+    ExpectSame(std::string("compare --image-opts ") + opts + " " + opts);
+    ExpectSame(std::string("info --image-opts ") + opts + " | head -2");
+  }
+  ExpectSame("check --image-opts driver=qcow2,file.filename=t.qcow2");
+  ExpectSame("snapshot -l --image-opts driver=qcow2,file.filename=t.qcow2");
+}
+
+TEST_F(CliImageSpecTest, BadSpecsFailAsQemu) {
+  ExpectSame("info --image-opts -f qcow2 driver=qcow2,file.filename=t.qcow2");
+  ExpectSame(R"(info 'json:{"driver": "qcow2", "file": {"driver": "file", "filename": "t.qcow2"}, "foo": 1}')");
+  ExpectSame("info --image-opts driver=qcow2,file.filename=t.qcow2,nosuch=1");
+  ExpectSame("info --image-opts driver=qcow2,file.filename=missing.qcow2");
+  // qemu's JSON parser words its errors its own way: the failure and the exit code match.
+  CommandResult v = V(R"(info 'json:{"driver": "qcow2"')");
+  EXPECT_EQ(v.exit_code, 1);
+  EXPECT_NE(v.err.find("Could not parse the JSON options"), std::string::npos) << v.err;
+  // The user's own command line only: nesting deep enough to exhaust a recursive parser is
+  // refused, not followed.
+  std::string deep = "'json:{\"driver\": \"qcow2\", \"x\": " + std::string(100000, '[') + "}'";
+  v = V("info " + deep);
+  EXPECT_EQ(v.exit_code, 1);
+  EXPECT_NE(v.err.find("nested too deeply"), std::string::npos) << v.err.substr(0, 300);
+}
+
+}  // namespace
+}  // namespace vimgfs::test
