@@ -127,12 +127,31 @@ bool IsTrue(const std::string& v) { return v == "on" || v == "true" || v == "yes
 // Options qemu's file protocol and format drivers take that tune caching, discards, checks
 // or locking: nothing here depends on them.
 bool IsTuningOption(const std::string& key) {
-  static const std::set<std::string> kKeys = {
-      "node-name", "discard", "detect-zeroes", "auto-read-only", "cache.direct", "cache.no-flush",
-      "aio", "aio-max-batch", "locking", "drop-cache", "x-check-cache-dropped", "pr-manager",
-      "lazy-refcounts", "pass-discard-request", "pass-discard-snapshot", "pass-discard-other",
-      "discard-no-unref", "overlap-check", "cache-size", "l2-cache-size", "l2-cache-entry-size",
-      "refcount-cache-size", "cache-clean-interval", "zeroed-grain", "toolsversion"};
+  static const std::set<std::string> kKeys = {"node-name",
+                                              "discard",
+                                              "detect-zeroes",
+                                              "auto-read-only",
+                                              "cache.direct",
+                                              "cache.no-flush",
+                                              "aio",
+                                              "aio-max-batch",
+                                              "locking",
+                                              "drop-cache",
+                                              "x-check-cache-dropped",
+                                              "pr-manager",
+                                              "lazy-refcounts",
+                                              "pass-discard-request",
+                                              "pass-discard-snapshot",
+                                              "pass-discard-other",
+                                              "discard-no-unref",
+                                              "overlap-check",
+                                              "cache-size",
+                                              "l2-cache-size",
+                                              "l2-cache-entry-size",
+                                              "refcount-cache-size",
+                                              "cache-clean-interval",
+                                              "zeroed-grain",
+                                              "toolsversion"};
   if (kKeys.contains(key)) return true;
   return key.rfind("overlap-check.", 0) == 0;
 }
@@ -195,7 +214,8 @@ Result<ImageSpec> ParseImageSpec(const std::string& text, bool image_opts) {
     ASSIGN_OR_RETURN(opts, ParseKeyValues(text));
   } else {
     const std::string json = DoubleQuoted(text.substr(5));
-    if (NestingDepth(json) > 32) return Status::InvalidArgument("Could not parse the JSON options: nested too deeply");
+    if (NestingDepth(json) > 32)
+      return Status::InvalidArgument("Could not parse the JSON options: nested too deeply");
     auto j = nlohmann::json::parse(json, nullptr, false);
     if (j.is_discarded()) return Status::InvalidArgument("Could not parse the JSON options");
     if (!j.is_object()) return Status::InvalidArgument("Invalid JSON object given");

@@ -15,8 +15,8 @@
 namespace vimgfs::cli {
 
 struct ImageSpec {
-  std::string format;     // the format driver; "raw" for the file protocol alone
-  std::string filename;   // the host file
+  std::string format;       // the format driver; "raw" for the file protocol alone
+  std::string filename;     // the host file
   bool no_backing = false;  // "backing": null
   bool read_only = false;
   bool force_share = false;

@@ -566,6 +566,15 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
     // Zeros with no host cluster (what a grow over a longer backing image leaves) get one
     // too, as qemu's preallocating truncate gives them.
     const bool homeless_zero = m.kind == Mapping::Kind::kZero && m.file == nullptr;
+    if (m.kind == Mapping::Kind::kData && m.writable && fill != Fill::kHole) {
+      // The old last cluster, partly past the old end: qemu's falloc and full give the
+      // cluster a new home that is zero past the old end. Zeros written in place there
+      // allocate the same host space and read the same.
+      RETURN_IF_ERROR(m.file->PWrite(
+          m.host_offset, {ZeroBuffer(), static_cast<size_t>(std::min(m.length, kZeroChunk))}, IoTag::kData));
+      pos += std::min(m.length, kZeroChunk);
+      continue;
+    }
     if ((m.kind != Mapping::Kind::kUnallocated && !homeless_zero) || backing_) {
       pos += m.length;  // has a home already, or shows backing data: not ours to replace
       continue;

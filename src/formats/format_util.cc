@@ -43,6 +43,16 @@ Status LookupPlainExtents(File& file, uint64_t host_base, uint64_t off, uint64_t
   return Status::Ok();
 }
 
+Status WriteZeros(File& file, uint64_t off, uint64_t len, IoTag tag) {
+  static const std::vector<std::byte> kZeros(1 << 20);
+  for (uint64_t done = 0; done < len;) {
+    const uint64_t n = std::min<uint64_t>(kZeros.size(), len - done);
+    RETURN_IF_ERROR(file.PWrite(off + done, std::span(kZeros.data(), n), tag));
+    done += n;
+  }
+  return Status::Ok();
+}
+
 Status WriteDirtySectors(File& file, uint64_t base, std::span<const std::byte> table,
                          std::set<uint64_t>* dirty, IoTag tag) {
   constexpr uint64_t kSector = 512;

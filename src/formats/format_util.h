@@ -26,6 +26,10 @@ std::array<std::byte, 16> RandomUuid(bool guid_order);
 Status LookupPlainExtents(File& file, uint64_t host_base, uint64_t off, uint64_t len, bool writable,
                           std::vector<Mapping>* out);
 
+// Writes zeros over [off, off+len) of `file`: qemu's preallocation=full, which allocates
+// the host blocks by writing them (a reserved, unwritten range would map as a hole).
+Status WriteZeros(File& file, uint64_t off, uint64_t len, IoTag tag = IoTag::kData);
+
 // Writes the 512-byte sectors of `table` named in `dirty` to `file` at base + their offset,
 // one write per run of consecutive sectors, removing each run from `dirty` once written.
 Status WriteDirtySectors(File& file, uint64_t base, std::span<const std::byte> table,

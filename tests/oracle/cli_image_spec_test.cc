@@ -25,7 +25,8 @@ TEST_F(CliImageSpecTest, JsonNamesReadAsQemu) {
   const std::string flat = R"('json:{"driver": "qcow2", "file.filename": "t.qcow2", "cache-size": 1048576}')";
   const std::string no_backing =
       R"('json:{"driver": "qcow2", "backing": null, "file": {"driver": "file", "filename": "t.qcow2"}}')";
-  const std::string quoted = R"("json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 't.qcow2'}}")";
+  const std::string quoted =
+      R"("json:{'driver': 'qcow2', 'file': {'driver': 'file', 'filename': 't.qcow2'}}")";
   for (const std::string& name : {t, flat, no_backing, quoted}) {
     ExpectSame("map --output=json " + name);
     ExpectSame("check " + name);
@@ -51,7 +52,8 @@ TEST_F(CliImageSpecTest, ImageOptsListsReadAsQemu) {
 
 TEST_F(CliImageSpecTest, BadSpecsFailAsQemu) {
   ExpectSame("info --image-opts -f qcow2 driver=qcow2,file.filename=t.qcow2");
-  ExpectSame(R"(info 'json:{"driver": "qcow2", "file": {"driver": "file", "filename": "t.qcow2"}, "foo": 1}')");
+  ExpectSame(
+      R"(info 'json:{"driver": "qcow2", "file": {"driver": "file", "filename": "t.qcow2"}, "foo": 1}')");
   ExpectSame("info --image-opts driver=qcow2,file.filename=t.qcow2,nosuch=1");
   ExpectSame("info --image-opts driver=qcow2,file.filename=missing.qcow2");
   // qemu's JSON parser words its errors its own way: the failure and the exit code match.

@@ -219,7 +219,8 @@ Status CreateImage(const CreateContext& ctx) {
     }
     ASSIGN_OR_RETURN(auto df, CreateImageFile(ctx, name));
     RETURN_IF_ERROR(df->Truncate(size));
-    if (p.prealloc == "falloc" || p.prealloc == "full") RETURN_IF_ERROR(df->Allocate(0, size));
+    if (p.prealloc == "falloc") RETURN_IF_ERROR(df->Allocate(0, size));
+    if (p.prealloc == "full") RETURN_IF_ERROR(WriteZeros(*df, 0, size));
     RETURN_IF_ERROR(df->Sync(false));
   }
 
@@ -268,6 +269,8 @@ Status CreateImage(const CreateContext& ctx) {
   // L1 (and L2 tables with their data when preallocating).
   std::vector<std::byte> l1(l1_entries * 8);
   uint64_t next = meta_end;
+  if (!has_data_file && p.prealloc == "full")
+    RETURN_IF_ERROR(WriteZeros(*f, meta_end, total_clusters * cs - meta_end));
   if (prealloc) {
     std::vector<std::byte> l2(cs);
     const uint32_t eb = p.extended_l2 ? 16 : 8;
@@ -288,9 +291,10 @@ Status CreateImage(const CreateContext& ctx) {
     }
   }
   if (!l1.empty()) RETURN_IF_ERROR(f->PWrite(l1_off, l1, IoTag::kL1));
-  if (p.prealloc == "falloc" || p.prealloc == "full") {
-    if (!has_data_file && next > meta_end) RETURN_IF_ERROR(f->Allocate(meta_end, next - meta_end));
-  }
+  // falloc reserves the data clusters; full writes them (before the L2 tables go between
+  // them), as qemu's file driver does: whole clusters of host space either way.
+  if (!has_data_file && next > meta_end && p.prealloc == "falloc")
+    RETURN_IF_ERROR(f->Allocate(meta_end, next - meta_end));
   if (next > meta_end) RETURN_IF_ERROR(f->Truncate(next));
   return f->Sync(false);
 }

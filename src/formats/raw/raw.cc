@@ -127,13 +127,7 @@ class RawDriverImpl final : public FormatDriver {
     RETURN_IF_ERROR(f->Truncate(ctx.size));
     if (prealloc == "off") RETURN_IF_ERROR(AllocateFirstBlock(*f, ctx.size));
     if (prealloc == "falloc" && ctx.size) RETURN_IF_ERROR(f->Allocate(0, ctx.size));
-    if (prealloc == "full") {
-      std::vector<std::byte> zeros(1 << 20);
-      for (uint64_t off = 0; off < ctx.size; off += zeros.size()) {
-        uint64_t n = std::min<uint64_t>(zeros.size(), ctx.size - off);
-        RETURN_IF_ERROR(f->PWrite(off, std::span(zeros.data(), n)));
-      }
-    }
+    if (prealloc == "full") RETURN_IF_ERROR(WriteZeros(*f, 0, ctx.size));
     return f->Sync(false);
   }
 
