@@ -58,7 +58,17 @@ void PrintFileError(const std::string& path, const Status& s) {
 }
 
 std::string OpenErrorMessage(const std::string& path, const Status& s) {
-  const std::string& msg = s.message();
+  std::string msg = s.message();
+  // qemu-img words a lock conflict in two lines, the second naming the locked file
+  // ("... lock\nIs another process using the image [x.qcow2]?"); scripts that wait for
+  // it match them. vimgfs keeps one line.
+  const std::string kLockTail = ": is another process using the image?";
+  if (s.kind() == ErrorKind::kBusy && RunAsQemuImg() && msg.size() > kLockTail.size() &&
+      msg.compare(msg.size() - kLockTail.size(), kLockTail.size(), kLockTail) == 0 && msg[0] == '\'') {
+    const std::string locked = msg.substr(1, msg.find("': ") - 1);
+    msg = msg.substr(0, msg.size() - kLockTail.size()) + "\nIs another process using the image [" + locked +
+          "]?";
+  }
   if (IsBackingLoop(s)) return msg;
   // qemu opens the image, then fails to load the snapshot (-l): not an open error.
   if (msg.rfind("Failed to load snapshot: ", 0) == 0) return msg;

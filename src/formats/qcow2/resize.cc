@@ -144,11 +144,20 @@ Status Qcow2Map::MapRawDataFile(uint64_t old_size, uint64_t new_size) {
 // crash leaves leaks at worst.
 Status Qcow2Map::TrimAfterShrink(const std::vector<uint64_t>& freed) {
   RETURN_IF_ERROR(FlushAll());
+  // Runs of neighbouring clusters go as one punch, as qemu merges its discards (the file
+  // system then splits no extent more than it must).
+  std::vector<uint64_t> gone;
   for (uint64_t c : freed) {
     ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(c));
-    if (rc != 0) continue;  // still shared with a snapshot
-    Status s = file_->PunchHole(c << cluster_bits_, cluster_size_);
+    if (rc == 0) gone.push_back(c);  // else still shared with a snapshot
+  }
+  std::sort(gone.begin(), gone.end());
+  for (size_t i = 0; i < gone.size();) {
+    size_t j = i + 1;
+    while (j < gone.size() && gone[j] == gone[j - 1] + 1) j++;
+    Status s = file_->PunchHole(gone[i] << cluster_bits_, (j - i) << cluster_bits_);
     if (!s.ok() && s.kind() != ErrorKind::kUnsupported) return s;
+    i = j;
   }
 
   // Refcount blocks that count nothing but (perhaps) themselves.
