@@ -296,6 +296,11 @@ TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
       EXPECT_NE(q.err.find(msg), std::string::npos) << q.err;
     }
   }
+  // Run as qemu-img, the refusal reads as qemu-img's, hint line and all (iotest 153).
+  MustSh("ln -sf " + Quote(VimgfsBinary()) + " qemu-img");
+  CommandResult as_qemu = Sh("./qemu-img info a.qcow2"), q = Q("info a.qcow2");
+  EXPECT_EQ(as_qemu.err, q.err);
+  EXPECT_NE(q.err.find("\nIs another process using the image [a.qcow2]?"), std::string::npos) << q.err;
   MustSh("kill $(cat holder.pid)");
 }
 
