@@ -48,8 +48,23 @@ bool NamesPath(const std::string& path, const std::string& msg) {
 
 }  // namespace
 
+// qemu-img words a lock conflict in two lines, the second naming the locked file
+// ("... lock\nIs another process using the image [x.qcow2]?"); scripts that wait for it
+// match them. vimgfs keeps one line.
+std::string AsQemuWordsLocks(const Status& s) {
+  std::string msg = s.message();
+  const std::string kLockTail = ": is another process using the image?";
+  if (s.kind() == ErrorKind::kBusy && RunAsQemuImg() && msg.size() > kLockTail.size() &&
+      msg.compare(msg.size() - kLockTail.size(), kLockTail.size(), kLockTail) == 0 && msg[0] == '\'') {
+    const std::string locked = msg.substr(1, msg.find("': ") - 1);
+    msg = msg.substr(0, msg.size() - kLockTail.size()) + "\nIs another process using the image [" + locked +
+          "]?";
+  }
+  return msg;
+}
+
 void PrintFileError(const std::string& path, const Status& s) {
-  const std::string& msg = s.message();
+  const std::string msg = AsQemuWordsLocks(s);
   if (NamesPath(path, msg) && msg.rfind("'" + path + "': ", 0) != 0) {
     PrintError(msg);
   } else {
@@ -58,20 +73,11 @@ void PrintFileError(const std::string& path, const Status& s) {
 }
 
 std::string OpenErrorMessage(const std::string& path, const Status& s) {
-  std::string msg = s.message();
-  // qemu-img words a lock conflict in two lines, the second naming the locked file
-  // ("... lock\nIs another process using the image [x.qcow2]?"); scripts that wait for
-  // it match them. vimgfs keeps one line.
-  const std::string kLockTail = ": is another process using the image?";
-  if (s.kind() == ErrorKind::kBusy && RunAsQemuImg() && msg.size() > kLockTail.size() &&
-      msg.compare(msg.size() - kLockTail.size(), kLockTail.size(), kLockTail) == 0 && msg[0] == '\'') {
-    const std::string locked = msg.substr(1, msg.find("': ") - 1);
-    msg = msg.substr(0, msg.size() - kLockTail.size()) + "\nIs another process using the image [" + locked +
-          "]?";
-  }
+  const std::string msg = AsQemuWordsLocks(s);
   if (IsBackingLoop(s)) return msg;
   // qemu opens the image, then fails to load the snapshot (-l): not an open error.
   if (msg.rfind("Failed to load snapshot: ", 0) == 0) return msg;
+  if (msg == "--force-share/-U conflicts with image options") return msg;  // before any open
   // A host error already reads "Could not open 'X': <strerror>"; qemu-img wraps it once
   // more ("Could not open 'X': Could not open 'X': No such file or directory").
   bool host_error =
@@ -302,7 +308,9 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
     ASSIGN_OR_RETURN(ImageSpec spec, ParseImageSpec(path, o.image_opts));
     o.format = spec.format;
     if (spec.read_only && !o.read_only) return Status::ReadOnly("Block node is read-only");
-    o.force_share = o.force_share || spec.force_share;
+    if (o.force_share && spec.force_share == false)
+      return Status::InvalidArgument("--force-share/-U conflicts with image options");
+    o.force_share = o.force_share || spec.force_share.value_or(false);
     o.open_backing = o.open_backing && !spec.no_backing;
     name = spec.filename;
   }
@@ -329,7 +337,8 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   ASSIGN_OR_RETURN(std::string host_path, HostFilename(name));
   ASSIGN_OR_RETURN(auto img, Image::Open(host_path, opts));
   if (!o.force_share)
-    RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img) : LockImageFiles(*img, !img->read_only()));
+    RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img)
+                                   : LockImageFiles(*img, !img->read_only() || o.lock_as_writer));
   return img;
 }
 

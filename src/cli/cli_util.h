@@ -63,6 +63,9 @@ struct ImageOpen {
   // Off where the same command then opens a file of this chain for writing (commit): OFD
   // locks cannot tell one process's opens apart, so it would refuse itself.
   bool lock_backing = true;
+  // With lock_backing off: the image's own files are locked as a writer's although it is
+  // opened read-only (commit writes it later; qemu-img opens it read-write from the start).
+  bool lock_as_writer = false;
   // The name is a --image-opts list (json: names are always recognised).
   bool image_opts = false;
   bool for_check = false;     // OpenOptions::for_check

@@ -84,7 +84,8 @@ int RunCommit(int argc, char** argv) {
   o.format = fmt;
   o.read_only = true;
   o.untrusted = untrusted;
-  o.lock_backing = false;  // the base is opened for writing below
+  o.lock_backing = false;   // the base is opened for writing below
+  o.lock_as_writer = true;  // and this image emptied (qemu-img holds it for writing)
   auto top = OpenOrReport(filename, o);
   if (!top) return 1;
   if (!top->backing()) {

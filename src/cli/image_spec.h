@@ -8,6 +8,7 @@
 #pragma once
 
 #include <map>
+#include <optional>
 #include <string>
 
 #include "vimgfs/status.h"
@@ -19,7 +20,7 @@ struct ImageSpec {
   std::string filename;     // the host file
   bool no_backing = false;  // "backing": null
   bool read_only = false;
-  bool force_share = false;
+  std::optional<bool> force_share;  // given in the spec
 };
 
 // Whether a command-line image name is a json: pseudo-protocol name.

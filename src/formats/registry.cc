@@ -3,6 +3,7 @@
 #include <cstring>
 
 #include "formats/drivers.h"
+#include "io/lock.h"
 #include "util/endian.h"
 
 namespace vimgfs {
@@ -81,6 +82,11 @@ bool IsUndrivenQemuFormat(std::string_view name) {
 
 Result<std::unique_ptr<File>> CreateImageFile(const CreateContext& ctx, const std::string& path) {
   Env* env = ctx.env ? ctx.env : Env::Default();
+  // An image another process has open (a VM, a mount) is not truncated under it: as qemu,
+  // take its write lock first (dropped again at once: the new file is locked when opened).
+  if (auto existing = env->Open(path, OpenMode::kReadOnly); existing.ok()) {
+    RETURN_IF_ERROR(LockImage(**existing, /*write=*/true));
+  }
   ASSIGN_OR_RETURN(auto f, env->Create(path));
   Status hints = SetFileCreateHints(*f, ctx.nocow, ctx.extent_size_hint);
   // As qemu: a hint that was not asked for may fail silently.

@@ -56,6 +56,7 @@ TEST_F(CliImageSpecTest, BadSpecsFailAsQemu) {
       R"(info 'json:{"driver": "qcow2", "file": {"driver": "file", "filename": "t.qcow2"}, "foo": 1}')");
   ExpectSame("info --image-opts driver=qcow2,file.filename=t.qcow2,nosuch=1");
   ExpectSame("info --image-opts driver=qcow2,file.filename=missing.qcow2");
+  ExpectSame("info -U --image-opts driver=qcow2,file.filename=t.qcow2,force-share=off");
   // qemu's JSON parser words its errors its own way: the failure and the exit code match.
   CommandResult v = V(R"(info 'json:{"driver": "qcow2"')");
   EXPECT_EQ(v.exit_code, 1);

@@ -274,6 +274,9 @@ TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
       {"info -U a.qcow2", 0, ""},
       {"check -U a.qcow2", 0, ""},
       {"create -q -f qcow2 -b a.qcow2 -F qcow2 o.qcow2", 0, ""},
+      // An image in use is not truncated by a create or convert over it.
+      {"create -q -f qcow2 a.qcow2 8M", 1, "Failed to get \"write\" lock"},
+      {"convert -O qcow2 b.qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
       // Backing files are locked shared too, except where only the name is read.
       {"map top.qcow2", 1, "\"write\" lock"},
       {"info --backing-chain top.qcow2", 1, "\"write\" lock"},
@@ -301,6 +304,7 @@ TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
   CommandResult as_qemu = Sh("./qemu-img info a.qcow2"), q = Q("info a.qcow2");
   EXPECT_EQ(as_qemu.err, q.err);
   EXPECT_NE(q.err.find("\nIs another process using the image [a.qcow2]?"), std::string::npos) << q.err;
+  Ok(Q("check -U a.qcow2"));  // still the image qemu-io holds
   MustSh("kill $(cat holder.pid)");
 }
 
