@@ -579,7 +579,8 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
       pos += m.length;  // has a home already, or shows backing data: not ours to replace
       continue;
     }
-    const uint64_t whole_end = AlignDown(end, cluster_size_);
+    // A cluster the disk ends in counts as whole: nothing past the end is kept.
+    const uint64_t whole_end = end == size_ ? AlignUp(end, cluster_size_) : AlignDown(end, cluster_size_);
     if (pos % cluster_size_ != 0 || pos + cluster_size_ > whole_end) {
       // Part of a cluster: written like any write (the rest of it keeps its bytes).
       uint64_t n = std::min(end, AlignDown(pos, cluster_size_) + cluster_size_) - pos;
@@ -589,7 +590,7 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
     }
     const uint64_t run = std::min(pos + m.length, whole_end) - pos;
     // Whole clusters from pos: the plan starts there (no copy-on-write head).
-    ASSIGN_OR_RETURN(const WritePlan plan, PlanWrite(pos, run, pos + run));
+    ASSIGN_OR_RETURN(const WritePlan plan, PlanWrite(pos, run, AlignUp(pos + run, cluster_size_)));
     if (plan.guest_offset != pos) {
       RETURN_IF_ERROR(FinishPlan(
           plan, Status::Corrupt("'{}': format planned {:#x} for {:#x}", path_, plan.guest_offset, pos)));
@@ -598,7 +599,8 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
     // qemu's metadata preallocation zeroes such a run after allocating it: the clusters
     // keep their zero flag over the new home (with falloc and full they are data).
     if (homeless_zero && fill == Fill::kHole)
-      RETURN_IF_ERROR(ZeroUnlocked(plan.guest_offset, plan.length, /*unmap=*/false, false));
+      RETURN_IF_ERROR(ZeroUnlocked(plan.guest_offset, std::min(plan.length, size_ - plan.guest_offset),
+                                   /*unmap=*/false, false));
     pos += plan.length;
   }
   return Status::Ok();
