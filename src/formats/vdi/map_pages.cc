@@ -64,6 +64,11 @@ void BlockMapPages::Grow(uint64_t bytes) {
   bytes_ = std::max(bytes_, bytes);
 }
 
+Result<uint64_t> BlockMapPages::EntriesInFile() const {
+  ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  return file_size <= offset_ ? 0 : std::min(bytes_, file_size - offset_) / 4;
+}
+
 uint64_t BlockMapPages::dirty_end() const {
   return dirty_sectors_.empty() ? 0 : std::min(bytes_, (*dirty_sectors_.rbegin() + 1) * kSectorSize);
 }

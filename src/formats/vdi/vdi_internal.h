@@ -131,6 +131,8 @@ class BlockMapPages {
   // The first n bytes of the map into out (for one write with the header).
   Status CopyPrefix(uint64_t n, std::byte* out);
   void ForgetDirty() { dirty_sectors_.clear(); }
+  // Entries the file holds (those past its end read as zeros).
+  Result<uint64_t> EntriesInFile() const;
   // Writes the dirty sectors (a run inside one page per write) and forgets them.
   Status WriteDirty(IoTag tag);
 
