@@ -303,6 +303,7 @@ bool IsHelpOption(const std::string& text) {
 
 Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpen& given) {
   ImageOpen o = given;
+  bool no_locks = false;    // locking=off in an image spec
   std::string name = path;  // the host file's name, as typed or from a json:/image-opts spec
   if (o.image_opts || IsJsonName(path)) {
     ASSIGN_OR_RETURN(ImageSpec spec, ParseImageSpec(path, o.image_opts));
@@ -311,6 +312,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
     if (o.force_share && spec.force_share == false)
       return Status::InvalidArgument("--force-share/-U conflicts with image options");
     o.force_share = o.force_share || spec.force_share.value_or(false);
+    no_locks = spec.no_locks;
     o.open_backing = o.open_backing && !spec.no_backing;
     name = spec.filename;
   }
@@ -336,7 +338,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
         path);
   ASSIGN_OR_RETURN(std::string host_path, HostFilename(name));
   ASSIGN_OR_RETURN(auto img, Image::Open(host_path, opts));
-  if (!o.force_share)
+  if (!o.force_share && !no_locks)
     RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img)
                                    : LockImageFiles(*img, !img->read_only() || o.lock_as_writer));
   return img;

@@ -168,6 +168,7 @@ Result<ImageSpec> Interpret(Flat opts) {
   const std::optional<std::string> driver = take("driver");
   if (auto v = take("read-only")) spec.read_only = IsTrue(*v);
   if (auto v = take("force-share")) spec.force_share = IsTrue(*v);
+  if (auto l = take("locking")) spec.no_locks = *l == "off" || *l == "false";
   std::optional<std::string> filename = take("filename");
   if (driver && *driver == "file") {
     spec.format = "raw";  // the file protocol alone: the file is the disk
@@ -182,6 +183,7 @@ Result<ImageSpec> Interpret(Flat opts) {
     if (auto d = take("file.driver"); d && *d != "file")
       return Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d);
     if (auto f = take("file.filename")) filename = *f;
+    if (auto l = take("file.locking")) spec.no_locks = *l == "off" || *l == "false";
     for (auto it = opts.begin(); it != opts.end();) {
       const std::string& k = it->first;
       if (k.rfind("file.", 0) == 0 && IsTuningOption(k.substr(5))) {

@@ -21,6 +21,7 @@ struct ImageSpec {
   bool no_backing = false;  // "backing": null
   bool read_only = false;
   std::optional<bool> force_share;  // given in the spec
+  bool no_locks = false;            // file.locking=off: the user takes no lock, even to write
 };
 
 // Whether a command-line image name is a json: pseudo-protocol name.

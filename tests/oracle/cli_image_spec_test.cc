@@ -41,7 +41,7 @@ TEST_F(CliImageSpecTest, ImageOptsListsReadAsQemu) {
   for (const char* opts :
        {"driver=qcow2,file.filename=t.qcow2", "driver=qcow2,file.driver=file,file.filename=t.qcow2",
         "driver=qcow2,file.filename=t.qcow2,lazy-refcounts=off,l2-cache-size=65536",
-        "driver=raw,file.filename=b.qcow2"}) {
+        "driver=raw,file.filename=b.qcow2", "driver=qcow2,file.filename=t.qcow2,file.locking=off"}) {
     ExpectSame(std::string("map --output=json --image-opts ") + opts);
     ExpectSame(std::string("compare --image-opts ") + opts + " " + opts);
     ExpectSame(std::string("info --image-opts ") + opts + " | head -2");
