@@ -406,15 +406,16 @@ bool ParseSnapshotParam(const std::string& arg, std::string* snapshot) {
   return true;
 }
 
-std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value) {
+std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value, uint64_t min,
+                               uint64_t max) {
   auto n = ParseSize(value);
   if (!n.ok() && n.error().kind() != ErrorKind::kOutOfRange) {
     PrintError(fmt::format("Invalid {} specified. You may use k, M, G, T, P or E suffixes for", what));
     PrintError("kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
     return std::nullopt;
   }
-  if (!n.ok() || *n > static_cast<uint64_t>(INT64_MAX)) {
-    PrintError(fmt::format("Invalid {} specified. Must be between 0 and {}.", what, INT64_MAX));
+  if (!n.ok() || *n > max || *n < min) {
+    PrintError(fmt::format("Invalid {} specified. Must be between {} and {}.", what, min, max));
     return std::nullopt;
   }
   return *n;

@@ -86,9 +86,10 @@ Result<std::string> HostFilename(const std::string& name);
 // qemu-img's two error lines and returns false.
 bool ParseSnapshotParam(const std::string& arg, std::string* snapshot);
 
-// qemu-img's cvtnum: a size argument (ParseSize) up to 2^63 - 1. On failure prints
-// qemu-img's two error lines naming `what` ("image size") and returns nullopt.
-std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value);
+// qemu-img's cvtnum_full: a size argument (ParseSize) in [min, max] (cvtnum: 0 to 2^63 - 1).
+// On failure prints qemu-img's error lines naming `what` ("image size") and returns nullopt.
+std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value, uint64_t min = 0,
+                               uint64_t max = INT64_MAX);
 
 // The file a backing reference names, as qemu finds it (bdrv_get_full_backing_filename):
 // a name that is absolute or has a protocol prefix stays; another is relative to the

@@ -26,6 +26,7 @@ const Command kCommands[] = {
     {"snapshot", vimgfs::cli::RunSnapshot, "snapshot [-l | -c name | -a name | -d name] file"},
     {"rebase", vimgfs::cli::RunRebase, "rebase [-f fmt] [-u] -b backing [-F fmt] file"},
     {"commit", vimgfs::cli::RunCommit, "commit [-f fmt] [-d] [-b base] file"},
+    {"dd", vimgfs::cli::RunDd, "dd [-f fmt] [-O fmt] [bs=N] [count=N] [skip=N] if=input of=output"},
     {"measure", vimgfs::cli::RunMeasure,
      "measure [-O fmt] [-o opts] [--output=human|json] (--size N | file)"},
 };
