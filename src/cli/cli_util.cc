@@ -311,6 +311,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
     if (spec.read_only && !o.read_only) return Status::ReadOnly("Block node is read-only");
     if (o.force_share && spec.force_share == false)
       return Status::InvalidArgument("--force-share/-U conflicts with image options");
+    RETURN_IF_ERROR(spec.invalid);
     o.force_share = o.force_share || spec.force_share.value_or(false);
     no_locks = spec.no_locks;
     o.open_backing = o.open_backing && !spec.no_backing;

@@ -43,7 +43,8 @@ int RunDd(int argc, char** argv) {
   bool have_if = false, have_of = false;
   for (const std::string& operand : opts.operands()) {
     const size_t eq = operand.find('=');
-    const std::string key = operand.substr(0, eq), value = eq == std::string::npos ? "" : operand.substr(eq + 1);
+    const std::string key = operand.substr(0, eq),
+                      value = eq == std::string::npos ? "" : operand.substr(eq + 1);
     std::optional<uint64_t> n;
     if (eq == std::string::npos) {
       PrintError("unrecognized operand " + operand);

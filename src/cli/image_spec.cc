@@ -156,6 +156,13 @@ bool IsTuningOption(const std::string& key) {
   return key.rfind("overlap-check.", 0) == 0;
 }
 
+// What the spec asks that cannot be done is reported after the -U conflict check, as
+// qemu-img orders its errors.
+ImageSpec Invalid(ImageSpec spec, Status why) {
+  spec.invalid = std::move(why);
+  return spec;
+}
+
 Result<ImageSpec> Interpret(Flat opts) {
   ImageSpec spec;
   auto take = [&](const std::string& key) -> std::optional<std::string> {
@@ -176,12 +183,14 @@ Result<ImageSpec> Interpret(Flat opts) {
     spec.format = driver.value_or("");  // none: probed, as qemu probes it
     if (auto b = take("backing")) {
       if (*b != kNull && *b != "null" && !b->empty())
-        return Status::Unsupported("a backing image given by node name ('{}') is not supported", *b);
+        return Invalid(spec,
+                       Status::Unsupported("a backing image given by node name ('{}') is not supported", *b));
       spec.no_backing = true;
     }
     if (auto f = take("file")) filename = *f;  // "file": "name"
     if (auto d = take("file.driver"); d && *d != "file")
-      return Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d);
+      return Invalid(spec,
+                     Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d));
     if (auto f = take("file.filename")) filename = *f;
     if (auto l = take("file.locking")) spec.no_locks = *l == "off" || *l == "false";
     for (auto it = opts.begin(); it != opts.end();) {
@@ -194,14 +203,14 @@ Result<ImageSpec> Interpret(Flat opts) {
     }
   }
   if (!FindFormat(spec.format) && !spec.format.empty())
-    return Status::Unsupported("Unknown driver '{}'", spec.format);
+    return Invalid(spec, Status::Unsupported("Unknown driver '{}'", spec.format));
   if (!filename || filename->empty())
-    return Status::InvalidArgument("A block device must be specified for \"file\"");
+    return Invalid(spec, Status::InvalidArgument("A block device must be specified for \"file\""));
   spec.filename = *filename;
   for (const auto& [key, value] : opts) {
     if (IsTuningOption(key)) continue;
-    return Status::InvalidArgument("Block format '{}' does not support the option '{}'",
-                                   spec.format.empty() ? "file" : spec.format, key);
+    return Invalid(spec, Status::InvalidArgument("Block format '{}' does not support the option '{}'",
+                                                 spec.format.empty() ? "file" : spec.format, key));
   }
   return spec;
 }

@@ -45,10 +45,11 @@ TEST_F(CliDdTest, CopiesAsQemu) {
 
 TEST_F(CliDdTest, EdgesAndErrorsAsQemu) {
   Same("bs=1M skip=5 if=in.qcow2 of=out");  // past the end: a warning and an empty output
-  for (const char* args : {"", "if=in.qcow2", "of=out", "bs=0 if=in.qcow2 of=out", "bs=3G if=in.qcow2 of=out",
-                           "bs=x if=in.qcow2 of=out", "count=-1 if=in.qcow2 of=out", "seek=1 if=in.qcow2 of=out",
-                           "if=in.qcow2 of=out junk", "-O foo if=in.qcow2 of=out", "-O bochs if=in.qcow2 of=out",
-                           "if=missing.qcow2 of=out"}) {
+  for (const char* args :
+       {"", "if=in.qcow2", "of=out", "bs=0 if=in.qcow2 of=out", "bs=3G if=in.qcow2 of=out",
+        "bs=x if=in.qcow2 of=out", "count=-1 if=in.qcow2 of=out", "seek=1 if=in.qcow2 of=out",
+        "if=in.qcow2 of=out junk", "-O foo if=in.qcow2 of=out", "-O bochs if=in.qcow2 of=out",
+        "if=missing.qcow2 of=out"}) {
     ExpectSame(std::string("dd ") + args);
   }
 }
