@@ -43,7 +43,8 @@ const char kUsage[] =
     "  -T src_cache     source cache mode (checked, no effect on reads)\n"
     "  -U, --force-share  read the source images even while another process writes them (no lock)\n"
     "  --image-opts      the source image names are key=value lists (driver=qcow2,file.filename=F);\n"
-    "                    json:{...} names are taken with or without it\n";
+    "                    json:{...} names are taken with or without it\n"
+    "  --target-image-opts  the output name is a key=value list too (with -n)\n";
 
 }  // namespace
 
@@ -53,7 +54,9 @@ int RunConvert(int argc, char** argv) {
   std::string options;  // the -o lists, joined
   bool compress = false, progress = false, quiet = false, no_create = false;
   bool target_is_zero = false, untrusted = false, out_of_order = false;
-  bool image_opts = false;  // --image-opts: the image names are key=value lists
+  bool image_opts = false;         // --image-opts: the image names are key=value lists
+  bool target_image_opts = false;  // the output name is a key=value list (with -n)
+  bool out_fmt_given = false;
   bool copy_range = false, salvage = false, explicit_min_sparse = false;
   uint64_t min_sparse = 4096;
   std::string out_cache = "unsafe";  // qemu-img convert's default: no flushes at all
@@ -72,7 +75,12 @@ int RunConvert(int argc, char** argv) {
   std::string in_cache = "writeback";
   OptionParser parser("convert", kUsage);
   parser.Value('f', nullptr, &fmt)
-      .Value('O', nullptr, &out_fmt)
+      .Add('O', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             out_fmt = arg;
+             out_fmt_given = true;
+             return std::nullopt;
+           })
       .Add('B', nullptr, true, optional_value(&out_backing))
       .Add('F', nullptr, true, optional_value(&out_backing_fmt))
       .Flag('c', nullptr, &compress)
@@ -119,7 +127,7 @@ int RunConvert(int argc, char** argv) {
       .Flag('q', nullptr, &quiet)
       .Flag('n', nullptr, &no_create)
       .Flag(0, "target-is-zero", &target_is_zero)
-      .Refuse("target-image-opts")
+      .Flag(0, "target-image-opts", &target_image_opts)
       .Refuse("bitmaps")
       .Flag(0, "salvage", &salvage)
       .CommonImageOptions(&untrusted, &image_opts);
@@ -131,6 +139,7 @@ int RunConvert(int argc, char** argv) {
   if (explicit_min_sparse && copy_range) return *stop_with("Cannot enable copy offloading when -S is used");
   if (copy_range && salvage) return *stop_with("Cannot use copy offloading in salvaging mode");
   if (no_create && !options.empty()) return *stop_with("-o has no effect when skipping image creation");
+  if (target_image_opts && !no_create) return *stop_with("--target-image-opts requires use of -n flag");
   if (target_is_zero && !no_create) return *stop_with("--target-is-zero requires use of -n flag");
   const std::vector<std::string>& operands = parser.operands();
   if (HasHelpOption(options))
@@ -191,7 +200,8 @@ int RunConvert(int argc, char** argv) {
       out_driver ? out_driver->traits().compression : FormatTraits::Compression::kNone;
   const bool as_stream = compression == FormatTraits::Compression::kStreamSubformat &&
                          subformat == out_driver->traits().compressed_subformat;
-  if (compress) {
+  // With --target-image-opts the target's format is known once it is open (below).
+  if (compress && !target_image_opts) {
     if (compression == FormatTraits::Compression::kNone)
       return *stop_with("Compression not supported for this file format");
     if (FindOption(opts, "encrypt.format") || FindOption(opts, "encryption").value_or("off") != "off")
@@ -266,7 +276,9 @@ int RunConvert(int argc, char** argv) {
     if (!s.ok()) return create_failed(s);
   }
   ImageOpen to;  // -U shares the sources only: the target convert writes is locked
-  to.format = CreateDriverName(out_fmt);
+  to.image_opts = target_image_opts;
+  // An image spec names its own driver: -O with it is refused as -f with --image-opts.
+  to.format = target_image_opts ? (out_fmt_given ? out_fmt : "") : CreateDriverName(out_fmt);
   to.read_only = false;
   to.untrusted = untrusted;
   // An existing target (-n) keeps its own backing file open, as qemu-img does: a zero run
@@ -280,7 +292,14 @@ int RunConvert(int argc, char** argv) {
     PrintError("output file is smaller than input file");
     return 1;
   }
-  if (compress && compression == FormatTraits::Compression::kClusters) {
+  if (compress && target_image_opts) {
+    if (target->traits().compression != FormatTraits::Compression::kClusters) {
+      PrintError("Compression not supported for this file format");
+      return 1;
+    }
+    cs.compress = true;
+    cs.codec = target->Info().compression;
+  } else if (compress && compression == FormatTraits::Compression::kClusters) {
     cs.compress = true;
     cs.codec = target->Info().compression;
   }

@@ -47,6 +47,17 @@ TEST_F(CliImageSpecTest, ImageOptsListsReadAsQemu) {
     ExpectSame(std::string("info --image-opts ") + opts + " | head -2");
   }
   ExpectSame("check --image-opts driver=qcow2,file.filename=t.qcow2");
+  // convert's target as a list: only into an existing image (-n), its driver its own.
+  InBoth("qemu-img create -q -f qcow2 o.qcow2 1M");
+  ExpectSame(
+      "convert -n --target-image-opts t.qcow2 driver=qcow2,file.filename=o.qcow2 && "
+      "qemu-img compare t.qcow2 o.qcow2");
+  InBoth("qemu-img create -q -f qcow2 c.qcow2 1M");
+  ExpectSame(
+      "convert -n -c --target-image-opts t.qcow2 driver=qcow2,file.filename=c.qcow2 && "
+      "qemu-img compare t.qcow2 c.qcow2");
+  ExpectSame("convert --target-image-opts t.qcow2 driver=qcow2,file.filename=o.qcow2");
+  ExpectSame("convert -n -O qcow2 --target-image-opts t.qcow2 driver=qcow2,file.filename=o.qcow2");
   ExpectSame("snapshot -l --image-opts driver=qcow2,file.filename=t.qcow2");
 }
 
