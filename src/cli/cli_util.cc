@@ -383,28 +383,34 @@ bool ParseSnapshotParam(const std::string& arg, std::string* snapshot) {
     *snapshot = arg;  // a name or an ID
     return true;
   }
-  // qemu's internal_snapshot_opts: snapshot.id and snapshot.name, comma separated.
+  // qemu's internal_snapshot_opts: snapshot.id and snapshot.name.
+  std::vector<std::pair<std::string, std::string>> kv;
+  Status s = ParseOptionList(arg, &kv);
   std::string id, name;
-  for (size_t pos = 0; pos <= arg.size();) {
-    size_t comma = arg.find(',', pos);
-    if (comma == std::string::npos) comma = arg.size();
-    const std::string item = arg.substr(pos, comma - pos);
-    const size_t eq = item.find('=');
-    const std::string key = item.substr(0, eq);
-    const std::string value = eq == std::string::npos ? "on" : item.substr(eq + 1);
+  for (const auto& [key, value] : kv) {
+    if (!s.ok()) break;
     if (key == "snapshot.id") {
       id = value;
     } else if (key == "snapshot.name") {
       name = value;
     } else {
-      PrintError(fmt::format("Invalid parameter '{}'", key));
-      PrintError(fmt::format("Failed in parsing snapshot param '{}'", arg));
-      return false;
+      s = Status::InvalidArgument("Invalid parameter '{}'", key);
     }
-    pos = comma + 1;
+  }
+  if (!s.ok()) {
+    PrintError(s.message());
+    PrintError(fmt::format("Failed in parsing snapshot param '{}'", arg));
+    return false;
   }
   *snapshot = name.empty() ? id : name;
   return true;
+}
+
+OptionParser::Handler SnapshotParamInto(std::string* snapshot) {
+  return [snapshot](const char* arg) -> std::optional<int> {
+    if (!ParseSnapshotParam(arg, snapshot)) return 1;
+    return std::nullopt;
+  };
 }
 
 std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value, uint64_t min,

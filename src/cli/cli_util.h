@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "cli/option_parser.h"
 #include "vimgfs/image.h"
 #include "vimgfs/status.h"
 
@@ -85,6 +86,8 @@ Result<std::string> HostFilename(const std::string& name);
 // "snapshot.id=ID" or a bare name or ID, into *snapshot. Another "snapshot.*" key prints
 // qemu-img's two error lines and returns false.
 bool ParseSnapshotParam(const std::string& arg, std::string* snapshot);
+// The same as an OptionParser handler for -l.
+OptionParser::Handler SnapshotParamInto(std::string* snapshot);
 
 // qemu-img's cvtnum_full: a size argument (ParseSize) in [min, max] (cvtnum: 0 to 2^63 - 1).
 // On failure prints qemu-img's error lines naming `what` ("image size") and returns nullopt.

@@ -85,16 +85,8 @@ int RunConvert(int argc, char** argv) {
       .Add('F', nullptr, true, optional_value(&out_backing_fmt))
       .Flag('c', nullptr, &compress)
       .Flag('C', nullptr, &copy_range)
-      .Add('o', nullptr, true,
-           [&](const char* arg) -> std::optional<int> {
-             if (!AccumulateOptions(&options, arg)) return 1;
-             return std::nullopt;
-           })
-      .Add('l', nullptr, true,
-           [&](const char* arg) -> std::optional<int> {
-             if (!ParseSnapshotParam(arg, &snapshot)) return 1;
-             return std::nullopt;
-           })
+      .Add('o', nullptr, true, AccumulateOptionsInto(&options))
+      .Add('l', nullptr, true, SnapshotParamInto(&snapshot))
       .Add('S', nullptr, true,
            [&](const char* arg) -> std::optional<int> {
              std::optional<uint64_t> v = CvtNum("buffer size for sparse output", arg);

@@ -45,11 +45,7 @@ int RunCreate(int argc, char** argv) {
              backing = arg;
              return std::nullopt;
            })
-      .Add('o', nullptr, true,
-           [&](const char* arg) -> std::optional<int> {
-             if (!AccumulateOptions(&options, arg)) return 1;
-             return std::nullopt;
-           })
+      .Add('o', nullptr, true, AccumulateOptionsInto(&options))
       .Flag('q', nullptr, &quiet)
       .Flag('u', nullptr, &unsafe)
       .Accept(0, "untrusted", false)

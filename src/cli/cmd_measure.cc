@@ -41,16 +41,8 @@ int RunMeasure(int argc, char** argv) {
   OptionParser opts("measure", kUsage);
   opts.Value('f', nullptr, &fmt)
       .Value('O', nullptr, &out_fmt)
-      .Add('o', nullptr, true,
-           [&](const char* arg) -> std::optional<int> {
-             if (!AccumulateOptions(&options, arg)) return 1;
-             return std::nullopt;
-           })
-      .Add('l', nullptr, true,
-           [&](const char* arg) -> std::optional<int> {
-             if (!ParseSnapshotParam(arg, &snapshot)) return 1;
-             return std::nullopt;
-           })
+      .Add('o', nullptr, true, AccumulateOptionsInto(&options))
+      .Add('l', nullptr, true, SnapshotParamInto(&snapshot))
       .Flag('U', "force-share", &force_share)
       .Add(0, "output", true,
            [&](const char* arg) -> std::optional<int> {

@@ -153,6 +153,13 @@ bool IsTrue(const std::string& v) { return v == "on" || v == "yes" || v == "true
 
 }  // namespace
 
+OptionParser::Handler AccumulateOptionsInto(std::string* options) {
+  return [options](const char* arg) -> std::optional<int> {
+    if (!AccumulateOptions(options, arg)) return 1;
+    return std::nullopt;
+  };
+}
+
 bool AccumulateOptions(std::string* options, const std::string& arg) {
   size_t trailing = 0;
   while (trailing < arg.size() && arg[arg.size() - 1 - trailing] == ',') trailing++;

@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "cli/option_parser.h"
 #include "vimgfs/format.h"
 #include "vimgfs/status.h"
 
@@ -23,6 +24,8 @@ using OptionList = std::vector<std::pair<std::string, std::string>>;
 // empty, no leading comma, not ending in an odd number of commas); they are joined with
 // ','. Otherwise prints "Invalid option list: ARG" and returns false.
 bool AccumulateOptions(std::string* options, const std::string& arg);
+// The same as an OptionParser handler for -o.
+OptionParser::Handler AccumulateOptionsInto(std::string* options);
 // Whether an element of the list ("a=b,help,c", ",," escapes a comma) is "help" or "?".
 bool HasHelpOption(const std::string& options);
 // `-o help`: the create options of fmt, with the file protocol's when a target filename

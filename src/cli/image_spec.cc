@@ -7,6 +7,7 @@
 #include <set>
 #include <vector>
 
+#include "cli/cli_util.h"
 #include "vimgfs/format.h"
 
 namespace vimgfs::cli {
@@ -68,35 +69,6 @@ void FlattenJson(const nlohmann::json& j, const std::string& prefix, Flat* out) 
       (*out)[key] = v.dump();
     }
   }
-}
-
-// "a=b,c=d" with ",," for a comma inside a value, as QemuOpts reads it.
-Result<Flat> ParseKeyValues(const std::string& text) {
-  Flat out;
-  size_t pos = 0;
-  while (pos < text.size()) {
-    std::string item;
-    while (pos < text.size()) {
-      if (text[pos] == ',') {
-        if (pos + 1 < text.size() && text[pos + 1] == ',') {
-          item += ',';
-          pos += 2;
-          continue;
-        }
-        break;
-      }
-      item += text[pos++];
-    }
-    pos++;  // the separating comma
-    if (item.empty()) return Status::InvalidArgument("Invalid option list: {}", text);
-    const size_t eq = item.find('=');
-    if (eq == std::string::npos) {
-      out[item] = "on";
-    } else {
-      out[item.substr(0, eq)] = item.substr(eq + 1);
-    }
-  }
-  return out;
 }
 
 // How deep {} and [] nest outside strings (the JSON parser recurses that deep).
@@ -222,7 +194,9 @@ bool IsJsonName(const std::string& name) { return name.rfind("json:", 0) == 0; }
 Result<ImageSpec> ParseImageSpec(const std::string& text, bool image_opts) {
   Flat opts;
   if (image_opts) {
-    ASSIGN_OR_RETURN(opts, ParseKeyValues(text));
+    std::vector<std::pair<std::string, std::string>> list;
+    RETURN_IF_ERROR(ParseOptionList(text, &list));
+    opts.insert(list.begin(), list.end());
   } else {
     const std::string json = DoubleQuoted(text.substr(5));
     if (NestingDepth(json) > 32)

@@ -51,31 +51,25 @@ class CliTwinTest : public CliTest {
   }
   // `qemu-img ARGS` (a shell line: pipes work) in both folders; stdout, stderr and the exit
   // status must be the same. Returns whether qemu-img succeeded.
-  bool ExpectSame(const std::string& args) {
-    SCOPED_TRACE(args);
-    CommandResult q = Sh("cd q && qemu-img " + args);
-    CommandResult v = Sh("cd v && ../bin/qemu-img " + args);
-    EXPECT_EQ(v.out, q.out);
-    EXPECT_EQ(v.err, q.err);
-    EXPECT_EQ(v.exit_code, q.exit_code);
-    return q.exit_code == 0;
-  }
+  bool ExpectSame(const std::string& args) { return Compare(args, "v"); }
   // As ExpectSame, but both programs read the same files (those in q/): for output that
   // depends on how the host file system has allocated a file (map, measure: holes, the
   // allocated size), which two copies written alike need not share at every moment.
-  bool ExpectSameOnOneCopy(const std::string& args) {
-    SCOPED_TRACE(args);
-    CommandResult q = Sh("cd q && qemu-img " + args);
-    CommandResult v = Sh("cd q && ../bin/qemu-img " + args);
-    EXPECT_EQ(v.out, q.out);
-    EXPECT_EQ(v.err, q.err);
-    EXPECT_EQ(v.exit_code, q.exit_code);
-    return q.exit_code == 0;
-  }
+  bool ExpectSameOnOneCopy(const std::string& args) { return Compare(args, "q"); }
   // Runs a shell line in both folders (setting up the same images).
   void InBoth(const std::string& line) {
     MustSh("cd q && " + line);
     MustSh("cd v && " + line);
+  }
+  // qemu-img in q/, vimgfs (as qemu-img) in folder v_dir.
+  bool Compare(const std::string& args, const std::string& v_dir) {
+    SCOPED_TRACE(args);
+    CommandResult q = Sh("cd q && qemu-img " + args);
+    CommandResult v = Sh("cd " + v_dir + " && ../bin/qemu-img " + args);
+    EXPECT_EQ(v.out, q.out);
+    EXPECT_EQ(v.err, q.err);
+    EXPECT_EQ(v.exit_code, q.exit_code);
+    return q.exit_code == 0;
   }
   // The files each command left in its folder.
   void ExpectSameFiles() { EXPECT_EQ(Sh("cd v && ls").out, Sh("cd q && ls").out); }
