@@ -29,6 +29,7 @@ const Command kCommands[] = {
     {"dd", vimgfs::cli::RunDd, "dd [-f fmt] [-O fmt] [bs=N] [count=N] [skip=N] if=input of=output"},
     {"measure", vimgfs::cli::RunMeasure,
      "measure [-O fmt] [-o opts] [--output=human|json] (--size N | file)"},
+    {"run", vimgfs::cli::RunRun, "run [-r] [-p N | --partition LABEL] IMAGE -- COMMAND...  edit guest files"},
 };
 
 void PrintUsage(FILE* out) {

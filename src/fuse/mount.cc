@@ -182,6 +182,7 @@ int RunMount(const MountConfig& c) {
   so.read_only = image->read_only();
   so.detect_zeroes = c.detect_zeroes;
   so.root_is_file = S_ISREG(mst.st_mode);
+  so.partitions = c.partitions;
   so.foreground = c.foreground;
   so.uid = ::getuid();
   so.gid = ::getgid();

@@ -40,6 +40,10 @@ Status ApplyOption(MountConfig& c, std::string_view o) {
     c.untrusted = true;
     return Status::Ok();
   }
+  if (o == "nopartitions" || o == "partitions") {
+    c.partitions = o == "partitions";
+    return Status::Ok();
+  }
   if (o == "debug") {
     c.debug = true;
     return Status::Ok();
@@ -134,6 +138,10 @@ Result<MountConfig> ParseMountArgs(int argc, char** argv) {
       c.untrusted = true;
       continue;
     }
+    if (a == "--no-partitions") {
+      c.partitions = false;
+      continue;
+    }
     if (a == "--foreground") {
       c.foreground = true;
       continue;
@@ -218,9 +226,10 @@ std::string MountUsage(const std::string& prog) {
       "       {0} mount [options] IMAGE MOUNTPOINT\n"
       "\n"
       "Mounts a disk image (qcow2, vmdk, vdi, vpc, vhdx, qed, qcow, parallels, raw; bochs,\n"
-      "cloop read-only) as one raw file. A directory MOUNTPOINT shows the file disk.raw; a regular-file "
-      "MOUNTPOINT\n"
-      "becomes the raw view itself.\n"
+      "cloop read-only) as one raw file. A directory MOUNTPOINT shows the file disk.raw and\n"
+      "one file per partition of the guest's MBR or GPT (p1, p2, ... by partition number),\n"
+      "each exactly its byte range of the disk; a regular-file MOUNTPOINT becomes the raw\n"
+      "view itself.\n"
       "The daemon goes to the background once the mount is ready. Unmount with\n"
       "'fusermount3 -u MOUNTPOINT' or 'umount MOUNTPOINT': the image is flushed, marked\n"
       "clean and closed. The image is locked like qemu locks it while mounted.\n"
@@ -235,6 +244,7 @@ std::string MountUsage(const std::string& prog) {
       "                        absent); IMAGE is opened read-only and never changes\n"
       "      --snapshot NAME   read-only view of the qcow2 internal snapshot NAME\n"
       "      --untrusted       open no backing file, data file or extent the image names\n"
+      "      --no-partitions   show disk.raw only, no partition files\n"
       "  -f                    stay in the foreground\n"
       "  -d                    FUSE debug output (implies -f)\n"
       "  -s                    single-threaded\n"
@@ -244,6 +254,7 @@ std::string MountUsage(const std::string& prog) {
       "      overlay=FILE        as --overlay\n"
       "      snapshot=NAME       as --snapshot\n"
       "      untrusted           as --untrusted\n"
+      "      nopartitions        as --no-partitions\n"
       "      detect_zeroes=on|off  write all-zero clusters as zero clusters (default on)\n"
       "      cache_size=SIZE     metadata cache per image (default 32M)\n"
       "      allow_other, default_permissions, fsname=NAME, ... are passed to FUSE;\n"

@@ -175,12 +175,31 @@ int64_t NowNs() {
   return ToNs(ts);
 }
 
-bool IsFile(Server* s, fuse_ino_t ino) { return ino == s->file_ino(); }
-bool IsDir(Server* s, fuse_ino_t ino) { return !s->options().root_is_file && ino == Server::kRootIno; }
+bool IsDir(Server* s, fuse_ino_t ino) { return s->has_dir() && ino == Server::kRootIno; }
 
-Status CheckKnown(Server* s, fuse_ino_t ino) {
-  if (IsFile(s, ino) || IsDir(s, ino)) return Status::Ok();
-  return Status::NotFound("no inode {}", ino);
+// The file behind ino; ESTALE for an inode that is gone (a partition long since changed),
+// EISDIR for the directory.
+Result<FileView> FileOf(Server* s, fuse_ino_t ino) {
+  if (auto view = s->View(ino)) return *view;
+  if (IsDir(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+  return Status::Error(ErrorKind::kNotFound, ESTALE, std::string());
+}
+
+// The attributes of any inode.
+Result<struct stat> AttrOf(Server* s, fuse_ino_t ino) {
+  if (IsDir(s, ino)) return s->DirAttr();
+  ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
+  return s->FileAttr(view);
+}
+
+// [off, off + size) of a view clipped to its end, as a disk range; length 0 at or past it.
+struct DiskRange {
+  uint64_t offset;
+  uint64_t length;
+};
+DiskRange Clip(const FileView& view, uint64_t off, uint64_t size) {
+  if (off >= view.length) return {view.offset + view.length, 0};
+  return {view.offset + off, std::min(size, view.length - off)};
 }
 
 // ---- operations ----
@@ -203,13 +222,20 @@ void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   Dispatch(req, "lookup", [&](Reply& r) -> Status {
     Server* s = Srv(req);
     if (!IsDir(s, parent)) return Status::Error(ErrorKind::kNotFound, ENOTDIR, "not a directory");
-    if (std::strcmp(name, Server::kDiskName) != 0) return Status::NotFound("no such file");
     fuse_entry_param e{};
-    e.ino = Server::kDiskIno;
     e.generation = 1;
-    e.attr = s->FileAttr();
     e.attr_timeout = kAttrTimeout;
-    e.entry_timeout = kAttrTimeout;
+    if (std::strcmp(name, Server::kDiskName) == 0) {
+      e.ino = Server::kDiskIno;
+      e.entry_timeout = kAttrTimeout;
+    } else {
+      // Partition names are looked up every time (entry timeout 0): a table rewritten
+      // through disk.raw shows at the next path walk.
+      for (const PartitionFile& f : s->Partitions())
+        if (f.name == name) e.ino = f.view.ino;
+      if (e.ino == 0) return Status::NotFound("no such file");
+    }
+    ASSIGN_OR_RETURN(e.attr, AttrOf(s, e.ino));
     r.Entry(e);
     return Status::Ok();
   });
@@ -217,9 +243,8 @@ void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
 
 void OpGetattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   Dispatch(req, "getattr", [&](Reply& r) -> Status {
-    Server* s = Srv(req);
-    RETURN_IF_ERROR(CheckKnown(s, ino));
-    r.Attr(IsFile(s, ino) ? s->FileAttr() : s->DirAttr());
+    ASSIGN_OR_RETURN(struct stat attr, AttrOf(Srv(req), ino));
+    r.Attr(attr);
     return Status::Ok();
   });
 }
@@ -227,22 +252,23 @@ void OpGetattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
 void OpSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info*) {
   Dispatch(req, "setattr", [&](Reply& r) -> Status {
     Server* s = Srv(req);
-    RETURN_IF_ERROR(CheckKnown(s, ino));
+    RETURN_IF_ERROR(AttrOf(s, ino).status());
     if (to_set & FUSE_SET_ATTR_SIZE) {
-      if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+      ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
       if (s->options().read_only) return Status::ReadOnly("read-only mount");
-      if (static_cast<uint64_t>(attr->st_size) != s->image().size()) {
+      if (static_cast<uint64_t>(attr->st_size) != view.length) {
         s->Log(
-            fmt::format("refusing to change the size of the raw view to {} (it is {}): "
+            fmt::format("refusing to change the size of a file of the mount to {} (it is {}): "
                         "use 'vimgfs resize' on the unmounted image",
-                        attr->st_size, s->image().size()));
+                        attr->st_size, view.length));
         return Status::Error(ErrorKind::kInvalidArgument, EPERM, "size is fixed");
       }
     }
     if (to_set & (FUSE_SET_ATTR_MODE | FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID))
       return Status::Error(ErrorKind::kInvalidArgument, EPERM, "mode and owner are fixed");
     s->SetTimes(*attr, to_set);
-    r.Attr(IsFile(s, ino) ? s->FileAttr() : s->DirAttr());
+    ASSIGN_OR_RETURN(struct stat updated, AttrOf(s, ino));
+    r.Attr(updated);
     return Status::Ok();
   });
 }
@@ -250,8 +276,7 @@ void OpSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fu
 void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Dispatch(req, "open", [&](Reply& r) -> Status {
     Server* s = Srv(req);
-    RETURN_IF_ERROR(CheckKnown(s, ino));
-    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+    RETURN_IF_ERROR(FileOf(s, ino).status());
     if ((fi->flags & O_ACCMODE) != O_RDONLY && s->options().read_only)
       return Status::ReadOnly("read-only mount");
     // O_TRUNC is ignored, as a block device ignores it, so `cp disk.img disk.raw` works.
@@ -289,16 +314,19 @@ void OpReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file
     Server* s = Srv(req);
     if (!IsDir(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, ENOTDIR, "not a directory");
     struct Ent {
-      const char* name;
+      std::string name;
       struct stat st;
     };
-    Ent ents[3] = {{".", s->DirAttr()}, {"..", s->DirAttr()}, {Server::kDiskName, s->FileAttr()}};
+    std::vector<Ent> ents = {{".", s->DirAttr()}, {"..", s->DirAttr()}};
+    ents.push_back({Server::kDiskName, s->FileAttr(*s->View(Server::kDiskIno))});
+    for (const PartitionFile& f : s->Partitions()) ents.push_back({f.name, s->FileAttr(f.view)});
     std::vector<char> buf(size);
     size_t used = 0;
-    for (off_t i = std::max<off_t>(off, 0); i < 3; ++i) {
-      size_t need = fuse_add_direntry(req, nullptr, 0, ents[i].name, nullptr, 0);
+    for (size_t i = static_cast<size_t>(std::max<off_t>(off, 0)); i < ents.size(); ++i) {
+      size_t need = fuse_add_direntry(req, nullptr, 0, ents[i].name.c_str(), nullptr, 0);
       if (used + need > size) break;
-      fuse_add_direntry(req, buf.data() + used, size - used, ents[i].name, &ents[i].st, i + 1);
+      fuse_add_direntry(req, buf.data() + used, size - used, ents[i].name.c_str(), &ents[i].st,
+                        static_cast<off_t>(i + 1));
       used += need;
     }
     r.Buf(buf.data(), used);
@@ -309,16 +337,16 @@ void OpReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file
 void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
   Dispatch(req, "read", [&](Reply& r) -> Status {
     Server* s = Srv(req);
-    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
-    uint64_t end = s->image().size();
+    ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
     if (off < 0) return Status::InvalidArgument("negative offset");
-    if (static_cast<uint64_t>(off) >= end || size == 0) {
+    DiskRange range = Clip(view, static_cast<uint64_t>(off), size);
+    if (range.length == 0) {
       r.Buf(nullptr, 0);
       return Status::Ok();
     }
-    size_t n = static_cast<size_t>(std::min<uint64_t>(size, end - static_cast<uint64_t>(off)));
+    size_t n = static_cast<size_t>(range.length);
     std::span<std::byte> buf = ThreadBuffer(n);
-    RETURN_IF_ERROR(s->image().Read(static_cast<uint64_t>(off), buf));
+    RETURN_IF_ERROR(s->image().Read(range.offset, buf));
     r.Buf(buf.data(), n);
     return Status::Ok();
   });
@@ -327,18 +355,18 @@ void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_in
 void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse_file_info*) {
   Dispatch(req, "write", [&](Reply& r) -> Status {
     Server* s = Srv(req);
-    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+    ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
     if (s->options().read_only) return Status::ReadOnly("read-only mount");
     size_t total = fuse_buf_size(in);
-    uint64_t end = s->image().size();
     if (off < 0) return Status::InvalidArgument("negative offset");
     if (total == 0) {
       r.Write(0);
       return Status::Ok();
     }
-    if (static_cast<uint64_t>(off) >= end)  // a disk does not grow: as a block device
-      return Status::NoSpace("write at {} past the end of the disk ({})", off, end);
-    size_t n = static_cast<size_t>(std::min<uint64_t>(total, end - static_cast<uint64_t>(off)));
+    DiskRange range = Clip(view, static_cast<uint64_t>(off), total);
+    if (range.length == 0)  // a disk does not grow: as a block device
+      return Status::NoSpace("write at {} past the end of the file ({})", off, view.length);
+    size_t n = static_cast<size_t>(range.length);
     const fuse_buf& first = in->buf[in->idx];
     std::span<const std::byte> data;
     if (in->count - in->idx == 1 && !(first.flags & FUSE_BUF_IS_FD) && first.size - in->off >= n) {
@@ -351,7 +379,7 @@ void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse
       if (got < 0) return Status::FromErrno(static_cast<int>(-got), "reading the write request");
       data = {tmp.data(), static_cast<size_t>(got)};
     }
-    RETURN_IF_ERROR(s->WriteData(static_cast<uint64_t>(off), data));
+    RETURN_IF_ERROR(s->WriteData(range.offset, data));
     s->Touch();
     r.Write(data.size());
     return Status::Ok();
@@ -391,10 +419,10 @@ void OpFsyncdir(fuse_req_t req, fuse_ino_t, int, fuse_file_info*) {
 void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len, fuse_file_info*) {
   Dispatch(req, "fallocate", [&](Reply& r) -> Status {
     Server* s = Srv(req);
-    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+    ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
     if (s->options().read_only) return Status::ReadOnly("read-only mount");
     if (off < 0 || len <= 0) return Status::InvalidArgument("bad range");
-    uint64_t end = s->image().size();
+    uint64_t end = view.length;
     uint64_t start = static_cast<uint64_t>(off);
     uint64_t stop = start + static_cast<uint64_t>(len);
     if (stop < start) return Status::Error(ErrorKind::kInvalidArgument, EFBIG, "range overflows");
@@ -403,11 +431,13 @@ void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
     if (kind == FALLOC_FL_PUNCH_HOLE) {
       if (!keep_size)  // as Linux
         return Status::Error(ErrorKind::kInvalidArgument, EOPNOTSUPP, "PUNCH_HOLE needs KEEP_SIZE");
-      if (start < end) RETURN_IF_ERROR(s->image().WriteZeroes(start, std::min(stop, end) - start, true));
+      if (start < end)
+        RETURN_IF_ERROR(s->WriteZeroes(view.offset + start, std::min(stop, end) - start, true));
     } else if (kind == FALLOC_FL_ZERO_RANGE) {
       if (stop > end && !keep_size)
         return Status::Error(ErrorKind::kNoSpace, EFBIG, "the disk size is fixed");
-      if (start < end) RETURN_IF_ERROR(s->image().WriteZeroes(start, std::min(stop, end) - start, false));
+      if (start < end)
+        RETURN_IF_ERROR(s->WriteZeroes(view.offset + start, std::min(stop, end) - start, false));
     } else if (kind == 0) {
       // Preallocation inside the disk: nothing to grow; the formats allocate on write.
       if (stop > end && !keep_size)
@@ -424,10 +454,10 @@ void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
 void OpLseek(fuse_req_t req, fuse_ino_t ino, off_t off, int whence, fuse_file_info*) {
   Dispatch(req, "lseek", [&](Reply& r) -> Status {
     Server* s = Srv(req);
-    if (!IsFile(s, ino)) return Status::Error(ErrorKind::kInvalidArgument, EISDIR, "is a directory");
+    ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
     if (whence != SEEK_DATA && whence != SEEK_HOLE) return Status::InvalidArgument("whence");
     if (off < 0) return Status::Error(ErrorKind::kOutOfRange, ENXIO, std::string());
-    ASSIGN_OR_RETURN(uint64_t pos, s->Seek(static_cast<uint64_t>(off), whence));
+    ASSIGN_OR_RETURN(uint64_t pos, s->Seek(view, static_cast<uint64_t>(off), whence));
     r.Lseek(static_cast<off_t>(pos));
     return Status::Ok();
   });
@@ -443,7 +473,7 @@ void OpStatfs(fuse_req_t req, fuse_ino_t) {
       st.f_bsize = st.f_frsize = 4096;
       st.f_blocks = s->image().size() / 4096;
     }
-    st.f_files = 2;
+    st.f_files = s->has_dir() ? 2 + s->Partitions().size() : 1;
     st.f_ffree = 0;
     st.f_favail = 0;
     st.f_namemax = 255;
@@ -454,7 +484,12 @@ void OpStatfs(fuse_req_t req, fuse_ino_t) {
 
 }  // namespace
 
-Server::Server(Image* image, ServerOptions options) : image_(image), opt_(options), size_(image->size()) {
+Server::Server(Image* image, ServerOptions options)
+    : image_(image),
+      opt_(options),
+      size_(image->size()),
+      partitions_(image, options.partitions && !options.root_is_file,
+                  [this](const std::string& line) { Log(line); }) {
   // Whole clusters, but never below a page: raw reports 512-byte "clusters", and a write
   // alternating zero and data sectors is not worth splitting into many engine calls.
   uint64_t cs = image->cluster_size();
@@ -488,7 +523,25 @@ const fuse_lowlevel_ops& Server::Ops() {
   return ops;
 }
 
+std::optional<FileView> Server::View(fuse_ino_t ino) const {
+  if (ino == (opt_.root_is_file ? kRootIno : kDiskIno)) return FileView{ino, 0, size_};
+  if (opt_.root_is_file) return std::nullopt;
+  return partitions_.Find(ino);
+}
+
+Status Server::WriteZeroes(uint64_t off, uint64_t len, bool unmap) {
+  Status st = image_->WriteZeroes(off, len, unmap);
+  partitions_.NoteWrite(off, len);
+  return st;
+}
+
 Status Server::WriteData(uint64_t off, std::span<const std::byte> data) {
+  // Noted even when the write fails: part of it may have landed.
+  struct Note {
+    PartitionFiles& files;
+    uint64_t off, len;
+    ~Note() { files.NoteWrite(off, len); }
+  } note{partitions_, off, data.size()};
   if (!opt_.detect_zeroes) return image_->Write(off, data);
   // Walk the request in zero_unit_-aligned pieces; only whole units may become zero
   // writes. Runs of the same kind are issued as one call.
@@ -515,21 +568,22 @@ Status Server::WriteData(uint64_t off, std::span<const std::byte> data) {
   return issue(run_start, end, run_zero);
 }
 
-Result<uint64_t> Server::Seek(uint64_t off, int whence) {
-  if (off >= size_) return Status::Error(ErrorKind::kOutOfRange, ENXIO, std::string());
-  uint64_t pos = off;
-  while (pos < size_) {
-    uint64_t len = std::min(size_ - pos, kSeekWindow);
+Result<uint64_t> Server::Seek(const FileView& view, uint64_t off, int whence) {
+  if (off >= view.length) return Status::Error(ErrorKind::kOutOfRange, ENXIO, std::string());
+  const uint64_t start = view.offset + off, end = view.offset + view.length;
+  uint64_t pos = start;
+  while (pos < end) {
+    uint64_t len = std::min(end - pos, kSeekWindow);
     ASSIGN_OR_RETURN(std::vector<BlockStatus> runs, image_->Map(pos, len));
     for (const BlockStatus& b : runs) {
       if (b.length == 0) continue;
       bool data = !b.zero;
-      if ((whence == SEEK_DATA) == data) return std::max(b.offset, off);
+      if ((whence == SEEK_DATA) == data) return std::max(b.offset, start) - view.offset;
     }
     pos += len;
   }
   if (whence == SEEK_DATA) return Status::Error(ErrorKind::kOutOfRange, ENXIO, std::string());
-  return size_;  // the implicit hole at the end of the file
+  return view.length;  // the implicit hole at the end of the file
 }
 
 void Server::Log(const std::string& line) const {
@@ -539,17 +593,20 @@ void Server::Log(const std::string& line) const {
     syslog(LOG_ERR, "%s", line.c_str());
 }
 
-struct stat Server::FileAttr() const {
+struct stat Server::FileAttr(const FileView& view) const {
   struct stat st {};
-  st.st_ino = file_ino();
+  st.st_ino = view.ino;
   st.st_mode = S_IFREG | opt_.file_mode;
   st.st_nlink = 1;
   st.st_uid = opt_.uid;
   st.st_gid = opt_.gid;
-  st.st_size = static_cast<off_t>(size_);
+  st.st_size = static_cast<off_t>(view.length);
   st.st_blksize = 4096;
+  // The image file's allocation, as du would show it; a partition gets at most its size.
   auto alloc = image_->file().AllocatedSize();
-  st.st_blocks = alloc.ok() ? static_cast<blkcnt_t>(*alloc / 512) : static_cast<blkcnt_t>(size_ / 512);
+  uint64_t used = alloc.ok() ? *alloc : view.length;
+  if (view.ino >= PartitionFiles::kFirstIno) used = std::min(used, view.length);
+  st.st_blocks = static_cast<blkcnt_t>(used / 512);
   st.st_atim = FromNs(atime_ns_.load(std::memory_order_relaxed));
   st.st_mtim = FromNs(mtime_ns_.load(std::memory_order_relaxed));
   st.st_ctim = FromNs(ctime_ns_.load(std::memory_order_relaxed));

@@ -1,13 +1,15 @@
 // The FUSE low-level front end: one image shown as one regular file.
 //
-// Inodes are fixed: with a directory mount point, inode 1 is the root directory holding
-// "disk.raw" (inode 2); with a regular-file mount point, inode 1 is the raw view itself.
+// With a directory mount point, inode 1 is the root directory holding "disk.raw" (inode
+// 2) and the partition files p1, p2, ... (inodes from 3, see partition_files.h); with a
+// regular-file mount point, inode 1 is the raw view itself. Every file is a FileView: a
+// byte range of the disk, disk.raw being the whole of it.
 // Every request goes through one noexcept dispatcher (Dispatch in server.cc) that turns a
 // Status or an exception into exactly one reply; handlers never throw across libfuse.
 //
 // Thread-safety: the handlers run on libfuse's worker threads at once; the Image is
 // thread-safe and the server's own state is immutable after construction except the
-// atomics (times).
+// atomics (times) and the partition files (thread-safe themselves).
 #pragma once
 
 #include <fuse_lowlevel.h>  // FUSE_USE_VERSION=314 comes from CMake
@@ -16,9 +18,12 @@
 
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
+#include <vector>
 
+#include "fuse/partition_files.h"
 #include "vimgfs/image.h"
 #include "vimgfs/status.h"
 
@@ -28,6 +33,7 @@ struct ServerOptions {
   bool read_only = false;
   bool detect_zeroes = true;
   bool root_is_file = false;  // the mount point is a regular file
+  bool partitions = true;     // show p1, p2, ... beside disk.raw (directory mounts)
   bool foreground = false;    // log to stderr (else syslog)
   unsigned file_mode = 0644;  // permission bits of the raw view
   uid_t uid = 0;
@@ -47,18 +53,26 @@ class Server {
   static constexpr fuse_ino_t kDiskIno = 2;
   static constexpr const char* kDiskName = "disk.raw";
 
-  // Writes data at off, turning whole zero clusters into WriteZeroes when detect_zeroes.
+  // Writes data at disk offset off, turning whole zero clusters into WriteZeroes when
+  // detect_zeroes.
   Status WriteData(uint64_t off, std::span<const std::byte> data);
-  // SEEK_DATA / SEEK_HOLE over the whole chain: zero runs are holes, as qemu's export.
-  Result<uint64_t> Seek(uint64_t off, int whence);
+  // Zeroes (unmap: and frees) [off, off + len) of the disk.
+  Status WriteZeroes(uint64_t off, uint64_t len, bool unmap);
+  // SEEK_DATA / SEEK_HOLE inside view: zero runs are holes, as qemu's export. off and the
+  // result are offsets in the view.
+  Result<uint64_t> Seek(const FileView& view, uint64_t off, int whence);
 
   // Logs one line (stderr in the foreground, syslog once backgrounded).
   void Log(const std::string& line) const;
 
   Image& image() { return *image_; }
   const ServerOptions& options() const { return opt_; }
-  fuse_ino_t file_ino() const { return opt_.root_is_file ? kRootIno : kDiskIno; }
-  struct stat FileAttr() const;
+  bool has_dir() const { return !opt_.root_is_file; }
+  // The file behind ino (disk.raw, the root-is-file view or a partition), if any.
+  std::optional<FileView> View(fuse_ino_t ino) const;
+  // Lists the partition files (re-reading the table after a write touched it).
+  std::vector<PartitionFile> Partitions() { return partitions_.List(); }
+  struct stat FileAttr(const FileView& view) const;
   struct stat DirAttr() const;
   void Touch();  // mtime/ctime = now (after a write)
   void SetTimes(const struct stat& attr, int to_set);
@@ -68,6 +82,7 @@ class Server {
   ServerOptions opt_;
   uint64_t size_;
   uint64_t zero_unit_;  // granularity of zero detection (the image's cluster size)
+  PartitionFiles partitions_;
   std::atomic<int64_t> atime_ns_;
   std::atomic<int64_t> mtime_ns_;
   std::atomic<int64_t> ctime_ns_;
