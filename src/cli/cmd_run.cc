@@ -24,6 +24,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -48,12 +49,14 @@ const char kUsage[] =
     "system is mounted by the kernel through a loop device; otherwise (or with --fuse2fs)\n"
     "by fuse2fs, which needs no privileges and reads ext2/3/4.\n"
     "  -f fmt            image format (probed when absent)\n"
-    "  -r, --read-only   mount image and guest file system read-only\n"
+    "  -r, --read-only   leave IMAGE untouched and mount the guest file system read-only\n"
+    "                    (a journal left by a crash is replayed into a throwaway overlay)\n"
     "  -p N, --partition-number N\n"
     "                    the partition pN (see the mount's partition files)\n"
     "  --partition LABEL the partition whose GPT name or ext2/3/4 label is LABEL\n"
     "  --fuse2fs         mount the guest with fuse2fs even as root\n"
     "  --untrusted       open no backing file, data file or extent the image names\n"
+    "A guest file system left dirty by a crash has its journal replayed first, as at boot.\n"
     "Without -p or --partition: the disk itself when it has no partition table, the only\n"
     "partition, or else the ext2/3/4 partition holding /etc/os-release (named on stderr).\n"
     "Exit status: COMMAND's (128+N when a signal N ended it); 125 when vimgfs run itself\n"
@@ -156,10 +159,35 @@ int RunTool(const std::vector<std::string>& argv, std::string* out = nullptr, bo
   return pid < 0 ? kRunFailed : Wait(pid);
 }
 
+// Whether dir is a mount point, from /proc/self/mountinfo: a FUSE mount whose server died
+// fails every stat(2) but is still there to unmount.
 bool IsMountPoint(const std::string& dir) {
-  struct stat d {}, parent {};
-  if (stat(dir.c_str(), &d) != 0 || stat((dir + "/..").c_str(), &parent) != 0) return false;
-  return d.st_dev != parent.st_dev;
+  std::string escaped;  // mountinfo writes space, tab, newline and backslash as \ooo
+  for (char ch : dir) {
+    if (ch == ' ' || ch == '\t' || ch == '\n' || ch == '\\')
+      escaped += fmt::format("\\{:03o}", static_cast<unsigned char>(ch));
+    else
+      escaped += ch;
+  }
+  FILE* f = std::fopen("/proc/self/mountinfo", "re");
+  if (f == nullptr) return false;
+  bool found = false;
+  char* line = nullptr;
+  size_t cap = 0;
+  while (!found && getline(&line, &cap, f) > 0) {
+    // "ID PARENT MAJ:MIN ROOT MOUNTPOINT ...": the fifth field.
+    const char* p = line;
+    for (int field = 0; field < 4 && p != nullptr; ++field) {
+      p = std::strchr(p, ' ');
+      if (p != nullptr) ++p;
+    }
+    if (p == nullptr) continue;
+    const char* end = std::strchr(p, ' ');
+    found = end != nullptr && std::string_view(p, static_cast<size_t>(end - p)) == escaped;
+  }
+  std::free(line);
+  std::fclose(f);
+  return found;
 }
 
 // Waits until dir is mounted by child. false when the child exits first (its status in
@@ -236,17 +264,30 @@ Result<guest::PartitionTable> TableOf(const std::string& disk) {
   return table;
 }
 
-// The volume label of the ext2/3/4 file system in file (maybe ""); nullopt when file
-// holds no ext2/3/4 superblock.
-std::optional<std::string> ExtLabel(const std::string& file) {
+// What run needs of an ext2/3/4 superblock (at byte 1024: magic at 56, incompatible
+// features at 96, volume name at 120).
+struct ExtSuperblock {
+  std::string label;
+  bool needs_recovery = false;  // the journal holds transactions not yet applied
+};
+
+// nullopt when file holds no ext2/3/4 file system.
+std::optional<ExtSuperblock> ReadExtSuperblock(const std::string& file) {
   std::byte sb[1024];
   int fd = open(file.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return std::nullopt;
   ssize_t n = pread(fd, sb, sizeof sb, 1024);
   close(fd);
   if (n != static_cast<ssize_t>(sizeof sb) || LoadLE16(sb + 56) != 0xEF53) return std::nullopt;
+  constexpr uint32_t kIncompatRecover = 0x4;
   const char* label = reinterpret_cast<const char*>(sb + 120);
-  return std::string(label, strnlen(label, 16));
+  return ExtSuperblock{std::string(label, strnlen(label, 16)), (LoadLE32(sb + 96) & kIncompatRecover) != 0};
+}
+
+std::optional<std::string> ExtLabel(const std::string& file) {
+  auto sb = ReadExtSuperblock(file);
+  if (!sb) return std::nullopt;
+  return sb->label;
 }
 
 // Whether the ext2/3/4 file system in file has /etc/os-release (debugfs reads it without
@@ -331,9 +372,15 @@ class Run {
       Say(fmt::format("cannot make a folder in {}: {}", tmp && *tmp ? tmp : "/tmp", std::strerror(errno)));
       return false;
     }
-    dir_ = templ;
+    // Canonical, as /proc/self/mountinfo names mount points (TMPDIR may be a symlink).
+    char* real = realpath(templ.c_str(), nullptr);
+    dir_ = real != nullptr ? real : templ;
+    std::free(real);
     disk_dir_ = dir_ + "/disk";
     root_ = dir_ + "/root";
+    // -r: writes (the guest's journal replay, say) land in a throwaway overlay; the
+    // image is opened read-only and the guest file system mounted read-only.
+    if (o_.read_only) overlay_ = dir_ + "/overlay.qcow2";
     if (mkdir(disk_dir_.c_str(), 0700) != 0 || mkdir(root_.c_str(), 0755) != 0) {
       Say(fmt::format("cannot make folders in {}: {}", dir_, std::strerror(errno)));
       return false;
@@ -353,7 +400,7 @@ class Run {
     mount::MountConfig c;
     c.image = image_;
     c.mountpoint = disk_dir_;
-    c.read_only = o_.read_only;
+    c.overlay = overlay_;
     c.format = o_.format;
     c.untrusted = o_.untrusted;
     c.foreground = true;
@@ -383,9 +430,9 @@ class Run {
 
   bool MountWithKernel(const std::string& file) {
     std::string dev;
-    std::vector<std::string> attach = {"losetup", "--find", "--show"};
-    if (o_.read_only) attach.push_back("--read-only");
-    attach.push_back(file);
+    // The loop device is writable even with -r (the overlay takes the writes): ext4 then
+    // replays a journal left by a crash before a read-only mount, as at boot.
+    std::vector<std::string> attach = {"losetup", "--find", "--show", file};
     if (RunTool(attach, &dev) != 0 || dev.empty()) {
       Say("losetup could not attach a loop device");
       return false;
@@ -398,17 +445,28 @@ class Run {
       Say(fmt::format("mount {} failed", loop_));
       return false;
     }
-    guest_mounted_ = true;
     return true;
   }
 
   bool MountWithFuse2fs(const std::string& file) {
+    // fuse2fs does not replay a journal (1.47 even crashes on one that needs it): e2fsck
+    // does, as the kernel would at mount.
+    auto sb = ReadExtSuperblock(file);
+    if (sb && sb->needs_recovery) {
+      Say("replaying the guest file system's journal (it was not unmounted cleanly)");
+      int rc = RunTool({"e2fsck", "-E", "journal_only", "-p", file});
+      if (rc > 1) {
+        Say(fmt::format("e2fsck could not replay the journal (exit {}): run 'e2fsck -f' on the partition", rc));
+        return false;
+      }
+    }
     std::vector<std::string> args = {"fuse2fs", file, root_, "-f"};
     if (o_.read_only) args.insert(args.end(), {"-o", "ro"});
     if (geteuid() != 0) args.insert(args.end(), {"-o", "fakeroot"});  // edit root's files
     SpawnOptions so;
     so.own_group = true;
     so.stdout_to_stderr = true;
+    used_fuse2fs_ = true;
     fuse2fs_pid_ = Spawn(args, so);
     if (fuse2fs_pid_ < 0) {
       Say(fmt::format("fork: {}", std::strerror(errno)));
@@ -421,7 +479,6 @@ class Run {
       fuse2fs_pid_ = -1;
       return false;
     }
-    guest_mounted_ = true;
     return true;
   }
 
@@ -448,8 +505,8 @@ class Run {
   bool Teardown() {
     bool ok = true;
     sync();
-    if (guest_mounted_) {
-      bool down = fuse2fs_pid_ > 0 ? UnmountFuse(root_) : UnmountKernel(root_);
+    if (!root_.empty() && IsMountPoint(root_)) {  // also a fuse2fs that died after mounting
+      bool down = used_fuse2fs_ ? UnmountFuse(root_) : UnmountKernel(root_);
       if (!down) {
         Say(fmt::format("the guest file system at {} is busy and stays mounted", root_));
         ok = false;
@@ -477,6 +534,7 @@ class Run {
       }
     }
     if (ok && !dir_.empty()) {
+      if (!overlay_.empty()) unlink(overlay_.c_str());
       rmdir(root_.c_str());
       rmdir(disk_dir_.c_str());
       rmdir(dir_.c_str());
@@ -487,10 +545,11 @@ class Run {
   Options o_;
   std::string image_;
   std::string dir_, disk_dir_, root_;
+  std::string overlay_;  // -r: the throwaway qcow2 taking the guest mount's writes
   pid_t mount_pid_ = -1;
   pid_t fuse2fs_pid_ = -1;
   std::string loop_;
-  bool guest_mounted_ = false;
+  bool used_fuse2fs_ = false;
   bool ran_ = false;
 };
 

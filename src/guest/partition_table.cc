@@ -133,7 +133,6 @@ class Parser {
   Status ReadLogicals(uint32_t ext_lba) {
     std::set<uint64_t> seen;
     uint64_t ebr_lba = ext_lba;
-    unsigned number = 5;
     while (true) {
       uint64_t at = ebr_lba * kMbrSector;
       if (at > size_ - kMbrSector || !seen.insert(ebr_lba).second || seen.size() > kMaxPartitions) {
@@ -156,8 +155,8 @@ class Parser {
           if (!next) next = uint64_t{ext_lba} + e.lba;
           continue;
         }
-        if (auto logical = Take(number, ebr_lba, e, "logical")) Add(*logical);
-        ++number;
+        if (auto logical = Take(next_logical_, ebr_lba, e, "logical")) Add(*logical);
+        ++next_logical_;
       }
       if (!next) return Status::Ok();
       ebr_lba = *next;
@@ -263,6 +262,8 @@ class Parser {
   uint64_t size_;
   PartitionTable table_;
   bool full_noted_ = false;
+  // Shared by all extended partitions, as in Linux: a second chain goes on from the first.
+  unsigned next_logical_ = 5;
   std::string first_gpt_problem_;
 };
 
