@@ -62,6 +62,40 @@ std::string LoopUnavailableReason() {
   return "";
 }
 
+Unprivileged::Unprivileged() {
+  if (geteuid() != 0) {
+    reason_ = "switching to an unprivileged user needs root";
+    return;
+  }
+  if (!test::HaveProgram("setpriv")) {
+    reason_ = "setpriv not installed (util-linux)";
+    return;
+  }
+  struct stat st {};
+  if (stat("/dev/fuse", &st) != 0) {
+    reason_ = "/dev/fuse is missing";
+    return;
+  }
+  fuse_mode_ = st.st_mode & 07777;
+  if ((fuse_mode_ & 0006) != 0006) {
+    if (chmod("/dev/fuse", 0666) != 0) {
+      reason_ = "cannot open /dev/fuse to unprivileged users";
+      return;
+    }
+    restore_ = true;
+  }
+}
+
+Unprivileged::~Unprivileged() {
+  if (restore_) chmod("/dev/fuse", fuse_mode_);
+}
+
+test::CommandResult Unprivileged::Run(const std::string& command, const std::string& dir) const {
+  chmod(dir.c_str(), 0777);
+  return RunCommand("cd " + Quote(dir) + " && setpriv --reuid=65534 --regid=65534 --clear-groups env HOME=" +
+                    Quote(dir) + " TMPDIR=" + Quote(dir) + " sh -c " + Quote(command));
+}
+
 bool IsMountPoint(const std::string& path) {
   std::string want = Canonical(path);
   std::ifstream in("/proc/self/mountinfo");

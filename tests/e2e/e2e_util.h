@@ -32,6 +32,25 @@ std::string LoopUnavailableReason();
     if (!_why.empty()) GTEST_SKIP() << _why;                   \
   } while (0)
 
+// An unprivileged user for the tests that must run without root: nobody (65534), with
+// /dev/fuse opened to all users (mode 0666, as Debian's udev rule sets it) while the
+// object lives, and the previous mode restored after. Skip reason() when it cannot be.
+class Unprivileged {
+ public:
+  Unprivileged();
+  ~Unprivileged();
+  Unprivileged(const Unprivileged&) = delete;
+  Unprivileged& operator=(const Unprivileged&) = delete;
+  const std::string& reason() const { return reason_; }
+  // `sh -c command` as nobody, in dir (which is made reachable and writable for it).
+  test::CommandResult Run(const std::string& command, const std::string& dir) const;
+
+ private:
+  std::string reason_;
+  mode_t fuse_mode_ = 0;
+  bool restore_ = false;
+};
+
 // Whether path is a mount point right now (/proc/self/mountinfo).
 bool IsMountPoint(const std::string& path);
 // Pid of the vimgfs daemon serving mountpoint (from /proc/*/cmdline), or -1.
