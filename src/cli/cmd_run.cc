@@ -2,8 +2,10 @@
 // command inside it, and take everything down again in the right order, whatever the
 // command does (docs/ARCHITECTURE.md, "vimgfs run").
 //
-// The pieces run as children in their own process groups, so a Ctrl-C at the terminal
-// reaches the command only; this process outlives it and tears down:
+// Every piece runs in a process group of its own. COMMAND's group gets the terminal, so a
+// Ctrl-C reaches COMMAND (and what it started) only; signals sent to this process go on to
+// COMMAND's group. Once COMMAND exits, what it left running in its group is ended (it
+// would hold the guest file system busy), and this process tears down:
 //   image mount (mount::RunMount in a forked child, foreground)
 //     -> guest mount: root: losetup + mount(8); otherwise (or --fuse2fs): fuse2fs
 //       -> COMMAND, its working directory the guest root
@@ -12,6 +14,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -70,22 +73,36 @@ void Say(const std::string& line) { std::fprintf(stderr, "vimgfs run: %s\n", lin
 // ---- signals: remembered, forwarded to COMMAND when another process sent them ----
 
 volatile sig_atomic_t g_signal = 0;
-volatile pid_t g_command = 0;
+volatile pid_t g_command_group = 0;
 
-void OnSignal(int sig, siginfo_t* info, void*) {
+void OnSignal(int sig) {
   g_signal = sig;
-  // A terminal's Ctrl-C already reached COMMAND (same process group); a kill(2) aimed at
-  // us did not.
-  pid_t target = g_command;
-  if (target > 0 && info != nullptr && info->si_code <= 0) kill(target, sig);
+  pid_t group = g_command_group;
+  if (group > 0) kill(-group, sig);
 }
 
 void CatchSignals() {
   struct sigaction sa {};
-  sa.sa_sigaction = OnSignal;
-  sa.sa_flags = SA_SIGINFO;
+  sa.sa_handler = OnSignal;
   sigemptyset(&sa.sa_mask);
   for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) sigaction(sig, &sa, nullptr);
+}
+
+// The terminal, when this process is in its foreground group (else -1): COMMAND's group
+// then takes the foreground while it runs.
+int ForegroundTerminal() {
+  return isatty(STDIN_FILENO) && tcgetpgrp(STDIN_FILENO) == getpgrp() ? STDIN_FILENO : -1;
+}
+
+// Hands the terminal to group; SIGTTOU would stop a background group doing this.
+void GiveTerminal(int tty, pid_t group) {
+  if (tty < 0) return;
+  sigset_t block, old;
+  sigemptyset(&block);
+  sigaddset(&block, SIGTTOU);
+  sigprocmask(SIG_BLOCK, &block, &old);
+  tcsetpgrp(tty, group);
+  sigprocmask(SIG_SETMASK, &old, nullptr);
 }
 
 bool Interrupted() { return g_signal != 0; }
@@ -93,7 +110,8 @@ bool Interrupted() { return g_signal != 0; }
 // ---- children ----
 
 struct SpawnOptions {
-  bool own_group = false;        // out of the terminal's reach (the mounts)
+  bool own_group = false;         // out of the terminal's reach (the mounts, COMMAND)
+  int give_terminal = -1;         // with own_group: take this terminal's foreground
   bool stdout_to_stderr = false;  // keep COMMAND's stdout clean
   int stdout_fd = -1;             // else where stdout goes
   std::string cwd;
@@ -106,8 +124,10 @@ pid_t Spawn(const std::vector<std::string>& argv, const SpawnOptions& o) {
   for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   pid_t pid = fork();
+  if (pid > 0 && o.own_group) setpgid(pid, pid);  // both sides: no race with kill(-pid)
   if (pid != 0) return pid;
   if (o.own_group) setpgid(0, 0);
+  GiveTerminal(o.give_terminal, getpid());
   for (int sig : {SIGINT, SIGTERM, SIGHUP, SIGQUIT}) signal(sig, SIG_DFL);
   if (o.stdout_fd >= 0)
     dup2(o.stdout_fd, STDOUT_FILENO);
@@ -328,14 +348,17 @@ Result<Choice> ChoosePartition(const std::string& disk_dir, std::optional<unsign
         return Choice{file_of(*p), ""};
     return Status::NotFound("no partition is named or labelled '{}' (partitions:{})", label, names());
   }
-  if (table.kind == guest::PartitionTable::Kind::kNone) return Choice{disk, "no partition table: the whole disk"};
-  if (parts.size() == 1) return Choice{file_of(*parts[0]), fmt::format("p{}, the only partition", parts[0]->number)};
+  if (table.kind == guest::PartitionTable::Kind::kNone)
+    return Choice{disk, "no partition table: the whole disk"};
+  if (parts.size() == 1)
+    return Choice{file_of(*parts[0]), fmt::format("p{}, the only partition", parts[0]->number)};
   for (const guest::Partition* p : parts)
     if (HoldsOsRelease(file_of(*p)))
       return Choice{file_of(*p), fmt::format("p{}, which holds /etc/os-release", p->number)};
-  return Status::NotFound("no partition holds an ext2/3/4 file system with /etc/os-release: name one with -p "
-                          "(partitions:{})",
-                          names());
+  return Status::NotFound(
+      "no partition holds an ext2/3/4 file system with /etc/os-release: name one with -p "
+      "(partitions:{})",
+      names());
 }
 
 // ---- the run ----
@@ -456,7 +479,8 @@ class Run {
       Say("replaying the guest file system's journal (it was not unmounted cleanly)");
       int rc = RunTool({"e2fsck", "-E", "journal_only", "-p", file});
       if (rc > 1) {
-        Say(fmt::format("e2fsck could not replay the journal (exit {}): run 'e2fsck -f' on the partition", rc));
+        Say(fmt::format("e2fsck could not replay the journal (exit {}): run 'e2fsck -f' on the partition",
+                        rc));
         return false;
       }
     }
@@ -487,18 +511,43 @@ class Run {
     SpawnOptions so;
     so.cwd = root_;
     so.exec_errors_as_shell = true;
+    so.own_group = true;
+    so.give_terminal = ForegroundTerminal();
     std::fflush(nullptr);
     pid_t pid = Spawn(command, so);
     if (pid < 0) {
       Say(fmt::format("fork: {}", std::strerror(errno)));
       return kRunFailed;
     }
-    g_command = pid;
-    if (g_signal != 0) kill(pid, g_signal);  // a signal that came during the set-up
+    GiveTerminal(so.give_terminal, pid);
+    g_command_group = pid;
+    if (g_signal != 0) kill(-pid, g_signal);  // a signal that came during the set-up
     ran_ = true;
     int rc = Wait(pid);
-    g_command = 0;
+    EndGroup(pid);
+    g_command_group = 0;
+    GiveTerminal(so.give_terminal, getpgrp());
     return rc;
+  }
+
+  // Ends what COMMAND left running in its group (SIGTERM, then SIGKILL after 3 s): it
+  // would keep the guest file system busy. Those processes are reparented to this one
+  // (a child subreaper), so they are reaped here too.
+  static void EndGroup(pid_t group) {
+    while (waitpid(-group, nullptr, WNOHANG) > 0) {  // those that already ended
+    }
+    if (kill(-group, 0) != 0) return;
+    Say("ending the processes COMMAND left running");
+    kill(-group, SIGTERM);
+    for (int i = 0; i < 300; ++i) {
+      while (waitpid(-group, nullptr, WNOHANG) > 0) {
+      }
+      if (kill(-group, 0) != 0) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    kill(-group, SIGKILL);
+    while (waitpid(-group, nullptr, 0) > 0) {
+    }
   }
 
   // Every step is tried even when one before it failed; what stays behind is named.
@@ -585,6 +634,7 @@ int RunRun(int argc, char** argv) {
     return kRunFailed;
   }
   CatchSignals();
+  prctl(PR_SET_CHILD_SUBREAPER, 1);  // COMMAND's orphans come to us (see EndGroup)
   Run run(o, rest[0]);
   return run.Go({rest.begin() + 1, rest.end()});
 }

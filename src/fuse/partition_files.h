@@ -58,7 +58,8 @@ class PartitionFiles {
   // Called after every write or discard of [offset, offset + length) of the disk.
   void NoteWrite(uint64_t offset, uint64_t length) {
     if (!enabled_) return;
-    if (offset < guest::kWatchedEdge || offset + length > disk_size_ - std::min(disk_size_, guest::kWatchedEdge) ||
+    if (offset < guest::kWatchedEdge ||
+        offset + length > disk_size_ - std::min(disk_size_, guest::kWatchedEdge) ||
         Current()->table.Touches(offset, length))
       stale_.store(true, std::memory_order_release);
   }

@@ -101,7 +101,8 @@ class Parser {
 
   void Add(Partition p) {
     if (table_.partitions.size() >= kMaxPartitions) {
-      if (!full_noted_) table_.notes.push_back(fmt::format("more than {} partitions: the rest ignored", kMaxPartitions));
+      if (!full_noted_)
+        table_.notes.push_back(fmt::format("more than {} partitions: the rest ignored", kMaxPartitions));
       full_noted_ = true;
       return;
     }
@@ -242,7 +243,8 @@ class Parser {
       unsigned number = i + 1;
       uint64_t first = LoadLE64(e + 32), last = LoadLE64(e + 40);
       if (number > kMaxPartitions) {
-        table_.notes.push_back(fmt::format("GPT entry {} beyond partition {}: ignored", number, kMaxPartitions));
+        table_.notes.push_back(
+            fmt::format("GPT entry {} beyond partition {}: ignored", number, kMaxPartitions));
         break;
       }
       if (first == 0 || first > last || last > last_lba) {

@@ -20,9 +20,9 @@
 namespace vimgfs::guest {
 
 struct Partition {
-  unsigned number = 0;  // MBR: 1-4 primary slots, 5.. logicals in chain order; GPT: entry index + 1
-  uint64_t offset = 0;  // bytes from the start of the disk
-  uint64_t length = 0;  // bytes, never past the end of the disk
+  unsigned number = 0;    // MBR: 1-4 primary slots, 5.. logicals in chain order; GPT: entry index + 1
+  uint64_t offset = 0;    // bytes from the start of the disk
+  uint64_t length = 0;    // bytes, never past the end of the disk
   bool extended = false;  // an MBR extended partition (the container of the logicals)
   uint8_t mbr_type = 0;   // MBR system id (0 for GPT)
   std::string label;      // GPT partition name (UTF-8); empty for MBR

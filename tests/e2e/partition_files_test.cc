@@ -34,7 +34,8 @@ std::map<std::string, Slice> SfdiskPartitions(const std::string& file) {
   for (const auto& p : table["partitions"]) {
     std::string node = p["node"];
     size_t digits = node.find_last_not_of("0123456789") + 1;
-    out["p" + node.substr(digits)] = {p["start"].get<uint64_t>() * sector, p["size"].get<uint64_t>() * sector};
+    out["p" + node.substr(digits)] = {p["start"].get<uint64_t>() * sector,
+                                      p["size"].get<uint64_t>() * sector};
   }
   return out;
 }
@@ -113,7 +114,8 @@ TEST_F(PartitionFiles, MbrPrimariesExtendedAndLogicalsAreTheirSlicesOfTheDisk) {
   MountImage();
   EXPECT_TRUE(ListedPartitions(mnt_).empty()) << "a blank disk has no partitions";
   // Two primaries, an extended partition holding three logicals: written through the mount.
-  auto r = RunCommand("printf 'label: dos\\n,16M,L\\n,16M,L\\n,,E\\n,8M,L\\n,8M,L\\n,,L\\n' | sfdisk -q " + Quote(Disk()));
+  auto r = RunCommand("printf 'label: dos\\n,16M,L\\n,16M,L\\n,,E\\n,8M,L\\n,8M,L\\n,,L\\n' | sfdisk -q " +
+                      Quote(Disk()));
   ASSERT_EQ(r.exit_code, 0) << r.err;
   auto expected = SfdiskPartitions(Disk());
   ASSERT_EQ(expected.size(), 6u);  // p1 p2 p3 (extended) p5 p6 p7
@@ -174,7 +176,8 @@ TEST_F(PartitionFiles, GptPartitionsByNumberAndAFileSystemThroughALoopMount) {
   EXPECT_EQ(QemuCheck(image_, &out), 0) << out;
   std::string raw = dir_.File("qemu.raw"), p3 = dir_.File("p3.img");
   ASSERT_TRUE(QemuToRaw(image_, raw));
-  MustRun("dd if=" + Quote(raw) + " of=" + Quote(p3) + " bs=512 skip=" + std::to_string(expected["p3"].offset / 512) +
+  MustRun("dd if=" + Quote(raw) + " of=" + Quote(p3) +
+          " bs=512 skip=" + std::to_string(expected["p3"].offset / 512) +
           " count=" + std::to_string(expected["p3"].length / 512) + " status=none");
   EXPECT_EQ(RunCommand("debugfs -R 'cat hello' " + Quote(p3)).out, "hello\n");
 }
@@ -190,7 +193,8 @@ TEST_F(PartitionFiles, ARewrittenTableShowsAtOnceAndOpenFilesKeepTheirRange) {
   ASSERT_GE(fd, 0);
 
   // p1 grows to 48M and p2 goes: the listing follows at once.
-  ASSERT_EQ(RunCommand("printf 'label: gpt\\n,48M\\n' | sfdisk -q --wipe never " + Quote(Disk())).exit_code, 0);
+  ASSERT_EQ(RunCommand("printf 'label: gpt\\n,48M\\n' | sfdisk -q --wipe never " + Quote(Disk())).exit_code,
+            0);
   auto after = SfdiskPartitions(Disk());
   ASSERT_EQ(after.size(), 1u);
   EXPECT_EQ(ListedPartitions(mnt_), (std::map<std::string, uint64_t>{{"p1", after["p1"].length}}));
@@ -257,11 +261,13 @@ TEST_F(PartitionFiles, AnUnprivilegedUserEditsAGuestWithFuse2fs) {
   ASSERT_EQ(mkdir(guest.c_str(), 0755), 0);
   ASSERT_EQ(chown(guest.c_str(), 65534, 65534), 0);
 
-  auto r = nobody.Run(Quote(test::VimgfsBinary()) + " " + Quote(image_) + " " + Quote(mnt_) + " && fuse2fs " +
-                          Quote(Part("p1")) + " " + Quote(guest) + " -o fakeroot && echo 'SELINUX=disabled' > " +
-                          Quote(guest + "/config") + " && fusermount3 -u " + Quote(guest) +
-                          " && for i in $(seq 100); do fusermount3 -u " + Quote(mnt_) + " 2>/dev/null && exit 0; sleep 0.1; done; exit 1",
-                      dir_.path());
+  auto r =
+      nobody.Run(Quote(test::VimgfsBinary()) + " " + Quote(image_) + " " + Quote(mnt_) + " && fuse2fs " +
+                     Quote(Part("p1")) + " " + Quote(guest) + " -o fakeroot && echo 'SELINUX=disabled' > " +
+                     Quote(guest + "/config") + " && fusermount3 -u " + Quote(guest) +
+                     " && for i in $(seq 100); do fusermount3 -u " + Quote(mnt_) +
+                     " 2>/dev/null && exit 0; sleep 0.1; done; exit 1",
+                 dir_.path());
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
   pid_t daemon = FindDaemon(mnt_);
   if (daemon > 0) {
