@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The seed workflow on a demo image: create a qcow2, mount it, put a file system and a
-# guest file in it, unmount, check the image, mount it read-only and show the file.
+# The seed workflow on a demo image: create a qcow2, mount it, partition it, put a file
+# system and a guest file in its first partition, unmount, check the image, and show the
+# file with `vimgfs run`.
 # Needs root (loop mounts) and /dev/fuse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,16 +22,15 @@ img=$work/demo.qcow2
 set -x
 "$v" create -f qcow2 "$img" 256M
 "$v" "$img" "$work/mnt"                      # raw view at $work/mnt/disk.raw
-mkfs.ext4 -q -F "$work/mnt/disk.raw"
-mount -o loop "$work/mnt/disk.raw" "$work/guest"
+echo 'type=L' | sfdisk -q "$work/mnt/disk.raw"   # one partition: the file $work/mnt/p1
+mkfs.ext4 -q -F "$work/mnt/p1"
+mount -o loop "$work/mnt/p1" "$work/guest"
 mkdir -p "$work/guest/etc/security"
 echo "*  soft  nofile  65536   # written by the vimgfs demo" > "$work/guest/etc/security/limits.conf"
 umount "$work/guest"
-fusermount3 -u "$work/mnt"
+# The loop device lets go of p1 a moment after umount: retry while the mount is busy.
+for _ in $(seq 50); do fusermount3 -u "$work/mnt" 2>/dev/null && break; sleep 0.1; done
 "$v" check "$img"
 "$v" info "$img"
-"$v" -r "$img" "$work/mnt"
-mount -o loop,ro "$work/mnt/disk.raw" "$work/guest"
-cat "$work/guest/etc/security/limits.conf"
-umount "$work/guest"
-fusermount3 -u "$work/mnt"
+# The same file in one step: mount, guest mount, command, teardown.
+"$v" run -r "$img" -- cat etc/security/limits.conf
