@@ -183,6 +183,7 @@ int RunMount(const MountConfig& c) {
   so.detect_zeroes = c.detect_zeroes;
   so.root_is_file = S_ISREG(mst.st_mode);
   so.partitions = c.partitions;
+  so.single_threaded = c.single_threaded;
   so.foreground = c.foreground;
   so.uid = ::getuid();
   so.gid = ::getgid();
@@ -207,6 +208,7 @@ int RunMount(const MountConfig& c) {
   std::unique_ptr<fuse_session, SessionDeleter> se(
       fuse_session_new(&args, &Server::Ops(), sizeof(fuse_lowlevel_ops), &server));
   if (!se) return fail(fmt::format("cannot start FUSE with options '{}'", opts));
+  server.set_session(se.get());
   if (fuse_set_signal_handlers(se.get()) != 0) return fail("cannot install signal handlers");
   if (fuse_session_mount(se.get(), c.mountpoint.c_str()) != 0) {
     fuse_remove_signal_handlers(se.get());

@@ -276,14 +276,18 @@ void OpSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fu
 void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Dispatch(req, "open", [&](Reply& r) -> Status {
     Server* s = Srv(req);
-    RETURN_IF_ERROR(FileOf(s, ino).status());
+    ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
     if ((fi->flags & O_ACCMODE) != O_RDONLY && s->options().read_only)
       return Status::ReadOnly("read-only mount");
+    s->Opened(view);
     // O_TRUNC is ignored, as a block device ignores it, so `cp disk.img disk.raw` works.
     // With atomic O_TRUNC (libfuse's default) it arrives here rather than as a setattr,
     // which keeps a real truncate() refused; the kernel then drops its cached size and
     // asks getattr again.
-    fi->keep_cache = 1;  // we are the only writer: cached pages stay valid across opens
+    // We are the only writer, and we drop the pages a write through another file of the
+    // mount makes stale (Server::Written): cached pages stay valid across opens. A
+    // single-threaded server cannot (see server.h), so it keeps close-to-open coherence.
+    fi->keep_cache = s->can_invalidate() ? 1 : 0;
     fi->fh = (fi->flags & O_ACCMODE) != O_RDONLY ? 1 : 0;  // 1: may have written (see OpFlush)
     if (fi->flags & O_DIRECT) {
       // The caller bypasses the page cache anyway (fio, qemu cache=none, losetup
@@ -379,7 +383,7 @@ void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse
       if (got < 0) return Status::FromErrno(static_cast<int>(-got), "reading the write request");
       data = {tmp.data(), static_cast<size_t>(got)};
     }
-    RETURN_IF_ERROR(s->WriteData(range.offset, data));
+    RETURN_IF_ERROR(s->WriteData(view, range.offset, data));
     s->Touch();
     r.Write(data.size());
     return Status::Ok();
@@ -432,12 +436,12 @@ void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
       if (!keep_size)  // as Linux
         return Status::Error(ErrorKind::kInvalidArgument, EOPNOTSUPP, "PUNCH_HOLE needs KEEP_SIZE");
       if (start < end)
-        RETURN_IF_ERROR(s->WriteZeroes(view.offset + start, std::min(stop, end) - start, true));
+        RETURN_IF_ERROR(s->WriteZeroes(view, view.offset + start, std::min(stop, end) - start, true));
     } else if (kind == FALLOC_FL_ZERO_RANGE) {
       if (stop > end && !keep_size)
         return Status::Error(ErrorKind::kNoSpace, EFBIG, "the disk size is fixed");
       if (start < end)
-        RETURN_IF_ERROR(s->WriteZeroes(view.offset + start, std::min(stop, end) - start, false));
+        RETURN_IF_ERROR(s->WriteZeroes(view, view.offset + start, std::min(stop, end) - start, false));
     } else if (kind == 0) {
       // Preallocation inside the disk: nothing to grow; the formats allocate on write.
       if (stop > end && !keep_size)
@@ -485,7 +489,8 @@ void OpStatfs(fuse_req_t req, fuse_ino_t) {
 }  // namespace
 
 Server::Server(Image* image, ServerOptions options)
-    : image_(image),
+    : cached_(std::make_shared<const std::vector<FileView>>()),
+      image_(image),
       opt_(options),
       size_(image->size()),
       partitions_(image, options.partitions && !options.root_is_file,
@@ -529,19 +534,44 @@ std::optional<FileView> Server::View(fuse_ino_t ino) const {
   return partitions_.Find(ino);
 }
 
-Status Server::WriteZeroes(uint64_t off, uint64_t len, bool unmap) {
-  Status st = image_->WriteZeroes(off, len, unmap);
+void Server::Written(fuse_ino_t writer, uint64_t off, uint64_t len) {
   partitions_.NoteWrite(off, len);
+  if (session_ == nullptr) return;
+  std::shared_ptr<const std::vector<FileView>> cached = cached_.load(std::memory_order_acquire);
+  for (const FileView& other : *cached) {
+    if (other.ino == writer) continue;
+    uint64_t from = std::max(off, other.offset), to = std::min(off + len, other.offset + other.length);
+    if (from >= to) continue;
+    // Before the reply: once the writer returns, no reader of the other file sees the
+    // old bytes. ENOENT: the kernel holds no such inode any more.
+    fuse_lowlevel_notify_inval_inode(session_, other.ino, static_cast<off_t>(from - other.offset),
+                                     static_cast<off_t>(to - from));
+  }
+}
+
+void Server::Opened(const FileView& view) {
+  std::lock_guard lock(cached_mu_);
+  std::shared_ptr<const std::vector<FileView>> old = cached_.load(std::memory_order_acquire);
+  for (const FileView& v : *old)
+    if (v.ino == view.ino) return;
+  auto grown = std::make_shared<std::vector<FileView>>(*old);
+  grown->push_back(view);
+  cached_.store(std::move(grown), std::memory_order_release);
+}
+
+Status Server::WriteZeroes(const FileView& view, uint64_t off, uint64_t len, bool unmap) {
+  Status st = image_->WriteZeroes(off, len, unmap);
+  Written(view.ino, off, len);  // even after a failure: part of it may have landed
   return st;
 }
 
-Status Server::WriteData(uint64_t off, std::span<const std::byte> data) {
-  // Noted even when the write fails: part of it may have landed.
-  struct Note {
-    PartitionFiles& files;
+Status Server::WriteData(const FileView& view, uint64_t off, std::span<const std::byte> data) {
+  struct AfterWrite {
+    Server* server;
+    fuse_ino_t ino;
     uint64_t off, len;
-    ~Note() { files.NoteWrite(off, len); }
-  } note{partitions_, off, data.size()};
+    ~AfterWrite() { server->Written(ino, off, len); }  // failed or not, as above
+  } after{this, view.ino, off, data.size()};
   if (!opt_.detect_zeroes) return image_->Write(off, data);
   // Walk the request in zero_unit_-aligned pieces; only whole units may become zero
   // writes. Runs of the same kind are issued as one call.

@@ -17,6 +17,8 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <memory>
+#include <mutex>
 #include <cstdint>
 #include <optional>
 #include <span>
@@ -32,10 +34,11 @@ namespace vimgfs::mount {
 struct ServerOptions {
   bool read_only = false;
   bool detect_zeroes = true;
-  bool root_is_file = false;  // the mount point is a regular file
-  bool partitions = true;     // show p1, p2, ... beside disk.raw (directory mounts)
-  bool foreground = false;    // log to stderr (else syslog)
-  unsigned file_mode = 0644;  // permission bits of the raw view
+  bool root_is_file = false;     // the mount point is a regular file
+  bool partitions = true;        // show p1, p2, ... beside disk.raw (directory mounts)
+  bool single_threaded = false;  // served by one thread (-s)
+  bool foreground = false;       // log to stderr (else syslog)
+  unsigned file_mode = 0644;     // permission bits of the raw view
   uid_t uid = 0;
   gid_t gid = 0;
   struct timespec time {};  // initial atime/mtime/ctime (the image file's mtime)
@@ -53,11 +56,22 @@ class Server {
   static constexpr fuse_ino_t kDiskIno = 2;
   static constexpr const char* kDiskName = "disk.raw";
 
-  // Writes data at disk offset off, turning whole zero clusters into WriteZeroes when
-  // detect_zeroes.
-  Status WriteData(uint64_t off, std::span<const std::byte> data);
-  // Zeroes (unmap: and frees) [off, off + len) of the disk.
-  Status WriteZeroes(uint64_t off, uint64_t len, bool unmap);
+  // Writes data at disk offset off through the file view, turning whole zero clusters
+  // into WriteZeroes when detect_zeroes.
+  Status WriteData(const FileView& view, uint64_t off, std::span<const std::byte> data);
+  // Zeroes (unmap: and frees) [off, off + len) of the disk through the file view.
+  Status WriteZeroes(const FileView& view, uint64_t off, uint64_t len, bool unmap);
+
+  // Page-cache coherence between the files of the mount. disk.raw and the partition
+  // files are separate inodes with separate page caches over the same bytes: after a
+  // write through one, the kernel's cached pages of every other file opened since the
+  // mount began are dropped for that range, before the write is acknowledged. The call
+  // waits for the kernel to lock those pages, which may need a read served by another
+  // worker; a single-threaded server has none, so it does not invalidate and opens files
+  // without keeping their cache (coherence from one open to the next).
+  void set_session(fuse_session* session) { session_ = opt_.single_threaded ? nullptr : session; }
+  bool can_invalidate() const { return !opt_.single_threaded; }
+  void Opened(const FileView& view);
   // SEEK_DATA / SEEK_HOLE inside view: zero runs are holes, as qemu's export. off and the
   // result are offsets in the view.
   Result<uint64_t> Seek(const FileView& view, uint64_t off, int whence);
@@ -78,6 +92,13 @@ class Server {
   void SetTimes(const struct stat& attr, int to_set);
 
  private:
+  // After a write of [off, off + len) through writer: the partition table may have changed,
+  // other files' cached pages are stale.
+  void Written(fuse_ino_t writer, uint64_t off, uint64_t len);
+
+  fuse_session* session_ = nullptr;
+  std::mutex cached_mu_;                                              // serializes Opened
+  std::atomic<std::shared_ptr<const std::vector<FileView>>> cached_;  // files opened so far
   Image* image_;
   ServerOptions opt_;
   uint64_t size_;

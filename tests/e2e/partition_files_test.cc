@@ -2,6 +2,7 @@
 // tools users use (sfdisk, sgdisk) through the mount; sfdisk --json is the oracle for the
 // list, disk.raw for the bytes, qemu-img for the image afterwards.
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -212,6 +213,39 @@ TEST_F(PartitionFiles, ARewrittenTableShowsAtOnceAndOpenFilesKeepTheirRange) {
   EXPECT_TRUE(PReadAll(fd, got.data(), got.size(), 0));
   EXPECT_EQ(got, mark);
   close(fd);
+}
+
+// disk.raw and p1 are two inodes with two page caches over the same bytes: a write through
+// one must not leave the other's cached pages stale, even on a descriptor opened before.
+TEST_F(PartitionFiles, AWriteThroughOneFileShowsInTheOthersCachedPages) {
+  MountImage();
+  ASSERT_EQ(RunCommand("printf 'label: dos\\n,,L\\n' | sfdisk -q " + Quote(Disk())).exit_code, 0);
+  const uint64_t start = SfdiskPartitions(Disk())["p1"].offset;
+  int disk = open(Disk().c_str(), O_RDWR);
+  int part = open(Part("p1").c_str(), O_RDWR);
+  ASSERT_GE(disk, 0);
+  ASSERT_GE(part, 0);
+  std::vector<uint8_t> buf(65536);
+  ASSERT_TRUE(PReadAll(disk, buf.data(), buf.size(), start));  // both caches hold the range
+  ASSERT_TRUE(PReadAll(part, buf.data(), buf.size(), 0));
+
+  auto through_part = test::RandomBytes(4096, 11);
+  ASSERT_TRUE(PWriteAll(part, through_part.data(), through_part.size(), 8192));
+  std::vector<uint8_t> got(4096);
+  ASSERT_TRUE(PReadAll(disk, got.data(), got.size(), start + 8192));
+  EXPECT_EQ(got, through_part) << "disk.raw served stale cached pages";
+
+  auto through_disk = test::RandomBytes(4096, 12);
+  ASSERT_TRUE(PWriteAll(disk, through_disk.data(), through_disk.size(), start + 16384));
+  ASSERT_TRUE(PReadAll(part, got.data(), got.size(), 16384));
+  EXPECT_EQ(got, through_disk) << "p1 served stale cached pages";
+
+  // A punched hole too.
+  ASSERT_EQ(fallocate(part, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 8192, 4096), 0);
+  ASSERT_TRUE(PReadAll(disk, got.data(), got.size(), start + 8192));
+  EXPECT_EQ(got, std::vector<uint8_t>(4096, 0));
+  close(part);
+  close(disk);
 }
 
 TEST_F(PartitionFiles, WritesStopAtTheEndOfThePartition) {

@@ -24,7 +24,8 @@ class RunCommandInGuest : public ::testing::Test {
   void SetUp() override {
     REQUIRE_FUSE();
     for (const char* tool : {"sfdisk", "mkfs.ext4", "debugfs", "fuse2fs"})
-      if (!test::HaveProgram(tool)) GTEST_SKIP() << tool << " needed (apt-get install fdisk e2fsprogs fuse2fs)";
+      if (!test::HaveProgram(tool))
+        GTEST_SKIP() << tool << " needed (apt-get install fdisk e2fsprogs fuse2fs)";
     tmp_ = dir_.File("tmp");
     ASSERT_EQ(mkdir(tmp_.c_str(), 0777), 0);
     image_ = dir_.File("guest.qcow2");
@@ -48,7 +49,8 @@ class RunCommandInGuest : public ::testing::Test {
     std::string hostname = dir_.File("hostname"), os_release = dir_.File("os-release");
     MustRun("echo template > " + Quote(hostname) + " && echo ID=debian > " + Quote(os_release));
     MustRun("debugfs -w -R 'mkdir etc' " + Quote(mnt + "/p2") + " 2>/dev/null");
-    MustRun("debugfs -w -R " + Quote("write " + hostname + " etc/hostname") + " " + Quote(mnt + "/p2") + " 2>/dev/null");
+    MustRun("debugfs -w -R " + Quote("write " + hostname + " etc/hostname") + " " + Quote(mnt + "/p2") +
+            " 2>/dev/null");
     MustRun("debugfs -w -R " + Quote("write " + os_release + " etc/os-release") + " " + Quote(mnt + "/p2") +
             " 2>/dev/null");
     ASSERT_EQ(m.Stop(), 0);
@@ -69,7 +71,8 @@ class RunCommandInGuest : public ::testing::Test {
   void ExpectNothingLeft() {
     std::ifstream mounts("/proc/self/mountinfo");
     std::string line;
-    while (std::getline(mounts, line)) EXPECT_EQ(line.find(tmp_), std::string::npos) << "left mounted: " << line;
+    while (std::getline(mounts, line))
+      EXPECT_EQ(line.find(tmp_), std::string::npos) << "left mounted: " << line;
     auto loops = RunCommand("losetup -l -n -O BACK-FILE");
     EXPECT_EQ(loops.out.find(tmp_), std::string::npos) << "left attached: " << loops.out;
     std::error_code ec;
@@ -116,8 +119,9 @@ TEST_F(RunCommandInGuest, PassesOnTheCommandsFailure) {
 
 TEST_F(RunCommandInGuest, InterruptedCommandStillTearsDown) {
   std::string started = dir_.File("started");
-  std::string cmd = "TMPDIR=" + Quote(tmp_) + " exec " + Quote(test::VimgfsBinary()) + " run " + Quote(image_) +
-                    " -- sh -c 'touch " + started + "; echo partial > etc/hostname; sync; sleep 30'";
+  std::string cmd = "TMPDIR=" + Quote(tmp_) + " exec " + Quote(test::VimgfsBinary()) + " run " +
+                    Quote(image_) + " -- sh -c 'touch " + started +
+                    "; echo partial > etc/hostname; sync; sleep 30'";
   pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
@@ -162,8 +166,8 @@ class RunAfterAGuestCrash : public RunCommandInGuest {
     ASSERT_EQ(r.exit_code, 0) << r.err;
     std::string loop = LoopAttach(mnt + "/p2", false);
     ASSERT_FALSE(loop.empty());
-    MustRun("mount " + Quote(loop) + " " + Quote(guest) + " && echo " + content + " > " + Quote(guest + "/etc/crash") +
-            " && sync");
+    MustRun("mount " + Quote(loop) + " " + Quote(guest) + " && echo " + content + " > " +
+            Quote(guest + "/etc/crash") + " && sync");
     m.Kill();  // the daemon dies with the guest file system mounted
     RunCommand("umount -l " + Quote(guest));
     LoopDetach(loop);
