@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Makes seed inputs for the libFuzzer targets (tests/fuzz) with qemu-img and qemu-io, at run
 # time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx qcow parallels qed
-# bochs cloop dmg) and OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer. qemu-img cannot
+# bochs cloop dmg), OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer and OUT/partition_table/
+# for partition_table_fuzzer (small disks partitioned by sfdisk and sgdisk, plus a 4 KiB-
+# sector GPT and a looping EBR chain written by python3). qemu-img cannot
 # create bochs, cloop or dmg: their seeds are qemu's sample images (from qemu's source
 # fetched by scripts/iotests.sh --fetch, or $VIMGFS_QEMU_SOURCE) and, for bochs and cloop,
 # small images written here by python3. Nothing it makes belongs in the repository. Small
@@ -30,7 +32,7 @@ esac
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
   { echo "make-fuzz-seeds: qemu-img and qemu-io are needed (package qemu-utils)" >&2; exit 2; }
 
-formats=(qcow2 vmdk vdi vpc vhdx qcow parallels qed bochs cloop dmg vmdk_descriptor)
+formats=(qcow2 vmdk vdi vpc vhdx qcow parallels qed bochs cloop dmg vmdk_descriptor partition_table)
 rm -rf "$out"
 for f in "${formats[@]}"; do mkdir -p "$out/$f"; done
 work=$(mktemp -d)
@@ -256,6 +258,81 @@ cloop("stored.cloop", 2048, 3, 0)
 PY
 else
   echo "make-fuzz-seeds: python3 missing: bochs and cloop get qemu's sample images only" >&2
+fi
+
+# ---- partition tables (whole small disks; the fuzzer also reads an input as the head of
+# a larger disk, which the 64 KiB head of a 64 MiB disk exercises) ----
+pt=$out/partition_table
+sfdisk=$(PATH=$PATH:/usr/sbin:/sbin command -v sfdisk || true)
+sgdisk=$(PATH=$PATH:/usr/sbin:/sbin command -v sgdisk || true)
+# part NAME SIZE SCRIPT: an sfdisk table on a fresh sparse disk of SIZE, kept whole.
+part() {
+  rm -f "$1" && truncate -s "$2" "$1" && printf '%s' "$3" | run "$sfdisk" -q "$1" && cp "$1" "$pt/$1"
+}
+if [ -n "$sfdisk" ]; then
+  # Sector-granular starts keep the disks small; the EBRs sit inside the 256 KiB.
+  part mbr.img 256K $'label: dos\nstart=2, size=100, type=83\nstart=110, size=300, type=f\nstart=112, size=50, type=83\nstart=170, size=50, type=7\nstart=230, size=20, type=b\nstart=420, size=92, type=83, bootable\n'
+  part mbr-primaries.img 64K $'label: dos\nstart=1, size=40, type=c\nstart=41, size=40, type=5\nstart=81, size=47, type=83\n'
+  part gpt.img 256K $'label: gpt\nfirst-lba: 34\nstart=40, size=100, name=esp, type=uefi\nstart=140, size=200, name="root fs"\nstart=340, size=100, name=d\xc3\xa9j\xc3\xa0\n'
+  rm -f big.img && truncate -s 64M big.img &&
+    printf 'label: gpt\nsize=8M, name=boot\nsize=16M, name=root\n' | run "$sfdisk" -q big.img &&
+    head -c 65536 big.img >"$pt/gpt-head.img"
+else
+  echo "make-fuzz-seeds: sfdisk missing (package fdisk): fewer partition table seeds" >&2
+fi
+if [ -n "$sgdisk" ]; then
+  rm -f sg.img && truncate -s 1M sg.img &&
+    run "$sgdisk" -a 8 -n 1:40:+64K -c 1:boot -n 3:0:+128K -c 3:data -n 5:0:0 -c 5:rest sg.img &&
+    cp sg.img "$pt/sgdisk.img"
+fi
+if command -v python3 >/dev/null; then
+  python3 - "$pt" <<'PY'
+import struct, sys, zlib
+out = sys.argv[1]
+def mbr_entry(status, typ, lba, sectors):
+    return struct.pack("<B3sB3sII", status, b"\0" * 3, typ, b"\0" * 3, lba, sectors)
+def boot_sector(entries):
+    s = bytearray(512)
+    for i, e in enumerate(entries):
+        s[446 + 16 * i:462 + 16 * i] = e
+    s[510:512] = b"\x55\xaa"
+    return s
+# A GPT with 4 KiB sectors (no tool here writes one onto a file).
+ss, size = 4096, 1 << 20
+last = size // ss - 1
+arr = bytearray(128 * 128)
+for i, (first, end, name) in enumerate([(6, 100, "efi"), (101, 240, "root")]):
+    e = 128 * i
+    arr[e:e + 16] = bytes(range(1, 17))
+    struct.pack_into("<QQ", arr, e + 16, 0x5EED + i, 0)
+    struct.pack_into("<QQ", arr, e + 32, first, end)
+    arr[e + 56:e + 56 + 2 * len(name)] = name.encode("utf-16-le")
+def header(lba, alt, array_lba):
+    h = bytearray(ss)
+    h[0:8] = b"EFI PART"
+    struct.pack_into("<IIII QQQQ 16s QIII", h, 8, 0x10000, 92, 0, 0, lba, alt, 6, last - 5,
+                     b"fuzzseedgptdisk!", array_lba, 128, 128, zlib.crc32(arr))
+    struct.pack_into("<I", h, 16, zlib.crc32(bytes(h[:92])))
+    return h
+disk = bytearray(size)
+disk[0:512] = boot_sector([mbr_entry(0, 0xEE, 1, size // 512 - 1)])
+disk[ss:2 * ss] = header(1, last, 2)
+disk[2 * ss:2 * ss + len(arr)] = arr
+disk[(last - 4) * ss:(last - 4) * ss + len(arr)] = arr
+disk[last * ss:] = header(last, 1, last - 4)
+open(out + "/gpt-4k.img", "wb").write(disk)
+# An EBR chain that loops back to its first EBR.
+disk = bytearray(64 * 1024)
+disk[0:512] = boot_sector([mbr_entry(0x80, 0x83, 1, 7), mbr_entry(0, 0x05, 8, 100)])
+disk[8 * 512:9 * 512] = boot_sector([mbr_entry(0, 0x83, 1, 3), mbr_entry(0, 0x05, 4, 10)])
+disk[12 * 512:13 * 512] = boot_sector([mbr_entry(0, 0x07, 1, 3), mbr_entry(0, 0x05, 0, 10)])
+open(out + "/ebr-loop.img", "wb").write(disk)
+PY
+fi
+# The fuzzer must never be left without seeds: a bare MBR with one partition.
+if [ -z "$(ls -A "$pt")" ]; then
+  { head -c 446 /dev/zero; printf '\x80\0\0\0\x83\0\0\0\x01\0\0\0\x7f\0\0\0'; head -c 48 /dev/zero
+    printf '\x55\xaa'; head -c 65024 /dev/zero; } >"$pt/mbr-minimal.img"
 fi
 
 # ---- saved crash inputs ----
