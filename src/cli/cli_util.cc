@@ -1,5 +1,7 @@
 #include "cli/cli_util.h"
 
+#include "io/nbd_file.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -373,6 +375,7 @@ Result<std::string> HostFilename(const std::string& name) {
     std::string rest = name.substr(5);
     return HasProtocolPrefix(rest) ? "./" + rest : rest;
   }
+  if (IsNbdUri(name)) return name;  // an image on an NBD server (io/nbd_file.h)
   if (HasProtocolPrefix(name))
     return Status::InvalidArgument("Unknown protocol '{}'", name.substr(0, name.find(':')));
   return name;
@@ -430,6 +433,10 @@ std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value
 
 std::string PathCombine(const std::string& base, const std::string& name) {
   if (name.empty() || name[0] == '/' || HasProtocolPrefix(name)) return name;
+  if (IsNbdUri(base)) {  // the export of that name on the same server, as the engine opens it
+    auto uri = SameServerUri(base, name);
+    return uri.ok() ? *uri : name;
+  }
   size_t keep = 0;  // what stays of base: its protocol prefix, its folder
   if (HasProtocolPrefix(base)) keep = base.find(':') + 1;
   auto slash = base.rfind('/');

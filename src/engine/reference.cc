@@ -1,4 +1,5 @@
 // OpenReference: the one place where names stored inside images become files we open.
+#include "io/nbd_file.h"
 #include "vimgfs/format.h"
 
 namespace vimgfs {
@@ -35,6 +36,12 @@ Result<OpenedReference> OpenReference(Env& env, const std::string& referrer_path
   if (name.rfind("json:", 0) == 0 || HasProtocolPrefix(name))
     return Status::Unsupported("'{}': refusing to follow '{}': only plain file names are supported",
                                referrer_path, name);
+  if (IsNbdUri(referrer_path)) {  // an image on a server names exports of that server only
+    ASSIGN_OR_RETURN(std::string uri, SameServerUri(referrer_path, name));
+    auto file = env.Open(uri, mode);
+    if (!file.ok()) return file.error().WithContext("'{}' refers to '{}'", referrer_path, name);
+    return OpenedReference{uri, std::move(file).value()};
+  }
   std::string dir = DirName(referrer_path);
   auto file = env.OpenReference(dir, name, mode, untrusted);
   if (file.ok()) return OpenedReference{JoinPath(dir, name), std::move(file).value()};

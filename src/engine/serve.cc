@@ -95,8 +95,7 @@ Result<std::unique_ptr<Image>> OpenImage(const ServeOptions& c) {
   // The format can't write this image (VMDK streamOptimized, read-only extents) or any
   // image (bochs, cloop, dmg): say so now rather than fail every write with EROFS after the mount.
   const auto cannot_write = [&](const std::string& format) {
-    return Status::ReadOnly(
-        "'{}' ({}) cannot be written in place: {}", c.image, format, c.cannot_write_hint);
+    return Status::ReadOnly("'{}' ({}) cannot be written in place: {}", c.image, format, c.cannot_write_hint);
   };
   if (!opened.ok() && !o.read_only && IsReadOnlyFormat(opened.error())) {
     if (!c.format.empty()) return cannot_write(c.format);

@@ -24,7 +24,8 @@ struct ServeOptions {
   std::optional<uint64_t> cache_bytes;
   std::function<void(const std::string&)> warn;  // one line, no prefix
   // How to serve an image whose format cannot be written in place, in the front end's words.
-  std::string cannot_write_hint = "open it read-only, write to an overlay, or convert it (vimgfs convert -O qcow2)";
+  std::string cannot_write_hint =
+      "open it read-only, write to an overlay, or convert it (vimgfs convert -O qcow2)";
 };
 
 // The image (or overlay) opened and locked.

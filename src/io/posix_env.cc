@@ -12,6 +12,7 @@
 #include <cstring>
 #include <utility>
 
+#include "io/nbd_file.h"
 #include "io/reference_path.h"
 #include "vimgfs/env.h"
 
@@ -218,6 +219,7 @@ class PosixEnv final : public Env {
   }
 
   Result<std::unique_ptr<File>> Open(const std::string& path, OpenMode mode) override {
+    if (IsNbdUri(path)) return OpenNbd(path, mode);
     int flags = (mode == OpenMode::kReadWrite ? O_RDWR : O_RDONLY) | O_CLOEXEC;
     int fd = ::open(path.c_str(), flags);
     if (fd < 0) return Status::FromErrno(errno, "Could not open '{}': {}", path, std::strerror(errno));
@@ -225,6 +227,11 @@ class PosixEnv final : public Env {
   }
 
   Result<std::unique_ptr<File>> Create(const std::string& path, bool exclusive) override {
+    if (IsNbdUri(path))
+      return Status::Unsupported(
+          "'{}': an image cannot be created on an NBD server: write into an existing "
+          "export with convert -n",
+          path);
     int flags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
     int fd = ::open(path.c_str(), flags, 0644);
     if (fd < 0) return Status::FromErrno(errno, "Could not create '{}': {}", path, std::strerror(errno));
@@ -238,6 +245,7 @@ class PosixEnv final : public Env {
   }
 
   Result<FileStat> Stat(const std::string& path) override {
+    if (IsNbdUri(path)) return StatNbd(path);
     struct stat st;
     FileStat fs;
     if (::stat(path.c_str(), &st) != 0) {

@@ -81,7 +81,8 @@ int ConfigComplete() {
 int GetReady() {
   g_options.warn = [](const std::string& line) { nbdkit_debug("%s", line.c_str()); };
   g_options.cannot_write_hint =
-      "serve it with readonly=true, write to an overlay with overlay=FILE, or convert it (vimgfs convert -O qcow2)";
+      "serve it with readonly=true, write to an overlay with overlay=FILE, or convert it (vimgfs convert -O "
+      "qcow2)";
   auto image = vimgfs::OpenForServing(g_options);
   if (!image.ok()) {
     nbdkit_error("%s", image.error().ToString().c_str());

@@ -95,9 +95,11 @@ class NbdkitPlugin : public CliTest {
   void SetUp() override {
     CliTest::SetUp();
     if (IsSkipped()) return;
-    if (kPlugin == nullptr) GTEST_SKIP() << "the nbdkit plugin was not built (apt-get install nbdkit-plugin-dev)";
+    if (kPlugin == nullptr)
+      GTEST_SKIP() << "the nbdkit plugin was not built (apt-get install nbdkit-plugin-dev)";
     for (const char* tool : {"nbdkit", "nbdinfo", "qemu-io"})
-      if (!HaveProgram(tool)) GTEST_SKIP() << tool << " not installed (apt-get install nbdkit libnbd-bin qemu-utils)";
+      if (!HaveProgram(tool))
+        GTEST_SKIP() << tool << " not installed (apt-get install nbdkit libnbd-bin qemu-utils)";
   }
   NbdServer server_;
 };
@@ -108,11 +110,11 @@ struct FormatCase {
   const char* options;
 };
 const FormatCase kFormats[] = {
-    {"qcow2", ""},         {"qcow2", "-o cluster_size=4096,compat=0.10"},
-    {"vmdk", ""},          {"vmdk", "-o subformat=twoGbMaxExtentSparse"},
-    {"vdi", ""},           {"vpc", "-o force_size=on"},
-    {"vhdx", ""},          {"qed", ""},
-    {"qcow", ""},          {"parallels", ""},
+    {"qcow2", ""}, {"qcow2", "-o cluster_size=4096,compat=0.10"},
+    {"vmdk", ""},  {"vmdk", "-o subformat=twoGbMaxExtentSparse"},
+    {"vdi", ""},   {"vpc", "-o force_size=on"},
+    {"vhdx", ""},  {"qed", ""},
+    {"qcow", ""},  {"parallels", ""},
     {"raw", ""},
 };
 
@@ -120,7 +122,8 @@ TEST_F(NbdkitPlugin, ServesEveryFormatAsQemuReadsIt) {
   for (const FormatCase& c : kFormats) {
     SCOPED_TRACE(std::string(c.format) + " " + c.options);
     MustSh("rm -f img && qemu-img create -q -f " + std::string(c.format) + " " + c.options + " img 64M");
-    MustSh("qemu-io -f " + std::string(c.format) + " -c 'write -P 0x5a 1M 3M' -c 'write -P 0xa5 40M 64k' img");
+    MustSh("qemu-io -f " + std::string(c.format) +
+           " -c 'write -P 0x5a 1M 3M' -c 'write -P 0xa5 40M 64k' img");
     ASSERT_TRUE(server_.Start(dir_.path(), {"file=" + F("img"), "readonly=true"}));
     auto r = Sh("qemu-img compare -U -f " + std::string(c.format) + " img -F raw " + Quote(server_.uri()));
     EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
@@ -139,8 +142,8 @@ TEST_F(NbdkitPlugin, FourClientsWriteAtOnce) {
     std::string clients;
     for (int i = 0; i < 4; ++i) {
       std::string region = std::to_string(i * 24) + "M";
-      clients += "qemu-io -f raw -c 'write -P 0x" + std::to_string(i + 1) + "1 " + region + " 16M' -c flush " +
-                 Quote(server_.uri()) + " > /dev/null & ";
+      clients += "qemu-io -f raw -c 'write -P 0x" + std::to_string(i + 1) + "1 " + region +
+                 " 16M' -c flush " + Quote(server_.uri()) + " > /dev/null & ";
     }
     MustSh(clients + "wait");
     ASSERT_EQ(server_.Stop(), 0);
@@ -149,7 +152,8 @@ TEST_F(NbdkitPlugin, FourClientsWriteAtOnce) {
     for (int i = 0; i < 4; ++i) {
       auto r = Io(std::string("-f ") + format + " -c 'read -P 0x" + std::to_string(i + 1) + "1 " +
                   std::to_string(i * 24) + "M 16M' img");
-      EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << "client " << i << ": " << r.out;
+      EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos)
+          << "client " << i << ": " << r.out;
       EXPECT_EQ(r.exit_code, 0);
     }
   }
@@ -171,7 +175,8 @@ TEST_F(NbdkitPlugin, BlockStatusIsTheImagesMap) {
     bool operator==(const Run&) const = default;
   };
   auto add = [](std::vector<Run>& runs, Run r) {
-    if (!runs.empty() && runs.back().end == r.start && runs.back().zero == r.zero && runs.back().data == r.data)
+    if (!runs.empty() && runs.back().end == r.start && runs.back().zero == r.zero &&
+        runs.back().data == r.data)
       runs.back().end = r.end;
     else
       runs.push_back(r);
@@ -228,7 +233,8 @@ TEST_F(NbdkitPlugin, AnImageThatCannotBeServedFailsAtStart) {
   ASSERT_FALSE(server_.Start(dir_.path(), {"file=" + F("s.vmdk")}));
   auto r = Sh(Nbdkit() + " -U - " + Quote(kPlugin) + " file=s.vmdk --run true");
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.err.find("cannot be written in place: serve it with readonly=true"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("cannot be written in place: serve it with readonly=true"), std::string::npos)
+      << r.err;
   r = Sh(Nbdkit() + " -U - " + Quote(kPlugin) + " file=missing.qcow2 --run true");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("missing.qcow2"), std::string::npos) << r.err;

@@ -1,0 +1,210 @@
+// NBD exports as Files through libnbd (see nbd_file.h).
+//
+// One libnbd handle per File. libnbd's synchronous calls are thread-safe (the handle
+// serializes them), which is all File promises. The handle owns no thread, so it survives
+// the mount's fork into the background.
+#include "io/nbd_file.h"
+
+#include <algorithm>
+#include <cstring>
+
+#ifdef VIMGFS_HAVE_LIBNBD
+#include <libnbd.h>
+#endif
+
+namespace vimgfs {
+
+bool IsNbdUri(const std::string& name) {
+  for (const char* scheme : {"nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://"})
+    if (name.rfind(scheme, 0) == 0) return true;
+  return false;
+}
+
+Result<std::string> SameServerUri(const std::string& uri, const std::string& name) {
+  if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
+    return Status::Error(ErrorKind::kUnsupported, EXDEV,
+                         fmt::format("'{}' refers to '{}': an image on an NBD server may name only an export "
+                                     "of the same server, by a bare name",
+                                     uri, name));
+  size_t authority = uri.find("://");
+  if (authority == std::string::npos) return Status::InvalidArgument("'{}' is not an NBD URI", uri);
+  size_t path = uri.find('/', authority + 3);
+  size_t query = uri.find_first_of("?#", authority + 3);
+  if (path == std::string::npos || (query != std::string::npos && query < path)) path = query;
+  std::string out = uri.substr(0, path == std::string::npos ? uri.size() : path) + "/";
+  for (unsigned char ch : name) {  // percent-encoded, as the export part of a URI is
+    if (std::isalnum(ch) || ch == '-' || ch == '.' || ch == '_' || ch == '~')
+      out += static_cast<char>(ch);
+    else
+      out += fmt::format("%{:02X}", ch);
+  }
+  if (query != std::string::npos) out += uri.substr(query);
+  return out;
+}
+
+#ifdef VIMGFS_HAVE_LIBNBD
+namespace {
+
+constexpr uint64_t kMaxRequest = 32ull << 20;  // libnbd and most servers take up to 32 MiB
+
+Status NbdError(const std::string& uri, const std::string& what) {
+  int err = nbd_get_errno();
+  const char* msg = nbd_get_error();
+  return Status::FromErrno(err > 0 ? err : EIO, "'{}': {}: {}", uri, what, msg ? msg : "NBD error");
+}
+
+class NbdFile final : public File {
+ public:
+  NbdFile(nbd_handle* h, std::string uri, bool writable, uint64_t size)
+      : h_(h), uri_(std::move(uri)), writable_(writable), size_(size) {}
+  ~NbdFile() override {
+    nbd_shutdown(h_, 0);
+    nbd_close(h_);
+  }
+
+  Status PRead(uint64_t off, std::span<std::byte> buf) override {
+    size_t done = 0;
+    while (done < buf.size()) {
+      uint64_t at = off + done;
+      if (at >= size_) {  // past the end of the export: zeros, as past EOF of a file
+        std::memset(buf.data() + done, 0, buf.size() - done);
+        break;
+      }
+      size_t n = static_cast<size_t>(std::min<uint64_t>({buf.size() - done, kMaxRequest, size_ - at}));
+      if (nbd_pread(h_, buf.data() + done, n, at, 0) == -1)
+        return NbdError(uri_, fmt::format("read of {} bytes at {:#x} failed", n, at));
+      done += n;
+    }
+    return Status::Ok();
+  }
+
+  Status PWrite(uint64_t off, std::span<const std::byte> buf, IoTag) override {
+    if (off > size_ || buf.size() > size_ - off)
+      return Status::NoSpace("'{}': write at {:#x} past the end of the NBD export ({} bytes): an export cannot grow",
+                             uri_, off, size_);
+    for (size_t done = 0; done < buf.size();) {
+      size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size() - done, kMaxRequest));
+      if (nbd_pwrite(h_, buf.data() + done, n, off + done, 0) == -1)
+        return NbdError(uri_, fmt::format("write of {} bytes at {:#x} failed", n, off + done));
+      done += n;
+    }
+    return Status::Ok();
+  }
+
+  Status Sync(bool) override {
+    if (!writable_ || nbd_can_flush(h_) != 1) return Status::Ok();
+    if (nbd_flush(h_, 0) == -1) return NbdError(uri_, "flush failed");
+    return Status::Ok();
+  }
+
+  Result<uint64_t> Size() override { return size_; }
+
+  Status Truncate(uint64_t size) override {
+    if (size == size_) return Status::Ok();
+    return Status::Unsupported("'{}': an NBD export has a fixed size ({} bytes)", uri_, size_);
+  }
+
+  Status PunchHole(uint64_t off, uint64_t len) override {
+    if (nbd_can_zero(h_) != 1) return Status::Unsupported("'{}': the NBD server cannot zero", uri_);
+    uint64_t end = std::min(off + len, size_);
+    for (uint64_t at = off; at < end;) {
+      uint64_t n = std::min(end - at, kMaxRequest);
+      if (nbd_zero(h_, n, at, 0) == -1) return NbdError(uri_, fmt::format("zeroing {} bytes at {:#x} failed", n, at));
+      at += n;
+    }
+    return Status::Ok();
+  }
+
+  Status Allocate(uint64_t off, uint64_t len) override {
+    if (off + len <= size_) return Status::Ok();  // the server allocates as it likes
+    return Status::NoSpace("'{}': cannot grow an NBD export ({} bytes) to {}", uri_, size_, off + len);
+  }
+
+  Result<HostExtent> ProbeExtent(uint64_t off) override {
+    if (off >= size_) return HostExtent{true, 0};
+    if (nbd_can_meta_context(h_, LIBNBD_CONTEXT_BASE_ALLOCATION) != 1) return HostExtent{true, size_ - off};
+    struct First {
+      bool seen = false;
+      HostExtent extent;
+    } first;
+    nbd_extent_callback cb{};
+    cb.user_data = &first;
+    cb.callback = [](void* user, const char* context, uint64_t, uint32_t* entries, size_t count, int*) {
+      auto* f = static_cast<First*>(user);
+      if (f->seen || count < 2 || std::strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0) return 0;
+      f->seen = true;
+      f->extent.length = entries[0];
+      f->extent.data = (entries[1] & LIBNBD_STATE_ZERO) == 0;  // reads as zeros: a hole
+      return 0;
+    };
+    uint64_t ask = std::min<uint64_t>(size_ - off, 1ull << 30);
+    if (nbd_block_status(h_, ask, off, cb, 0) == -1) return NbdError(uri_, "block status failed");
+    if (!first.seen || first.extent.length == 0) return HostExtent{true, ask};
+    first.extent.length = std::min(first.extent.length, size_ - off);
+    return first.extent;
+  }
+
+  // The server's disk usage is not known: what the export holds as data.
+  Result<uint64_t> AllocatedSize() override {
+    return Status::Unsupported("'{}': the disk usage of an NBD export is not known", uri_);
+  }
+
+  const std::string& path() const override { return uri_; }
+  bool writable() const override { return writable_; }
+
+ private:
+  nbd_handle* h_;
+  std::string uri_;
+  bool writable_;
+  uint64_t size_;
+};
+
+Result<nbd_handle*> Connect(const std::string& uri) {
+  nbd_handle* h = nbd_create();
+  if (h == nullptr) return NbdError(uri, "cannot create an NBD handle");
+  if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 || nbd_connect_uri(h, uri.c_str()) == -1) {
+    Status st = NbdError(uri, "cannot connect");
+    nbd_close(h);
+    return st;
+  }
+  return h;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<File>> OpenNbd(const std::string& uri, OpenMode mode) {
+  ASSIGN_OR_RETURN(nbd_handle * h, Connect(uri));
+  int64_t size = nbd_get_size(h);
+  bool read_only = nbd_is_read_only(h) == 1;
+  if (size < 0 || (mode == OpenMode::kReadWrite && read_only)) {
+    Status st = size < 0 ? NbdError(uri, "cannot get the export's size")
+                         : Status::ReadOnly("'{}': the NBD export is read-only", uri);
+    nbd_close(h);
+    return st;
+  }
+  return std::unique_ptr<File>(
+      new NbdFile(h, uri, mode == OpenMode::kReadWrite, static_cast<uint64_t>(size)));
+}
+
+Result<FileStat> StatNbd(const std::string& uri) {
+  ASSIGN_OR_RETURN(nbd_handle * h, Connect(uri));
+  int64_t size = nbd_get_size(h);
+  nbd_shutdown(h, 0);
+  nbd_close(h);
+  if (size < 0) return NbdError(uri, "cannot get the export's size");
+  FileStat st;
+  st.exists = st.regular = true;
+  st.size = static_cast<uint64_t>(size);
+  return st;
+}
+
+#else  // built without libnbd
+
+Result<std::unique_ptr<File>> OpenNbd(const std::string& uri, OpenMode) {
+  return Status::Unsupported("'{}': vimgfs was built without libnbd (apt-get install libnbd-dev)", uri);
+}
+Result<FileStat> StatNbd(const std::string& uri) { return OpenNbd(uri, OpenMode::kReadOnly).status(); }
+
+#endif
+
+}  // namespace vimgfs

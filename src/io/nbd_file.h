@@ -1,0 +1,31 @@
+// Images that live on NBD servers: `nbd://host[:port]/export`, `nbd+unix:///export?socket=P`
+// (and the TLS and vsock forms libnbd takes) typed where a file name goes, as qemu-img takes
+// them. The export's bytes are the image file: a qcow2 served raw by nbdkit's file plugin,
+// qemu-nbd, or an rbd-nbd export is read, checked, converted and mounted without a copy
+// (docs/ARCHITECTURE.md, "Images on NBD servers").
+//
+// Only the user's command line names a server: a name stored inside an image never does
+// (reference.cc refuses protocol names). A backing file named inside an image on a server
+// is looked up on that same server, as the export of that name, and must be a bare name.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "vimgfs/env.h"
+
+namespace vimgfs {
+
+// Whether name is an NBD URI.
+bool IsNbdUri(const std::string& name);
+
+// Connects to the export (read-only exports refuse kReadWrite). Each File is one connection.
+Result<std::unique_ptr<File>> OpenNbd(const std::string& uri, OpenMode mode);
+// exists and regular when the export answers (its size in size); a server that refuses the
+// connection is an error, not a missing file.
+Result<FileStat> StatNbd(const std::string& uri);
+// The URI of export `name` on the server of `uri` (same scheme, host or socket, options).
+// name must be a bare file name: no '/', not "." or "..".
+Result<std::string> SameServerUri(const std::string& uri, const std::string& name);
+
+}  // namespace vimgfs

@@ -1,0 +1,118 @@
+// Images on NBD servers: qcow2 files served as raw bytes by nbdkit's file plugin (the way
+// any NBD server, qemu-nbd or rbd-nbd, would serve them), opened by vimgfs through NBD URIs.
+// qemu-img on the local files is the oracle.
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <thread>
+
+#include "oracle/cli_test_helpers.h"
+
+namespace vimgfs::test {
+namespace {
+
+class NbdUri : public CliTest {
+ protected:
+  void SetUp() override {
+    CliTest::SetUp();
+    if (IsSkipped()) return;
+    for (const char* tool : {"nbdkit", "nbdinfo", "qemu-io"})
+      if (!HaveProgram(tool)) GTEST_SKIP() << tool << " not installed (apt-get install nbdkit libnbd-bin qemu-utils)";
+    MustSh("mkdir exports");
+  }
+  void TearDown() override { StopServer(); }
+
+  // nbdkit's file plugin serving every file of exports/ as the export of its name.
+  void StartServer() {
+    socket_ = F("nbd.sock");
+    MustSh("nbdkit -U " + Quote(socket_) + " -P nbdkit.pid file dir=" + Quote(F("exports")));
+    for (int i = 0; i < 250 && Sh("test -S " + Quote(socket_)).exit_code != 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    running_ = true;
+  }
+  void StopServer() {
+    if (!running_) return;
+    Sh("kill $(cat nbdkit.pid); for i in $(seq 100); do kill -0 $(cat nbdkit.pid) 2>/dev/null || break; sleep 0.05; "
+       "done; rm -f " +
+       Quote(socket_));
+    running_ = false;
+  }
+  std::string Uri(const std::string& exported) const {
+    return Quote("nbd+unix:///" + exported + "?socket=" + socket_);
+  }
+
+  std::string socket_;
+  bool running_ = false;
+};
+
+TEST_F(NbdUri, ReadsAChainWhereTheServerHoldsIt) {
+  MustSh("cd exports && qemu-img create -q -f qcow2 base.qcow2 64M && qemu-io -c 'write -P 0x11 0 4M' base.qcow2");
+  MustSh("cd exports && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 && "
+         "qemu-io -c 'write -P 0x22 2M 1M' -c 'write -z 8M 1M' top.qcow2");
+  StartServer();
+  auto info = Ok(V("info --backing-chain " + Uri("top.qcow2")));
+  EXPECT_NE(info.find("file format: qcow2"), std::string::npos) << info;
+  EXPECT_NE(info.find("actual path: nbd+unix:///base.qcow2?socket="), std::string::npos) << info;
+  EXPECT_NE(info.find("disk size: unavailable"), std::string::npos) << info;
+  EXPECT_EQ(V("check " + Uri("top.qcow2")).exit_code, 0);
+  // The map and the bytes, as qemu-img reads the same files locally.
+  EXPECT_EQ(Json(V("map --output=json " + Uri("top.qcow2"))), Json(Q("map --output=json exports/top.qcow2")));
+  MustSh(Quote(VimgfsBinary()) + " convert -O raw " + Uri("top.qcow2") + " remote.raw");
+  MustSh("qemu-img convert -O raw exports/top.qcow2 local.raw && cmp remote.raw local.raw");
+  EXPECT_EQ(V("compare " + Uri("top.qcow2") + " exports/top.qcow2").exit_code, 0);
+}
+
+TEST_F(NbdUri, WritesIntoAnImageWithRoomOnTheServer) {
+  // An export cannot grow: a preallocated image has a home for every cluster already.
+  MustSh("qemu-img create -q -f qcow2 -o preallocation=falloc exports/disk.qcow2 32M");
+  MustSh("head -c 8M /dev/urandom > data.raw && truncate -s 32M data.raw");
+  StartServer();
+  MustSh(Quote(VimgfsBinary()) + " convert -n -f raw -O qcow2 data.raw " + Uri("disk.qcow2"));
+  StopServer();
+  EXPECT_EQ(Q("check exports/disk.qcow2").exit_code, 0);
+  EXPECT_EQ(Q("compare -f raw data.raw exports/disk.qcow2").exit_code, 0);
+}
+
+TEST_F(NbdUri, AWriteThatWouldGrowTheImageFailsCleanly) {
+  MustSh("qemu-img create -q -f qcow2 exports/small.qcow2 32M");
+  StartServer();
+  MustSh("head -c 4M /dev/urandom > data.raw && truncate -s 32M data.raw");
+  auto r = V("convert -n -f raw -O qcow2 data.raw " + Uri("small.qcow2"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("an export cannot grow"), std::string::npos) << r.err;
+  StopServer();
+  auto check = Q("check exports/small.qcow2");
+  EXPECT_TRUE(check.exit_code == 0 || check.exit_code == 3) << check.out << check.err;  // 3: leaks only
+}
+
+TEST_F(NbdUri, MountsAnImageOnAServer) {
+  if (geteuid() != 0 || access("/dev/fuse", R_OK | W_OK) != 0) GTEST_SKIP() << "mounting needs root and /dev/fuse";
+  MustSh("qemu-img create -q -f qcow2 exports/m.qcow2 16M && qemu-io -c 'write -P 0x5c 1M 1M' exports/m.qcow2");
+  MustSh("qemu-img convert -O raw exports/m.qcow2 local.raw && mkdir mnt");
+  StartServer();
+  MustSh(Quote(VimgfsBinary()) + " -r " + Uri("m.qcow2") + " mnt");
+  auto r = Sh("cmp mnt/disk.raw local.raw");
+  Sh("fusermount3 -u mnt");
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
+// Names inside an image on a server reach that server only, by a bare export name.
+TEST_F(NbdUri, BackingNamesStayOnTheSameServer) {
+  MustSh("qemu-img create -q -f qcow2 -u -b sub/base.qcow2 -F qcow2 exports/deep.qcow2 16M");
+  MustSh("qemu-img create -q -f qcow2 -u -b /etc/passwd -F raw exports/abs.qcow2 16M");
+  StartServer();
+  auto r = V("info --backing-chain " + Uri("deep.qcow2"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("only an export of the same server, by a bare name"), std::string::npos) << r.err;
+  r = V("info --backing-chain " + Uri("abs.qcow2"));
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("by a bare name"), std::string::npos) << r.err;
+  r = V("create -f qcow2 " + Uri("new.qcow2") + " 16M");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("cannot be created on an NBD server"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace vimgfs::test
