@@ -1,12 +1,16 @@
 // NBD exports as Files through libnbd (see nbd_file.h).
 //
-// One libnbd handle per File. libnbd's synchronous calls are thread-safe (the handle
-// serializes them), which is all File promises. The handle owns no thread, so it survives
-// the mount's fork into the background.
+// One libnbd handle per File, its calls serialized by the File's mutex (libnbd would
+// serialize them anyway; the mutex also keeps one read's pipelined requests together).
+// A large read goes out as several requests in flight at once, so one connection's round
+// trips overlap, as qemu's NBD client does. The handle owns no thread, so it survives the
+// mount's fork into the background.
 #include "io/nbd_file.h"
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #ifdef VIMGFS_HAVE_LIBNBD
 #include <libnbd.h>
@@ -15,7 +19,8 @@
 namespace vimgfs {
 
 bool IsNbdUri(const std::string& name) {
-  for (const char* scheme : {"nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://"})
+  for (const char* scheme :
+       {"nbd://", "nbds://", "nbd+unix://", "nbds+unix://", "nbd+vsock://", "nbds+vsock://"})
     if (name.rfind(scheme, 0) == 0) return true;
   return false;
 }
@@ -45,7 +50,9 @@ Result<std::string> SameServerUri(const std::string& uri, const std::string& nam
 #ifdef VIMGFS_HAVE_LIBNBD
 namespace {
 
-constexpr uint64_t kMaxRequest = 32ull << 20;  // libnbd and most servers take up to 32 MiB
+constexpr uint64_t kMaxRequest = 32ull << 20;   // libnbd and most servers take up to 32 MiB
+constexpr uint64_t kPipelinePiece = 256 << 10;  // a large read: requests of this size in flight
+constexpr size_t kPipelineDepth = 16;
 
 Status NbdError(const std::string& uri, const std::string& what) {
   int err = nbd_get_errno();
@@ -63,25 +70,22 @@ class NbdFile final : public File {
   }
 
   Status PRead(uint64_t off, std::span<std::byte> buf) override {
-    size_t done = 0;
-    while (done < buf.size()) {
-      uint64_t at = off + done;
-      if (at >= size_) {  // past the end of the export: zeros, as past EOF of a file
-        std::memset(buf.data() + done, 0, buf.size() - done);
-        break;
-      }
-      size_t n = static_cast<size_t>(std::min<uint64_t>({buf.size() - done, kMaxRequest, size_ - at}));
-      if (nbd_pread(h_, buf.data() + done, n, at, 0) == -1)
-        return NbdError(uri_, fmt::format("read of {} bytes at {:#x} failed", n, at));
-      done += n;
-    }
+    uint64_t inside = off >= size_ ? 0 : std::min<uint64_t>(buf.size(), size_ - off);
+    // Past the end of the export: zeros, as past EOF of a file.
+    std::memset(buf.data() + inside, 0, buf.size() - inside);
+    std::lock_guard lock(mu_);
+    if (inside > kPipelinePiece) return ReadPipelined(off, buf.first(inside));
+    if (inside > 0 && nbd_pread(h_, buf.data(), inside, off, 0) == -1)
+      return NbdError(uri_, fmt::format("read of {} bytes at {:#x} failed", inside, off));
     return Status::Ok();
   }
 
   Status PWrite(uint64_t off, std::span<const std::byte> buf, IoTag) override {
+    std::lock_guard lock(mu_);
     if (off > size_ || buf.size() > size_ - off)
-      return Status::NoSpace("'{}': write at {:#x} past the end of the NBD export ({} bytes): an export cannot grow",
-                             uri_, off, size_);
+      return Status::NoSpace(
+          "'{}': write at {:#x} past the end of the NBD export ({} bytes): an export cannot grow", uri_, off,
+          size_);
     for (size_t done = 0; done < buf.size();) {
       size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size() - done, kMaxRequest));
       if (nbd_pwrite(h_, buf.data() + done, n, off + done, 0) == -1)
@@ -92,6 +96,7 @@ class NbdFile final : public File {
   }
 
   Status Sync(bool) override {
+    std::lock_guard lock(mu_);
     if (!writable_ || nbd_can_flush(h_) != 1) return Status::Ok();
     if (nbd_flush(h_, 0) == -1) return NbdError(uri_, "flush failed");
     return Status::Ok();
@@ -105,11 +110,13 @@ class NbdFile final : public File {
   }
 
   Status PunchHole(uint64_t off, uint64_t len) override {
+    std::lock_guard lock(mu_);
     if (nbd_can_zero(h_) != 1) return Status::Unsupported("'{}': the NBD server cannot zero", uri_);
     uint64_t end = std::min(off + len, size_);
     for (uint64_t at = off; at < end;) {
       uint64_t n = std::min(end - at, kMaxRequest);
-      if (nbd_zero(h_, n, at, 0) == -1) return NbdError(uri_, fmt::format("zeroing {} bytes at {:#x} failed", n, at));
+      if (nbd_zero(h_, n, at, 0) == -1)
+        return NbdError(uri_, fmt::format("zeroing {} bytes at {:#x} failed", n, at));
       at += n;
     }
     return Status::Ok();
@@ -122,6 +129,7 @@ class NbdFile final : public File {
 
   Result<HostExtent> ProbeExtent(uint64_t off) override {
     if (off >= size_) return HostExtent{true, 0};
+    std::lock_guard lock(mu_);
     if (nbd_can_meta_context(h_, LIBNBD_CONTEXT_BASE_ALLOCATION) != 1) return HostExtent{true, size_ - off};
     struct First {
       bool seen = false;
@@ -153,6 +161,47 @@ class NbdFile final : public File {
   bool writable() const override { return writable_; }
 
  private:
+  // buf (inside the export) as pieces with up to kPipelineDepth requests in flight. Every
+  // request issued is waited for, even after one failed: buf must outlive them.
+  Status ReadPipelined(uint64_t off, std::span<std::byte> buf) {
+    std::vector<int64_t> in_flight;
+    Status first_error;
+    size_t issued = 0;
+    auto fail = [&](const std::string& what) {
+      if (first_error.ok()) first_error = NbdError(uri_, what);
+    };
+    while (issued < buf.size() || !in_flight.empty()) {
+      while (first_error.ok() && issued < buf.size() && in_flight.size() < kPipelineDepth) {
+        size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size() - issued, kPipelinePiece));
+        int64_t cookie = nbd_aio_pread(h_, buf.data() + issued, n, off + issued, NBD_NULL_COMPLETION, 0);
+        if (cookie == -1) {
+          fail(fmt::format("read of {} bytes at {:#x} failed", n, off + issued));
+          break;
+        }
+        in_flight.push_back(cookie);
+        issued += n;
+      }
+      if (!first_error.ok()) issued = buf.size();  // issue no more; drain what is out
+      if (in_flight.empty()) break;
+      for (size_t i = 0; i < in_flight.size();) {
+        int done = nbd_aio_command_completed(h_, in_flight[i]);
+        if (done == 0) {
+          ++i;
+          continue;
+        }
+        if (done == -1) fail(fmt::format("read at {:#x} failed", off));
+        in_flight[i] = in_flight.back();
+        in_flight.pop_back();
+      }
+      if (!in_flight.empty() && nbd_poll(h_, -1) == -1) {
+        fail("waiting for the server failed");
+        return first_error;  // the connection is gone: nothing more will complete
+      }
+    }
+    return first_error;
+  }
+
+  std::mutex mu_;
   nbd_handle* h_;
   std::string uri_;
   bool writable_;
@@ -162,7 +211,8 @@ class NbdFile final : public File {
 Result<nbd_handle*> Connect(const std::string& uri) {
   nbd_handle* h = nbd_create();
   if (h == nullptr) return NbdError(uri, "cannot create an NBD handle");
-  if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 || nbd_connect_uri(h, uri.c_str()) == -1) {
+  if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
+      nbd_connect_uri(h, uri.c_str()) == -1) {
     Status st = NbdError(uri, "cannot connect");
     nbd_close(h);
     return st;
