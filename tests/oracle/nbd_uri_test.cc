@@ -19,7 +19,8 @@ class NbdUri : public CliTest {
     CliTest::SetUp();
     if (IsSkipped()) return;
     for (const char* tool : {"nbdkit", "nbdinfo", "qemu-io"})
-      if (!HaveProgram(tool)) GTEST_SKIP() << tool << " not installed (apt-get install nbdkit libnbd-bin qemu-utils)";
+      if (!HaveProgram(tool))
+        GTEST_SKIP() << tool << " not installed (apt-get install nbdkit libnbd-bin qemu-utils)";
     MustSh("mkdir exports");
   }
   void TearDown() override { StopServer(); }
@@ -34,7 +35,8 @@ class NbdUri : public CliTest {
   }
   void StopServer() {
     if (!running_) return;
-    Sh("kill $(cat nbdkit.pid); for i in $(seq 100); do kill -0 $(cat nbdkit.pid) 2>/dev/null || break; sleep 0.05; "
+    Sh("kill $(cat nbdkit.pid); for i in $(seq 100); do kill -0 $(cat nbdkit.pid) 2>/dev/null || break; "
+       "sleep 0.05; "
        "done; rm -f " +
        Quote(socket_));
     running_ = false;
@@ -48,9 +50,12 @@ class NbdUri : public CliTest {
 };
 
 TEST_F(NbdUri, ReadsAChainWhereTheServerHoldsIt) {
-  MustSh("cd exports && qemu-img create -q -f qcow2 base.qcow2 64M && qemu-io -c 'write -P 0x11 0 4M' base.qcow2");
-  MustSh("cd exports && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 && "
-         "qemu-io -c 'write -P 0x22 2M 1M' -c 'write -z 8M 1M' top.qcow2");
+  MustSh(
+      "cd exports && qemu-img create -q -f qcow2 base.qcow2 64M && qemu-io -c 'write -P 0x11 0 4M' "
+      "base.qcow2");
+  MustSh(
+      "cd exports && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 && "
+      "qemu-io -c 'write -P 0x22 2M 1M' -c 'write -z 8M 1M' top.qcow2");
   StartServer();
   auto info = Ok(V("info --backing-chain " + Uri("top.qcow2")));
   EXPECT_NE(info.find("file format: qcow2"), std::string::npos) << info;
@@ -62,6 +67,24 @@ TEST_F(NbdUri, ReadsAChainWhereTheServerHoldsIt) {
   MustSh(Quote(VimgfsBinary()) + " convert -O raw " + Uri("top.qcow2") + " remote.raw");
   MustSh("qemu-img convert -O raw exports/top.qcow2 local.raw && cmp remote.raw local.raw");
   EXPECT_EQ(V("compare " + Uri("top.qcow2") + " exports/top.qcow2").exit_code, 0);
+}
+
+// nbd://host:port over loopback TCP, as a storage server is reached.
+TEST_F(NbdUri, ReadsOverTcp) {
+  MustSh(
+      "qemu-img create -q -f qcow2 exports/t.qcow2 16M && qemu-io -c 'write -P 0x3c 0 1M' exports/t.qcow2");
+  int port = 0;
+  for (int attempt = 0; attempt < 20 && port == 0; ++attempt) {
+    int candidate = 20000 + (getpid() * 7 + attempt * 131) % 30000;
+    if (Sh("nbdkit -i 127.0.0.1 -p " + std::to_string(candidate) + " -P tcp.pid file dir=exports")
+            .exit_code == 0)
+      port = candidate;
+  }
+  ASSERT_NE(port, 0) << "no free loopback port for nbdkit";
+  std::string uri = "nbd://127.0.0.1:" + std::to_string(port) + "/t.qcow2";
+  auto r = V("compare " + Quote(uri) + " exports/t.qcow2");
+  Sh("kill $(cat tcp.pid)");
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
 }
 
 TEST_F(NbdUri, WritesIntoAnImageWithRoomOnTheServer) {
@@ -88,8 +111,10 @@ TEST_F(NbdUri, AWriteThatWouldGrowTheImageFailsCleanly) {
 }
 
 TEST_F(NbdUri, MountsAnImageOnAServer) {
-  if (geteuid() != 0 || access("/dev/fuse", R_OK | W_OK) != 0) GTEST_SKIP() << "mounting needs root and /dev/fuse";
-  MustSh("qemu-img create -q -f qcow2 exports/m.qcow2 16M && qemu-io -c 'write -P 0x5c 1M 1M' exports/m.qcow2");
+  if (geteuid() != 0 || access("/dev/fuse", R_OK | W_OK) != 0)
+    GTEST_SKIP() << "mounting needs root and /dev/fuse";
+  MustSh(
+      "qemu-img create -q -f qcow2 exports/m.qcow2 16M && qemu-io -c 'write -P 0x5c 1M 1M' exports/m.qcow2");
   MustSh("qemu-img convert -O raw exports/m.qcow2 local.raw && mkdir mnt");
   StartServer();
   MustSh(Quote(VimgfsBinary()) + " -r " + Uri("m.qcow2") + " mnt");

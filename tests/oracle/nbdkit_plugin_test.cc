@@ -235,6 +235,13 @@ TEST_F(NbdkitPlugin, AnImageThatCannotBeServedFailsAtStart) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("cannot be written in place: serve it with readonly=true"), std::string::npos)
       << r.err;
+  // untrusted=true: the rules of the mount's --untrusted.
+  MustSh(
+      "mkdir -p inner && qemu-img create -q -f qcow2 outside.qcow2 16M && "
+      "qemu-img create -q -f qcow2 -b ../outside.qcow2 -F qcow2 inner/top.qcow2");
+  r = Sh(Nbdkit() + " -U - " + Quote(kPlugin) + " file=inner/top.qcow2 untrusted=true --run true");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("refused with --untrusted"), std::string::npos) << r.err;
   r = Sh(Nbdkit() + " -U - " + Quote(kPlugin) + " file=missing.qcow2 --run true");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("missing.qcow2"), std::string::npos) << r.err;
