@@ -383,10 +383,12 @@ void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse
       if (got < 0) return Status::FromErrno(static_cast<int>(-got), "reading the write request");
       data = {tmp.data(), static_cast<size_t>(got)};
     }
-    RETURN_IF_ERROR(s->WriteData(view, range.offset, data));
-    s->Touch();
-    r.Write(data.size());
-    return Status::Ok();
+    return s->WriteThrough(
+        view.ino, range.offset, data.size(), [&] { return s->WriteData(range.offset, data); },
+        [&] {
+          s->Touch();
+          r.Write(data.size());
+        });
   });
 }
 
@@ -435,13 +437,9 @@ void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
     if (kind == FALLOC_FL_PUNCH_HOLE) {
       if (!keep_size)  // as Linux
         return Status::Error(ErrorKind::kInvalidArgument, EOPNOTSUPP, "PUNCH_HOLE needs KEEP_SIZE");
-      if (start < end)
-        RETURN_IF_ERROR(s->WriteZeroes(view, view.offset + start, std::min(stop, end) - start, true));
     } else if (kind == FALLOC_FL_ZERO_RANGE) {
       if (stop > end && !keep_size)
         return Status::Error(ErrorKind::kNoSpace, EFBIG, "the disk size is fixed");
-      if (start < end)
-        RETURN_IF_ERROR(s->WriteZeroes(view, view.offset + start, std::min(stop, end) - start, false));
     } else if (kind == 0) {
       // Preallocation inside the disk: nothing to grow; the formats allocate on write.
       if (stop > end && !keep_size)
@@ -449,9 +447,18 @@ void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
     } else {
       return Status::Error(ErrorKind::kUnsupported, EOPNOTSUPP, std::string());
     }
-    s->Touch();
-    r.Ok();
-    return Status::Ok();
+    auto done = [&] {
+      s->Touch();
+      r.Ok();
+    };
+    if (kind == 0 || start >= end) {
+      done();
+      return Status::Ok();
+    }
+    const uint64_t disk_off = view.offset + start, n = std::min(stop, end) - start;
+    const bool unmap = kind == FALLOC_FL_PUNCH_HOLE;
+    return s->WriteThrough(
+        view.ino, disk_off, n, [&] { return s->image().WriteZeroes(disk_off, n, unmap); }, done);
   });
 }
 
@@ -534,16 +541,41 @@ std::optional<FileView> Server::View(fuse_ino_t ino) const {
   return partitions_.Find(ino);
 }
 
-void Server::Written(fuse_ino_t writer, uint64_t off, uint64_t len) {
-  partitions_.NoteWrite(off, len);
+Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len,
+                            const std::function<Status()>& write, const std::function<void()>& reply) {
+  InFlight::iterator self;
+  bool defer = false;
+  {
+    std::lock_guard lock(in_flight_mu_);
+    for (const InFlightWrite& w : in_flight_)
+      defer |= w.writer != writer && off < w.off + w.len && w.off < off + len;
+    self = in_flight_.insert(in_flight_.end(), {writer, off, len});
+  }
+  struct Done {
+    Server* s;
+    InFlight::iterator self;
+    ~Done() {
+      std::lock_guard lock(s->in_flight_mu_);
+      s->in_flight_.erase(self);
+    }
+  } done{this, self};
+  Status st = write();
+  partitions_.NoteWrite(off, len);  // even after a failure: part of it may have landed
+  if (!defer) DropOthersCache(writer, off, len);
+  if (!st.ok()) return st;  // a deferred drop is skipped: the write failed anyway
+  reply();
+  if (defer) DropOthersCache(writer, off, len);
+  return Status::Ok();
+}
+
+void Server::DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len) {
   if (session_ == nullptr) return;
   std::shared_ptr<const std::vector<FileView>> cached = cached_.load(std::memory_order_acquire);
   for (const FileView& other : *cached) {
     if (other.ino == writer) continue;
     uint64_t from = std::max(off, other.offset), to = std::min(off + len, other.offset + other.length);
     if (from >= to) continue;
-    // Before the reply: once the writer returns, no reader of the other file sees the
-    // old bytes. ENOENT: the kernel holds no such inode any more.
+    // ENOENT: the kernel holds no such inode any more.
     fuse_lowlevel_notify_inval_inode(session_, other.ino, static_cast<off_t>(from - other.offset),
                                      static_cast<off_t>(to - from));
   }
@@ -559,19 +591,7 @@ void Server::Opened(const FileView& view) {
   cached_.store(std::move(grown), std::memory_order_release);
 }
 
-Status Server::WriteZeroes(const FileView& view, uint64_t off, uint64_t len, bool unmap) {
-  Status st = image_->WriteZeroes(off, len, unmap);
-  Written(view.ino, off, len);  // even after a failure: part of it may have landed
-  return st;
-}
-
-Status Server::WriteData(const FileView& view, uint64_t off, std::span<const std::byte> data) {
-  struct AfterWrite {
-    Server* server;
-    fuse_ino_t ino;
-    uint64_t off, len;
-    ~AfterWrite() { server->Written(ino, off, len); }  // failed or not, as above
-  } after{this, view.ino, off, data.size()};
+Status Server::WriteData(uint64_t off, std::span<const std::byte> data) {
   if (!opt_.detect_zeroes) return image_->Write(off, data);
   // Walk the request in zero_unit_-aligned pieces; only whole units may become zero
   // writes. Runs of the same kind are issued as one call.

@@ -17,6 +17,8 @@
 #include <sys/stat.h>
 
 #include <atomic>
+#include <functional>
+#include <list>
 #include <memory>
 #include <mutex>
 #include <cstdint>
@@ -56,19 +58,26 @@ class Server {
   static constexpr fuse_ino_t kDiskIno = 2;
   static constexpr const char* kDiskName = "disk.raw";
 
-  // Writes data at disk offset off through the file view, turning whole zero clusters
-  // into WriteZeroes when detect_zeroes.
-  Status WriteData(const FileView& view, uint64_t off, std::span<const std::byte> data);
-  // Zeroes (unmap: and frees) [off, off + len) of the disk through the file view.
-  Status WriteZeroes(const FileView& view, uint64_t off, uint64_t len, bool unmap);
+  // Writes data at disk offset off, turning whole zero clusters into WriteZeroes when
+  // detect_zeroes.
+  Status WriteData(uint64_t off, std::span<const std::byte> data);
 
-  // Page-cache coherence between the files of the mount. disk.raw and the partition
-  // files are separate inodes with separate page caches over the same bytes: after a
-  // write through one, the kernel's cached pages of every other file opened since the
-  // mount began are dropped for that range, before the write is acknowledged. The call
-  // waits for the kernel to lock those pages, which may need a read served by another
-  // worker; a single-threaded server has none, so it does not invalidate and opens files
-  // without keeping their cache (coherence from one open to the next).
+  // Every change of the disk through a file of the mount goes through here: write()
+  // changes [off, off + len) of the disk, reply() acknowledges it to the kernel.
+  //
+  // Page-cache coherence: disk.raw and the partition files are separate inodes with
+  // separate page caches over the same bytes, so after a change through one, the other
+  // files' cached pages of that range are dropped (every file opened since the mount
+  // began), before the reply: once the writer returns, no reader of another file sees the
+  // old bytes. Dropping waits for the kernel to lock those pages. A write through another
+  // file to an overlapping range may hold them while it waits for its own reply, and it
+  // would wait for ours in turn: when such a write is in flight, the drop comes right
+  // after the reply instead, which breaks the cycle (two writers racing on the same bytes
+  // through two files get no order anyway). A single-threaded server cannot serve the
+  // reads a drop may wait for: it does not drop, and opens files without keeping their
+  // cache (coherence from one open to the next).
+  Status WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, const std::function<Status()>& write,
+                      const std::function<void()>& reply);
   void set_session(fuse_session* session) { session_ = opt_.single_threaded ? nullptr : session; }
   bool can_invalidate() const { return !opt_.single_threaded; }
   void Opened(const FileView& view);
@@ -92,9 +101,15 @@ class Server {
   void SetTimes(const struct stat& attr, int to_set);
 
  private:
-  // After a write of [off, off + len) through writer: the partition table may have changed,
-  // other files' cached pages are stale.
-  void Written(fuse_ino_t writer, uint64_t off, uint64_t len);
+  void DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len);
+
+  struct InFlightWrite {
+    fuse_ino_t writer;
+    uint64_t off, len;
+  };
+  using InFlight = std::list<InFlightWrite>;
+  std::mutex in_flight_mu_;
+  InFlight in_flight_;  // writes between WriteThrough's start and its drop
 
   fuse_session* session_ = nullptr;
   std::mutex cached_mu_;                                              // serializes Opened

@@ -6,8 +6,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <filesystem>
 #include <map>
+#include <thread>
 
 #include <nlohmann/json.hpp>
 
@@ -246,6 +249,58 @@ TEST_F(PartitionFiles, AWriteThroughOneFileShowsInTheOthersCachedPages) {
   EXPECT_EQ(got, std::vector<uint8_t>(4096, 0));
   close(part);
   close(disk);
+}
+
+// Writers through disk.raw and p1 on the same bytes at once, readers beside them: each
+// write drops the other file's cached pages while the other file's writes hold theirs
+// (Server::WriteThrough). The mount must keep answering.
+TEST_F(PartitionFiles, RacingWritesThroughTwoFilesNeverHang) {
+  MountImage();
+  ASSERT_EQ(RunCommand("printf 'label: dos\\n,,L\\n' | sfdisk -q " + Quote(Disk())).exit_code, 0);
+  const uint64_t start = SfdiskPartitions(Disk())["p1"].offset;
+  std::atomic<bool> stop{false};
+  std::atomic<int> failures{0};
+  auto writer = [&](const std::string& file, uint64_t base, uint8_t fill) {
+    int fd = open(file.c_str(), O_WRONLY);
+    std::vector<uint8_t> buf(65536, fill);
+    while (fd >= 0 && !stop)
+      for (int i = 0; i < 16; ++i)
+        if (!PWriteAll(fd, buf.data(), buf.size(), base + i * buf.size())) failures++;
+    if (fd >= 0) close(fd);
+  };
+  auto reader = [&](const std::string& file, uint64_t base) {
+    int fd = open(file.c_str(), O_RDONLY);
+    std::vector<uint8_t> buf(1 << 20);
+    while (fd >= 0 && !stop)
+      if (!PReadAll(fd, buf.data(), buf.size(), base)) failures++;
+    if (fd >= 0) close(fd);
+  };
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 2; ++i) {
+    threads.emplace_back(writer, Disk(), start, 0xAA);
+    threads.emplace_back(writer, Part("p1"), 0, 0xBB);
+  }
+  threads.emplace_back(reader, Disk(), start);
+  threads.emplace_back(reader, Part("p1"), 0);
+  std::this_thread::sleep_for(std::chrono::seconds(3));
+  stop = true;
+  // A hung mount leaves the threads blocked: a watchdog kills the daemon to free them.
+  std::atomic<bool> joined{false};
+  std::thread watchdog([&] {
+    for (int i = 0; i < 600 && !joined; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    if (!joined) mount_.Kill();
+  });
+  auto began = std::chrono::steady_clock::now();
+  for (auto& t : threads) t.join();
+  joined = true;
+  watchdog.join();
+  EXPECT_LT(std::chrono::steady_clock::now() - began, std::chrono::seconds(50)) << "the mount hung";
+  EXPECT_EQ(failures, 0);
+  if (mount_.active()) {
+    EXPECT_EQ(mount_.Stop(), 0);
+  }
+  std::string out;
+  EXPECT_EQ(QemuCheck(image_, &out), 0) << out;
 }
 
 TEST_F(PartitionFiles, WritesStopAtTheEndOfThePartition) {
