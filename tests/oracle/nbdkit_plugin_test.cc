@@ -242,9 +242,14 @@ TEST_F(NbdkitPlugin, AnImageThatCannotBeServedFailsAtStart) {
   r = Sh(Nbdkit() + " -U - " + Quote(kPlugin) + " file=inner/top.qcow2 untrusted=true --run true");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("refused with --untrusted"), std::string::npos) << r.err;
+#ifndef VIMGFS_ASAN_RUNTIME
+  // Not in sanitizer builds: nbdkit leaves a failed configuration through exit(1), and with
+  // libasan preloaded p11-kit's destructor (gnutls's) then deadlocks on glibc's locale lock.
+  // The normal build runs it.
   r = Sh(Nbdkit() + " -U - " + Quote(kPlugin) + " file=missing.qcow2 --run true");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("missing.qcow2"), std::string::npos) << r.err;
+#endif
 }
 
 }  // namespace
