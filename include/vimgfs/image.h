@@ -81,6 +81,10 @@ class Image {
   // Makes the range read as zeros; whole clusters are zero-flagged (and freed when
   // unmap) where the format can, the rest is written with zeros.
   Status WriteZeroes(uint64_t off, uint64_t len, bool unmap);
+  // As WriteZeroes, but only when the format can mark the whole clusters of the range zero
+  // without writing them (NBD's fast zero): otherwise kUnsupported (ENOTSUP) with nothing
+  // changed. Partial clusters at the ends are written with zeros, as they are small.
+  Status WriteZeroesFast(uint64_t off, uint64_t len, bool unmap);
   // Frees host space of whole clusters in the range; content of the range afterwards
   // is format-defined (zeros or backing data), like qemu's discard.
   Status Discard(uint64_t off, uint64_t len);
@@ -176,7 +180,8 @@ class Image {
   Status WritePlanData(const WritePlan& plan, uint64_t at, std::span<const std::byte> data, IoTag tag);
   // Makes `file` at least `end` bytes long, never shorter (see grow_mu_).
   Status GrowFileTo(File& file, uint64_t end);
-  Status ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard);
+  enum class ZeroMode { kZero, kFastOnly, kDiscard };
+  Status ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, ZeroMode mode);
   // Runs `change` on the format's map with every cluster locked exclusive and the
   // metadata lock held, then refreshes the size and drops decompressed units.
   Status ChangeWhole(bool writes, const std::function<Status(ClusterMap&)>& change);

@@ -600,7 +600,7 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
     // keep their zero flag over the new home (with falloc and full they are data).
     if (homeless_zero && fill == Fill::kHole)
       RETURN_IF_ERROR(ZeroUnlocked(plan.guest_offset, std::min(plan.length, size_ - plan.guest_offset),
-                                   /*unmap=*/false, false));
+                                   /*unmap=*/false, ZeroMode::kZero));
     pos += plan.length;
   }
   return Status::Ok();
@@ -730,24 +730,30 @@ Status Image::WriteZeroChunks(uint64_t off, uint64_t len) {
   return Status::Ok();
 }
 
-Status Image::ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, bool discard) {
+Status Image::ZeroUnlocked(uint64_t off, uint64_t len, bool unmap, ZeroMode mode) {
   // REQUIRES: clusters of the range locked exclusive.
+  const bool discard = mode == ZeroMode::kDiscard, fast_only = mode == ZeroMode::kFastOnly;
   const uint64_t end = off + len;
   uint64_t a = AlignUp(off, cluster_size_);
   uint64_t b = end == size_ ? end : AlignDown(end, cluster_size_);
   if (a >= b || a > end) {  // no whole cluster inside
     return discard ? Status::Ok() : WriteZeroChunks(off, len);
   }
-  if (!discard && off < a) RETURN_IF_ERROR(WriteZeroChunks(off, a - off));
+  // Fast-only: the whole clusters first, so a format that would have to write them fails
+  // before anything changed.
+  if (!discard && !fast_only && off < a) RETURN_IF_ERROR(WriteZeroChunks(off, a - off));
   Status s;
   {
     std::lock_guard lk(meta_mu_);
     s = discard ? map_->Discard(a, b - a) : map_->ZeroRange(a, b - a, unmap);
     MappingChanged();
   }
+  if (fast_only && s.kind() == ErrorKind::kUnsupported)
+    return Status::Error(ErrorKind::kUnsupported, ENOTSUP, "the format cannot zero without writing");
   if (!discard && s.kind() == ErrorKind::kUnsupported) s = WriteZeroChunks(a, b - a);
   if (discard && s.kind() == ErrorKind::kUnsupported) s = Status::Ok();  // discard is advisory
   RETURN_IF_ERROR(s);
+  if (fast_only && off < a) RETURN_IF_ERROR(WriteZeroChunks(off, a - off));
   if (!discard && b < end) RETURN_IF_ERROR(WriteZeroChunks(b, end - b));
   return Status::Ok();
 }
@@ -757,7 +763,15 @@ Status Image::WriteZeroes(uint64_t off, uint64_t len, bool unmap) {
   RETURN_IF_ERROR(CheckRange("zeroing", off, len, true));
   if (len == 0) return Status::Ok();
   RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
-  return ZeroUnlocked(off, len, unmap, false);
+  return ZeroUnlocked(off, len, unmap, ZeroMode::kZero);
+}
+
+Status Image::WriteZeroesFast(uint64_t off, uint64_t len, bool unmap) {
+  WriteDone done(this);
+  RETURN_IF_ERROR(CheckRange("zeroing", off, len, true));
+  if (len == 0) return Status::Ok();
+  RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
+  return ZeroUnlocked(off, len, unmap, ZeroMode::kFastOnly);
 }
 
 Status Image::Discard(uint64_t off, uint64_t len) {
@@ -765,7 +779,7 @@ Status Image::Discard(uint64_t off, uint64_t len) {
   RETURN_IF_ERROR(CheckRange("discard of", off, len, true));
   if (len == 0) return Status::Ok();
   RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
-  return ZeroUnlocked(off, len, false, true);
+  return ZeroUnlocked(off, len, false, ZeroMode::kDiscard);
 }
 
 Status Image::FlushNow() {

@@ -108,9 +108,9 @@ int CanWrite(void*) { return g_image->read_only() ? 0 : 1; }
 int CanFlush(void*) { return 1; }
 int CanTrim(void*) { return CanWrite(nullptr); }
 int CanZero(void*) { return CanWrite(nullptr); }
-// A zero request is as cheap as the format makes it, which the engine does not report: no
-// fast-zero promise, so clients that ask for one fall back at once (nbdkit answers ENOTSUP).
-int CanFastZero(void*) { return 0; }
+// Fast zero: done when the format marks the clusters zero without writing them
+// (Image::WriteZeroesFast), ENOTSUP at once with nothing changed otherwise.
+int CanFastZero(void*) { return CanWrite(nullptr); }
 // nbdkit sends a flush after each write carrying FUA.
 int CanFua(void*) { return NBDKIT_FUA_EMULATE; }
 int CanMultiConn(void*) { return 1; }
@@ -140,7 +140,15 @@ int Trim(void*, uint32_t count, uint64_t offset, uint32_t) {
 }
 
 int Zero(void*, uint32_t count, uint64_t offset, uint32_t flags) {
-  Status st = g_image->WriteZeroes(offset, count, (flags & NBDKIT_FLAG_MAY_TRIM) != 0);
+  const bool unmap = (flags & NBDKIT_FLAG_MAY_TRIM) != 0;
+  if (flags & NBDKIT_FLAG_FAST_ZERO) {
+    Status st = g_image->WriteZeroesFast(offset, count, unmap);
+    if (st.ok()) return 0;
+    if (st.kind() != vimgfs::ErrorKind::kUnsupported) return Fail(st);
+    nbdkit_set_error(ENOTSUP);  // expected: the client writes the zeros itself, no log line
+    return -1;
+  }
+  Status st = g_image->WriteZeroes(offset, count, unmap);
   return st.ok() ? 0 : Fail(st);
 }
 

@@ -12,6 +12,10 @@
 
 #include "oracle/cli_test_helpers.h"
 
+#ifdef VIMGFS_TEST_LIBNBD
+#include <libnbd.h>
+#endif
+
 namespace vimgfs::test {
 namespace {
 
@@ -227,6 +231,44 @@ TEST_F(NbdkitPlugin, ReadOnlyServesWithASharedLock) {
   EXPECT_NE(info.exit_code, 0);
   EXPECT_NE(info.err.find("lock"), std::string::npos) << info.err;
 }
+
+#ifdef VIMGFS_TEST_LIBNBD
+// NBD's fast zero: done where the format marks clusters zero without writing them (qcow2
+// v3), refused at once with ENOTSUP and nothing changed where it would have to write the
+// zeros (qcow version 1 has no zero clusters).
+TEST_F(NbdkitPlugin, FastZeroOnlyWhereTheFormatMarksZeros) {
+  for (const char* format : {"qcow2", "qcow"}) {
+    SCOPED_TRACE(format);
+    MustSh(std::string("rm -f img && qemu-img create -q -f ") + format + " img 16M && qemu-io -f " + format +
+           " -c 'write -P 0x6d 0 4M' img");
+    ASSERT_TRUE(server_.Start(dir_.path(), {"file=" + F("img")}));
+    nbd_handle* h = nbd_create();
+    ASSERT_NE(h, nullptr);
+    ASSERT_EQ(nbd_connect_uri(h, server_.uri().c_str()), 0) << nbd_get_error();
+    EXPECT_EQ(nbd_can_fast_zero(h), 1);
+    int r = nbd_zero(h, 1 << 20, 1 << 20, LIBNBD_CMD_FLAG_FAST_ZERO);
+    int err = r == 0 ? 0 : nbd_get_errno();
+    nbd_shutdown(h, 0);
+    nbd_close(h);
+    ASSERT_EQ(server_.Stop(), 0);
+    bool fast = std::string(format) == "qcow2";
+    if (fast) {
+      EXPECT_EQ(r, 0);
+      EXPECT_EQ(
+          Io("-f qcow2 -c 'read -P 0 1M 1M' -c 'read -P 0x6d 0 1M' img").out.find("verification failed"),
+          std::string::npos);
+    } else {
+      EXPECT_EQ(r, -1);
+      EXPECT_EQ(err, ENOTSUP);
+      auto read = Io("-f qcow -c 'read -P 0x6d 0 4M' img");
+      EXPECT_EQ(read.out.find("verification failed"), std::string::npos)
+          << "a refused fast zero changed data";
+    }
+    EXPECT_EQ(Q(std::string("check -f ") + format + " img").exit_code,
+              format == std::string("qcow") ? 63 : 0);
+  }
+}
+#endif
 
 TEST_F(NbdkitPlugin, AnImageThatCannotBeServedFailsAtStart) {
   MustSh("qemu-img create -q -f vmdk -o subformat=streamOptimized s.vmdk 16M");

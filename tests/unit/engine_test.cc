@@ -25,6 +25,7 @@ struct ToyState {
   std::optional<BackingRef> backing;
   uint64_t size = 0;
   int commits = 0;
+  bool no_zero_clusters = false;  // ZeroRange unsupported: the engine writes zeros
 };
 
 // Every toy image's state lives here, keyed by path (the "file" only holds data).
@@ -82,6 +83,7 @@ class ToyMap final : public ClusterMap {
     return Status::Ok();
   }
   Status ZeroRange(uint64_t off, uint64_t len, bool) override {
+    if (st_->no_zero_clusters) return Status::Unsupported("zero clusters");
     for (uint64_t c = off / kCluster; c < (off + len + kCluster - 1) / kCluster; c++) {
       st_->table.erase(c);
       st_->zero[c] = true;
@@ -225,6 +227,30 @@ TEST_F(EngineTest, WriteZeroesUsesZeroClustersAndWritesPartialEdges) {
   std::memset(data.data() + kCluster / 2, 0, 3 * kCluster);
   EXPECT_EQ(ReadAll(*img), data);
   EXPECT_EQ(ToyStates()["/a"].zero.size(), 2u);  // clusters 1 and 2 whole
+}
+
+// NBD's fast zero (Image::WriteZeroesFast): zero clusters and written edges where the
+// format has them; kUnsupported with nothing changed, edges included, where it has not.
+TEST_F(EngineTest, FastZeroesOnlyWhereTheFormatMarksClustersZero) {
+  auto img = MakeToy("/a", 8 * kCluster);
+  auto data = Bytes(8 * kCluster, 5);
+  ASSERT_TRUE(img->Write(0, data).ok());
+  ASSERT_TRUE(img->WriteZeroesFast(kCluster / 2, 3 * kCluster, true).ok());
+  std::memset(data.data() + kCluster / 2, 0, 3 * kCluster);
+  EXPECT_EQ(ReadAll(*img), data);
+  EXPECT_EQ(ToyStates()["/a"].zero.size(), 2u);
+
+  auto slow = MakeToy("/b", 8 * kCluster);
+  ToyStates()["/b"].no_zero_clusters = true;
+  auto before = Bytes(8 * kCluster, 6);
+  ASSERT_TRUE(slow->Write(0, before).ok());
+  Status st = slow->WriteZeroesFast(kCluster / 2, 3 * kCluster, false);
+  EXPECT_EQ(st.kind(), ErrorKind::kUnsupported);
+  EXPECT_EQ(st.err(), ENOTSUP);
+  EXPECT_EQ(ReadAll(*slow), before) << "a refused fast zero changed data";
+  ASSERT_TRUE(slow->WriteZeroes(kCluster / 2, 3 * kCluster, false).ok());  // the slow way still works
+  std::memset(before.data() + kCluster / 2, 0, 3 * kCluster);
+  EXPECT_EQ(ReadAll(*slow), before);
 }
 
 TEST_F(EngineTest, ZeroingUnallocatedSpaceAllocatesNothing) {
