@@ -13,6 +13,7 @@
 # Env: BENCH_DIR (work folder, default a temp dir under /var/tmp), SIZE_MIB (default 2048),
 #      REPEAT (runs per row and tool, default 3; the best of each is reported).
 set -euo pipefail
+BENCH_SRC=$(cd "$(dirname "$0")" && pwd)
 
 VIMGFS=${1:-${VIMGFS:-$(dirname "$0")/../build/vimgfs}}
 SIZE_MIB=${SIZE_MIB:-2048}
@@ -29,28 +30,7 @@ trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 
 echo "building the ${SIZE_MIB} MiB mixed source image in $WORK ..." >&2
-python3 - "$SIZE_MIB" <<'EOF'
-import os, random, sys
-size_mib = int(sys.argv[1])
-stripe = 64 << 20
-rng = random.Random(42)
-words = b"the quick brown fox jumps over the lazy dog 0123456789 lorem ipsum dolor sit amet".split()
-with open("src.raw", "wb") as f:
-    f.truncate(size_mib << 20)
-    for i in range((size_mib << 20) // stripe):
-        kind = i % 3
-        if kind == 2:
-            continue  # zeros: a hole
-        f.seek(i * stripe)
-        if kind == 0:
-            f.write(os.urandom(stripe))
-        else:
-            line = []
-            out = bytearray()
-            while len(out) < stripe:
-                out += b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
-            f.write(bytes(out[:stripe]))
-EOF
+python3 "$BENCH_SRC/mixed_image.py" "$SIZE_MIB" src.raw
 qemu-img convert -f raw -O qcow2 src.raw src.qcow2
 qemu-img convert -f raw -O vmdk src.raw src.vmdk
 qemu-img convert -f raw -O vdi src.raw src.vdi

@@ -10,6 +10,7 @@
 # Usage: bench/nbd_bench.sh [VIMGFS_BINARY [PLUGIN.so]]
 # Env: BENCH_DIR (work folder, default a temp dir under /var/tmp), SIZE_MIB (2048), REPEAT (3).
 set -euo pipefail
+BENCH_SRC=$(cd "$(dirname "$0")" && pwd)
 
 VIMGFS=${1:-${VIMGFS:-$(dirname "$0")/../build/vimgfs}}
 PLUGIN=${2:-$(dirname "$VIMGFS")/nbdkit-vimgfs-plugin.so}
@@ -39,27 +40,7 @@ trap 'stop_server; rm -rf "$WORK"' EXIT
 cd "$WORK"
 
 echo "building the ${SIZE_MIB} MiB mixed image in $WORK ..." >&2
-python3 - "$SIZE_MIB" <<'EOF'
-import os, random, sys
-size_mib = int(sys.argv[1])
-stripe = 64 << 20
-rng = random.Random(42)
-words = b"the quick brown fox jumps over the lazy dog 0123456789 lorem ipsum dolor sit amet".split()
-with open("src.raw", "wb") as f:
-    f.truncate(size_mib << 20)
-    for i in range((size_mib << 20) // stripe):
-        kind = i % 3
-        if kind == 2:
-            continue
-        f.seek(i * stripe)
-        if kind == 0:
-            f.write(os.urandom(stripe))
-        else:
-            out = bytearray()
-            while len(out) < stripe:
-                out += b" ".join(rng.choice(words) for _ in range(12)) + b"\n"
-            f.write(bytes(out[:stripe]))
-EOF
+python3 "$BENCH_SRC/mixed_image.py" "$SIZE_MIB" src.raw
 mkdir exports
 qemu-img convert -f raw -O qcow2 src.raw exports/img.qcow2
 rm src.raw
