@@ -11,7 +11,6 @@
 //       -> COMMAND, its working directory the guest root
 //     <- umount / fusermount3 -u, losetup -d and wait for the loop device to let go
 //   <- fusermount3 -u of the image mount and wait for its daemon: the image is closed.
-#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/prctl.h>
@@ -21,7 +20,6 @@
 
 #include <cerrno>
 #include <chrono>
-#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -304,16 +302,10 @@ std::optional<ExtSuperblock> ReadExtSuperblock(const std::string& file) {
   return ExtSuperblock{std::string(label, strnlen(label, 16)), (LoadLE32(sb + 96) & kIncompatRecover) != 0};
 }
 
-std::optional<std::string> ExtLabel(const std::string& file) {
-  auto sb = ReadExtSuperblock(file);
-  if (!sb) return std::nullopt;
-  return sb->label;
-}
-
 // Whether the ext2/3/4 file system in file has /etc/os-release (debugfs reads it without
 // mounting, journal or not).
 bool HoldsOsRelease(const std::string& file) {
-  if (!ExtLabel(file)) return false;
+  if (!ReadExtSuperblock(file)) return false;
   std::string out;
   int rc = RunTool({"debugfs", "-R", "stat /etc/os-release", file}, &out, true);
   return rc == 0 && out.find("Inode:") != std::string::npos;
@@ -343,9 +335,10 @@ Result<Choice> ChoosePartition(const std::string& disk_dir, std::optional<unsign
     return Status::NotFound("the image has no partition {} (partitions:{})", *number, names());
   }
   if (!label.empty()) {
-    for (const guest::Partition* p : parts)
-      if (p->label == label || ExtLabel(file_of(*p)) == std::optional<std::string>(label))
-        return Choice{file_of(*p), ""};
+    for (const guest::Partition* p : parts) {
+      auto sb = ReadExtSuperblock(file_of(*p));
+      if (p->label == label || (sb && sb->label == label)) return Choice{file_of(*p), ""};
+    }
     return Status::NotFound("no partition is named or labelled '{}' (partitions:{})", label, names());
   }
   if (table.kind == guest::PartitionTable::Kind::kNone)

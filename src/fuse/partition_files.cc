@@ -7,7 +7,10 @@ namespace vimgfs::mount {
 
 PartitionFiles::PartitionFiles(Image* image, bool enabled, std::function<void(const std::string&)> log)
     : image_(image), enabled_(enabled), disk_size_(image->size()), log_(std::move(log)) {
-  layout_.store(std::make_shared<const Layout>());
+  // Before the first reading, writes to the disk's edges (a new table) count.
+  auto initial = std::make_shared<Layout>();
+  initial->table.metadata = guest::EdgeRanges(disk_size_);
+  layout_.store(std::move(initial));
   if (!enabled_) stale_ = false;
 }
 

@@ -55,13 +55,11 @@ class PartitionFiles {
   std::vector<PartitionFile> List();
   // The view of a partition inode, current or retired.
   std::optional<FileView> Find(fuse_ino_t ino) const;
-  // Called after every write or discard of [offset, offset + length) of the disk.
+  // Called after every write or discard of [offset, offset + length) of the disk. The
+  // table's ranges include the disk's edges, so a table written onto a blank disk counts.
   void NoteWrite(uint64_t offset, uint64_t length) {
-    if (!enabled_) return;
-    if (offset < guest::kWatchedEdge ||
-        offset + length > disk_size_ - std::min(disk_size_, guest::kWatchedEdge) ||
-        Current()->table.Touches(offset, length))
-      stale_.store(true, std::memory_order_release);
+    if (!enabled_ || stale_.load(std::memory_order_acquire)) return;  // read again anyway
+    if (Current()->table.Touches(offset, length)) stale_.store(true, std::memory_order_release);
   }
 
  private:

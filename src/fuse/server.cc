@@ -541,8 +541,19 @@ std::optional<FileView> Server::View(fuse_ino_t ino) const {
   return partitions_.Find(ino);
 }
 
-Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len,
-                            const std::function<Status()>& write, const std::function<void()>& reply) {
+template <typename Write, typename Reply>
+Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, Write&& write, Reply&& reply) {
+  if (!several_opened_.load(std::memory_order_acquire)) {
+    // One file opened so far (disk.raw alone, the usual case): nobody to register with.
+    // A file first opened meanwhile has its pages dropped after the reply, which never
+    // waits on another writer.
+    Status st = write();
+    partitions_.NoteWrite(off, len);
+    RETURN_IF_ERROR(st);
+    reply();
+    if (several_opened_.load(std::memory_order_acquire)) DropOthersCache(writer, off, len);
+    return Status::Ok();
+  }
   InFlight::iterator self;
   bool defer = false;
   {
@@ -588,7 +599,9 @@ void Server::Opened(const FileView& view) {
     if (v.ino == view.ino) return;
   auto grown = std::make_shared<std::vector<FileView>>(*old);
   grown->push_back(view);
+  const bool several = grown->size() > 1;
   cached_.store(std::move(grown), std::memory_order_release);
+  if (several && session_ != nullptr) several_opened_.store(true, std::memory_order_release);
 }
 
 Status Server::WriteData(uint64_t off, std::span<const std::byte> data) {

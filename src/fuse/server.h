@@ -17,7 +17,6 @@
 #include <sys/stat.h>
 
 #include <atomic>
-#include <functional>
 #include <list>
 #include <memory>
 #include <mutex>
@@ -76,8 +75,9 @@ class Server {
   // through two files get no order anyway). A single-threaded server cannot serve the
   // reads a drop may wait for: it does not drop, and opens files without keeping their
   // cache (coherence from one open to the next).
-  Status WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, const std::function<Status()>& write,
-                      const std::function<void()>& reply);
+  // write: Status(); reply: void(). Defined (and only used) in server.cc.
+  template <typename Write, typename Reply>
+  Status WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, Write&& write, Reply&& reply);
   void set_session(fuse_session* session) { session_ = opt_.single_threaded ? nullptr : session; }
   bool can_invalidate() const { return !opt_.single_threaded; }
   void Opened(const FileView& view);
@@ -114,6 +114,7 @@ class Server {
   fuse_session* session_ = nullptr;
   std::mutex cached_mu_;                                              // serializes Opened
   std::atomic<std::shared_ptr<const std::vector<FileView>>> cached_;  // files opened so far
+  std::atomic<bool> several_opened_{false};  // more than one, and pages can be dropped
   Image* image_;
   ServerOptions opt_;
   uint64_t size_;

@@ -51,8 +51,7 @@ class Parser {
   Parser(const DiskReader& read, uint64_t disk_size) : read_(read), size_(disk_size) {}
 
   Result<PartitionTable> Run() {
-    table_.metadata.push_back({0, std::min(size_, kWatchedEdge)});
-    if (size_ > kWatchedEdge) table_.metadata.push_back({size_ - kWatchedEdge, kWatchedEdge});
+    table_.metadata = EdgeRanges(size_);
     if (size_ < kMbrSector) return Done("the disk is smaller than one sector");
     std::array<std::byte, kMbrSector> mbr{};
     RETURN_IF_ERROR(read_(0, mbr));
@@ -66,11 +65,14 @@ class Parser {
       if (e.type == kTypeGptProtective) protective = true;
     }
     if (protective) {
+      std::string why;  // of the 512-byte-sector attempt, the usual layout
       for (uint32_t ss : {512u, 4096u}) {
-        ASSIGN_OR_RETURN(bool found, ReadGpt(ss));
+        std::string why_here;
+        ASSIGN_OR_RETURN(bool found, ReadGpt(ss, &why_here));
         if (found) return std::move(table_);
+        if (why.empty()) why = why_here;
       }
-      return Done("a protective MBR without a valid GPT");
+      return Done(fmt::format("a protective MBR without a valid GPT ({})", why));
     }
     table_.kind = PartitionTable::Kind::kMbr;
     for (unsigned i = 0; i < 4; ++i) {
@@ -207,11 +209,15 @@ class Parser {
     return std::optional<GptHeader>();
   }
 
-  // The GPT with sector size ss: the primary header, else the backup at the last LBA.
-  Result<bool> ReadGpt(uint32_t ss) {
-    if (size_ / ss < 3) return false;
+  // The GPT with sector size ss: the primary header, else the backup at the last LBA. When
+  // neither is valid, *why says what was wrong with the last one tried.
+  Result<bool> ReadGpt(uint32_t ss, std::string* why_out) {
+    std::string& why = *why_out;
+    if (size_ / ss < 3) {
+      why = "the disk is too small for a GPT";
+      return false;
+    }
     const uint64_t last_lba = size_ / ss - 1;
-    std::string why;
     for (uint64_t lba : {uint64_t{1}, last_lba}) {
       ASSIGN_OR_RETURN(std::optional<GptHeader> h, ReadGptHeader(ss, lba, &why));
       if (!h) continue;
@@ -230,8 +236,6 @@ class Parser {
       TakeGptEntries(*h, array, ss);
       return true;
     }
-    if (ss == 512) first_gpt_problem_ = why;
-    if (ss == 4096 && !first_gpt_problem_.empty()) table_.notes.push_back("GPT: " + first_gpt_problem_);
     return false;
   }
 
@@ -266,10 +270,15 @@ class Parser {
   bool full_noted_ = false;
   // Shared by all extended partitions, as in Linux: a second chain goes on from the first.
   unsigned next_logical_ = 5;
-  std::string first_gpt_problem_;
 };
 
 }  // namespace
+
+std::vector<ByteRange> EdgeRanges(uint64_t disk_size) {
+  std::vector<ByteRange> edges = {{0, std::min(disk_size, kWatchedEdge)}};
+  if (disk_size > kWatchedEdge) edges.push_back({disk_size - kWatchedEdge, kWatchedEdge});
+  return edges;
+}
 
 bool PartitionTable::Touches(uint64_t offset, uint64_t length) const {
   for (const ByteRange& r : metadata)

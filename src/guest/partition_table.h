@@ -51,6 +51,10 @@ struct PartitionTable {
 // The head and tail of the disk where MBR, GPT headers and GPT arrays normally live
 // (both for 512- and 4096-byte sectors).
 inline constexpr uint64_t kWatchedEdge = 64 * 1024;
+// The first and last kWatchedEdge bytes of a disk of disk_size bytes (where a new table
+// would be written): every PartitionTable's metadata starts with these.
+std::vector<ByteRange> EdgeRanges(uint64_t disk_size);
+
 // At most this many partitions are taken (the kernel's limit for one disk).
 inline constexpr unsigned kMaxPartitions = 256;
 

@@ -222,7 +222,6 @@ TEST_F(NbdkitPlugin, ReadOnlyServesWithASharedLock) {
   MustSh("qemu-img create -q -f qcow2 img 16M");
   ASSERT_TRUE(server_.Start(dir_.path(), {"file=" + F("img"), "readonly=true"}));
   auto w = Sh("qemu-io -f raw -c 'write 0 64k' " + Quote(server_.uri()));
-  EXPECT_NE(w.out + w.err, "");
   EXPECT_NE((w.out + w.err).find("ermission denied"), std::string::npos) << w.out << w.err;  // EPERM/EROFS
   EXPECT_EQ(Q("info img").exit_code, 0) << "a reader beside a read-only server";
   ASSERT_EQ(server_.Stop(), 0);
