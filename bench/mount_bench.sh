@@ -7,7 +7,13 @@
 # Each round gives every target a fresh image, so each sees the same allocation history: a
 # 1 MiB sequential write over the whole disk first (allocating), then reads of that data,
 # then 4 KiB random writes in place, then the same with an fsync after every write (alone,
-# and among readers: 4 jobs, 75% reads). fio uses O_DIRECT and psync on all three.
+# and among readers: 4 jobs, 75% reads), all with O_DIRECT; then the buffered rows (b-*,
+# through the page cache: what cp, dd, mkfs and a loop device do), writes ending with an
+# fsync. fio uses psync on all three. The page cache is not dropped between jobs: each
+# target keeps what it cached, as it would in use.
+# Then the e2e rows, each on fresh 4 GiB images: losetup (default, and --direct-io=on),
+# mkfs.ext4, mount, copy a 300 MB tree of 18k files, sync, umount, losetup -d, check;
+# timed as a whole (median of E2E_REPEAT runs).
 #
 # Usage: bench/mount_bench.sh [VIMGFS_BINARY]   (root; needs fio, qemu-img,
 #        qemu-storage-daemon from qemu-system-common). Env: BENCH_DIR (work folder, default
@@ -15,7 +21,8 @@
 #        (rounds, default 2; the best round per job and target is reported), FORMAT
 #        (image format of both mounted images: qcow2 (default), vhdx, vpc, vdi, vmdk).
 #        The image is checked afterwards with qemu-img check (vimgfs check for vpc, which
-#        qemu-img cannot check).
+#        qemu-img cannot check). E2E_REPEAT (default 3; 0 skips the e2e rows).
+#        VIMGFS_OPTS: extra mount options for vimgfs (e.g. "-o nowriteback_cache").
 set -euo pipefail
 
 VIMGFS=${1:-${VIMGFS:-$(dirname "$0")/../build/vimgfs}}
@@ -23,10 +30,12 @@ RUNTIME=${RUNTIME:-8}
 REPEAT=${REPEAT:-2}
 FORMAT=${FORMAT:-qcow2}
 SIZE=2G
+E2E_REPEAT=${E2E_REPEAT:-3}
+read -r -a VIMGFS_EXTRA <<<"${VIMGFS_OPTS:-}"
 
 die() { echo "mount_bench: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "must run as root (FUSE mounts)"
-for p in fio qemu-img qemu-storage-daemon fusermount3 python3; do
+for p in fio qemu-img qemu-storage-daemon fusermount3 python3 losetup mkfs.ext4 e2fsck; do
   command -v "$p" >/dev/null || die "$p not found${p/qemu-storage-daemon/ (apt-get install qemu-system-common)}"
 done
 [ -x "$VIMGFS" ] || die "vimgfs binary not found at $VIMGFS (pass it as the first argument)"
@@ -35,6 +44,8 @@ VIMGFS=$(readlink -f "$VIMGFS")
 WORK=${BENCH_DIR:-$(mktemp -d /var/tmp/vimgfs-bench.XXXXXX)}
 mkdir -p "$WORK"
 cleanup() {
+  mountpoint -q "$WORK/fs" 2>/dev/null && umount "$WORK/fs" || true
+  [ -n "${LOOPDEV:-}" ] && losetup -d "$LOOPDEV" 2>/dev/null || true
   for m in "$WORK"/vimgfs.mnt "$WORK"/qemu.mnt; do
     mountpoint -q "$m" 2>/dev/null && fusermount3 -u "$m" 2>/dev/null || true
   done
@@ -53,6 +64,11 @@ JOBS=(
   "randwrite-4k-j4|--rw=randwrite --bs=4k --numjobs=4 --time_based --runtime=$RUNTIME"
   "fsync-4k-j1|--rw=randwrite --bs=4k --fsync=1 --numjobs=1 --time_based --runtime=$RUNTIME"
   "fsync-rw-4k-j4|--rw=randrw --rwmixread=75 --bs=4k --fsync=1 --numjobs=4 --time_based --runtime=$RUNTIME"
+  "b-seqwrite-1M|--direct=0 --rw=write --bs=1M --numjobs=1 --size=$SIZE --end_fsync=1"
+  "b-seqread-1M|--direct=0 --rw=read --bs=1M --numjobs=1 --size=$SIZE --time_based --runtime=$RUNTIME"
+  "b-randread-4k-j1|--direct=0 --rw=randread --bs=4k --numjobs=1 --time_based --runtime=$RUNTIME"
+  "b-randread-4k-j4|--direct=0 --rw=randread --bs=4k --numjobs=4 --time_based --runtime=$RUNTIME"
+  "b-randwrite-4k-j4|--direct=0 --rw=randwrite --bs=4k --numjobs=4 --time_based --runtime=$RUNTIME --end_fsync=1"
 )
 
 # vpc: a size qemu keeps exactly (no CHS rounding), as Azure wants.
@@ -66,6 +82,7 @@ peak_rss_kib() { awk '/VmHWM/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 
 run_job() {
   local target=$1 file=$2 name=$3 args=$4
   # shellcheck disable=SC2086
+  # --direct=1 unless the job says otherwise (the last --direct wins)
   fio --name="$name" --filename="$file" --direct=1 --ioengine=psync --group_reporting \
       --thread --output-format=json $args >"$WORK/$target-$name.json" \
     || die "fio $name on $target failed"
@@ -88,7 +105,7 @@ for rep in $(seq "$REPEAT"); do
   qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/vimgfs.img" "$SIZE"
   qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/qemu.img" "$SIZE"
   touch "$WORK/vimgfs.mnt" "$WORK/qemu.mnt"
-  "$VIMGFS" -F "$FORMAT" "$WORK/vimgfs.img" "$WORK/vimgfs.mnt"
+  "$VIMGFS" "${VIMGFS_EXTRA[@]}" -F "$FORMAT" "$WORK/vimgfs.img" "$WORK/vimgfs.mnt"
   VPID=$(pgrep -n -f "vimgfs.img $WORK/vimgfs.mnt" || true)
   qemu-storage-daemon \
     --blockdev "driver=file,node-name=file,filename=$WORK/qemu.img" \
@@ -117,8 +134,91 @@ for rep in $(seq "$REPEAT"); do
   rm -f "$WORK/qsd.pid" "$WORK/vimgfs.img" "$WORK/qemu.img" "$WORK/host.raw"
 done
 
+# --- e2e rows ---
+# A tree of 18k files, 300 MB (sizes spread from 1 KiB to 64 KiB, random bytes).
+e2e_tree() {
+  python3 - "$WORK/tree" <<'EOF3'
+import os, random, sys
+root = sys.argv[1]
+rnd = random.Random(1)
+total, n = 0, 0
+blob = os.urandom(1 << 20)
+while n < 18000:
+    d = os.path.join(root, "d%03d" % (n // 200))
+    os.makedirs(d, exist_ok=True)
+    size = min(int(rnd.paretovariate(1.2) * 6000), 400000)
+    off = rnd.randrange(0, len(blob) - size)
+    with open(os.path.join(d, "f%05d" % n), "wb") as f:
+        f.write(blob[off:off + size])
+    total += size
+    n += 1
+# top up to 300 MB with a few larger files
+i = 0
+while total < 300_000_000:
+    with open(os.path.join(root, "big%02d" % i), "wb") as f:
+        for _ in range(16):
+            f.write(blob)
+    total += 16 << 20
+    i += 1
+EOF3
+}
+
+# e2e_once FILE LOOPMODE: prints the seconds of losetup, mkfs.ext4, mount, cp -a, sync,
+# umount, losetup -d, e2fsck -fn on the image's raw view (or the host file)
+e2e_once() {
+  local file=$1 mode=$2 start end
+  local dio=()
+  [ "$mode" = direct ] && dio=(--direct-io=on)
+  start=$(date +%s.%N)
+  LOOPDEV=$(losetup --find --show "${dio[@]}" "$file")
+  mkfs.ext4 -q -F "$LOOPDEV"
+  mkdir -p "$WORK/fs"
+  mount "$LOOPDEV" "$WORK/fs"
+  cp -a "$WORK/tree" "$WORK/fs/"
+  sync
+  umount "$WORK/fs"
+  losetup -d "$LOOPDEV"
+  LOOPDEV=
+  end=$(date +%s.%N)
+  e2fsck -fn "$file" >/dev/null 2>&1 || die "e2fsck found errors on $file"
+  python3 -c "print('%.2f' % ($end - $start))"
+}
+
+: >"$WORK/e2e"
+if [ "$E2E_REPEAT" -gt 0 ]; then
+  e2e_tree
+  for rep in $(seq "$E2E_REPEAT"); do
+    for mode in buffered direct; do
+      truncate -s 4G "$WORK/host.raw"
+      qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/vimgfs.img" 4G
+      qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/qemu.img" 4G
+      "$VIMGFS" "${VIMGFS_EXTRA[@]}" -F "$FORMAT" "$WORK/vimgfs.img" "$WORK/vimgfs.mnt"
+      VPID=$(pgrep -n -f "vimgfs.img $WORK/vimgfs.mnt" || true)
+      qemu-storage-daemon \
+        --blockdev "driver=file,node-name=file,filename=$WORK/qemu.img" \
+        --blockdev "driver=$FORMAT,node-name=fmt,file=file" \
+        --export "type=fuse,id=exp,node-name=fmt,mountpoint=$WORK/qemu.mnt,writable=on" \
+        --daemonize --pidfile "$WORK/qsd.pid"
+      QPID=$(cat "$WORK/qsd.pid")
+      echo "vimgfs e2e-loop-$mode $(e2e_once "$WORK/vimgfs.mnt" "$mode")" >>"$WORK/e2e"
+      echo "qemu e2e-loop-$mode $(e2e_once "$WORK/qemu.mnt" "$mode")" >>"$WORK/e2e"
+      echo "host e2e-loop-$mode $(e2e_once "$WORK/host.raw" "$mode")" >>"$WORK/e2e"
+      fusermount3 -u "$WORK/vimgfs.mnt"
+      fusermount3 -u "$WORK/qemu.mnt"
+      kill "$QPID" 2>/dev/null || true
+      for _ in $(seq 100); do alive "$VPID" || alive "$QPID" || break; sleep 0.1; done
+      if [ "$FORMAT" = vpc ]; then
+        "$VIMGFS" check "$WORK/vimgfs.img" >/dev/null 2>&1 || VCHECK="NOT CLEAN"
+      else
+        qemu-img check -f "$FORMAT" "$WORK/vimgfs.img" >/dev/null 2>&1 || VCHECK="NOT CLEAN"
+      fi
+      rm -f "$WORK/qsd.pid" "$WORK/vimgfs.img" "$WORK/qemu.img" "$WORK/host.raw"
+    done
+  done
+fi
+
 # --- report ---
-python3 - "$WORK/results" "$VRSS" "$QRSS" "$VCHECK" "$FORMAT" <<'EOF'
+python3 - "$WORK/results" "$VRSS" "$QRSS" "$VCHECK" "$FORMAT" "$WORK/e2e" <<'EOF'
 import sys
 rows = {}
 for line in open(sys.argv[1]):
@@ -133,6 +233,17 @@ for job, r in rows.items():
     v, q = r.get("vimgfs"), r.get("qemu")
     ratio = "%8.2f" % (v[0] / q[0]) if v and q and q[0] > 0 else "%8s" % "-"
     print("%-16s %s %s %s %s" % (job, cell("vimgfs"), cell("qemu"), cell("host"), ratio))
+times = {}
+for line in open(sys.argv[6]):
+    target, job, secs = line.split()
+    times.setdefault(job, {}).setdefault(target, []).append(float(secs))
+if times:
+    print()
+    print("%-20s %10s %10s %10s %8s %8s" % ("e2e (median s)", "vimgfs", "qemu", "host", "q/v", "v/host"))
+    for job, r in times.items():
+        med = {t: sorted(v)[len(v) // 2] for t, v in r.items()}
+        print("%-20s %10.2f %10.2f %10.2f %8.2f %8.2f" % (job, med["vimgfs"], med["qemu"], med["host"],
+              med["qemu"] / med["vimgfs"], med["vimgfs"] / med["host"]))
 print("peak RSS: vimgfs %.1f MiB, qemu-storage-daemon %.1f MiB" %
       (int(sys.argv[2]) / 1024, int(sys.argv[3]) / 1024))
 print("format %s; check of the vimgfs image afterwards: %s" % (sys.argv[5], sys.argv[4]))

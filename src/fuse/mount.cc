@@ -6,17 +6,25 @@
 //  2. fuse_session_mount: the mount point now exists;
 //  3. fuse_daemonize: the parent exits 0 only now, so `vimgfs IMG MNT && cat MNT/disk.raw`
 //     works. OFD locks belong to the open file description and survive the fork;
-//  4. serve until unmount or SIGINT/SIGTERM/SIGHUP (fuse_set_signal_handlers);
+//  4. serve until unmount or SIGINT/SIGTERM/SIGHUP; on a signal the kernel first writes
+//     back the dirty pages of its writeback cache (StopOnSignal), while we still serve;
 //  5. unmount, Image::Close() (flush + clear the dirty flag), exit 0.
 #include "fuse/mount.h"
 
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <syslog.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <memory>
+#include <thread>
 
 #include "engine/serve.h"
 #include "fuse/server.h"
@@ -52,6 +60,91 @@ std::string FuseOptionString(const MountConfig& c, const std::string& image, boo
   if (read_only) add("ro");
   return out;
 }
+
+constexpr int kStopSignals[] = {SIGTERM, SIGINT, SIGHUP};
+constexpr int kWakeSignal = SIGUSR2;  // interrupts the loop's wait once it should end
+
+void IgnoreWake(int) {}
+
+// Blocks the stop signals in the calling thread (and the threads it starts later: the
+// loop's workers), so that only StopOnSignal's thread receives them; arranges for
+// kWakeSignal to interrupt blocking calls without doing anything else.
+Status PrepareSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int sig : kStopSignals) sigaddset(&set, sig);
+  if (pthread_sigmask(SIG_BLOCK, &set, nullptr) != 0) return Status::FromErrno(errno, "blocking signals");
+  struct sigaction sa {};
+  sa.sa_handler = IgnoreWake;  // no SA_RESTART: a read of /dev/fuse returns EINTR
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(kWakeSignal, &sa, nullptr) != 0) return Status::FromErrno(errno, "installing a handler");
+  sa.sa_handler = SIG_IGN;  // a vanished client must not kill the daemon
+  if (sigaction(SIGPIPE, &sa, nullptr) != 0) return Status::FromErrno(errno, "ignoring SIGPIPE");
+  return Status::Ok();
+}
+
+// Ends the session on SIGTERM, SIGINT or SIGHUP. Ending it at once (libfuse's handlers)
+// would drop the pages the kernel holds dirty in its writeback cache: writes a program
+// made and never fsync'd, which a clean stop must keep. So first syncfs() on the mount,
+// which makes the kernel write them all back to the loop, still serving; then the loop
+// ends. A second signal during the sync ends it at once (the image may hang).
+class StopOnSignal {
+ public:
+  StopOnSignal(fuse_session* se, std::string mountpoint, Server* server)
+      : se_(se), mountpoint_(std::move(mountpoint)), server_(server), loop_thread_(pthread_self()) {
+    thread_ = std::thread([this] { Watch(); });
+  }
+  // Call when the loop has returned.
+  ~StopOnSignal() {
+    loop_done_ = true;
+    pthread_kill(thread_.native_handle(), kWakeSignal);
+    thread_.join();
+  }
+
+ private:
+  int Wait(int timeout_ms) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int sig : kStopSignals) sigaddset(&set, sig);
+    struct timespec ts {
+      timeout_ms / 1000, (timeout_ms % 1000) * 1000000L
+    };
+    return sigtimedwait(&set, nullptr, &ts);  // -1 on timeout or interruption
+  }
+  void Watch() {
+    int sig = -1;
+    while (!loop_done_ && sig < 0) sig = Wait(1000);
+    if (loop_done_) return;
+    std::atomic<bool> synced{false};
+    std::thread sync([&] {
+      int fd = ::open(mountpoint_.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+      if (fd < 0 || ::syncfs(fd) != 0)
+        server_->Log(fmt::format("writing back cached pages before stopping: {}", std::strerror(errno)));
+      if (fd >= 0) ::close(fd);
+      synced = true;
+    });
+    bool again = false;
+    while (!synced && !loop_done_ && !again) again = Wait(100) > 0;
+    if (again) server_->Log("stopping without writing back the kernel's cached pages (second signal)");
+    fuse_session_exit(se_);
+    // The loop notices at its next wake-up: interrupt its wait until it returns.
+    while (!loop_done_) {
+      pthread_kill(loop_thread_, kWakeSignal);
+      Wait(50);
+    }
+    if (synced)
+      sync.join();
+    else
+      sync.detach();  // stuck in the kernel; the process exits soon
+  }
+
+  fuse_session* se_;
+  std::string mountpoint_;
+  Server* server_;
+  pthread_t loop_thread_;
+  std::atomic<bool> loop_done_{false};
+  std::thread thread_;
+};
 
 struct SessionDeleter {
   void operator()(fuse_session* se) const { fuse_session_destroy(se); }
@@ -97,6 +190,7 @@ int RunMount(const MountConfig& c) {
   so.root_is_file = S_ISREG(mst.st_mode);
   so.partitions = c.partitions;
   so.single_threaded = c.single_threaded;
+  so.writeback_cache = c.writeback_cache;
   so.foreground = c.foreground;
   so.uid = ::getuid();
   so.gid = ::getgid();
@@ -111,6 +205,10 @@ int RunMount(const MountConfig& c) {
   std::error_code ec;
   std::string abs_image = fs::absolute(c.image, ec).string();
   std::string opts = FuseOptionString(c, ec ? c.image : abs_image, so.read_only);
+  // Absolute: the daemon's working directory becomes / (fuse_daemonize, even in the
+  // foreground), and the stop unmounts and syncs by this path.
+  std::string mountpoint = fs::absolute(c.mountpoint, ec).string();
+  if (ec) mountpoint = c.mountpoint;
   std::vector<std::string> arg_strings = {"vimgfs", "-o", opts};
   if (c.debug) arg_strings.push_back("-d");
   std::vector<char*> argv;
@@ -122,30 +220,32 @@ int RunMount(const MountConfig& c) {
       fuse_session_new(&args, &Server::Ops(), sizeof(fuse_lowlevel_ops), &server));
   if (!se) return fail(fmt::format("cannot start FUSE with options '{}'", opts));
   server.set_session(se.get());
-  if (fuse_set_signal_handlers(se.get()) != 0) return fail("cannot install signal handlers");
-  if (fuse_session_mount(se.get(), c.mountpoint.c_str()) != 0) {
-    fuse_remove_signal_handlers(se.get());
+  if (Status st = PrepareSignals(); !st.ok()) return fail(st.ToString());
+  if (fuse_session_mount(se.get(), mountpoint.c_str()) != 0)
     return fail(fmt::format("cannot mount on '{}'", c.mountpoint));
-  }
   if (!c.foreground) openlog("vimgfs", LOG_PID, LOG_DAEMON);
   // Only now does the parent exit: the mount is in place and the image locked.
   if (fuse_daemonize(c.foreground ? 1 : 0) != 0) {
     fuse_session_unmount(se.get());
-    fuse_remove_signal_handlers(se.get());
     return fail("cannot go to the background");
   }
 
   int ret;
-  if (c.single_threaded) {
-    ret = fuse_session_loop(se.get());
-  } else {
-    fuse_loop_config* cfg = fuse_loop_cfg_create();
-    fuse_loop_cfg_set_clone_fd(cfg, 0);
-    ret = fuse_session_loop_mt(se.get(), cfg);
-    fuse_loop_cfg_destroy(cfg);
+  {
+    StopOnSignal stopper(se.get(), mountpoint, &server);  // after the fork: threads die in it
+    if (c.single_threaded) {
+      ret = fuse_session_loop(se.get());
+    } else {
+      fuse_loop_config* cfg = fuse_loop_cfg_create();
+      fuse_loop_cfg_set_clone_fd(cfg, 0);
+      // Enough threads that requests waiting on the kernel (a cache drop that writes
+      // dirty pages back to us) never starve the ones that would let them go on.
+      fuse_loop_cfg_set_max_threads(cfg, 64);
+      ret = fuse_session_loop_mt(se.get(), cfg);
+      fuse_loop_cfg_destroy(cfg);
+    }
   }
   fuse_session_unmount(se.get());
-  fuse_remove_signal_handlers(se.get());
   se.reset();
 
   Status closed = image->Close();

@@ -44,6 +44,10 @@ Status ApplyOption(MountConfig& c, std::string_view o) {
     c.partitions = o == "partitions";
     return Status::Ok();
   }
+  if (o == "writeback_cache" || o == "nowriteback_cache") {
+    c.writeback_cache = o == "writeback_cache";
+    return Status::Ok();
+  }
   if (o == "debug") {
     c.debug = true;
     return Status::Ok();
@@ -255,6 +259,9 @@ std::string MountUsage(const std::string& prog) {
       "      snapshot=NAME       as --snapshot\n"
       "      untrusted           as --untrusted\n"
       "      nopartitions        as --no-partitions\n"
+      "      nowriteback_cache   write buffered writes through to the image at once\n"
+      "                          instead of caching them in the kernel until fsync,\n"
+      "                          close or the kernel's writeback (default: cached)\n"
       "      detect_zeroes=on|off  write all-zero clusters as zero clusters (default on)\n"
       "      cache_size=SIZE     metadata cache per image (default 32M)\n"
       "      allow_other, default_permissions, fsname=NAME, ... are passed to FUSE;\n"

@@ -25,8 +25,9 @@ struct MountConfig {
   bool foreground = false;
   bool debug = false;
   bool single_threaded = false;
-  bool detect_zeroes = true;  // whole zero clusters written become WriteZeroes
-  bool partitions = true;     // p1, p2, ... beside disk.raw
+  bool detect_zeroes = true;    // whole zero clusters written become WriteZeroes
+  bool partitions = true;       // p1, p2, ... beside disk.raw
+  bool writeback_cache = true;  // the kernel's writeback cache for buffered writers
   std::optional<uint64_t> cache_bytes;
   // Options handed to libfuse's -o (allow_other, fsname=, dev, suid, ...), one per entry.
   std::vector<std::string> fuse_options;

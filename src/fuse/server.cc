@@ -26,6 +26,9 @@ namespace {
 
 constexpr double kAttrTimeout = 1.0;
 constexpr uint64_t kSeekWindow = 1ull << 30;  // Map() at most this much per call
+// fuse_file_info::fh bits of an open file.
+constexpr uint64_t kFhMayWrite = 1;  // opened for writing: close(2) flushes the image
+constexpr uint64_t kFhUncached = 2;  // served with FUSE direct I/O (Server::Open)
 
 // Replies to one request, at most once.
 class Reply {
@@ -211,11 +214,23 @@ void OpInit(void* userdata, fuse_conn_info* conn) {
   conn->max_readahead = std::min<unsigned>(conn->max_readahead, 1u << 20);
   // Memory buffers, no splice: the engine wants the bytes in hand.
   conn->want &= ~(FUSE_CAP_SPLICE_READ | FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE);
-  // No writeback cache: every write is handed to us at once, so an fsync acknowledges
-  // exactly the writes the kernel has already sent, and size stays fixed.
-  conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
   if (conn->capable & FUSE_CAP_ASYNC_DIO) conn->want |= FUSE_CAP_ASYNC_DIO;
-  (void)s;
+  const bool writeback = s->wants_writeback() && (conn->capable & FUSE_CAP_WRITEBACK_CACHE);
+  if (!writeback) {
+    // Every write is handed to us at once; an fsync acknowledges exactly the writes the
+    // kernel has already sent.
+    conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  } else {
+    // Buffered writes land in the kernel's page cache and come to us as it writes them
+    // back, many at once; fsync and close write them back before they reach us. The
+    // kernel then trusts its own idea of the size: O_TRUNC must come as a size change we
+    // can ignore (OpSetattr), not as an open that sets it to 0.
+    conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+    conn->want &= ~FUSE_CAP_ATOMIC_O_TRUNC;
+    conn->max_background = 64;
+    conn->congestion_threshold = 48;
+  }
+  s->set_writeback(writeback);
 }
 
 void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
@@ -243,6 +258,7 @@ void OpLookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
 
 void OpGetattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   Dispatch(req, "getattr", [&](Reply& r) -> Status {
+    Srv(req)->TellKernelTheSize();
     ASSIGN_OR_RETURN(struct stat attr, AttrOf(Srv(req), ino));
     r.Attr(attr);
     return Status::Ok();
@@ -252,11 +268,15 @@ void OpGetattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
 void OpSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info*) {
   Dispatch(req, "setattr", [&](Reply& r) -> Status {
     Server* s = Srv(req);
+    s->TellKernelTheSize();
     RETURN_IF_ERROR(AttrOf(s, ino).status());
     if (to_set & FUSE_SET_ATTR_SIZE) {
       ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
       if (s->options().read_only) return Status::ReadOnly("read-only mount");
-      if (static_cast<uint64_t>(attr->st_size) != view.length) {
+      // With the writeback cache an O_TRUNC open arrives as a size change to 0 (OpInit):
+      // ignored, as a block device ignores O_TRUNC, and the reply keeps the size.
+      const bool o_trunc = attr->st_size == 0 && s->writeback();
+      if (static_cast<uint64_t>(attr->st_size) != view.length && !o_trunc) {
         s->Log(
             fmt::format("refusing to change the size of a file of the mount to {} (it is {}): "
                         "use 'vimgfs resize' on the unmounted image",
@@ -276,30 +296,40 @@ void OpSetattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fu
 void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Dispatch(req, "open", [&](Reply& r) -> Status {
     Server* s = Srv(req);
+    s->TellKernelTheSize();
     ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
-    if ((fi->flags & O_ACCMODE) != O_RDONLY && s->options().read_only)
-      return Status::ReadOnly("read-only mount");
-    s->Opened(view);
+    const bool writable = (fi->flags & O_ACCMODE) != O_RDONLY;
+    if (writable && s->options().read_only) return Status::ReadOnly("read-only mount");
+    const bool uncached = s->Open(view, fi->flags & O_DIRECT, writable);
     // O_TRUNC is ignored, as a block device ignores it, so `cp disk.img disk.raw` works.
-    // With atomic O_TRUNC (libfuse's default) it arrives here rather than as a setattr,
-    // which keeps a real truncate() refused; the kernel then drops its cached size and
-    // asks getattr again.
+    // With atomic O_TRUNC (libfuse's default without the writeback cache) it arrives here
+    // rather than as a setattr, which keeps a real truncate() refused; the kernel then
+    // drops its cached size and asks getattr again.
     // We are the only writer, and we drop the pages a write through another file of the
-    // mount makes stale (Server::Written): cached pages stay valid across opens. A
+    // mount makes stale (Server::WriteThrough): cached pages stay valid across opens. A
     // single-threaded server cannot (see server.h), so it keeps close-to-open coherence.
     fi->keep_cache = s->can_invalidate() ? 1 : 0;
-    fi->fh = (fi->flags & O_ACCMODE) != O_RDONLY ? 1 : 0;  // 1: may have written (see OpFlush)
-    if (fi->flags & O_DIRECT) {
-      // The caller bypasses the page cache anyway (fio, qemu cache=none, losetup
-      // --direct-io): answer with direct I/O so the kernel hands us its writes in parallel
-      // instead of one at a time under the inode lock. The kernel still serializes them
-      // while any cached (non-O_DIRECT) descriptor is open, and drops cached pages of
-      // the range before each direct write, so buffered readers stay coherent.
+    fi->fh = (writable ? kFhMayWrite : 0) | (uncached ? kFhUncached : 0);
+    if (uncached) {
+      // O_DIRECT callers (fio, qemu cache=none, losetup --direct-io) bypass the page
+      // cache anyway: answer with direct I/O so the kernel hands us their writes in
+      // parallel instead of one at a time under the inode lock. The kernel keeps them
+      // coherent with cached descriptors of the same file (it writes dirty pages back
+      // and drops cached pages of the range around each direct request); across files we
+      // do (Server::Open).
       fi->direct_io = 1;
       r.OpenWithFlags(fi, FOPEN_PARALLEL_DIRECT_WRITES);
       return Status::Ok();
     }
     r.Open(fi);
+    return Status::Ok();
+  });
+}
+
+void OpRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  Dispatch(req, "release", [&](Reply& r) -> Status {
+    Srv(req)->Release(ino);
+    r.Ok();
     return Status::Ok();
   });
 }
@@ -338,7 +368,7 @@ void OpReaddir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file
   });
 }
 
-void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info*) {
+void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
   Dispatch(req, "read", [&](Reply& r) -> Status {
     Server* s = Srv(req);
     ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
@@ -349,6 +379,7 @@ void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_in
       return Status::Ok();
     }
     size_t n = static_cast<size_t>(range.length);
+    if (fi->fh & kFhUncached) s->LaunderOthers(view.ino, range.offset, n);
     std::span<std::byte> buf = ThreadBuffer(n);
     RETURN_IF_ERROR(s->image().Read(range.offset, buf));
     r.Buf(buf.data(), n);
@@ -356,7 +387,20 @@ void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_in
   });
 }
 
-void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse_file_info*) {
+// The bytes of one write request, without a copy when they are in one memory buffer.
+Result<std::span<const std::byte>> WriteBytes(fuse_bufvec* in, size_t n) {
+  const fuse_buf& first = in->buf[in->idx];
+  if (in->count - in->idx == 1 && !(first.flags & FUSE_BUF_IS_FD) && first.size - in->off >= n)
+    return std::span<const std::byte>(static_cast<const std::byte*>(first.mem) + in->off, n);
+  std::span<std::byte> tmp = ThreadBuffer(n);
+  fuse_bufvec dst = FUSE_BUFVEC_INIT(n);
+  dst.buf[0].mem = tmp.data();
+  ssize_t got = fuse_buf_copy(&dst, in, static_cast<fuse_buf_copy_flags>(0));
+  if (got < 0) return Status::FromErrno(static_cast<int>(-got), "reading the write request");
+  return std::span<const std::byte>(tmp.data(), static_cast<size_t>(got));
+}
+
+void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse_file_info* fi) {
   Dispatch(req, "write", [&](Reply& r) -> Status {
     Server* s = Srv(req);
     ASSIGN_OR_RETURN(FileView view, FileOf(s, ino));
@@ -367,28 +411,38 @@ void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse
       r.Write(0);
       return Status::Ok();
     }
-    DiskRange range = Clip(view, static_cast<uint64_t>(off), total);
-    if (range.length == 0)  // a disk does not grow: as a block device
-      return Status::NoSpace("write at {} past the end of the file ({})", off, view.length);
-    size_t n = static_cast<size_t>(range.length);
-    const fuse_buf& first = in->buf[in->idx];
-    std::span<const std::byte> data;
-    if (in->count - in->idx == 1 && !(first.flags & FUSE_BUF_IS_FD) && first.size - in->off >= n) {
-      data = {static_cast<const std::byte*>(first.mem) + in->off, n};  // no copy
-    } else {
-      std::span<std::byte> tmp = ThreadBuffer(n);
-      fuse_bufvec dst = FUSE_BUFVEC_INIT(n);
-      dst.buf[0].mem = tmp.data();
-      ssize_t got = fuse_buf_copy(&dst, in, static_cast<fuse_buf_copy_flags>(0));
-      if (got < 0) return Status::FromErrno(static_cast<int>(-got), "reading the write request");
-      data = {tmp.data(), static_cast<size_t>(got)};
+    const DiskRange range = Clip(view, static_cast<uint64_t>(off), total);
+    auto write = [&]() -> Status {
+      if (range.length == 0)  // a disk does not grow: as a block device
+        return Status::NoSpace("write at {} past the end of the file ({})", off, view.length);
+      ASSIGN_OR_RETURN(std::span<const std::byte> data, WriteBytes(in, static_cast<size_t>(range.length)));
+      // Not written back from the page cache: the other files' dirty pages go first.
+      const bool launder = s->writeback() && !fi->writepage;
+      return s->WriteThrough(
+          view.ino, range.offset, data.size(), launder, [&] { return s->WriteData(range.offset, data); },
+          [&] {
+            s->Touch();
+            // Pages written back from the cache past the end (the kernel took the write,
+            // trusting its own size): what fits is written, and fsync and close must
+            // report the rest, which a short count would not.
+            if (fi->writepage && data.size() < total)
+              r.Err(ENOSPC);
+            else
+              r.Write(data.size());
+          });
+    };
+    Status st = write();
+    if (fi->writepage && (!st.ok() || range.length < total)) {
+      // A failed write-back leaves the kernel's pages clean but holding bytes the image
+      // does not have: once the error is replied (their write-back ends with it), drop
+      // them, so that reads show what the image holds.
+      if (!r.done()) {
+        if (Loggable(st)) s->Log(fmt::format("write: {}", st.message()));
+        r.Err(ClientErrno(st));
+      }
+      s->DropCache(view.ino, static_cast<uint64_t>(off), total);
     }
-    return s->WriteThrough(
-        view.ino, range.offset, data.size(), [&] { return s->WriteData(range.offset, data); },
-        [&] {
-          s->Touch();
-          r.Write(data.size());
-        });
+    return st;
   });
 }
 
@@ -401,7 +455,7 @@ Status FlushImage(Server* s) {
 // so `dd of=disk.raw; qemu-img ...` sees it; read-only descriptors cost nothing.
 void OpFlush(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Dispatch(req, "flush", [&](Reply& r) -> Status {
-    if (fi == nullptr || fi->fh != 0) RETURN_IF_ERROR(FlushImage(Srv(req)));
+    if (fi == nullptr || (fi->fh & kFhMayWrite)) RETURN_IF_ERROR(FlushImage(Srv(req)));
     r.Ok();
     return Status::Ok();
   });
@@ -458,7 +512,8 @@ void OpFallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t off, off_t len,
     const uint64_t disk_off = view.offset + start, n = std::min(stop, end) - start;
     const bool unmap = kind == FALLOC_FL_PUNCH_HOLE;
     return s->WriteThrough(
-        view.ino, disk_off, n, [&] { return s->image().WriteZeroes(disk_off, n, unmap); }, done);
+        view.ino, disk_off, n, s->writeback(), [&] { return s->image().WriteZeroes(disk_off, n, unmap); },
+        done);
   });
 }
 
@@ -496,7 +551,7 @@ void OpStatfs(fuse_req_t req, fuse_ino_t) {
 }  // namespace
 
 Server::Server(Image* image, ServerOptions options)
-    : cached_(std::make_shared<const std::vector<FileView>>()),
+    : cached_(std::make_shared<const std::vector<CachedFile>>()),
       image_(image),
       opt_(options),
       size_(image->size()),
@@ -523,6 +578,7 @@ const fuse_lowlevel_ops& Server::Ops() {
     o.read = OpRead;
     o.write_buf = OpWriteBuf;
     o.flush = OpFlush;
+    o.release = OpRelease;
     o.fsync = OpFsync;
     o.opendir = OpOpendir;
     o.readdir = OpReaddir;
@@ -542,7 +598,8 @@ std::optional<FileView> Server::View(fuse_ino_t ino) const {
 }
 
 template <typename Write, typename Reply>
-Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, Write&& write, Reply&& reply) {
+Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, bool launder, Write&& write,
+                            Reply&& reply) {
   if (!several_opened_.load(std::memory_order_acquire)) {
     // One file opened so far (disk.raw alone, the usual case): nobody to register with.
     // A file first opened meanwhile has its pages dropped after the reply, which never
@@ -570,6 +627,7 @@ Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, Write
       s->in_flight_.erase(self);
     }
   } done{this, self};
+  if (launder) DropOthersCache(writer, off, len, true);
   Status st = write();
   partitions_.NoteWrite(off, len);  // even after a failure: part of it may have landed
   if (!defer) DropOthersCache(writer, off, len);
@@ -579,29 +637,78 @@ Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, Write
   return Status::Ok();
 }
 
-void Server::DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len) {
+void Server::DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len, bool only_dirty) {
   if (session_ == nullptr) return;
-  std::shared_ptr<const std::vector<FileView>> cached = cached_.load(std::memory_order_acquire);
-  for (const FileView& other : *cached) {
-    if (other.ino == writer) continue;
+  std::shared_ptr<const std::vector<CachedFile>> cached = cached_.load(std::memory_order_acquire);
+  for (const CachedFile& f : *cached) {
+    const FileView& other = f.view;
+    if (other.ino == writer || (only_dirty && !f.may_dirty)) continue;
     uint64_t from = std::max(off, other.offset), to = std::min(off + len, other.offset + other.length);
     if (from >= to) continue;
+    // Dirty pages are written back (to us, on other threads) before they are dropped.
     // ENOENT: the kernel holds no such inode any more.
     fuse_lowlevel_notify_inval_inode(session_, other.ino, static_cast<off_t>(from - other.offset),
                                      static_cast<off_t>(to - from));
   }
 }
 
-void Server::Opened(const FileView& view) {
+void Server::DropCache(fuse_ino_t ino, uint64_t off, uint64_t len) {
+  if (session_ != nullptr)
+    fuse_lowlevel_notify_inval_inode(session_, ino, static_cast<off_t>(off), static_cast<off_t>(len));
+}
+
+bool Server::Open(const FileView& view, bool o_direct, bool writable) {
   std::lock_guard lock(cached_mu_);
-  std::shared_ptr<const std::vector<FileView>> old = cached_.load(std::memory_order_acquire);
-  for (const FileView& v : *old)
-    if (v.ino == view.ino) return;
-  auto grown = std::make_shared<std::vector<FileView>>(*old);
-  grown->push_back(view);
+  bool uncached = o_direct;
+  if (writeback() && !uncached) {
+    for (const auto& [ino, open] : open_count_)
+      uncached |= ino != view.ino && open.view.offset < view.offset + view.length &&
+                  view.offset < open.view.offset + open.view.length;
+  }
+  auto [it, added] = open_count_.try_emplace(view.ino, OpenFile{view, 0});
+  ++it->second.count;
+  Opened(view, writeback() && writable && !uncached);
+  return uncached;
+}
+
+void Server::Release(fuse_ino_t ino) {
+  std::lock_guard lock(cached_mu_);
+  auto it = open_count_.find(ino);
+  if (it != open_count_.end() && --it->second.count <= 0) open_count_.erase(it);
+}
+
+void Server::Opened(const FileView& view, bool may_dirty) {
+  std::shared_ptr<const std::vector<CachedFile>> old = cached_.load(std::memory_order_acquire);
+  for (const CachedFile& f : *old)
+    if (f.view.ino == view.ino && (f.may_dirty || !may_dirty)) return;
+  auto grown = std::make_shared<std::vector<CachedFile>>();
+  for (const CachedFile& f : *old)
+    if (f.view.ino != view.ino) grown->push_back(f);
+  grown->push_back({view, may_dirty});
   const bool several = grown->size() > 1;
   cached_.store(std::move(grown), std::memory_order_release);
   if (several && session_ != nullptr) several_opened_.store(true, std::memory_order_release);
+}
+
+void Server::TellKernelTheSize() {
+  if (!opt_.root_is_file || session_ == nullptr || !writeback()) return;
+  std::call_once(size_told_, [&] {
+    if (size_ == 0) return;
+    const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+    const uint64_t off = (size_ - 1) / page * page;
+    std::vector<std::byte> last(size_ - off);
+    Status st = image_->Read(off, last);
+    int err = 0;
+    if (st.ok()) {
+      fuse_bufvec bufv = FUSE_BUFVEC_INIT(last.size());
+      bufv.buf[0].mem = last.data();
+      err = fuse_lowlevel_notify_store(session_, kRootIno, static_cast<off_t>(off), &bufv,
+                                       static_cast<fuse_buf_copy_flags>(0));
+    }
+    if (!st.ok() || err != 0)
+      Log(fmt::format("cannot tell the kernel the size of the file ({}): it may show as empty",
+                      st.ok() ? std::strerror(-err) : st.ToString()));
+  });
 }
 
 Status Server::WriteData(uint64_t off, std::span<const std::byte> data) {

@@ -18,6 +18,7 @@
 
 #include <atomic>
 #include <list>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <cstdint>
@@ -38,8 +39,11 @@ struct ServerOptions {
   bool root_is_file = false;     // the mount point is a regular file
   bool partitions = true;        // show p1, p2, ... beside disk.raw (directory mounts)
   bool single_threaded = false;  // served by one thread (-s)
-  bool foreground = false;       // log to stderr (else syslog)
-  unsigned file_mode = 0644;     // permission bits of the raw view
+  // The kernel's writeback cache for buffered writers (asked for at init; a read-only or
+  // single-threaded mount never uses it). See "Buffered I/O" in docs/ARCHITECTURE.md.
+  bool writeback_cache = true;
+  bool foreground = false;    // log to stderr (else syslog)
+  unsigned file_mode = 0644;  // permission bits of the raw view
   uid_t uid = 0;
   gid_t gid = 0;
   struct timespec time {};  // initial atime/mtime/ctime (the image file's mtime)
@@ -76,11 +80,36 @@ class Server {
   // reads a drop may wait for: it does not drop, and opens files without keeping their
   // cache (coherence from one open to the next).
   // write: Status(); reply: void(). Defined (and only used) in server.cc.
+  // launder: the change comes from an uncached file: write back the other files' dirty
+  // pages of the range first (see Open), so that they land before it, not over it.
   template <typename Write, typename Reply>
-  Status WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, Write&& write, Reply&& reply);
+  Status WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, bool launder, Write&& write,
+                      Reply&& reply);
   void set_session(fuse_session* session) { session_ = opt_.single_threaded ? nullptr : session; }
   bool can_invalidate() const { return !opt_.single_threaded; }
-  void Opened(const FileView& view);
+  // Whether to ask the kernel for its writeback cache, and what it answered at init.
+  bool wants_writeback() const { return opt_.writeback_cache && !opt_.read_only && can_invalidate(); }
+  void set_writeback(bool on) { writeback_.store(on, std::memory_order_release); }
+  bool writeback() const { return writeback_.load(std::memory_order_acquire); }
+
+  // An open of view (o_direct: the caller asked for O_DIRECT). Returns whether the file
+  // is to be served uncached (FUSE direct I/O). With the writeback cache on, dirty pages
+  // of one file are invisible to the other files over the same bytes until written back,
+  // so only one of the files over a byte range is served through the page cache at a time:
+  // a file opened while another file overlapping it is open goes uncached, and its reads
+  // and writes first write back the cached files' dirty pages of the range (LaunderOthers).
+  bool Open(const FileView& view, bool o_direct, bool writable);
+  void Release(fuse_ino_t ino);
+  // Writes back (and drops) the pages of [off, off + len) of the disk that files other
+  // than ino may hold dirty in the kernel's cache, so that an uncached read or write of
+  // ino is ordered after them.
+  void LaunderOthers(fuse_ino_t ino, uint64_t off, uint64_t len) { DropOthersCache(ino, off, len, true); }
+  // Drops [off, off + len) of ino (offsets in the file) from the kernel's cache.
+  void DropCache(fuse_ino_t ino, uint64_t off, uint64_t len);
+  // A regular-file mount point's inode is made by the kernel with size 0, and with the
+  // writeback cache the kernel trusts its own size: store the disk's last page into the
+  // kernel's cache once, which sets the size, before the first answer about the file.
+  void TellKernelTheSize();
   // SEEK_DATA / SEEK_HOLE inside view: zero runs are holes, as qemu's export. off and the
   // result are offsets in the view.
   Result<uint64_t> Seek(const FileView& view, uint64_t off, int whence);
@@ -101,7 +130,14 @@ class Server {
   void SetTimes(const struct stat& attr, int to_set);
 
  private:
-  void DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len);
+  // only_dirty: only the files that may hold dirty pages (opened cached and writable).
+  void DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len, bool only_dirty = false);
+  void Opened(const FileView& view, bool may_dirty);  // with cached_mu_ held
+
+  struct CachedFile {
+    FileView view;
+    bool may_dirty = false;  // opened through the page cache for writing, writeback on
+  };
 
   struct InFlightWrite {
     fuse_ino_t writer;
@@ -112,8 +148,15 @@ class Server {
   InFlight in_flight_;  // writes between WriteThrough's start and its drop
 
   fuse_session* session_ = nullptr;
-  std::mutex cached_mu_;                                              // serializes Opened
-  std::atomic<std::shared_ptr<const std::vector<FileView>>> cached_;  // files opened so far
+  std::mutex cached_mu_;  // serializes Opened; guards open_count_
+  std::atomic<std::shared_ptr<const std::vector<CachedFile>>> cached_;  // files opened so far
+  struct OpenFile {
+    FileView view;
+    int count = 0;
+  };
+  std::map<fuse_ino_t, OpenFile> open_count_;  // files open now
+  std::atomic<bool> writeback_{false};
+  std::once_flag size_told_;
   std::atomic<bool> several_opened_{false};  // more than one, and pages can be dropped
   Image* image_;
   ServerOptions opt_;
