@@ -447,8 +447,9 @@ class Run {
   bool MountWithKernel(const std::string& file) {
     std::string dev;
     // The loop device is writable even with -r (the overlay takes the writes): ext4 then
-    // replays a journal left by a crash before a read-only mount, as at boot.
-    std::vector<std::string> attach = {"losetup", "--find", "--show", file};
+    // replays a journal left by a crash before a read-only mount, as at boot. Direct I/O:
+    // the loop device's page cache is then the only one (faster, see the man page).
+    std::vector<std::string> attach = {"losetup", "--find", "--show", "--direct-io=on", file};
     if (RunTool(attach, &dev) != 0 || dev.empty()) {
       Say("losetup could not attach a loop device");
       return false;

@@ -326,9 +326,9 @@ void OpOpen(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   });
 }
 
-void OpRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+void OpRelease(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Dispatch(req, "release", [&](Reply& r) -> Status {
-    Srv(req)->Release(ino);
+    Srv(req)->Release(ino, fi->fh & kFhUncached);
     r.Ok();
     return Status::Ok();
   });
@@ -661,20 +661,22 @@ bool Server::Open(const FileView& view, bool o_direct, bool writable) {
   std::lock_guard lock(cached_mu_);
   bool uncached = o_direct;
   if (writeback() && !uncached) {
-    for (const auto& [ino, open] : open_count_)
+    for (const auto& [ino, open] : cached_open_)
       uncached |= ino != view.ino && open.view.offset < view.offset + view.length &&
                   view.offset < open.view.offset + open.view.length;
   }
-  auto [it, added] = open_count_.try_emplace(view.ino, OpenFile{view, 0});
-  ++it->second.count;
+  // Only cached opens count: an uncached file holds no dirty pages, and its own reads and
+  // writes launder the others.
+  if (!uncached) ++cached_open_.try_emplace(view.ino, OpenFile{view, 0}).first->second.count;
   Opened(view, writeback() && writable && !uncached);
   return uncached;
 }
 
-void Server::Release(fuse_ino_t ino) {
+void Server::Release(fuse_ino_t ino, bool uncached) {
+  if (uncached) return;
   std::lock_guard lock(cached_mu_);
-  auto it = open_count_.find(ino);
-  if (it != open_count_.end() && --it->second.count <= 0) open_count_.erase(it);
+  auto it = cached_open_.find(ino);
+  if (it != cached_open_.end() && --it->second.count <= 0) cached_open_.erase(it);
 }
 
 void Server::Opened(const FileView& view, bool may_dirty) {

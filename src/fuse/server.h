@@ -96,10 +96,11 @@ class Server {
   // is to be served uncached (FUSE direct I/O). With the writeback cache on, dirty pages
   // of one file are invisible to the other files over the same bytes until written back,
   // so only one of the files over a byte range is served through the page cache at a time:
-  // a file opened while another file overlapping it is open goes uncached, and its reads
-  // and writes first write back the cached files' dirty pages of the range (LaunderOthers).
+  // a file opened while another file overlapping it is open cached goes uncached, and the
+  // reads and writes of uncached files (O_DIRECT ones too) first write back the cached
+  // files' dirty pages of the range (LaunderOthers).
   bool Open(const FileView& view, bool o_direct, bool writable);
-  void Release(fuse_ino_t ino);
+  void Release(fuse_ino_t ino, bool uncached);
   // Writes back (and drops) the pages of [off, off + len) of the disk that files other
   // than ino may hold dirty in the kernel's cache, so that an uncached read or write of
   // ino is ordered after them.
@@ -148,13 +149,13 @@ class Server {
   InFlight in_flight_;  // writes between WriteThrough's start and its drop
 
   fuse_session* session_ = nullptr;
-  std::mutex cached_mu_;  // serializes Opened; guards open_count_
+  std::mutex cached_mu_;  // serializes Opened; guards cached_open_
   std::atomic<std::shared_ptr<const std::vector<CachedFile>>> cached_;  // files opened so far
   struct OpenFile {
     FileView view;
     int count = 0;
   };
-  std::map<fuse_ino_t, OpenFile> open_count_;  // files open now
+  std::map<fuse_ino_t, OpenFile> cached_open_;  // files open now through the page cache
   std::atomic<bool> writeback_{false};
   std::once_flag size_told_;
   std::atomic<bool> several_opened_{false};  // more than one, and pages can be dropped
