@@ -102,14 +102,17 @@ print(sys.argv[2], sys.argv[3], "%.1f" % (bw / 1e6), "%.0f" % iops)
 EOF2
 }
 
-: >"$WORK/results"
-VRSS=0 QRSS=0 VCHECK=clean
-for rep in $(seq "$REPEAT"); do
-  # Fresh images each round, both mounted at once; every job runs on the three targets
-  # back to back so that load from elsewhere on the machine hits them alike.
-  truncate -s "$SIZE" "$WORK/host.raw"
-  qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/vimgfs.img" "$SIZE"
-  qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/qemu.img" "$SIZE"
+# The three targets; the order rotates with the round ($1), so that write-back one of them
+# leaves behind lands on each alike.
+targets=(vimgfs qemu host)
+files=("$WORK/vimgfs.mnt" "$WORK/qemu.mnt" "$WORK/host.raw")
+target_order() { for k in 0 1 2; do echo $(((k + $1) % 3)); done; }
+
+# start_targets SIZE: fresh images of SIZE, both mounted at once (VPID, QPID)
+start_targets() {
+  truncate -s "$1" "$WORK/host.raw"
+  qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/vimgfs.img" "$1"
+  qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/qemu.img" "$1"
   touch "$WORK/vimgfs.mnt" "$WORK/qemu.mnt"
   "$VIMGFS" "${VIMGFS_EXTRA[@]}" -F "$FORMAT" "$WORK/vimgfs.img" "$WORK/vimgfs.mnt"
   VPID=$(pgrep -n -f "vimgfs.img $WORK/vimgfs.mnt" || true)
@@ -119,18 +122,10 @@ for rep in $(seq "$REPEAT"); do
     --export "type=fuse,id=exp,node-name=fmt,mountpoint=$WORK/qemu.mnt,writable=on" \
     --daemonize --pidfile "$WORK/qsd.pid"
   QPID=$(cat "$WORK/qsd.pid")
-  targets=(vimgfs qemu host)
-  files=("$WORK/vimgfs.mnt" "$WORK/qemu.mnt" "$WORK/host.raw")
-  for entry in "${JOBS[@]}"; do
-    name=${entry%%|*}
-    args=${entry#*|}
-    for k in 0 1 2; do
-      t=$(((k + rep) % 3))
-      run_job "${targets[$t]}" "${files[$t]}" "$name" "$args"
-    done
-  done
-  v=$( [ -n "$VPID" ] && peak_rss_kib "$VPID" || echo 0); [ "$v" -gt "$VRSS" ] && VRSS=$v
-  q=$(peak_rss_kib "$QPID"); [ "$q" -gt "$QRSS" ] && QRSS=$q
+}
+
+# stop_targets: unmounts both, waits for the daemons, checks the vimgfs image (VCHECK)
+stop_targets() {
   fusermount3 -u "$WORK/vimgfs.mnt"
   fusermount3 -u "$WORK/qemu.mnt"
   kill "$QPID" 2>/dev/null || true
@@ -141,6 +136,24 @@ for rep in $(seq "$REPEAT"); do
     qemu-img check -f "$FORMAT" "$WORK/vimgfs.img" >/dev/null 2>&1 || VCHECK="NOT CLEAN"
   fi
   rm -f "$WORK/qsd.pid" "$WORK/vimgfs.img" "$WORK/qemu.img" "$WORK/host.raw"
+}
+
+: >"$WORK/results"
+VRSS=0 QRSS=0 VCHECK=clean
+for rep in $(seq "$REPEAT"); do
+  # Fresh images each round; every job runs on the three targets back to back so that
+  # load from elsewhere on the machine hits them alike.
+  start_targets "$SIZE"
+  for entry in "${JOBS[@]}"; do
+    name=${entry%%|*}
+    args=${entry#*|}
+    for t in $(target_order "$rep"); do
+      run_job "${targets[$t]}" "${files[$t]}" "$name" "$args"
+    done
+  done
+  v=$( [ -n "$VPID" ] && peak_rss_kib "$VPID" || echo 0); [ "$v" -gt "$VRSS" ] && VRSS=$v
+  q=$(peak_rss_kib "$QPID"); [ "$q" -gt "$QRSS" ] && QRSS=$q
+  stop_targets
 done
 
 # --- e2e rows ---
@@ -207,33 +220,11 @@ if [ "$E2E_REPEAT" -gt 0 ]; then
   e2e_tree
   for rep in $(seq "$E2E_REPEAT"); do
     for mode in buffered direct; do
-      truncate -s 4G "$WORK/host.raw"
-      qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/vimgfs.img" 4G
-      qemu-img create -q -f "$FORMAT" "${create_opts[@]}" "$WORK/qemu.img" 4G
-      "$VIMGFS" "${VIMGFS_EXTRA[@]}" -F "$FORMAT" "$WORK/vimgfs.img" "$WORK/vimgfs.mnt"
-      VPID=$(pgrep -n -f "vimgfs.img $WORK/vimgfs.mnt" || true)
-      qemu-storage-daemon \
-        --blockdev "driver=file,node-name=file,filename=$WORK/qemu.img" \
-        --blockdev "driver=$FORMAT,node-name=fmt,file=file" \
-        --export "type=fuse,id=exp,node-name=fmt,mountpoint=$WORK/qemu.mnt,writable=on" \
-        --daemonize --pidfile "$WORK/qsd.pid"
-      QPID=$(cat "$WORK/qsd.pid")
-      targets=(vimgfs qemu host)
-      files=("$WORK/vimgfs.mnt" "$WORK/qemu.mnt" "$WORK/host.raw")
-      for k in 0 1 2; do
-        t=$(((k + rep) % 3))
+      start_targets 4G
+      for t in $(target_order "$rep"); do
         echo "${targets[$t]} e2e-loop-$mode $(e2e_once "${files[$t]}" "$mode")" >>"$WORK/e2e"
       done
-      fusermount3 -u "$WORK/vimgfs.mnt"
-      fusermount3 -u "$WORK/qemu.mnt"
-      kill "$QPID" 2>/dev/null || true
-      for _ in $(seq 100); do alive "$VPID" || alive "$QPID" || break; sleep 0.1; done
-      if [ "$FORMAT" = vpc ]; then
-        "$VIMGFS" check "$WORK/vimgfs.img" >/dev/null 2>&1 || VCHECK="NOT CLEAN"
-      else
-        qemu-img check -f "$FORMAT" "$WORK/vimgfs.img" >/dev/null 2>&1 || VCHECK="NOT CLEAN"
-      fi
-      rm -f "$WORK/qsd.pid" "$WORK/vimgfs.img" "$WORK/qemu.img" "$WORK/host.raw"
+      stop_targets
     done
   done
 fi
