@@ -239,8 +239,10 @@ int RunMount(const MountConfig& c) {
       fuse_loop_config* cfg = fuse_loop_cfg_create();
       fuse_loop_cfg_set_clone_fd(cfg, 0);
       // Enough threads that requests waiting on the kernel (a cache drop that writes
-      // dirty pages back to us) never starve the ones that would let them go on.
+      // dirty pages back to us) never starve the ones that would let them go on; each
+      // holds about 2 MiB of buffers, so idle ones beyond 8 end.
       fuse_loop_cfg_set_max_threads(cfg, 64);
+      fuse_loop_cfg_set_idle_threads(cfg, 8);
       ret = fuse_session_loop_mt(se.get(), cfg);
       fuse_loop_cfg_destroy(cfg);
     }
