@@ -380,7 +380,7 @@ void OpRead(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_in
       return Status::Ok();
     }
     size_t n = static_cast<size_t>(range.length);
-    if (fi->fh & kFhUncached) s->LaunderOthers(view.ino, range.offset, n);
+    if (fi->fh & kFhUncached) s->Launder(range.offset, n);
     std::span<std::byte> buf = ThreadBuffer(n);
     RETURN_IF_ERROR(s->image().Read(range.offset, buf));
     r.Buf(buf.data(), n);
@@ -417,10 +417,11 @@ void OpWriteBuf(fuse_req_t req, fuse_ino_t ino, fuse_bufvec* in, off_t off, fuse
       if (range.length == 0)  // a disk does not grow: as a block device
         return Status::NoSpace("write at {} past the end of the file ({})", off, view.length);
       ASSIGN_OR_RETURN(std::span<const std::byte> data, WriteBytes(in, static_cast<size_t>(range.length)));
-      // Not written back from the page cache: the other files' dirty pages go first.
-      const bool launder = s->writeback() && !fi->writepage;
+      // Not written back from the page cache: a direct write, which dirty pages of the
+      // range written before it must not land over (see Server::Open).
+      const bool uncached = s->writeback() && !fi->writepage;
       return s->WriteThrough(
-          view.ino, range.offset, data.size(), launder, [&] { return s->WriteData(range.offset, data); },
+          view.ino, range.offset, data.size(), uncached, [&] { return s->WriteData(range.offset, data); },
           [&] {
             s->Touch();
             // Pages written back from the cache past the end (the kernel took the write,
@@ -599,14 +600,16 @@ std::optional<FileView> Server::View(fuse_ino_t ino) const {
 }
 
 template <typename Write, typename Reply>
-Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, bool launder, Write&& write,
+Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, bool uncached, Write&& write,
                             Reply&& reply) {
   if (!several_opened_.load(std::memory_order_acquire)) {
     // One file opened so far (disk.raw alone, the usual case): nobody to register with.
     // A file first opened meanwhile has its pages dropped after the reply, which never
     // waits on another writer.
+    if (uncached) Launder(off, len);
     Status st = write();
     partitions_.NoteWrite(off, len);
+    if (uncached) DropOwnCache(writer, off, len);
     RETURN_IF_ERROR(st);
     reply();
     if (several_opened_.load(std::memory_order_acquire)) DropOthersCache(writer, off, len);
@@ -628,9 +631,10 @@ Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, bool 
       s->in_flight_.erase(self);
     }
   } done{this, self};
-  if (launder) DropOthersCache(writer, off, len, true);
+  if (uncached) Launder(off, len);
   Status st = write();
   partitions_.NoteWrite(off, len);  // even after a failure: part of it may have landed
+  if (uncached) DropOwnCache(writer, off, len);
   if (!defer) DropOthersCache(writer, off, len);
   if (!st.ok()) return st;  // a deferred drop is skipped: the write failed anyway
   reply();
@@ -638,19 +642,32 @@ Status Server::WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, bool 
   return Status::Ok();
 }
 
-void Server::DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len, bool only_dirty) {
+template <typename Which>
+void Server::Invalidate(uint64_t off, uint64_t len, Which&& which) {
   if (session_ == nullptr) return;
   std::shared_ptr<const std::vector<CachedFile>> cached = cached_.load(std::memory_order_acquire);
   for (const CachedFile& f : *cached) {
-    const FileView& other = f.view;
-    if (other.ino == writer || (only_dirty && !f.may_dirty)) continue;
-    uint64_t from = std::max(off, other.offset), to = std::min(off + len, other.offset + other.length);
+    const FileView& v = f.view;
+    if (!which(f)) continue;
+    uint64_t from = std::max(off, v.offset), to = std::min(off + len, v.offset + v.length);
     if (from >= to) continue;
     // Dirty pages are written back (to us, on other threads) before they are dropped.
     // ENOENT: the kernel holds no such inode any more.
-    fuse_lowlevel_notify_inval_inode(session_, other.ino, static_cast<off_t>(from - other.offset),
+    fuse_lowlevel_notify_inval_inode(session_, v.ino, static_cast<off_t>(from - v.offset),
                                      static_cast<off_t>(to - from));
   }
+}
+
+void Server::DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len) {
+  Invalidate(off, len, [&](const CachedFile& f) { return f.view.ino != writer; });
+}
+
+void Server::Launder(uint64_t off, uint64_t len) {
+  Invalidate(off, len, [&](const CachedFile& f) { return f.may_dirty; });
+}
+
+void Server::DropOwnCache(fuse_ino_t ino, uint64_t off, uint64_t len) {
+  Invalidate(off, len, [&](const CachedFile& f) { return f.view.ino == ino && f.cached; });
 }
 
 void Server::DropCache(fuse_ino_t ino, uint64_t off, uint64_t len) {
@@ -669,7 +686,7 @@ bool Server::Open(const FileView& view, bool o_direct, bool writable) {
   // Only cached opens count: an uncached file holds no dirty pages, and its own reads and
   // writes launder the others.
   if (!uncached) ++cached_open_.try_emplace(view.ino, OpenFile{view, 0}).first->second.count;
-  Opened(view, writeback() && writable && !uncached);
+  Opened(view, !uncached, writeback() && writable && !uncached);
   return uncached;
 }
 
@@ -680,14 +697,19 @@ void Server::Release(fuse_ino_t ino, bool uncached) {
   if (it != cached_open_.end() && --it->second.count <= 0) cached_open_.erase(it);
 }
 
-void Server::Opened(const FileView& view, bool may_dirty) {
+void Server::Opened(const FileView& view, bool cached, bool may_dirty) {
   std::shared_ptr<const std::vector<CachedFile>> old = cached_.load(std::memory_order_acquire);
-  for (const CachedFile& f : *old)
-    if (f.view.ino == view.ino && (f.may_dirty || !may_dirty)) return;
+  CachedFile entry{view, cached, may_dirty};
+  for (const CachedFile& f : *old) {
+    if (f.view.ino != view.ino) continue;
+    if ((f.cached || !cached) && (f.may_dirty || !may_dirty)) return;
+    entry.cached |= f.cached;
+    entry.may_dirty |= f.may_dirty;
+  }
   auto grown = std::make_shared<std::vector<CachedFile>>();
   for (const CachedFile& f : *old)
     if (f.view.ino != view.ino) grown->push_back(f);
-  grown->push_back({view, may_dirty});
+  grown->push_back(entry);
   const bool several = grown->size() > 1;
   cached_.store(std::move(grown), std::memory_order_release);
   if (several && session_ != nullptr) several_opened_.store(true, std::memory_order_release);

@@ -80,10 +80,11 @@ class Server {
   // reads a drop may wait for: it does not drop, and opens files without keeping their
   // cache (coherence from one open to the next).
   // write: Status(); reply: void(). Defined (and only used) in server.cc.
-  // launder: the change comes from an uncached file: write back the other files' dirty
-  // pages of the range first (see Open), so that they land before it, not over it.
+  // uncached: the change does not come from the page cache (a direct write, fallocate):
+  // dirty pages of the range are written back first (Launder), so that they land before
+  // it, not over it, and the writer's own cached pages of the range are dropped after it.
   template <typename Write, typename Reply>
-  Status WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, bool launder, Write&& write,
+  Status WriteThrough(fuse_ino_t writer, uint64_t off, uint64_t len, bool uncached, Write&& write,
                       Reply&& reply);
   void set_session(fuse_session* session) { session_ = opt_.single_threaded ? nullptr : session; }
   bool can_invalidate() const { return !opt_.single_threaded; }
@@ -98,13 +99,14 @@ class Server {
   // so only one of the files over a byte range is served through the page cache at a time:
   // a file opened while another file overlapping it is open cached goes uncached, and the
   // reads and writes of uncached files (O_DIRECT ones too) first write back the cached
-  // files' dirty pages of the range (LaunderOthers).
+  // files' dirty pages of the range (Launder).
   bool Open(const FileView& view, bool o_direct, bool writable);
   void Release(fuse_ino_t ino, bool uncached);
-  // Writes back (and drops) the pages of [off, off + len) of the disk that files other
-  // than ino may hold dirty in the kernel's cache, so that an uncached read or write of
-  // ino is ordered after them.
-  void LaunderOthers(fuse_ino_t ino, uint64_t off, uint64_t len) { DropOthersCache(ino, off, len, true); }
+  // Writes back (and drops) the pages of [off, off + len) of the disk that any file may
+  // hold dirty in the kernel's cache, so that an uncached read or write comes after them.
+  // The file of that read or write too: Linux 6.18 writes a file's own dirty pages back
+  // before its direct I/O, older kernels do not.
+  void Launder(uint64_t off, uint64_t len);
   // Drops [off, off + len) of ino (offsets in the file) from the kernel's cache.
   void DropCache(fuse_ino_t ino, uint64_t off, uint64_t len);
   // A regular-file mount point's inode is made by the kernel with size 0, and with the
@@ -131,14 +133,18 @@ class Server {
   void SetTimes(const struct stat& attr, int to_set);
 
  private:
-  // only_dirty: only the files that may hold dirty pages (opened cached and writable).
-  void DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len, bool only_dirty = false);
-  void Opened(const FileView& view, bool may_dirty);  // with cached_mu_ held
-
   struct CachedFile {
     FileView view;
+    bool cached = false;     // opened through the page cache
     bool may_dirty = false;  // opened through the page cache for writing, writeback on
   };
+  // Drops [off, off + len) of the disk from the kernel's cache of every opened file for
+  // which which(CachedFile) holds.
+  template <typename Which>
+  void Invalidate(uint64_t off, uint64_t len, Which&& which);
+  void DropOthersCache(fuse_ino_t writer, uint64_t off, uint64_t len);
+  void DropOwnCache(fuse_ino_t ino, uint64_t off, uint64_t len);
+  void Opened(const FileView& view, bool cached, bool may_dirty);  // with cached_mu_ held
 
   struct InFlightWrite {
     fuse_ino_t writer;
