@@ -11,7 +11,8 @@
 #
 # Usage: bench/convert_bench.sh [VIMGFS_BINARY]
 # Env: BENCH_DIR (work folder, default a temp dir under /var/tmp), SIZE_MIB (default 2048),
-#      REPEAT (runs per row and tool, default 3; the best of each is reported).
+#      REPEAT (runs per row and tool, default 3; the best of each is reported),
+#      ONLY (a bash regex: only the rows whose name matches, e.g. 'qcow2->raw|vdi->qcow2').
 set -euo pipefail
 BENCH_SRC=$(cd "$(dirname "$0")" && pwd)
 
@@ -56,6 +57,7 @@ best() {
 ROWS=()
 row() {
   local name=$1 src=$2; shift 2
+  if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return; fi
   local v="" q="" i
   for ((i = 0; i < REPEAT; i++)); do
     rm -f out.v out.q
@@ -91,6 +93,7 @@ row "vpc->qcow2"              src.vpc   -f vpc -O qcow2
 row "qcow2->vhdx"             src.qcow2 -f qcow2 -O vhdx
 row "vhdx->qcow2"             src.vhdx  -f vhdx -O qcow2
 for fmt in qcow2 vhdx; do
+  if [ -n "${ONLY:-}" ] && ! [[ "check $fmt" =~ $ONLY ]]; then continue; fi
   v=""; q=""
   for ((i = 0; i < REPEAT; i++)); do
     v=$(best "$v" "$(run "$VIMGFS" check "src.$fmt")")
