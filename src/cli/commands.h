@@ -16,6 +16,7 @@ int RunRebase(int argc, char** argv);
 int RunCommit(int argc, char** argv);
 int RunMeasure(int argc, char** argv);
 int RunDd(int argc, char** argv);
+int RunBench(int argc, char** argv);
 int RunRun(int argc, char** argv);
 // The mount: argv[0] is "mount" or the program name (shorthand form).
 int RunMount(int argc, char** argv);

@@ -27,6 +27,7 @@ const Command kCommands[] = {
     {"rebase", vimgfs::cli::RunRebase, "rebase [-f fmt] [-u] -b backing [-F fmt] file"},
     {"commit", vimgfs::cli::RunCommit, "commit [-f fmt] [-d] [-b base] file"},
     {"dd", vimgfs::cli::RunDd, "dd [-f fmt] [-O fmt] [bs=N] [count=N] [skip=N] if=input of=output"},
+    {"bench", vimgfs::cli::RunBench, "bench [-c count] [-d depth] [-f fmt] [-s size] [-w] [-t cache] file"},
     {"measure", vimgfs::cli::RunMeasure,
      "measure [-O fmt] [-o opts] [--output=human|json] (--size N | file)"},
     {"run", vimgfs::cli::RunRun, "run [-r] [-p N | --partition LABEL] IMAGE -- COMMAND...  edit guest files"},
