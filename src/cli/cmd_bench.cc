@@ -124,14 +124,15 @@ int RunBench(int argc, char** argv) {
   }
   const bool direct = cache == "none" || cache == "off" || cache == "directsync";
   if ((native_aio || aio == "native") && !direct) {
-    PrintError(fmt::format("Could not open '{}': aio=native was specified, but it requires cache.direct=on, "
-                           "which was not specified.",
-                           filename));
+    PrintError(
+        fmt::format("Could not open '{}': aio=native was specified, but it requires cache.direct=on, "
+                    "which was not specified.",
+                    filename));
     return 1;
   }
   if (is_write && force_share) {
-    PrintError(fmt::format("Could not open '{}': force-share=on can only be used with read-only images",
-                           filename));
+    PrintError(
+        fmt::format("Could not open '{}': force-share=on can only be used with read-only images", filename));
     return 1;
   }
 
@@ -145,9 +146,10 @@ int RunBench(int argc, char** argv) {
   if (!image) return 1;
   const uint64_t size = image->size();
   if (step == 0) step = bufsize;
-  std::printf("Sending %lu %s requests, %llu bytes each, %lu in parallel (starting at offset %llu, step size %llu)\n",
-              count, is_write ? "write" : "read", static_cast<unsigned long long>(bufsize), depth,
-              static_cast<unsigned long long>(offset), static_cast<unsigned long long>(step));
+  std::printf(
+      "Sending %lu %s requests, %llu bytes each, %lu in parallel (starting at offset %llu, step size %llu)\n",
+      count, is_write ? "write" : "read", static_cast<unsigned long long>(bufsize), depth,
+      static_cast<unsigned long long>(offset), static_cast<unsigned long long>(step));
   if (flush_interval != 0) std::printf("Sending flush every %lu requests\n", flush_interval);
   std::fflush(stdout);
 
@@ -155,7 +157,7 @@ int RunBench(int argc, char** argv) {
   std::mutex next_mu;  // guards next_offset, issued, completed, failure
   uint64_t next_offset = offset;
   unsigned long issued = 0, completed = 0;
-  std::string failure;  // qemu-img's line for the first failed request
+  std::string failure;      // qemu-img's line for the first failed request
   std::shared_mutex drain;  // requests hold it shared; a draining flush takes it whole
   auto fail = [&](const char* what, const Status& st) {
     std::lock_guard lock(next_mu);

@@ -21,7 +21,8 @@ class CliBenchTest : public CliTwinTest {
     CommandResult q = Sh("cd q && qemu-img bench " + args);
     CommandResult v = Sh("cd v && ../bin/qemu-img bench " + args);
     const std::regex time("in [0-9]+\\.[0-9]{3} seconds");
-    EXPECT_EQ(std::regex_replace(v.out, time, "in T seconds"), std::regex_replace(q.out, time, "in T seconds"));
+    EXPECT_EQ(std::regex_replace(v.out, time, "in T seconds"),
+              std::regex_replace(q.out, time, "in T seconds"));
     EXPECT_EQ(v.err, q.err);
     EXPECT_EQ(v.exit_code, q.exit_code);
   }
