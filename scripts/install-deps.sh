@@ -2,7 +2,7 @@
 # Installs what vimgfs needs to build, test and run on Debian 12 (as root, or with sudo).
 set -euo pipefail
 pkgs=(build-essential cmake ninja-build pkg-config
-      libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libbz2-dev libfmt-dev
+      libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libbz2-dev libgcrypt20-dev libfmt-dev
       libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev
       qemu-utils e2fsprogs fuse2fs fdisk gdisk util-linux kmod bzip2
       nbdkit nbdkit-plugin-dev libnbd-bin libnbd-dev

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -127,7 +128,25 @@ struct VmdkDetails {
   std::string create_type;
   std::vector<VmdkExtentDetails> extents;
 };
-using FormatDetails = std::variant<std::monostate, Qcow2Details, VmdkDetails>;
+struct LuksSlotDetails {
+  bool active = false;
+  uint32_t iterations = 0;  // shown for active slots only
+  uint64_t key_offset = 0;  // bytes
+  uint32_t stripes = 0;
+};
+// A LUKS header: the luks format's, or the one inside an encrypted qcow2 image.
+struct LuksDetails {
+  std::string ivgen_alg;
+  std::string ivgen_hash_alg;  // essiv only
+  std::string hash_alg;
+  std::string cipher_alg;
+  std::string uuid;
+  std::string cipher_mode;
+  std::vector<LuksSlotDetails> slots;
+  uint64_t payload_offset = 0;  // bytes
+  uint32_t master_key_iterations = 0;
+};
+using FormatDetails = std::variant<std::monostate, Qcow2Details, VmdkDetails, LuksDetails>;
 
 // Format-level facts for `info`.
 struct FormatInfo {
@@ -275,6 +294,10 @@ class ClusterMap {
   }
 };
 
+// The bytes of the secret named `id` (qemu's --object secret), or qemu's "No secret with
+// id 'X'".
+using SecretLookup = std::function<Result<std::string>(const std::string& id)>;
+
 // Options a user passes at open time.
 struct OpenOptions {
   Env* env = nullptr;                          // nullptr: Env::Default()
@@ -295,6 +318,13 @@ struct OpenOptions {
   // persistent dirty bitmaps stay valid and keep their autoclear bit. Otherwise a
   // read-write open clears it: writes would not be recorded in them.
   bool keep_bitmaps = false;
+  // Encrypted images: the ID of the secret that holds the passphrase (key-secret= in
+  // --image-opts or json:), and where the caller's secrets are looked up (--object secret).
+  std::string key_secret;
+  SecretLookup secrets;
+  // Only metadata is read (qemu-img info, qemu's BDRV_O_NO_IO): an encrypted image opens
+  // without its key, and no guest data can be read.
+  bool no_io = false;
 };
 
 // A file an image names, opened.
@@ -332,6 +362,7 @@ struct CreateContext {
   uint32_t extent_size_hint = 1u << 20;
   bool extent_size_hint_given = false;           // a hint not set is then worth a warning
   std::vector<std::string>* warnings = nullptr;  // for the user; may be null
+  SecretLookup secrets;                          // key-secret=ID of encrypted formats
 };
 
 // Creates (truncating) a new file of an image being created, with ctx's file hints.

@@ -13,6 +13,7 @@
 #include <string_view>
 
 #include "cli/image_spec.h"
+#include "crypto/secrets.h"
 #include "engine/image_lock.h"
 
 namespace vimgfs::cli {
@@ -318,6 +319,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
     no_locks = spec.no_locks;
     o.open_backing = o.open_backing && !spec.no_backing;
     name = spec.filename;
+    if (!spec.key_secret.empty()) o.key_secret = spec.key_secret;
   }
   OpenOptions opts;
   opts.format = o.format;
@@ -328,6 +330,9 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.env = o.env;
   opts.for_check = o.for_check;
   opts.keep_bitmaps = o.keep_bitmaps;
+  opts.no_io = o.no_io;
+  opts.key_secret = o.key_secret;
+  opts.secrets = crypto::SecretStore::Process().Lookup();
   if (!o.format.empty() && IsUndrivenQemuFormat(o.format))
     return Status::Unsupported("Could not open '{}': image format '{}' is not supported", path, o.format);
   if (!o.format.empty() && !FindFormat(o.format))

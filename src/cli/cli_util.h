@@ -71,6 +71,8 @@ struct ImageOpen {
   bool image_opts = false;
   bool for_check = false;     // OpenOptions::for_check
   bool keep_bitmaps = false;  // OpenOptions::keep_bitmaps
+  bool no_io = false;         // OpenOptions::no_io (info)
+  std::string key_secret;     // OpenOptions::key_secret; an image spec's key-secret= wins
 };
 // Opens an image; on failure prints the error line and returns nullptr.
 std::unique_ptr<Image> OpenOrReport(const std::string& path, const ImageOpen& o);

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "cli/cli_util.h"
+#include "crypto/secrets.h"
 #include "cli/commands.h"
 #include "cli/option_parser.h"
 #include "cli/create_options.h"
@@ -220,6 +221,7 @@ int RunConvert(int argc, char** argv) {
   cs.target_fresh = !no_create || target_is_zero;
 
   CreateContext ctx;
+  ctx.secrets = crypto::SecretStore::Process().Lookup();
   ctx.path = out_path;
   ctx.size = src.size();
   FileCreateOptions file;
@@ -273,6 +275,10 @@ int RunConvert(int argc, char** argv) {
   to.format = target_image_opts ? (out_fmt_given ? out_fmt : "") : CreateDriverName(out_fmt);
   to.read_only = false;
   to.untrusted = untrusted;
+  // A new encrypted target opens with the secret it was created with.
+  for (const char* key : {"key-secret", "encrypt.key-secret"}) {
+    if (auto it = ctx.options.find(key); it != ctx.options.end()) to.key_secret = it->second;
+  }
   // An existing target (-n) keeps its own backing file open, as qemu-img does: a zero run
   // over it must be written where the backing file holds data (a version 2 qcow2 has no
   // zero flag to hide it; iotest 122).

@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "cli/cli_util.h"
+#include "crypto/secrets.h"
 #include "cli/commands.h"
 #include "cli/option_parser.h"
 #include "cli/create_options.h"
@@ -49,7 +50,7 @@ int RunCreate(int argc, char** argv) {
       .Flag('q', nullptr, &quiet)
       .Flag('u', nullptr, &unsafe)
       .Accept(0, "untrusted", false)
-      .Accept(0, "object", true);
+      .Objects();
   if (auto stop = parser.Parse(argc, argv)) return *stop;
   const std::vector<std::string>& operands = parser.operands();
 
@@ -126,6 +127,7 @@ int RunCreate(int argc, char** argv) {
   }
 
   CreateContext ctx;
+  ctx.secrets = crypto::SecretStore::Process().Lookup();
   ctx.env = Env::Default();
   ctx.path = *host;
   ctx.size = std::strtoull(size_opt->c_str(), nullptr, 10);

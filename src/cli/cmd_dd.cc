@@ -3,6 +3,7 @@
 #include <cstdio>
 
 #include "cli/cli_util.h"
+#include "crypto/secrets.h"
 #include "cli/commands.h"
 #include "cli/create_options.h"
 #include "cli/option_parser.h"
@@ -102,6 +103,7 @@ int RunDd(int argc, char** argv) {
   // A skip past the end makes an empty output (with a warning, as dd(1) does).
   const bool skip_past_end = have_skip && (skip > INT64_MAX / bs || size < skip * bs);
   CreateContext ctx;
+  ctx.secrets = crypto::SecretStore::Process().Lookup();
   ctx.path = *host;
   ctx.size = skip_past_end ? 0 : size - skip * bs;
   if (Status s = Image::Create(CreateDriverName(out_fmt), ctx, /*unsafe=*/true); !s.ok()) {

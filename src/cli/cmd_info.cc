@@ -89,6 +89,7 @@ int RunInfo(int argc, char** argv) {
   o.read_only = true;
   o.untrusted = untrusted;
   o.open_backing = chain;
+  o.no_io = true;  // info reads metadata only: an encrypted image needs no key
   std::unique_ptr<Image> img = OpenOrReport(filename, o);
   if (!img) return 1;
 

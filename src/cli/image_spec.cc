@@ -160,6 +160,8 @@ Result<ImageSpec> Interpret(Flat opts) {
       spec.no_backing = true;
     }
     if (auto f = take("file")) filename = *f;  // "file": "name"
+    // The passphrase's secret: luks's key-secret, qcow2's encrypt.key-secret.
+    if (auto k = take(spec.format == "luks" ? "key-secret" : "encrypt.key-secret")) spec.key_secret = *k;
     if (auto d = take("file.driver"); d && *d != "file")
       return Invalid(spec,
                      Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d));

@@ -22,6 +22,7 @@ struct ImageSpec {
   bool read_only = false;
   std::optional<bool> force_share;  // given in the spec
   bool no_locks = false;            // file.locking=off: the user takes no lock, even to write
+  std::string key_secret;           // the ID of the --object secret that unlocks the image
   Status invalid;                   // what cannot be opened as asked (checked after -U)
 };
 

@@ -64,6 +64,30 @@ nlohmann::ordered_json VmdkJson(const VmdkDetails& d) {
   return {{"cid", d.cid}, {"parent-cid", d.parent_cid}, {"create-type", d.create_type}, {"extents", extents}};
 }
 
+// qemu's QCryptoBlockInfoLUKS.
+nlohmann::ordered_json LuksJson(const LuksDetails& d) {
+  nlohmann::ordered_json data;
+  data["ivgen-alg"] = d.ivgen_alg;
+  if (!d.ivgen_hash_alg.empty()) data["ivgen-hash-alg"] = d.ivgen_hash_alg;
+  data["hash-alg"] = d.hash_alg;
+  data["cipher-alg"] = d.cipher_alg;
+  data["uuid"] = d.uuid;
+  data["cipher-mode"] = d.cipher_mode;
+  nlohmann::ordered_json slots = nlohmann::ordered_json::array();
+  for (const LuksSlotDetails& s : d.slots) {
+    nlohmann::ordered_json x;
+    x["active"] = s.active;
+    if (s.active) x["iters"] = s.iterations;
+    x["key-offset"] = s.key_offset;
+    if (s.active) x["stripes"] = s.stripes;
+    slots.push_back(x);
+  }
+  data["slots"] = slots;
+  data["payload-offset"] = d.payload_offset;
+  data["master-key-iters"] = d.master_key_iterations;
+  return data;
+}
+
 }  // namespace
 
 nlohmann::ordered_json FormatSpecificJson(const std::string& format, const FormatDetails& details) {
@@ -72,6 +96,8 @@ nlohmann::ordered_json FormatSpecificJson(const std::string& format, const Forma
     data = Qcow2Json(*q);
   else if (const auto* v = std::get_if<VmdkDetails>(&details))
     data = VmdkJson(*v);
+  else if (const auto* l = std::get_if<LuksDetails>(&details))
+    data = LuksJson(*l);
   else
     return nullptr;
   return {{"type", format}, {"data", std::move(data)}};

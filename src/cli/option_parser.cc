@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "cli/cli_util.h"
+#include "crypto/secrets.h"
 
 namespace vimgfs::cli {
 
@@ -49,9 +50,22 @@ OptionParser& OptionParser::Refuse(const char* long_name, bool takes_arg) {
   });
 }
 
+OptionParser& OptionParser::Objects() {
+  return Add(0, "object", true, [](const char* arg) -> std::optional<int> {
+    auto added = crypto::SecretStore::Process().AddObject(arg);
+    // The value has been copied: ps and /proc/PID/cmdline no longer show it.
+    crypto::ScrubSecretData(const_cast<char*>(arg));
+    if (!added.ok()) {
+      PrintError(added.error().message());
+      return 1;
+    }
+    return std::nullopt;
+  });
+}
+
 OptionParser& OptionParser::CommonImageOptions(bool* untrusted, bool* image_opts) {
   Flag(0, "untrusted", untrusted);
-  Accept(0, "object", true);
+  Objects();
   return image_opts ? Flag(0, "image-opts", image_opts) : Refuse("image-opts");
 }
 

@@ -30,7 +30,10 @@ class OptionParser {
   OptionParser& Accept(char short_name, const char* long_name, bool takes_arg);
   // Options qemu-img has that vimgfs refuses: prints "<long_name> is not supported".
   OptionParser& Refuse(const char* long_name, bool takes_arg = false);
-  // What every image command takes: --untrusted, --object (accepted), --image-opts (the
+  // --object: qemu's secret objects are kept for key-secret= (crypto::SecretStore), other
+  // object types change nothing here.
+  OptionParser& Objects();
+  // What every image command takes: --untrusted, --object (Objects()), --image-opts (the
   // image names are key=value lists; refused without image_opts).
   OptionParser& CommonImageOptions(bool* untrusted, bool* image_opts = nullptr);
 

@@ -25,7 +25,7 @@
 #include <set>
 
 #include "engine/codec.h"
-#include "engine/range_lock.h"
+#include "util/range_lock.h"
 #include "util/checked.h"
 #include "util/limits.h"
 

@@ -25,6 +25,8 @@ OpenOptions BaseOptions(const ServeOptions& c) {
   OpenOptions o;
   o.format = c.format;
   o.untrusted = c.untrusted;
+  o.key_secret = c.key_secret;
+  o.secrets = c.secrets;
   if (c.cache_bytes) o.cache_bytes = *c.cache_bytes;
   return o;
 }

@@ -22,6 +22,8 @@ struct ServeOptions {
   bool read_only = false;
   bool untrusted = false;
   std::optional<uint64_t> cache_bytes;
+  std::string key_secret;                        // OpenOptions::key_secret
+  SecretLookup secrets;                          // OpenOptions::secrets
   std::function<void(const std::string&)> warn;  // one line, no prefix
   // How to serve an image whose format cannot be written in place, in the front end's words.
   std::string cannot_write_hint =

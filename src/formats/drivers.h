@@ -17,5 +17,6 @@ const FormatDriver* CloopDriver();
 const FormatDriver* QcowDriver();
 const FormatDriver* ParallelsDriver();
 const FormatDriver* QedDriver();
+const FormatDriver* LuksDriver();
 
 }  // namespace vimgfs

@@ -10,8 +10,8 @@ namespace vimgfs {
 
 const std::vector<const FormatDriver*>& AllFormats() {
   static const std::vector<const FormatDriver*> formats = {
-      Qcow2Driver(), VmdkDriver(),      VdiDriver(),   VpcDriver(),   VhdxDriver(), QcowDriver(),
-      QedDriver(),   ParallelsDriver(), BochsDriver(), CloopDriver(), DmgDriver(),  RawDriver(),
+      Qcow2Driver(),     VmdkDriver(),  VdiDriver(),   VpcDriver(), VhdxDriver(), QcowDriver(), QedDriver(),
+      ParallelsDriver(), BochsDriver(), CloopDriver(), DmgDriver(), LuksDriver(), RawDriver(),
   };
   return formats;
 }

@@ -26,6 +26,7 @@
 #include <memory>
 #include <thread>
 
+#include "crypto/secrets.h"
 #include "engine/serve.h"
 #include "fuse/server.h"
 #include "vimgfs/image.h"
@@ -177,6 +178,15 @@ int RunMount(const MountConfig& c) {
   serve.read_only = c.read_only;
   serve.untrusted = c.untrusted;
   serve.cache_bytes = c.cache_bytes;
+  for (const std::string& object : c.objects) {
+    auto added = crypto::SecretStore::Process().AddObject(object);
+    if (!added.ok()) {
+      std::fprintf(stderr, "vimgfs: %s\n", added.error().message().c_str());
+      return 1;
+    }
+  }
+  serve.key_secret = c.key_secret;
+  serve.secrets = crypto::SecretStore::Process().Lookup();
   serve.warn = [](const std::string& line) { std::fprintf(stderr, "vimgfs: %s\n", line.c_str()); };
   serve.cannot_write_hint =
       "mount it with -r, write to an overlay with --overlay FILE, or convert it (vimgfs convert -O qcow2)";

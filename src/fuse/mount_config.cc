@@ -3,6 +3,7 @@
 
 #include <string_view>
 
+#include "crypto/secrets.h"
 #include "vimgfs/image.h"
 
 namespace vimgfs::mount {
@@ -58,6 +59,10 @@ Status ApplyOption(MountConfig& c, std::string_view o) {
   }
   if (auto v = value_of("overlay")) {
     c.overlay = *v;
+    return Status::Ok();
+  }
+  if (auto v = value_of("key_secret")) {
+    c.key_secret = *v;
     return Status::Ok();
   }
   if (auto v = value_of("snapshot")) {
@@ -165,6 +170,15 @@ Result<MountConfig> ParseMountArgs(int argc, char** argv) {
     if (hit) continue;
     ASSIGN_OR_RETURN(hit, long_value("--format", &c.format));
     if (hit) continue;
+    ASSIGN_OR_RETURN(hit, long_value("--key-secret", &c.key_secret));
+    if (hit) continue;
+    ASSIGN_OR_RETURN(hit, long_value("--object", &v));
+    if (hit) {
+      c.objects.push_back(v);
+      // The daemon runs for long: its command line must not show a secret's value.
+      crypto::ScrubSecretData(argv[i]);
+      continue;
+    }
     ASSIGN_OR_RETURN(hit, long_value("--options", &v));
     if (hit) {
       RETURN_IF_ERROR(ApplyOptionList(c, v));
@@ -248,6 +262,9 @@ std::string MountUsage(const std::string& prog) {
       "                        absent); IMAGE is opened read-only and never changes\n"
       "      --snapshot NAME   read-only view of the qcow2 internal snapshot NAME\n"
       "      --untrusted       open no backing file, data file or extent the image names\n"
+      "      --object secret,id=ID,data=PASS|file=PATH[,format=base64]\n"
+      "                        a passphrase for --key-secret (hidden from ps once read)\n"
+      "      --key-secret ID   unlock an encrypted image (luks) with secret ID\n"
       "      --no-partitions   show disk.raw only, no partition files\n"
       "  -f                    stay in the foreground\n"
       "  -d                    FUSE debug output (implies -f)\n"
@@ -258,6 +275,7 @@ std::string MountUsage(const std::string& prog) {
       "      overlay=FILE        as --overlay\n"
       "      snapshot=NAME       as --snapshot\n"
       "      untrusted           as --untrusted\n"
+      "      key_secret=ID       as --key-secret\n"
       "      nopartitions        as --no-partitions\n"
       "      nowriteback_cache   write buffered writes through to the image at once\n"
       "                          instead of caching them in the kernel until fsync,\n"

@@ -29,6 +29,10 @@ struct MountConfig {
   bool partitions = true;       // p1, p2, ... beside disk.raw
   bool writeback_cache = true;  // the kernel's writeback cache for buffered writers
   std::optional<uint64_t> cache_bytes;
+  // --object arguments (qemu's secret objects) and the ID of the secret that unlocks an
+  // encrypted image (--key-secret, -o key_secret=).
+  std::vector<std::string> objects;
+  std::string key_secret;
   // Options handed to libfuse's -o (allow_other, fsname=, dev, suid, ...), one per entry.
   std::vector<std::string> fuse_options;
   bool help = false;

@@ -1,0 +1,90 @@
+// The LUKS1 header as qemu writes and reads it (cryptsetup's on-disk format, version 1):
+// parse and validate, unlock a key slot with a passphrase, and lay out a new header. The
+// `luks` format keeps its payload after this header; qcow2's encrypt.format=luks keeps
+// the same header in clusters of its own. docs/ARCHITECTURE.md, "Encryption".
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "crypto/cipher.h"
+#include "vimgfs/env.h"
+#include "vimgfs/status.h"
+
+namespace vimgfs::crypto {
+
+constexpr size_t kLuksHeaderSize = 592;  // the fields; qemu reserves 4096 bytes
+constexpr size_t kLuksSlots = 8;
+constexpr uint32_t kLuksStripes = 4000;
+constexpr uint32_t kLuksSlotActive = 0x00AC71F3;
+constexpr uint32_t kLuksSlotInactive = 0x0000DEAD;
+
+struct LuksSlot {
+  bool active = false;
+  uint32_t iterations = 0;
+  std::array<std::byte, 32> salt{};
+  uint32_t key_offset_sector = 0;  // the key material, in 512-byte sectors from the header
+  uint32_t stripes = kLuksStripes;
+};
+
+struct LuksHeader {
+  CipherSpec cipher;
+  Hash hash;  // PBKDF2 and the anti-forensic splitter
+  uint32_t payload_offset_sector = 0;
+  uint32_t key_bytes = 0;
+  std::array<std::byte, 20> mk_digest{};
+  std::array<std::byte, 32> mk_digest_salt{};
+  uint32_t mk_digest_iterations = 0;
+  std::string uuid;
+  std::array<LuksSlot, kLuksSlots> slots;
+
+  // Sectors of one slot's key material: key_bytes * stripes, in whole 4 KiB.
+  uint32_t KeyMaterialSectors() const;
+  // The 592 bytes of the header, as stored (big-endian).
+  std::vector<std::byte> Encode() const;
+};
+
+// Parses and validates a header read from the start of `head` (at least kLuksHeaderSize
+// bytes): magic and version, terminated strings, a cipher, mode, IV generator and hash
+// this library has, key slots within the header area and apart, payload after them.
+// `file_size` bounds the key material. Errors read as qemu's.
+Result<LuksHeader> ParseLuksHeader(std::span<const std::byte> head, uint64_t file_size);
+
+// Limits of unlocking: PBKDF2 runs of more iterations are refused rather than spent
+// (fuzzing; a real image stays far below the default).
+struct UnlockLimits {
+  uint64_t max_iterations = UINT32_MAX;
+};
+
+// The master key, from the first active slot `passphrase` opens; the slot's key material
+// is read from `file` at `base` + its offset. A wrong passphrase: "Invalid password,
+// cannot unlock any keyslot".
+Result<std::vector<std::byte>> UnlockLuks(const LuksHeader& h, File& file, uint64_t base,
+                                          std::span<const std::byte> passphrase, UnlockLimits limits = {});
+
+// qemu's luks create options.
+struct LuksCreateOptions {
+  std::string cipher_alg = "aes-256";
+  std::string cipher_mode = "xts";
+  std::string ivgen_alg = "plain64";
+  std::string ivgen_hash_alg = "sha256";
+  std::string hash_alg = "sha256";
+  uint64_t iter_time_ms = 2000;
+};
+
+// A new header with a random master key, slot 0 opened by `passphrase`: writes the header
+// and slot 0's key material to `file` at `base` (the area is `payload_offset_sector`
+// sectors) and returns the header and the master key.
+struct NewLuks {
+  LuksHeader header;
+  std::vector<std::byte> master_key;
+};
+Result<NewLuks> CreateLuks(const LuksCreateOptions& opts, File& file, uint64_t base,
+                           std::span<const std::byte> passphrase);
+
+}  // namespace vimgfs::crypto
