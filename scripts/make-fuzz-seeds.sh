@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes seed inputs for the libFuzzer targets (tests/fuzz) with qemu-img and qemu-io, at run
 # time: OUT/<format>/ for each <format>_fuzzer (qcow2 vmdk vdi vpc vhdx qcow parallels qed
-# bochs cloop dmg), OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer and OUT/partition_table/
+# bochs cloop dmg), OUT/vmdk_descriptor/ for vmdk_descriptor_fuzzer, OUT/luks_header/ for
+# luks_header_fuzzer (headers and slot 0's key material, passphrase "abc"), OUT/partition_table/
 # for partition_table_fuzzer (small disks partitioned by sfdisk and sgdisk, plus a 4 KiB-
 # sector GPT and a looping EBR chain written by python3). qemu-img cannot
 # create bochs, cloop or dmg: their seeds are qemu's sample images (from qemu's source
@@ -32,7 +33,7 @@ esac
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
   { echo "make-fuzz-seeds: qemu-img and qemu-io are needed (package qemu-utils)" >&2; exit 2; }
 
-formats=(qcow2 vmdk vdi vpc vhdx qcow parallels qed bochs cloop dmg vmdk_descriptor partition_table)
+formats=(qcow2 vmdk vdi vpc vhdx qcow parallels qed bochs cloop dmg vmdk_descriptor partition_table luks_header)
 rm -rf "$out"
 for f in "${formats[@]}"; do mkdir -p "$out/$f"; done
 work=$(mktemp -d)
@@ -259,6 +260,26 @@ PY
 else
   echo "make-fuzz-seeds: python3 missing: bochs and cloop get qemu's sample images only" >&2
 fi
+
+# ---- LUKS headers: each cipher family and mode, IV generator and hash, with the fewest
+# PBKDF2 iterations qemu writes (iter-time=1: its floor of 1000), passphrase "abc"; kept
+# up to the end of slot 0's key material. qemu times its key derivation by thread CPU
+# time and gives up when a run reads 0 ms: such a create is tried again.
+for spec in aes-256:xts:plain64:sha256 aes-128:cbc:essiv:sha1 serpent-128:xts:plain:sha512 \
+            twofish-128:ctr:plain64:sha256 cast5-128:cbc:plain64:ripemd160 aes-192:xts:essiv:sha224; do
+  IFS=: read -r alg mode ivgen hash <<<"$spec"
+  for attempt in 1 2 3 4 5; do
+    qemu-img create -q -f luks --object secret,id=s0,data=abc -o "key-secret=s0,cipher-alg=$alg,cipher-mode=$mode,ivgen-alg=$ivgen,hash-alg=$hash,iter-time=1" \
+      "$work/l.luks" 64k 2>"$work/err" && break
+  done
+  if [ -f "$work/l.luks" ]; then
+    head -c 266240 "$work/l.luks" >"$out/luks_header/$alg-$mode-$ivgen-$hash.luks"
+    rm -f "$work/l.luks"
+  else
+    echo "make-fuzz-seeds: skipped: luks $spec ($(head -c 200 "$work/err"))" >&2
+    failed=$((failed + 1))
+  fi
+done
 
 # ---- partition tables (whole small disks; the fuzzer also reads an input as the head of
 # a larger disk, which the 64 KiB head of a 64 MiB disk exercises) ----

@@ -414,6 +414,9 @@ struct FormatTraits {
   // Whether qemu's driver answers bdrv_get_info, so that qemu-img info shows "dirty-flag"
   // (bochs, cloop and dmg do not).
   bool reports_dirty_flag = true;
+  // Whether a new image reads as zeros (qemu's has_zero_init): convert then skips the
+  // source's zeros. Not so for luks, whose unwritten sectors decrypt to noise.
+  bool zero_init = true;
 };
 
 // A new image written front to back, each allocation unit stored once as one compressed

@@ -218,7 +218,7 @@ int RunConvert(int argc, char** argv) {
   cs.requests_in_flight = requests;
   (void)out_of_order;  // permission, not a duty: writes go out in order either way
   cs.target_has_backing = out_backing.has_value();
-  cs.target_fresh = !no_create || target_is_zero;
+  cs.target_fresh = (!no_create && out_driver->traits().zero_init) || target_is_zero;
 
   CreateContext ctx;
   ctx.secrets = crypto::SecretStore::Process().Lookup();

@@ -71,8 +71,8 @@ Result<gcry_cipher_hd_t> OpenKeyed(int algo, int mode, std::span<const std::byte
 
 Result<Hash> Hash::Named(const std::string& name) {
   static const std::pair<const char*, int> kHashes[] = {
-      {"md5", GCRY_MD_MD5},       {"sha1", GCRY_MD_SHA1},     {"sha224", GCRY_MD_SHA224},
-      {"sha256", GCRY_MD_SHA256}, {"sha384", GCRY_MD_SHA384}, {"sha512", GCRY_MD_SHA512},
+      {"md5", GCRY_MD_MD5},          {"sha1", GCRY_MD_SHA1},     {"sha224", GCRY_MD_SHA224},
+      {"sha256", GCRY_MD_SHA256},    {"sha384", GCRY_MD_SHA384}, {"sha512", GCRY_MD_SHA512},
       {"ripemd160", GCRY_MD_RMD160},
   };
   InitLibrary();
@@ -90,17 +90,26 @@ Result<CipherAlg> CipherAlg::FromFamily(const std::string& family, size_t key_si
       return CipherAlg{c.algo, family, key_size, block};
     }
   }
-  return Status::Unsupported("Cipher '{}' with key size {} not supported", family, key_size);
+  for (const NamedCipher& c : kCiphers) {
+    if (family == c.family)
+      return Status::Unsupported("Algorithm '{}' with key size {} bytes not supported", family, key_size);
+  }
+  return Status::Unsupported("Algorithm '{}' not supported", family);
 }
 
 Result<CipherAlg> CipherAlg::Named(const std::string& name) {
-  size_t dash = name.rfind('-');
-  if (dash != std::string::npos) {
-    const std::string bits = name.substr(dash + 1);
-    if (bits == "128" || bits == "192" || bits == "256")
-      return FromFamily(name.substr(0, dash), std::stoul(bits) / 8);
+  // qemu's QCryptoCipherAlgorithm names; those this library lacks (des, 3des: not for
+  // LUKS in qemu either; twofish-192: not in libgcrypt) are refused as qemu refuses des.
+  static const char* const kQemuNames[] = {"aes-128",     "aes-192",     "aes-256",     "des",
+                                           "3des",        "cast5-128",   "serpent-128", "serpent-192",
+                                           "serpent-256", "twofish-128", "twofish-192", "twofish-256"};
+  if (std::find(std::begin(kQemuNames), std::end(kQemuNames), name) == std::end(kQemuNames))
+    return Status::InvalidArgument("Parameter 'cipher-alg' does not accept value '{}'", name);
+  for (const NamedCipher& c : kCiphers) {
+    if (name == std::string(c.family) + "-" + std::to_string(c.key_size * 8))
+      return FromFamily(c.family, c.key_size);
   }
-  return Status::InvalidArgument("Parameter 'cipher-alg' does not accept value '{}'", name);
+  return Status::Unsupported("Algorithm '{}' not supported", name);
 }
 
 Result<CipherMode> CipherModeNamed(const std::string& name) {
@@ -201,10 +210,11 @@ Status SectorCipher::Crypt(uint64_t sector, std::span<std::byte> data, bool encr
       if (spec_.ivgen == IvGen::kEssiv) {
         auto e = static_cast<gcry_cipher_hd_t>(essiv_);
         // The ECB handle is shared: it only encrypts one block, never changes state.
-        if (gcry_error_t err = gcry_cipher_encrypt(e, iv.data(), iv_len, nullptr, 0)) st = GcryError("essiv", err);
+        if (gcry_error_t err = gcry_cipher_encrypt(e, iv.data(), iv_len, nullptr, 0))
+          st = GcryError("essiv", err);
       }
-      gcry_error_t err =
-          spec_.mode == CipherMode::kCtr ? gcry_cipher_setctr(h, iv.data(), iv_len) : gcry_cipher_setiv(h, iv.data(), iv_len);
+      gcry_error_t err = spec_.mode == CipherMode::kCtr ? gcry_cipher_setctr(h, iv.data(), iv_len)
+                                                        : gcry_cipher_setiv(h, iv.data(), iv_len);
       if (err) st = GcryError("cipher IV", err);
     }
     if (!st.ok()) break;
@@ -217,14 +227,18 @@ Status SectorCipher::Crypt(uint64_t sector, std::span<std::byte> data, bool encr
 }
 
 Status SectorCipher::Encrypt(uint64_t sector, std::span<std::byte> data) { return Crypt(sector, data, true); }
-Status SectorCipher::Decrypt(uint64_t sector, std::span<std::byte> data) { return Crypt(sector, data, false); }
+Status SectorCipher::Decrypt(uint64_t sector, std::span<std::byte> data) {
+  return Crypt(sector, data, false);
+}
 
 Status Pbkdf2(const Hash& hash, std::span<const std::byte> password, std::span<const std::byte> salt,
               uint64_t iterations, std::span<std::byte> out) {
   InitLibrary();
-  if (iterations == 0 || iterations > ULONG_MAX) return Status::InvalidArgument("PBKDF2: bad iteration count");
-  gcry_error_t e = gcry_kdf_derive(password.data(), password.size(), GCRY_KDF_PBKDF2, hash.algo, salt.data(),
-                                   salt.size(), static_cast<unsigned long>(iterations), out.size(), out.data());
+  if (iterations == 0 || iterations > ULONG_MAX)
+    return Status::InvalidArgument("PBKDF2: bad iteration count");
+  gcry_error_t e =
+      gcry_kdf_derive(password.data(), password.size(), GCRY_KDF_PBKDF2, hash.algo, salt.data(), salt.size(),
+                      static_cast<unsigned long>(iterations), out.size(), out.data());
   if (e) return GcryError("PBKDF2", e);
   return Status::Ok();
 }

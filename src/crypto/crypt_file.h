@@ -25,7 +25,9 @@ class CryptFile final : public File {
   Result<uint64_t> Size() override;
   Status Truncate(uint64_t size) override { return host_.Truncate(base_ + size); }
   // A hole would read as zeros on the host and decrypt to noise: never punched.
-  Status PunchHole(uint64_t, uint64_t) override { return Status::Unsupported("encrypted data is never punched"); }
+  Status PunchHole(uint64_t, uint64_t) override {
+    return Status::Unsupported("encrypted data is never punched");
+  }
   Status Allocate(uint64_t off, uint64_t len) override { return host_.Allocate(base_ + off, len); }
   // Every byte is data: host holes decrypt to noise, as qemu reads them.
   Result<HostExtent> ProbeExtent(uint64_t off) override;

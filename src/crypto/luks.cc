@@ -110,7 +110,9 @@ std::string NewUuid() {
 
 }  // namespace
 
-uint32_t LuksHeader::KeyMaterialSectors() const { return static_cast<uint32_t>(SplitKeySectors(key_bytes, kLuksStripes)); }
+uint32_t LuksHeader::KeyMaterialSectors() const {
+  return static_cast<uint32_t>(SplitKeySectors(key_bytes, kLuksStripes));
+}
 
 std::vector<std::byte> LuksHeader::Encode() const {
   std::vector<std::byte> b(kLuksHeaderSize);
@@ -144,7 +146,7 @@ Result<LuksHeader> ParseLuksHeader(std::span<const std::byte> head, uint64_t fil
   if (head.size() < kLuksHeaderSize || std::memcmp(head.data(), kMagic, sizeof kMagic) != 0)
     return Status::InvalidFormat("Volume is not in LUKS format");
   if (uint16_t v = LoadBE<uint16_t>(&head[kOffVersion]); v != 1)
-    return Status::Unsupported("Unsupported LUKS version {}", v);
+    return Status::Unsupported("LUKS version {} is not supported", v);
   if (!Terminated(head, kOffCipherName, kNameLen))
     return Status::InvalidFormat("LUKS header cipher name is not NUL terminated");
   if (!Terminated(head, kOffCipherMode, kNameLen))
@@ -171,7 +173,8 @@ Result<LuksHeader> ParseLuksHeader(std::span<const std::byte> head, uint64_t fil
     slot.key_offset_sector = LoadBE<uint32_t>(s + 40);
     slot.stripes = LoadBE<uint32_t>(s + 44);
     if (slot.stripes != kLuksStripes)
-      return Status::InvalidFormat("Keyslot {} is corrupted (stripes {} != {})", i, slot.stripes, kLuksStripes);
+      return Status::InvalidFormat("Keyslot {} is corrupted (stripes {} != {})", i, slot.stripes,
+                                   kLuksStripes);
     if (state != kLuksSlotActive && state != kLuksSlotInactive)
       return Status::InvalidFormat("Keyslot {} state (active/disable) is corrupted", i);
     slot.active = state == kLuksSlotActive;
@@ -179,7 +182,8 @@ Result<LuksHeader> ParseLuksHeader(std::span<const std::byte> head, uint64_t fil
       return Status::InvalidFormat("Keyslot {} iteration count is zero", i);
     if (slot.key_offset_sector < kHeaderSectors)
       return Status::InvalidFormat("Keyslot {} is overlapping with the LUKS header", i);
-    if (uint64_t{slot.key_offset_sector} + SplitKeySectors(h.key_bytes, slot.stripes) > h.payload_offset_sector)
+    if (uint64_t{slot.key_offset_sector} + SplitKeySectors(h.key_bytes, slot.stripes) >
+        h.payload_offset_sector)
       return Status::InvalidFormat("Keyslot {} is overlapping with the encrypted payload", i);
   }
   for (size_t i = 0; i < kLuksSlots; i++) {
@@ -195,7 +199,8 @@ Result<LuksHeader> ParseLuksHeader(std::span<const std::byte> head, uint64_t fil
   const std::string family = FieldString(head, kOffCipherName, kNameLen);
   const std::string mode_spec = FieldString(head, kOffCipherMode, kNameLen);
   const size_t dash = mode_spec.find('-');
-  if (dash == std::string::npos) return Status::InvalidFormat("Unexpected cipher mode string format {}", mode_spec);
+  if (dash == std::string::npos)
+    return Status::InvalidFormat("Unexpected cipher mode string format {}", mode_spec);
   auto mode = CipherModeNamed(mode_spec.substr(0, dash));
   if (!mode.ok()) return Status::Unsupported("Cipher mode '{}' not supported", mode_spec.substr(0, dash));
   h.cipher.mode = *mode;
@@ -213,10 +218,9 @@ Result<LuksHeader> ParseLuksHeader(std::span<const std::byte> head, uint64_t fil
     ASSIGN_OR_RETURN(h.cipher.ivgen_hash, Hash::Named(ivhash));
   }
   const uint64_t alg_key = h.cipher.mode == CipherMode::kXts ? h.key_bytes / 2 : h.key_bytes;
-  auto alg = CipherAlg::FromFamily(family, alg_key);
-  if (!alg.ok() || (h.cipher.mode == CipherMode::kXts && h.key_bytes % 2))
-    return Status::Unsupported("Algorithm '{}' with key size {} unsupported", family, h.key_bytes);
-  h.cipher.alg = *alg;
+  ASSIGN_OR_RETURN(h.cipher.alg, CipherAlg::FromFamily(family, alg_key));
+  if (h.cipher.key_bytes() != h.key_bytes)  // an odd XTS key
+    return Status::Unsupported("Algorithm '{}' with key size {} bytes not supported", family, h.key_bytes);
   if (h.cipher.mode == CipherMode::kXts && h.cipher.alg.block_size != 16)
     return Status::Unsupported("Unsupported cipher mode xts for cipher {}", family);
   const std::string hash = FieldString(head, kOffHashSpec, kNameLen);
@@ -296,7 +300,8 @@ Result<NewLuks> CreateLuks(const LuksCreateOptions& opts, File& file, uint64_t b
   if (opts.iter_time_ms && ips > UINT64_MAX / opts.iter_time_ms)
     return Status::InvalidArgument("PBKDF iterations would overflow");
   uint64_t iters = std::max<uint64_t>(ips * opts.iter_time_ms / 1000 / 8, kMinIterations);
-  if (iters > UINT32_MAX) return Status::InvalidArgument("PBKDF iterations {} larger than {}", iters, UINT32_MAX);
+  if (iters > UINT32_MAX)
+    return Status::InvalidArgument("PBKDF iterations {} larger than {}", iters, UINT32_MAX);
   h.mk_digest_iterations = static_cast<uint32_t>(iters);
   Status st;
   h.mk_digest = MasterKeyDigest(h, out.master_key, &st);
@@ -316,7 +321,8 @@ Result<NewLuks> CreateLuks(const LuksCreateOptions& opts, File& file, uint64_t b
   if (opts.iter_time_ms && ips > UINT64_MAX / opts.iter_time_ms)
     return Status::InvalidArgument("PBKDF iterations would overflow");
   iters = std::max<uint64_t>(ips * opts.iter_time_ms / 1000, kMinIterations);
-  if (iters > UINT32_MAX) return Status::InvalidArgument("PBKDF iterations {} larger than {}", iters, UINT32_MAX);
+  if (iters > UINT32_MAX)
+    return Status::InvalidArgument("PBKDF iterations {} larger than {}", iters, UINT32_MAX);
   slot.iterations = static_cast<uint32_t>(iters);
   std::vector<std::byte> slot_key(h.key_bytes);
   RETURN_IF_ERROR(Pbkdf2(h.hash, passphrase, slot.salt, slot.iterations, slot_key));

@@ -136,6 +136,7 @@ class LuksDriverImpl final : public FormatDriver {
             },
         .create_preallocation = FormatTraits::CreatePreallocation::kIgnored,
         .block_status = false,  // qemu's crypto driver answers none: map shows one data run
+        .zero_init = false,     // unwritten sectors decrypt to noise
     };
     return kTraits;
   }
@@ -172,7 +173,8 @@ class LuksDriverImpl final : public FormatDriver {
       if (!cipher.ok()) return cipher.error();
       crypt = std::make_unique<crypto::CryptFile>(*ctx.file, payload, 0, std::move(cipher).value());
     }
-    return std::unique_ptr<ClusterMap>(new LuksMap(std::move(ctx.file), std::move(h), std::move(crypt), size, ro));
+    return std::unique_ptr<ClusterMap>(
+        new LuksMap(std::move(ctx.file), std::move(h), std::move(crypt), size, ro));
   }
 
   Status Create(const CreateContext& ctx) const override {
