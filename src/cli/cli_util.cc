@@ -345,7 +345,12 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
         "read-only images",
         path);
   ASSIGN_OR_RETURN(std::string host_path, HostFilename(name));
-  ASSIGN_OR_RETURN(auto img, Image::Open(host_path, opts));
+  auto opened = Image::Open(host_path, opts);
+  if (!opened.ok() && host_path != path) {  // named by a spec: the message names the spec, once
+    const Status& e = opened.error();
+    return Status::Error(e.kind(), e.err(), StripPathPrefix(host_path, e.message()));
+  }
+  ASSIGN_OR_RETURN(auto img, std::move(opened));
   if (!o.force_share && !no_locks)
     RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img)
                                    : LockImageFiles(*img, !img->read_only() || o.lock_as_writer));

@@ -110,6 +110,10 @@ std::string NewUuid() {
 
 }  // namespace
 
+uint64_t LuksPayloadOffset(const CipherSpec& cipher) {
+  return (kHeaderSectors + kLuksSlots * SplitKeySectors(cipher.key_bytes(), kLuksStripes)) * kSectorSize;
+}
+
 uint32_t LuksHeader::KeyMaterialSectors() const {
   return static_cast<uint32_t>(SplitKeySectors(key_bytes, kLuksStripes));
 }

@@ -49,6 +49,9 @@ struct LuksHeader {
   std::vector<std::byte> Encode() const;
 };
 
+// Bytes before the payload of a new header for `cipher` (qemu's layout).
+uint64_t LuksPayloadOffset(const CipherSpec& cipher);
+
 // Parses and validates a header read from the start of `head` (at least kLuksHeaderSize
 // bytes): magic and version, terminated strings, a cipher, mode, IV generator and hash
 // this library has, key slots within the header area and apart, payload after them.

@@ -21,7 +21,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto file = env->Create("fuzz.luks");
   if (!file.ok() || !(*file)->PWrite(0, bytes).ok()) return 0;
   constexpr std::string_view kPass = "abc";
-  auto key = crypto::UnlockLuks(*header, **file, 0, std::as_bytes(std::span(kPass)), {.max_iterations = 5000});
+  auto key =
+      crypto::UnlockLuks(*header, **file, 0, std::as_bytes(std::span(kPass)), {.max_iterations = 5000});
   if (!key.ok()) return 0;
   auto cipher = crypto::SectorCipher::Create(header->cipher, *key);
   if (!cipher.ok()) return 0;

@@ -40,10 +40,11 @@ class LuksTest : public CliTwinTest {
   // qemu-img create -f luks; qemu times its key derivation by thread CPU time and gives up
   // when a run reads 0 ms, which a loaded machine can make happen: tried again.
   void QemuCreate(const std::string& file, const std::string& options, const std::string& size) {
-    const std::string line = fmt::format("qemu-img create -q -f luks {} -o key-secret=s0,iter-time=10,{} {} {}",
-                                         kSecret, options, file, size);
+    const std::string line = fmt::format(
+        "qemu-img create -q -f luks {} -o key-secret=s0,iter-time=10,{} {} {}", kSecret, options, file, size);
     CommandResult r = Sh(line);
-    for (int i = 0; i < 10 && r.exit_code != 0 && r.err.find("Unable to get accurate CPU usage") != std::string::npos;
+    for (int i = 0;
+         i < 10 && r.exit_code != 0 && r.err.find("Unable to get accurate CPU usage") != std::string::npos;
          i++)
       r = Sh(line);
     ASSERT_EQ(r.exit_code, 0) << line << "\n" << r.err;
@@ -69,8 +70,8 @@ TEST_F(LuksTest, QemuImagesReadByteExactInEveryCipher) {
     ExpectSameOnOneCopy("info a.luks");
     ExpectSameOnOneCopy(fmt::format("map --output=json {} {}", kSecret, Opts("a.luks")));
     ExpectSameOnOneCopy(fmt::format("check {} {}", kSecret, Opts("a.luks")));
-    ExpectSameOnOneCopy(fmt::format("compare {} --image-opts {} driver=raw,file.filename=q.raw",
-                                    kSecret, Opts("a.luks").substr(13)));
+    ExpectSameOnOneCopy(fmt::format("compare {} --image-opts {} driver=raw,file.filename=q.raw", kSecret,
+                                    Opts("a.luks").substr(13)));
   }
 }
 
@@ -151,33 +152,41 @@ TEST_F(LuksTest, KeysAndSecretsAsQemu) {
         fmt::format("convert {} {} -O raw out.raw", kSecret, Opts("k.luks", "nosuch")),
         std::string("create -f luks x.luks 1M"),
         std::string("create -f luks --object secret,id=s0 -o key-secret=s0 x.luks 1M"),
-        std::string("create -f luks --object secret,id=s0,data=a,file=/etc/hostname -o key-secret=s0 x.luks 1M"),
+        std::string(
+            "create -f luks --object secret,id=s0,data=a,file=/etc/hostname -o key-secret=s0 x.luks 1M"),
         std::string("create -f luks --object secret,data=a -o key-secret=s0 x.luks 1M"),
         std::string("create -f luks --object secret,id=s0,data=@@,format=base64 -o key-secret=s0 x.luks 1M"),
         std::string("info --object secret,id=s0,file=/nonexistent k.luks"),
         std::string("create -f luks -o help"),
         fmt::format("create -f luks {} -o key-secret=s0,iter-time=abc x.luks 1M", kSecret),
         fmt::format("create -f luks {} -o key-secret=s0,cipher-alg=des x.luks 1M", kSecret),
-        fmt::format("create -f luks {} -o key-secret=s0,cipher-mode=xts,cipher-alg=cast5-128 x.luks 1M", kSecret)}) {
+        fmt::format("create -f luks {} -o key-secret=s0,cipher-mode=xts,cipher-alg=cast5-128 x.luks 1M",
+                    kSecret),
+        std::string("measure -O luks --size 1G"),
+        fmt::format(
+            "measure {} -O luks -o key-secret=s0,cipher-alg=aes-128,cipher-mode=cbc --output=json k.luks",
+            kSecret)}) {
     ExpectSameOnOneCopy(args);
     EXPECT_EQ(Sh("cd q && ../bin/qemu-img " + args).err.find("wrongpass"), std::string::npos);
   }
   CommandResult wrong = V(fmt::format("info --object secret,id=s0,data=x {} ", Opts("q/k.luks")));
   EXPECT_EQ(wrong.exit_code, 1);
-  EXPECT_EQ(wrong.err, "vimgfs: Could not open 'driver=luks,key-secret=s0,file.filename=q/k.luks': Invalid "
-                       "password, cannot unlock any keyslot\n");
+  EXPECT_EQ(wrong.err,
+            "vimgfs: Could not open 'driver=luks,key-secret=s0,file.filename=q/k.luks': Invalid "
+            "password, cannot unlock any keyslot\n");
   // The same secret from a file and in base64.
   MustSh("printf abc > q/pass && printf YWJj > q/pass64");
   for (const char* object : {"secret,id=s0,file=pass", "secret,id=s0,file=pass64,format=base64",
                              "secret,id=s0,data=YWJj,format=base64"}) {
     SCOPED_TRACE(object);
-    ExpectSameOnOneCopy(fmt::format("compare --object {} --image-opts {} {}", object, Opts("k.luks").substr(13),
-                                    Opts("k.luks").substr(13)));
+    ExpectSameOnOneCopy(fmt::format("compare --object {} --image-opts {} {}", object,
+                                    Opts("k.luks").substr(13), Opts("k.luks").substr(13)));
   }
   // json: names carry the secret's ID too.
-  ExpectSameOnOneCopy(fmt::format(
-      "map --output=json {} 'json:{{\"driver\":\"luks\",\"key-secret\":\"s0\",\"file\":{{\"filename\":\"k.luks\"}}}}'",
-      kSecret));
+  ExpectSameOnOneCopy(
+      fmt::format("map --output=json {} "
+                  "'json:{{\"driver\":\"luks\",\"key-secret\":\"s0\",\"file\":{{\"filename\":\"k.luks\"}}}}'",
+                  kSecret));
 }
 
 // Damaged headers: the same refusal as qemu's, in its words, and the file untouched.
@@ -189,21 +198,22 @@ TEST_F(LuksTest, DamagedHeadersRefusedAsQemu) {
     int offset;
   };
   const Damage kDamage[] = {
-      {"stripes", "\\000\\000\\001\\000", 208 + 44},        // slot 0's stripes
-      {"state", "\\000\\001\\002\\003", 208 + 48},          // slot 1's state
-      {"slot-offset", "\\000\\000\\000\\001", 208 + 40},    // slot 0 inside the header
-      {"payload", "\\000\\000\\000\\004", 104},             // payload over the header
-      {"version", "\\000\\002", 6},                         // LUKS2
-      {"mode", "xts-plain65\\000", 40},                     // unknown IV generator
-      {"keybytes", "\\000\\000\\000\\021", 108},            // odd XTS key
-      {"digest-iterations", "\\000\\000\\000\\000", 164},   // zero iterations
-      {"keymaterial", "\\377\\377\\377\\377", 8192},        // damaged key material: wrong key
+      {"stripes", "\\000\\000\\001\\000", 208 + 44},       // slot 0's stripes
+      {"state", "\\000\\001\\002\\003", 208 + 48},         // slot 1's state
+      {"slot-offset", "\\000\\000\\000\\001", 208 + 40},   // slot 0 inside the header
+      {"payload", "\\000\\000\\000\\004", 104},            // payload over the header
+      {"version", "\\000\\002", 6},                        // LUKS2
+      {"mode", "xts-plain65\\000", 40},                    // unknown IV generator
+      {"keybytes", "\\000\\000\\000\\021", 108},           // odd XTS key
+      {"digest-iterations", "\\000\\000\\000\\000", 164},  // zero iterations
+      {"keymaterial", "\\377\\377\\377\\377", 8192},       // damaged key material: wrong key
   };
   for (const Damage& d : kDamage) {
     SCOPED_TRACE(d.name);
     const std::string file = std::string(d.name) + ".luks";
-    MustSh(fmt::format("cp q/good.luks q/{0} && printf '{1}' | dd of=q/{0} bs=1 seek={2} conv=notrunc status=none",
-                       file, d.patch, d.offset));
+    MustSh(fmt::format(
+        "cp q/good.luks q/{0} && printf '{1}' | dd of=q/{0} bs=1 seek={2} conv=notrunc status=none", file,
+        d.patch, d.offset));
     const std::string before = Bytes("q/" + file);
     ExpectSameOnOneCopy(fmt::format("convert {} {} -O raw out.raw", kSecret, Opts(file)));
     if (std::string(d.name) == "version") {

@@ -12,6 +12,7 @@
 #include "formats/drivers.h"
 #include "formats/format_util.h"
 #include "util/checked.h"
+#include "vimgfs/image.h"
 
 namespace vimgfs {
 namespace {
@@ -117,6 +118,32 @@ class LuksMap final : public ClusterMap {
   bool read_only_;
 };
 
+// The create options (measure takes them too; "size" is read by the caller).
+Status ParseOptions(const std::map<std::string, std::string>& options, crypto::LuksCreateOptions* o,
+                    std::string* key_secret) {
+  for (const auto& [k, v] : options) {
+    if (k == "key-secret") {
+      *key_secret = v;
+    } else if (k == "cipher-alg") {
+      o->cipher_alg = v;
+    } else if (k == "cipher-mode") {
+      o->cipher_mode = v;
+    } else if (k == "ivgen-alg") {
+      o->ivgen_alg = v;
+    } else if (k == "ivgen-hash-alg") {
+      o->ivgen_hash_alg = v;
+    } else if (k == "hash-alg") {
+      o->hash_alg = v;
+    } else if (k == "iter-time") {
+      // A number: the command line checked it against the option's type.
+      o->iter_time_ms = std::strtoull(v.c_str(), nullptr, 10);
+    } else if (k != "size") {
+      return Status::InvalidArgument("Invalid parameter '{}'", k);
+    }
+  }
+  return Status::Ok();
+}
+
 class LuksDriverImpl final : public FormatDriver {
  public:
   const char* name() const override { return "luks"; }
@@ -148,7 +175,18 @@ class LuksDriverImpl final : public FormatDriver {
     return head.size() >= 8 && std::memcmp(head.data(), kMagic, sizeof kMagic) == 0 ? 100 : 0;
   }
 
+  // Errors name the file ("'x.luks': Invalid password, ..."): the commands print them after
+  // "Could not open 'x.luks': " without the repeat, the mount as they are.
   Result<std::unique_ptr<ClusterMap>> Open(OpenContext ctx) const override {
+    const std::string path = ctx.path;
+    auto map = OpenUnlocked(std::move(ctx));
+    if (!map.ok() && map.error().message().rfind("'" + path + "'", 0) != 0)
+      return map.error().WithContext("'{}'", path);
+    return map;
+  }
+
+ private:
+  Result<std::unique_ptr<ClusterMap>> OpenUnlocked(OpenContext ctx) const {
     if (!ctx.options.snapshot.empty())
       return Status::Unsupported("'{}': luks images have no snapshots", ctx.path);
     std::vector<std::byte> head(crypto::kLuksHeaderSize);
@@ -177,30 +215,33 @@ class LuksDriverImpl final : public FormatDriver {
         new LuksMap(std::move(ctx.file), std::move(h), std::move(crypt), size, ro));
   }
 
+ public:
+  // qemu's block_crypto_measure: the header area of the options' cipher, then the disk.
+  Result<MeasureResult> Measure(const MeasureRequest& req) const override {
+    crypto::LuksCreateOptions o;
+    std::string key_secret;
+    RETURN_IF_ERROR(ParseOptions(req.options, &o, &key_secret));
+    if (key_secret.empty()) return Status::InvalidArgument("{}", kNeedKey);
+    crypto::CipherSpec spec;
+    ASSIGN_OR_RETURN(spec.alg, crypto::CipherAlg::Named(o.cipher_alg));
+    ASSIGN_OR_RETURN(spec.mode, crypto::CipherModeNamed(o.cipher_mode));
+    uint64_t size = 0;
+    if (req.source) {
+      size = req.source->size();
+    } else if (auto it = req.options.find("size"); it != req.options.end()) {
+      ASSIGN_OR_RETURN(size, ParseSize(it->second));
+    }
+    MeasureResult m;
+    m.required = crypto::LuksPayloadOffset(spec) + size;
+    m.fully_allocated = m.required;
+    return m;
+  }
+
   Status Create(const CreateContext& ctx) const override {
     if (ctx.backing) return Status::Unsupported("'{}': luks images cannot have a backing file", ctx.path);
     crypto::LuksCreateOptions o;
     std::string key_secret;
-    for (const auto& [k, v] : ctx.options) {
-      if (k == "key-secret") {
-        key_secret = v;
-      } else if (k == "cipher-alg") {
-        o.cipher_alg = v;
-      } else if (k == "cipher-mode") {
-        o.cipher_mode = v;
-      } else if (k == "ivgen-alg") {
-        o.ivgen_alg = v;
-      } else if (k == "ivgen-hash-alg") {
-        o.ivgen_hash_alg = v;
-      } else if (k == "hash-alg") {
-        o.hash_alg = v;
-      } else if (k == "iter-time") {
-        // A number: the command line checked it against the option's type.
-        o.iter_time_ms = std::strtoull(v.c_str(), nullptr, 10);
-      } else {
-        return Status::InvalidArgument("Invalid parameter '{}'", k);
-      }
-    }
+    RETURN_IF_ERROR(ParseOptions(ctx.options, &o, &key_secret));
     if (key_secret.empty()) return Status::InvalidArgument("{}", kNeedKey);
     ASSIGN_OR_RETURN(std::string pass, Passphrase(ctx.secrets, key_secret));
     ASSIGN_OR_RETURN(auto f, CreateImageFile(ctx, ctx.path));
