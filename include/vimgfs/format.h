@@ -60,6 +60,9 @@ struct Mapping {
   // kData: `map` reports the run as data as it is, without asking the host file for holes
   // (qemu's drivers that do not recurse into their file, like vpc's dynamic disks).
   bool opaque_data = false;
+  // kData, kZero with a file: the host bytes are encrypted (file decrypts them), so qemu's
+  // block status gives no host offset and `map` shows none.
+  bool encrypted = false;
 
   bool operator==(const Mapping&) const = default;
 };
@@ -104,30 +107,6 @@ struct Qcow2Bitmap {
   bool in_use = false;
   bool auto_enabled = false;  // the "auto" flag: tracks writes while the image is open
 };
-struct Qcow2Details {
-  bool v3 = true;  // compat 1.1; false: 0.10
-  bool zstd = false;
-  bool lazy_refcounts = false;  // v3 only
-  std::vector<Qcow2Bitmap> bitmaps;
-  uint32_t refcount_bits = 16;
-  std::optional<std::string> data_file;  // the external data file's name, when there is one
-  bool data_file_raw = false;
-  bool corrupt = false;  // v3 only
-  bool extended_l2 = false;
-};
-struct VmdkExtentDetails {
-  std::string filename;
-  std::string format;  // the descriptor's extent type: SPARSE, FLAT, ZERO, VMFS, ...
-  uint64_t virtual_size = 0;
-  uint64_t cluster_size = 0;  // 0: not sparse
-  bool compressed = false;
-};
-struct VmdkDetails {
-  uint32_t cid = 0;
-  uint32_t parent_cid = 0;
-  std::string create_type;
-  std::vector<VmdkExtentDetails> extents;
-};
 struct LuksSlotDetails {
   bool active = false;
   uint32_t iterations = 0;  // shown for active slots only
@@ -145,6 +124,31 @@ struct LuksDetails {
   std::vector<LuksSlotDetails> slots;
   uint64_t payload_offset = 0;  // bytes
   uint32_t master_key_iterations = 0;
+};
+struct Qcow2Details {
+  bool v3 = true;  // compat 1.1; false: 0.10
+  bool zstd = false;
+  bool lazy_refcounts = false;  // v3 only
+  std::vector<Qcow2Bitmap> bitmaps;
+  uint32_t refcount_bits = 16;
+  std::optional<std::string> data_file;  // the external data file's name, when there is one
+  bool data_file_raw = false;
+  bool corrupt = false;  // v3 only
+  bool extended_l2 = false;
+  std::optional<LuksDetails> encrypt;  // encrypt.format=luks
+};
+struct VmdkExtentDetails {
+  std::string filename;
+  std::string format;  // the descriptor's extent type: SPARSE, FLAT, ZERO, VMFS, ...
+  uint64_t virtual_size = 0;
+  uint64_t cluster_size = 0;  // 0: not sparse
+  bool compressed = false;
+};
+struct VmdkDetails {
+  uint32_t cid = 0;
+  uint32_t parent_cid = 0;
+  std::string create_type;
+  std::vector<VmdkExtentDetails> extents;
 };
 using FormatDetails = std::variant<std::monostate, Qcow2Details, VmdkDetails, LuksDetails>;
 

@@ -23,6 +23,8 @@ nlohmann::ordered_json SnapshotJson(const SnapshotInfo& s) {
 
 namespace {
 
+nlohmann::ordered_json LuksJson(const LuksDetails& d);
+
 nlohmann::ordered_json Qcow2Json(const Qcow2Details& d) {
   nlohmann::ordered_json data;
   data["compat"] = d.v3 ? "1.1" : "0.10";
@@ -39,6 +41,11 @@ nlohmann::ordered_json Qcow2Json(const Qcow2Details& d) {
     data["bitmaps"] = list;
   }
   data["refcount-bits"] = d.refcount_bits;
+  if (d.encrypt) {
+    nlohmann::ordered_json e = LuksJson(*d.encrypt);
+    e["format"] = "luks";
+    data["encrypt"] = e;
+  }
   if (d.data_file) {
     data["data-file"] = *d.data_file;
     data["data-file-raw"] = d.data_file_raw;
@@ -140,8 +147,8 @@ std::string HumanImageInfo(const nlohmann::ordered_json& j) {
   } else {
     out += "disk size: unavailable\n";
   }
-  if (j.contains("cluster-size")) out += fmt::format("cluster_size: {}\n", j["cluster-size"].get<uint64_t>());
   if (j.value("encrypted", false)) out += "encrypted: yes\n";
+  if (j.contains("cluster-size")) out += fmt::format("cluster_size: {}\n", j["cluster-size"].get<uint64_t>());
   if (j.value("dirty-flag", false)) out += "cleanly shut down: no\n";
   if (j.contains("backing-filename")) {
     std::string b = j["backing-filename"].get<std::string>();

@@ -266,6 +266,35 @@ Result<std::vector<std::byte>> UnlockLuks(const LuksHeader& h, File& file, uint6
   return Status::Error(ErrorKind::kInvalidArgument, EPERM, "Invalid password, cannot unlock any keyslot");
 }
 
+Result<std::unique_ptr<SectorCipher>> OpenLuksCipher(const LuksHeader& h, File& file, uint64_t base,
+                                                     const SecretLookup& secrets,
+                                                     const std::string& key_secret, const char* param) {
+  if (key_secret.empty()) return Status::InvalidArgument("Parameter '{}' is required for cipher", param);
+  if (!secrets) return Status::NotFound("No secret with id '{}'", key_secret);
+  ASSIGN_OR_RETURN(std::string pass, secrets(key_secret));
+  auto key = UnlockLuks(h, file, base, std::as_bytes(std::span(pass)));
+  Wipe(std::as_writable_bytes(std::span(pass)));
+  if (!key.ok()) return key.error();
+  auto cipher = SectorCipher::Create(h.cipher, *key);
+  Wipe(*key);
+  return cipher;
+}
+
+LuksDetails DescribeLuks(const LuksHeader& h) {
+  LuksDetails d;
+  d.ivgen_alg = IvGenName(h.cipher.ivgen);
+  if (h.cipher.ivgen == IvGen::kEssiv) d.ivgen_hash_alg = h.cipher.ivgen_hash.name;
+  d.hash_alg = h.hash.name;
+  d.cipher_alg = h.cipher.alg.Name();
+  d.uuid = h.uuid;
+  d.cipher_mode = CipherModeName(h.cipher.mode);
+  for (const LuksSlot& s : h.slots)
+    d.slots.push_back({s.active, s.iterations, uint64_t{s.key_offset_sector} * kSectorSize, s.stripes});
+  d.payload_offset = uint64_t{h.payload_offset_sector} * kSectorSize;
+  d.master_key_iterations = h.mk_digest_iterations;
+  return d;
+}
+
 Result<NewLuks> CreateLuks(const LuksCreateOptions& opts, File& file, uint64_t base,
                            std::span<const std::byte> passphrase) {
   NewLuks out;
@@ -337,7 +366,9 @@ Result<NewLuks> CreateLuks(const LuksCreateOptions& opts, File& file, uint64_t b
   RETURN_IF_ERROR((*cipher)->Encrypt(0, split));
   // The area first (truncated to its size), then the key material, then the header that
   // names it active: a crash leaves no header pointing at missing key material.
-  RETURN_IF_ERROR(file.Truncate(base + uint64_t{h.payload_offset_sector} * kSectorSize));
+  ASSIGN_OR_RETURN(uint64_t file_size, file.Size());
+  if (file_size < base + uint64_t{h.payload_offset_sector} * kSectorSize)
+    RETURN_IF_ERROR(file.Truncate(base + uint64_t{h.payload_offset_sector} * kSectorSize));
   RETURN_IF_ERROR(file.PWrite(base + uint64_t{slot.key_offset_sector} * kSectorSize, split, IoTag::kHeader));
   Wipe(split);
   slot.active = true;

@@ -14,6 +14,7 @@
 
 #include "crypto/cipher.h"
 #include "vimgfs/env.h"
+#include "vimgfs/format.h"
 #include "vimgfs/status.h"
 
 namespace vimgfs::crypto {
@@ -69,6 +70,15 @@ struct UnlockLimits {
 // cannot unlock any keyslot".
 Result<std::vector<std::byte>> UnlockLuks(const LuksHeader& h, File& file, uint64_t base,
                                           std::span<const std::byte> passphrase, UnlockLimits limits = {});
+
+// The payload cipher of header `h` (at `base` in `file`), unlocked with the passphrase of
+// the secret `key_secret` names. Without one: "Parameter '<param>' is required for
+// cipher", param being key-secret (luks) or encrypt.key-secret (qcow2).
+Result<std::unique_ptr<SectorCipher>> OpenLuksCipher(const LuksHeader& h, File& file, uint64_t base,
+                                                     const SecretLookup& secrets,
+                                                     const std::string& key_secret, const char* param);
+// What info shows of a header.
+LuksDetails DescribeLuks(const LuksHeader& h);
 
 // qemu's luks create options.
 struct LuksCreateOptions {

@@ -874,6 +874,10 @@ Result<std::vector<BlockStatus>> Image::MapImpl(uint64_t off, uint64_t len, bool
         case Mapping::Kind::kData: {
           // Holes in the host file read as zeros: report them as qemu does (data, zero).
           bs.present = bs.data = true;
+          if (m.encrypted) {  // qemu reports no offset for encrypted clusters
+            push(bs);
+            break;
+          }
           bs.has_offset = true;
           bs.filename = m.file->path();
           if (m.opaque_data || !probe_holes) {
@@ -899,7 +903,7 @@ Result<std::vector<BlockStatus>> Image::MapImpl(uint64_t off, uint64_t len, bool
           break;
         case Mapping::Kind::kZero:
           bs.present = bs.zero = true;
-          if (m.file) {
+          if (m.file && !m.encrypted) {
             bs.has_offset = true;
             bs.host_offset = m.host_offset;
             bs.filename = m.file->path();

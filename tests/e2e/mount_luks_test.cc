@@ -29,9 +29,10 @@ TEST(MountLuks, Ext4InsideAnEncryptedImageAndTheSecretHidden) {
   const std::string image = dir.File("disk.luks"), mnt = dir.File("mnt"), guest = dir.File("guest");
   ASSERT_EQ(mkdir(mnt.c_str(), 0755), 0);
   ASSERT_EQ(mkdir(guest.c_str(), 0755), 0);
-  const std::string create = "qemu-img create -q -f luks --object secret,id=s0,data=topsecret123 "
-                             "-o key-secret=s0,iter-time=10,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv " +
-                             Quote(image) + " 64M";
+  const std::string create =
+      "qemu-img create -q -f luks --object secret,id=s0,data=topsecret123 "
+      "-o key-secret=s0,iter-time=10,cipher-alg=aes-128,cipher-mode=cbc,ivgen-alg=essiv " +
+      Quote(image) + " 64M";
   auto made = RunCommand(create);
   // qemu's key-derivation timer can read 0 ms on a loaded machine and give up: again.
   for (int i = 0; i < 10 && made.exit_code != 0; i++) made = RunCommand(create);
@@ -69,15 +70,16 @@ TEST(MountLuks, Ext4InsideAnEncryptedImageAndTheSecretHidden) {
   // qemu reads what the mount wrote: the guest file system is clean.
   const std::string raw = dir.File("plain.raw");
   auto conv = RunCommand("qemu-img convert --object secret,id=s0,file=" + Quote(pass_file) +
-                         " --image-opts driver=luks,key-secret=s0,file.filename=" + Quote(image) + " -O raw " +
-                         Quote(raw));
+                         " --image-opts driver=luks,key-secret=s0,file.filename=" + Quote(image) +
+                         " -O raw " + Quote(raw));
   ASSERT_EQ(conv.exit_code, 0) << conv.err;
   auto fsck = RunCommand("fsck.ext4 -n -f " + Quote(raw));
   EXPECT_EQ(fsck.exit_code, 0) << fsck.out << fsck.err;
   // Read-only again, the passphrase from a file this time.
   {
     Mount m;
-    auto r = m.Start({"-r", "--object", "secret,id=k,file=" + pass_file, "-o", "key_secret=k", image, mnt}, mnt);
+    auto r =
+        m.Start({"-r", "--object", "secret,id=k,file=" + pass_file, "-o", "key_secret=k", image, mnt}, mnt);
     ASSERT_EQ(r.exit_code, 0) << r.err;
     std::string loop = LoopAttach(mnt + "/disk.raw", true);
     ASSERT_FALSE(loop.empty());

@@ -26,21 +26,6 @@ Result<std::string> Passphrase(const SecretLookup& secrets, const std::string& i
   return secrets(id);
 }
 
-LuksDetails DetailsOf(const crypto::LuksHeader& h) {
-  LuksDetails d;
-  d.ivgen_alg = crypto::IvGenName(h.cipher.ivgen);
-  if (h.cipher.ivgen == crypto::IvGen::kEssiv) d.ivgen_hash_alg = h.cipher.ivgen_hash.name;
-  d.hash_alg = h.hash.name;
-  d.cipher_alg = h.cipher.alg.Name();
-  d.uuid = h.uuid;
-  d.cipher_mode = crypto::CipherModeName(h.cipher.mode);
-  for (const crypto::LuksSlot& s : h.slots)
-    d.slots.push_back({s.active, s.iterations, uint64_t{s.key_offset_sector} * kSectorSize, s.stripes});
-  d.payload_offset = uint64_t{h.payload_offset_sector} * kSectorSize;
-  d.master_key_iterations = h.mk_digest_iterations;
-  return d;
-}
-
 class LuksMap final : public ClusterMap {
  public:
   LuksMap(std::unique_ptr<File> file, crypto::LuksHeader header, std::unique_ptr<crypto::CryptFile> crypt,
@@ -88,7 +73,7 @@ class LuksMap final : public ClusterMap {
     fi.format = "luks";
     fi.virtual_size = size_;
     fi.encrypted = true;
-    fi.format_specific = DetailsOf(header_);
+    fi.format_specific = crypto::DescribeLuks(header_);
     return fi;
   }
 
@@ -201,15 +186,9 @@ class LuksDriverImpl final : public FormatDriver {
 
     std::unique_ptr<crypto::CryptFile> crypt;
     if (!ctx.options.no_io || !ctx.options.key_secret.empty()) {
-      if (ctx.options.key_secret.empty()) return Status::InvalidArgument("{}", kNeedKey);
-      ASSIGN_OR_RETURN(std::string pass, Passphrase(ctx.options.secrets, ctx.options.key_secret));
-      auto key = crypto::UnlockLuks(h, *ctx.file, 0, std::as_bytes(std::span(pass)));
-      crypto::Wipe(std::as_writable_bytes(std::span(pass)));
-      if (!key.ok()) return key.error();
-      auto cipher = crypto::SectorCipher::Create(h.cipher, *key);
-      crypto::Wipe(*key);
-      if (!cipher.ok()) return cipher.error();
-      crypt = std::make_unique<crypto::CryptFile>(*ctx.file, payload, 0, std::move(cipher).value());
+      ASSIGN_OR_RETURN(auto cipher, crypto::OpenLuksCipher(h, *ctx.file, 0, ctx.options.secrets,
+                                                           ctx.options.key_secret, "key-secret"));
+      crypt = std::make_unique<crypto::CryptFile>(*ctx.file, payload, 0, std::move(cipher));
     }
     return std::unique_ptr<ClusterMap>(
         new LuksMap(std::move(ctx.file), std::move(h), std::move(crypt), size, ro));

@@ -270,6 +270,8 @@ Status Qcow2Map::CountReferences(std::vector<uint32_t>* refs, CheckReport* repor
 
   if (snap_bytes) cnt.Add(header_.snapshots_offset, snap_bytes);
   cnt.Add(header_.refcount_table_offset, reftable_.size() * 8);
+  if (header_.crypt_method == 2 && header_.crypto_header_length)  // the LUKS header's clusters
+    cnt.Add(header_.crypto_header_offset, header_.crypto_header_length);
 
   if (header_.bitmaps_ext && header_.bitmaps_ext->size() >= 24) {
     const std::byte* p = header_.bitmaps_ext->data();

@@ -52,6 +52,7 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   } else {
     m->data_ = m->file_.get();
   }
+  if (h.crypt_method == 2) RETURN_IF_ERROR(m->OpenEncryption(ctx.options));
 
   if (ctx.options.for_check) {
     // What qemu's limits refuse is the check's to report (and check -r all's to drop).
@@ -325,11 +326,13 @@ void Push(std::vector<Mapping>* out, size_t first, const Mapping& m) {
 }  // namespace
 
 Status Qcow2Map::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
+  if (locked()) return Status::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher");
   bool missed = false;
   return LookupIn(false, &missed, guest_off, len, out);
 }
 
 bool Qcow2Map::LookupCached(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
+  if (locked()) return false;
   bool missed = false;
   // An error (a bad entry) is left for Lookup to report, under the exclusive lock.
   return LookupIn(true, &missed, guest_off, len, out).ok() && !missed;
@@ -398,12 +401,14 @@ Status Qcow2Map::LookupIn(bool cached_only, bool* missed, uint64_t guest_off, ui
           if (has_host) {
             m.file = data_;
             m.host_offset = host + (pos - cstart);
+            m.encrypted = crypt_ != nullptr;
           }
         } else if (has_host) {
           m.kind = Mapping::Kind::kData;
           m.file = data_;
           m.host_offset = host + (pos - cstart);
           m.writable = writable_ok && IsCopied(e);
+          m.encrypted = crypt_ != nullptr;
         }
         m.length = cend - pos;
         Push(out, first, m);
@@ -425,6 +430,7 @@ Status Qcow2Map::LookupIn(bool cached_only, bool* missed, uint64_t guest_off, ui
           s.kind = Mapping::Kind::kData;
           s.file = data_;
           s.host_offset = host + (pos - cstart);
+          s.encrypted = crypt_ != nullptr;
           s.writable = writable_ok && IsCopied(e);
         } else if (zero & (1u << sc)) {
           s.kind = Mapping::Kind::kZero;
@@ -614,13 +620,32 @@ std::vector<Qcow2Bitmap> Qcow2Map::BitmapList() {
   return list;
 }
 
+// encrypt.format=luks: the header from its clusters, and the key from the caller's secret
+// (none for info, which reads no guest data).
+Status Qcow2Map::OpenEncryption(const OpenOptions& options) {
+  std::vector<std::byte> head(crypto::kLuksHeaderSize);
+  if (header_.crypto_header_length < head.size())
+    return Status::InvalidFormat("'{}': Request for data outside of extension header", path_);
+  RETURN_IF_ERROR(file_->PRead(header_.crypto_header_offset, head));
+  auto parsed = crypto::ParseLuksHeader(head, header_.crypto_header_length);
+  if (!parsed.ok()) return parsed.error().WithContext("'{}'", path_);
+  luks_ = std::move(parsed).value();
+  if (options.no_io && options.key_secret.empty()) return Status::Ok();
+  auto cipher = crypto::OpenLuksCipher(*luks_, *file_, header_.crypto_header_offset, options.secrets,
+                                       options.key_secret, "encrypt.key-secret");
+  if (!cipher.ok()) return cipher.error().WithContext("'{}'", path_);
+  crypt_ = std::make_unique<crypto::CryptFile>(*data_, 0, 0, std::move(cipher).value());
+  data_ = crypt_.get();
+  return Status::Ok();
+}
+
 FormatInfo Qcow2Map::Info() {
   FormatInfo fi;
   fi.format = "qcow2";
   fi.virtual_size = size_;
   fi.cluster_size = cluster_size_;
   fi.dirty = header_.incompatible_features & kIncompatDirty;
-  fi.encrypted = false;
+  fi.encrypted = luks_.has_value();
   fi.compression = header_.compression_type == kCompressionZstd ? Codec::kZstd : Codec::kDeflateRaw;
   fi.zero_clusters = v3_;
   for (const Snapshot& s : snapshots_) {
@@ -647,6 +672,7 @@ FormatInfo Qcow2Map::Info() {
   }
   d.corrupt = corrupt_;
   d.extended_l2 = extended_l2_;
+  if (luks_) d.encrypt = crypto::DescribeLuks(*luks_);
   fi.format_specific = std::move(d);
   return fi;
 }

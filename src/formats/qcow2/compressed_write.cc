@@ -12,6 +12,7 @@ namespace vimgfs::qcow2 {
 
 Status Qcow2Map::WriteCompressed(uint64_t guest_off, std::span<const std::byte> stream) {
   RETURN_IF_ERROR(CheckWritable());
+  if (luks_) return Status::Unsupported("'{}': compressed clusters cannot be used with encryption", path_);
   if (header_.has_data_file())
     return Status::Unsupported("'{}': compressed clusters cannot be used with an external data file", path_);
   if (!IsAligned(guest_off, cluster_size_) || guest_off >= size_)

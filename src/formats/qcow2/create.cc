@@ -10,6 +10,7 @@
 
 #include "formats/drivers.h"
 #include "formats/format_util.h"
+#include "crypto/luks.h"
 #include "formats/qcow2/qcow2_internal.h"
 #include "util/endian.h"
 #include "util/limits.h"
@@ -30,6 +31,9 @@ struct CreateParams {
   std::optional<BackingRef> backing;
   std::string data_file;
   bool data_file_raw = false;
+  // encrypt.format=luks and its encrypt.* options (key_secret empty: not encrypted).
+  std::optional<crypto::LuksCreateOptions> luks;
+  std::string key_secret;
 };
 
 // A size the format cannot describe: EFBIG, which qemu-img words for every format alike.
@@ -44,6 +48,7 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
   uint64_t cluster_size = 1u << 16;
   uint64_t refcount_bits = 16;
   bool compression_set = false;
+  bool encrypt_format = false;
   for (const auto& [key, v] : ctx.options) {
     if (key == "size") {
       ASSIGN_OR_RETURN(p.size, ParseSize(v));
@@ -86,13 +91,45 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
       p.data_file = v;
     } else if (key == "data_file_raw") {
       ASSIGN_OR_RETURN(p.data_file_raw, ParseBoolOption(key, v));
-    } else if (key == "encryption" || key.rfind("encrypt.", 0) == 0) {
-      if (key == "encryption" && v == "off") continue;
-      return Status::Unsupported("encrypted qcow2 images are not supported");
+    } else if (key == "encryption") {
+      if (v == "off") continue;
+      return Status::Unsupported(
+          "qcow2 images with the legacy AES encryption cannot be created (qemu neither)");
+    } else if (key.rfind("encrypt.", 0) == 0) {
+      if (!p.luks) p.luks.emplace();
+      const std::string sub = key.substr(8);
+      if (sub == "format") {
+        if (v == "aes")
+          return Status::Unsupported(
+              "qcow2 images with the legacy AES encryption cannot be created (qemu neither)");
+        if (v != "luks")
+          return Status::InvalidArgument("Parameter 'encrypt.format' does not accept value '{}'", v);
+        encrypt_format = true;
+      } else if (sub == "key-secret") {
+        p.key_secret = v;
+      } else if (sub == "cipher-alg") {
+        p.luks->cipher_alg = v;
+      } else if (sub == "cipher-mode") {
+        p.luks->cipher_mode = v;
+      } else if (sub == "ivgen-alg") {
+        p.luks->ivgen_alg = v;
+      } else if (sub == "ivgen-hash-alg") {
+        p.luks->ivgen_hash_alg = v;
+      } else if (sub == "hash-alg") {
+        p.luks->hash_alg = v;
+      } else if (sub == "iter-time") {
+        p.luks->iter_time_ms = std::strtoull(v.c_str(), nullptr, 10);  // a number: checked by its type
+      } else {
+        return Status::InvalidArgument("Invalid parameter '{}'", key);
+      }
     } else {
       return Status::InvalidArgument("Invalid parameter '{}'", key);
     }
   }
+  if (p.luks && !encrypt_format)
+    return Status::InvalidArgument("Parameter 'encrypt.format' is required with encryption options");
+  if (p.luks && p.key_secret.empty())
+    return Status::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher");
   if (p.extended_l2 && p.version < 3)
     return Status::InvalidArgument(
         "Extended L2 entries are only supported with compatibility level 1.1 and "
@@ -161,10 +198,20 @@ Status CreateImage(const CreateContext& ctx) {
   // Clusters after the L1 table: L2 tables, and data clusters unless in a data file.
   const uint64_t l2_tables = prealloc ? l1_entries : 0;
   const uint64_t data_clusters = prealloc && !has_data_file ? guest_clusters : 0;
+  // The LUKS header's clusters follow the L1 table, as qemu allocates them before it
+  // preallocates anything.
+  uint64_t crypto_bytes = 0;
+  if (p.luks) {
+    crypto::CipherSpec spec;
+    ASSIGN_OR_RETURN(spec.alg, crypto::CipherAlg::Named(p.luks->cipher_alg));
+    ASSIGN_OR_RETURN(spec.mode, crypto::CipherModeNamed(p.luks->cipher_mode));
+    crypto_bytes = crypto::LuksPayloadOffset(spec);
+  }
+  const uint64_t crypto_clusters = DivRoundUp(crypto_bytes, cs);
   const uint64_t rb_entries = cs * 8 / (1u << p.refcount_order);
   uint64_t rt_clusters = 1, rb_count = 1;
   for (int i = 0; i < 64; i++) {
-    uint64_t total = 1 + rt_clusters + rb_count + l1_clusters + l2_tables + data_clusters;
+    uint64_t total = 1 + rt_clusters + rb_count + l1_clusters + crypto_clusters + l2_tables + data_clusters;
     uint64_t rb = DivRoundUp(total, rb_entries);
     uint64_t rt = std::max<uint64_t>(1, DivRoundUp(rb * 8, cs));
     if (rb == rb_count && rt == rt_clusters) break;
@@ -176,7 +223,8 @@ Status CreateImage(const CreateContext& ctx) {
   const uint64_t rt_off = cs;
   const uint64_t rb_off = rt_off + rt_clusters * cs;
   const uint64_t l1_off = rb_off + rb_count * cs;
-  const uint64_t meta_end = l1_off + l1_clusters * cs;
+  const uint64_t crypto_off = l1_off + l1_clusters * cs;
+  const uint64_t meta_end = crypto_off + crypto_clusters * cs;
   const uint64_t total_clusters = meta_end / cs + l2_tables + data_clusters;
 
   Header h;
@@ -206,7 +254,17 @@ Status CreateImage(const CreateContext& ctx) {
     h.backing_file = p.backing->name;
     if (!p.backing->format.empty()) h.backing_format = p.backing->format;
   }
+  if (p.luks) {
+    h.crypt_method = 2;
+    h.crypto_header_offset = crypto_off;
+    h.crypto_header_length = crypto_bytes;
+  }
   ASSIGN_OR_RETURN(std::vector<std::byte> head, SerializeHeader(h));
+  std::string passphrase;
+  if (p.luks) {
+    if (!ctx.secrets) return Status::NotFound("No secret with id '{}'", p.key_secret);
+    ASSIGN_OR_RETURN(passphrase, ctx.secrets(p.key_secret));
+  }
 
   if (has_data_file) {
     if (p.data_file.rfind("json:", 0) == 0)
@@ -291,6 +349,13 @@ Status CreateImage(const CreateContext& ctx) {
     }
   }
   if (!l1.empty()) RETURN_IF_ERROR(f->PWrite(l1_off, l1, IoTag::kL1));
+  if (p.luks) {
+    auto made = crypto::CreateLuks(*p.luks, *f, crypto_off, std::as_bytes(std::span(passphrase)));
+    crypto::Wipe(std::as_writable_bytes(std::span(passphrase)));
+    if (!made.ok()) return made.error();
+    crypto::Wipe(made->master_key);
+    if (next <= meta_end) RETURN_IF_ERROR(f->Truncate(meta_end));  // whole clusters, as qemu
+  }
   // falloc reserves the data clusters; full writes them (before the L2 tables go between
   // them), as qemu's file driver does: whole clusters of host space either way.
   if (!has_data_file && next > meta_end && p.prealloc == "falloc")

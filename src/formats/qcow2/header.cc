@@ -143,8 +143,16 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
         h.bitmaps_ext = std::move(data);
         break;
       case kExtCrypto:
-        // Only meaningful with crypt_method, which is refused below.
-        h.unknown_extensions.push_back({type, std::move(data)});
+        if (data.size() != 16)
+          return Status::InvalidFormat("'{}': CRYPTO header extension size {}, but expected size 16", path,
+                                       data.size());
+        h.crypto_header_offset = LoadBE64(data.data());
+        h.crypto_header_length = LoadBE64(data.data() + 8);
+        if (h.crypto_header_offset % h.cluster_size())
+          return Status::InvalidFormat(
+              "'{}': Encryption header offset '{}' is not a multiple of cluster size '{}'", path,
+              h.crypto_header_offset, h.cluster_size());
+        if (h.crypt_method != 2) h.unknown_extensions.push_back({type, std::move(data)});  // kept as read
         break;
       default:
         h.unknown_extensions.push_back({type, std::move(data)});
@@ -156,11 +164,12 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
   if (unknown_incompat)
     return Status::Unsupported("'{}': Unsupported qcow2 feature(s): {}", path,
                                FeatureList(unknown_incompat, incompat_names));
-  if (h.crypt_method != 0)
-    return Status::Unsupported("'{}': encrypted qcow2 images ({}) are not supported", path,
-                               h.crypt_method == 1   ? "AES"
-                               : h.crypt_method == 2 ? "LUKS"
-                                                     : "unknown method");
+  if (h.crypt_method == 1)
+    return Status::Unsupported("'{}': qcow2 images with the legacy AES encryption are not supported", path);
+  if (h.crypt_method > 2)
+    return Status::InvalidFormat("'{}': Unsupported encryption method: {}", path, h.crypt_method);
+  if (h.crypt_method == 2 && h.crypto_header_length == 0)
+    return Status::InvalidFormat("'{}': Could not read encryption header", path);
   if (h.incompatible_features & kIncompatCompression) {
     if (h.header_length <= kV3HeaderLength)
       return Status::InvalidFormat("'{}': compression type bit set without a compression type field", path);
@@ -286,6 +295,12 @@ Result<std::vector<std::byte>> SerializeHeader(const Header& h) {
   }
   if (h.backing_format) PutExtension(out, kExtBackingFormat, AsBytes(*h.backing_format));
   if (h.data_file) PutExtension(out, kExtDataFile, AsBytes(*h.data_file));
+  if (h.crypt_method == 2) {
+    std::byte ext[16];
+    StoreBE64(ext, h.crypto_header_offset);
+    StoreBE64(ext + 8, h.crypto_header_length);
+    PutExtension(out, kExtCrypto, ext);
+  }
   // qemu leaves the table out with clusters of 4 KiB and less (room for the backing name).
   if (h.version >= 3 && h.cluster_size() > 4096) {
     std::vector<std::byte> table(sizeof(kFeatureNames) / sizeof(kFeatureNames[0]) * 48);

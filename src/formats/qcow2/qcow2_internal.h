@@ -12,6 +12,9 @@
 // Spec: qemu docs/interop/qcow2.rst. Everything is big-endian.
 #pragma once
 
+#include "crypto/crypt_file.h"
+#include "crypto/luks.h"
+
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -140,7 +143,10 @@ struct Header {
   std::optional<std::string> data_file;
   bool has_feature_table = false;
   std::optional<std::vector<std::byte>> bitmaps_ext;  // preserved as is
-  std::vector<UnknownExtension> unknown_extensions;   // preserved on rewrite
+  // The LUKS header's clusters (crypt_method 2): offset and length in the image file.
+  uint64_t crypto_header_offset = 0;
+  uint64_t crypto_header_length = 0;
+  std::vector<UnknownExtension> unknown_extensions;  // preserved on rewrite
 
   uint64_t cluster_size() const { return 1ull << cluster_bits; }
   bool extended_l2() const { return incompatible_features & kIncompatExtendedL2; }
@@ -328,7 +334,15 @@ class Qcow2Map final : public ClusterMap {
   Env* env_ = nullptr;
   std::unique_ptr<File> file_;
   std::unique_ptr<File> data_file_;  // external data file, if any
-  File* data_ = nullptr;             // where guest clusters live (file_ or data_file_)
+  File* data_ = nullptr;             // where guest clusters live (file_ or data_file_, or
+                                     // crypt_ over one of them)
+  // encrypt.format=luks: the LUKS header, and the data clusters' cipher over the file they
+  // live in (IVs by host offset, as qemu's crypt_physical_offset); crypt_ is null when the
+  // image was opened for its metadata only (info), and then no guest data is read.
+  std::optional<crypto::LuksHeader> luks_;
+  std::unique_ptr<crypto::CryptFile> crypt_;
+  Status OpenEncryption(const OpenOptions& options);
+  bool locked() const { return luks_ && !crypt_; }
   Header header_;
   std::vector<Snapshot> snapshots_;
   // Opened for check: why the snapshot table could not be read within qemu's limits.

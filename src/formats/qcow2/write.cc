@@ -23,6 +23,7 @@ constexpr uint64_t kMaxPlanBytes = 8ull << 20;
 
 Status Qcow2Map::CheckWritable() {
   if (closed_) return Status::InvalidArgument("'{}': image is closed", path_);
+  if (locked()) return Status::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher");
   if (!read_only_) return Status::Ok();
   if (corrupt_)
     return Status::ReadOnly(
