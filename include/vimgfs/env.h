@@ -45,6 +45,15 @@ class File {
   virtual Status PRead(uint64_t off, std::span<std::byte> buf) = 0;
   // Writes all of buf at off, growing the file if needed.
   virtual Status PWrite(uint64_t off, std::span<const std::byte> buf, IoTag tag = IoTag::kData) = 0;
+  // PRead and PWrite of the bytes of guest offset `guest_off`: the same, except for an
+  // encrypted file whose IVs count guest sectors (crypto::CryptFile for qcow's AES), which
+  // needs to know. The engine calls these for guest data.
+  virtual Status PReadFor(uint64_t off, std::span<std::byte> buf, uint64_t guest_off) {
+    return PRead(off, buf);
+  }
+  virtual Status PWriteFor(uint64_t off, std::span<const std::byte> buf, uint64_t guest_off, IoTag tag) {
+    return PWrite(off, buf, tag);
+  }
   // Makes every completed write durable (fdatasync when data_only, else fsync).
   virtual Status Sync(bool data_only = true) = 0;
   virtual Result<uint64_t> Size() = 0;

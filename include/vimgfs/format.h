@@ -135,6 +135,7 @@ struct Qcow2Details {
   bool data_file_raw = false;
   bool corrupt = false;  // v3 only
   bool extended_l2 = false;
+  std::string encrypt_format;          // "aes", "luks"; empty: not encrypted
   std::optional<LuksDetails> encrypt;  // encrypt.format=luks
 };
 struct VmdkExtentDetails {

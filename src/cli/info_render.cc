@@ -41,9 +41,9 @@ nlohmann::ordered_json Qcow2Json(const Qcow2Details& d) {
     data["bitmaps"] = list;
   }
   data["refcount-bits"] = d.refcount_bits;
-  if (d.encrypt) {
-    nlohmann::ordered_json e = LuksJson(*d.encrypt);
-    e["format"] = "luks";
+  if (!d.encrypt_format.empty()) {
+    nlohmann::ordered_json e = d.encrypt ? LuksJson(*d.encrypt) : nlohmann::ordered_json::object();
+    e["format"] = d.encrypt_format;
     data["encrypt"] = e;
   }
   if (d.data_file) {

@@ -13,7 +13,7 @@ namespace {
 constexpr uint64_t kChunk = 1 << 20;
 }  // namespace
 
-Status CryptFile::PRead(uint64_t off, std::span<std::byte> buf) {
+Status CryptFile::Read(uint64_t off, std::span<std::byte> buf, uint64_t iv_bias) {
   std::vector<std::byte> tmp;
   while (!buf.empty()) {
     const uint64_t start = AlignDown(off, kSectorSize);
@@ -22,11 +22,11 @@ Status CryptFile::PRead(uint64_t off, std::span<std::byte> buf) {
     if (start == off && n % kSectorSize == 0) {  // whole sectors: decrypt in the caller's buffer
       std::span<std::byte> dst = buf.first(n);
       RETURN_IF_ERROR(host_.PRead(base_ + start, dst));
-      RETURN_IF_ERROR(cipher_->Decrypt(start / kSectorSize + iv_bias_, dst));
+      RETURN_IF_ERROR(cipher_->Decrypt(start / kSectorSize + iv_bias, dst));
     } else {
       tmp.resize(end - start);
       RETURN_IF_ERROR(host_.PRead(base_ + start, tmp));
-      RETURN_IF_ERROR(cipher_->Decrypt(start / kSectorSize + iv_bias_, tmp));
+      RETURN_IF_ERROR(cipher_->Decrypt(start / kSectorSize + iv_bias, tmp));
       std::memcpy(buf.data(), tmp.data() + (off - start), n);
     }
     off += n;
@@ -35,7 +35,7 @@ Status CryptFile::PRead(uint64_t off, std::span<std::byte> buf) {
   return Status::Ok();
 }
 
-Status CryptFile::PWrite(uint64_t off, std::span<const std::byte> buf, IoTag tag) {
+Status CryptFile::Write(uint64_t off, std::span<const std::byte> buf, uint64_t iv_bias, IoTag tag) {
   std::vector<std::byte> tmp;
   while (!buf.empty()) {
     const uint64_t start = AlignDown(off, kSectorSize);
@@ -45,13 +45,13 @@ Status CryptFile::PWrite(uint64_t off, std::span<const std::byte> buf, IoTag tag
     tmp.resize(end - start);
     // A partial first or last sector keeps its other bytes: read and decrypt it.
     if (off != start) {
-      RETURN_IF_ERROR(PRead(start, std::span(tmp).first(kSectorSize)));
+      RETURN_IF_ERROR(Read(start, std::span(tmp).first(kSectorSize), iv_bias));
     }
     if ((off + n) % kSectorSize && (end - start > kSectorSize || off == start)) {
-      RETURN_IF_ERROR(PRead(end - kSectorSize, std::span(tmp).last(kSectorSize)));
+      RETURN_IF_ERROR(Read(end - kSectorSize, std::span(tmp).last(kSectorSize), iv_bias));
     }
     std::memcpy(tmp.data() + (off - start), buf.data(), n);
-    RETURN_IF_ERROR(cipher_->Encrypt(start / kSectorSize + iv_bias_, tmp));
+    RETURN_IF_ERROR(cipher_->Encrypt(start / kSectorSize + iv_bias, tmp));
     RETURN_IF_ERROR(host_.PWrite(base_ + start, tmp, tag));
     off += n;
     buf = buf.subspan(n);

@@ -327,7 +327,7 @@ Status Image::Lookup(uint64_t off, uint64_t len, std::vector<Mapping>* out) {
 Status Image::ReadMapping(const Mapping& m, uint64_t off, std::span<std::byte> buf) {
   switch (m.kind) {
     case Mapping::Kind::kData:
-      return m.file->PRead(m.host_offset, buf);
+      return m.file->PReadFor(m.host_offset, buf, off);
     case Mapping::Kind::kZero:
       std::memset(buf.data(), 0, buf.size());
       return Status::Ok();
@@ -424,7 +424,8 @@ Status Image::Write(uint64_t off, std::span<const std::byte> buf) {
     if (in_place) {
       uint64_t pos = 0;
       for (const Mapping& m : maps) {
-        RETURN_IF_ERROR(m.file->PWrite(m.host_offset, buf.subspan(pos, m.length), IoTag::kData));
+        RETURN_IF_ERROR(
+            m.file->PWriteFor(m.host_offset, buf.subspan(pos, m.length), off + pos, IoTag::kData));
         pos += m.length;
       }
       return Status::Ok();
@@ -468,7 +469,7 @@ Status Image::WriteAllocating(uint64_t off, std::span<const std::byte> buf) {
     RETURN_IF_ERROR(Lookup(pos, end - pos, &maps));
     const Mapping& m = maps.front();
     if (m.kind == Mapping::Kind::kData && m.writable) {
-      RETURN_IF_ERROR(m.file->PWrite(m.host_offset, buf.subspan(pos - off, m.length), IoTag::kData));
+      RETURN_IF_ERROR(m.file->PWriteFor(m.host_offset, buf.subspan(pos - off, m.length), pos, IoTag::kData));
       pos += m.length;
       continue;
     }
@@ -521,7 +522,7 @@ Status Image::WriteSkippingZeros(const WritePlan& plan, std::span<const std::byt
 
 Status Image::WritePlanData(const WritePlan& plan, uint64_t at, std::span<const std::byte> data, IoTag tag) {
   std::shared_lock g(grow_mu_);
-  return plan.file->PWrite(plan.host_offset + at, data, tag);
+  return plan.file->PWriteFor(plan.host_offset + at, data, plan.guest_offset + at, tag);
 }
 
 Status Image::GrowFileTo(File& file, uint64_t end) {
@@ -570,8 +571,9 @@ Status Image::Preallocate(uint64_t off, uint64_t len, Fill fill) {
       // The old last cluster, partly past the old end: qemu's falloc and full give the
       // cluster a new home that is zero past the old end. Zeros written in place there
       // allocate the same host space and read the same.
-      RETURN_IF_ERROR(m.file->PWrite(
-          m.host_offset, {ZeroBuffer(), static_cast<size_t>(std::min(m.length, kZeroChunk))}, IoTag::kData));
+      RETURN_IF_ERROR(m.file->PWriteFor(m.host_offset,
+                                        {ZeroBuffer(), static_cast<size_t>(std::min(m.length, kZeroChunk))},
+                                        pos, IoTag::kData));
       pos += std::min(m.length, kZeroChunk);
       continue;
     }

@@ -157,8 +157,10 @@ TEST_F(Qcow2Hostile, OtherHeaderFields) {
   Put32(96, 7);
   ExpectOpenError("refcount width");
   Put32(96, 4);
-  Put32(32, 2);
-  ExpectOpenError("encrypted");
+  Put32(32, 2);  // LUKS without its header extension
+  ExpectOpenError("Could not read encryption header");
+  Put32(32, 3);
+  ExpectOpenError("Unsupported encryption method: 3");
   Put32(32, 0);
   Put64(24, 1ull << 62);
   ExpectOpenError("virtual size");

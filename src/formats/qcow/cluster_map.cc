@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "crypto/qcow_aes.h"
 #include "formats/qcow/qcow_internal.h"
 #include "util/checked.h"
 #include "util/endian.h"
@@ -62,8 +63,24 @@ Result<std::unique_ptr<ClusterMap>> OpenQcow(OpenContext ctx) {
   }
   const bool read_only = ctx.options.read_only || !file->writable();
   const uint64_t cache = ctx.options.cache_bytes ? ctx.options.cache_bytes : limits::kDefaultCacheBytes;
-  return std::unique_ptr<ClusterMap>(std::make_unique<QcowMap>(ctx.path, std::move(ctx.file), std::move(h),
-                                                               std::move(l1), file_size, read_only, cache));
+  const bool aes = h.crypt_method == kCryptAes;
+  File& host = *ctx.file;
+  auto map = std::make_unique<QcowMap>(ctx.path, std::move(ctx.file), std::move(h), std::move(l1), file_size,
+                                       read_only, cache);
+  if (aes && (!ctx.options.no_io || !ctx.options.key_secret.empty())) {
+    auto cipher =
+        crypto::OpenQcowAesCipher(ctx.options.secrets, ctx.options.key_secret, "encrypt.key-secret");
+    if (!cipher.ok()) return cipher.error().WithContext("'{}'", ctx.path);
+    map->crypt_ =
+        std::make_unique<crypto::CryptFile>(host, 0, 0, std::move(cipher).value(), /*guest_iv=*/true);
+  }
+  return std::unique_ptr<ClusterMap>(std::move(map));
+}
+
+Status QcowMap::CheckUnlocked() const {
+  if (h_.crypt_method == kCryptAes && !crypt_)
+    return Status::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher");
+  return Status::Ok();
 }
 
 QcowMap::QcowMap(std::string path, std::unique_ptr<File> file, Header header, std::vector<uint64_t> l1,
@@ -80,6 +97,7 @@ QcowMap::QcowMap(std::string path, std::unique_ptr<File> file, Header header, st
 
 Status QcowMap::CheckWritable() const {
   if (closed_) return Status::InvalidArgument("'{}': image is closed", path_);
+  RETURN_IF_ERROR(CheckUnlocked());
   if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
   return Status::Ok();
 }
@@ -126,6 +144,7 @@ Result<uint64_t> QcowMap::AppendSpace(uint64_t bytes, uint64_t align) {
 }
 
 Status QcowMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
+  RETURN_IF_ERROR(CheckUnlocked());
   if (guest_off > h_.virtual_size || len > h_.virtual_size - guest_off) {
     return Status::OutOfRange("'{}': lookup of {} bytes at {} is past the disk size {}", path_, len,
                               guest_off, h_.virtual_size);
@@ -190,7 +209,7 @@ Status QcowMap::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* o
               path_, guest_off - in_cluster, e);
         }
         m.kind = Mapping::Kind::kData;
-        m.file = file_.get();
+        m.file = data();
         m.host_offset = e + in_cluster;
         // A cluster on top of the header, name or L1 table, or reaching past the end of
         // the file, is read but never written in place: PrepareWrite moves it.
@@ -216,7 +235,7 @@ Result<WritePlan> QcowMap::PrepareWrite(uint64_t guest_off, uint64_t len) {
   auto reusable = [&](uint64_t e) { return PlainEntryWritable(e); };
 
   WritePlan plan;
-  plan.file = file_.get();
+  plan.file = data();
   plan.cookie[1] = cluster;
   uint64_t n = 1;
   {
@@ -370,6 +389,7 @@ FormatInfo QcowMap::Info() {
   info.virtual_size = h_.virtual_size;
   info.cluster_size = h_.cluster_size();
   info.compression = Codec::kDeflateRaw;
+  info.encrypted = h_.crypt_method == kCryptAes;
   return info;
 }
 

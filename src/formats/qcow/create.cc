@@ -4,6 +4,7 @@
 #include <cstring>
 
 #include "formats/drivers.h"
+#include "formats/format_util.h"
 #include "formats/qcow/qcow_internal.h"
 #include "util/checked.h"
 #include "util/endian.h"
@@ -14,21 +15,28 @@ namespace vimgfs::qcow {
 
 Status CreateQcow(const CreateContext& ctx) {
   uint64_t size = ctx.size;
+  bool aes = false;  // the legacy AES: a header flag, the key comes at each open
+  std::string key_secret;
   for (const auto& [key, value] : ctx.options) {
     if (key == "size") {
       ASSIGN_OR_RETURN(size, ParseSize(value));
-    } else if (key == "encryption") {
-      if (value == "off") continue;
-      return Status::Unsupported("encrypted qcow images are not supported");
+    } else if (key == "encryption") {  // the deprecated spelling of encrypt.format=aes
+      ASSIGN_OR_RETURN(aes, ParseBoolOption(key, value));
     } else if (key == "encrypt.format") {
       // qemu knows only AES ('aes', or its crypto layer's name 'qcow') for qcow.
       if (value != "aes" && value != "qcow") return Status::InvalidArgument("Unsupported encryption format");
-      return Status::Unsupported("encrypted qcow images are not supported");
-    } else if (key.starts_with("encrypt.")) {
-      return Status::Unsupported("encrypted qcow images are not supported");
+      aes = true;
+    } else if (key == "encrypt.key-secret") {
+      key_secret = value;
     } else {
       return Status::InvalidArgument("Invalid parameter '{}'", key);
     }
+  }
+  if (aes) {  // qemu checks the secret now
+    if (key_secret.empty())
+      return Status::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher");
+    if (!ctx.secrets) return Status::NotFound("No secret with id '{}'", key_secret);
+    RETURN_IF_ERROR(ctx.secrets(key_secret).status());
   }
   if (size == 0) return Status::InvalidArgument("Image size is too small, cannot be zero length");
   if (size > limits::kMaxVirtualSize) {
@@ -72,7 +80,7 @@ Status CreateQcow(const CreateContext& ctx) {
   StoreBE64(&head[off::kSize], size);
   head[off::kClusterBits] = static_cast<std::byte>(cluster_bits);
   head[off::kL2Bits] = static_cast<std::byte>(l2_bits);
-  StoreBE32(&head[off::kCryptMethod], kCryptNone);
+  StoreBE32(&head[off::kCryptMethod], aes ? kCryptAes : kCryptNone);
   StoreBE64(&head[off::kL1Offset], l1_offset);
 
   ASSIGN_OR_RETURN(std::unique_ptr<File> file, CreateImageFile(ctx, ctx.path));

@@ -67,12 +67,7 @@ Result<Header> ParseHeader(std::span<const std::byte, kHeaderSize> raw, uint64_t
     return Status::InvalidFormat("'{}': L2 table size must be between 512 and 64k (l2_bits is {})", path,
                                  h.l2_bits);
   }
-  if (h.crypt_method == kCryptAes) {
-    // qemu-img needs the AES key (encrypt.key-secret) to read these; vimgfs has no
-    // decryption for them yet.
-    return Status::Unsupported("'{}': AES-encrypted qcow images are not supported", path);
-  }
-  if (h.crypt_method != kCryptNone) {
+  if (h.crypt_method != kCryptNone && h.crypt_method != kCryptAes) {
     return Status::InvalidFormat("'{}': invalid encryption method in qcow header ({})", path, h.crypt_method);
   }
   ASSIGN_OR_RETURN(h.l1_entries, L1Entries(h.size, h.cluster_bits, h.l2_bits, path));

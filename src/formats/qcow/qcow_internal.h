@@ -19,6 +19,8 @@
 //   create.cc       `create -f qcow` and the driver object
 #pragma once
 
+#include "crypto/crypt_file.h"
+
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -147,6 +149,11 @@ class QcowMap final : public ClusterMap {
   bool PlainEntryWritable(uint64_t entry) const;
   Status WriteL1Entries();
 
+  // Guest data: file_, or crypt_ over it (AES, IVs by guest sector). An AES image opened
+  // without its key (info) has neither and reads no guest data.
+  File* data() const { return crypt_ ? static_cast<File*>(crypt_.get()) : file_.get(); }
+  Status CheckUnlocked() const;
+
   std::string path_;
   std::unique_ptr<File> file_;
   Header h_;
@@ -156,6 +163,9 @@ class QcowMap final : public ClusterMap {
   bool read_only_;
   bool closed_ = false;
   uint64_t end_ = 0;  // the end of the file, counting space handed out but not yet written
+
+ public:
+  std::unique_ptr<crypto::CryptFile> crypt_;
 };
 
 Result<std::unique_ptr<ClusterMap>> OpenQcow(OpenContext ctx);

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "crypto/qcow_aes.h"
 #include "formats/qcow2/qcow2_internal.h"
 #include "util/endian.h"
 #include "util/limits.h"
@@ -52,7 +53,7 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   } else {
     m->data_ = m->file_.get();
   }
-  if (h.crypt_method == 2) RETURN_IF_ERROR(m->OpenEncryption(ctx.options));
+  if (h.crypt_method != 0) RETURN_IF_ERROR(m->OpenEncryption(ctx.options));
 
   if (ctx.options.for_check) {
     // What qemu's limits refuse is the check's to report (and check -r all's to drop).
@@ -623,6 +624,14 @@ std::vector<Qcow2Bitmap> Qcow2Map::BitmapList() {
 // encrypt.format=luks: the header from its clusters, and the key from the caller's secret
 // (none for info, which reads no guest data).
 Status Qcow2Map::OpenEncryption(const OpenOptions& options) {
+  if (header_.crypt_method == 1) {  // the legacy AES
+    if (options.no_io && options.key_secret.empty()) return Status::Ok();
+    auto cipher = crypto::OpenQcowAesCipher(options.secrets, options.key_secret, "encrypt.key-secret");
+    if (!cipher.ok()) return cipher.error().WithContext("'{}'", path_);
+    crypt_ = std::make_unique<crypto::CryptFile>(*data_, 0, 0, std::move(cipher).value(), /*guest_iv=*/true);
+    data_ = crypt_.get();
+    return Status::Ok();
+  }
   std::vector<std::byte> head(crypto::kLuksHeaderSize);
   if (header_.crypto_header_length < head.size())
     return Status::InvalidFormat("'{}': Request for data outside of extension header", path_);
@@ -645,7 +654,7 @@ FormatInfo Qcow2Map::Info() {
   fi.virtual_size = size_;
   fi.cluster_size = cluster_size_;
   fi.dirty = header_.incompatible_features & kIncompatDirty;
-  fi.encrypted = luks_.has_value();
+  fi.encrypted = header_.crypt_method != 0;
   fi.compression = header_.compression_type == kCompressionZstd ? Codec::kZstd : Codec::kDeflateRaw;
   fi.zero_clusters = v3_;
   for (const Snapshot& s : snapshots_) {
@@ -672,7 +681,11 @@ FormatInfo Qcow2Map::Info() {
   }
   d.corrupt = corrupt_;
   d.extended_l2 = extended_l2_;
-  if (luks_) d.encrypt = crypto::DescribeLuks(*luks_);
+  if (header_.crypt_method == 1) d.encrypt_format = "aes";
+  if (luks_) {
+    d.encrypt_format = "luks";
+    d.encrypt = crypto::DescribeLuks(*luks_);
+  }
   fi.format_specific = std::move(d);
   return fi;
 }

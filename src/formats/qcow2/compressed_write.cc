@@ -12,7 +12,8 @@ namespace vimgfs::qcow2 {
 
 Status Qcow2Map::WriteCompressed(uint64_t guest_off, std::span<const std::byte> stream) {
   RETURN_IF_ERROR(CheckWritable());
-  if (luks_) return Status::Unsupported("'{}': compressed clusters cannot be used with encryption", path_);
+  if (header_.crypt_method)
+    return Status::Unsupported("'{}': compressed clusters cannot be used with encryption", path_);
   if (header_.has_data_file())
     return Status::Unsupported("'{}': compressed clusters cannot be used with an external data file", path_);
   if (!IsAligned(guest_off, cluster_size_) || guest_off >= size_)

@@ -33,6 +33,7 @@ struct CreateParams {
   bool data_file_raw = false;
   // encrypt.format=luks and its encrypt.* options (key_secret empty: not encrypted).
   std::optional<crypto::LuksCreateOptions> luks;
+  bool aes = false;  // the legacy AES instead of LUKS: a header flag, no key material
   std::string key_secret;
 };
 
@@ -91,18 +92,18 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
       p.data_file = v;
     } else if (key == "data_file_raw") {
       ASSIGN_OR_RETURN(p.data_file_raw, ParseBoolOption(key, v));
-    } else if (key == "encryption") {
-      if (v == "off") continue;
-      return Status::Unsupported(
-          "qcow2 images with the legacy AES encryption cannot be created (qemu neither)");
+    } else if (key == "encryption") {  // the deprecated spelling of encrypt.format=aes
+      ASSIGN_OR_RETURN(bool on, ParseBoolOption(key, v));
+      if (!on) continue;
+      if (!p.luks) p.luks.emplace();
+      p.aes = true;
+      encrypt_format = true;
     } else if (key.rfind("encrypt.", 0) == 0) {
       if (!p.luks) p.luks.emplace();
       const std::string sub = key.substr(8);
       if (sub == "format") {
-        if (v == "aes")
-          return Status::Unsupported(
-              "qcow2 images with the legacy AES encryption cannot be created (qemu neither)");
-        if (v != "luks")
+        p.aes = v == "aes";
+        if (v != "luks" && v != "aes")
           return Status::InvalidArgument("Parameter 'encrypt.format' does not accept value '{}'", v);
         encrypt_format = true;
       } else if (sub == "key-secret") {
@@ -201,7 +202,7 @@ Status CreateImage(const CreateContext& ctx) {
   // The LUKS header's clusters follow the L1 table, as qemu allocates them before it
   // preallocates anything.
   uint64_t crypto_bytes = 0;
-  if (p.luks) {
+  if (p.luks && !p.aes) {
     crypto::CipherSpec spec;
     ASSIGN_OR_RETURN(spec.alg, crypto::CipherAlg::Named(p.luks->cipher_alg));
     ASSIGN_OR_RETURN(spec.mode, crypto::CipherModeNamed(p.luks->cipher_mode));
@@ -254,7 +255,9 @@ Status CreateImage(const CreateContext& ctx) {
     h.backing_file = p.backing->name;
     if (!p.backing->format.empty()) h.backing_format = p.backing->format;
   }
-  if (p.luks) {
+  if (p.aes) {
+    h.crypt_method = 1;
+  } else if (p.luks) {
     h.crypt_method = 2;
     h.crypto_header_offset = crypto_off;
     h.crypto_header_length = crypto_bytes;
@@ -263,7 +266,7 @@ Status CreateImage(const CreateContext& ctx) {
   std::string passphrase;
   if (p.luks) {
     if (!ctx.secrets) return Status::NotFound("No secret with id '{}'", p.key_secret);
-    ASSIGN_OR_RETURN(passphrase, ctx.secrets(p.key_secret));
+    ASSIGN_OR_RETURN(passphrase, ctx.secrets(p.key_secret));  // must exist, as qemu reads it
   }
 
   if (has_data_file) {
@@ -349,7 +352,7 @@ Status CreateImage(const CreateContext& ctx) {
     }
   }
   if (!l1.empty()) RETURN_IF_ERROR(f->PWrite(l1_off, l1, IoTag::kL1));
-  if (p.luks) {
+  if (p.luks && !p.aes) {
     auto made = crypto::CreateLuks(*p.luks, *f, crypto_off, std::as_bytes(std::span(passphrase)));
     crypto::Wipe(std::as_writable_bytes(std::span(passphrase)));
     if (!made.ok()) return made.error();

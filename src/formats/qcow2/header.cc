@@ -164,8 +164,6 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
   if (unknown_incompat)
     return Status::Unsupported("'{}': Unsupported qcow2 feature(s): {}", path,
                                FeatureList(unknown_incompat, incompat_names));
-  if (h.crypt_method == 1)
-    return Status::Unsupported("'{}': qcow2 images with the legacy AES encryption are not supported", path);
   if (h.crypt_method > 2)
     return Status::InvalidFormat("'{}': Unsupported encryption method: {}", path, h.crypt_method);
   if (h.crypt_method == 2 && h.crypto_header_length == 0)

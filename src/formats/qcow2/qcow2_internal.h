@@ -336,13 +336,15 @@ class Qcow2Map final : public ClusterMap {
   std::unique_ptr<File> data_file_;  // external data file, if any
   File* data_ = nullptr;             // where guest clusters live (file_ or data_file_, or
                                      // crypt_ over one of them)
-  // encrypt.format=luks: the LUKS header, and the data clusters' cipher over the file they
-  // live in (IVs by host offset, as qemu's crypt_physical_offset); crypt_ is null when the
-  // image was opened for its metadata only (info), and then no guest data is read.
+  // Encryption: the data clusters' cipher over the file they live in. encrypt.format=luks
+  // (crypt_method 2): the LUKS header, IVs by host offset (qemu's crypt_physical_offset);
+  // aes (1): IVs by guest offset. crypt_ is null when the image was opened for its
+  // metadata only (info), and then no guest data is read.
   std::optional<crypto::LuksHeader> luks_;
   std::unique_ptr<crypto::CryptFile> crypt_;
   Status OpenEncryption(const OpenOptions& options);
-  bool locked() const { return luks_ && !crypt_; }
+  // Encrypted, opened without the key (info): no guest data may be read.
+  bool locked() const { return header_.crypt_method != 0 && !crypt_; }
   Header header_;
   std::vector<Snapshot> snapshots_;
   // Opened for check: why the snapshot table could not be read within qemu's limits.
