@@ -250,6 +250,10 @@ class ClusterMap {
 
   virtual std::optional<BackingRef> backing() const { return std::nullopt; }
   virtual FormatInfo Info() = 0;
+  // Whether a new image reads as zeros where nothing was written (qemu's has_zero_init):
+  // convert then skips the source's zeros. Not so for luks, whose unwritten sectors
+  // decrypt to noise, nor for an encrypted qcow2 with preallocated clusters.
+  virtual bool ZeroInit() { return true; }
   // Host files other than the main one (data file, extents), for `info` and locking.
   virtual std::vector<File*> host_files() { return {}; }
 
@@ -419,9 +423,6 @@ struct FormatTraits {
   // Whether qemu's driver answers bdrv_get_info, so that qemu-img info shows "dirty-flag"
   // (bochs, cloop and dmg do not).
   bool reports_dirty_flag = true;
-  // Whether a new image reads as zeros (qemu's has_zero_init): convert then skips the
-  // source's zeros. Not so for luks, whose unwritten sectors decrypt to noise.
-  bool zero_init = true;
 };
 
 // A new image written front to back, each allocation unit stored once as one compressed

@@ -70,6 +70,8 @@ class Image {
   // What the image's format can do (its driver's declaration).
   const FormatTraits& traits() const { return driver_->traits(); }
   bool read_only() const { return read_only_; }
+  // ClusterMap::ZeroInit of this image (its backing files aside).
+  bool ZeroInit();
   Image* backing() const { return backing_.get(); }
   // The backing reference stored in the image, whether or not it was opened.
   const std::optional<BackingRef>& backing_ref() const { return backing_ref_; }

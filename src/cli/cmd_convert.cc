@@ -218,7 +218,7 @@ int RunConvert(int argc, char** argv) {
   cs.requests_in_flight = requests;
   (void)out_of_order;  // permission, not a duty: writes go out in order either way
   cs.target_has_backing = out_backing.has_value();
-  cs.target_fresh = (!no_create && out_driver->traits().zero_init) || target_is_zero;
+  cs.target_fresh = !no_create || target_is_zero;  // and the new image reads as zeros (below)
 
   CreateContext ctx;
   ctx.secrets = crypto::SecretStore::Process().Lookup();
@@ -286,6 +286,7 @@ int RunConvert(int argc, char** argv) {
   to.env = &env;  // partial-cluster writes copy from it
   auto target = OpenOrReport(out_name, to);
   if (!target) return 1;
+  if (!no_create && !target->ZeroInit()) cs.target_fresh = target_is_zero;
   if (target->size() < src.size()) {
     PrintError("output file is smaller than input file");
     return 1;

@@ -98,6 +98,7 @@ int RunCreate(int argc, char** argv) {
     ImageOpen bo;
     bo.format = bfmt.value_or("");
     bo.force_share = true;  // only its size is read: qemu-img reads it even while in use
+    bo.no_io = true;        // nor its data: an encrypted backing file needs no key
     auto b = OpenImage(*bname, bo);
     if (!b.ok()) {
       // Here qemu-img names a host error once: "Could not open 'b': No such file or directory";

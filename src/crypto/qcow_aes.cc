@@ -6,8 +6,8 @@
 
 namespace vimgfs::crypto {
 
-Result<std::unique_ptr<SectorCipher>> OpenQcowAesCipher(const SecretLookup& secrets, const std::string& key_secret,
-                                                        const char* param) {
+Result<std::unique_ptr<SectorCipher>> OpenQcowAesCipher(const SecretLookup& secrets,
+                                                        const std::string& key_secret, const char* param) {
   if (key_secret.empty()) return Status::InvalidArgument("Parameter '{}' is required for cipher", param);
   if (!secrets) return Status::NotFound("No secret with id '{}'", key_secret);
   ASSIGN_OR_RETURN(std::string pass, secrets(key_secret));

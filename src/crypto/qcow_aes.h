@@ -14,7 +14,7 @@ namespace vimgfs::crypto {
 
 // The cipher for the secret `key_secret` names; without one, "Parameter '<param>' is
 // required for cipher".
-Result<std::unique_ptr<SectorCipher>> OpenQcowAesCipher(const SecretLookup& secrets, const std::string& key_secret,
-                                                        const char* param);
+Result<std::unique_ptr<SectorCipher>> OpenQcowAesCipher(const SecretLookup& secrets,
+                                                        const std::string& key_secret, const char* param);
 
 }  // namespace vimgfs::crypto

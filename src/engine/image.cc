@@ -237,6 +237,11 @@ struct ImageOpener {
   }
 };
 
+bool Image::ZeroInit() {
+  std::lock_guard lk(meta_mu_);
+  return map_->ZeroInit();
+}
+
 Result<std::unique_ptr<Image>> Image::Open(const std::string& path, const OpenOptions& options) {
   std::set<std::string> seen;
   return ImageOpener::Open(path, options, 0, &seen);
@@ -262,6 +267,7 @@ Status Image::Create(const std::string& format, CreateContext ctx, bool unsafe) 
     OpenOptions bo;
     bo.env = ctx.env;
     bo.format = ctx.backing->format;
+    bo.no_io = true;  // its size is all that is read: an encrypted backing file needs no key
     auto b = OpenReferenced(ctx.path, ctx.backing->name, bo);
     if (!b.ok()) return b.error().WithContext("Could not open backing image");
     if (ctx.size == 0) ctx.size = (*b)->size();

@@ -80,6 +80,7 @@ class LuksMap final : public ClusterMap {
   Result<CheckReport> Check(RepairMode) override {
     return Status::Unsupported("This image format does not support checks");
   }
+  bool ZeroInit() override { return false; }  // unwritten sectors decrypt to noise
 
   // The payload is the end of the file: a resize moves the end.
   Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros) override {
@@ -148,7 +149,6 @@ class LuksDriverImpl final : public FormatDriver {
             },
         .create_preallocation = FormatTraits::CreatePreallocation::kIgnored,
         .block_status = false,  // qemu's crypto driver answers none: map shows one data run
-        .zero_init = false,     // unwritten sectors decrypt to noise
     };
     return kTraits;
   }
@@ -185,7 +185,7 @@ class LuksDriverImpl final : public FormatDriver {
     const bool ro = ctx.options.read_only || !ctx.file->writable();
 
     std::unique_ptr<crypto::CryptFile> crypt;
-    if (!ctx.options.no_io || !ctx.options.key_secret.empty()) {
+    if (!ctx.options.no_io) {  // info reads the header only: not even the secret (qemu's NO_IO)
       ASSIGN_OR_RETURN(auto cipher, crypto::OpenLuksCipher(h, *ctx.file, 0, ctx.options.secrets,
                                                            ctx.options.key_secret, "key-secret"));
       crypt = std::make_unique<crypto::CryptFile>(*ctx.file, payload, 0, std::move(cipher));

@@ -67,7 +67,7 @@ Result<std::unique_ptr<ClusterMap>> OpenQcow(OpenContext ctx) {
   File& host = *ctx.file;
   auto map = std::make_unique<QcowMap>(ctx.path, std::move(ctx.file), std::move(h), std::move(l1), file_size,
                                        read_only, cache);
-  if (aes && (!ctx.options.no_io || !ctx.options.key_secret.empty())) {
+  if (aes && !ctx.options.no_io) {  // info: not even the secret is read (qemu's NO_IO)
     auto cipher =
         crypto::OpenQcowAesCipher(ctx.options.secrets, ctx.options.key_secret, "encrypt.key-secret");
     if (!cipher.ok()) return cipher.error().WithContext("'{}'", ctx.path);

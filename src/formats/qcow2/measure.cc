@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "formats/format_util.h"
+#include "crypto/luks.h"
 #include "formats/qcow2/qcow2_internal.h"
 #include "vimgfs/image.h"
 
@@ -52,6 +53,7 @@ struct MeasureParams {
   std::string prealloc = "off";
   bool has_backing_file = false;
   uint64_t size = 0;
+  uint64_t luks_payload = 0;  // encrypt.format=luks: the LUKS header's clusters
 };
 
 Result<MeasureParams> ParseMeasureParams(const std::map<std::string, std::string>& o) {
@@ -93,8 +95,17 @@ Result<MeasureParams> ParseMeasureParams(const std::map<std::string, std::string
     p.prealloc = *v;
   }
   p.has_backing_file = get("backing_file") != nullptr;
-  if (auto v = get("encrypt.format"); v && *v == "luks")
-    return Status::Unsupported("measuring encrypted qcow2 images is not supported yet");
+  if (auto v = get("encrypt.format"); v && *v == "luks") {
+    if (!get("encrypt.key-secret"))
+      return Status::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher");
+    crypto::CipherSpec spec;
+    ASSIGN_OR_RETURN(spec.alg, crypto::CipherAlg::Named(get("encrypt.cipher-alg") ? *get("encrypt.cipher-alg")
+                                                                                  : std::string("aes-256")));
+    ASSIGN_OR_RETURN(spec.mode,
+                     crypto::CipherModeNamed(get("encrypt.cipher-mode") ? *get("encrypt.cipher-mode")
+                                                                        : std::string("xts")));
+    p.luks_payload = AlignUp(crypto::LuksPayloadOffset(spec), p.cluster_size);
+  }
   if (auto v = get("size")) {
     ASSIGN_OR_RETURN(p.size, ParseSize(*v));
   }
@@ -151,8 +162,10 @@ Result<MeasureResult> Measure(const MeasureRequest& req) {
   if (p.prealloc == "full" || p.prealloc == "falloc") required = virtual_size;
 
   MeasureResult m;
-  m.fully_allocated = FullyAllocatedSize(
-      virtual_size, cs, static_cast<uint32_t>(__builtin_ctzll(p.refcount_bits)), p.extended_l2);
+  m.fully_allocated =
+      p.luks_payload + FullyAllocatedSize(virtual_size, cs,
+                                          static_cast<uint32_t>(__builtin_ctzll(p.refcount_bits)),
+                                          p.extended_l2);
   // Data clusters not needed come off; the metadata of a full image stays counted.
   m.required = m.fully_allocated - virtual_size + required;
   if (p.version >= 3 && req.source) {

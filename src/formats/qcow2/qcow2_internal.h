@@ -229,6 +229,8 @@ class Qcow2Map final : public ClusterMap {
   Status Close() override;
   std::optional<BackingRef> backing() const override;
   FormatInfo Info() override;
+  // qemu's qcow2_has_zero_init: preallocated (a first L2 table) and encrypted reads noise.
+  bool ZeroInit() override { return !(header_.crypt_method != 0 && !l1_.empty() && l1_[0] != 0); }
   std::vector<File*> host_files() override;
   Result<CheckReport> Check(RepairMode mode) override;
   Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) override;
