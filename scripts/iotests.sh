@@ -4,7 +4,7 @@
 # tests that pass with qemu-img and fail with vimgfs. See docs/TESTING.md.
 #
 #   scripts/iotests.sh                       every test, formats qcow2 vmdk vdi raw vpc vhdx
-#                                            qed qcow parallels bochs cloop dmg
+#                                            qed qcow parallels bochs cloop dmg luks
 #   scripts/iotests.sh -f qcow2 -f raw       only these formats
 #   scripts/iotests.sh -f qcow2 020 292      only these tests
 #   scripts/iotests.sh --ci                  the list in tests/iotests/ci.txt, vimgfs only:
@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
     *) tests+=("$1"); shift ;;
   esac
 done
-[ ${#formats[@]} -gt 0 ] || formats=(qcow2 vmdk vdi raw vpc vhdx qed qcow parallels bochs cloop dmg)
+[ ${#formats[@]} -gt 0 ] || formats=(qcow2 vmdk vdi raw vpc vhdx qed qcow parallels bochs cloop dmg luks)
 
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -7,6 +7,7 @@
 
 #include <fmt/format.h>
 
+#include "crypto/secrets.h"
 #include "util/endian.h"
 
 namespace vimgfs::crypto {
@@ -270,8 +271,7 @@ Result<std::unique_ptr<SectorCipher>> OpenLuksCipher(const LuksHeader& h, File& 
                                                      const SecretLookup& secrets,
                                                      const std::string& key_secret, const char* param) {
   if (key_secret.empty()) return Status::InvalidArgument("Parameter '{}' is required for cipher", param);
-  if (!secrets) return Status::NotFound("No secret with id '{}'", key_secret);
-  ASSIGN_OR_RETURN(std::string pass, secrets(key_secret));
+  ASSIGN_OR_RETURN(std::string pass, LookupPassphrase(secrets, key_secret));
   auto key = UnlockLuks(h, file, base, std::as_bytes(std::span(pass)));
   Wipe(std::as_writable_bytes(std::span(pass)));
   if (!key.ok()) return key.error();

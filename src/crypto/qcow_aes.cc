@@ -4,13 +4,14 @@
 #include <array>
 #include <cstring>
 
+#include "crypto/secrets.h"
+
 namespace vimgfs::crypto {
 
 Result<std::unique_ptr<SectorCipher>> OpenQcowAesCipher(const SecretLookup& secrets,
                                                         const std::string& key_secret, const char* param) {
   if (key_secret.empty()) return Status::InvalidArgument("Parameter '{}' is required for cipher", param);
-  if (!secrets) return Status::NotFound("No secret with id '{}'", key_secret);
-  ASSIGN_OR_RETURN(std::string pass, secrets(key_secret));
+  ASSIGN_OR_RETURN(std::string pass, LookupPassphrase(secrets, key_secret));
   // qemu copies the password as a C string: up to its first NUL, at most 16 bytes.
   std::array<std::byte, 16> key{};
   std::memcpy(key.data(), pass.data(), std::min<size_t>(strnlen(pass.c_str(), pass.size()), key.size()));

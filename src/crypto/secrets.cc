@@ -140,6 +140,34 @@ SecretStore& SecretStore::Process() {
   return store;
 }
 
+namespace {
+bool ValidUtf8(const std::string& s) {
+  for (size_t i = 0; i < s.size();) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xe ? 3 : (c >> 3) == 0x1e ? 4 : 0;
+    if (n == 0 || i + n > s.size()) return false;
+    uint32_t cp = n == 1 ? c : c & (0x7f >> n);
+    for (size_t k = 1; k < n; k++) {
+      const auto d = static_cast<unsigned char>(s[i + k]);
+      if ((d & 0xc0) != 0x80) return false;
+      cp = (cp << 6) | (d & 0x3f);
+    }
+    // Overlong forms, surrogates and values past U+10FFFF are not UTF-8.
+    static const uint32_t kMin[] = {0, 0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[n] || (cp >= 0xd800 && cp <= 0xdfff) || cp > 0x10ffff) return false;
+    i += n;
+  }
+  return true;
+}
+}  // namespace
+
+Result<std::string> LookupPassphrase(const SecretLookup& secrets, const std::string& id) {
+  if (!secrets) return Status::NotFound("No secret with id '{}'", id);
+  ASSIGN_OR_RETURN(std::string value, secrets(id));
+  if (!ValidUtf8(value)) return Status::InvalidArgument("Data from secret {} is not valid UTF-8", id);
+  return value;
+}
+
 void ScrubSecretData(char* arg) {
   // "data=" at the start or after a ',' that is not an escaped ",,".
   for (char* p = arg; (p = std::strstr(p, "data=")) != nullptr; p += 5) {

@@ -28,6 +28,10 @@ class SecretStore {
   std::map<std::string, std::string> secrets_;
 };
 
+// The passphrase the secret `id` holds, looked up as qemu looks up key-secret= secrets: it
+// must be valid UTF-8 ("Data from secret X is not valid UTF-8").
+Result<std::string> LookupPassphrase(const SecretLookup& secrets, const std::string& id);
+
 // Overwrites the value of a data= key of an --object argument in place, so that
 // /proc/PID/cmdline (ps, top) no longer shows it once parsed.
 void ScrubSecretData(char* arg);

@@ -9,6 +9,7 @@
 
 #include "crypto/crypt_file.h"
 #include "crypto/luks.h"
+#include "crypto/secrets.h"
 #include "formats/drivers.h"
 #include "formats/format_util.h"
 #include "util/checked.h"
@@ -20,11 +21,6 @@ namespace {
 using crypto::kSectorSize;
 
 constexpr const char* kNeedKey = "Parameter 'key-secret' is required for cipher";
-
-Result<std::string> Passphrase(const SecretLookup& secrets, const std::string& id) {
-  if (!secrets) return Status::NotFound("No secret with id '{}'", id);
-  return secrets(id);
-}
 
 class LuksMap final : public ClusterMap {
  public:
@@ -222,11 +218,18 @@ class LuksDriverImpl final : public FormatDriver {
     std::string key_secret;
     RETURN_IF_ERROR(ParseOptions(ctx.options, &o, &key_secret));
     if (key_secret.empty()) return Status::InvalidArgument("{}", kNeedKey);
-    ASSIGN_OR_RETURN(std::string pass, Passphrase(ctx.secrets, key_secret));
     ASSIGN_OR_RETURN(auto f, CreateImageFile(ctx, ctx.path));
-    auto made = crypto::CreateLuks(o, *f, 0, std::as_bytes(std::span(pass)));
-    crypto::Wipe(std::as_writable_bytes(std::span(pass)));
-    if (!made.ok()) return made.error();
+    // A failure from here on removes the file, a pre-existing one too, as qemu does.
+    auto fail = [&](const Status& s) {
+      f.reset();
+      (void)(ctx.env ? ctx.env : Env::Default())->Remove(ctx.path);
+      return s;
+    };
+    auto pass = crypto::LookupPassphrase(ctx.secrets, key_secret);
+    if (!pass.ok()) return fail(pass.error());
+    auto made = crypto::CreateLuks(o, *f, 0, std::as_bytes(std::span(*pass)));
+    crypto::Wipe(std::as_writable_bytes(std::span(*pass)));
+    if (!made.ok()) return fail(made.error());
     crypto::Wipe(made->master_key);
     const uint64_t payload = uint64_t{made->header.payload_offset_sector} * kSectorSize;
     if (ctx.size > uint64_t{INT64_MAX} - payload)

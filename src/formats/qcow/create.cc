@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "crypto/secrets.h"
 #include "formats/drivers.h"
 #include "formats/format_util.h"
 #include "formats/qcow/qcow_internal.h"
@@ -35,8 +36,7 @@ Status CreateQcow(const CreateContext& ctx) {
   if (aes) {  // qemu checks the secret now
     if (key_secret.empty())
       return Status::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher");
-    if (!ctx.secrets) return Status::NotFound("No secret with id '{}'", key_secret);
-    RETURN_IF_ERROR(ctx.secrets(key_secret).status());
+    RETURN_IF_ERROR(crypto::LookupPassphrase(ctx.secrets, key_secret).status());
   }
   if (size == 0) return Status::InvalidArgument("Image size is too small, cannot be zero length");
   if (size > limits::kMaxVirtualSize) {

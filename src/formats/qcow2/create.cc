@@ -11,6 +11,7 @@
 #include "formats/drivers.h"
 #include "formats/format_util.h"
 #include "crypto/luks.h"
+#include "crypto/secrets.h"
 #include "formats/qcow2/qcow2_internal.h"
 #include "util/endian.h"
 #include "util/limits.h"
@@ -265,8 +266,7 @@ Status CreateImage(const CreateContext& ctx) {
   ASSIGN_OR_RETURN(std::vector<std::byte> head, SerializeHeader(h));
   std::string passphrase;
   if (p.luks) {
-    if (!ctx.secrets) return Status::NotFound("No secret with id '{}'", p.key_secret);
-    ASSIGN_OR_RETURN(passphrase, ctx.secrets(p.key_secret));  // must exist, as qemu reads it
+    ASSIGN_OR_RETURN(passphrase, crypto::LookupPassphrase(ctx.secrets, p.key_secret));  // as qemu reads it
   }
 
   if (has_data_file) {
