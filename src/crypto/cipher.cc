@@ -151,50 +151,59 @@ Result<std::unique_ptr<SectorCipher>> SectorCipher::Create(const CipherSpec& spe
   if (spec.ivgen == IvGen::kEssiv) {
     // ESSIV: the IV is the sector number encrypted (ECB) with the hash of the key, by the
     // same cipher family with the hash's size as key size (qemu's rule).
-    std::vector<std::byte> salt = HashOf(spec.ivgen_hash, key);
-    auto essiv_alg = CipherAlg::FromFamily(spec.alg.family, salt.size());
-    if (!essiv_alg.ok()) {
-      Wipe(salt);
-      return Status::Unsupported("No {} cipher with key size {} available", spec.alg.family, salt.size());
-    }
-    auto h = OpenKeyed(essiv_alg->algo, GCRY_CIPHER_MODE_ECB, salt);
-    Wipe(salt);
-    if (!h.ok()) return h.error();
-    c->essiv_ = *h;
+    c->essiv_key_ = HashOf(spec.ivgen_hash, key);
+    auto essiv_alg = CipherAlg::FromFamily(spec.alg.family, c->essiv_key_.size());
+    if (!essiv_alg.ok())
+      return Status::Unsupported("No {} cipher with key size {} available", spec.alg.family,
+                                 c->essiv_key_.size());
+    c->essiv_algo_ = essiv_alg->algo;
   }
-  // One handle now, so that a bad key is reported here rather than at the first I/O.
-  ASSIGN_OR_RETURN(void* first, c->TakeHandle());
-  c->ReturnHandle(first);
+  // One pair now, so that a bad key is reported here rather than at the first I/O.
+  ASSIGN_OR_RETURN(Handles first, c->TakeHandles());
+  c->ReturnHandles(first);
   return c;
 }
 
 SectorCipher::~SectorCipher() {
-  for (void* h : idle_) gcry_cipher_close(static_cast<gcry_cipher_hd_t>(h));
-  if (essiv_) gcry_cipher_close(static_cast<gcry_cipher_hd_t>(essiv_));
+  for (const Handles& h : idle_) {
+    gcry_cipher_close(static_cast<gcry_cipher_hd_t>(h.data));
+    if (h.essiv) gcry_cipher_close(static_cast<gcry_cipher_hd_t>(h.essiv));
+  }
   Wipe(key_);
+  Wipe(essiv_key_);
 }
 
-Result<void*> SectorCipher::TakeHandle() {
+Result<SectorCipher::Handles> SectorCipher::TakeHandles() {
   {
     std::lock_guard lk(mu_);
     if (!idle_.empty()) {
-      void* h = idle_.back();
+      Handles h = idle_.back();
       idle_.pop_back();
       return h;
     }
   }
-  ASSIGN_OR_RETURN(gcry_cipher_hd_t h, OpenKeyed(spec_.alg.algo, GcryMode(spec_.mode), key_));
-  return static_cast<void*>(h);
+  Handles h;
+  ASSIGN_OR_RETURN(gcry_cipher_hd_t data, OpenKeyed(spec_.alg.algo, GcryMode(spec_.mode), key_));
+  h.data = data;
+  if (essiv_algo_) {
+    auto essiv = OpenKeyed(essiv_algo_, GCRY_CIPHER_MODE_ECB, essiv_key_);
+    if (!essiv.ok()) {
+      gcry_cipher_close(data);
+      return essiv.error();
+    }
+    h.essiv = *essiv;
+  }
+  return h;
 }
 
-void SectorCipher::ReturnHandle(void* handle) {
+void SectorCipher::ReturnHandles(Handles h) {
   std::lock_guard lk(mu_);
-  idle_.push_back(handle);
+  idle_.push_back(h);
 }
 
 Status SectorCipher::Crypt(uint64_t sector, std::span<std::byte> data, bool encrypt) {
-  ASSIGN_OR_RETURN(void* raw, TakeHandle());
-  auto h = static_cast<gcry_cipher_hd_t>(raw);
+  ASSIGN_OR_RETURN(Handles handles, TakeHandles());
+  auto h = static_cast<gcry_cipher_hd_t>(handles.data);
   const size_t iv_len = spec_.alg.block_size;
   std::array<std::byte, 16> iv{};
   Status st;
@@ -208,8 +217,7 @@ Status SectorCipher::Crypt(uint64_t sector, std::span<std::byte> data, bool encr
         StoreLE<uint64_t>(iv.data(), sector);
       }
       if (spec_.ivgen == IvGen::kEssiv) {
-        auto e = static_cast<gcry_cipher_hd_t>(essiv_);
-        // The ECB handle is shared: it only encrypts one block, never changes state.
+        auto e = static_cast<gcry_cipher_hd_t>(handles.essiv);
         if (gcry_error_t err = gcry_cipher_encrypt(e, iv.data(), iv_len, nullptr, 0))
           st = GcryError("essiv", err);
       }
@@ -222,7 +230,7 @@ Status SectorCipher::Crypt(uint64_t sector, std::span<std::byte> data, bool encr
                                : gcry_cipher_decrypt(h, s.data(), s.size(), nullptr, 0);
     if (err) st = GcryError(encrypt ? "encrypt" : "decrypt", err);
   }
-  ReturnHandle(raw);
+  ReturnHandles(handles);
   return st;
 }
 

@@ -71,15 +71,21 @@ class SectorCipher {
 
  private:
   SectorCipher() = default;
+  // libgcrypt handles keep state: each call takes a pair of its own.
+  struct Handles {
+    void* data = nullptr;   // the disk's cipher and mode
+    void* essiv = nullptr;  // ECB keyed with hash(key), for essiv IVs (null otherwise)
+  };
   Status Crypt(uint64_t sector, std::span<std::byte> data, bool encrypt);
-  Result<void*> TakeHandle();
-  void ReturnHandle(void* handle);
+  Result<Handles> TakeHandles();
+  void ReturnHandles(Handles h);
 
   CipherSpec spec_;
   std::vector<std::byte> key_;
-  void* essiv_ = nullptr;  // ECB handle keyed with hash(key), for essiv IVs
+  int essiv_algo_ = 0;
+  std::vector<std::byte> essiv_key_;
   std::mutex mu_;
-  std::vector<void*> idle_;
+  std::vector<Handles> idle_;
 };
 
 // PBKDF2 (RFC 8018) of `password` with `salt` and `iterations` rounds of HMAC-`hash`.

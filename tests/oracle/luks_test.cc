@@ -35,6 +35,33 @@ std::string Opts(const std::string& file, const char* secret = "s0") {
   return fmt::format("--image-opts driver=luks,key-secret={},file.filename={}", secret, file);
 }
 
+// Opens `path` (format `fmt`, passphrase "abc") and writes from eight threads at once:
+// thread t writes bytes [k*stride + t*run, +run) with 0x10 + t for k < rounds, so runs of
+// neighbouring threads share sectors (and clusters). `model` gets the same bytes.
+void WriteInterleaved(const std::string& path, const char* fmt, uint64_t stride, uint64_t run,
+                      uint64_t rounds, std::vector<uint8_t>* model) {
+  OpenOptions o;
+  o.format = fmt;
+  o.key_secret = "s0";
+  o.secrets = [](const std::string&) -> Result<std::string> { return std::string("abc"); };
+  auto img = Image::Open(path, o);
+  ASSERT_TRUE(img.ok()) << img.error().message();
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; t++) {
+    threads.emplace_back([&, t] {
+      std::vector<std::byte> bytes(run, std::byte(0x10 + t));
+      for (uint64_t k = 0; k < rounds; k++) {
+        Status s = (*img)->Write(k * stride + t * run, bytes);
+        if (!s.ok()) ADD_FAILURE() << s.message();
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  for (uint64_t k = 0; k < rounds; k++)
+    for (int t = 0; t < 8; t++) std::fill_n(model->begin() + k * stride + t * run, run, 0x10 + t);
+  ASSERT_TRUE((*img)->Close().ok());
+}
+
 class LuksTest : public CliTwinTest {
  protected:
   // qemu-img create -f luks; qemu times its key derivation by thread CPU time and gives up
@@ -86,30 +113,8 @@ TEST_F(LuksTest, EngineWritesReadBackInQemu) {
     MustSh(fmt::format("qemu-img convert {} {} -O raw q/before.raw", kSecret, Opts("q/w.luks")));
     std::vector<uint8_t> model = ReadWholeFile(F("q/before.raw"));
     ASSERT_EQ(model.size(), 1u << 20);
-    {
-      OpenOptions o;
-      o.format = "luks";
-      o.key_secret = "s0";
-      o.secrets = [](const std::string& id) -> Result<std::string> { return std::string("abc"); };
-      auto img = Image::Open(F("q/w.luks"), o);
-      ASSERT_TRUE(img.ok()) << img.error().message();
-      // Thread t writes bytes [k*1000 + t*125, +125) for every k: runs of 125 bytes
-      // interleaved across threads, so most sectors take writes from several threads.
-      std::vector<std::thread> threads;
-      for (int t = 0; t < 8; t++) {
-        threads.emplace_back([&, t] {
-          std::vector<std::byte> run(125, std::byte(0x10 + t));
-          for (uint64_t k = 0; k < 200; k++) {
-            Status s = (*img)->Write(k * 1000 + t * 125, run);
-            if (!s.ok()) ADD_FAILURE() << s.message();
-          }
-        });
-      }
-      for (auto& th : threads) th.join();
-      for (uint64_t k = 0; k < 200; k++)
-        for (int t = 0; t < 8; t++) std::fill_n(model.begin() + k * 1000 + t * 125, 125, 0x10 + t);
-      ASSERT_TRUE((*img)->Close().ok());
-    }
+    // Runs of 125 bytes: most sectors take writes from several threads.
+    WriteInterleaved(F("q/w.luks"), "luks", 1000, 125, 200, &model);
     MustSh(fmt::format("qemu-img convert {} {} -O raw q/after.raw", kSecret, Opts("q/w.luks")));
     EXPECT_TRUE(ReadWholeFile(F("q/after.raw")) == model);
   }
@@ -258,28 +263,7 @@ TEST_F(EncryptedQcow2Test, VimgfsImagesReadInQemu) {
     EXPECT_EQ(Sh("stat -c %s q/n.qcow2").out, Sh("stat -c %s q/h.qcow2").out);
     // Engine writes from eight threads, unaligned, sharing sectors and clusters.
     std::vector<uint8_t> model(4 << 20, 0);
-    {
-      OpenOptions o;
-      o.format = "qcow2";
-      o.key_secret = "s0";
-      o.secrets = [](const std::string&) -> Result<std::string> { return std::string("abc"); };
-      auto img = Image::Open(F("q/n.qcow2"), o);
-      ASSERT_TRUE(img.ok()) << img.error().message();
-      std::vector<std::thread> threads;
-      for (int t = 0; t < 8; t++) {
-        threads.emplace_back([&, t] {
-          std::vector<std::byte> run(300, std::byte(0x20 + t));
-          for (uint64_t k = 0; k < 150; k++) {
-            Status s = (*img)->Write(k * 9000 + t * 300, run);
-            if (!s.ok()) ADD_FAILURE() << s.message();
-          }
-        });
-      }
-      for (auto& th : threads) th.join();
-      for (uint64_t k = 0; k < 150; k++)
-        for (int t = 0; t < 8; t++) std::fill_n(model.begin() + k * 9000 + t * 300, 300, 0x20 + t);
-      ASSERT_TRUE((*img)->Close().ok());
-    }
+    WriteInterleaved(F("q/n.qcow2"), "qcow2", 9000, 300, 150, &model);
     CommandResult check = Q(fmt::format("check {} {}", kSecret, QOpts("q/n.qcow2")));
     EXPECT_EQ(check.exit_code, 0) << check.out << check.err;
     MustSh(fmt::format("qemu-img convert {} {} -O raw q/after.raw", kSecret, QOpts("q/n.qcow2")));
