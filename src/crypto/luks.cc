@@ -3,6 +3,7 @@
 #include "crypto/luks.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -293,6 +294,28 @@ LuksDetails DescribeLuks(const LuksHeader& h) {
   d.payload_offset = uint64_t{h.payload_offset_sector} * kSectorSize;
   d.master_key_iterations = h.mk_digest_iterations;
   return d;
+}
+
+bool SetLuksCreateOption(const std::string& name, const std::string& value, LuksCreateOptions* o,
+                         std::string* key_secret) {
+  if (name == "key-secret") {
+    *key_secret = value;
+  } else if (name == "cipher-alg") {
+    o->cipher_alg = value;
+  } else if (name == "cipher-mode") {
+    o->cipher_mode = value;
+  } else if (name == "ivgen-alg") {
+    o->ivgen_alg = value;
+  } else if (name == "ivgen-hash-alg") {
+    o->ivgen_hash_alg = value;
+  } else if (name == "hash-alg") {
+    o->hash_alg = value;
+  } else if (name == "iter-time") {
+    o->iter_time_ms = std::strtoull(value.c_str(), nullptr, 10);
+  } else {
+    return false;
+  }
+  return true;
 }
 
 Result<NewLuks> CreateLuks(const LuksCreateOptions& opts, File& file, uint64_t base,

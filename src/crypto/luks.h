@@ -90,6 +90,12 @@ struct LuksCreateOptions {
   uint64_t iter_time_ms = 2000;
 };
 
+// Takes one of qemu's LUKS create options by its name (without qcow2's "encrypt."
+// prefix): cipher-alg, cipher-mode, ivgen-alg, ivgen-hash-alg, hash-alg, iter-time (a
+// number, checked by the command line), key-secret. False: not a LUKS option.
+bool SetLuksCreateOption(const std::string& name, const std::string& value, LuksCreateOptions* o,
+                         std::string* key_secret);
+
 // A new header with a random master key, slot 0 opened by `passphrase`: writes the header
 // and slot 0's key material to `file` at `base` (the area is `payload_offset_sector`
 // sectors) and returns the header and the master key.

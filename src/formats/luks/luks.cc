@@ -104,24 +104,8 @@ class LuksMap final : public ClusterMap {
 Status ParseOptions(const std::map<std::string, std::string>& options, crypto::LuksCreateOptions* o,
                     std::string* key_secret) {
   for (const auto& [k, v] : options) {
-    if (k == "key-secret") {
-      *key_secret = v;
-    } else if (k == "cipher-alg") {
-      o->cipher_alg = v;
-    } else if (k == "cipher-mode") {
-      o->cipher_mode = v;
-    } else if (k == "ivgen-alg") {
-      o->ivgen_alg = v;
-    } else if (k == "ivgen-hash-alg") {
-      o->ivgen_hash_alg = v;
-    } else if (k == "hash-alg") {
-      o->hash_alg = v;
-    } else if (k == "iter-time") {
-      // A number: the command line checked it against the option's type.
-      o->iter_time_ms = std::strtoull(v.c_str(), nullptr, 10);
-    } else if (k != "size") {
+    if (k != "size" && !crypto::SetLuksCreateOption(k, v, o, key_secret))
       return Status::InvalidArgument("Invalid parameter '{}'", k);
-    }
   }
   return Status::Ok();
 }

@@ -107,21 +107,7 @@ Result<CreateParams> ParseParams(const CreateContext& ctx) {
         if (v != "luks" && v != "aes")
           return Status::InvalidArgument("Parameter 'encrypt.format' does not accept value '{}'", v);
         encrypt_format = true;
-      } else if (sub == "key-secret") {
-        p.key_secret = v;
-      } else if (sub == "cipher-alg") {
-        p.luks->cipher_alg = v;
-      } else if (sub == "cipher-mode") {
-        p.luks->cipher_mode = v;
-      } else if (sub == "ivgen-alg") {
-        p.luks->ivgen_alg = v;
-      } else if (sub == "ivgen-hash-alg") {
-        p.luks->ivgen_hash_alg = v;
-      } else if (sub == "hash-alg") {
-        p.luks->hash_alg = v;
-      } else if (sub == "iter-time") {
-        p.luks->iter_time_ms = std::strtoull(v.c_str(), nullptr, 10);  // a number: checked by its type
-      } else {
+      } else if (!crypto::SetLuksCreateOption(sub, v, &*p.luks, &p.key_secret)) {
         return Status::InvalidArgument("Invalid parameter '{}'", key);
       }
     } else {
