@@ -131,7 +131,8 @@ struct Qcow2Details {
   bool lazy_refcounts = false;  // v3 only
   std::vector<Qcow2Bitmap> bitmaps;
   uint32_t refcount_bits = 16;
-  std::optional<std::string> data_file;  // the external data file's name, when there is one
+  bool has_data_file = false;            // an external data file is in use
+  std::optional<std::string> data_file;  // its name, when the image stores one
   bool data_file_raw = false;
   bool corrupt = false;  // v3 only
   bool extended_l2 = false;
@@ -189,6 +190,21 @@ struct CheckReport {
 enum class RepairMode { kNone, kLeaks, kAll };
 
 // One open image's mapping. Created by FormatDriver::Open, driven by vimgfs::Image.
+// The bytes of the secret named `id` (qemu's --object secret), or qemu's "No secret with
+// id 'X'".
+using SecretLookup = std::function<Result<std::string>(const std::string& id)>;
+
+// What `amend` asks of a format (qemu-img amend -o): the options given, each one of the
+// driver's FormatTraits::amend_options, typed as create's (sizes and numbers as decimals,
+// bools as on/off).
+struct AmendRequest {
+  std::map<std::string, std::string> options;
+  bool force = false;  // --force: what qemu only does when forced (erasing the last keyslot)
+  SecretLookup secrets;
+  // Called with the fraction of the work done (0..1) as steps finish (qemu-img amend -p).
+  std::function<void(double)> progress;
+};
+
 class ClusterMap {
  public:
   virtual ~ClusterMap() = default;
@@ -301,11 +317,14 @@ class ClusterMap {
   virtual Status SetBacking(const std::optional<BackingRef>& ref) {
     return Status::Unsupported("this format has no backing file");
   }
+  // qemu-img amend. A `size` option is the engine's (Image::Amend resizes between the two
+  // stages, where qemu's drivers do): kMain makes every other change qemu makes before
+  // the resize, kAfterResize those it makes after it (qcow2's downgrade).
+  enum class AmendStage { kMain, kAfterResize };
+  virtual Status Amend(const AmendRequest& req, AmendStage stage) {
+    return Status::Unsupported("this format does not support option amendment");
+  }
 };
-
-// The bytes of the secret named `id` (qemu's --object secret), or qemu's "No secret with
-// id 'X'".
-using SecretLookup = std::function<Result<std::string>(const std::string& id)>;
 
 // Options a user passes at open time.
 struct OpenOptions {
@@ -331,6 +350,10 @@ struct OpenOptions {
   // --image-opts or json:), and where the caller's secrets are looked up (--object secret).
   std::string key_secret;
   SecretLookup secrets;
+  // qcow2: the external data file named on the user's command line (data-file.filename
+  // in --image-opts or json:), opened instead of the name the image stores. Not passed
+  // down to backing images.
+  std::string data_file;
   // Only metadata is read (qemu-img info, qemu's BDRV_O_NO_IO): an encrypted image opens
   // without its key, and no guest data can be read.
   bool no_io = false;
@@ -423,6 +446,9 @@ struct FormatTraits {
   // Whether qemu's driver answers bdrv_get_info, so that qemu-img info shows "dirty-flag"
   // (bochs, cloop and dmg do not).
   bool reports_dirty_flag = true;
+  // The options `amend -o` takes, as qemu 7.2 lists them; none where qemu's driver cannot
+  // amend ("Format driver 'X' does not support option amendment").
+  std::vector<CreateOptionSpec> amend_options = {};
 };
 
 // A new image written front to back, each allocation unit stored once as one compressed

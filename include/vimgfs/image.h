@@ -150,6 +150,9 @@ class Image {
   // Rewrites the backing reference stored in the image (rebase, commit). backing() still
   // shows the chain opened with the image until it is opened again.
   Status SetBacking(const std::optional<BackingRef>& ref);
+  // qemu-img amend: the format's changes, with a resize to a `size` option (not 0) made
+  // between its two stages as qemu's drivers order it (ClusterMap::Amend).
+  Status Amend(const AmendRequest& req);
   // Stores the allocation unit at off (aligned to cluster_size()) as one stream already
   // compressed in the image's codec (convert -c).
   Status WriteCompressed(uint64_t off, std::span<const std::byte> stream);

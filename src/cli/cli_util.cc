@@ -308,6 +308,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   ImageOpen o = given;
   bool no_locks = false;    // locking=off in an image spec
   std::string name = path;  // the host file's name, as typed or from a json:/image-opts spec
+  std::string data_file;    // qcow2's data file, when the spec names it
   if (o.image_opts || IsJsonName(path)) {
     ASSIGN_OR_RETURN(ImageSpec spec, ParseImageSpec(path, o.image_opts));
     o.format = spec.format;
@@ -320,6 +321,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
     o.open_backing = o.open_backing && !spec.no_backing;
     name = spec.filename;
     if (!spec.key_secret.empty()) o.key_secret = spec.key_secret;
+    data_file = spec.data_file;
   }
   OpenOptions opts;
   opts.format = o.format;
@@ -332,6 +334,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.keep_bitmaps = o.keep_bitmaps;
   opts.no_io = o.no_io;
   opts.key_secret = o.key_secret;
+  opts.data_file = data_file;
   opts.secrets = crypto::SecretStore::Process().Lookup();
   if (!o.format.empty() && IsUndrivenQemuFormat(o.format))
     return Status::Unsupported("Could not open '{}': image format '{}' is not supported", path, o.format);

@@ -29,6 +29,9 @@ void PrintError(const std::string& msg);
 void PrintFileError(const std::string& path, const Status& s);
 // msg without a leading "'path': " (the format layer names the file it failed on).
 std::string StripPathPrefix(const std::string& path, const std::string& msg);
+// A lock conflict in qemu-img's two lines when run as qemu-img ("... lock\nIs another
+// process using the image [x.qcow2]?"); other messages as they are.
+std::string AsQemuWordsLocks(const Status& s);
 // The message of an error opening `path`, as qemu-img words it: "Could not open 'x': ...".
 std::string OpenErrorMessage(const std::string& path, const Status& s);
 // Reports a bad command line like qemu-img: the message and a pointer to --help. Returns 1.

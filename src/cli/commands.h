@@ -14,6 +14,7 @@ int RunResize(int argc, char** argv);
 int RunSnapshot(int argc, char** argv);
 int RunRebase(int argc, char** argv);
 int RunCommit(int argc, char** argv);
+int RunAmend(int argc, char** argv);
 int RunMeasure(int argc, char** argv);
 int RunDd(int argc, char** argv);
 int RunBench(int argc, char** argv);

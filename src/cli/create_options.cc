@@ -48,6 +48,8 @@ const Desc* FindDesc(const std::vector<Desc>& descs, const std::string& name) {
   return nullptr;
 }
 
+Status ParseOptionsOf(const std::vector<Desc>& descs, const std::string& text, OptionList* opts);
+
 // qemu's drivers that create no images and that vimgfs has no driver for. Read-only
 // formats vimgfs drives (bochs, cloop, dmg) say so by their traits.
 bool IsQemuReadOnlyFormat(const std::string& fmt) {
@@ -80,6 +82,18 @@ const char* TypeLabel(Kind k) {
       break;
   }
   return "str";
+}
+
+// qemu_opts_print_help: one line per option, sorted.
+void PrintOptionLines(const std::vector<Desc>& descs) {
+  std::vector<std::string> lines;
+  for (const Desc& d : descs) {
+    std::string line = fmt::format("  {}=<{}>", d.name, TypeLabel(d.type));
+    if (line.size() < 24) line.resize(24, ' ');
+    lines.push_back(line + " - " + d.help);
+  }
+  std::sort(lines.begin(), lines.end());
+  for (const std::string& l : lines) std::printf("%s\n", l.c_str());
 }
 
 // qemu's get_opt_value: up to an unescaped ',' (",," is a comma); returns the position
@@ -204,19 +218,11 @@ int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename) {
       return 1;
     }
   }
-  std::vector<Desc> descs = filename ? MergedDescs(fmt) : *FormatDescs(fmt);
-  std::vector<std::string> lines;
-  for (const Desc& d : descs) {
-    std::string line = fmt::format("  {}=<{}>", d.name, TypeLabel(d.type));
-    if (line.size() < 24) line.resize(24, ' ');
-    lines.push_back(line + " - " + d.help);
-  }
-  std::sort(lines.begin(), lines.end());
   if (filename)
     std::printf("Supported options:\n");
   else
     std::printf("Supported %s options:\n", fmt.c_str());
-  for (const std::string& l : lines) std::printf("%s\n", l.c_str());
+  PrintOptionLines(filename ? MergedDescs(fmt) : *FormatDescs(fmt));
   if (!filename)
     std::printf(
         "\nThe protocol level may support further options.\n"
@@ -225,7 +231,50 @@ int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename) {
 }
 
 Status ParseCreateOptions(const std::string& fmt, const std::string& text, OptionList* opts) {
-  const std::vector<Desc> descs = MergedDescs(fmt);
+  return ParseOptionsOf(MergedDescs(fmt), text, opts);
+}
+
+int PrintAmendOptionHelp(const std::string& fmt) {
+  const FormatDriver* d = FindFormat(fmt);
+  if (!d && !IsUndrivenQemuFormat(fmt) && fmt != "file") {
+    PrintError(fmt::format("Unknown file format '{}'", fmt));
+    return 1;
+  }
+  if (!d || d->traits().amend_options.empty()) {
+    PrintError(fmt::format("Format driver '{}' does not support option amendment", fmt));
+    return 1;
+  }
+  std::printf("Amend options for '%s':\n", fmt.c_str());
+  PrintOptionLines(d->traits().amend_options);
+  return 0;
+}
+
+Status ParseAmendOptions(const FormatDriver& driver, const std::string& text,
+                         std::map<std::string, std::string>* out) {
+  const std::vector<Desc>& descs = driver.traits().amend_options;
+  OptionList opts;
+  Status s = ParseOptionsOf(descs, text, &opts);
+  if (!s.ok()) {
+    // What the create options would take is worth a hint, as qemu-img gives it.
+    std::vector<Desc> with_create = descs;
+    with_create.insert(with_create.end(), driver.traits().create_options.begin(),
+                       driver.traits().create_options.end());
+    OptionList scratch;
+    if (ParseOptionsOf(with_create, text, &scratch).ok())
+      return Status::Error(s.kind(), s.err(),
+                           s.message() + "\nThis option is only supported for image creation");
+    return s;
+  }
+  for (const auto& [k, v] : opts) {
+    const Desc* d = FindDesc(descs, k);
+    (*out)[k] = d->type == Kind::kBool ? (IsTrue(v) ? "on" : "off") : v;
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+Status ParseOptionsOf(const std::vector<Desc>& descs, const std::string& text, OptionList* opts) {
   size_t pos = 0;
   while (pos < text.size()) {
     // qemu's get_opt_name_value: "name=value" or a bare "name" (on) or "noname" (off).
@@ -253,6 +302,8 @@ Status ParseCreateOptions(const std::string& fmt, const std::string& text, Optio
   }
   return Status::Ok();
 }
+
+}  // namespace
 
 bool SetCreateOption(const std::string& fmt, const std::string& name, const std::string& value,
                      OptionList* opts) {

@@ -32,6 +32,14 @@ bool HasHelpOption(const std::string& options);
 // is given ("Supported options:"), else the format's alone. Returns the exit code.
 int PrintCreateOptionHelp(const std::string& fmt, const std::string* filename);
 
+// `amend -o help`: the amend options of fmt ("Amend options for 'fmt':"), or qemu's
+// error for a format that has none. Returns the exit code.
+int PrintAmendOptionHelp(const std::string& fmt);
+// Parses the -o text of amend against the driver's amend options, as create's (bools as
+// on/off); an option only create takes fails with qemu's hint on the next line.
+Status ParseAmendOptions(const FormatDriver& driver, const std::string& text,
+                         std::map<std::string, std::string>* out);
+
 // Why a format cannot be created: "Unknown file format 'x'" or "Format driver 'x' does not
 // support image creation". Empty when it can (qcow2, vmdk, vdi, vpc, vhdx, qcow, raw, file).
 std::string CreateFormatError(const std::string& fmt);

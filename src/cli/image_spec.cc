@@ -166,6 +166,10 @@ Result<ImageSpec> Interpret(Flat opts) {
       return Invalid(spec,
                      Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d));
     if (auto f = take("file.filename")) filename = *f;
+    if (auto d = take("data-file.driver"); d && *d != "file")
+      return Invalid(spec,
+                     Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d));
+    if (auto f = take("data-file.filename")) spec.data_file = *f;
     if (auto l = take("file.locking")) spec.no_locks = *l == "off" || *l == "false";
     for (auto it = opts.begin(); it != opts.end();) {
       const std::string& k = it->first;

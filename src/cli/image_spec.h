@@ -1,7 +1,7 @@
 // Image names as qemu-img takes them on its command line besides a plain file name:
 // `json:{...}` (any command) and the key=value lists of --image-opts. Both describe a
 // format driver over the file protocol; vimgfs reads the driver, the file name, a null
-// backing file, read-only and force-share, and accepts the tuning options qemu's drivers
+// backing file, read-only and force-share, qcow2's data file, and accepts the tuning options qemu's drivers
 // take (cache sizes, discard passing, overlap checks, aio, locking), which change nothing
 // here. Names found inside images are never read this way (docs/ARCHITECTURE.md, "Names
 // inside images"): only the user's own command line.
@@ -23,6 +23,7 @@ struct ImageSpec {
   std::optional<bool> force_share;  // given in the spec
   bool no_locks = false;            // file.locking=off: the user takes no lock, even to write
   std::string key_secret;           // the ID of the --object secret that unlocks the image
+  std::string data_file;            // qcow2's external data file (data-file.filename)
   Status invalid;                   // what cannot be opened as asked (checked after -U)
 };
 

@@ -46,10 +46,8 @@ nlohmann::ordered_json Qcow2Json(const Qcow2Details& d) {
     e["format"] = d.encrypt_format;
     data["encrypt"] = e;
   }
-  if (d.data_file) {
-    data["data-file"] = *d.data_file;
-    data["data-file-raw"] = d.data_file_raw;
-  }
+  if (d.data_file) data["data-file"] = *d.data_file;
+  if (d.has_data_file) data["data-file-raw"] = d.data_file_raw;
   if (d.v3) {
     data["corrupt"] = d.corrupt;
     data["extended-l2"] = d.extended_l2;

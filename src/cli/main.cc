@@ -26,6 +26,7 @@ const Command kCommands[] = {
     {"snapshot", vimgfs::cli::RunSnapshot, "snapshot [-l | -c name | -a name | -d name] file"},
     {"rebase", vimgfs::cli::RunRebase, "rebase [-f fmt] [-u] -b backing [-F fmt] file"},
     {"commit", vimgfs::cli::RunCommit, "commit [-f fmt] [-d] [-b base] file"},
+    {"amend", vimgfs::cli::RunAmend, "amend [-f fmt] [-p] [--force] -o options file"},
     {"dd", vimgfs::cli::RunDd, "dd [-f fmt] [-O fmt] [bs=N] [count=N] [skip=N] if=input of=output"},
     {"bench", vimgfs::cli::RunBench, "bench [-c count] [-d depth] [-f fmt] [-s size] [-w] [-t cache] file"},
     {"measure", vimgfs::cli::RunMeasure,
@@ -42,8 +43,8 @@ void PrintUsage(FILE* out) {
                VIMGFS_VERSION);
   for (const Command& c : kCommands) std::fprintf(out, "  %s\n", c.synopsis);
   std::fprintf(out,
-               "\nFormats: qcow2, vmdk, vdi, vpc (VHD), vhdx, qed, qcow, parallels, raw (detected from\n"
-               "content unless -f is given).\n"
+               "\nFormats: qcow2, vmdk, vdi, vpc (VHD), vhdx, qed, qcow, parallels, luks, raw (detected\n"
+               "from content unless -f is given).\n"
                "Read-only, as in qemu: bochs, cloop, dmg (Apple disk images, known by their .dmg name).\n"
                "Run 'vimgfs COMMAND --help' for a command's options, 'vimgfs mount --help'\n"
                "for the mount options, and see vimgfs(1).\n");

@@ -237,35 +237,122 @@ Result<LuksHeader> ParseLuksHeader(std::span<const std::byte> head, uint64_t fil
   return h;
 }
 
-Result<std::vector<std::byte>> UnlockLuks(const LuksHeader& h, File& file, uint64_t base,
-                                          std::span<const std::byte> passphrase, UnlockLimits limits) {
+namespace {
+
+// The master key if slot `i` is active and `passphrase` opens it, else nullopt.
+Result<std::optional<std::vector<std::byte>>> TrySlot(const LuksHeader& h, size_t i, File& file,
+                                                      uint64_t base, std::span<const std::byte> passphrase,
+                                                      const UnlockLimits& limits) {
+  const LuksSlot& slot = h.slots[i];
+  if (!slot.active || slot.iterations > limits.max_iterations) return std::optional<std::vector<std::byte>>();
   const uint64_t split_bytes = SplitKeyBytes(h.key_bytes, kLuksStripes);
   if (split_bytes % kSectorSize)  // qemu's reader asserts on this (aes-192 outside XTS)
     return Status::Unsupported("LUKS key material of {} bytes is not whole sectors", split_bytes);
   if (h.mk_digest_iterations > limits.max_iterations)
     return Status::Unsupported("LUKS master key digest takes {} PBKDF2 iterations", h.mk_digest_iterations);
   std::vector<std::byte> split(split_bytes), slot_key(h.key_bytes);
-  for (const LuksSlot& slot : h.slots) {
-    if (!slot.active) continue;
-    if (slot.iterations > limits.max_iterations) continue;
-    RETURN_IF_ERROR(Pbkdf2(h.hash, passphrase, slot.salt, slot.iterations, slot_key));
-    RETURN_IF_ERROR(file.PRead(base + uint64_t{slot.key_offset_sector} * kSectorSize, split));
-    ASSIGN_OR_RETURN(auto cipher, SlotCipher(h, slot_key));
-    RETURN_IF_ERROR(cipher->Decrypt(0, split));
-    std::vector<std::byte> key = AfMerge(h.hash, split, h.key_bytes, kLuksStripes);
-    Status st;
-    std::array<std::byte, 20> digest = MasterKeyDigest(h, key, &st);
-    if (st.ok() && digest == h.mk_digest) {
-      Wipe(split);
-      Wipe(slot_key);
-      return key;
-    }
-    Wipe(key);
-    RETURN_IF_ERROR(st);
+  Status st = Pbkdf2(h.hash, passphrase, slot.salt, slot.iterations, slot_key);
+  if (st.ok()) st = file.PRead(base + uint64_t{slot.key_offset_sector} * kSectorSize, split);
+  std::unique_ptr<SectorCipher> cipher;
+  if (st.ok()) {
+    auto c = SlotCipher(h, slot_key);
+    Wipe(slot_key);
+    if (!c.ok()) return c.error();
+    cipher = std::move(*c);
+    st = cipher->Decrypt(0, split);
   }
-  Wipe(split);
   Wipe(slot_key);
+  if (!st.ok()) {
+    Wipe(split);
+    return st;
+  }
+  std::vector<std::byte> key = AfMerge(h.hash, split, h.key_bytes, kLuksStripes);
+  Wipe(split);
+  std::array<std::byte, 20> digest = MasterKeyDigest(h, key, &st);
+  if (st.ok() && digest == h.mk_digest) return std::optional(std::move(key));
+  Wipe(key);
+  RETURN_IF_ERROR(st);
+  return std::optional<std::vector<std::byte>>();
+}
+
+// An error with qemu's hint on the line after it (error_append_hint).
+Status WithHint(const Status& s, const std::string& hint) {
+  return Status::Error(s.kind(), s.err(), s.message() + "\n" + hint);
+}
+
+Status InvalidPassword() {
   return Status::Error(ErrorKind::kInvalidArgument, EPERM, "Invalid password, cannot unlock any keyslot");
+}
+
+// PBKDF2 iterations that take about iter_time_ms here (qemu's rule for slots, digest /8).
+Result<uint32_t> IterationsFor(const LuksHeader& h, uint64_t iter_time_ms, uint64_t divisor) {
+  ASSIGN_OR_RETURN(uint64_t ips, Pbkdf2IterationsPerSecond(h.hash, h.key_bytes));
+  if (iter_time_ms && ips > UINT64_MAX / iter_time_ms)
+    return Status::InvalidArgument("PBKDF iterations {} too large to scale", ips);
+  uint64_t iters = std::max<uint64_t>(ips * iter_time_ms / 1000 / divisor, kMinIterations);
+  if (iters > UINT32_MAX)
+    return Status::InvalidArgument("PBKDF iterations {} larger than {}", iters, UINT32_MAX);
+  return static_cast<uint32_t>(iters);
+}
+
+// Makes slot `i` hold `master_key` under `passphrase`, with a new salt: key material
+// first, then the header naming the slot active, so a crash never leaves an active slot
+// whose material does not match it.
+Status StoreSlot(LuksHeader* h, size_t i, File& file, uint64_t base, std::span<const std::byte> master_key,
+                 std::span<const std::byte> passphrase, uint64_t iter_time_ms) {
+  LuksSlot& slot = h->slots[i];
+  if (slot.active) {
+    // Overwriting a slot (--force): it stops being active before its material changes.
+    slot.active = false;
+    RETURN_IF_ERROR(file.PWrite(base, h->Encode(), IoTag::kHeader));
+    RETURN_IF_ERROR(file.Sync(true));
+  }
+  RandomBytes(slot.salt);
+  ASSIGN_OR_RETURN(slot.iterations, IterationsFor(*h, iter_time_ms, 1));
+  std::vector<std::byte> slot_key(h->key_bytes);
+  RETURN_IF_ERROR(Pbkdf2(h->hash, passphrase, slot.salt, slot.iterations, slot_key));
+  std::vector<std::byte> split = AfSplit(h->hash, master_key, kLuksStripes);
+  auto cipher = SlotCipher(*h, slot_key);
+  Wipe(slot_key);
+  Status st = cipher.ok() ? (*cipher)->Encrypt(0, split) : cipher.error();
+  if (st.ok()) st = file.PWrite(base + uint64_t{slot.key_offset_sector} * kSectorSize, split, IoTag::kHeader);
+  Wipe(split);
+  RETURN_IF_ERROR(st);
+  RETURN_IF_ERROR(file.Sync(true));
+  slot.active = true;
+  RETURN_IF_ERROR(file.PWrite(base, h->Encode(), IoTag::kHeader));
+  return file.Sync(true);
+}
+
+// Marks slot `i` inactive, then overwrites its key material with random bytes (16
+// passes, as qemu and cryptsetup do).
+Status EraseSlot(LuksHeader* h, size_t i, File& file, uint64_t base) {
+  LuksSlot& slot = h->slots[i];
+  slot.salt.fill(std::byte{0});
+  slot.iterations = 0;
+  slot.active = false;
+  Status header = file.PWrite(base, h->Encode(), IoTag::kHeader);
+  if (header.ok()) header = file.Sync(true);
+  std::vector<std::byte> garbage(SplitKeyBytes(h->key_bytes, kLuksStripes));
+  for (int pass = 0; pass < 16; pass++) {
+    RandomBytes(garbage);
+    RETURN_IF_ERROR(
+        file.PWrite(base + uint64_t{slot.key_offset_sector} * kSectorSize, garbage, IoTag::kHeader));
+  }
+  RETURN_IF_ERROR(file.Sync(true));
+  return header;
+}
+
+}  // namespace
+
+Result<std::vector<std::byte>> UnlockLuks(const LuksHeader& h, File& file, uint64_t base,
+                                          std::span<const std::byte> passphrase, UnlockLimits limits) {
+  for (size_t i = 0; i < kLuksSlots; i++) {
+    ASSIGN_OR_RETURN(std::optional<std::vector<std::byte>> key,
+                     TrySlot(h, i, file, base, passphrase, limits));
+    if (key) return std::move(*key);
+  }
+  return InvalidPassword();
 }
 
 Result<std::unique_ptr<SectorCipher>> OpenLuksCipher(const LuksHeader& h, File& file, uint64_t base,
@@ -352,13 +439,7 @@ Result<NewLuks> CreateLuks(const LuksCreateOptions& opts, File& file, uint64_t b
   // The digest's iterations: an eighth of iter-time, so that all eight slots together
   // take about iter-time to try (cryptsetup's rule, which qemu keeps).
   RandomBytes(h.mk_digest_salt);
-  ASSIGN_OR_RETURN(uint64_t ips, Pbkdf2IterationsPerSecond(h.hash, h.key_bytes));
-  if (opts.iter_time_ms && ips > UINT64_MAX / opts.iter_time_ms)
-    return Status::InvalidArgument("PBKDF iterations would overflow");
-  uint64_t iters = std::max<uint64_t>(ips * opts.iter_time_ms / 1000 / 8, kMinIterations);
-  if (iters > UINT32_MAX)
-    return Status::InvalidArgument("PBKDF iterations {} larger than {}", iters, UINT32_MAX);
-  h.mk_digest_iterations = static_cast<uint32_t>(iters);
+  ASSIGN_OR_RETURN(h.mk_digest_iterations, IterationsFor(h, opts.iter_time_ms, 8));
   Status st;
   h.mk_digest = MasterKeyDigest(h, out.master_key, &st);
   RETURN_IF_ERROR(st);
@@ -370,33 +451,159 @@ Result<NewLuks> CreateLuks(const LuksCreateOptions& opts, File& file, uint64_t b
   }
   h.payload_offset_sector = kHeaderSectors + kLuksSlots * split_sectors;
 
-  // Slot 0: the passphrase's key protects the split master key.
-  LuksSlot& slot = h.slots[0];
-  RandomBytes(slot.salt);
-  ASSIGN_OR_RETURN(ips, Pbkdf2IterationsPerSecond(h.hash, h.key_bytes));
-  if (opts.iter_time_ms && ips > UINT64_MAX / opts.iter_time_ms)
-    return Status::InvalidArgument("PBKDF iterations would overflow");
-  iters = std::max<uint64_t>(ips * opts.iter_time_ms / 1000, kMinIterations);
-  if (iters > UINT32_MAX)
-    return Status::InvalidArgument("PBKDF iterations {} larger than {}", iters, UINT32_MAX);
-  slot.iterations = static_cast<uint32_t>(iters);
-  std::vector<std::byte> slot_key(h.key_bytes);
-  RETURN_IF_ERROR(Pbkdf2(h.hash, passphrase, slot.salt, slot.iterations, slot_key));
-  std::vector<std::byte> split = AfSplit(h.hash, out.master_key, kLuksStripes);
-  auto cipher = SlotCipher(h, slot_key);
-  Wipe(slot_key);
-  if (!cipher.ok()) return cipher.error();
-  RETURN_IF_ERROR((*cipher)->Encrypt(0, split));
-  // The area first (truncated to its size), then the key material, then the header that
-  // names it active: a crash leaves no header pointing at missing key material.
+  // The area first (truncated to its size), then slot 0 (its key material, then the
+  // header that names it active): a crash leaves no header pointing at missing material.
   ASSIGN_OR_RETURN(uint64_t file_size, file.Size());
   if (file_size < base + uint64_t{h.payload_offset_sector} * kSectorSize)
     RETURN_IF_ERROR(file.Truncate(base + uint64_t{h.payload_offset_sector} * kSectorSize));
-  RETURN_IF_ERROR(file.PWrite(base + uint64_t{slot.key_offset_sector} * kSectorSize, split, IoTag::kHeader));
-  Wipe(split);
-  slot.active = true;
-  RETURN_IF_ERROR(file.PWrite(base, h.Encode(), IoTag::kHeader));
+  RETURN_IF_ERROR(StoreSlot(&h, 0, file, base, out.master_key, passphrase, opts.iter_time_ms));
   return out;
+}
+
+const std::vector<CreateOptionSpec>& LuksAmendOptionSpecs(const std::string& prefix) {
+  using T = CreateOptionSpec::Type;
+  static const struct {
+    const char* name;
+    T type;
+    const char* help;
+  } kOptions[] = {
+      {"state", T::kString, "Select new state of affected keyslots (active/inactive)"},
+      {"keyslot", T::kNumber, "Select a single keyslot to modify explicitly"},
+      {"old-secret", T::kString, "Select all keyslots that match this password"},
+      {"new-secret", T::kString, "New secret to set in the matching keyslots. Empty string to erase"},
+      {"iter-time", T::kNumber, "Time to spend in PBKDF in milliseconds"},
+  };
+  // Built in place and never moved: the specs point into the names.
+  struct Specs {
+    explicit Specs(const std::string& p) {
+      for (const auto& o : kOptions) names.push_back(p + o.name);
+      for (size_t i = 0; i < names.size(); i++)
+        specs.push_back({names[i].c_str(), kOptions[i].type, kOptions[i].help});
+    }
+    std::vector<std::string> names;
+    std::vector<CreateOptionSpec> specs;
+  };
+  static const Specs kPlain(""), kEncrypt("encrypt.");
+  return prefix.empty() ? kPlain.specs : kEncrypt.specs;
+}
+
+Result<LuksAmendOptions> ReadLuksAmendOptions(const std::map<std::string, std::string>& options,
+                                              const std::string& prefix) {
+  LuksAmendOptions o;
+  bool has_state = false;
+  for (const auto& [key, v] : options) {
+    if (key.rfind(prefix, 0) != 0) continue;
+    const std::string name = key.substr(prefix.size());
+    if (name == "state") {
+      if (v != "active" && v != "inactive")
+        return Status::InvalidArgument("Parameter 'state' does not accept value '{}'", v);
+      o.activate = v == "active";
+      has_state = true;
+    } else if (name == "keyslot") {
+      o.keyslot = std::strtoll(v.c_str(), nullptr, 10);
+    } else if (name == "old-secret") {
+      o.old_secret = v;
+    } else if (name == "new-secret") {
+      o.new_secret = v;
+    } else if (name == "iter-time") {
+      o.iter_time_ms = std::strtoull(v.c_str(), nullptr, 10);
+    }
+  }
+  if (!has_state) return Status::InvalidArgument("Parameter 'state' is missing");
+  return o;
+}
+
+Status AmendLuks(LuksHeader* h, File& file, uint64_t base, const LuksAmendOptions& o,
+                 const SecretLookup& secrets, const std::string& key_secret, bool force) {
+  auto slot_range_error = [](int64_t slot) {
+    return Status::InvalidArgument("Invalid keyslot {} specified, must be between 0 and {}", slot,
+                                   kLuksSlots - 1);
+  };
+  auto active_slots = [&] {
+    return std::count_if(h->slots.begin(), h->slots.end(), [](const LuksSlot& s) { return s.active; });
+  };
+  if (o.activate) {
+    if (!o.new_secret) return Status::InvalidArgument("'new-secret' is required to activate a keyslot");
+    if (o.old_secret)
+      return Status::InvalidArgument("'old-secret' must not be given when activating keyslots");
+    size_t slot = 0;
+    if (o.keyslot) {
+      if (*o.keyslot < 0 || *o.keyslot >= static_cast<int64_t>(kLuksSlots))
+        return slot_range_error(*o.keyslot);
+      slot = static_cast<size_t>(*o.keyslot);
+    } else {
+      while (slot < kLuksSlots && h->slots[slot].active) slot++;
+      if (slot == kLuksSlots) return Status::InvalidArgument("Can't add a keyslot - all keyslots are in use");
+    }
+    if (!force && h->slots[slot].active)
+      return Status::InvalidArgument("Refusing to overwrite active keyslot {} - please erase it first", slot);
+    ASSIGN_OR_RETURN(std::string old_pass, LookupPassphrase(secrets, key_secret));
+    auto key = UnlockLuks(*h, file, base, std::as_bytes(std::span(old_pass)));
+    Wipe(std::as_writable_bytes(std::span(old_pass)));
+    if (!key.ok()) return WithHint(key.error(), "Failed to retrieve the master key");
+    auto new_pass = LookupPassphrase(secrets, *o.new_secret);
+    Status st = new_pass.ok() ? StoreSlot(h, slot, file, base, *key, std::as_bytes(std::span(*new_pass)),
+                                          o.iter_time_ms.value_or(2000))
+                              : new_pass.error();
+    Wipe(*key);
+    if (new_pass.ok()) Wipe(std::as_writable_bytes(std::span(*new_pass)));
+    if (!st.ok()) return WithHint(st, fmt::format("Failed to write to keyslot {}", slot));
+    return Status::Ok();
+  }
+
+  if (o.new_secret) return Status::InvalidArgument("'new-secret' must not be given when erasing keyslots");
+  if (o.iter_time_ms) return Status::InvalidArgument("'iter-time' must not be given when erasing keyslots");
+  std::string old_pass;
+  if (o.old_secret) {
+    ASSIGN_OR_RETURN(old_pass, LookupPassphrase(secrets, *o.old_secret));
+  }
+  auto opens = [&](size_t slot) -> Result<bool> {
+    ASSIGN_OR_RETURN(auto key, TrySlot(*h, slot, file, base, std::as_bytes(std::span(old_pass)), {}));
+    if (key) Wipe(*key);
+    return key.has_value();
+  };
+  std::array<bool, kLuksSlots> erase{};
+  if (o.keyslot) {
+    const int64_t slot = *o.keyslot;
+    if (slot < 0 || slot >= static_cast<int64_t>(kLuksSlots)) return slot_range_error(slot);
+    if (o.old_secret) {
+      ASSIGN_OR_RETURN(bool match, opens(static_cast<size_t>(slot)));
+      if (!match)
+        return Status::InvalidArgument(
+            "Given keyslot {} doesn't contain the given old password for erase operation", slot);
+    }
+    if (!force && !h->slots[slot].active)
+      return Status::InvalidArgument("Given keyslot {} is already erased (inactive) ", slot);
+    if (!force && active_slots() == 1)
+      return Status::InvalidArgument(
+          "Attempt to erase the only active keyslot {} which will erase all the data in the image "
+          "irreversibly - refusing operation",
+          slot);
+    erase[static_cast<size_t>(slot)] = true;
+  } else if (o.old_secret) {
+    int64_t matches = 0;
+    for (size_t i = 0; i < kLuksSlots; i++) {
+      ASSIGN_OR_RETURN(erase[i], opens(i));
+      matches += erase[i];
+    }
+    if (matches == 0)
+      return Status::InvalidArgument("No keyslots match given (old) password for erase operation");
+    if (!force && matches == active_slots())
+      return Status::InvalidArgument(
+          "All the active keyslots match the (old) password that was given and erasing them will "
+          "erase all the data in the image irreversibly - refusing operation");
+  } else {
+    return Status::InvalidArgument(
+        "To erase keyslot(s), either explicit keyslot index or the password currently contained in "
+        "them must be given");
+  }
+  Wipe(std::as_writable_bytes(std::span(old_pass)));
+  for (size_t i = 0; i < kLuksSlots; i++) {
+    if (!erase[i]) continue;
+    Status st = EraseSlot(h, i, file, base);
+    if (!st.ok()) return WithHint(st, fmt::format("Failed to erase keyslot {}", i));
+  }
+  return Status::Ok();
 }
 
 }  // namespace vimgfs::crypto

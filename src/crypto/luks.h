@@ -6,6 +6,7 @@
 
 #include <array>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <optional>
 #include <span>
@@ -105,5 +106,27 @@ struct NewLuks {
 };
 Result<NewLuks> CreateLuks(const LuksCreateOptions& opts, File& file, uint64_t base,
                            std::span<const std::byte> passphrase);
+
+// qemu's LUKS keyslot amend options (qemu-img amend -o [encrypt.]state=...): activate a
+// slot with new-secret (the one named, or the first free), or erase the slot named or
+// every slot old-secret opens.
+struct LuksAmendOptions {
+  bool activate = false;  // state=active; state=inactive erases
+  std::optional<int64_t> keyslot;
+  std::optional<std::string> old_secret, new_secret;  // secret IDs
+  std::optional<uint64_t> iter_time_ms;
+};
+// Their descriptions for `amend -o help`, named prefix + name.
+const std::vector<CreateOptionSpec>& LuksAmendOptionSpecs(const std::string& prefix);
+// Reads them from amend options named prefix + name ("encrypt." for qcow2, "" for luks).
+Result<LuksAmendOptions> ReadLuksAmendOptions(const std::map<std::string, std::string>& options,
+                                              const std::string& prefix);
+// Applies them to header *h at `base` in `file`, as qemu-img amend does, with its checks
+// and words; `key_secret` (the image's key) unlocks the master key for a new slot. What
+// would leave no active slot, or overwrite an active one, needs `force`. Each slot change
+// is crash-safe: a slot is inactive in the header before its material changes, and
+// active only after its new material is durable.
+Status AmendLuks(LuksHeader* h, File& file, uint64_t base, const LuksAmendOptions& o,
+                 const SecretLookup& secrets, const std::string& key_secret, bool force);
 
 }  // namespace vimgfs::crypto

@@ -20,6 +20,7 @@
 #include <climits>
 #include <cmath>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <list>
 #include <set>
@@ -222,6 +223,7 @@ struct ImageOpener {
       bo.env = env;
       bo.read_only = true;
       bo.snapshot.clear();
+      bo.data_file.clear();
       bo.format = img->backing_ref_->format;
       bo.driver = nullptr;
       if (!bo.format.empty() && !FindFormat(bo.format))
@@ -700,6 +702,16 @@ Status Image::SetBacking(const std::optional<BackingRef>& ref) {
   RETURN_IF_ERROR(ChangeWhole(true, [&](ClusterMap& m) { return m.SetBacking(ref); }));
   backing_ref_ = ref;
   return Status::Ok();
+}
+
+Status Image::Amend(const AmendRequest& req) {
+  using Stage = ClusterMap::AmendStage;
+  RETURN_IF_ERROR(ChangeWhole(true, [&](ClusterMap& m) { return m.Amend(req, Stage::kMain); }));
+  // qemu takes size=0 as "not given"; a new size is exact, shrinking included.
+  auto size = req.options.find("size");
+  uint64_t new_size = size == req.options.end() ? 0 : std::strtoull(size->second.c_str(), nullptr, 10);
+  if (new_size != 0) RETURN_IF_ERROR(Resize(new_size, /*allow_shrink=*/true));
+  return ChangeWhole(true, [&](ClusterMap& m) { return m.Amend(req, Stage::kAfterResize); });
 }
 
 Status Image::WriteCompressed(uint64_t off, std::span<const std::byte> stream) {

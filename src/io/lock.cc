@@ -44,6 +44,13 @@ PermSet PermsFor(bool write) {
   return s;
 }
 
+// A writer that shares no reading either (qemu's crypto driver rewriting key slots).
+PermSet ExclusivePerms() {
+  PermSet s = PermsFor(true);
+  s.unshared |= Bit(LockPerm::kConsistentRead);
+  return s;
+}
+
 // Sets (F_RDLCK) or clears (F_UNLCK) an OFD lock on one byte. Returns 0 or errno.
 int LockByte(int fd, int byte, short type) {
   struct flock fl {};
@@ -82,8 +89,7 @@ Status BusyError(const std::string& path, bool shared, int bit) {
 
 }  // namespace
 
-Status CheckImageLockable(int fd, const std::string& path, bool write) {
-  PermSet s = PermsFor(write);
+static Status CheckPerms(int fd, const std::string& path, const PermSet& s) {
   for (int bit = 0; bit < kPermCount; ++bit) {
     unsigned b = 1u << bit;
     if (s.held & b) {  // somebody refusing a permission we want?
@@ -102,11 +108,14 @@ Status CheckImageLockable(int fd, const std::string& path, bool write) {
   return Status::Ok();
 }
 
+Status CheckImageLockable(int fd, const std::string& path, bool write) {
+  return CheckPerms(fd, path, PermsFor(write));
+}
+
 // One attempt: take our bytes, then look for conflicting ones.
-static Status LockImageOnce(File& f, bool write) {
+static Status LockImageOnce(File& f, const PermSet& s) {
   int fd = f.fd();
   if (fd < 0) return Status::Ok();
-  PermSet s = PermsFor(write);
   // Take ours first, then look for others (qemu's order): two processes racing both see
   // each other's locks and at least one backs off.
   for (int bit = 0; bit < kPermCount; ++bit) {
@@ -126,18 +135,22 @@ static Status LockImageOnce(File& f, bool write) {
     if (!(s.held & b)) (void)LockByte(fd, kPermBase + bit, F_UNLCK);
     if (!(s.unshared & b)) (void)LockByte(fd, kSharedBase + bit, F_UNLCK);
   }
-  Status st = CheckImageLockable(fd, f.path(), write);
+  Status st = CheckPerms(fd, f.path(), s);
   if (!st.ok()) UnlockImage(f);
   return st;
 }
 
-Status LockImage(File& f, bool write, int wait_ms) {
+static Status LockWithRetries(File& f, const PermSet& s, int wait_ms) {
   for (int waited = 0;; waited += 20) {
-    Status st = LockImageOnce(f, write);
+    Status st = LockImageOnce(f, s);
     if (st.kind() != ErrorKind::kBusy || waited >= wait_ms) return st;
     ::usleep(20 * 1000);
   }
 }
+
+Status LockImage(File& f, bool write, int wait_ms) { return LockWithRetries(f, PermsFor(write), wait_ms); }
+
+Status LockImageExclusive(File& f, int wait_ms) { return LockWithRetries(f, ExclusivePerms(), wait_ms); }
 
 void UnlockImage(File& f) {
   int fd = f.fd();

@@ -41,6 +41,10 @@ enum class LockPerm : int {
 // the next line of a script would otherwise race the exiting daemon.
 Status LockImage(File& f, bool write, int wait_ms = 1000);
 
+// LockImage for a writer that also refuses to share reading (qemu's crypto driver while
+// it rewrites LUKS key slots): nobody else may have the file open at all.
+Status LockImageExclusive(File& f, int wait_ms = 1000);
+
 // Drops every lock LockImage took on f (closing f does the same).
 void UnlockImage(File& f);
 

@@ -12,6 +12,7 @@
 #include "crypto/secrets.h"
 #include "formats/drivers.h"
 #include "formats/format_util.h"
+#include "io/lock.h"
 #include "util/checked.h"
 #include "vimgfs/image.h"
 
@@ -25,12 +26,13 @@ constexpr const char* kNeedKey = "Parameter 'key-secret' is required for cipher"
 class LuksMap final : public ClusterMap {
  public:
   LuksMap(std::unique_ptr<File> file, crypto::LuksHeader header, std::unique_ptr<crypto::CryptFile> crypt,
-          uint64_t size, bool read_only)
+          uint64_t size, bool read_only, std::string key_secret)
       : file_(std::move(file)),
         header_(std::move(header)),
         crypt_(std::move(crypt)),
         size_(size),
-        read_only_(read_only) {}
+        read_only_(read_only),
+        key_secret_(std::move(key_secret)) {}
 
   uint64_t virtual_size() const override { return size_; }
   uint64_t cluster_size() const override { return kSectorSize; }
@@ -90,6 +92,21 @@ class LuksMap final : public ClusterMap {
     return Status::Ok();
   }
 
+  // Key slots: add or erase (crypto::AmendLuks).
+  Status Amend(const AmendRequest& req, AmendStage stage) override {
+    if (stage != AmendStage::kMain) return Status::Ok();
+    if (read_only_ || !crypt_) return Status::ReadOnly("'{}' is opened read-only", file_->path());
+    ASSIGN_OR_RETURN(crypto::LuksAmendOptions o, crypto::ReadLuksAmendOptions(req.options, ""));
+    // As qemu's crypto driver: nobody else may read the file while its key slots change.
+    if (Status ex = LockImageExclusive(*file_); !ex.ok()) {
+      (void)LockImage(*file_, /*write=*/true);  // a refused lock drops the ones held
+      return ex;
+    }
+    Status s = crypto::AmendLuks(&header_, *file_, 0, o, req.secrets, key_secret_, req.force);
+    Status back = LockImage(*file_, /*write=*/true);
+    return s.ok() ? back : s;
+  }
+
  private:
   uint64_t payload() const { return uint64_t{header_.payload_offset_sector} * kSectorSize; }
 
@@ -98,6 +115,7 @@ class LuksMap final : public ClusterMap {
   std::unique_ptr<crypto::CryptFile> crypt_;  // null: opened without the key (info)
   uint64_t size_;
   bool read_only_;
+  std::string key_secret_;  // the secret that opened it: a new key slot's master key
 };
 
 // The create options (measure takes them too; "size" is read by the caller).
@@ -129,6 +147,7 @@ class LuksDriverImpl final : public FormatDriver {
             },
         .create_preallocation = FormatTraits::CreatePreallocation::kIgnored,
         .block_status = false,  // qemu's crypto driver answers none: map shows one data run
+        .amend_options = crypto::LuksAmendOptionSpecs(""),
     };
     return kTraits;
   }
@@ -171,7 +190,7 @@ class LuksDriverImpl final : public FormatDriver {
       crypt = std::make_unique<crypto::CryptFile>(*ctx.file, payload, 0, std::move(cipher));
     }
     return std::unique_ptr<ClusterMap>(
-        new LuksMap(std::move(ctx.file), std::move(h), std::move(crypt), size, ro));
+        new LuksMap(std::move(ctx.file), std::move(h), std::move(crypt), size, ro, ctx.options.key_secret));
   }
 
  public:

@@ -63,7 +63,10 @@ class Counter {
       uint64_t room = max_ - (*refs_)[c];
       if (times > room) {
         r_->corruptions += times - room;
-        Report(r_, fmt::format("ERROR: overflow cluster offset={:#x}", c << bits_));
+        Report(r_, fmt::format("ERROR: overflow cluster offset={:#x}\n"
+                               "Use qemu-img amend to increase the refcount entry width or qemu-img convert "
+                               "to create a clean copy if the image cannot be opened for writing",
+                               c << bits_));
       }
       (*refs_)[c] += static_cast<uint32_t>(std::min(times, room));
     }

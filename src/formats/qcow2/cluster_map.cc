@@ -41,16 +41,24 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
                   (m->corrupt_ && !ctx.options.for_check);
   m->host_end_ = AlignUp(file_size, m->cluster_size_);
 
+  const OpenMode data_mode = m->read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite;
   if (h.has_data_file()) {
-    if (!h.data_file || h.data_file->empty())
-      return Status::InvalidFormat("'{}': image uses an external data file but does not name it", path);
-    ASSIGN_OR_RETURN(
-        OpenedReference ref,
-        OpenReference(*m->env_, path, *h.data_file,
-                      m->read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite, ctx.options.untrusted));
-    m->data_file_ = std::move(ref.file);
+    if (!ctx.options.data_file.empty()) {
+      // The user's own command line names it: any host file, as qemu opens it.
+      auto f = m->env_->Open(ctx.options.data_file, data_mode);
+      if (!f.ok()) return f.error().WithContext("Could not open '{}'", ctx.options.data_file);
+      m->data_file_ = std::move(f).value();
+    } else {
+      if (!h.data_file || h.data_file->empty())
+        return Status::InvalidFormat("'data-file' is required for this image");
+      ASSIGN_OR_RETURN(OpenedReference ref,
+                       OpenReference(*m->env_, path, *h.data_file, data_mode, ctx.options.untrusted));
+      m->data_file_ = std::move(ref.file);
+    }
     m->data_ = m->data_file_.get();
   } else {
+    if (!ctx.options.data_file.empty())
+      return Status::InvalidArgument("'data-file' can only be set for images with an external data file");
     m->data_ = m->file_.get();
   }
   if (h.crypt_method != 0) RETURN_IF_ERROR(m->OpenEncryption(ctx.options));
@@ -640,6 +648,7 @@ Status Qcow2Map::OpenEncryption(const OpenOptions& options) {
   if (!parsed.ok()) return parsed.error().WithContext("'{}'", path_);
   luks_ = std::move(parsed).value();
   if (options.no_io) return Status::Ok();
+  key_secret_ = options.key_secret;
   auto cipher = crypto::OpenLuksCipher(*luks_, *file_, header_.crypto_header_offset, options.secrets,
                                        options.key_secret, "encrypt.key-secret");
   if (!cipher.ok()) return cipher.error().WithContext("'{}'", path_);
@@ -676,7 +685,8 @@ FormatInfo Qcow2Map::Info() {
   d.bitmaps = BitmapList();
   d.refcount_bits = refcount_bits_;
   if (header_.has_data_file()) {
-    d.data_file = header_.data_file.value_or("");
+    d.has_data_file = true;
+    d.data_file = header_.data_file;
     d.data_file_raw = (header_.autoclear_features & kAutoclearDataFileRaw) != 0;
   }
   d.corrupt = corrupt_;

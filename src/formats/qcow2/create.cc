@@ -357,11 +357,23 @@ namespace {
 
 using Opt = CreateOptionSpec::Type;
 
+// qemu's qcow2 amend options: the LUKS keyslot options, then the create options that an
+// existing image can take (amend.cc).
+FormatTraits WithAmendOptions(FormatTraits t) {
+  static const char* const kAmendable[] = {"size",      "compat",        "backing_file",   "backing_fmt",
+                                           "data_file", "data_file_raw", "lazy_refcounts", "refcount_bits"};
+  t.amend_options = crypto::LuksAmendOptionSpecs("encrypt.");
+  for (const char* name : kAmendable)
+    for (const CreateOptionSpec& o : t.create_options)
+      if (std::string_view(o.name) == name) t.amend_options.push_back(o);
+  return t;
+}
+
 class Qcow2Driver final : public FormatDriver {
  public:
   const char* name() const override { return "qcow2"; }
   const FormatTraits& traits() const override {
-    static const FormatTraits kTraits = {
+    static const FormatTraits kTraits = WithAmendOptions({
         .create_options =
             {
                 {"encryption", Opt::kBool,
@@ -395,7 +407,7 @@ class Qcow2Driver final : public FormatDriver {
         .grow_preallocation = FormatTraits::GrowPreallocation::kClusters,
         .too_large_hint = " (try using a larger cluster size)",
         .cached_lookups = true,
-    };
+    });
     return kTraits;
   }
   int Probe(std::span<const std::byte> head, const std::string&) const override {

@@ -16,6 +16,7 @@
 #include "crypto/luks.h"
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -235,6 +236,7 @@ class Qcow2Map final : public ClusterMap {
   Result<CheckReport> Check(RepairMode mode) override;
   Status Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_grown) override;
   Status SetBacking(const std::optional<BackingRef>& ref) override;
+  Status Amend(const AmendRequest& req, AmendStage stage) override;
   Result<bool> MapShowsHostHoles() override;
   Status SnapshotCreate(const std::string& name) override;
   Status SnapshotApply(const std::string& name) override;
@@ -316,6 +318,19 @@ class Qcow2Map final : public ClusterMap {
   // `entries` big-endian words at off; zeros past the end of the file.
   Result<std::vector<uint64_t>> ReadTableForCheck(uint64_t off, uint64_t entries);
 
+  // Amend's steps (amend.cc); Progress gets the fraction of a step done.
+  using Progress = std::function<void(double)>;
+  Status Upgrade(const Progress& progress);
+  Status Downgrade(const Progress& progress);
+  Status ExpandZeroClusters(const Progress& progress);
+  Result<bool> HasCompressedClusters();
+  Status ChangeRefcountBits(uint32_t bits);
+  Status AmendKeyslots(const AmendRequest& req);
+  // Calls fn for each L2 table of the active L1 and of every snapshot's, once per L1
+  // entry naming it, with the guest offset the entry covers; progress after each entry.
+  Status ForEachL2Table(const std::function<Status(uint64_t l2_off, uint64_t guest)>& fn,
+                        const Progress& progress = nullptr);
+
   // Header / L1 write-out.
   Status WriteHeader();
   Status WriteL1();
@@ -344,6 +359,7 @@ class Qcow2Map final : public ClusterMap {
   // metadata only (info), and then no guest data is read.
   std::optional<crypto::LuksHeader> luks_;
   std::unique_ptr<crypto::CryptFile> crypt_;
+  std::string key_secret_;  // the secret that opened a LUKS image: a new key slot's master key
   Status OpenEncryption(const OpenOptions& options);
   // Encrypted, opened without the key (info): no guest data may be read.
   bool locked() const { return header_.crypt_method != 0 && !crypt_; }

@@ -267,6 +267,8 @@ Status Qcow2Map::DiscardClusters(uint64_t off, uint64_t len, bool full) {
 
 Status Qcow2Map::WriteHeader() {
   ASSIGN_OR_RETURN(std::vector<std::byte> raw, SerializeHeader(header_));
+  // The whole cluster, as qemu writes it: a shorter header leaves no stale extension behind.
+  raw.resize(cluster_size_);
   RETURN_IF_ERROR(file_->PWrite(0, raw, IoTag::kHeader).WithContext("'{}': writing the header", path_));
   header_dirty_ = false;
   return Status::Ok();
