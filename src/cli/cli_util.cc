@@ -354,6 +354,13 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
     return Status::Error(e.kind(), e.err(), StripPathPrefix(host_path, e.message()));
   }
   ASSIGN_OR_RETURN(auto img, std::move(opened));
+  if (img->probed_raw() && !img->read_only())  // qemu's raw driver warns so (raw_open)
+    std::fprintf(stderr,
+                 "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
+                 "         Automatically detecting the format is dangerous for raw images, write "
+                 "operations on block 0 will be restricted.\n"
+                 "         Specify the 'raw' format explicitly to remove the restrictions.\n",
+                 host_path.c_str());
   if (!o.force_share && !no_locks)
     RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img)
                                    : LockImageFiles(*img, !img->read_only() || o.lock_as_writer));

@@ -1,5 +1,6 @@
 // Kill at every write: each command that rewrites metadata (snapshot create / delete /
-// apply, resize grow and shrink, commit, rebase, check -r leaks and -r all) is run once to count its host
+// apply, resize grow and shrink, commit, rebase, check -r leaks and -r all, amend of the
+// refcount width and the version) is run once to count its host
 // writes and syncs, then again stopped dead at each of them in turn (the process killed:
 // what was written stays; and a power loss: what was not synced is gone). After every
 // stop, the image must check clean or with leaks only, in vimgfs and in qemu-img, and the
@@ -160,6 +161,17 @@ Status Rebase(Env* env) {
   }
   RETURN_IF_ERROR(img->SetBacking(BackingRef{"other.img", img->backing()->format()}));
   return img->Close();
+}
+
+// cmd_amend.cc: options of an existing image.
+Status Amend(Env* env, std::map<std::string, std::string> options) {
+  auto img = Open(env, kTop, false, false);
+  if (!img) return Status::Corrupt("open failed");
+  AmendRequest req;
+  req.options = std::move(options);
+  Status s = img->Amend(req);
+  Status c = img->Close();
+  return s.ok() ? c : s;
 }
 
 Status Repair(Env* env, RepairMode mode) {
@@ -421,6 +433,26 @@ std::vector<Case> Cases() {
                      return Leak(e, kTop);
                    },
                    [](Env* e) { return Repair(e, RepairMode::kAll); }});
+    // amend: a new refcount width (snapshots make counts above 1), and a version change
+    // (a downgrade turns zero clusters into data clusters, over a backing file too).
+    const bool extended_l2 = o.o.count("extended_l2") > 0;
+    const char* width = o.o.count("refcount_bits") ? "64" : "4";
+    if (!v2)
+      out.push_back({name("amend_refcount_bits"), "qcow2", o.o, WithSnapshots("qcow2", o.o), [=](Env* e) {
+                       return Amend(e, {{"refcount_bits", width}});
+                     }});
+    if (v2) {
+      out.push_back({name("amend_upgrade"), "qcow2", o.o, WithSnapshots("qcow2", o.o), [](Env* e) {
+                       return Amend(e, {{"compat", "1.1"}});
+                     }});
+    } else if (!extended_l2 && !o.o.count("refcount_bits")) {
+      out.push_back({name("amend_downgrade"), "qcow2", o.o, WithSnapshots("qcow2", o.o), [](Env* e) {
+                       return Amend(e, {{"compat", "0.10"}});
+                     }});
+      out.push_back({name("amend_downgrade_backed"), "qcow2", o.o, Chain("qcow2", o.o, o.o), [](Env* e) {
+                       return Amend(e, {{"compat", "0.10"}});
+                     }});
+    }
     out.push_back({name("check_repair_rebuild"), "qcow2", o.o,
                    [=](Env* e) -> Status {
                      RETURN_IF_ERROR(WithSnapshots("qcow2", o.o)(e));

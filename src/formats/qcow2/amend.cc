@@ -91,7 +91,8 @@ Status Qcow2Map::Amend(const AmendRequest& req, AmendStage stage) {
     return Status::InvalidArgument("data-file can only be set for images that use an external data file");
   const bool raw_now = (header_.autoclear_features & kAutoclearDataFileRaw) != 0;
   const bool data_file_raw = p.data_file_raw.value_or(raw_now);
-  if (data_file_raw && !raw_now) return Status::InvalidArgument("data-file-raw cannot be set on existing images");
+  if (data_file_raw && !raw_now)
+    return Status::InvalidArgument("data-file-raw cannot be set on existing images");
 
   if (new_version > old_version) {
     RETURN_IF_ERROR(Upgrade(report));
@@ -155,7 +156,8 @@ Status Qcow2Map::Upgrade(const Progress& progress) {
   progress(0);
   // Version 3 snapshot entries carry the large VM state size and the disk size; the
   // table writer always writes them.
-  if (std::any_of(snapshots_.begin(), snapshots_.end(), [](const Snapshot& s) { return s.extra.size() < 16; }))
+  if (std::any_of(snapshots_.begin(), snapshots_.end(),
+                  [](const Snapshot& s) { return s.extra.size() < 16; }))
     RETURN_IF_ERROR(WriteSnapshotTable(*this, snapshots_).WithContext("Failed to update the snapshot table"));
   progress(0.5);
   RETURN_IF_ERROR(FlushAll());
@@ -224,7 +226,8 @@ Status Qcow2Map::ForEachL2Table(const std::function<Status(uint64_t l2_off, uint
     if (!IsAligned(s.l1_table_offset, cluster_size_) || s.l1_table_offset == 0)
       return Status::InvalidArgument("Snapshot L1 table offset invalid");
     std::vector<std::byte> raw(uint64_t{s.l1_size} * 8);
-    RETURN_IF_ERROR(file_->PRead(s.l1_table_offset, raw).WithContext("'{}': reading a snapshot L1 table", path_));
+    RETURN_IF_ERROR(
+        file_->PRead(s.l1_table_offset, raw).WithContext("'{}': reading a snapshot L1 table", path_));
     std::vector<uint64_t>& t = tables.emplace_back(s.l1_size);
     for (uint64_t i = 0; i < s.l1_size; i++) t[i] = LoadBE64(raw.data() + i * 8);
   }
@@ -259,38 +262,40 @@ Result<bool> Qcow2Map::HasCompressedClusters() {
 Status Qcow2Map::ExpandZeroClusters(const Progress& progress) {
   const bool backed = !header_.backing_file.empty();
   std::vector<std::byte> zeros;
-  return ForEachL2Table([&](uint64_t l2_off, uint64_t guest_base) -> Status {
-    ASSIGN_OR_RETURN(uint64_t l2_refs, GetRefcount(l2_off >> cluster_bits_));
-    ASSIGN_OR_RETURN(TableRef t, l2_cache_->Get(l2_off));
-    for (uint64_t j = 0; j < l2_entries_; j++) {
-      const uint64_t e = LoadL2(t, j, nullptr);
-      if (!HasZeroFlag(e)) continue;
-      uint64_t host = L2EntryOffset(e);
-      if (host == 0 && !backed) {
-        StoreL2(t, j, 0, 0);
-        continue;
-      }
-      bool fresh = host == 0;
-      if (!fresh) {
-        ASSIGN_OR_RETURN(uint64_t refs, GetRefcount(host >> cluster_bits_));
-        fresh = refs > 1;
-      }
-      if (fresh) {
-        ASSIGN_OR_RETURN(uint64_t at, AllocClusters(1));
-        // A table shared with snapshots holds the new cluster once for each of them.
-        if (l2_refs > 1) RETURN_IF_ERROR(SetRefcount(at >> cluster_bits_, l2_refs));
-        if (host != 0) RETURN_IF_ERROR(FreeRange(host, cluster_size_));
-        host = at;
-      }
-      if (zeros.empty()) zeros.resize(cluster_size_);
-      RETURN_IF_ERROR(data_->PWriteFor(host, zeros, guest_base + (j << cluster_bits_), IoTag::kData));
-      // The zeros are durable before the entry that stops calling them zeros.
-      RETURN_IF_ERROR(l2_cache_->SetDependency(ref_cache_.get()));
-      l2_cache_->DependsOnFlush();
-      StoreL2(t, j, host | (l2_refs == 1 ? kFlagCopied : 0), 0);
-    }
-    return Status::Ok();
-  }, progress);
+  return ForEachL2Table(
+      [&](uint64_t l2_off, uint64_t guest_base) -> Status {
+        ASSIGN_OR_RETURN(uint64_t l2_refs, GetRefcount(l2_off >> cluster_bits_));
+        ASSIGN_OR_RETURN(TableRef t, l2_cache_->Get(l2_off));
+        for (uint64_t j = 0; j < l2_entries_; j++) {
+          const uint64_t e = LoadL2(t, j, nullptr);
+          if (!HasZeroFlag(e)) continue;
+          uint64_t host = L2EntryOffset(e);
+          if (host == 0 && !backed) {
+            StoreL2(t, j, 0, 0);
+            continue;
+          }
+          // Each holder of a shared table (snapshots) holds the entry's cluster once. A cluster
+          // that other tables hold as well is not zeroed in place: they may read it as data.
+          uint64_t refs = 0;
+          if (host != 0) {
+            ASSIGN_OR_RETURN(refs, GetRefcount(host >> cluster_bits_));
+          }
+          if (host == 0 || refs > l2_refs) {
+            ASSIGN_OR_RETURN(uint64_t at, AllocClusters(1));
+            if (l2_refs > 1) RETURN_IF_ERROR(SetRefcount(at >> cluster_bits_, l2_refs));
+            if (host != 0) RETURN_IF_ERROR(SetRefcount(host >> cluster_bits_, refs - l2_refs));
+            host = at;
+          }
+          if (zeros.empty()) zeros.resize(cluster_size_);
+          RETURN_IF_ERROR(data_->PWriteFor(host, zeros, guest_base + (j << cluster_bits_), IoTag::kData));
+          // The zeros are durable before the entry that stops calling them zeros.
+          RETURN_IF_ERROR(l2_cache_->SetDependency(ref_cache_.get()));
+          l2_cache_->DependsOnFlush();
+          StoreL2(t, j, host | (l2_refs == 1 ? kFlagCopied : 0), 0);
+        }
+        return Status::Ok();
+      },
+      progress);
 }
 
 Status Qcow2Map::ChangeRefcountBits(uint32_t bits) {
@@ -312,8 +317,8 @@ Status Qcow2Map::ChangeRefcountBits(uint32_t bits) {
       const uint64_t cluster = b * refblock_entries_ + i;
       if (bits < 64 && (v >> bits) != 0)
         return Status::InvalidArgument(
-            "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {}", bits,
-            cluster << cluster_bits_, v);
+            "Cannot decrease refcount entry width to {} bits: Cluster at offset {:#x} has a refcount of {}",
+            bits, cluster << cluster_bits_, v);
       if (cluster >= counts.size()) counts.resize(cluster + 1, 0);
       counts[cluster] = static_cast<uint32_t>(std::min<uint64_t>(v, UINT32_MAX));
     }
@@ -332,11 +337,24 @@ Status Qcow2Map::ChangeRefcountBits(uint32_t bits) {
   while ((1u << order) < bits) order++;
   set_width(order);
   // Written beside the old structure; one header write (with the new width) switches.
+  const std::vector<uint32_t> before = counts;
   Status s = RebuildRefcountStructure(&counts);
   if (!s.ok()) {
     if (header_.refcount_order != old_order) set_width(old_order);
     return s;
   }
+  // Freed after the switch: the old structure, and the clusters the rebuild took for a
+  // table it then had to place again (counted, but neither the table nor a block).
+  std::vector<bool> in_new(counts.size(), false);
+  auto mark = [&](uint64_t c) {
+    if (c < in_new.size()) in_new[c] = true;
+  };
+  for (uint64_t e : reftable_)
+    if (e & kOffsetMask) mark((e & kOffsetMask) >> cluster_bits_);
+  for (uint64_t c = 0; c < header_.refcount_table_clusters; c++)
+    mark((header_.refcount_table_offset >> cluster_bits_) + c);
+  for (uint64_t c = 0; c < counts.size(); c++)
+    if (counts[c] != 0 && (c >= before.size() || before[c] == 0) && !in_new[c]) old_clusters.push_back(c);
   for (uint64_t c : old_clusters) {
     ASSIGN_OR_RETURN(uint64_t refs, GetRefcount(c));
     if (refs > 0) RETURN_IF_ERROR(SetRefcount(c, refs - 1));
@@ -348,7 +366,8 @@ Status Qcow2Map::AmendKeyslots(const AmendRequest& req) {
   if (!luks_ || !crypt_) return Status::ReadOnly("'{}' is opened read-only", path_);
   ASSIGN_OR_RETURN(crypto::LuksAmendOptions o, crypto::ReadLuksAmendOptions(req.options, "encrypt."));
   RETURN_IF_ERROR(FlushAll());
-  return crypto::AmendLuks(&*luks_, *file_, header_.crypto_header_offset, o, req.secrets, key_secret_, req.force);
+  return crypto::AmendLuks(&*luks_, *file_, header_.crypto_header_offset, o, req.secrets, key_secret_,
+                           req.force);
 }
 
 }  // namespace vimgfs::qcow2

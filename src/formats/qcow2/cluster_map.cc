@@ -42,7 +42,11 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   m->host_end_ = AlignUp(file_size, m->cluster_size_);
 
   const OpenMode data_mode = m->read_only_ ? OpenMode::kReadOnly : OpenMode::kReadWrite;
-  if (h.has_data_file()) {
+  if (h.has_data_file() && ctx.options.no_io) {
+    // info: the data file is not opened (qemu's NO_IO), so an untrusted image can be
+    // inspected without touching the file it names. No guest data can be read.
+    m->data_ = nullptr;
+  } else if (h.has_data_file()) {
     if (!ctx.options.data_file.empty()) {
       // The user's own command line names it: any host file, as qemu opens it.
       auto f = m->env_->Open(ctx.options.data_file, data_mode);
@@ -336,12 +340,14 @@ void Push(std::vector<Mapping>* out, size_t first, const Mapping& m) {
 
 Status Qcow2Map::Lookup(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
   if (locked()) return Status::InvalidArgument("Parameter 'encrypt.key-secret' is required for cipher");
+  if (!data_)
+    return Status::InvalidArgument("'{}': opened for its metadata only, without its data file", path_);
   bool missed = false;
   return LookupIn(false, &missed, guest_off, len, out);
 }
 
 bool Qcow2Map::LookupCached(uint64_t guest_off, uint64_t len, std::vector<Mapping>* out) {
-  if (locked()) return false;
+  if (locked() || !data_) return false;
   bool missed = false;
   // An error (a bad entry) is left for Lookup to report, under the exclusive lock.
   return LookupIn(true, &missed, guest_off, len, out).ok() && !missed;
