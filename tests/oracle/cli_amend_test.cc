@@ -15,8 +15,9 @@ class CliAmendTest : public CliTwinTest {
   void ExpectSameImage(const std::string& name) {
     SCOPED_TRACE(name);
     // Each twin read from its own folder: a data file's relative name is looked up there.
-    CommandResult c = Sh("(cd q && qemu-img convert -O raw " + name + " ../q.raw) && (cd v && qemu-img convert -O raw " +
-                         name + " ../v.raw) && cmp q.raw v.raw && rm q.raw v.raw");
+    CommandResult c =
+        Sh("(cd q && qemu-img convert -O raw " + name + " ../q.raw) && (cd v && qemu-img convert -O raw " +
+           name + " ../v.raw) && cmp q.raw v.raw && rm q.raw v.raw");
     EXPECT_EQ(c.exit_code, 0) << c.out << c.err;
     CommandResult check = Sh("cd v && qemu-img check " + name);
     EXPECT_EQ(check.exit_code, 0) << check.out << check.err;
@@ -57,9 +58,9 @@ TEST_F(CliAmendTest, Qcow2VersionsAndRefcountWidthsAsQemu) {
       ExpectSameImage("a.qcow2");
       continue;
     }
-    for (const char* step : {"refcount_bits=1", "refcount_bits=2", "refcount_bits=64", "refcount_bits=8",
-                             "compat=0.10", "refcount_bits=16,compat=0.10", "compat=1.1", "compat=v2",
-                             "compat=v3,refcount_bits=32"}) {
+    for (const char* step :
+         {"refcount_bits=1", "refcount_bits=2", "refcount_bits=64", "refcount_bits=8", "compat=0.10",
+          "refcount_bits=16,compat=0.10", "compat=1.1", "compat=v2", "compat=v3,refcount_bits=32"}) {
       // refcount_bits=1 fails here (the snapshot shares clusters), as in qemu.
       ExpectSame(std::string("amend -o ") + step + " a.qcow2");
       ExpectSameImage("a.qcow2");
@@ -71,10 +72,12 @@ TEST_F(CliAmendTest, Qcow2VersionsAndRefcountWidthsAsQemu) {
 // A downgrade over a backing file: zero clusters there must become data clusters of zeros
 // (unallocated would show the backing file), with -p progress as qemu counts it.
 TEST_F(CliAmendTest, DowngradeKeepsZerosOverABackingFile) {
-  InBoth("qemu-img create -q -f qcow2 base.qcow2 2G && "
-         "qemu-io -c 'write -P 9 0 4M' -c 'write -P 9 1G 4M' -c 'write -P 9 1536M 4M' base.qcow2 >/dev/null");
-  InBoth("qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 && "
-         "qemu-io -c 'write -z 0 1M' -c 'write -z 1G 64k' -c 'write -P 5 1536M 64k' top.qcow2 >/dev/null");
+  InBoth(
+      "qemu-img create -q -f qcow2 base.qcow2 2G && "
+      "qemu-io -c 'write -P 9 0 4M' -c 'write -P 9 1G 4M' -c 'write -P 9 1536M 4M' base.qcow2 >/dev/null");
+  InBoth(
+      "qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 top.qcow2 && "
+      "qemu-io -c 'write -z 0 1M' -c 'write -z 1G 64k' -c 'write -P 5 1536M 64k' top.qcow2 >/dev/null");
   EXPECT_TRUE(ExpectSame("amend -p -o compat=0.10 top.qcow2"));
   ExpectSameImage("top.qcow2");
   CommandResult zeros = Sh("qemu-io -c 'read -P 0 0 1M' -c 'read -P 0 1G 64k' v/top.qcow2");
@@ -86,12 +89,16 @@ TEST_F(CliAmendTest, ErrorsAsQemu) {
   InBoth("qemu-img create -q -f qcow2 a.qcow2 1M && qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 1M");
   InBoth("qemu-img create -q -f qcow2 -o extended_l2=on l2.qcow2 1M && qemu-img create -q -f raw r.raw 1M");
   InBoth("qemu-img create -q -f qcow2 -o data_file=a.data d.qcow2 1M");
-  InBoth("qemu-img create -q -f qcow2 base.qcow2 1M && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 o.qcow2");
-  InBoth("qemu-img create -q -f qcow2 -o compression_type=zstd z.qcow2 1M && "
-         "qemu-io -c 'write -c 0 64k' z.qcow2 >/dev/null");
+  InBoth(
+      "qemu-img create -q -f qcow2 base.qcow2 1M && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "
+      "o.qcow2");
+  InBoth(
+      "qemu-img create -q -f qcow2 -o compression_type=zstd z.qcow2 1M && "
+      "qemu-io -c 'write -c 0 64k' z.qcow2 >/dev/null");
   // Two compressed clusters share a host cluster: a refcount of 2.
-  InBoth("qemu-img create -q -f qcow2 r1.qcow2 1M && "
-         "qemu-io -c 'write -c 0 64k' -c 'write -c 64k 64k' r1.qcow2 >/dev/null");
+  InBoth(
+      "qemu-img create -q -f qcow2 r1.qcow2 1M && "
+      "qemu-io -c 'write -c 0 64k' -c 'write -c 64k 64k' r1.qcow2 >/dev/null");
   for (const char* line : {
            "amend a.qcow2",
            "amend -o foo=bar a.qcow2",
@@ -132,16 +139,19 @@ TEST_F(CliAmendTest, ErrorsAsQemu) {
 // A data file: its name changes or goes; data_file_raw goes off; an --image-opts name
 // gives the data file when the image no longer names one.
 TEST_F(CliAmendTest, DataFileAsQemu) {
-  InBoth("qemu-img create -q -f qcow2 -o data_file=a.data,data_file_raw=on a.qcow2 1M && "
-         "qemu-io -c 'write -P 7 0 64k' a.qcow2 >/dev/null");
+  InBoth(
+      "qemu-img create -q -f qcow2 -o data_file=a.data,data_file_raw=on a.qcow2 1M && "
+      "qemu-io -c 'write -P 7 0 64k' a.qcow2 >/dev/null");
   EXPECT_TRUE(ExpectSame("amend -o data_file_raw=off a.qcow2"));
   EXPECT_TRUE(ExpectSame("info a.qcow2"));
   EXPECT_TRUE(ExpectSame("amend -o data_file= a.qcow2"));
   ExpectSame("info a.qcow2");
   EXPECT_TRUE(ExpectSame("info --image-opts data-file.filename=a.data,file.filename=a.qcow2"));
-  EXPECT_TRUE(ExpectSame("compare --image-opts data-file.filename=a.data,file.filename=a.qcow2 "
-                         "--image-opts data-file.filename=a.data,file.filename=a.qcow2"));
-  EXPECT_TRUE(ExpectSame("amend -o data_file=b.data --image-opts data-file.filename=a.data,file.filename=a.qcow2"));
+  EXPECT_TRUE(
+      ExpectSame("compare --image-opts data-file.filename=a.data,file.filename=a.qcow2 "
+                 "--image-opts data-file.filename=a.data,file.filename=a.qcow2"));
+  EXPECT_TRUE(
+      ExpectSame("amend -o data_file=b.data --image-opts data-file.filename=a.data,file.filename=a.qcow2"));
   InBoth("mv a.data b.data");
   EXPECT_TRUE(ExpectSame("info a.qcow2"));
   ExpectSameImage("a.qcow2");
@@ -155,11 +165,13 @@ TEST_F(CliAmendTest, LuksKeySlotsAsQemu) {
   for (std::string fmt : {"luks", "qcow2"}) {
     SCOPED_TRACE(fmt);
     const std::string p = fmt == "qcow2" ? "encrypt." : "";
-    const std::string create = fmt == "qcow2" ? "-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"
-                                              : "-o key-secret=s0,iter-time=10";
+    const std::string create = fmt == "qcow2"
+                                   ? "-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10"
+                                   : "-o key-secret=s0,iter-time=10";
     const std::string img =
-        fmt == "qcow2" ? "json:{\"driver\":\"qcow2\",\"encrypt.key-secret\":\"s0\",\"file.filename\":\"e.img\"}"
-                       : "json:{\"driver\":\"luks\",\"key-secret\":\"s0\",\"file.filename\":\"e.img\"}";
+        fmt == "qcow2"
+            ? "json:{\"driver\":\"qcow2\",\"encrypt.key-secret\":\"s0\",\"file.filename\":\"e.img\"}"
+            : "json:{\"driver\":\"luks\",\"key-secret\":\"s0\",\"file.filename\":\"e.img\"}";
     // (qemu's PBKDF2 timing fails now and then on a loaded machine: create is retried.)
     InBoth("rm -f e.img && for i in 1 2 3 4 5; do qemu-img create -q -f " + fmt + " " + secrets + create +
            " e.img 1M && break; done");
@@ -177,14 +189,13 @@ TEST_F(CliAmendTest, LuksKeySlotsAsQemu) {
     for (const std::string& o :
          {p + "state=active," + p + "new-secret=s2," + p + "iter-time=10," + p + "keyslot=1",
           p + "state=active," + p + "new-secret=s2," + p + "keyslot=9",
-          p + "state=active," + p + "old-secret=s1," + p + "new-secret=s2",
-          p + "state=active", p + "state=bogus", p + "new-secret=s2",
-          p + "state=inactive," + p + "new-secret=s2", p + "state=inactive," + p + "iter-time=10",
-          p + "state=inactive", p + "state=inactive," + p + "keyslot=5",
-          p + "state=inactive," + p + "old-secret=s2",
+          p + "state=active," + p + "old-secret=s1," + p + "new-secret=s2", p + "state=active",
+          p + "state=bogus", p + "new-secret=s2", p + "state=inactive," + p + "new-secret=s2",
+          p + "state=inactive," + p + "iter-time=10", p + "state=inactive",
+          p + "state=inactive," + p + "keyslot=5", p + "state=inactive," + p + "old-secret=s2",
           p + "state=inactive," + p + "keyslot=1," + p + "old-secret=s0",
-          p + "state=inactive," + p + "old-secret=s3",
-          p + "state=inactive," + p + "keyslot=0", p + "state=inactive," + p + "old-secret=s1"}) {
+          p + "state=inactive," + p + "old-secret=s3", p + "state=inactive," + p + "keyslot=0",
+          p + "state=inactive," + p + "old-secret=s1"}) {
       amend(o);
     }
     // Slot 0 is erased: one slot left, which s1 opens and s0 no longer does.
@@ -193,8 +204,8 @@ TEST_F(CliAmendTest, LuksKeySlotsAsQemu) {
     CommandResult old = Sh("qemu-io " + secrets + "-c 'read 0 512' --image-opts driver=" + fmt +
                            ",file.filename=v/e.img," + with_s0);
     EXPECT_NE((old.out + old.err).find("Invalid password"), std::string::npos) << old.out << old.err;
-    r = Sh("qemu-io " + secrets + "-c 'read -P 6 0 64k' --image-opts driver=" + fmt + ",file.filename=v/e.img," +
-           with_s1);
+    r = Sh("qemu-io " + secrets + "-c 'read -P 6 0 64k' --image-opts driver=" + fmt +
+           ",file.filename=v/e.img," + with_s1);
     EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out << r.err;
   }
 }
