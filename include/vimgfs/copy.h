@@ -59,6 +59,23 @@ class ConcatSource final : public CopySource {
   uint64_t size_ = 0;
 };
 
+// A source that reads what it can (convert --salvage, qemu's words and steps): a read that
+// fails is retried sector by sector, and each sector that still fails reads as zeros; a
+// block status that fails is asked again over a quarter of the range, down to one sector,
+// which is then read as data. Each sector given up is reported once through `warn`.
+class SalvagingSource final : public CopySource {
+ public:
+  SalvagingSource(CopySource& inner, std::function<void(const std::string&)> warn)
+      : inner_(inner), warn_(std::move(warn)) {}
+  uint64_t size() const override { return inner_.size(); }
+  Status Read(uint64_t off, std::span<std::byte> buf) override;
+  Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool top_only) override;
+
+ private:
+  CopySource& inner_;
+  std::function<void(const std::string&)> warn_;
+};
+
 struct CopyOptions {
   // Store the target's clusters compressed, in `codec` (the target's own: FormatInfo).
   bool compress = false;
@@ -76,6 +93,8 @@ struct CopyOptions {
   CopySource* unless_same_as = nullptr;
   int threads = 1;
   int requests_in_flight = 8;  // source reads ahead of the writer (1..16)
+  // Guest bytes per second the target is written at most (qemu-img -r); 0: no limit.
+  uint64_t rate_limit = 0;
   // The progress figure qemu-img shows, in percent: the share of the data copied. Only
   // worked out when set.
   std::function<void(double percent)> progress;

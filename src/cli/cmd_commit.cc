@@ -14,7 +14,7 @@ namespace vimgfs::cli {
 namespace {
 
 const char kUsage[] =
-    "usage: vimgfs commit [-f fmt] [-b base] [-d] [-p] [-q] [--untrusted] filename\n"
+    "usage: vimgfs commit [-f fmt] [-b base] [-d] [-p] [-q] [-r rate] [--untrusted] filename\n"
     "\n"
     "Writes the data of 'filename' (an overlay) into its backing file, or into the image\n"
     "'base' further down the backing chain (-b): everything allocated above base is copied.\n"
@@ -23,6 +23,7 @@ const char kUsage[] =
     "  -d        do not empty the overlay (implied by -b)\n"
     "  -b base   commit into this image of the backing chain\n"
     "  -p, -q    progress on a terminal; quiet\n"
+    "  -r rate   write the base at most this many bytes per second (suffixes k, M, G)\n"
     "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
     "                    json:{...} names are taken with or without it\n";
 
@@ -64,6 +65,7 @@ int RunCommit(int argc, char** argv) {
   std::string fmt, base_name;
   bool progress = false, quiet = false, untrusted = false, keep = false;
   bool image_opts = false;  // --image-opts: the image names are key=value lists
+  uint64_t rate_limit = 0;  // -r: bytes per second written to the base
   OptionParser opts("commit", kUsage);
   opts.Value('f', nullptr, &fmt)
       .Value('b', nullptr, &base_name)
@@ -71,7 +73,13 @@ int RunCommit(int argc, char** argv) {
       .Flag('p', nullptr, &progress)
       .Flag('q', nullptr, &quiet)
       .Accept('t', nullptr, true)
-      .Accept('r', nullptr, true)
+      .Add('r', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             std::optional<uint64_t> v = CvtNum("rate limit", arg);
+             if (!v) return 1;
+             rate_limit = *v;
+             return std::nullopt;
+           })
       .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
@@ -167,6 +175,7 @@ int RunCommit(int argc, char** argv) {
   AboveBase above(*top, std::move(runs));
   CopyOptions co;
   co.target_fresh = false;
+  co.rate_limit = rate_limit;
   co.min_sparse = 0;  // data as it is; zero runs are unmapped, as qemu-img's commit (a mirror
                       // job with unmap on) leaves them (iotest 313)
   co.progress = [&bar](double percent) { bar.UpdatePercent(percent); };

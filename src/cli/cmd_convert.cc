@@ -39,6 +39,9 @@ const char kUsage[] =
     "  -m N             source reads in flight ahead of the writer, 1 to 16 (default 8)\n"
     "  -W               allow out-of-order writes (accepted; writes stay in order)\n"
     "  -C               copy offloading (accepted, not done; refused with -c, -S, --salvage)\n"
+    "  -r rate          write the output at most this many bytes per second (suffixes k, M, G)\n"
+    "  --salvage        go on past read errors of the sources: each 512-byte sector that cannot\n"
+    "                   be read is written as zeros, with a warning naming its offset\n"
     "  -t cache         output cache mode (default unsafe, as qemu-img: nothing is flushed;\n"
     "                   any other mode makes the output durable before exit)\n"
     "  -T src_cache     source cache mode (checked, no effect on reads)\n"
@@ -60,6 +63,7 @@ int RunConvert(int argc, char** argv) {
   bool out_fmt_given = false;
   bool copy_range = false, salvage = false, explicit_min_sparse = false;
   uint64_t min_sparse = 4096;
+  uint64_t rate_limit = 0;           // -r: bytes per second written to the target
   std::string out_cache = "unsafe";  // qemu-img convert's default: no flushes at all
   int requests = 8;
   bool force_share = false;
@@ -116,7 +120,13 @@ int RunConvert(int argc, char** argv) {
            })
       .Flag('W', nullptr, &out_of_order)
       .Flag('U', "force-share", &force_share)
-      .Accept('r', nullptr, true)
+      .Add('r', nullptr, true,
+           [&](const char* arg) -> std::optional<int> {
+             std::optional<uint64_t> v = CvtNum("rate limit", arg);
+             if (!v) return 1;
+             rate_limit = *v;
+             return std::nullopt;
+           })
       .Flag('q', nullptr, &quiet)
       .Flag('n', nullptr, &no_create)
       .Flag(0, "target-is-zero", &target_is_zero)
@@ -160,7 +170,12 @@ int RunConvert(int argc, char** argv) {
     if (!img) return 1;
     images.push_back(std::move(img));
   }
-  ConcatSource src(std::move(images));
+  ConcatSource sources_in_order(std::move(images));
+  // --salvage: what cannot be read is read as zeros, and said (unless -q).
+  SalvagingSource salvaging(sources_in_order, [quiet](const std::string& what) {
+    if (!quiet) PrintError("warning: " + what);
+  });
+  CopySource& src = salvage ? static_cast<CopySource&>(salvaging) : sources_in_order;
 
   // The target's create options, checked (as qemu-img does) once the sources are open.
   OptionList opts;
@@ -216,6 +231,7 @@ int RunConvert(int argc, char** argv) {
   cs.threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   if (const char* t = std::getenv("VIMGFS_THREADS")) cs.threads = std::clamp(std::atoi(t), 1, 256);
   cs.requests_in_flight = requests;
+  cs.rate_limit = rate_limit;
   (void)out_of_order;  // permission, not a duty: writes go out in order either way
   cs.target_has_backing = out_backing.has_value();
   cs.target_fresh = !no_create || target_is_zero;  // and the new image reads as zeros (below)

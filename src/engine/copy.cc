@@ -5,13 +5,16 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <cerrno>
 #include <deque>
 #include <mutex>
 #include <thread>
 
 #include "engine/codec.h"
+#include "util/checked.h"
 
 namespace vimgfs {
 namespace {
@@ -111,6 +114,74 @@ Result<std::vector<BlockStatus>> ConcatSource::Map(uint64_t off, uint64_t len, b
       r.offset += start;
       out.push_back(std::move(r));
     }
+  }
+  return out;
+}
+
+namespace {
+
+// Holds the writer back to `rate` bytes per second on average (qemu's throttle on the
+// target of convert -r and commit -r).
+class RateLimiter {
+ public:
+  explicit RateLimiter(uint64_t rate) : rate_(rate), start_(std::chrono::steady_clock::now()) {}
+  void Spend(uint64_t bytes) {
+    if (rate_ == 0) return;
+    spent_ += bytes;
+    const auto due = start_ + std::chrono::microseconds(static_cast<int64_t>(
+                                  static_cast<double>(spent_) * 1e6 / static_cast<double>(rate_)));
+    std::this_thread::sleep_until(due);
+  }
+
+ private:
+  uint64_t rate_;
+  uint64_t spent_ = 0;
+  std::chrono::steady_clock::time_point start_;
+};
+
+}  // namespace
+
+Status SalvagingSource::Read(uint64_t off, std::span<std::byte> buf) {
+  if (inner_.Read(off, buf).ok()) return Status::Ok();
+  constexpr uint64_t kSector = 512;
+  for (uint64_t pos = 0; pos < buf.size(); pos += kSector) {
+    std::span<std::byte> sector = buf.subspan(pos, std::min<uint64_t>(kSector, buf.size() - pos));
+    Status st = inner_.Read(off + pos, sector);
+    if (st.ok()) continue;
+    warn_(fmt::format("error while reading offset {}: {}", off + pos,
+                      std::strerror(st.err() ? st.err() : EIO)));
+    std::fill(sector.begin(), sector.end(), std::byte{0});
+  }
+  return Status::Ok();
+}
+
+Result<std::vector<BlockStatus>> SalvagingSource::Map(uint64_t off, uint64_t len, bool top_only) {
+  constexpr uint64_t kSector = 512;
+  std::vector<BlockStatus> out;
+  uint64_t n = len;
+  for (uint64_t pos = off, end = off + len; pos < end;) {
+    n = std::min(n, end - pos);
+    auto runs = inner_.Map(pos, n, top_only);
+    if (runs.ok()) {
+      out.insert(out.end(), runs->begin(), runs->end());
+      pos += n;
+      n = end - pos;
+      continue;
+    }
+    if (n > kSector) {  // a quarter of the range, as qemu retries
+      n = AlignUp((n + 3) / 4, kSector);
+      continue;
+    }
+    const Status& st = runs.error();
+    warn_(fmt::format("error while reading block status at offset {}: {}", pos,
+                      std::strerror(st.err() ? st.err() : EIO)));
+    BlockStatus b;  // then just read it
+    b.offset = pos;
+    b.length = n;
+    b.present = b.data = true;
+    out.push_back(b);
+    pos += n;
+    n = end - pos;
   }
   return out;
 }
@@ -309,6 +380,7 @@ Status WriteWhereDifferent(Image& target, CopySource& reference, uint64_t off, u
 // writing the target overlap as they do in qemu-img.
 Status CopyPlain(CopySource& src, Image& target, const CopyOptions& s, ProgressCount& count) {
   CopyQueue queue(std::clamp(s.requests_in_flight, 1, 16));
+  RateLimiter limit(s.rate_limit);
   std::thread reader([&] { ProduceCopySteps(src, s, queue); });
   Status result;
   CopyStep step;
@@ -342,7 +414,10 @@ Status CopyPlain(CopySource& src, Image& target, const CopyOptions& s, ProgressC
         break;
       }
     }
-    if (!step.zero_run) count.Add(step.len);  // the producer skips what is not counted
+    if (!step.zero_run) {
+      count.Add(step.len);  // the producer skips what is not counted
+      limit.Spend(step.len);
+    }
   }
   queue.Quit();
   reader.join();
@@ -485,7 +560,7 @@ Status ReadUnits(CopySource& src, uint64_t start, uint64_t cluster, std::vector<
 // Stores finished units in order; neighbours stored as they are (no stream) go out as one
 // write, their data being contiguous in the batch's region.
 Status WriteUnits(std::vector<Unit>& units, uint64_t size, uint64_t cluster, Image& target,
-                  const CopyOptions& s) {
+                  const CopyOptions& s, RateLimiter& limit) {
   auto plain = [&](const Unit& u) {
     return u.off < size && u.status.ok() && (!u.zero || u.keep) && u.stream.empty();
   };
@@ -506,6 +581,7 @@ Status WriteUnits(std::vector<Unit>& units, uint64_t size, uint64_t cluster, Ima
       st = target.WriteCompressed(u.off, u.stream);
     }
     if (!st.ok()) return WithOffset(st, "writing", u.off);
+    if (!u.zero || u.keep) limit.Spend(std::min(size, units[next - 1].off + cluster) - u.off);
     i = next;
   }
   return Status::Ok();
@@ -591,8 +667,9 @@ Result<uint64_t> CountedTotal(CopySource& src, const CopyOptions& s, uint64_t un
 Status CopyCompressed(CopySource& src, Image& target, const CopyOptions& s, ProgressCount& count) {
   const uint64_t cluster = target.cluster_size();
   // A stream must be shorter than the cluster to be worth it (qemu's rule).
+  RateLimiter limit(s.rate_limit);
   return CompressAndStore(src, cluster, s.codec, cluster - 1, s, count, [&](std::vector<Unit>& units) {
-    return WriteUnits(units, src.size(), cluster, target, s);
+    return WriteUnits(units, src.size(), cluster, target, s, limit);
   });
 }
 
@@ -616,6 +693,7 @@ Status CopyToStream(CopySource& src, StreamWriter& w, const CopyOptions& s) {
   ASSIGN_OR_RETURN(uint64_t total, CountedTotal(src, rs, unit));
   ProgressCount count(s.progress, total);
   // Every unit is stored compressed, so the stream may be as long as the codec makes it.
+  RateLimiter limit(s.rate_limit);
   Status st = CompressAndStore(
       src, unit, w.codec(), w.max_stream_bytes() + 1, rs, count, [&](std::vector<Unit>& units) {
         for (Unit& u : units) {
@@ -626,6 +704,7 @@ Status CopyToStream(CopySource& src, StreamWriter& w, const CopyOptions& s) {
             return WithOffset(Status::Io("could not compress the unit"), "compressing", u.off);
           Status ws = w.WriteCompressedUnit(u.off / unit, u.stream);
           if (!ws.ok()) return WithOffset(ws, "writing", u.off);
+          limit.Spend(unit);
         }
         return Status::Ok();
       });

@@ -2,6 +2,9 @@
 // subformat compares equal, passes `qemu-img check`, and is the format qemu detects.
 #include <sys/stat.h>
 
+#include <algorithm>
+#include <chrono>
+
 #include <nlohmann/json.hpp>
 
 #include "cli_test_helpers.h"
@@ -262,6 +265,74 @@ TEST_F(CliConvertProgressTest, ProgressLinesAsQemuImgPrintsThem) {
     ExpectSame("convert " + args + " out.img");
     MustSh("rm -f q/out.img v/out.img");
   }
+}
+
+}  // namespace
+}  // namespace vimgfs::test
+
+namespace vimgfs::test {
+namespace {
+
+// The lines of an error stream, sorted, with the program's name made qemu-img's: the
+// same warnings, whatever order the reader and the writer interleave them in.
+std::vector<std::string> SortedWarnings(const std::string& err, const std::string& program) {
+  std::vector<std::string> lines;
+  for (size_t pos = 0; pos < err.size();) {
+    size_t nl = err.find('\n', pos);
+    std::string line = err.substr(pos, nl - pos);
+    if (line.rfind(program + ": ", 0) == 0) line = "qemu-img: " + line.substr(program.size() + 2);
+    if (line.rfind("qemu-img: warning: ", 0) == 0) lines.push_back(line);
+    pos = nl == std::string::npos ? err.size() : nl + 1;
+  }
+  std::sort(lines.begin(), lines.end());
+  return lines;
+}
+
+// --salvage on a qcow2 image with an L2 entry qemu calls corrupt (an unaligned cluster):
+// without it both refuse; with it both write zeros for each sector given up, warn for
+// each, and produce the same disk.
+TEST_F(CliConvertTest, SalvageGoesOnPastBadClustersAsQemu) {
+  MustSh(
+      "qemu-img create -q -f qcow2 -o cluster_size=4096 c.qcow2 64k && "
+      "qemu-io -c 'write -P 5 0 64k' c.qcow2 >/dev/null");
+  MustSh(
+      "python3 -c \"import struct;f=open('c.qcow2','r+b');f.seek(40);l1=struct.unpack('>Q',f.read(8))[0];"
+      "f.seek(l1);l2=struct.unpack('>Q',f.read(8))[0]&0x00fffffffffffe00;f.seek(l2+16);"
+      "f.write(struct.pack('>Q',(1<<63)|0x5200))\"");
+  EXPECT_EQ(V("convert -O raw c.qcow2 v0.raw").exit_code, 1);
+  EXPECT_EQ(Q("convert -O raw c.qcow2 q0.raw").exit_code, 1);
+  CommandResult v = V("convert --salvage -O raw c.qcow2 v.raw");
+  CommandResult q = Q("convert --salvage -O raw c.qcow2 q.raw");
+  EXPECT_EQ(v.exit_code, 0) << v.err;
+  EXPECT_EQ(q.exit_code, 0) << q.err;
+  EXPECT_EQ(SortedWarnings(v.err, "vimgfs"), SortedWarnings(q.err, "qemu-img"));
+  EXPECT_EQ(SortedWarnings(v.err, "vimgfs").size(), 24u);  // 8 sectors: status twice, read once
+  EXPECT_EQ(Sh("cmp v.raw q.raw").exit_code, 0);
+  CommandResult quiet = V("convert -q --salvage -O raw c.qcow2 vq.raw");
+  EXPECT_EQ(quiet.exit_code, 0);
+  EXPECT_EQ(quiet.err, "");
+}
+
+// -r holds the writer to the rate: 3 MiB at 1 MiB/s take at least two seconds, and the
+// copy is whole; commit takes it too.
+TEST_F(CliConvertTest, RateLimit) {
+  MustSh("qemu-img create -q -f qcow2 s.qcow2 4M && qemu-io -c 'write -P 3 0 3M' s.qcow2 >/dev/null");
+  const auto start = std::chrono::steady_clock::now();
+  CommandResult v = V("convert -r 1M -O qcow2 s.qcow2 out.qcow2");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_EQ(v.exit_code, 0) << v.err;
+  EXPECT_GE(secs, 2.0);
+  EXPECT_EQ(Q("compare s.qcow2 out.qcow2").exit_code, 0);
+  CommandResult bad = V("convert -r 1x -O qcow2 s.qcow2 out2.qcow2");
+  CommandResult qbad = Q("convert -r 1x -O qcow2 s.qcow2 out2.qcow2");
+  EXPECT_EQ(bad.exit_code, qbad.exit_code);
+  MustSh(
+      "qemu-img create -q -f qcow2 -b s.qcow2 -F qcow2 top.qcow2 && qemu-io -c 'write -P 4 0 1M' top.qcow2 "
+      ">/dev/null");
+  CommandResult c = V("commit -r 4M top.qcow2");
+  EXPECT_EQ(c.exit_code, 0) << c.err;
+  CommandResult r = Io("-c 'read -P 4 0 1M' -c 'read -P 3 1M 2M' s.qcow2");
+  EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
 }
 
 }  // namespace

@@ -4,10 +4,13 @@
 // byte vector.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 #include <map>
 #include <random>
 #include <thread>
+
+#include <fmt/format.h>
 
 #include "engine/codec.h"
 #include "support/fault_env.h"
@@ -321,6 +324,54 @@ TEST_F(EngineTest, CopyWritesOnlyTheRunsTheSourceOffers) {
   std::memcpy(want.data() + 3 * kCluster, all.data() + 3 * kCluster, 2 * kCluster);
   EXPECT_EQ(got, want);
   EXPECT_EQ(ToyStates()["/dst"].table.size(), 2u);
+}
+
+// A source whose host medium fails in places: reads touching a bad sector fail with EIO,
+// and so does the block status of ranges touching a bad status sector.
+class FailingSectors final : public CopySource {
+ public:
+  FailingSectors(Image& img, std::vector<uint64_t> bad_reads, std::vector<uint64_t> bad_status)
+      : img_(img), bad_reads_(std::move(bad_reads)), bad_status_(std::move(bad_status)) {}
+  uint64_t size() const override { return img_.size(); }
+  Status Read(uint64_t off, std::span<std::byte> buf) override {
+    for (uint64_t b : bad_reads_)
+      if (b < off + buf.size() && off < b + 512) return Status::Io("medium error");
+    return img_.Read(off, buf);
+  }
+  Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool) override {
+    for (uint64_t b : bad_status_)
+      if (b < off + len && off < b + 512) return Status::Io("medium error");
+    return img_.Map(off, len);
+  }
+
+ private:
+  Image& img_;
+  std::vector<uint64_t> bad_reads_, bad_status_;
+};
+
+TEST_F(EngineTest, SalvagingSourceZeroesOnlyTheSectorsThatFail) {
+  auto src = MakeToy("/src", 8 * kCluster);
+  const auto data = Bytes(8 * kCluster, 21);
+  ASSERT_TRUE(src->Write(0, data).ok());
+  const uint64_t bad_read = 2 * kCluster + 1024, bad_status = 5 * kCluster + 512;
+  FailingSectors failing(*src, {bad_read}, {bad_status});
+  std::vector<std::string> warnings;
+  SalvagingSource salvaging(failing, [&](const std::string& w) { warnings.push_back(w); });
+  auto dst = MakeToy("/dst", 8 * kCluster);
+  CopyOptions o;
+  // Without salvaging the copy fails; with it, one sector reads as zeros and the sector
+  // whose status failed is read as data.
+  EXPECT_FALSE(CopyToImage(failing, *dst, o).ok());
+  ASSERT_TRUE(CopyToImage(salvaging, *dst, o).ok());
+  auto want = data;
+  std::memset(want.data() + bad_read, 0, 512);
+  EXPECT_EQ(ReadAll(*dst), want);
+  std::sort(warnings.begin(), warnings.end());  // the reader maps and reads in its own order
+  EXPECT_EQ(warnings,
+            (std::vector<std::string>{
+                fmt::format("error while reading block status at offset {}: Input/output error", bad_status),
+                fmt::format("error while reading offset {}: Input/output error", bad_read),
+            }));
 }
 
 TEST_F(EngineTest, CopyUnlessSameAsWritesOnlyTheClustersThatDiffer) {
