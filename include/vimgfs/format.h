@@ -326,6 +326,15 @@ class ClusterMap {
   }
 };
 
+// What the user's command line says of a backing image (backing.* in --image-opts or
+// json:): the secret that unlocks it, and a file and format that replace the name and
+// format the image above stores (empty: those stored).
+struct BackingSpec {
+  std::string format;
+  std::string filename;
+  std::string key_secret;  // empty: the secret of the image above
+};
+
 // Options a user passes at open time.
 struct OpenOptions {
   Env* env = nullptr;                          // nullptr: Env::Default()
@@ -354,6 +363,9 @@ struct OpenOptions {
   // in --image-opts or json:), opened instead of the name the image stores. Not passed
   // down to backing images.
   std::string data_file;
+  // The backing chain as the command line describes it: [0] the backing image, [1] its
+  // backing image, ...; what is not described is opened as the images name it.
+  std::vector<BackingSpec> backing_specs;
   // Only metadata is read (qemu-img info, qemu's BDRV_O_NO_IO): an encrypted image opens
   // without its key, and no guest data can be read.
   bool no_io = false;

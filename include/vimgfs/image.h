@@ -65,6 +65,9 @@ class Image {
   uint64_t size() const { return size_; }
   const std::string& path() const { return path_; }
   const std::string& format() const { return format_; }
+  // The ID of the secret the image was opened with (encrypted formats; empty: none), so
+  // that a command opening it again (commit's base, for writing) can unlock it alike.
+  const std::string& key_secret() const { return key_secret_; }
   // The format was guessed as raw (no format given): sector 0 is protected (see Write).
   bool probed_raw() const { return probed_raw_; }
   // What the image's format can do (its driver's declaration).
@@ -196,6 +199,7 @@ class Image {
   std::string path_;
   std::string format_;
   const FormatDriver* driver_ = nullptr;
+  std::string key_secret_;
   bool read_only_ = false;
   bool probed_raw_ = false;      // format guessed as raw: protect sector 0 (see Write)
   bool cached_lookups_ = false;  // FormatTraits::cached_lookups of the driver

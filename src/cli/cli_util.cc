@@ -306,9 +306,10 @@ bool IsHelpOption(const std::string& text) {
 
 Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpen& given) {
   ImageOpen o = given;
-  bool no_locks = false;    // locking=off in an image spec
-  std::string name = path;  // the host file's name, as typed or from a json:/image-opts spec
-  std::string data_file;    // qcow2's data file, when the spec names it
+  bool no_locks = false;                   // locking=off in an image spec
+  std::string name = path;                 // the host file's name, as typed or from a json:/image-opts spec
+  std::string data_file;                   // qcow2's data file, when the spec names it
+  std::vector<BackingSpec> backing_specs;  // backing.* of the spec
   if (o.image_opts || IsJsonName(path)) {
     ASSIGN_OR_RETURN(ImageSpec spec, ParseImageSpec(path, o.image_opts));
     o.format = spec.format;
@@ -322,6 +323,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
     name = spec.filename;
     if (!spec.key_secret.empty()) o.key_secret = spec.key_secret;
     data_file = spec.data_file;
+    backing_specs = spec.backing;
   }
   OpenOptions opts;
   opts.format = o.format;
@@ -335,6 +337,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.no_io = o.no_io;
   opts.key_secret = o.key_secret;
   opts.data_file = data_file;
+  opts.backing_specs = backing_specs;
   opts.secrets = crypto::SecretStore::Process().Lookup();
   if (!o.format.empty() && IsUndrivenQemuFormat(o.format))
     return Status::Unsupported("Could not open '{}': image format '{}' is not supported", path, o.format);

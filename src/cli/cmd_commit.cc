@@ -161,6 +161,7 @@ int RunCommit(int argc, char** argv) {
   bo.format = base->probed_raw() ? "" : base_fmt;
   bo.read_only = false;
   bo.untrusted = untrusted;
+  bo.key_secret = base->key_secret();  // an encrypted base opens with the key it was read with
   auto wbase = OpenOrReport(base_path, bo);
   if (!wbase) return 1;
   if (wbase->size() < top->size()) {
@@ -203,6 +204,7 @@ int RunCommit(int argc, char** argv) {
     to.untrusted = untrusted;
     to.open_backing = false;
     to.keep_bitmaps = true;
+    to.image_opts = image_opts;
     auto wtop = OpenOrReport(filename, to);
     if (!wtop) return 1;
     s = wtop->MakeEmpty();

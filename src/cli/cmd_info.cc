@@ -27,6 +27,21 @@ const char kUsage[] =
 
 }  // namespace
 
+namespace {
+
+// qemu's one-line JSON (qobject_to_json): ", " between members, ": " after keys.
+std::string CompactQemuJson(const nlohmann::ordered_json& j) {
+  if (!j.is_object()) return j.dump();
+  std::string out = "{";
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it != j.begin()) out += ", ";
+    out += nlohmann::ordered_json(it.key()).dump() + ": " + CompactQemuJson(it.value());
+  }
+  return out + "}";
+}
+
+}  // namespace
+
 nlohmann::ordered_json ImageInfoJson(Image& img) {
   nlohmann::ordered_json j;
   FormatInfo fi = img.Info();
@@ -37,6 +52,15 @@ nlohmann::ordered_json ImageInfoJson(Image& img) {
   }
   j["virtual-size"] = img.size();
   j["filename"] = img.path();
+  if (fi.encrypted && !img.key_secret().empty()) {
+    // A key secret is one of the options qemu cannot fold into a plain file name, so its
+    // name for the image is a json: one (bdrv_refresh_filename's strong runtime options).
+    nlohmann::ordered_json name;
+    name[img.format() == "luks" ? "key-secret" : "encrypt.key-secret"] = img.key_secret();
+    name["driver"] = img.format();
+    name["file"] = {{"driver", "file"}, {"filename", img.path()}};
+    j["filename"] = "json:" + CompactQemuJson(name);
+  }
   if (fi.cluster_size) j["cluster-size"] = fi.cluster_size;
   j["format"] = img.format();
   uint64_t actual = 0;

@@ -160,6 +160,32 @@ Result<ImageSpec> Interpret(Flat opts) {
       spec.no_backing = true;
     }
     if (auto f = take("file")) filename = *f;  // "file": "name"
+    // backing.*: the backing image's driver, file and key, then backing.backing.*, ...
+    for (std::string prefix = "backing.";; prefix += "backing.") {
+      if (std::none_of(opts.begin(), opts.end(),
+                       [&](const auto& kv) { return kv.first.rfind(prefix, 0) == 0; }))
+        break;
+      BackingSpec b;
+      if (auto d = take(prefix + "driver")) b.format = *d == "file" ? "raw" : *d;
+      if (auto d = take(prefix + "file.driver"); d && *d != "file")
+        return Invalid(
+            spec, Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d));
+      for (const char* key : {"file.filename", "filename", "file"})
+        if (auto f = take(prefix + key)) b.filename = *f;
+      for (const char* key : {"encrypt.key-secret", "key-secret"})
+        if (auto k = take(prefix + key)) b.key_secret = *k;
+      for (auto it = opts.begin(); it != opts.end();) {
+        const std::string& k = it->first;
+        const bool tuning =
+            k.rfind(prefix, 0) == 0 &&
+            (IsTuningOption(k.substr(prefix.size())) ||
+             (k.rfind(prefix + "file.", 0) == 0 && IsTuningOption(k.substr(prefix.size() + 5))));
+        it = tuning ? opts.erase(it) : std::next(it);
+      }
+      if (b.format.size() && !FindFormat(b.format))
+        return Invalid(spec, Status::Unsupported("Unknown driver '{}'", b.format));
+      spec.backing.push_back(std::move(b));
+    }
     // The passphrase's secret: luks's key-secret, qcow2's encrypt.key-secret.
     if (auto k = take(spec.format == "luks" ? "key-secret" : "encrypt.key-secret")) spec.key_secret = *k;
     if (auto d = take("file.driver"); d && *d != "file")

@@ -1,7 +1,8 @@
 // Image names as qemu-img takes them on its command line besides a plain file name:
 // `json:{...}` (any command) and the key=value lists of --image-opts. Both describe a
 // format driver over the file protocol; vimgfs reads the driver, the file name, a null
-// backing file, read-only and force-share, qcow2's data file, and accepts the tuning options qemu's drivers
+// backing file or what backing.* says of the backing chain (driver, file name, key
+// secret), read-only and force-share, qcow2's data file, and accepts the tuning options qemu's drivers
 // take (cache sizes, discard passing, overlap checks, aio, locking), which change nothing
 // here. Names found inside images are never read this way (docs/ARCHITECTURE.md, "Names
 // inside images"): only the user's own command line.
@@ -10,7 +11,9 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <vector>
 
+#include "vimgfs/format.h"
 #include "vimgfs/status.h"
 
 namespace vimgfs::cli {
@@ -20,11 +23,12 @@ struct ImageSpec {
   std::string filename;     // the host file
   bool no_backing = false;  // "backing": null
   bool read_only = false;
-  std::optional<bool> force_share;  // given in the spec
-  bool no_locks = false;            // file.locking=off: the user takes no lock, even to write
-  std::string key_secret;           // the ID of the --object secret that unlocks the image
-  std::string data_file;            // qcow2's external data file (data-file.filename)
-  Status invalid;                   // what cannot be opened as asked (checked after -U)
+  std::optional<bool> force_share;   // given in the spec
+  bool no_locks = false;             // file.locking=off: the user takes no lock, even to write
+  std::string key_secret;            // the ID of the --object secret that unlocks the image
+  std::string data_file;             // qcow2's external data file (data-file.filename)
+  std::vector<BackingSpec> backing;  // backing.*, backing.backing.*, ...
+  Status invalid;                    // what cannot be opened as asked (checked after -U)
 };
 
 // Whether a command-line image name is a json: pseudo-protocol name.

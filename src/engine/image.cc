@@ -208,23 +208,38 @@ struct ImageOpener {
     if (img->cluster_size_ == 0 || !IsPowerOfTwo(img->cluster_size_))
       return Status::InvalidFormat("'{}': cluster size {} is not a power of two", path, img->cluster_size_);
     img->range_lock_ = std::make_unique<RangeLock>();
+    img->key_secret_ = options.key_secret;
     img->backing_ref_ = img->map_->backing();
 
     if (img->backing_ref_ && options.open_backing) {
-      auto opened =
-          OpenReference(*env, path, img->backing_ref_->name, OpenMode::kReadOnly, options.untrusted);
-      if (!opened.ok() && opened.error().kind() == ErrorKind::kNotFound)  // in qemu's words
-        return Status::NotFound("Could not open backing file: Could not open '{}': No such file or directory",
-                                JoinPath(DirOf(path), img->backing_ref_->name));
-      if (!opened.ok()) return opened.error();
-      OpenedReference ref = std::move(opened).value();
+      const BackingSpec spec = options.backing_specs.empty() ? BackingSpec{} : options.backing_specs.front();
+      OpenedReference ref;
+      if (!spec.filename.empty()) {
+        // Named on the user's own command line (backing.file.filename): any host file.
+        auto f = env->Open(spec.filename, OpenMode::kReadOnly);
+        if (!f.ok())
+          return f.error().WithContext("Could not open backing file: Could not open '{}'", spec.filename);
+        ref.path = spec.filename;
+        ref.file = std::move(f).value();
+      } else {
+        auto opened =
+            OpenReference(*env, path, img->backing_ref_->name, OpenMode::kReadOnly, options.untrusted);
+        if (!opened.ok() && opened.error().kind() == ErrorKind::kNotFound)  // in qemu's words
+          return Status::NotFound(
+              "Could not open backing file: Could not open '{}': No such file or directory",
+              JoinPath(DirOf(path), img->backing_ref_->name));
+        if (!opened.ok()) return opened.error();
+        ref = std::move(opened).value();
+      }
       img->backing_path_ = ref.path;
       OpenOptions bo = options;
       bo.env = env;
       bo.read_only = true;
       bo.snapshot.clear();
       bo.data_file.clear();
-      bo.format = img->backing_ref_->format;
+      bo.format = spec.format.empty() ? img->backing_ref_->format : spec.format;
+      if (!spec.key_secret.empty()) bo.key_secret = spec.key_secret;
+      if (!bo.backing_specs.empty()) bo.backing_specs.erase(bo.backing_specs.begin());
       bo.driver = nullptr;
       if (!bo.format.empty() && !FindFormat(bo.format))
         return Status::Unsupported("'{}': unknown backing format '{}'", path, bo.format);

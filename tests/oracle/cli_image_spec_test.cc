@@ -82,3 +82,42 @@ TEST_F(CliImageSpecTest, BadSpecsFailAsQemu) {
 
 }  // namespace
 }  // namespace vimgfs::test
+
+namespace vimgfs::test {
+namespace {
+
+// An encrypted overlay over an encrypted base, each with its own passphrase: backing.*
+// gives the base's driver, file and key (qemu's iotest 198). Read, compare, info (its
+// json: name) and commit as qemu-img; the committed base reads back in qemu.
+TEST_F(CliImageSpecTest, BackingOptionsOpenAnEncryptedChainAsQemu) {
+  const std::string secrets = "--object secret,id=s0,data=base --object secret,id=s1,data=layer ";
+  InBoth("for i in 1 2 3 4 5; do qemu-img create -q -f qcow2 " + secrets +
+         "-o encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10 b.qcow2 1M && break; done");
+  InBoth("for i in 1 2 3 4 5; do qemu-img create -q -f qcow2 " + secrets +
+         "-o encrypt.format=luks,encrypt.key-secret=s1,encrypt.iter-time=10 -b b.qcow2 -F qcow2 t.qcow2 && "
+         "break; done");
+  const std::string base = "driver=qcow2,file.filename=b.qcow2,encrypt.key-secret=s0";
+  const std::string chain =
+      "driver=qcow2,file.filename=t.qcow2,encrypt.key-secret=s1,backing.driver=qcow2,"
+      "backing.file.filename=b.qcow2,backing.encrypt.key-secret=s0";
+  InBoth("qemu-io " + secrets + "-c 'write -P 1 0 1M' --image-opts " + base + " >/dev/null");
+  InBoth("qemu-io " + secrets + "-c 'write -P 2 64k 64k' --image-opts " + chain + " >/dev/null");
+  EXPECT_TRUE(ExpectSame("info " + secrets + "--image-opts " + base + " | head -2"));
+  EXPECT_TRUE(ExpectSame("compare " + secrets + "--image-opts " + chain + " " + chain));
+  EXPECT_TRUE(
+      ExpectSame("convert " + secrets + "--image-opts " + chain + " -O raw out.raw && md5sum out.raw"));
+  EXPECT_TRUE(ExpectSame("commit " + secrets + "--image-opts " + chain));
+  CommandResult r = Sh("qemu-io " + secrets +
+                       "-c 'read -P 1 0 64k' -c 'read -P 2 64k 64k' -c 'read -P 1 128k 896k' "
+                       "--image-opts driver=qcow2,file.filename=v/b.qcow2,encrypt.key-secret=s0");
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
+  EXPECT_EQ(Sh("qemu-img check " + secrets +
+               "--image-opts driver=qcow2,file.filename=v/b.qcow2,"
+               "encrypt.key-secret=s0")
+                .exit_code,
+            0);
+}
+
+}  // namespace
+}  // namespace vimgfs::test
