@@ -238,6 +238,10 @@ class ClusterMap {
   virtual Status CommitWrite(const WritePlan& plan) { return Status::Unsupported("write"); }
   // Returns reserved space after a failed data write (a leak is acceptable).
   virtual void AbortWrite(const WritePlan& plan) {}
+  // The guest bytes [off, off+len) are being changed (written, zeroed, discarded): formats
+  // that keep dirty bitmaps record it (qcow2). Called by the engine for every change, from
+  // any thread and without its locks: it must be thread-safe and must not block.
+  virtual void NoteGuestWrite(uint64_t off, uint64_t len) {}
 
   // Makes [guest_off, guest_off+len) read as zeros without writing data, freeing the host
   // space when unmap. REQUIRES: aligned to cluster_size() (the end may be virtual_size()).

@@ -439,6 +439,9 @@ Status Image::Write(uint64_t off, std::span<const std::byte> buf) {
     // Fast path: every byte already has a writable home.
     RangeLock::Guard g(*range_lock_, lock_start, lock_end, false);
     RETURN_IF_ERROR(CheckProbedRawHead(off, buf));
+    // Dirty bitmaps, before the bytes change (under the range lock: a whole-image change
+    // such as a snapshot apply is not racing it).
+    map_->NoteGuestWrite(off, buf.size());
     std::vector<Mapping> maps;
     RETURN_IF_ERROR(Lookup(off, buf.size(), &maps));
     bool in_place = std::all_of(maps.begin(), maps.end(), [](const Mapping& m) {
@@ -732,9 +735,11 @@ Status Image::Amend(const AmendRequest& req) {
 Status Image::WriteCompressed(uint64_t off, std::span<const std::byte> stream) {
   WriteDone done(this);
   RETURN_IF_ERROR(CheckRange("compressed write of", off, 0, true));
+
   if (off % cluster_size_ != 0 || off == size_)
     return Status::InvalidArgument("'{}': compressed write at {:#x} is not a whole cluster", path_, off);
   RangeLock::Guard g(*range_lock_, off, off + cluster_size_, true);
+  map_->NoteGuestWrite(off, std::min(cluster_size_, size_ - off));
   // The format writes the stream under the metadata lock: convert is its one writer.
   std::lock_guard lk(meta_mu_);
   Status s = map_->WriteCompressed(off, stream);
@@ -798,6 +803,7 @@ Status Image::WriteZeroes(uint64_t off, uint64_t len, bool unmap) {
   RETURN_IF_ERROR(CheckRange("zeroing", off, len, true));
   if (len == 0) return Status::Ok();
   RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
+  map_->NoteGuestWrite(off, len);
   return ZeroUnlocked(off, len, unmap, ZeroMode::kZero);
 }
 
@@ -806,6 +812,7 @@ Status Image::WriteZeroesFast(uint64_t off, uint64_t len, bool unmap) {
   RETURN_IF_ERROR(CheckRange("zeroing", off, len, true));
   if (len == 0) return Status::Ok();
   RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
+  map_->NoteGuestWrite(off, len);
   return ZeroUnlocked(off, len, unmap, ZeroMode::kFastOnly);
 }
 
@@ -814,6 +821,7 @@ Status Image::Discard(uint64_t off, uint64_t len) {
   RETURN_IF_ERROR(CheckRange("discard of", off, len, true));
   if (len == 0) return Status::Ok();
   RangeLock::Guard g(*range_lock_, AlignDown(off, cluster_size_), AlignUp(off + len, cluster_size_), true);
+  map_->NoteGuestWrite(off, len);
   return ZeroUnlocked(off, len, false, ZeroMode::kDiscard);
 }
 

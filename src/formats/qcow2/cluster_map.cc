@@ -130,9 +130,14 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
       h.incompatible_features &= ~kIncompatDirty;
       rewrite = true;
     }
+    // Persistent bitmaps are kept up to date through the writes of this open (bitmaps.cc);
+    // a bitmap directory that cannot be loaded is dropped as a program without bitmap
+    // support drops it (qemu then reads them as inconsistent), never written over.
+    bool bitmaps_kept = ctx.options.keep_bitmaps;
+    if (!bitmaps_kept && !ctx.options.for_check && (h.autoclear_features & kAutoclearBitmaps))
+      bitmaps_kept = m->LoadBitmapsForWriting().ok();
     // Auto-clear features we do not maintain must be cleared before we write.
-    uint64_t keep =
-        h.autoclear_features & (kAutoclearDataFileRaw | (ctx.options.keep_bitmaps ? kAutoclearBitmaps : 0));
+    uint64_t keep = h.autoclear_features & (kAutoclearDataFileRaw | (bitmaps_kept ? kAutoclearBitmaps : 0));
     if (keep != h.autoclear_features) {
       h.autoclear_features = keep;
       rewrite = true;

@@ -15,6 +15,7 @@
 #include "crypto/crypt_file.h"
 #include "crypto/luks.h"
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -331,6 +332,26 @@ class Qcow2Map final : public ClusterMap {
   Status ForEachL2Table(const std::function<Status(uint64_t l2_off, uint64_t guest)>& fn,
                         const Progress& progress = nullptr);
 
+  // Persistent dirty bitmaps of a read-write open (bitmaps.cc).
+  struct LoadedBitmap {
+    std::string name;
+    uint8_t granularity_bits = 16;
+    uint32_t flags = 0;  // as found at open (an inconsistent one keeps its in-use mark)
+    std::vector<std::byte> extra;
+    uint64_t table_offset = 0;  // as found at open
+    uint32_t table_size = 0;
+    bool consistent = true;                    // not in use at open: its bits are loaded
+    std::vector<std::atomic<uint64_t>> words;  // bit k: granule k dirty
+    uint64_t bits_for(uint64_t disk_size) const;
+  };
+  Status LoadBitmapsForWriting();
+  void NoteGuestWrite(uint64_t off, uint64_t len) override;
+  void MarkBitmapsAllDirty();
+  // A resize needs every bitmap loaded (qemu's words otherwise); then they follow it.
+  Status CheckBitmapsResizable() const;
+  void ResizeBitmaps(uint64_t new_size);
+  Status StoreBitmaps();
+
   // Header / L1 write-out.
   Status WriteHeader();
   Status WriteL1();
@@ -397,6 +418,8 @@ class Qcow2Map final : public ClusterMap {
   std::unique_ptr<TableCache> l2_cache_;
   std::unique_ptr<TableCache> ref_cache_;
   bool clear_dirty_on_close_ = false;
+  std::vector<LoadedBitmap> bitmaps_;
+  bool bitmaps_loaded_ = false;  // loaded and marked in use: stored back at close
   // MapShowsHostHoles, decided once per open as qemu decides it.
   bool preallocated_checked_ = false;
   bool preallocated_ = false;

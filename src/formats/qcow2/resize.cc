@@ -214,6 +214,7 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_gro
   // A v2 snapshot need not record its disk size, so applying one after a resize could not
   // restore the size it had (qemu refuses the same way).
   if (!v3_ && !snapshots_.empty()) return Status::Unsupported("Can't resize a v2 image which has snapshots");
+  RETURN_IF_ERROR(CheckBitmapsResizable());
   const bool raw_data_file = header_.autoclear_features & kAutoclearDataFileRaw;
   if (new_size < size_) {
     if (!allow_shrink)
@@ -296,6 +297,7 @@ Status Qcow2Map::Resize(uint64_t new_size, bool allow_shrink, GrowZeros zero_gro
     header_.size = size_ = old_size;
     return s;
   }
+  ResizeBitmaps(new_size);
   RETURN_IF_ERROR(FlushAll());
   RETURN_IF_ERROR(WriteHeader());
   return file_->Sync(true);
@@ -643,7 +645,12 @@ Status Qcow2Map::SnapshotApply(const std::string& name) {
   RETURN_IF_ERROR(FlushAll());
   ASSIGN_OR_RETURN(std::vector<uint64_t> l1, ReadL1(*this, s->l1_table_offset, s->l1_size));
   l1.resize(std::max<uint64_t>(l1.size(), l1_.size()), 0);
-  return MetadataSwitch(*this).Run(l1, snapshots_, new_size);
+  if (new_size != size_) RETURN_IF_ERROR(CheckBitmapsResizable());
+  RETURN_IF_ERROR(MetadataSwitch(*this).Run(l1, snapshots_, new_size));
+  // The whole disk may differ now: every enabled bitmap says so.
+  ResizeBitmaps(new_size);
+  MarkBitmapsAllDirty();
+  return Status::Ok();
 }
 
 Status WriteSnapshotTable(Qcow2Map& m, std::vector<Snapshot> snaps) {

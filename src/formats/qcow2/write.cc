@@ -320,7 +320,8 @@ Status Qcow2Map::SyncFiles() {
 
 Status Qcow2Map::Close() {
   if (closed_) return Status::Ok();
-  Status s = Flush();
+  Status s = read_only_ ? Status::Ok() : StoreBitmaps();
+  if (s.ok()) s = Flush();
   if (s.ok() && clear_dirty_on_close_) {
     header_.incompatible_features &= ~kIncompatDirty;
     s = WriteHeader();
