@@ -14,11 +14,12 @@ class BitmapsTest : public CliTwinTest {
   // dirty runs are the ones block status reports as holes).
   std::string DirtyMap(const std::string& dir, const std::string& name, const std::string& bitmap) {
     const std::string sock = F(dir + ".sock");
-    CommandResult r = Sh("rm -f " + sock + " && (qemu-nbd -r -f qcow2 -B " + bitmap + " -k " + sock + " -t " + dir +
-                         "/" + name + " & echo $! > " + dir + ".pid) && for i in $(seq 50); do [ -S " + sock +
-                         " ] && break; sleep 0.1; done && qemu-img map --output=json --image-opts "
-                         "driver=nbd,server.type=unix,server.path=" +
-                         sock + ",x-dirty-bitmap=qemu:dirty-bitmap:" + bitmap + "; kill $(cat " + dir + ".pid)");
+    CommandResult r =
+        Sh("rm -f " + sock + " && (qemu-nbd -r -f qcow2 -B " + bitmap + " -k " + sock + " -t " + dir + "/" +
+           name + " & echo $! > " + dir + ".pid) && for i in $(seq 50); do [ -S " + sock +
+           " ] && break; sleep 0.1; done && qemu-img map --output=json --image-opts "
+           "driver=nbd,server.type=unix,server.path=" +
+           sock + ",x-dirty-bitmap=qemu:dirty-bitmap:" + bitmap + "; kill $(cat " + dir + ".pid)");
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return r.out;
   }
@@ -40,14 +41,17 @@ class BitmapsTest : public CliTwinTest {
 };
 
 TEST_F(BitmapsTest, WritesAreRecordedAsInQemu) {
-  InBoth("qemu-img create -q -f qcow2 d.qcow2 8M && qemu-img bitmap --add d.qcow2 b0 && "
-         "qemu-img bitmap --add -g 1M --disable d.qcow2 off && qemu-img bitmap --add -g 4k d.qcow2 fine");
-  MustSh("qemu-img create -q -f raw s1.raw 8M && qemu-io -f raw -c 'write -P 1 1M 64k' -c 'write -P 2 5M 700' "
-         "s1.raw >/dev/null");
+  InBoth(
+      "qemu-img create -q -f qcow2 d.qcow2 8M && qemu-img bitmap --add d.qcow2 b0 && "
+      "qemu-img bitmap --add -g 1M --disable d.qcow2 off && qemu-img bitmap --add -g 4k d.qcow2 fine");
+  MustSh(
+      "qemu-img create -q -f raw s1.raw 8M && qemu-io -f raw -c 'write -P 1 1M 64k' -c 'write -P 2 5M 700' "
+      "s1.raw >/dev/null");
   MustSh("qemu-img create -q -f raw s2.raw 8M && qemu-io -f raw -c 'write -P 3 2M 100k' s2.raw >/dev/null");
   // Two opens, each adding to what the last one stored.
   for (const char* src : {"s1.raw", "s2.raw"}) {
-    EXPECT_TRUE(ExpectSame(std::string("convert -n --target-is-zero -f raw -O qcow2 ../") + src + " d.qcow2"));
+    EXPECT_TRUE(
+        ExpectSame(std::string("convert -n --target-is-zero -f raw -O qcow2 ../") + src + " d.qcow2"));
   }
   ExpectSameBitmaps("d.qcow2", {"b0", "off", "fine"});
   const std::string b0 = DirtyMap("v", "d.qcow2", "b0");
@@ -65,18 +69,20 @@ TEST_F(BitmapsTest, WritesAreRecordedAsInQemu) {
 // A bitmap left in use by a writer that died is inconsistent: kept as it is (and marked
 // so), while the others go on recording; a resize is refused in qemu's words.
 TEST_F(BitmapsTest, InconsistentBitmapsStayInconsistent) {
-  InBoth("qemu-img create -q -f qcow2 d.qcow2 8M && qemu-img bitmap --add d.qcow2 good && "
-         "qemu-img bitmap --add d.qcow2 bad");
+  InBoth(
+      "qemu-img create -q -f qcow2 d.qcow2 8M && qemu-img bitmap --add d.qcow2 good && "
+      "qemu-img bitmap --add d.qcow2 bad");
   // Set the in-use flag of the second directory entry, as a killed writer leaves it.
-  InBoth("python3 -c \"import struct;f=open('d.qcow2','r+b');h=f.read(4096);p=104 if h[103]==0 else 0;"
-         "o=struct.unpack('>I',h[100:104])[0]\n"
-         "while True:\n"
-         "  t,l=struct.unpack('>II',h[o:o+8])\n"
-         "  if t==0x23852875: break\n"
-         "  o+=8+((l+7)&~7)\n"
-         "d=struct.unpack('>Q',h[o+24:o+32])[0];f.seek(d);e=f.read(24);n=struct.unpack('>H',e[18:20])[0];"
-         "x=struct.unpack('>I',e[20:24])[0];s=d+((24+n+x+7)&~7)+12;f.seek(s);"
-         "fl=struct.unpack('>I',f.read(4))[0];f.seek(s);f.write(struct.pack('>I',fl|1))\"");
+  InBoth(
+      "python3 -c \"import struct;f=open('d.qcow2','r+b');h=f.read(4096);p=104 if h[103]==0 else 0;"
+      "o=struct.unpack('>I',h[100:104])[0]\n"
+      "while True:\n"
+      "  t,l=struct.unpack('>II',h[o:o+8])\n"
+      "  if t==0x23852875: break\n"
+      "  o+=8+((l+7)&~7)\n"
+      "d=struct.unpack('>Q',h[o+24:o+32])[0];f.seek(d);e=f.read(24);n=struct.unpack('>H',e[18:20])[0];"
+      "x=struct.unpack('>I',e[20:24])[0];s=d+((24+n+x+7)&~7)+12;f.seek(s);"
+      "fl=struct.unpack('>I',f.read(4))[0];f.seek(s);f.write(struct.pack('>I',fl|1))\"");
   MustSh("qemu-img create -q -f raw s.raw 8M && qemu-io -f raw -c 'write -P 1 3M 64k' s.raw >/dev/null");
   EXPECT_TRUE(ExpectSame("convert -n --target-is-zero -f raw -O qcow2 ../s.raw d.qcow2"));
   ExpectSameBitmaps("d.qcow2", {"good"});

@@ -9,6 +9,7 @@
 
 #include "formats/qcow2/qcow2_internal.h"
 #include "util/endian.h"
+#include "util/limits.h"
 
 namespace vimgfs::qcow2 {
 namespace {
@@ -84,7 +85,14 @@ Status Qcow2Map::LoadBitmapsForWriting() {
   const uint64_t dir_size = LoadBE64(ext + 8), dir_off = LoadBE64(ext + 16);
   ASSIGN_OR_RETURN(std::vector<DirEntry> entries, ReadDirectory(*file_, dir_off, dir_size));
   std::vector<std::byte> cluster(cluster_size_);
+  uint64_t memory = 0;
   for (DirEntry& e : entries) {
+    if (e.granularity_bits < 9 || e.granularity_bits > 31)
+      return Status::InvalidFormat("'{}': bitmap granularity", path_);
+    memory += DivRoundUp(DivRoundUp(size_, uint64_t{1} << e.granularity_bits), 64) * 8;
+    if (memory > limits::kMaxBitmapMemory)
+      return Status::Unsupported("'{}': the dirty bitmaps would take more than {} bytes of memory", path_,
+                                 limits::kMaxBitmapMemory);
     LoadedBitmap b;
     b.name = e.name;
     b.granularity_bits = e.granularity_bits;
@@ -97,7 +105,8 @@ Status Qcow2Map::LoadBitmapsForWriting() {
       const uint64_t nbits = b.bits_for(size_);
       b.words = std::vector<std::atomic<uint64_t>>(DivRoundUp(nbits, 64));
       std::vector<std::byte> table(uint64_t{e.table_size} * 8);
-      RETURN_IF_ERROR(file_->PRead(e.table_offset, table).WithContext("'{}': reading bitmap '{}'", path_, e.name));
+      RETURN_IF_ERROR(
+          file_->PRead(e.table_offset, table).WithContext("'{}': reading bitmap '{}'", path_, e.name));
       const uint64_t bytes = DivRoundUp(nbits, 8);
       for (uint64_t i = 0; i < e.table_size && i * cluster_size_ < bytes; i++) {
         const uint64_t entry = LoadBE64(table.data() + i * 8);
@@ -105,7 +114,8 @@ Status Qcow2Map::LoadBitmapsForWriting() {
         if (host == 0 && !(entry & kTableEntryAllOnes)) continue;
         if (host != 0) {
           RETURN_IF_ERROR(ValidateTableOffset(host, "bitmap data"));
-          RETURN_IF_ERROR(file_->PRead(host, cluster).WithContext("'{}': reading bitmap '{}'", path_, e.name));
+          RETURN_IF_ERROR(
+              file_->PRead(host, cluster).WithContext("'{}': reading bitmap '{}'", path_, e.name));
         } else {
           std::fill(cluster.begin(), cluster.end(), std::byte{0xff});
         }
@@ -139,16 +149,15 @@ void Qcow2Map::NoteGuestWrite(uint64_t off, uint64_t len) {
     for (uint64_t bit = first; bit <= last;) {
       const uint64_t word = bit / 64, lo = bit % 64;
       const uint64_t hi = std::min<uint64_t>(63, lo + (last - bit));
-      const uint64_t mask = (hi == 63 ? ~uint64_t{0} : ((uint64_t{1} << (hi + 1)) - 1)) & ~((uint64_t{1} << lo) - 1);
+      const uint64_t mask =
+          (hi == 63 ? ~uint64_t{0} : ((uint64_t{1} << (hi + 1)) - 1)) & ~((uint64_t{1} << lo) - 1);
       b.words[word].fetch_or(mask, std::memory_order_relaxed);
       bit += hi - lo + 1;
     }
   }
 }
 
-void Qcow2Map::MarkBitmapsAllDirty() {
-  NoteGuestWrite(0, size_);
-}
+void Qcow2Map::MarkBitmapsAllDirty() { NoteGuestWrite(0, size_); }
 
 Status Qcow2Map::CheckBitmapsResizable() const {
   for (const LoadedBitmap& b : bitmaps_)
@@ -193,7 +202,8 @@ Status Qcow2Map::StoreBitmaps() {
       std::vector<std::byte> old_table(uint64_t{b.table_size} * 8);
       RETURN_IF_ERROR(file_->PRead(b.table_offset, old_table));
       for (uint64_t i = 0; i < b.table_size; i++)
-        if (uint64_t host = LoadBE64(old_table.data() + i * 8) & kTableEntryOffsetMask) to_free.push_back(host);
+        if (uint64_t host = LoadBE64(old_table.data() + i * 8) & kTableEntryOffsetMask)
+          to_free.push_back(host);
       for (uint64_t c = 0; c < DivRoundUp(old_table.size(), cluster_size_); c++)
         to_free.push_back(b.table_offset + c * cluster_size_);
 
@@ -205,7 +215,8 @@ Status Qcow2Map::StoreBitmaps() {
         bool any = false;
         for (uint64_t j = 0; j < cluster_size_ && i * cluster_size_ + j < bytes; j++) {
           const uint64_t byte = i * cluster_size_ + j;
-          cluster[j] = static_cast<std::byte>(b.words[byte / 8].load(std::memory_order_relaxed) >> (8 * (byte % 8)));
+          cluster[j] =
+              static_cast<std::byte>(b.words[byte / 8].load(std::memory_order_relaxed) >> (8 * (byte % 8)));
           any |= cluster[j] != std::byte{0};
         }
         if (!any) continue;  // reads as zeros: no cluster
