@@ -70,13 +70,9 @@ class LuksTest : public CliTwinTest {
                                kSecret, options, file, size));
   }
   // qemu times its key derivation by thread CPU time and gives up when a run reads 0 ms,
-  // which a loaded machine can make happen: tried again.
+  // which a loaded machine can make happen: tried again (ShQemu).
   void MustQemuCreate(const std::string& line) {
-    CommandResult r = Sh(line);
-    for (int i = 0;
-         i < 10 && r.exit_code != 0 && r.err.find("Unable to get accurate CPU usage") != std::string::npos;
-         i++)
-      r = Sh(line);
+    CommandResult r = ShQemu(line);
     ASSERT_EQ(r.exit_code, 0) << line << "\n" << r.err;
   }
   std::string Bytes(const std::string& file) {
