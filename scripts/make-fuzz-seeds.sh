@@ -114,6 +114,9 @@ q lazy.qcow2 -o cluster_size=4k,lazy_refcounts=on 1M && io qcow2 lazy.qcow2 "${p
   keep qcow2 lazy.qcow2 lazy_refcounts.qcow2
 q pre.qcow2 -o cluster_size=4k,preallocation=metadata 256k && keep qcow2 pre.qcow2 prealloc-metadata.qcow2
 q bm.qcow2 -o cluster_size=4k 1M && run qemu-img bitmap --add bm.qcow2 b0 &&
+  run qemu-img bitmap --add -g 512 --disable bm.qcow2 b1 && io qcow2 bm.qcow2 "${pattern[@]:0:2}" &&
+  keep qcow2 bm.qcow2 bitmaps.qcow2
+q bm.qcow2 -o cluster_size=4k 1M && run qemu-img bitmap --add bm.qcow2 b0 &&
   run qemu-img bitmap --add -g 64k bm.qcow2 b1 && io qcow2 bm.qcow2 'write -P 0x99 0 4k' &&
   keep qcow2 bm.qcow2 bitmaps.qcow2
 rm -f df.raw
