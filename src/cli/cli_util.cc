@@ -439,6 +439,15 @@ OptionParser::Handler SnapshotParamInto(std::string* snapshot) {
   };
 }
 
+OptionParser::Handler RateLimitInto(uint64_t* rate) {
+  return [rate](const char* arg) -> std::optional<int> {
+    std::optional<uint64_t> v = CvtNum("rate limit", arg);
+    if (!v) return 1;
+    *rate = *v;
+    return std::nullopt;
+  };
+}
+
 std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value, uint64_t min,
                                uint64_t max) {
   auto n = ParseSize(value);

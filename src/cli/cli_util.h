@@ -98,6 +98,8 @@ OptionParser::Handler SnapshotParamInto(std::string* snapshot);
 // On failure prints qemu-img's error lines naming `what` ("image size") and returns nullopt.
 std::optional<uint64_t> CvtNum(const std::string& what, const std::string& value, uint64_t min = 0,
                                uint64_t max = INT64_MAX);
+// An OptionParser handler for -r (convert, commit): qemu-img's "rate limit" size.
+OptionParser::Handler RateLimitInto(uint64_t* rate);
 
 // The file a backing reference names, as qemu finds it (bdrv_get_full_backing_filename):
 // a name that is absolute or has a protocol prefix stays; another is relative to the

@@ -73,13 +73,7 @@ int RunCommit(int argc, char** argv) {
       .Flag('p', nullptr, &progress)
       .Flag('q', nullptr, &quiet)
       .Accept('t', nullptr, true)
-      .Add('r', nullptr, true,
-           [&](const char* arg) -> std::optional<int> {
-             std::optional<uint64_t> v = CvtNum("rate limit", arg);
-             if (!v) return 1;
-             rate_limit = *v;
-             return std::nullopt;
-           })
+      .Add('r', nullptr, true, RateLimitInto(&rate_limit))
       .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;

@@ -120,13 +120,7 @@ int RunConvert(int argc, char** argv) {
            })
       .Flag('W', nullptr, &out_of_order)
       .Flag('U', "force-share", &force_share)
-      .Add('r', nullptr, true,
-           [&](const char* arg) -> std::optional<int> {
-             std::optional<uint64_t> v = CvtNum("rate limit", arg);
-             if (!v) return 1;
-             rate_limit = *v;
-             return std::nullopt;
-           })
+      .Add('r', nullptr, true, RateLimitInto(&rate_limit))
       .Flag('q', nullptr, &quiet)
       .Flag('n', nullptr, &no_create)
       .Flag(0, "target-is-zero", &target_is_zero)

@@ -49,10 +49,8 @@ std::vector<std::byte> SerializeDirectory(const std::vector<DirEntry>& entries) 
   return out;
 }
 
-}  // namespace
-
-// The directory as ValidateBitmapDirectory accepted it at open.
-static Result<std::vector<DirEntry>> ReadDirectory(File& file, uint64_t off, uint64_t size) {
+// The directory's entries as stored (ValidateBitmapDirectory checked them at open).
+Result<std::vector<DirEntry>> ReadDirectory(File& file, uint64_t off, uint64_t size) {
   std::vector<std::byte> dir(size);
   RETURN_IF_ERROR(file.PRead(off, dir));
   std::vector<DirEntry> entries;
@@ -73,6 +71,32 @@ static Result<std::vector<DirEntry>> ReadDirectory(File& file, uint64_t off, uin
     pos += AlignUp(24 + uint64_t{extra_size} + name_size, 8);
   }
   return entries;
+}
+
+}  // namespace
+
+std::vector<Qcow2Bitmap> Qcow2Map::BitmapList() {
+  std::vector<Qcow2Bitmap> list;
+  if (!header_.bitmaps_ext || header_.bitmaps_ext->size() < 24 ||
+      !(header_.autoclear_features & kAutoclearBitmaps))
+    return list;
+  const std::byte* p = header_.bitmaps_ext->data();
+  const uint32_t count = LoadBE32(p);
+  const uint64_t dir_size = LoadBE64(p + 8), dir_off = LoadBE64(p + 16);
+  if (dir_size > limits::kMaxHeaderExtensionBytes * 16 || count > 65535) return list;
+  auto entries = ReadDirectory(*file_, dir_off, dir_size);
+  if (!entries.ok()) return list;
+  for (size_t i = 0; i < count && i < entries->size(); i++) {
+    const DirEntry& e = (*entries)[i];
+    if (e.granularity_bits > 63) break;
+    Qcow2Bitmap b;
+    b.in_use = e.flags & kBitmapInUse;
+    b.auto_enabled = e.flags & kBitmapAuto;
+    b.name = e.name;
+    b.granularity = uint64_t{1} << e.granularity_bits;
+    list.push_back(b);
+  }
+  return list;
 }
 
 uint64_t Qcow2Map::LoadedBitmap::bits_for(uint64_t disk_size) const {

@@ -611,35 +611,6 @@ Status Qcow2Map::ValidateBitmapDirectory() {
   return Status::Ok();
 }
 
-std::vector<Qcow2Bitmap> Qcow2Map::BitmapList() {
-  std::vector<Qcow2Bitmap> list;
-  if (!header_.bitmaps_ext || header_.bitmaps_ext->size() < 24 ||
-      !(header_.autoclear_features & kAutoclearBitmaps))
-    return list;
-  const std::byte* p = header_.bitmaps_ext->data();
-  uint32_t count = LoadBE32(p);
-  uint64_t dir_size = LoadBE64(p + 8), dir_off = LoadBE64(p + 16);
-  if (dir_size > limits::kMaxHeaderExtensionBytes * 16 || count > 65535) return list;
-  std::vector<std::byte> dir(dir_size);
-  if (!file_->PRead(dir_off, dir).ok()) return list;
-  uint64_t pos = 0;
-  for (uint32_t i = 0; i < count && pos + 24 <= dir_size; i++) {
-    uint32_t flags = LoadBE32(dir.data() + pos + 12);
-    uint8_t gran_bits = static_cast<uint8_t>(dir[pos + 17]);
-    uint64_t name_size = LoadBE16(dir.data() + pos + 18);
-    uint64_t extra_size = LoadBE32(dir.data() + pos + 20);
-    if (pos + 24 + extra_size + name_size > dir_size || gran_bits > 63) break;
-    Qcow2Bitmap b;
-    b.in_use = flags & 1;
-    b.auto_enabled = flags & 2;
-    b.name = std::string(reinterpret_cast<const char*>(dir.data() + pos + 24 + extra_size), name_size);
-    b.granularity = uint64_t{1} << gran_bits;
-    list.push_back(b);
-    pos += AlignUp(24 + extra_size + name_size, 8);
-  }
-  return list;
-}
-
 // encrypt.format=luks: the header from its clusters, and the key from the caller's secret
 // (none for info, which reads no guest data).
 Status Qcow2Map::OpenEncryption(const OpenOptions& options) {
