@@ -120,8 +120,8 @@ TEST_F(RunCommandInGuest, PassesOnTheCommandsFailure) {
 TEST_F(RunCommandInGuest, InterruptedCommandStillTearsDown) {
   std::string started = dir_.File("started");
   std::string cmd = "TMPDIR=" + Quote(tmp_) + " exec " + Quote(test::VimgfsBinary()) + " run " +
-                    Quote(image_) + " -- sh -c 'touch " + started +
-                    "; echo partial > etc/hostname; sync; sleep 30'";
+                    Quote(image_) + " -- sh -c 'echo partial > etc/hostname; sync; touch " + started +
+                    "; sleep 30'";  // the marker last: the signal must find the write done
   pid_t pid = fork();
   ASSERT_GE(pid, 0);
   if (pid == 0) {
