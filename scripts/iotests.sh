@@ -13,9 +13,10 @@
 #   scripts/iotests.sh --fetch               only fetch qemu's source (the oracle tests read
 #                                            its sample images) and print its folder
 #
-# vimgfs serves create/info/check/convert/compare/map/resize/snapshot/rebase/commit/measure/dd/bench/amend;
-# the qemu-img command it does not have yet (bitmap) goes to qemu-img,
-# through a small front end run under the name qemu-img (so messages say "qemu-img:").
+# vimgfs serves every qemu-img command (create/info/check/convert/compare/map/resize/
+# snapshot/rebase/commit/measure/dd/bench/amend/bitmap) through a small front end run
+# under the name qemu-img (so messages say "qemu-img:"); anything else (--version) goes
+# to qemu-img.
 # VM tests run qemu-system-x86_64 under TCG (Debian's build has no qtest accelerator).
 # Needs root for apt-get; the fetched tree lives in $VIMGFS_IOTESTS_DIR
 # (default /var/tmp/vimgfs-iotests) and is reused. Nothing of qemu's enters the repository.
@@ -85,7 +86,7 @@ mkdir -p "$frontend"
 cat > "$frontend/qemu-img" <<EOF
 #!/bin/bash
 case "\${1-}" in
-  create|info|check|convert|compare|map|resize|snapshot|rebase|commit|measure|dd|bench|amend) exec -a qemu-img "$vimgfs" "\$@" ;;
+  create|info|check|convert|compare|map|resize|snapshot|rebase|commit|measure|dd|bench|amend|bitmap) exec -a qemu-img "$vimgfs" "\$@" ;;
   *) exec /usr/bin/qemu-img "\$@" ;;
 esac
 EOF

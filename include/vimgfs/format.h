@@ -107,6 +107,17 @@ struct Qcow2Bitmap {
   bool in_use = false;
   bool auto_enabled = false;  // the "auto" flag: tracks writes while the image is open
 };
+// A persistent dirty bitmap (qcow2's) with its bits, as qemu-img bitmap and convert
+// --bitmaps handle it: bit k (bit k % 64 of words[k / 64]) set means granule k of the
+// disk, bytes [k << granularity_bits, (k + 1) << granularity_bits), changed since the bit
+// was last cleared. The words cover the whole disk, no more.
+struct DirtyBitmap {
+  std::string name;
+  uint32_t granularity_bits = 16;
+  bool enabled = true;     // records guest writes (qcow2's "auto" flag)
+  bool consistent = true;  // false: in use when last closed (a crash); no bits, only removable
+  std::vector<uint64_t> words;
+};
 struct LuksSlotDetails {
   bool active = false;
   uint32_t iterations = 0;  // shown for active slots only
@@ -321,6 +332,26 @@ class ClusterMap {
   virtual Status SetBacking(const std::optional<BackingRef>& ref) {
     return Status::Unsupported("this format has no backing file");
   }
+  // Persistent dirty bitmaps (qemu-img bitmap, convert --bitmaps). The engine applies
+  // qemu's rules over them (Image::ChangeBitmap); the format loads and stores them.
+  // Whether this image can keep them (qemu's bdrv_supports_persistent_dirty_bitmap).
+  virtual bool BitmapsSupported() { return false; }
+  // The image's bitmaps, with their bits; a read-only open reads them without marking
+  // them in use.
+  virtual Result<std::vector<DirtyBitmap>> ReadBitmaps() { return std::vector<DirtyBitmap>{}; }
+  // Why a new bitmap could not join `existing` (qemu's can_store_new_dirty_bitmap, without
+  // the name check): kUnsupported where the format keeps no bitmaps at all, another code
+  // with the format's reason otherwise.
+  virtual Status CanStoreBitmap(const std::string& name, uint32_t granularity_bits,
+                                const std::vector<DirtyBitmap>& existing) {
+    return Status::Unsupported("Operation not supported");
+  }
+  // The image's bitmaps from now on: kept up to date by later writes and stored at Close.
+  // REQUIRES: read-write, no guest write running.
+  virtual Status ReplaceBitmaps(std::vector<DirtyBitmap> bitmaps) {
+    return Status::Unsupported("Operation not supported");
+  }
+
   // qemu-img amend. A `size` option is the engine's (Image::Amend resizes between the two
   // stages, where qemu's drivers do): kMain makes every other change qemu makes before
   // the resize, kAfterResize those it makes after it (qcow2's downgrade).

@@ -156,6 +156,21 @@ class Image {
   // qemu-img amend: the format's changes, with a resize to a `size` option (not 0) made
   // between its two stages as qemu's drivers order it (ClusterMap::Amend).
   Status Amend(const AmendRequest& req);
+  // Persistent dirty bitmaps (docs/ARCHITECTURE.md, "Dirty bitmaps"): what the image
+  // keeps, and qemu-img bitmap's operations on them by qemu's rules, one at a time, stored
+  // at Close. Errors carry qemu's words alone (the CLI says which operation failed).
+  bool BitmapsSupported();
+  Result<std::vector<DirtyBitmap>> Bitmaps();
+  struct BitmapChange {
+    enum class Op { kAdd, kRemove, kClear, kEnable, kDisable, kMerge } op = Op::kAdd;
+    std::string name;
+    uint64_t granularity = 0;  // kAdd: bytes, a power of two >= 512; 0: qemu's default
+    bool enabled = true;       // kAdd: records writes from the start
+    Image* source = nullptr;   // kMerge: the image holding the source bitmap; null: this one
+    std::string source_name;   // kMerge: the bitmap merged into `name`
+  };
+  Status ChangeBitmap(const BitmapChange& change);
+
   // Stores the allocation unit at off (aligned to cluster_size()) as one stream already
   // compressed in the image's codec (convert -c).
   Status WriteCompressed(uint64_t off, std::span<const std::byte> stream);

@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <ranges>
 #include <thread>
 
 #include "cli/cli_util.h"
@@ -40,6 +41,8 @@ const char kUsage[] =
     "  -W               allow out-of-order writes (accepted; writes stay in order)\n"
     "  -C               copy offloading (accepted, not done; refused with -c, -S, --salvage)\n"
     "  -r rate          write the output at most this many bytes per second (suffixes k, M, G)\n"
+    "  --bitmaps        copy the source's persistent dirty bitmaps (qcow2 to qcow2, one source)\n"
+    "  --skip-broken-bitmaps  with --bitmaps: leave out inconsistent ones, with a warning\n"
     "  --salvage        go on past read errors of the sources: each 512-byte sector that cannot\n"
     "                   be read is written as zeros, with a warning naming its offset\n"
     "  -t cache         output cache mode (default unsafe, as qemu-img: nothing is flushed;\n"
@@ -49,6 +52,63 @@ const char kUsage[] =
     "  --image-opts      the source image names are key=value lists (driver=qcow2,file.filename=F);\n"
     "                    json:{...} names are taken with or without it\n"
     "  --target-image-opts  the output name is a key=value list too (with -n)\n";
+
+// --bitmaps: qemu-img's checks on the source before anything is created.
+bool CheckBitmapsCopyable(Image& source, bool skip_broken) {
+  if (!source.BitmapsSupported()) {
+    PrintError("Source lacks bitmap support");
+    return false;
+  }
+  auto maps = source.Bitmaps();
+  if (!maps.ok()) {
+    PrintFileError(source.path(), maps.error());
+    return false;
+  }
+  // qemu walks an image's bitmaps newest first: the last one stored is named first.
+  for (const DirtyBitmap& b : std::views::reverse(*maps)) {
+    if (!skip_broken && !b.consistent) {
+      PrintError(fmt::format("Cannot copy inconsistent bitmap '{}'", b.name));
+      std::fputs("Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it\n", stderr);
+      return false;
+    }
+  }
+  return true;
+}
+
+// --bitmaps, once the data is copied: each bitmap of the source made anew in the target
+// (same granularity, same enabled state) and filled from the source's.
+bool CopyBitmaps(Image& source, Image& target, bool skip_broken) {
+  auto maps = source.Bitmaps();
+  if (!maps.ok()) {
+    PrintFileError(source.path(), maps.error());
+    return false;
+  }
+  using Op = Image::BitmapChange::Op;
+  // Warnings in qemu's order (newest first); the copies keep the source's order.
+  for (const DirtyBitmap& b : std::views::reverse(*maps))
+    if (skip_broken && !b.consistent)
+      PrintError(fmt::format("warning: Skipping inconsistent bitmap '{}'", b.name));
+  for (const DirtyBitmap& b : *maps) {
+    if (!b.consistent) continue;
+    Image::BitmapChange add;
+    add.name = b.name;
+    add.granularity = uint64_t{1} << b.granularity_bits;
+    add.enabled = b.enabled;
+    if (Status s = target.ChangeBitmap(add); !s.ok()) {
+      PrintError(
+          fmt::format("Failed to create bitmap {}: {}", b.name, StripPathPrefix(target.path(), s.message())));
+      return false;
+    }
+    Image::BitmapChange merge{Op::kMerge, b.name, 0, true, &source, b.name};
+    if (Status s = target.ChangeBitmap(merge); !s.ok()) {
+      PrintError(fmt::format("Failed to populate bitmap {}: {}", b.name,
+                             StripPathPrefix(target.path(), s.message())));
+      (void)target.ChangeBitmap({Op::kRemove, b.name, 0, true, nullptr, ""});
+      return false;
+    }
+  }
+  return true;
+}
 
 }  // namespace
 
@@ -62,6 +122,7 @@ int RunConvert(int argc, char** argv) {
   bool target_image_opts = false;  // the output name is a key=value list (with -n)
   bool out_fmt_given = false;
   bool copy_range = false, salvage = false, explicit_min_sparse = false;
+  bool bitmaps = false, skip_broken_bitmaps = false;
   uint64_t min_sparse = 4096;
   uint64_t rate_limit = 0;           // -r: bytes per second written to the target
   std::string out_cache = "unsafe";  // qemu-img convert's default: no flushes at all
@@ -125,13 +186,15 @@ int RunConvert(int argc, char** argv) {
       .Flag('n', nullptr, &no_create)
       .Flag(0, "target-is-zero", &target_is_zero)
       .Flag(0, "target-image-opts", &target_image_opts)
-      .Refuse("bitmaps")
+      .Flag(0, "bitmaps", &bitmaps)
+      .Flag(0, "skip-broken-bitmaps", &skip_broken_bitmaps)
       .Flag(0, "salvage", &salvage)
       .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = parser.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
 
   // qemu-img's checks, in its order.
+  if (skip_broken_bitmaps && !bitmaps) return *stop_with("Use of --skip-broken-bitmaps requires --bitmaps");
   if (compress && copy_range) return *stop_with("Cannot enable copy offloading when -c is used");
   if (explicit_min_sparse && copy_range) return *stop_with("Cannot enable copy offloading when -S is used");
   if (copy_range && salvage) return *stop_with("Cannot use copy offloading in salvaging mode");
@@ -164,6 +227,7 @@ int RunConvert(int argc, char** argv) {
     if (!img) return 1;
     images.push_back(std::move(img));
   }
+  Image* const first_source = images.front().get();
   ConcatSource sources_in_order(std::move(images));
   // --salvage: what cannot be read is read as zeros, and said (unless -q).
   SalvagingSource salvaging(sources_in_order, [quiet](const std::string& what) {
@@ -215,6 +279,10 @@ int RunConvert(int argc, char** argv) {
     PrintError(
         fmt::format("{}: streamOptimized output must be created fresh, without a backing file", out_name));
     return 1;
+  }
+  if (bitmaps) {
+    if (sources.size() > 1) return *stop_with("Copying bitmaps only possible with single source");
+    if (!CheckBitmapsCopyable(*first_source, skip_broken_bitmaps)) return 1;
   }
   if (!IsCacheMode(out_cache)) return *stop_with("Invalid cache option: " + out_cache);
 
@@ -297,6 +365,8 @@ int RunConvert(int argc, char** argv) {
   auto target = OpenOrReport(out_name, to);
   if (!target) return 1;
   if (!no_create && !target->ZeroInit()) cs.target_fresh = target_is_zero;
+  if (bitmaps && !target->BitmapsSupported())
+    return *stop_with(fmt::format("Format driver '{}' does not support bitmaps", target->format()));
   if (target->size() < src.size()) {
     PrintError("output file is smaller than input file");
     return 1;
@@ -313,6 +383,10 @@ int RunConvert(int argc, char** argv) {
     cs.codec = target->Info().compression;
   }
   Status s = CopyToImage(src, *target, cs);
+  if (s.ok() && bitmaps && !CopyBitmaps(*first_source, *target, skip_broken_bitmaps)) {
+    (void)target->Close();
+    return 1;
+  }
   if (s.ok()) s = target->Close();
   target.reset();
   if (s.ok() && durable) s = env.SyncAll();

@@ -15,6 +15,7 @@ int RunSnapshot(int argc, char** argv);
 int RunRebase(int argc, char** argv);
 int RunCommit(int argc, char** argv);
 int RunAmend(int argc, char** argv);
+int RunBitmap(int argc, char** argv);
 int RunMeasure(int argc, char** argv);
 int RunDd(int argc, char** argv);
 int RunBench(int argc, char** argv);

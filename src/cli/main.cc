@@ -27,6 +27,8 @@ const Command kCommands[] = {
     {"rebase", vimgfs::cli::RunRebase, "rebase [-f fmt] [-u] -b backing [-F fmt] file"},
     {"commit", vimgfs::cli::RunCommit, "commit [-f fmt] [-d] [-b base] file"},
     {"amend", vimgfs::cli::RunAmend, "amend [-f fmt] [-p] [--force] -o options file"},
+    {"bitmap", vimgfs::cli::RunBitmap,
+     "bitmap (--add|--remove|--clear|--enable|--disable|--merge SRC)... [-g gran] [-b file] file name"},
     {"dd", vimgfs::cli::RunDd, "dd [-f fmt] [-O fmt] [bs=N] [count=N] [skip=N] if=input of=output"},
     {"bench", vimgfs::cli::RunBench, "bench [-c count] [-d depth] [-f fmt] [-s size] [-w] [-t cache] file"},
     {"measure", vimgfs::cli::RunMeasure,

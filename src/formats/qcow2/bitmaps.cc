@@ -1,21 +1,21 @@
 // qcow2 persistent dirty bitmaps through a read-write open, as qemu keeps them: loaded at
 // open and marked in use on disk; every guest write sets the bits of the enabled ones
-// (NoteGuestWrite); stored at close into new clusters, switched to by one header write,
-// the in-use marks gone. A crash leaves them marked in use, which qemu reads as
-// inconsistent: never a bitmap that misses a write. Spec: qemu docs/interop/qcow2.rst,
-// "Bitmaps extension".
+// (NoteGuestWrite); qemu-img bitmap's changes (engine: Image::ChangeBitmap) replace them
+// in memory; stored at close into new clusters, switched to by one header write, the
+// in-use marks gone. A crash leaves them marked in use, which qemu reads as inconsistent:
+// never a bitmap that misses a write. Spec: qemu docs/interop/qcow2.rst, "Bitmaps
+// extension".
 #include <algorithm>
 #include <cstring>
 
 #include "formats/qcow2/qcow2_internal.h"
+#include "util/bit_words.h"
 #include "util/endian.h"
 #include "util/limits.h"
 
 namespace vimgfs::qcow2 {
 namespace {
 
-constexpr uint32_t kBitmapInUse = 1u << 0;
-constexpr uint32_t kBitmapAuto = 1u << 1;
 constexpr uint64_t kTableEntryOffsetMask = 0x00fffffffffffe00ull;
 constexpr uint64_t kTableEntryAllOnes = 1;
 
@@ -103,15 +103,16 @@ uint64_t Qcow2Map::LoadedBitmap::bits_for(uint64_t disk_size) const {
   return DivRoundUp(disk_size, uint64_t{1} << granularity_bits);
 }
 
-Status Qcow2Map::LoadBitmapsForWriting() {
-  if (!header_.bitmaps_ext || !(header_.autoclear_features & kAutoclearBitmaps)) return Status::Ok();
+Result<std::vector<Qcow2Map::LoadedBitmap>> Qcow2Map::LoadStoredBitmaps() {
+  std::vector<LoadedBitmap> out;
+  if (!header_.bitmaps_ext || !(header_.autoclear_features & kAutoclearBitmaps)) return out;
   const std::byte* ext = header_.bitmaps_ext->data();
   const uint64_t dir_size = LoadBE64(ext + 8), dir_off = LoadBE64(ext + 16);
   ASSIGN_OR_RETURN(std::vector<DirEntry> entries, ReadDirectory(*file_, dir_off, dir_size));
   std::vector<std::byte> cluster(cluster_size_);
   uint64_t memory = 0;
   for (DirEntry& e : entries) {
-    if (e.granularity_bits < 9 || e.granularity_bits > 31)
+    if (e.granularity_bits < kMinBitmapGranularityBits || e.granularity_bits > kMaxBitmapGranularityBits)
       return Status::InvalidFormat("'{}': bitmap granularity", path_);
     memory += DivRoundUp(DivRoundUp(size_, uint64_t{1} << e.granularity_bits), 64) * 8;
     if (memory > limits::kMaxBitmapMemory)
@@ -151,13 +152,43 @@ Status Qcow2Map::LoadBitmapsForWriting() {
             b.words[byte / 8].fetch_or(static_cast<uint64_t>(cluster[j]) << (8 * (byte % 8)));
           }
       }
-      e.flags |= kBitmapInUse;
+      // An all-ones table entry covers bits past the disk's end: they are not the disk's.
+      if (nbits % 64 && !b.words.empty()) b.words.back().fetch_and((uint64_t{1} << (nbits % 64)) - 1);
     }
-    bitmaps_.push_back(std::move(b));
+    out.push_back(std::move(b));
   }
+  return out;
+}
+
+namespace {
+
+DirEntry EntryOf(const std::string& name, uint8_t granularity_bits, uint32_t flags, uint64_t table_offset,
+                 uint32_t table_size, const std::vector<std::byte>& extra) {
+  DirEntry e;
+  e.name = name;
+  e.granularity_bits = granularity_bits;
+  e.flags = flags;
+  e.table_offset = table_offset;
+  e.table_size = table_size;
+  e.extra = extra;
+  return e;
+}
+
+}  // namespace
+
+Status Qcow2Map::LoadBitmapsForWriting() {
+  ASSIGN_OR_RETURN(bitmaps_, LoadStoredBitmaps());
+  if (bitmaps_.empty()) return Status::Ok();
+  const std::byte* ext = header_.bitmaps_ext->data();
+  bitmap_dir_size_ = LoadBE64(ext + 8);
+  bitmap_dir_offset_ = LoadBE64(ext + 16);
+  std::vector<DirEntry> entries;
+  for (const LoadedBitmap& b : bitmaps_)
+    entries.push_back(
+        EntryOf(b.name, b.granularity_bits, b.flags | kBitmapInUse, b.table_offset, b.table_size, b.extra));
   // Marked in use on disk before any write: a crash from here on leaves them inconsistent.
   RETURN_IF_ERROR(FlushAll());
-  RETURN_IF_ERROR(file_->PWrite(dir_off, SerializeDirectory(entries), IoTag::kHeader)
+  RETURN_IF_ERROR(file_->PWrite(bitmap_dir_offset_, SerializeDirectory(entries), IoTag::kHeader)
                       .WithContext("'{}': Can't update bitmap directory", path_));
   RETURN_IF_ERROR(file_->Sync(true));
   bitmaps_loaded_ = true;
@@ -167,17 +198,13 @@ Status Qcow2Map::LoadBitmapsForWriting() {
 void Qcow2Map::NoteGuestWrite(uint64_t off, uint64_t len) {
   if (!bitmaps_loaded_ || len == 0) return;
   for (LoadedBitmap& b : bitmaps_) {
-    if (!b.consistent || !(b.flags & kBitmapAuto)) continue;
+    if (!b.consistent || !(b.flags & kBitmapAuto) || b.words.empty()) continue;
     const uint64_t first = off >> b.granularity_bits;
     const uint64_t last = std::min((off + len - 1) >> b.granularity_bits, b.words.size() * 64 - 1);
-    for (uint64_t bit = first; bit <= last;) {
-      const uint64_t word = bit / 64, lo = bit % 64;
-      const uint64_t hi = std::min<uint64_t>(63, lo + (last - bit));
-      const uint64_t mask =
-          (hi == 63 ? ~uint64_t{0} : ((uint64_t{1} << (hi + 1)) - 1)) & ~((uint64_t{1} << lo) - 1);
+    if (first > last) continue;
+    ForEachBitRangeWord(first, last, [&](uint64_t word, uint64_t mask) {
       b.words[word].fetch_or(mask, std::memory_order_relaxed);
-      bit += hi - lo + 1;
-    }
+    });
   }
 }
 
@@ -206,70 +233,174 @@ void Qcow2Map::ResizeBitmaps(uint64_t new_size) {
   }
 }
 
+Result<std::vector<DirtyBitmap>> Qcow2Map::ReadBitmaps() {
+  std::vector<LoadedBitmap> stored;
+  if (!bitmaps_loaded_) {
+    ASSIGN_OR_RETURN(stored, LoadStoredBitmaps());
+  }
+  const std::vector<LoadedBitmap>& from = bitmaps_loaded_ ? bitmaps_ : stored;
+  std::vector<DirtyBitmap> out;
+  for (const LoadedBitmap& b : from) {
+    DirtyBitmap d;
+    d.name = b.name;
+    d.granularity_bits = b.granularity_bits;
+    d.enabled = b.flags & kBitmapAuto;
+    d.consistent = b.consistent;
+    d.words.reserve(b.words.size());
+    for (const auto& w : b.words) d.words.push_back(w.load(std::memory_order_relaxed));
+    out.push_back(std::move(d));
+  }
+  return out;
+}
+
+// qemu's qcow2_co_can_store_new_dirty_bitmap, its words.
+Status Qcow2Map::CanStoreBitmap(const std::string& name, uint32_t granularity_bits,
+                                const std::vector<DirtyBitmap>& existing) {
+  if (!v3_) return Status::InvalidArgument("Cannot store dirty bitmaps in qcow2 v2 files");
+  if (granularity_bits > kMaxBitmapGranularityBits)
+    return Status::InvalidArgument("Granularity exceeds maximum ({} bytes)",
+                                   uint64_t{1} << kMaxBitmapGranularityBits);
+  if (granularity_bits < kMinBitmapGranularityBits)
+    return Status::InvalidArgument("Granularity is under minimum ({} bytes)",
+                                   uint64_t{1} << kMinBitmapGranularityBits);
+  const uint64_t bytes = DivRoundUp(DivRoundUp(size_, uint64_t{1} << granularity_bits), 8);
+  if (bytes > kMaxBitmapPhysBytes || bytes > uint64_t{kMaxBitmapTableSize} * cluster_size_)
+    return Status::InvalidArgument("Too much space will be occupied by the bitmap. Use larger granularity");
+  if (name.size() > kMaxBitmapNameBytes)
+    return Status::InvalidArgument("Name length exceeds maximum ({} characters)", kMaxBitmapNameBytes);
+  uint64_t dir_size = AlignUp(24 + name.size(), 8);
+  uint64_t memory = DivRoundUp(DivRoundUp(size_, uint64_t{1} << granularity_bits), 64) * 8;
+  for (const DirtyBitmap& b : existing) {
+    dir_size += AlignUp(24 + b.name.size(), 8);
+    memory += b.words.size() * 8;
+  }
+  if (existing.size() + 1 > kMaxBitmaps)
+    return Status::InvalidArgument("Maximum number of persistent bitmaps is already reached");
+  if (dir_size > kMaxBitmapDirectoryBytes)
+    return Status::InvalidArgument("Not enough space in the bitmap directory");
+  // Not qemu's: the memory every open of this image would need for its bitmaps.
+  if (memory > limits::kMaxBitmapMemory)
+    return Status::InvalidArgument("the dirty bitmaps would take more than {} bytes of memory",
+                                   limits::kMaxBitmapMemory);
+  return Status::Ok();
+}
+
+Status Qcow2Map::ReplaceBitmaps(std::vector<DirtyBitmap> bitmaps) {
+  if (read_only_) return Status::ReadOnly("'{}' is opened read-only", path_);
+  if (!bitmaps_loaded_ && (header_.autoclear_features & kAutoclearBitmaps))
+    return Status::Unsupported("'{}': this open did not load the image's bitmaps", path_);
+  std::vector<LoadedBitmap> next;
+  for (DirtyBitmap& d : bitmaps) {
+    LoadedBitmap b;
+    b.name = d.name;
+    b.granularity_bits = static_cast<uint8_t>(d.granularity_bits);
+    b.flags = d.enabled ? kBitmapAuto : 0;
+    b.consistent = d.consistent;
+    if (!d.consistent) {
+      // Only kept as found: the stored entry stays as it is.
+      auto old = std::find_if(bitmaps_.begin(), bitmaps_.end(),
+                              [&](const LoadedBitmap& o) { return !o.consistent && o.name == d.name; });
+      if (old == bitmaps_.end())
+        return Status::InvalidArgument("'{}': bitmap '{}' has no stored bits to keep", path_, d.name);
+      b.flags = old->flags;
+      b.extra = old->extra;
+      b.table_offset = old->table_offset;
+      b.table_size = old->table_size;
+    } else {
+      const uint64_t nwords = DivRoundUp(b.bits_for(size_), 64);
+      if (d.words.size() != nwords)
+        return Status::InvalidArgument("'{}': bitmap '{}' does not cover the disk", path_, d.name);
+      b.words = std::vector<std::atomic<uint64_t>>(nwords);
+      for (uint64_t i = 0; i < nwords; i++) b.words[i].store(d.words[i], std::memory_order_relaxed);
+    }
+    next.push_back(std::move(b));
+  }
+  // Every stored table that no bitmap of `next` keeps is freed once the new set is stored.
+  for (const LoadedBitmap& o : bitmaps_) {
+    if (o.table_offset == 0) continue;
+    const bool kept = std::any_of(next.begin(), next.end(),
+                                  [&](const LoadedBitmap& b) { return b.table_offset == o.table_offset; });
+    if (!kept) stale_bitmap_tables_.emplace_back(o.table_offset, o.table_size);
+  }
+  bitmaps_ = std::move(next);
+  bitmaps_loaded_ = true;
+  return Status::Ok();
+}
+
 Status Qcow2Map::StoreBitmaps() {
   if (!bitmaps_loaded_) return Status::Ok();
-  const std::byte* ext = header_.bitmaps_ext->data();
-  const uint64_t old_dir_size = LoadBE64(ext + 8), old_dir_off = LoadBE64(ext + 16);
-  std::vector<uint64_t> to_free;  // the old tables' clusters, their data and the directory
+  // Everything to free is read before anything is: the old tables name their data.
+  std::vector<uint64_t> to_free;
+  auto free_table = [&](uint64_t table_offset, uint32_t table_size) -> Status {
+    std::vector<std::byte> table(uint64_t{table_size} * 8);
+    RETURN_IF_ERROR(file_->PRead(table_offset, table));
+    for (uint64_t i = 0; i < table_size; i++) {
+      const uint64_t host = LoadBE64(table.data() + i * 8) & kTableEntryOffsetMask;
+      if (host != 0 && ValidateTableOffset(host, "bitmap data").ok()) to_free.push_back(host);
+    }
+    for (uint64_t c = 0; c < DivRoundUp(table.size(), cluster_size_); c++)
+      to_free.push_back(table_offset + c * cluster_size_);
+    return Status::Ok();
+  };
+  for (const auto& [off, size] : stale_bitmap_tables_) RETURN_IF_ERROR(free_table(off, size));
+  for (const LoadedBitmap& b : bitmaps_)
+    if (b.consistent && b.table_offset != 0) RETURN_IF_ERROR(free_table(b.table_offset, b.table_size));
+  for (uint64_t c = 0; c < DivRoundUp(bitmap_dir_size_, cluster_size_); c++)
+    to_free.push_back(bitmap_dir_offset_ + c * cluster_size_);
+
   std::vector<DirEntry> entries;
   std::vector<std::byte> cluster(cluster_size_);
   for (const LoadedBitmap& b : bitmaps_) {
-    DirEntry e;
-    e.name = b.name;
-    e.granularity_bits = b.granularity_bits;
-    e.flags = b.flags;
-    e.extra = b.extra;
-    e.table_offset = b.table_offset;
-    e.table_size = b.table_size;
-    if (b.consistent) {
-      // Old table and data first (read before anything is freed), then the new ones.
-      std::vector<std::byte> old_table(uint64_t{b.table_size} * 8);
-      RETURN_IF_ERROR(file_->PRead(b.table_offset, old_table));
-      for (uint64_t i = 0; i < b.table_size; i++)
-        if (uint64_t host = LoadBE64(old_table.data() + i * 8) & kTableEntryOffsetMask)
-          to_free.push_back(host);
-      for (uint64_t c = 0; c < DivRoundUp(old_table.size(), cluster_size_); c++)
-        to_free.push_back(b.table_offset + c * cluster_size_);
-
-      const uint64_t bytes = DivRoundUp(b.bits_for(size_), 8);
-      const uint64_t table_size = std::max<uint64_t>(1, DivRoundUp(bytes, cluster_size_));
-      std::vector<std::byte> table(table_size * 8);
-      for (uint64_t i = 0; i < table_size; i++) {
-        std::fill(cluster.begin(), cluster.end(), std::byte{0});
-        bool any = false;
-        for (uint64_t j = 0; j < cluster_size_ && i * cluster_size_ + j < bytes; j++) {
-          const uint64_t byte = i * cluster_size_ + j;
-          cluster[j] =
-              static_cast<std::byte>(b.words[byte / 8].load(std::memory_order_relaxed) >> (8 * (byte % 8)));
-          any |= cluster[j] != std::byte{0};
-        }
-        if (!any) continue;  // reads as zeros: no cluster
-        ASSIGN_OR_RETURN(uint64_t at, AllocClusters(1));
-        RETURN_IF_ERROR(file_->PWrite(at, cluster, IoTag::kHeader));
-        StoreBE64(table.data() + i * 8, at);
-      }
-      ASSIGN_OR_RETURN(uint64_t table_at, AllocClusters(DivRoundUp(table.size(), cluster_size_)));
-      RETURN_IF_ERROR(file_->PWrite(table_at, table, IoTag::kHeader));
-      e.table_offset = table_at;
-      e.table_size = static_cast<uint32_t>(table_size);
-      e.flags &= ~kBitmapInUse;
+    if (!b.consistent) {
+      entries.push_back(EntryOf(b.name, b.granularity_bits, b.flags, b.table_offset, b.table_size, b.extra));
+      continue;
     }
-    entries.push_back(std::move(e));
+    const uint64_t bytes = DivRoundUp(b.bits_for(size_), 8);
+    const uint64_t table_size = std::max<uint64_t>(1, DivRoundUp(bytes, cluster_size_));
+    std::vector<std::byte> table(table_size * 8);
+    for (uint64_t i = 0; i < table_size; i++) {
+      std::fill(cluster.begin(), cluster.end(), std::byte{0});
+      bool any = false;
+      for (uint64_t j = 0; j < cluster_size_ && i * cluster_size_ + j < bytes; j++) {
+        const uint64_t byte = i * cluster_size_ + j;
+        cluster[j] =
+            static_cast<std::byte>(b.words[byte / 8].load(std::memory_order_relaxed) >> (8 * (byte % 8)));
+        any |= cluster[j] != std::byte{0};
+      }
+      if (!any) continue;  // reads as zeros: no cluster
+      ASSIGN_OR_RETURN(uint64_t at, AllocClusters(1));
+      RETURN_IF_ERROR(file_->PWrite(at, cluster, IoTag::kHeader));
+      StoreBE64(table.data() + i * 8, at);
+    }
+    ASSIGN_OR_RETURN(uint64_t table_at, AllocClusters(DivRoundUp(table.size(), cluster_size_)));
+    RETURN_IF_ERROR(file_->PWrite(table_at, table, IoTag::kHeader));
+    entries.push_back(EntryOf(b.name, b.granularity_bits, b.flags & ~kBitmapInUse, table_at,
+                              static_cast<uint32_t>(table_size), b.extra));
   }
-  for (uint64_t c = 0; c < DivRoundUp(old_dir_size, cluster_size_); c++)
-    to_free.push_back(old_dir_off + c * cluster_size_);
-  const std::vector<std::byte> dir = SerializeDirectory(entries);
-  ASSIGN_OR_RETURN(uint64_t dir_at, AllocClusters(DivRoundUp(dir.size(), cluster_size_)));
-  RETURN_IF_ERROR(file_->PWrite(dir_at, dir, IoTag::kHeader));
+  if (entries.empty()) {
+    // No bitmap left: no extension, and the autoclear bit goes with it (qemu's way).
+    header_.bitmaps_ext.reset();
+    header_.autoclear_features &= ~kAutoclearBitmaps;
+  } else {
+    const std::vector<std::byte> dir = SerializeDirectory(entries);
+    ASSIGN_OR_RETURN(uint64_t dir_at, AllocClusters(DivRoundUp(dir.size(), cluster_size_)));
+    RETURN_IF_ERROR(file_->PWrite(dir_at, dir, IoTag::kHeader));
+    if (!header_.bitmaps_ext) header_.bitmaps_ext.emplace(24);
+    std::vector<std::byte>& e = *header_.bitmaps_ext;
+    e.resize(24);
+    StoreBE32(e.data(), static_cast<uint32_t>(entries.size()));
+    StoreBE32(e.data() + 4, 0);
+    StoreBE64(e.data() + 8, dir.size());
+    StoreBE64(e.data() + 16, dir_at);
+    header_.autoclear_features |= kAutoclearBitmaps;
+  }
   // Everything new is durable, with its refcounts, before the header names it.
   RETURN_IF_ERROR(FlushAll());
-  std::vector<std::byte>& e = *header_.bitmaps_ext;
-  StoreBE32(e.data(), static_cast<uint32_t>(entries.size()));
-  StoreBE64(e.data() + 8, dir.size());
-  StoreBE64(e.data() + 16, dir_at);
   RETURN_IF_ERROR(WriteHeader());
   RETURN_IF_ERROR(file_->Sync(true));
   bitmaps_loaded_ = false;
+  stale_bitmap_tables_.clear();
+  bitmap_dir_offset_ = bitmap_dir_size_ = 0;
   for (uint64_t off : to_free) RETURN_IF_ERROR(FreeRange(off, cluster_size_));
   return FlushAll();
 }

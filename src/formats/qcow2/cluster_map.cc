@@ -543,17 +543,6 @@ Result<bool> Qcow2Map::MapShowsHostHoles() {
   return preallocated_;
 }
 
-// The persistent dirty bitmaps, as qemu-img info lists them (only while consistent).
-// qemu's limits on persistent bitmaps (qcow2.h, qcow2-bitmap.c).
-namespace {
-constexpr uint32_t kMaxBitmaps = 65535;
-constexpr uint64_t kMaxBitmapDirectoryBytes = 1024 * kMaxBitmaps;
-constexpr uint32_t kMaxBitmapTableSize = 0x8000000;
-constexpr uint64_t kMaxBitmapPhysBytes = 0x20000000;
-constexpr uint32_t kBitmapReservedFlags = 0xfffffffcu;
-constexpr uint16_t kMaxBitmapNameBytes = 1023;
-}  // namespace
-
 Status Qcow2Map::ValidateBitmapDirectory() {
   // Without the autoclear bit the bitmaps are stale and ignored (qemu warns and drops them).
   if (!header_.bitmaps_ext || !(header_.autoclear_features & kAutoclearBitmaps)) return Status::Ok();
@@ -595,9 +584,9 @@ Status Qcow2Map::ValidateBitmapDirectory() {
     if (extra != 0) return Status::Unsupported("'{}': Bitmap extra data is not supported", path_);
     const uint64_t phys = uint64_t{table_size} * cluster_size_;
     bool ok = table_size != 0 && table_off != 0 && IsAligned(table_off, cluster_size_) &&
-              table_size <= kMaxBitmapTableSize && gran_bits <= 31 && gran_bits >= 9 &&
-              !(flags & kBitmapReservedFlags) && name_size <= kMaxBitmapNameBytes && type == 1 &&
-              phys <= kMaxBitmapPhysBytes;
+              table_size <= kMaxBitmapTableSize && gran_bits <= kMaxBitmapGranularityBits &&
+              gran_bits >= kMinBitmapGranularityBits && !(flags & kBitmapReservedFlags) &&
+              name_size <= kMaxBitmapNameBytes && type == 1 && phys <= kMaxBitmapPhysBytes;
     // A bitmap not in use must cover the disk (one saved before a resize need not).
     if (ok && !(flags & 1) && size_ > ((phys * 8) << gran_bits)) ok = false;
     if (!ok) {

@@ -53,6 +53,18 @@ inline constexpr uint64_t kCompatLazyRefcounts = 1ull << 0;
 inline constexpr uint64_t kAutoclearBitmaps = 1ull << 0;
 inline constexpr uint64_t kAutoclearDataFileRaw = 1ull << 1;
 
+// Persistent bitmaps: directory entry flags and qemu's limits (qcow2.h, qcow2-bitmap.c).
+inline constexpr uint32_t kBitmapInUse = 1u << 0;
+inline constexpr uint32_t kBitmapAuto = 1u << 1;
+inline constexpr uint32_t kBitmapReservedFlags = 0xfffffffcu;
+inline constexpr uint32_t kMaxBitmaps = 65535;
+inline constexpr uint64_t kMaxBitmapDirectoryBytes = 1024 * kMaxBitmaps;
+inline constexpr uint32_t kMaxBitmapTableSize = 0x8000000;
+inline constexpr uint64_t kMaxBitmapPhysBytes = 0x20000000;
+inline constexpr uint16_t kMaxBitmapNameBytes = 1023;
+inline constexpr uint32_t kMinBitmapGranularityBits = 9;
+inline constexpr uint32_t kMaxBitmapGranularityBits = 31;
+
 inline constexpr uint8_t kCompressionZlib = 0;
 inline constexpr uint8_t kCompressionZstd = 1;
 
@@ -344,8 +356,15 @@ class Qcow2Map final : public ClusterMap {
     std::vector<std::atomic<uint64_t>> words;  // bit k: granule k dirty
     uint64_t bits_for(uint64_t disk_size) const;
   };
+  // The stored bitmaps, their bits read (consistent ones); nothing marked.
+  Result<std::vector<LoadedBitmap>> LoadStoredBitmaps();
   Status LoadBitmapsForWriting();
   void NoteGuestWrite(uint64_t off, uint64_t len) override;
+  bool BitmapsSupported() override { return v3_; }
+  Result<std::vector<DirtyBitmap>> ReadBitmaps() override;
+  Status CanStoreBitmap(const std::string& name, uint32_t granularity_bits,
+                        const std::vector<DirtyBitmap>& existing) override;
+  Status ReplaceBitmaps(std::vector<DirtyBitmap> bitmaps) override;
   void MarkBitmapsAllDirty();
   // A resize needs every bitmap loaded (qemu's words otherwise); then they follow it.
   Status CheckBitmapsResizable() const;
@@ -419,7 +438,12 @@ class Qcow2Map final : public ClusterMap {
   std::unique_ptr<TableCache> ref_cache_;
   bool clear_dirty_on_close_ = false;
   std::vector<LoadedBitmap> bitmaps_;
-  bool bitmaps_loaded_ = false;  // loaded and marked in use: stored back at close
+  bool bitmaps_loaded_ = false;  // loaded and marked in use (or set anew): stored back at close
+  // Stored tables no bitmap of bitmaps_ names any more (removed, or replaced by bits held
+  // in memory), and the directory loaded at open: freed once the new ones are stored.
+  std::vector<std::pair<uint64_t, uint32_t>> stale_bitmap_tables_;
+  uint64_t bitmap_dir_offset_ = 0;
+  uint64_t bitmap_dir_size_ = 0;
   // MapShowsHostHoles, decided once per open as qemu decides it.
   bool preallocated_checked_ = false;
   bool preallocated_ = false;
