@@ -93,7 +93,8 @@ Status Image::ChangeBitmap(const BitmapChange& change) {
       if (Status s = m.CanStoreBitmap(name, bits, maps); !s.ok()) {
         if (s.kind() == ErrorKind::kUnsupported)
           return Status::Unsupported("Can't store persistent bitmaps to {}: {}", path_, s.message());
-        return Status::InvalidArgument("Can't make bitmap '{}' persistent in '{}': {}", name, path_, s.message());
+        return Status::InvalidArgument("Can't make bitmap '{}' persistent in '{}': {}", name, path_,
+                                       s.message());
       }
       DirtyBitmap b;
       b.name = name;
@@ -123,7 +124,8 @@ Status Image::ChangeBitmap(const BitmapChange& change) {
         if (!src->consistent) return Inconsistent(src->name);
         if (source_size != size_)
           return Status::InvalidArgument(
-              "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be merged",
+              "Bitmaps are of different sizes (destination size is {}, source size is {}) and can't be "
+              "merged",
               size_, source_size);
         MergeInto(*target, *src, size_);
         break;

@@ -1,6 +1,9 @@
-// qcow2 persistent dirty bitmaps through vimgfs's writes: twin images written alike by
-// vimgfs and by qemu-img must end with the same bitmaps (names, flags, and the dirty
-// areas qemu-nbd reports for each), check clean, and inconsistent bitmaps stay so.
+// qcow2 persistent dirty bitmaps: through vimgfs's writes, the bitmap command and convert
+// --bitmaps, twin images handled alike by vimgfs and by qemu-img must end with the same
+// bitmaps (names, flags, and the dirty areas qemu-nbd reports for each), check clean, and
+// inconsistent bitmaps stay so; errors are qemu-img's lines and exit codes.
+#include <regex>
+
 #include <nlohmann/json.hpp>
 
 #include "cli_test_helpers.h"
@@ -92,6 +95,138 @@ TEST_F(BitmapsTest, InconsistentBitmapsStayInconsistent) {
   EXPECT_NE(list[1]["flags"].dump().find("in-use"), std::string::npos) << list.dump();
   EXPECT_EQ(list[0]["flags"].dump().find("in-use"), std::string::npos) << list.dump();
   ExpectSame("resize d.qcow2 16M");
+}
+
+// Writes made by qemu-io in both twins (a shell line run in each folder).
+constexpr const char* kWriteBase = "qemu-io -f qcow2 -c 'write 3M 1M' d.base >/dev/null";
+
+// qemu-iotests' qemu-img-bitmaps, step by step: every change of the bitmap command made by
+// vimgfs in one twin and by qemu-img in the other, writes between them by qemu-io.
+TEST_F(BitmapsTest, BitmapCommandMatchesQemu) {
+  InBoth("qemu-img create -q -f qcow2 d.base 10M");
+  EXPECT_TRUE(ExpectSame("bitmap --add -f qcow2 d.base b0"));
+  InBoth(kWriteBase);
+  InBoth("qemu-img create -q -f qcow2 -b d.base -F qcow2 d.qcow2 10M");
+  InBoth("qemu-io -f qcow2 -c 'write 0 1M' d.qcow2 >/dev/null");
+  EXPECT_TRUE(ExpectSame("bitmap --add -g 512k -f qcow2 d.qcow2 b1"));
+  EXPECT_TRUE(ExpectSame("bitmap --add --disable -f qcow2 d.qcow2 b2"));
+  InBoth("qemu-io -f qcow2 -c 'write 3M 1M' d.qcow2 >/dev/null");
+  EXPECT_TRUE(ExpectSame("bitmap --clear -f qcow2 d.qcow2 b1"));
+  InBoth("qemu-io -f qcow2 -c 'write 1M 1M' d.qcow2 >/dev/null");
+  EXPECT_TRUE(ExpectSame("bitmap --disable -f qcow2 d.qcow2 b1"));
+  EXPECT_TRUE(ExpectSame("bitmap --enable -f qcow2 d.qcow2 b2"));
+  InBoth("qemu-io -f qcow2 -c 'write 2M 1M' d.qcow2 >/dev/null");
+  ExpectSameBitmaps("d.qcow2", {"b1", "b2"});
+
+  // Merges: from another file (its bitmap kept as it is), from this one, through a
+  // bitmap added in the same command; a name given with --image-opts.
+  EXPECT_TRUE(ExpectSame("bitmap --add --disable -f qcow2 d.qcow2 b0"));
+  EXPECT_TRUE(ExpectSame("bitmap --add --merge b0 -b d.base -F qcow2 -f qcow2 d.qcow2 tmp"));
+  EXPECT_TRUE(ExpectSame("bitmap --merge tmp -f qcow2 d.qcow2 b0"));
+  EXPECT_TRUE(ExpectSame("bitmap --merge b2 --merge b1 -f qcow2 d.qcow2 b0"));
+  EXPECT_TRUE(
+      ExpectSame("bitmap --remove --image-opts driver=qcow2,file.driver=file,file.filename=d.qcow2 tmp"));
+  ExpectSameBitmaps("d.qcow2", {"b0", "b1", "b2"});
+  ExpectSameBitmaps("d.base", {"b0"});
+  // Removed and added again in one command: a new, empty and enabled bitmap, last.
+  EXPECT_TRUE(ExpectSame("bitmap --remove --add d.qcow2 b1"));
+  ExpectSameBitmaps("d.qcow2", {"b0", "b1", "b2"});
+  // Every bitmap removed: the extension goes, and with it the autoclear bit.
+  for (const char* b : {"b0", "b1", "b2"})
+    EXPECT_TRUE(ExpectSame(std::string("bitmap --remove d.qcow2 ") + b));
+  EXPECT_TRUE(ExpectSame("info d.qcow2 | grep -c bitmaps || true"));
+  EXPECT_EQ(Sh("cmp v/d.qcow2 q/d.qcow2 2>&1 | head -c 0; qemu-img check v/d.qcow2").exit_code, 0);
+}
+
+// Granularities differ: each set bit of the source marks every bit of the target its
+// bytes overlap, both ways (qemu's hbitmap_merge), including a last granule past the end.
+TEST_F(BitmapsTest, MergesAcrossGranularities) {
+  InBoth("qemu-img create -q -f qcow2 d.qcow2 10000000");
+  EXPECT_TRUE(ExpectSame("bitmap --add -g 4k d.qcow2 fine"));
+  EXPECT_TRUE(ExpectSame("bitmap --add -g 2M d.qcow2 coarse"));
+  EXPECT_TRUE(ExpectSame("bitmap --add -g 512 d.qcow2 tiny"));
+  InBoth(
+      "qemu-io -f qcow2 -c 'write 4096 512' -c 'write 3000000 70000' -c 'write 9999000 1000' d.qcow2 "
+      ">/dev/null");
+  EXPECT_TRUE(ExpectSame("bitmap --disable d.qcow2 coarse"));
+  EXPECT_TRUE(ExpectSame("bitmap --clear d.qcow2 coarse"));
+  EXPECT_TRUE(ExpectSame("bitmap --merge tiny d.qcow2 coarse"));
+  EXPECT_TRUE(ExpectSame("bitmap --add -g 64k --disable --merge coarse d.qcow2 mid"));
+  EXPECT_TRUE(ExpectSame("bitmap --add -g 1k --disable --merge fine d.qcow2 small"));
+  ExpectSameBitmaps("d.qcow2", {"fine", "coarse", "tiny", "mid", "small"});
+}
+
+// Each refusal of qemu-img bitmap, in its words and with its exit code; what succeeded
+// before a failing operation stays.
+TEST_F(BitmapsTest, BitmapErrorsInQemuWords) {
+  InBoth(
+      "qemu-img create -q -f qcow2 d.qcow2 10M && qemu-img create -q -f qcow2 o.qcow2 20M && "
+      "qemu-img bitmap --add o.qcow2 other");
+  for (const char* args : {
+           "bitmap d.qcow2 b",
+           "bitmap --add d.qcow2",
+           "bitmap -g 64k --clear d.qcow2 b",
+           "bitmap -F qcow2 --clear d.qcow2 b",
+           "bitmap -b o.qcow2 --clear d.qcow2 b",
+           "bitmap --add -g 1000 d.qcow2 b",
+           "bitmap --add -g 256 d.qcow2 b",
+           "bitmap --add -g 4G d.qcow2 b",
+           "bitmap --add -g 4x d.qcow2 b",
+           "bitmap --add d.qcow2 ''",
+           "bitmap --remove d.qcow2 b",
+           "bitmap --clear d.qcow2 b",
+           "bitmap --enable d.qcow2 b",
+           "bitmap --add d.qcow2 b",
+           "bitmap --add d.qcow2 b",
+           "bitmap --merge nope d.qcow2 b",
+           "bitmap --add --merge other -b o.qcow2 d.qcow2 c",
+           "bitmap --merge other -b missing.qcow2 d.qcow2 b",
+           "bitmap --remove -f raw d.qcow2 b",
+           "info d.qcow2",
+       })
+    ExpectSame(args);
+  // Errors that name the image: qemu names its node ("#block123"), vimgfs the file.
+  InBoth("qemu-img create -q -f qcow2 -o compat=0.10 v2.qcow2 1M");
+  for (const char* args : {"bitmap --add v2.qcow2 b", "bitmap --add -f raw v2.qcow2 b"}) {
+    SCOPED_TRACE(args);
+    CommandResult q = Sh(std::string("cd q && qemu-img ") + args);
+    CommandResult v = Sh(std::string("cd v && ../bin/qemu-img ") + args);
+    EXPECT_EQ(std::regex_replace(q.err, std::regex("#block[0-9]+"), "v2.qcow2"), v.err);
+    EXPECT_EQ(v.exit_code, q.exit_code);
+  }
+}
+
+// convert --bitmaps: the source's bitmaps (enabled or not, any granularity) made anew in
+// the target with the same bits; inconsistent ones refused or skipped as qemu-img does.
+TEST_F(BitmapsTest, ConvertCopiesBitmaps) {
+  InBoth(
+      "qemu-img create -q -f qcow2 s.qcow2 10M && qemu-img bitmap --add s.qcow2 b1 && "
+      "qemu-img bitmap --add -g 1M --disable s.qcow2 b2 && qemu-img bitmap --add -g 4k s.qcow2 b3 && "
+      "qemu-io -f qcow2 -c 'write 1M 64k' -c 'write 7M 5000' s.qcow2 >/dev/null && "
+      "qemu-img bitmap --add s.qcow2 b4");
+  EXPECT_TRUE(ExpectSame("convert --bitmaps -O qcow2 s.qcow2 t.qcow2"));
+  ExpectSameBitmaps("t.qcow2", {"b1", "b2", "b3", "b4"});
+  EXPECT_TRUE(ExpectSame("convert --bitmaps -O qcow2 -o cluster_size=4k s.qcow2 small.qcow2"));
+  ExpectSameBitmaps("small.qcow2", {"b1", "b2", "b3", "b4"});
+  // Into an existing image that already has one of the names.
+  InBoth("qemu-img create -q -f qcow2 n.qcow2 10M && qemu-img bitmap --add n.qcow2 b3");
+  ExpectSame("convert -n --bitmaps -O qcow2 s.qcow2 n.qcow2");
+
+  ExpectSame("convert --skip-broken-bitmaps -O qcow2 s.qcow2 x.qcow2");
+  ExpectSame("convert --bitmaps -O raw s.qcow2 r.raw");
+  ExpectSame("convert --bitmaps -O qcow2 s.qcow2 s.qcow2 two.qcow2");
+  InBoth("qemu-img create -q -f raw plain.raw 1M");
+  ExpectSame("convert --bitmaps -f raw -O qcow2 plain.raw p.qcow2");
+  ExpectSameFiles();
+
+  // b2 and b4 left in use by a writer that died (qemu-io's abort).
+  InBoth(
+      "qemu-io -f qcow2 -c 'write 0 4k' -c abort s.qcow2 >/dev/null 2>&1; qemu-img bitmap --remove s.qcow2 "
+      "b1");
+  ExpectSame("convert --bitmaps -O qcow2 s.qcow2 c1.qcow2");
+  EXPECT_TRUE(ExpectSame("convert --bitmaps --skip-broken-bitmaps -O qcow2 s.qcow2 c2.qcow2"));
+  EXPECT_TRUE(ExpectSame("info c2.qcow2"));
+  ExpectSameFiles();
 }
 
 }  // namespace
