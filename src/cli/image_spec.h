@@ -4,8 +4,9 @@
 // backing file or what backing.* says of the backing chain (driver, file name, key
 // secret), read-only and force-share, qcow2's data file, and accepts the tuning options qemu's drivers
 // take (cache sizes, discard passing, overlap checks, aio, locking), which change nothing
-// here. Names found inside images are never read this way (docs/ARCHITECTURE.md, "Names
-// inside images"): only the user's own command line.
+// here. The mount takes them too: cmd_mount.cc reads the spec into the mount's plain
+// fields before src/fuse sees them. Names found inside images are never read this way (docs/ARCHITECTURE.md,
+// "Names inside images"): only the user's own command line.
 #pragma once
 
 #include <map>

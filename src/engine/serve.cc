@@ -27,6 +27,9 @@ OpenOptions BaseOptions(const ServeOptions& c) {
   o.untrusted = c.untrusted;
   o.key_secret = c.key_secret;
   o.secrets = c.secrets;
+  o.open_backing = c.open_backing;
+  o.data_file = c.data_file;
+  o.backing_specs = c.backing_specs;
   if (c.cache_bytes) o.cache_bytes = *c.cache_bytes;
   return o;
 }
@@ -45,6 +48,11 @@ std::string BackingName(const std::string& image, const std::string& overlay) {
 }
 
 Result<std::unique_ptr<Image>> OpenOverlay(const ServeOptions& c) {
+  // The overlay's chain starts one image higher: what a spec says of IMAGE's own chain
+  // would be misread as the overlay's.
+  if (!c.open_backing || !c.data_file.empty() || !c.backing_specs.empty())
+    return Status::InvalidArgument(
+        "an overlay cannot be combined with an image spec's backing or data-file options");
   ASSIGN_OR_RETURN(FileStat st, Env::Default()->Stat(c.overlay));
   if (!st.exists) {
     if (c.read_only)

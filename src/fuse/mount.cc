@@ -186,6 +186,9 @@ int RunMount(const MountConfig& c) {
     }
   }
   serve.key_secret = c.key_secret;
+  serve.open_backing = c.open_backing;
+  serve.data_file = c.data_file;
+  serve.backing_specs = c.backing_specs;
   serve.secrets = crypto::SecretStore::Process().Lookup();
   serve.warn = [](const std::string& line) { std::fprintf(stderr, "vimgfs: %s\n", line.c_str()); };
   serve.cannot_write_hint =

@@ -163,6 +163,10 @@ Result<MountConfig> ParseMountArgs(int argc, char** argv) {
       c.single_threaded = true;
       continue;
     }
+    if (a == "--image-opts") {
+      c.image_opts = true;
+      continue;
+    }
     std::string v;
     ASSIGN_OR_RETURN(bool hit, long_value("--overlay", &c.overlay));
     if (hit) continue;
@@ -265,6 +269,9 @@ std::string MountUsage(const std::string& prog) {
       "      --object secret,id=ID,data=PASS|file=PATH[,format=base64]\n"
       "                        a passphrase for --key-secret (hidden from ps once read)\n"
       "      --key-secret ID   unlock an encrypted image (luks) with secret ID\n"
+      "      --image-opts      IMAGE is a key=value list, as qemu-img takes it:\n"
+      "                        driver=qcow2,file.filename=F[,key-secret=ID][,backing.*]\n"
+      "                        (a json:{{...}} IMAGE is taken with or without it)\n"
       "      --no-partitions   show disk.raw only, no partition files\n"
       "  -f                    stay in the foreground\n"
       "  -d                    FUSE debug output (implies -f)\n"

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "vimgfs/format.h"
 #include "vimgfs/status.h"
 
 namespace vimgfs::mount {
@@ -33,6 +34,12 @@ struct MountConfig {
   // encrypted image (--key-secret, -o key_secret=).
   std::vector<std::string> objects;
   std::string key_secret;
+  // --image-opts: IMAGE is a key=value list, as a json: name always is. The command line
+  // front end reads either into image and format and the fields below.
+  bool image_opts = false;
+  bool open_backing = true;                // false: the spec says "backing": null
+  std::string data_file;                   // qcow2's data file named by the spec
+  std::vector<BackingSpec> backing_specs;  // backing.* of the spec
   // Options handed to libfuse's -o (allow_other, fsname=, dev, suid, ...), one per entry.
   std::vector<std::string> fuse_options;
   bool help = false;
