@@ -19,6 +19,7 @@
 #include <variant>
 #include <vector>
 
+#include "vimgfs/dirty_bits.h"
 #include "vimgfs/env.h"
 #include "vimgfs/status.h"
 
@@ -108,15 +109,15 @@ struct Qcow2Bitmap {
   bool auto_enabled = false;  // the "auto" flag: tracks writes while the image is open
 };
 // A persistent dirty bitmap (qcow2's) with its bits, as qemu-img bitmap and convert
-// --bitmaps handle it: bit k (bit k % 64 of words[k / 64]) set means granule k of the
-// disk, bytes [k << granularity_bits, (k + 1) << granularity_bits), changed since the bit
-// was last cleared. The words cover the whole disk, no more.
+// --bitmaps handle it: bit k set means granule k of the disk, bytes
+// [k << granularity_bits, (k + 1) << granularity_bits), changed since the bit was last
+// cleared. The bits cover the whole disk, no more.
 struct DirtyBitmap {
   std::string name;
   uint32_t granularity_bits = 16;
   bool enabled = true;     // records guest writes (qcow2's "auto" flag)
   bool consistent = true;  // false: in use when last closed (a crash); no bits, only removable
-  std::vector<uint64_t> words;
+  DirtyBits bits;
 };
 struct LuksSlotDetails {
   bool active = false;

@@ -5,15 +5,14 @@
 #include <bit>
 #include <optional>
 
-#include "util/bit_words.h"
 #include "util/checked.h"
 #include "vimgfs/image.h"
 
 namespace vimgfs {
 namespace {
 
-uint64_t WordsFor(uint64_t disk_size, uint32_t granularity_bits) {
-  return DivRoundUp(DivRoundUp(disk_size, uint64_t{1} << granularity_bits), 64);
+uint64_t BitsFor(uint64_t disk_size, uint32_t granularity_bits) {
+  return DivRoundUp(disk_size, uint64_t{1} << granularity_bits);
 }
 
 DirtyBitmap* Find(std::vector<DirtyBitmap>& maps, const std::string& name) {
@@ -32,22 +31,24 @@ Status Inconsistent(const std::string& name) {
 // src that is set marks the granules of dst it overlaps (qemu's hbitmap_merge).
 void MergeInto(DirtyBitmap& dst, const DirtyBitmap& src, uint64_t disk_size) {
   if (&dst == &src) return;
+  const uint64_t dst_words = dst.bits.word_count(), dst_bits = dst.bits.size();
   if (dst.granularity_bits == src.granularity_bits) {
-    for (size_t i = 0; i < dst.words.size() && i < src.words.size(); i++) dst.words[i] |= src.words[i];
+    src.bits.ForEachSetWord([&](uint64_t i, uint64_t w) {
+      if (i < dst_words) dst.bits.OrWord(i, w);
+    });
     return;
   }
-  const uint64_t dst_bits = DivRoundUp(disk_size, uint64_t{1} << dst.granularity_bits);
-  for (size_t i = 0; i < src.words.size(); i++) {
-    for (uint64_t w = src.words[i]; w != 0; w &= w - 1) {
+  src.bits.ForEachSetWord([&](uint64_t i, uint64_t w) {
+    for (; w != 0; w &= w - 1) {
       const uint64_t granule = i * 64 + std::countr_zero(w);
       const uint64_t start = granule << src.granularity_bits;
       if (start >= disk_size || dst_bits == 0) continue;
       const uint64_t end = std::min(disk_size, (granule + 1) << src.granularity_bits);
       const uint64_t first = start >> dst.granularity_bits;
       const uint64_t last = std::min((end - 1) >> dst.granularity_bits, dst_bits - 1);
-      ForEachBitRangeWord(first, last, [&](uint64_t word, uint64_t mask) { dst.words[word] |= mask; });
+      dst.bits.Set(first, last);
     }
-  }
+  });
 }
 
 }  // namespace
@@ -100,7 +101,7 @@ Status Image::ChangeBitmap(const BitmapChange& change) {
       b.name = name;
       b.granularity_bits = bits;
       b.enabled = change.enabled;
-      b.words.assign(WordsFor(size_, bits), 0);
+      b.bits = DirtyBits(BitsFor(size_, bits));
       maps.push_back(std::move(b));
       return m.ReplaceBitmaps(std::move(maps));
     }
@@ -112,7 +113,7 @@ Status Image::ChangeBitmap(const BitmapChange& change) {
         maps.erase(maps.begin() + (target - maps.data()));
         break;
       case Op::kClear:
-        std::fill(target->words.begin(), target->words.end(), 0);
+        target->bits.ClearAll();
         break;
       case Op::kEnable:
       case Op::kDisable:

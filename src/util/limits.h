@@ -32,8 +32,9 @@ inline constexpr uint64_t kDefaultCacheBytes = 32ull << 20;
 inline constexpr uint64_t kMaxDescriptorBytes = 1ull << 20;
 // VMDK grain directory / VDI block map held in memory.
 inline constexpr uint64_t kMaxMapBytes = 256ull << 20;
-// qcow2 persistent dirty bitmaps held in memory through a read-write open, all together;
-// an image needing more has them dropped as a program without bitmap support drops them.
+// qcow2 persistent dirty bitmaps loaded at open, all together (their dirty chunks: clean
+// parts take no memory); an image needing more has them dropped as a program without
+// bitmap support drops them.
 inline constexpr uint64_t kMaxBitmapMemory = 256ull << 20;
 // Largest compressed unit we inflate (qcow2 2 MiB cluster; VMDK grain up to 2 MiB here).
 inline constexpr uint64_t kMaxCompressedUnit = 2ull << 20;

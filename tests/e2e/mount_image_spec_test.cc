@@ -20,10 +20,10 @@ class MountImageSpec : public ::testing::Test {
     REQUIRE_FUSE();
     ASSERT_EQ(mkdir(mnt_.c_str(), 0755), 0);
     // base: 0x11 in its first MiB; other: 0x22 there; top over base: 0x33 in its second.
-    MustRun("qemu-img create -q -f qcow2 " + Quote(base_) + " 4M && qemu-io -f qcow2 -c 'write -P 0x11 0 1M' " +
-            Quote(base_) + " >/dev/null");
-    MustRun("qemu-img create -q -f qcow2 " + Quote(other_) + " 4M && qemu-io -f qcow2 -c 'write -P 0x22 0 1M' " +
-            Quote(other_) + " >/dev/null");
+    MustRun("qemu-img create -q -f qcow2 " + Quote(base_) +
+            " 4M && qemu-io -f qcow2 -c 'write -P 0x11 0 1M' " + Quote(base_) + " >/dev/null");
+    MustRun("qemu-img create -q -f qcow2 " + Quote(other_) +
+            " 4M && qemu-io -f qcow2 -c 'write -P 0x22 0 1M' " + Quote(other_) + " >/dev/null");
     MustRun("qemu-img create -q -f qcow2 -b " + Quote(base_) + " -F qcow2 " + Quote(top_) +
             " && qemu-io -f qcow2 -c 'write -P 0x33 1M 1M' " + Quote(top_) + " >/dev/null");
   }
@@ -42,16 +42,17 @@ class MountImageSpec : public ::testing::Test {
     EXPECT_EQ(m.Stop(), 0);
   }
   test::TempDir dir_;
-  const std::string mnt_ = dir_.File("mnt"), base_ = dir_.File("base.qcow2"), other_ = dir_.File("other.qcow2"),
-                    top_ = dir_.File("top.qcow2");
+  const std::string mnt_ = dir_.File("mnt"), base_ = dir_.File("base.qcow2"),
+                    other_ = dir_.File("other.qcow2"), top_ = dir_.File("top.qcow2");
 };
 
 TEST_F(MountImageSpec, SpecsShowWhatQemuReads) {
   const std::string opts = "driver=qcow2,file.filename=" + top_;
   ExpectSameAsQemu({"--image-opts", opts}, "--image-opts " + Quote(opts));
-  const std::string no_backing = "json:{\"driver\":\"qcow2\",\"backing\":null,\"file\":{\"driver\":\"file\","
-                                 "\"filename\":\"" +
-                                 top_ + "\"}}";
+  const std::string no_backing =
+      "json:{\"driver\":\"qcow2\",\"backing\":null,\"file\":{\"driver\":\"file\","
+      "\"filename\":\"" +
+      top_ + "\"}}";
   ExpectSameAsQemu({no_backing}, Quote(no_backing));
   const std::string swapped = opts + ",backing.driver=qcow2,backing.file.filename=" + other_;
   ExpectSameAsQemu({"--image-opts", swapped}, "--image-opts " + Quote(swapped));
@@ -90,7 +91,8 @@ TEST_F(MountImageSpec, BadSpecsFailWithOneLine) {
       {{"--image-opts", "-F", "qcow2", "driver=qcow2,file.filename=" + top_},
        "vimgfs: --image-opts and --format are mutually exclusive\n"},
       {{"--image-opts", "driver=qcow2,file.filename=" + top_ + ",bogus=1"},
-       "vimgfs: Could not open 'driver=qcow2,file.filename=" + top_ + ",bogus=1': Block format 'qcow2' does not support the option 'bogus'\n"},
+       "vimgfs: Could not open 'driver=qcow2,file.filename=" + top_ +
+           ",bogus=1': Block format 'qcow2' does not support the option 'bogus'\n"},
       {{"--image-opts", "--overlay", dir_.File("o.qcow2"), "driver=qcow2,backing=null,file.filename=" + top_},
        "vimgfs: an overlay cannot be combined with an image spec's backing or data-file options\n"},
   };

@@ -9,7 +9,6 @@
 #include <cstring>
 
 #include "formats/qcow2/qcow2_internal.h"
-#include "util/bit_words.h"
 #include "util/endian.h"
 #include "util/limits.h"
 
@@ -114,10 +113,6 @@ Result<std::vector<Qcow2Map::LoadedBitmap>> Qcow2Map::LoadStoredBitmaps() {
   for (DirEntry& e : entries) {
     if (e.granularity_bits < kMinBitmapGranularityBits || e.granularity_bits > kMaxBitmapGranularityBits)
       return Status::InvalidFormat("'{}': bitmap granularity", path_);
-    memory += DivRoundUp(DivRoundUp(size_, uint64_t{1} << e.granularity_bits), 64) * 8;
-    if (memory > limits::kMaxBitmapMemory)
-      return Status::Unsupported("'{}': the dirty bitmaps would take more than {} bytes of memory", path_,
-                                 limits::kMaxBitmapMemory);
     LoadedBitmap b;
     b.name = e.name;
     b.granularity_bits = e.granularity_bits;
@@ -128,7 +123,7 @@ Result<std::vector<Qcow2Map::LoadedBitmap>> Qcow2Map::LoadStoredBitmaps() {
     b.consistent = !(e.flags & kBitmapInUse);
     if (b.consistent) {
       const uint64_t nbits = b.bits_for(size_);
-      b.words = std::vector<std::atomic<uint64_t>>(DivRoundUp(nbits, 64));
+      b.bits = DirtyBits(nbits);
       std::vector<std::byte> table(uint64_t{e.table_size} * 8);
       RETURN_IF_ERROR(
           file_->PRead(e.table_offset, table).WithContext("'{}': reading bitmap '{}'", path_, e.name));
@@ -145,15 +140,19 @@ Result<std::vector<Qcow2Map::LoadedBitmap>> Qcow2Map::LoadStoredBitmaps() {
           std::fill(cluster.begin(), cluster.end(), std::byte{0xff});
         }
         // Bit k of the bitmap is bit k % 8 of byte k / 8: little-endian 64-bit words.
-        const uint64_t n = std::min<uint64_t>(cluster_size_, bytes - i * cluster_size_);
-        for (uint64_t j = 0; j < n; j++)
-          if (cluster[j] != std::byte{0}) {
-            const uint64_t byte = i * cluster_size_ + j;
-            b.words[byte / 8].fetch_or(static_cast<uint64_t>(cluster[j]) << (8 * (byte % 8)));
-          }
+        const uint64_t first_word = i * cluster_size_ / 8;
+        for (uint64_t j = 0; j < cluster_size_ / 8 && first_word + j < b.bits.word_count(); j++) {
+          uint64_t w = LoadLE64(cluster.data() + j * 8);
+          // Bits past the disk's end (an all-ones entry covers them) are not the disk's.
+          if (first_word + j == b.bits.word_count() - 1 && nbits % 64) w &= (uint64_t{1} << (nbits % 64)) - 1;
+          b.bits.OrWord(first_word + j, w);
+        }
       }
-      // An all-ones table entry covers bits past the disk's end: they are not the disk's.
-      if (nbits % 64 && !b.words.empty()) b.words.back().fetch_and((uint64_t{1} << (nbits % 64)) - 1);
+      // Memory in proportion to what is dirty; a cap all the same (a hostile image's).
+      memory += b.bits.allocated_bytes();
+      if (memory > limits::kMaxBitmapMemory)
+        return Status::Unsupported("'{}': the dirty bitmaps would take more than {} bytes of memory", path_,
+                                   limits::kMaxBitmapMemory);
     }
     out.push_back(std::move(b));
   }
@@ -198,13 +197,10 @@ Status Qcow2Map::LoadBitmapsForWriting() {
 void Qcow2Map::NoteGuestWrite(uint64_t off, uint64_t len) {
   if (!bitmaps_loaded_ || len == 0) return;
   for (LoadedBitmap& b : bitmaps_) {
-    if (!b.consistent || !(b.flags & kBitmapAuto) || b.words.empty()) continue;
+    if (!b.consistent || !(b.flags & kBitmapAuto) || b.bits.size() == 0) continue;
     const uint64_t first = off >> b.granularity_bits;
-    const uint64_t last = std::min((off + len - 1) >> b.granularity_bits, b.words.size() * 64 - 1);
-    if (first > last) continue;
-    ForEachBitRangeWord(first, last, [&](uint64_t word, uint64_t mask) {
-      b.words[word].fetch_or(mask, std::memory_order_relaxed);
-    });
+    const uint64_t last = std::min((off + len - 1) >> b.granularity_bits, b.bits.size() - 1);
+    if (first <= last) b.bits.Set(first, last);
   }
 }
 
@@ -224,12 +220,7 @@ void Qcow2Map::ResizeBitmaps(uint64_t new_size) {
   for (LoadedBitmap& b : bitmaps_) {
     if (!b.consistent) continue;
     // Bits past the new end are dropped; a grown area starts clean (qemu's truncate).
-    const uint64_t nbits = b.bits_for(new_size);
-    std::vector<std::atomic<uint64_t>> words(DivRoundUp(nbits, 64));
-    for (uint64_t i = 0; i < words.size() && i < b.words.size(); i++)
-      words[i].store(b.words[i].load(std::memory_order_relaxed), std::memory_order_relaxed);
-    if (nbits % 64 && !words.empty()) words.back().fetch_and((uint64_t{1} << (nbits % 64)) - 1);
-    b.words = std::move(words);
+    b.bits.Resize(b.bits_for(new_size));
   }
 }
 
@@ -246,8 +237,7 @@ Result<std::vector<DirtyBitmap>> Qcow2Map::ReadBitmaps() {
     d.granularity_bits = b.granularity_bits;
     d.enabled = b.flags & kBitmapAuto;
     d.consistent = b.consistent;
-    d.words.reserve(b.words.size());
-    for (const auto& w : b.words) d.words.push_back(w.load(std::memory_order_relaxed));
+    d.bits = b.bits;
     out.push_back(std::move(d));
   }
   return out;
@@ -269,19 +259,11 @@ Status Qcow2Map::CanStoreBitmap(const std::string& name, uint32_t granularity_bi
   if (name.size() > kMaxBitmapNameBytes)
     return Status::InvalidArgument("Name length exceeds maximum ({} characters)", kMaxBitmapNameBytes);
   uint64_t dir_size = AlignUp(24 + name.size(), 8);
-  uint64_t memory = DivRoundUp(DivRoundUp(size_, uint64_t{1} << granularity_bits), 64) * 8;
-  for (const DirtyBitmap& b : existing) {
-    dir_size += AlignUp(24 + b.name.size(), 8);
-    memory += b.words.size() * 8;
-  }
+  for (const DirtyBitmap& b : existing) dir_size += AlignUp(24 + b.name.size(), 8);
   if (existing.size() + 1 > kMaxBitmaps)
     return Status::InvalidArgument("Maximum number of persistent bitmaps is already reached");
   if (dir_size > kMaxBitmapDirectoryBytes)
     return Status::InvalidArgument("Not enough space in the bitmap directory");
-  // Not qemu's: the memory every open of this image would need for its bitmaps.
-  if (memory > limits::kMaxBitmapMemory)
-    return Status::InvalidArgument("the dirty bitmaps would take more than {} bytes of memory",
-                                   limits::kMaxBitmapMemory);
   return Status::Ok();
 }
 
@@ -307,11 +289,9 @@ Status Qcow2Map::ReplaceBitmaps(std::vector<DirtyBitmap> bitmaps) {
       b.table_offset = old->table_offset;
       b.table_size = old->table_size;
     } else {
-      const uint64_t nwords = DivRoundUp(b.bits_for(size_), 64);
-      if (d.words.size() != nwords)
+      if (d.bits.size() != b.bits_for(size_))
         return Status::InvalidArgument("'{}': bitmap '{}' does not cover the disk", path_, d.name);
-      b.words = std::vector<std::atomic<uint64_t>>(nwords);
-      for (uint64_t i = 0; i < nwords; i++) b.words[i].store(d.words[i], std::memory_order_relaxed);
+      b.bits = std::move(d.bits);
     }
     next.push_back(std::move(b));
   }
@@ -358,16 +338,13 @@ Status Qcow2Map::StoreBitmaps() {
     const uint64_t bytes = DivRoundUp(b.bits_for(size_), 8);
     const uint64_t table_size = std::max<uint64_t>(1, DivRoundUp(bytes, cluster_size_));
     std::vector<std::byte> table(table_size * 8);
+    const uint64_t words_per_cluster = cluster_size_ / 8;
     for (uint64_t i = 0; i < table_size; i++) {
+      const uint64_t first_word = i * words_per_cluster;
+      if (!b.bits.AnyInWords(first_word, words_per_cluster)) continue;  // reads as zeros: no cluster
       std::fill(cluster.begin(), cluster.end(), std::byte{0});
-      bool any = false;
-      for (uint64_t j = 0; j < cluster_size_ && i * cluster_size_ + j < bytes; j++) {
-        const uint64_t byte = i * cluster_size_ + j;
-        cluster[j] =
-            static_cast<std::byte>(b.words[byte / 8].load(std::memory_order_relaxed) >> (8 * (byte % 8)));
-        any |= cluster[j] != std::byte{0};
-      }
-      if (!any) continue;  // reads as zeros: no cluster
+      for (uint64_t j = 0; j < words_per_cluster && first_word + j < b.bits.word_count(); j++)
+        StoreLE64(cluster.data() + j * 8, b.bits.Word(first_word + j));
       ASSIGN_OR_RETURN(uint64_t at, AllocClusters(1));
       RETURN_IF_ERROR(file_->PWrite(at, cluster, IoTag::kHeader));
       StoreBE64(table.data() + i * 8, at);

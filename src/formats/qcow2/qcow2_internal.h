@@ -352,8 +352,8 @@ class Qcow2Map final : public ClusterMap {
     std::vector<std::byte> extra;
     uint64_t table_offset = 0;  // as found at open
     uint32_t table_size = 0;
-    bool consistent = true;                    // not in use at open: its bits are loaded
-    std::vector<std::atomic<uint64_t>> words;  // bit k: granule k dirty
+    bool consistent = true;  // not in use at open: its bits are loaded
+    DirtyBits bits;          // bit k: granule k dirty; set from any thread
     uint64_t bits_for(uint64_t disk_size) const;
   };
   // The stored bitmaps, their bits read (consistent ones); nothing marked.
