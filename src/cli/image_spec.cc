@@ -2,6 +2,8 @@
 #include "cli/image_spec.h"
 
 #include <algorithm>
+#include <cctype>
+#include <functional>
 
 #include <nlohmann/json.hpp>
 #include <set>
@@ -128,6 +130,54 @@ bool IsTuningOption(const std::string& key) {
   return key.rfind("overlap-check.", 0) == 0;
 }
 
+// A socket path or export name inside an NBD URI: what is not unreserved is %-escaped.
+std::string UriEscape(const std::string& in) {
+  std::string out;
+  for (unsigned char c : in) {
+    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~' || c == '/') {
+      out += static_cast<char>(c);
+    } else {
+      out += fmt::format("%{:02X}", c);
+    }
+  }
+  return out;
+}
+
+using Take = std::function<std::optional<std::string>(const std::string&)>;
+
+// qemu's nbd protocol driver options under `prefix` (server.type=unix|inet, server.path,
+// server.host, server.port, export; the older path, host, port) as the NBD URI vimgfs
+// opens through libnbd (docs/ARCHITECTURE.md, "Images on NBD servers").
+Result<std::string> NbdUri(const Take& take, const std::string& prefix) {
+  std::optional<std::string> type = take(prefix + "server.type");
+  std::optional<std::string> path = take(prefix + "server.path");
+  if (!path) path = take(prefix + "path");
+  std::optional<std::string> host = take(prefix + "server.host");
+  if (!host) host = take(prefix + "host");
+  std::optional<std::string> port = take(prefix + "server.port");
+  if (!port) port = take(prefix + "port");
+  const std::string exported = take(prefix + "export").value_or("");
+  if (auto f = take(prefix + "filename")) {
+    if (path || host) return Status::InvalidArgument("No valid URL specified");
+    return *f;
+  }
+  for (const char* ignored : {"reconnect-delay", "open-timeout"}) take(prefix + ignored);
+  for (const char* refused : {"tls-creds", "tls-hostname"})
+    if (take(prefix + refused))
+      return Status::Unsupported("the nbd option '{}' is not supported (an nbds:// URI takes TLS)", refused);
+  if (take(prefix + "x-dirty-bitmap"))
+    return Status::Unsupported("the nbd option 'x-dirty-bitmap' is not supported");
+  if (!type) type = path ? "unix" : "inet";
+  if (*type == "unix") {
+    if (!path) return Status::InvalidArgument("Parameter 'path' is missing");
+    return fmt::format("nbd+unix:///{}?socket={}", UriEscape(exported), UriEscape(*path));
+  }
+  if (*type != "inet") return Status::InvalidArgument("Unsupported NBD server type '{}'", *type);
+  if (!host) return Status::InvalidArgument("NBD server address missing");
+  const std::string bracketed = host->find(':') != std::string::npos ? "[" + *host + "]" : *host;
+  return fmt::format("nbd://{}:{}/{}", bracketed, port.value_or("10809"), UriEscape(exported));
+}
+
 // What the spec asks that cannot be done is reported after the -U conflict check, as
 // qemu-img orders its errors.
 ImageSpec Invalid(ImageSpec spec, Status why) {
@@ -148,10 +198,17 @@ Result<ImageSpec> Interpret(Flat opts) {
   if (auto v = take("read-only")) spec.read_only = IsTrue(*v);
   if (auto v = take("force-share")) spec.force_share = IsTrue(*v);
   if (auto l = take("locking")) spec.no_locks = *l == "off" || *l == "false";
-  std::optional<std::string> filename = take("filename");
-  if (driver && *driver == "file") {
+  std::optional<std::string> filename;
+  if (driver && *driver == "nbd") {
+    spec.format = "raw";  // the nbd protocol alone: the export is the disk
+    auto uri = NbdUri(take, "");
+    if (!uri.ok()) return Invalid(spec, uri.error());
+    filename = *uri;
+  } else if (driver && *driver == "file") {
+    filename = take("filename");
     spec.format = "raw";  // the file protocol alone: the file is the disk
   } else {
+    filename = take("filename");
     spec.format = driver.value_or("");  // none: probed, as qemu probes it
     if (auto b = take("backing")) {
       if (*b != kNull && *b != "null" && !b->empty())
@@ -188,9 +245,14 @@ Result<ImageSpec> Interpret(Flat opts) {
     }
     // The passphrase's secret: luks's key-secret, qcow2's encrypt.key-secret.
     if (auto k = take(spec.format == "luks" ? "key-secret" : "encrypt.key-secret")) spec.key_secret = *k;
-    if (auto d = take("file.driver"); d && *d != "file")
-      return Invalid(spec,
-                     Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d));
+    if (auto d = take("file.driver"); d && *d == "nbd") {
+      auto uri = NbdUri(take, "file.");
+      if (!uri.ok()) return Invalid(spec, uri.error());
+      filename = *uri;
+    } else if (d && *d != "file") {
+      return Invalid(spec, Status::Unsupported(
+                               "Unknown protocol '{}' (only the file and nbd protocols are supported)", *d));
+    }
     if (auto f = take("file.filename")) filename = *f;
     if (auto d = take("data-file.driver"); d && *d != "file")
       return Invalid(spec,

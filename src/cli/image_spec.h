@@ -1,6 +1,7 @@
 // Image names as qemu-img takes them on its command line besides a plain file name:
 // `json:{...}` (any command) and the key=value lists of --image-opts. Both describe a
-// format driver over the file protocol; vimgfs reads the driver, the file name, a null
+// format driver over the file protocol or qemu's nbd driver (server.*, export: turned
+// into the NBD URI vimgfs opens); vimgfs reads the driver, the file name, a null
 // backing file or what backing.* says of the backing chain (driver, file name, key
 // secret), read-only and force-share, qcow2's data file, and accepts the tuning options qemu's drivers
 // take (cache sizes, discard passing, overlap checks, aio, locking), which change nothing

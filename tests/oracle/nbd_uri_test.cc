@@ -139,5 +139,39 @@ TEST_F(NbdUri, BackingNamesStayOnTheSameServer) {
   EXPECT_NE(r.err.find("cannot be created on an NBD server"), std::string::npos) << r.err;
 }
 
+// qemu's way of naming a server in --image-opts and json: (libvirt writes these): the nbd
+// driver's server.* and export, under file.* below a format or alone; qemu-img reading
+// the same spec is the oracle, and the server's files read locally too.
+TEST_F(NbdUri, ImageSpecsNameTheServerAsQemuDoes) {
+  MustSh(
+      "qemu-img create -q -f qcow2 exports/s.qcow2 16M && qemu-io -c 'write -P 0x5a 1M 1M' "
+      "-c 'write -z 4M 1M' exports/s.qcow2");
+  StartServer();
+  const std::string opts = "driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=" + socket_ +
+                           ",file.export=s.qcow2";
+  const std::string json =
+      "json:{\"driver\":\"qcow2\",\"file\":{\"driver\":\"nbd\",\"export\":\"s.qcow2\","
+      "\"server\":{\"type\":\"unix\",\"path\":\"" +
+      socket_ + "\"}}}";
+  const nlohmann::json local = Json(Q("map --output=json exports/s.qcow2"));
+  EXPECT_EQ(Json(V("map --output=json --image-opts " + Quote(opts))), local);
+  EXPECT_EQ(Json(V("map --output=json " + Quote(json))), local);
+  EXPECT_EQ(Json(Q("map --output=json --image-opts " + Quote(opts))), local);
+  MustSh(Quote(VimgfsBinary()) + " convert -O raw " + Quote(json) + " remote.raw");
+  MustSh("qemu-img convert -O raw exports/s.qcow2 local.raw && cmp remote.raw local.raw");
+  // The protocol alone: the export's bytes are the disk.
+  const std::string raw = "driver=nbd,server.type=unix,server.path=" + socket_ + ",export=s.qcow2";
+  MustSh(Quote(VimgfsBinary()) + " convert -O raw --image-opts " + Quote(raw) + " bytes.raw");
+  EXPECT_EQ(Sh("cmp -n $(stat -c %s exports/s.qcow2) bytes.raw exports/s.qcow2").exit_code, 0);
+  // What cannot name a server fails with one line.
+  auto r = V("info --image-opts driver=nbd,server.type=unix");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(r.err, "vimgfs: Could not open 'driver=nbd,server.type=unix': Parameter 'path' is missing\n");
+  r = V("info --image-opts driver=nbd,server.type=inet");
+  EXPECT_EQ(r.err, "vimgfs: Could not open 'driver=nbd,server.type=inet': NBD server address missing\n");
+  r = V("info --image-opts " + Quote(raw + ",x-dirty-bitmap=qemu:dirty-bitmap:b"));
+  EXPECT_NE(r.err.find("the nbd option 'x-dirty-bitmap' is not supported"), std::string::npos) << r.err;
+}
+
 }  // namespace
 }  // namespace vimgfs::test

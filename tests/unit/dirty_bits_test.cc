@@ -32,9 +32,9 @@ TEST(DirtyBits, ASparseBitmapTakesMemoryOnlyWhereBitsAreSet) {
 
 TEST(DirtyBits, RangesCrossWordsAndChunks) {
   DirtyBits b(200000);
-  b.Set(60, 70);           // across a word
-  b.Set(65530, 65545);     // across a chunk (65536 bits)
-  b.Set(199990, 199999);   // to the last bit
+  b.Set(60, 70);          // across a word
+  b.Set(65530, 65545);    // across a chunk (65536 bits)
+  b.Set(199990, 199999);  // to the last bit
   EXPECT_EQ(CountSet(b), 11u + 16u + 10u);
   EXPECT_EQ(b.Word(0), ~uint64_t{0} << 60);
   EXPECT_EQ(b.Word(1), (uint64_t{1} << 7) - 1);
