@@ -224,9 +224,15 @@ Result<ImageSpec> Interpret(Flat opts) {
         break;
       BackingSpec b;
       if (auto d = take(prefix + "driver")) b.format = *d == "file" ? "raw" : *d;
-      if (auto d = take(prefix + "file.driver"); d && *d != "file")
+      if (auto d = take(prefix + "file.driver"); d && *d == "nbd") {
+        auto uri = NbdUri(take, prefix + "file.");
+        if (!uri.ok()) return Invalid(spec, uri.error());
+        b.filename = *uri;
+      } else if (d && *d != "file") {
         return Invalid(
-            spec, Status::Unsupported("Unknown protocol '{}' (only the file protocol is supported)", *d));
+            spec,
+            Status::Unsupported("Unknown protocol '{}' (only the file and nbd protocols are supported)", *d));
+      }
       for (const char* key : {"file.filename", "filename", "file"})
         if (auto f = take(prefix + key)) b.filename = *f;
       for (const char* key : {"encrypt.key-secret", "key-secret"})
