@@ -378,6 +378,9 @@ Status Qcow2Map::StoreBitmaps() {
   bitmaps_loaded_ = false;
   stale_bitmap_tables_.clear();
   bitmap_dir_offset_ = bitmap_dir_size_ = 0;
+  // Once each, even where a hostile directory made two bitmaps share clusters.
+  std::sort(to_free.begin(), to_free.end());
+  to_free.erase(std::unique(to_free.begin(), to_free.end()), to_free.end());
   for (uint64_t off : to_free) RETURN_IF_ERROR(FreeRange(off, cluster_size_));
   return FlushAll();
 }
