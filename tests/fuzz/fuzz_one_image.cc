@@ -44,6 +44,16 @@ void RunFormat(Env* env, const uint8_t* data, size_t size, const std::string& fm
       (void)im.Read(off, std::span(buf.data(), n));
     }
     (void)im.Map(0, std::min<uint64_t>(sz, 64ull << 20));
+    // Persistent bitmaps: read, and in the write pass changed as the bitmap command does.
+    auto maps = im.Bitmaps();
+    if (write && maps.ok()) {
+      using Op = Image::BitmapChange::Op;
+      const std::string first = maps->empty() ? "none" : maps->front().name;
+      for (const Image::BitmapChange& c : {Image::BitmapChange{Op::kAdd, "fz", 4096, true, nullptr, ""},
+                                           Image::BitmapChange{Op::kMerge, "fz", 0, true, nullptr, first},
+                                           Image::BitmapChange{Op::kRemove, first, 0, true, nullptr, ""}})
+        (void)im.ChangeBitmap(c);
+    }
     if (write && sz > 0) {
       std::vector<std::byte> w(4096, std::byte{0xab});
       (void)im.Write(sz / 3, std::span(w.data(), std::min<uint64_t>(w.size(), sz - sz / 3)));
