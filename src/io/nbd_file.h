@@ -21,8 +21,9 @@ bool IsNbdUri(const std::string& name);
 
 // Connects to the export (read-only exports refuse kReadWrite). Each File is one connection.
 Result<std::unique_ptr<File>> OpenNbd(const std::string& uri, OpenMode mode);
-// exists and regular when the export answers (its size in size); a server that refuses the
-// connection is an error, not a missing file.
+// An export is taken to exist, as a regular file of unknown size (0), without connecting:
+// the open is the one connection (a single-client server, qemu-nbd by default, serves just
+// one), and its errors say what is wrong.
 Result<FileStat> StatNbd(const std::string& uri);
 // The URI of export `name` on the server of `uri` (same scheme, host or socket, options).
 // name must be a bare file name: no '/', not "." or "..".

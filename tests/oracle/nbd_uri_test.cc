@@ -188,5 +188,23 @@ TEST_F(NbdUri, ImageSpecsNameTheServerAsQemuDoes) {
   EXPECT_NE(r.err.find("the nbd option 'x-dirty-bitmap' is not supported"), std::string::npos) << r.err;
 }
 
+// qemu-nbd run as usual (one client, then it exits): the open is that one connection.
+TEST_F(NbdUri, AOneClientServerIsEnough) {
+  MustSh("qemu-img create -q -f qcow2 one.qcow2 4M && qemu-io -c 'write -P 0x42 1M 512k' one.qcow2");
+  const std::string sock = F("one.sock");
+  for (const char* cmd : {"convert -f raw -O raw", "map -f raw --output=json"}) {
+    SCOPED_TRACE(cmd);
+    MustSh("qemu-nbd --fork -k " + Quote(sock) + " -x exp -f qcow2 one.qcow2");
+    const std::string uri = Quote("nbd+unix:///exp?socket=" + sock);
+    auto r = V(std::string(cmd) + " " + uri + (std::string(cmd).starts_with("convert") ? " v.raw" : ""));
+    EXPECT_EQ(r.exit_code, 0) << r.err;
+    if (std::string(cmd).starts_with("map")) {
+      MustSh("qemu-nbd --fork -k " + Quote(sock) + " -x exp -f qcow2 one.qcow2");
+      EXPECT_EQ(Json(r), Json(Q(std::string(cmd) + " " + uri)));
+    }
+  }
+  MustSh("qemu-img convert -O raw one.qcow2 q.raw && cmp v.raw q.raw");
+}
+
 }  // namespace
 }  // namespace vimgfs::test
