@@ -170,12 +170,15 @@ Result<std::string> NbdUri(const Take& take, const std::string& prefix) {
   if (!type) type = path ? "unix" : "inet";
   if (*type == "unix") {
     if (!path) return Status::InvalidArgument("Parameter 'path' is missing");
-    return fmt::format("nbd+unix:///{}?socket={}", UriEscape(exported), UriEscape(*path));
+    // No export: no path at all, as qemu writes the name ("nbd+unix://?socket=S").
+    return fmt::format("nbd+unix://{}?socket={}", exported.empty() ? "" : "/" + UriEscape(exported),
+                       UriEscape(*path));
   }
   if (*type != "inet") return Status::InvalidArgument("Unsupported NBD server type '{}'", *type);
   if (!host) return Status::InvalidArgument("NBD server address missing");
   const std::string bracketed = host->find(':') != std::string::npos ? "[" + *host + "]" : *host;
-  return fmt::format("nbd://{}:{}/{}", bracketed, port.value_or("10809"), UriEscape(exported));
+  return fmt::format("nbd://{}:{}{}", bracketed, port.value_or("10809"),
+                     exported.empty() ? "" : "/" + UriEscape(exported));
 }
 
 // What the spec asks that cannot be done is reported after the -U conflict check, as
