@@ -1,8 +1,8 @@
 // nbdkit-vimgfs-plugin: serves an image's guest view over NBD through nbdkit, on the same
 // engine as the mount (docs/ARCHITECTURE.md, "Serving over NBD").
 //
-//   nbdkit vimgfs IMAGE [format=FMT] [readonly=true] [untrusted=true] [overlay=FILE]
-//                       [snapshot=NAME] [cache_size=SIZE]
+//   nbdkit [-r] vimgfs IMAGE [format=FMT] [readonly=true] [untrusted=true] [overlay=FILE]
+//                            [snapshot=NAME] [cache_size=SIZE]
 //
 // One Image serves every connection (the parallel thread model, multi-conn): a flush on
 // any connection makes every write acknowledged before it durable, whichever connection
@@ -16,8 +16,10 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -78,7 +80,49 @@ int ConfigComplete() {
   return 0;
 }
 
+// nbdkit -r (--readonly) reaches a plugin only per connection, through open's flag, after
+// get_ready has opened the image: nbdkit's own command line is read for it instead, so a
+// read-only server opens the image read-only (a shared lock, nothing written to it). The
+// options before the plugin name are nbdkit's (nbdkit(1)); an option not known here ends
+// the search, which then falls back to what readonly= says.
+bool ServerIsReadOnly() {
+  std::ifstream in("/proc/self/cmdline", std::ios::binary);
+  std::vector<std::string> args;
+  for (std::string a; std::getline(in, a, '\0');) args.push_back(a);
+  static const std::set<std::string> kLongWithValue = {
+      "--debug",   "--exportname", "--filter", "--group",         "--ipaddr",  "--log", "--mask-handshake",
+      "--pidfile", "--port",       "--run",    "--selinux-label", "--threads", "--tls", "--tls-certificates",
+      "--tls-psk", "--unix",       "--user"};
+  static const std::set<std::string> kLongFlags = {"--ipv4-only",       "--ipv6-only", "--exit-with-parent",
+                                                   "--foreground",      "--newstyle",  "--no-sr",
+                                                   "--oldstyle",        "--single",    "--swap",
+                                                   "--tls-verify-peer", "--verbose",   "--vsock"};
+  for (size_t i = 1; i < args.size(); i++) {
+    const std::string& a = args[i];
+    if (a == "--readonly" || a == "--read-only") return true;
+    if (a.rfind("--", 0) == 0) {
+      const std::string name = a.substr(0, a.find('='));
+      if (kLongWithValue.contains(name)) {
+        if (name == a) i++;  // the value is the next argument
+      } else if (!kLongFlags.contains(name)) {
+        return false;
+      }
+      continue;
+    }
+    if (a.size() < 2 || a[0] != '-') return false;  // the plugin: nbdkit's options ended
+    for (size_t k = 1; k < a.size(); k++) {
+      if (a[k] == 'r') return true;
+      if (std::strchr("DegiPptUu", a[k])) {
+        if (k + 1 == a.size()) i++;  // "-P FILE"; "-PFILE" has it in place
+        break;
+      }
+    }
+  }
+  return false;
+}
+
 int GetReady() {
+  if (ServerIsReadOnly()) g_options.read_only = true;
   g_options.warn = [](const std::string& line) { nbdkit_debug("%s", line.c_str()); };
   g_options.cannot_write_hint =
       "serve it with readonly=true, write to an overlay with overlay=FILE, or convert it (vimgfs convert -O "

@@ -42,10 +42,14 @@ class NbdServer {
   ~NbdServer() { Kill(); }
 
   // Starts nbdkit with the plugin and args; true once the socket answers.
-  bool Start(const std::string& dir, const std::vector<std::string>& args) {
+  // nbdkit_flags go before the plugin name (nbdkit's own options).
+  bool Start(const std::string& dir, const std::vector<std::string>& args,
+             const std::vector<std::string>& nbdkit_flags = {}) {
     socket_ = dir + "/nbd.sock";
     unlink(socket_.c_str());  // nbdkit leaves it behind and will not bind over it
-    std::vector<std::string> argv = {"nbdkit", "-f", "-U", socket_, kPlugin};
+    std::vector<std::string> argv = {"nbdkit", "-f"};
+    argv.insert(argv.end(), nbdkit_flags.begin(), nbdkit_flags.end());
+    for (const std::string& a : {std::string("-U"), socket_, std::string(kPlugin)}) argv.push_back(a);
     argv.insert(argv.end(), args.begin(), args.end());
     pid_ = fork();
     if (pid_ == 0) {
@@ -229,6 +233,27 @@ TEST_F(NbdkitPlugin, ReadOnlyServesWithASharedLock) {
   auto info = Q("info img");
   EXPECT_NE(info.exit_code, 0);
   EXPECT_NE(info.err.find("lock"), std::string::npos) << info.err;
+}
+
+// nbdkit -r: the image is opened read-only as with readonly=true (nothing written to it, not
+// even the in-use marks of its bitmaps), however nbdkit's options are spelled.
+TEST_F(NbdkitPlugin, ReadOnlyServerOpensTheImageReadOnly) {
+  MustSh(
+      "qemu-img create -q -f qcow2 img 16M && qemu-img bitmap --add img b && qemu-io -c 'write 0 64k' img");
+  const std::string before = Sh("sha256sum < img").out;
+  for (const std::vector<std::string>& flags : std::vector<std::vector<std::string>>{
+           {"-r"}, {"--readonly"}, {"-vr"}, {"-t", "4", "--read-only"}, {"--threads=4", "-r"}}) {
+    SCOPED_TRACE(flags.back());
+    ASSERT_TRUE(server_.Start(dir_.path(), {"file=" + F("img")}, flags));
+    EXPECT_EQ(Q("info img").exit_code, 0) << "a reader beside a read-only server";
+    MustSh("qemu-img convert -f raw -O raw " + Quote(server_.uri()) + " out.raw");
+    ASSERT_EQ(server_.Stop(), 0);
+    EXPECT_EQ(Sh("sha256sum < img").out, before);
+  }
+  // Without it, options with values ("-t 2", "-P rw.pid": no 'r' flag there) change nothing.
+  ASSERT_TRUE(server_.Start(dir_.path(), {"file=" + F("img")}, {"-t", "2", "-P", F("rw.pid")}));
+  EXPECT_NE(Q("info img").exit_code, 0) << "a read-write server holds the write lock";
+  ASSERT_EQ(server_.Stop(), 0);
 }
 
 #ifdef VIMGFS_TEST_LIBNBD
