@@ -4,7 +4,7 @@ set -euo pipefail
 pkgs=(build-essential cmake ninja-build pkg-config
       libfuse3-dev fuse3 zlib1g-dev libzstd-dev libdeflate-dev libbz2-dev libgcrypt20-dev libfmt-dev
       libgtest-dev libgmock-dev libcli11-dev nlohmann-json3-dev
-      qemu-utils e2fsprogs fuse2fs fdisk gdisk util-linux kmod bzip2
+      qemu-utils e2fsprogs fuse2fs fdisk gdisk util-linux kmod bzip2 strace
       nbdkit nbdkit-plugin-dev libnbd-bin libnbd-dev
       clang libclang-rt-14-dev clang-format)  # fuzz.sh (clang, runtimes); check-format.sh
 missing=()

@@ -28,6 +28,9 @@ class CopySource {
   // Runs within [off, off+len), ascending. With top_only, a run that is not in the top
   // image of its source has depth 1 (the target's backing file provides it).
   virtual Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool top_only) = 0;
+  // The one image whose host file holds this disk byte for byte (a raw image without a
+  // backing file), for copy offloading; nullptr when there is none.
+  virtual Image* RawImage() { return nullptr; }
 };
 
 // One image as a source; nullptr: an empty disk (it reads as zeros past its end, which is
@@ -38,6 +41,7 @@ class ImageSource final : public CopySource {
   uint64_t size() const override { return image_ ? image_->size() : 0; }
   Status Read(uint64_t off, std::span<std::byte> buf) override;
   Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool top_only) override;
+  Image* RawImage() override;
 
  private:
   Image* image_;
@@ -52,6 +56,7 @@ class ConcatSource final : public CopySource {
   Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool top_only) override;
   // Names the source that holds `off` (for error messages).
   const std::string& NameAt(uint64_t off) const;
+  Image* RawImage() override;
 
  private:
   std::vector<std::unique_ptr<Image>> images_;
@@ -95,6 +100,10 @@ struct CopyOptions {
   int requests_in_flight = 8;  // source reads ahead of the writer (1..16)
   // Guest bytes per second the target is written at most (qemu-img -r); 0: no limit.
   uint64_t rate_limit = 0;
+  // convert -C: a raw source copied into a raw target by copy_file_range, the kernel's copy
+  // (block sharing on a reflink file system), where both are plain host files; otherwise,
+  // or where the kernel cannot, the usual copy (as qemu falls back).
+  bool copy_offload = false;
   // The progress figure qemu-img shows, in percent: the share of the data copied. Only
   // worked out when set.
   std::function<void(double percent)> progress;

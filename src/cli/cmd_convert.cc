@@ -39,7 +39,9 @@ const char kUsage[] =
     "  -p               show progress, as qemu-img: \"    (25.00/100%)\\r\" lines;  -q  quiet\n"
     "  -m N             source reads in flight ahead of the writer, 1 to 16 (default 8)\n"
     "  -W               allow out-of-order writes (accepted; writes stay in order)\n"
-    "  -C               copy offloading (accepted, not done; refused with -c, -S, --salvage)\n"
+    "  -C               copy offloading: raw into raw by copy_file_range (the kernel copies, or\n"
+    "                   shares blocks on a reflink file system); other formats copy as usual;\n"
+    "                   refused with -c, -S, --salvage\n"
     "  -r rate          write the output at most this many bytes per second (suffixes k, M, G)\n"
     "  --bitmaps        copy the source's persistent dirty bitmaps (qcow2 to qcow2, one source)\n"
     "  --skip-broken-bitmaps  with --bitmaps: leave out inconsistent ones, with a warning\n"
@@ -294,6 +296,7 @@ int RunConvert(int argc, char** argv) {
   if (const char* t = std::getenv("VIMGFS_THREADS")) cs.threads = std::clamp(std::atoi(t), 1, 256);
   cs.requests_in_flight = requests;
   cs.rate_limit = rate_limit;
+  cs.copy_offload = copy_range;
   (void)out_of_order;  // permission, not a duty: writes go out in order either way
   cs.target_has_backing = out_backing.has_value();
   cs.target_fresh = !no_create || target_is_zero;  // and the new image reads as zeros (below)

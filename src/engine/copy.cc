@@ -3,6 +3,7 @@
 #include "vimgfs/copy.h"
 
 #include <fmt/format.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -11,6 +12,7 @@
 #include <cerrno>
 #include <deque>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "engine/codec.h"
@@ -64,7 +66,17 @@ class ProgressCount {
   uint64_t total_, done_ = 0;
 };
 
+// A raw image without a backing file: its file is the disk, byte for byte.
+Image* RawAlone(Image* image) {
+  if (!image || image->format() != "raw" || image->backing()) return nullptr;
+  return image->file().fd() >= 0 ? image : nullptr;
+}
+
 }  // namespace
+
+Image* ImageSource::RawImage() { return RawAlone(image_); }
+
+Image* ConcatSource::RawImage() { return images_.size() == 1 ? RawAlone(images_[0].get()) : nullptr; }
 
 Status ImageSource::Read(uint64_t off, std::span<std::byte> buf) {
   if (!image_) return buf.empty() ? Status::Ok() : Status::OutOfRange("read past the end of an empty disk");
@@ -673,6 +685,48 @@ Status CopyCompressed(CopySource& src, Image& target, const CopyOptions& s, Prog
   });
 }
 
+// convert -C (CopyOptions::copy_offload): the source's data runs copied by the kernel
+// between the two raw files. nullopt: not two plain raw files, or the kernel cannot copy
+// between them (another file system, say) before anything was copied: copy as usual.
+std::optional<Status> CopyByRange(CopySource& src, Image& target, const CopyOptions& s,
+                                  ProgressCount& count) {
+  if (!s.copy_offload || s.compress || s.unless_same_as || s.rate_limit || s.target_has_backing)
+    return std::nullopt;
+  Image* in = src.RawImage();
+  if (!in || !RawAlone(&target)) return std::nullopt;
+  const int in_fd = in->file().fd(), out_fd = target.file().fd();
+  bool copied = false;
+  const uint64_t size = src.size();
+  for (uint64_t win = 0; win < size; win += kMapWindow) {
+    auto runs = src.Map(win, std::min(kMapWindow, size - win), false);
+    if (!runs.ok()) return WithOffset(runs.error(), "reading", win);
+    for (const BlockStatus& r : *runs) {
+      if (r.zero) {
+        if (s.target_fresh) continue;
+        Status st = target.WriteZeroes(r.offset, r.length, true);
+        if (!st.ok()) return WithOffset(st, "writing", r.offset);
+        continue;
+      }
+      for (uint64_t pos = r.offset; pos < r.offset + r.length;) {
+        loff_t in_off = static_cast<loff_t>(pos), out_off = static_cast<loff_t>(pos);
+        const ssize_t n = ::copy_file_range(in_fd, &in_off, out_fd, &out_off, r.offset + r.length - pos, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && !copied && (errno == EXDEV || errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL))
+          return std::nullopt;
+        if (n <= 0) {
+          const int err = n < 0 ? errno : EIO;
+          return WithOffset(Status::FromErrno(err, "copy offloading failed: {}", std::strerror(err)),
+                            "writing", pos);
+        }
+        copied = true;
+        pos += static_cast<uint64_t>(n);
+        count.Add(static_cast<uint64_t>(n));
+      }
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 Status CopyToImage(CopySource& src, Image& target, const CopyOptions& s) {
@@ -682,6 +736,7 @@ Status CopyToImage(CopySource& src, Image& target, const CopyOptions& s) {
   const uint64_t unit = s.compress ? target.cluster_size() : 0;
   ASSIGN_OR_RETURN(uint64_t total, CountedTotal(src, s, unit));
   ProgressCount count(s.progress, total);
+  if (std::optional<Status> offloaded = CopyByRange(src, target, s, count)) return *offloaded;
   return s.compress ? CopyCompressed(src, target, s, count) : CopyPlain(src, target, s, count);
 }
 

@@ -243,6 +243,33 @@ TEST_F(CliConvertTest, Errors) {
   EXPECT_NE(r.out.find("compression_type"), std::string::npos);
 }
 
+// -C: raw into raw is copied by the kernel (copy_file_range), holes kept as holes; into an
+// existing image (-n) the holes are punched; other formats copy as usual. The bytes equal
+// the source's and qemu-img's -C output either way.
+TEST_F(CliConvertTest, CopyOffloadingCopiesRawIntoRawInTheKernel) {
+  MustSh(
+      "truncate -s 64M s.raw && head -c 3M /dev/urandom | dd of=s.raw bs=1M seek=5 conv=notrunc status=none "
+      "&& "
+      "head -c 1M /dev/urandom | dd of=s.raw bs=1M seek=40 conv=notrunc status=none");
+  MustSh(Quote(VimgfsBinary()) +
+         " convert -C -f raw -O raw s.raw v.raw && qemu-img convert -C -f raw -O raw "
+         "s.raw q.raw && cmp s.raw v.raw && cmp s.raw q.raw");
+  EXPECT_LT(std::stoull(Sh("du -k v.raw | cut -f1").out), 8192u) << "the holes stay holes";
+  MustSh("head -c 64M /dev/urandom > n.raw && " + Quote(VimgfsBinary()) +
+         " convert -C -n -f raw -O raw s.raw n.raw && cmp s.raw n.raw");
+  EXPECT_LT(std::stoull(Sh("du -k n.raw | cut -f1").out), 8192u) << "the target's old data punched out";
+  MustSh(Quote(VimgfsBinary()) +
+         " convert -C -f raw -O qcow2 s.raw v.qcow2 && qemu-img compare -f raw s.raw v.qcow2");
+  if (!HaveProgram("strace"))
+    GTEST_SKIP() << "strace not installed: whether the kernel copied is not checked";
+  auto traced = Sh("strace -f -e trace=copy_file_range " + Quote(VimgfsBinary()) +
+                   " convert -C -f raw -O raw s.raw t.raw 2>&1 >/dev/null | grep -c '^.*copy_file_range(' ");
+  EXPECT_GE(std::stoi(traced.out), 2) << "one call per data run at least";
+  auto plain = Sh("strace -f -e trace=copy_file_range " + Quote(VimgfsBinary()) +
+                  " convert -f raw -O raw s.raw u.raw 2>&1 >/dev/null | grep -c 'copy_file_range(' || true");
+  EXPECT_EQ(std::stoi(plain.out), 0) << "without -C the pipeline copies";
+}
+
 class CliConvertProgressTest : public CliTwinTest {};
 
 // -p prints qemu-img's figure even into a pipe: 0 first, then each time the share of the
