@@ -4,6 +4,7 @@
 #include <cstdio>
 
 #include "cli/cli_util.h"
+#include "cli/image_spec.h"
 #include "crypto/secrets.h"
 #include "cli/commands.h"
 #include "cli/option_parser.h"
@@ -93,7 +94,10 @@ int RunCreate(int argc, char** argv) {
       std::fprintf(stderr, "Could not open backing image.\n");
       return 1;
     };
-    auto bname = HostFilename(PathCombine(filename, *bfile));
+    // A json: name is the user's own spec: opened as such, and stored as typed (vimgfs
+    // itself will not follow it from inside the image; qemu will).
+    auto bname =
+        IsJsonName(*bfile) ? Result<std::string>(*bfile) : HostFilename(PathCombine(filename, *bfile));
     if (!bname.ok()) return no_backing(bname.error().message());
     ImageOpen bo;
     bo.format = bfmt.value_or("");

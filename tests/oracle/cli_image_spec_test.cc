@@ -35,6 +35,13 @@ TEST_F(CliImageSpecTest, JsonNamesReadAsQemu) {
   }
   ExpectSame("info " + t + " | head -3");
   ExpectSame("convert -O raw " + no_backing + " out.raw && qemu-img compare -f raw out.raw b.qcow2; echo $?");
+  // A json: backing name typed for create is opened (its size) and stored as typed; vimgfs
+  // then refuses to follow it from inside the image, qemu follows it.
+  EXPECT_TRUE(ExpectSame("create -f qcow2 -F qcow2 -b " + t + " j.qcow2"));
+  EXPECT_TRUE(ExpectSame("info j.qcow2"));
+  auto chain = Sh("cd v && ../bin/qemu-img info --backing-chain j.qcow2");
+  EXPECT_NE(chain.exit_code, 0);
+  EXPECT_NE(chain.err.find("refusing to follow 'json:"), std::string::npos) << chain.err;
 }
 
 TEST_F(CliImageSpecTest, ImageOptsListsReadAsQemu) {
