@@ -38,17 +38,33 @@ void MergeInto(DirtyBitmap& dst, const DirtyBitmap& src, uint64_t disk_size) {
     });
     return;
   }
+  // Runs of set bits, each marking its bytes in dst once (hbitmap's merge of dirty areas):
+  // a fully dirty source costs a pass over its words, not one step per bit.
+  const auto mark = [&](uint64_t first_bit, uint64_t last_bit) {
+    const uint64_t start = first_bit << src.granularity_bits;
+    if (start >= disk_size || dst_bits == 0) return;
+    const uint64_t end = std::min(disk_size, (last_bit + 1) << src.granularity_bits);
+    dst.bits.Set(start >> dst.granularity_bits, std::min((end - 1) >> dst.granularity_bits, dst_bits - 1));
+  };
+  bool open = false;
+  uint64_t run_first = 0, run_last = 0;
   src.bits.ForEachSetWord([&](uint64_t i, uint64_t w) {
-    for (; w != 0; w &= w - 1) {
-      const uint64_t granule = i * 64 + std::countr_zero(w);
-      const uint64_t start = granule << src.granularity_bits;
-      if (start >= disk_size || dst_bits == 0) continue;
-      const uint64_t end = std::min(disk_size, (granule + 1) << src.granularity_bits);
-      const uint64_t first = start >> dst.granularity_bits;
-      const uint64_t last = std::min((end - 1) >> dst.granularity_bits, dst_bits - 1);
-      dst.bits.Set(first, last);
+    while (w != 0) {
+      const int lo = std::countr_zero(w);
+      const int ones = std::countr_one(w >> lo);
+      const uint64_t first = i * 64 + lo, last = first + ones - 1;
+      if (open && first == run_last + 1) {
+        run_last = last;
+      } else {
+        if (open) mark(run_first, run_last);
+        open = true;
+        run_first = first;
+        run_last = last;
+      }
+      w = ones + lo >= 64 ? 0 : w & ~((uint64_t{1} << (lo + ones)) - 1);
     }
   });
+  if (open) mark(run_first, run_last);
 }
 
 }  // namespace
