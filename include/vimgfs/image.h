@@ -166,8 +166,11 @@ class Image {
     std::string name;
     uint64_t granularity = 0;  // kAdd: bytes, a power of two >= 512; 0: qemu's default
     bool enabled = true;       // kAdd: records writes from the start
-    Image* source = nullptr;   // kMerge: the image holding the source bitmap; null: this one
     std::string source_name;   // kMerge: the bitmap merged into `name`
+    // kMerge: the bitmaps of the image holding it, read once by the caller (Bitmaps()),
+    // and that image's disk size; null: this image's own.
+    const std::vector<DirtyBitmap>* source = nullptr;
+    uint64_t source_size = 0;
   };
   Status ChangeBitmap(const BitmapChange& change);
 

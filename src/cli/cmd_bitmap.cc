@@ -1,5 +1,7 @@
 // vimgfs bitmap: qemu-img bitmap. Operations on a qcow2 image's persistent dirty bitmaps,
 // applied in the order given; what succeeded before a failure is kept, as in qemu.
+#include <algorithm>
+#include <optional>
 #include <vector>
 
 #include "cli/cli_util.h"
@@ -125,14 +127,24 @@ int RunBitmap(int argc, char** argv) {
   o.open_backing = false;
   auto img = OpenOrReport(operands[0], o);
   if (!img) return 1;
-  std::unique_ptr<Image> source;
+  // -b: the other image's bitmaps, read once for every --merge.
+  std::optional<std::vector<DirtyBitmap>> source_maps;
+  uint64_t source_size = 0;
   if (!source_file.empty()) {
     ImageOpen so;
     so.format = source_fmt;
     so.untrusted = untrusted;
     so.open_backing = false;
-    source = OpenOrReport(source_file, so);
+    auto source = OpenOrReport(source_file, so);
     if (!source) return 1;
+    auto maps = source->Bitmaps();
+    if (!maps.ok()) {
+      PrintFileError(source->path(), maps.error());
+      return 1;
+    }
+    source_maps = std::move(*maps);
+    source_size = source->size();
+    (void)source->Close();
   }
 
   int rc = 0;
@@ -141,8 +153,9 @@ int RunBitmap(int argc, char** argv) {
     change.op = a.op;
     change.name = bitmap;
     change.granularity = granularity;
-    change.source = source.get();
     change.source_name = a.source;
+    change.source = source_maps ? &*source_maps : nullptr;
+    change.source_size = source_size;
     if (Status s = img->ChangeBitmap(change); !s.ok()) {
       PrintError(fmt::format("Operation {} on bitmap {} failed: {}", OpName(a.op), bitmap,
                              StripPathPrefix(img->path(), AsQemuWordsLocks(s))));
@@ -150,7 +163,6 @@ int RunBitmap(int argc, char** argv) {
       break;
     }
   }
-  if (source) (void)source->Close();
   if (Status s = img->Close(); !s.ok() && rc == 0) {
     PrintFileError(img->path(), s);
     rc = 1;

@@ -3,6 +3,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <ranges>
 #include <thread>
 
@@ -55,42 +56,39 @@ const char kUsage[] =
     "                    json:{...} names are taken with or without it\n"
     "  --target-image-opts  the output name is a key=value list too (with -n)\n";
 
-// --bitmaps: qemu-img's checks on the source before anything is created.
-bool CheckBitmapsCopyable(Image& source, bool skip_broken) {
+// --bitmaps: the source's bitmaps, read once, after qemu-img's checks on them (made before
+// anything is created); nullopt when refused (said).
+std::optional<std::vector<DirtyBitmap>> ReadCopyableBitmaps(Image& source, bool skip_broken) {
   if (!source.BitmapsSupported()) {
     PrintError("Source lacks bitmap support");
-    return false;
+    return std::nullopt;
   }
   auto maps = source.Bitmaps();
   if (!maps.ok()) {
     PrintFileError(source.path(), maps.error());
-    return false;
+    return std::nullopt;
   }
   // qemu walks an image's bitmaps newest first: the last one stored is named first.
   for (const DirtyBitmap& b : std::views::reverse(*maps)) {
     if (!skip_broken && !b.consistent) {
       PrintError(fmt::format("Cannot copy inconsistent bitmap '{}'", b.name));
       std::fputs("Try --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it\n", stderr);
-      return false;
+      return std::nullopt;
     }
   }
-  return true;
+  return std::move(*maps);
 }
 
 // --bitmaps, once the data is copied: each bitmap of the source made anew in the target
 // (same granularity, same enabled state) and filled from the source's.
-bool CopyBitmaps(Image& source, Image& target, bool skip_broken) {
-  auto maps = source.Bitmaps();
-  if (!maps.ok()) {
-    PrintFileError(source.path(), maps.error());
-    return false;
-  }
+bool CopyBitmaps(const std::vector<DirtyBitmap>& maps, uint64_t source_size, Image& target,
+                 bool skip_broken) {
   using Op = Image::BitmapChange::Op;
   // Warnings in qemu's order (newest first); the copies keep the source's order.
-  for (const DirtyBitmap& b : std::views::reverse(*maps))
+  for (const DirtyBitmap& b : std::views::reverse(maps))
     if (skip_broken && !b.consistent)
       PrintError(fmt::format("warning: Skipping inconsistent bitmap '{}'", b.name));
-  for (const DirtyBitmap& b : *maps) {
+  for (const DirtyBitmap& b : maps) {
     if (!b.consistent) continue;
     Image::BitmapChange add;
     add.name = b.name;
@@ -101,11 +99,11 @@ bool CopyBitmaps(Image& source, Image& target, bool skip_broken) {
           fmt::format("Failed to create bitmap {}: {}", b.name, StripPathPrefix(target.path(), s.message())));
       return false;
     }
-    Image::BitmapChange merge{Op::kMerge, b.name, 0, true, &source, b.name};
+    Image::BitmapChange merge{Op::kMerge, b.name, 0, true, b.name, &maps, source_size};
     if (Status s = target.ChangeBitmap(merge); !s.ok()) {
       PrintError(fmt::format("Failed to populate bitmap {}: {}", b.name,
                              StripPathPrefix(target.path(), s.message())));
-      (void)target.ChangeBitmap({Op::kRemove, b.name, 0, true, nullptr, ""});
+      (void)target.ChangeBitmap({Op::kRemove, b.name, 0, true, "", nullptr, 0});
       return false;
     }
   }
@@ -282,9 +280,11 @@ int RunConvert(int argc, char** argv) {
         fmt::format("{}: streamOptimized output must be created fresh, without a backing file", out_name));
     return 1;
   }
+  std::optional<std::vector<DirtyBitmap>> source_bitmaps;
   if (bitmaps) {
     if (sources.size() > 1) return *stop_with("Copying bitmaps only possible with single source");
-    if (!CheckBitmapsCopyable(*first_source, skip_broken_bitmaps)) return 1;
+    source_bitmaps = ReadCopyableBitmaps(*first_source, skip_broken_bitmaps);
+    if (!source_bitmaps) return 1;
   }
   if (!IsCacheMode(out_cache)) return *stop_with("Invalid cache option: " + out_cache);
 
@@ -386,7 +386,8 @@ int RunConvert(int argc, char** argv) {
     cs.codec = target->Info().compression;
   }
   Status s = CopyToImage(src, *target, cs);
-  if (s.ok() && bitmaps && !CopyBitmaps(*first_source, *target, skip_broken_bitmaps)) {
+  if (s.ok() && bitmaps &&
+      !CopyBitmaps(*source_bitmaps, first_source->size(), *target, skip_broken_bitmaps)) {
     (void)target->Close();
     return 1;
   }

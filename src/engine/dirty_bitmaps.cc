@@ -15,7 +15,8 @@ uint64_t BitsFor(uint64_t disk_size, uint32_t granularity_bits) {
   return DivRoundUp(disk_size, uint64_t{1} << granularity_bits);
 }
 
-DirtyBitmap* Find(std::vector<DirtyBitmap>& maps, const std::string& name) {
+template <typename Maps>  // const or not
+auto Find(Maps& maps, const std::string& name) -> decltype(&maps.front()) {
   auto it = std::find_if(maps.begin(), maps.end(), [&](const DirtyBitmap& b) { return b.name == name; });
   return it == maps.end() ? nullptr : &*it;
 }
@@ -91,13 +92,7 @@ Status Image::ChangeBitmap(const BitmapChange& change) {
     if (change.granularity != 0 && (change.granularity < 512 || !IsPowerOfTwo(change.granularity)))
       return Status::InvalidArgument("Granularity must be power of 2 and at least 512");
   }
-  // Another image's bitmaps are read before this one is locked.
-  std::optional<std::vector<DirtyBitmap>> other;
-  uint64_t source_size = size();
-  if (change.op == Op::kMerge && change.source && change.source != this) {
-    ASSIGN_OR_RETURN(other, change.source->Bitmaps());
-    source_size = change.source->size();
-  }
+  const uint64_t source_size = change.source ? change.source_size : size();
   return ChangeWhole(true, [&](ClusterMap& m) -> Status {
     ASSIGN_OR_RETURN(std::vector<DirtyBitmap> maps, m.ReadBitmaps());
     DirtyBitmap* target = Find(maps, name);
@@ -136,7 +131,8 @@ Status Image::ChangeBitmap(const BitmapChange& change) {
         target->enabled = change.op == Op::kEnable;
         break;
       case Op::kMerge: {
-        DirtyBitmap* src = Find(other ? *other : maps, change.source_name);
+        const DirtyBitmap* src =
+            change.source ? Find(*change.source, change.source_name) : Find(maps, change.source_name);
         if (!src) return Status::InvalidArgument("Dirty bitmap '{}' not found", change.source_name);
         if (!src->consistent) return Inconsistent(src->name);
         if (source_size != size_)

@@ -4,8 +4,6 @@
 
 #include <algorithm>
 
-#include "util/bit_words.h"
-
 namespace vimgfs {
 
 DirtyBits::DirtyBits(uint64_t nbits) : nbits_(nbits) {
@@ -53,7 +51,15 @@ DirtyBits::Chunk* DirtyBits::ChunkFor(uint64_t chunk) {
 }
 
 void DirtyBits::Set(uint64_t first, uint64_t last) {
-  ForEachBitRangeWord(first, last, [this](uint64_t word, uint64_t mask) { OrWord(word, mask); });
+  // One OR per word the range touches, with the mask of its bits in that word.
+  for (uint64_t bit = first; bit <= last;) {
+    const uint64_t lo = bit % 64;
+    const uint64_t hi = std::min<uint64_t>(63, lo + (last - bit));
+    const uint64_t mask =
+        (hi == 63 ? ~uint64_t{0} : (uint64_t{1} << (hi + 1)) - 1) & ~((uint64_t{1} << lo) - 1);
+    OrWord(bit / 64, mask);
+    bit += hi - lo + 1;
+  }
 }
 
 void DirtyBits::OrWord(uint64_t index, uint64_t value) {

@@ -49,9 +49,9 @@ void RunFormat(Env* env, const uint8_t* data, size_t size, const std::string& fm
     if (write && maps.ok()) {
       using Op = Image::BitmapChange::Op;
       const std::string first = maps->empty() ? "none" : maps->front().name;
-      for (const Image::BitmapChange& c : {Image::BitmapChange{Op::kAdd, "fz", 4096, true, nullptr, ""},
-                                           Image::BitmapChange{Op::kMerge, "fz", 0, true, nullptr, first},
-                                           Image::BitmapChange{Op::kRemove, first, 0, true, nullptr, ""}})
+      for (const Image::BitmapChange& c : {Image::BitmapChange{Op::kAdd, "fz", 4096, true, "", nullptr, 0},
+                                           Image::BitmapChange{Op::kMerge, "fz", 0, true, first, nullptr, 0},
+                                           Image::BitmapChange{Op::kRemove, first, 0, true, "", nullptr, 0}})
         (void)im.ChangeBitmap(c);
     }
     if (write && sz > 0) {

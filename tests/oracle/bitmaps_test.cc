@@ -135,7 +135,7 @@ TEST_F(BitmapsTest, BitmapCommandMatchesQemu) {
   for (const char* b : {"b0", "b1", "b2"})
     EXPECT_TRUE(ExpectSame(std::string("bitmap --remove d.qcow2 ") + b));
   EXPECT_TRUE(ExpectSame("info d.qcow2 | grep -c bitmaps || true"));
-  EXPECT_EQ(Sh("cmp v/d.qcow2 q/d.qcow2 2>&1 | head -c 0; qemu-img check v/d.qcow2").exit_code, 0);
+  EXPECT_EQ(Sh("qemu-img check v/d.qcow2").exit_code, 0);
 }
 
 // Granularities differ: each set bit of the source marks every bit of the target its

@@ -184,10 +184,10 @@ Status BitmapChanges(Env* env) {
   ASSIGN_OR_RETURN(std::unique_ptr<Image> img, Image::Open(kTop, o));
   using Op = Image::BitmapChange::Op;
   Status s;
-  for (const Image::BitmapChange& c : {Image::BitmapChange{Op::kRemove, "a", 0, true, nullptr, ""},
-                                       Image::BitmapChange{Op::kAdd, "c", 4096, true, nullptr, ""},
-                                       Image::BitmapChange{Op::kMerge, "c", 0, true, nullptr, "b"},
-                                       Image::BitmapChange{Op::kClear, "b", 0, true, nullptr, ""}}) {
+  for (const Image::BitmapChange& c : {Image::BitmapChange{Op::kRemove, "a", 0, true, "", nullptr, 0},
+                                       Image::BitmapChange{Op::kAdd, "c", 4096, true, "", nullptr, 0},
+                                       Image::BitmapChange{Op::kMerge, "c", 0, true, "b", nullptr, 0},
+                                       Image::BitmapChange{Op::kClear, "b", 0, true, "", nullptr, 0}}) {
     if (s.ok()) s = img->ChangeBitmap(c);
   }
   Status c = img->Close();
