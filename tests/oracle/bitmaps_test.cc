@@ -14,7 +14,8 @@ namespace {
 class BitmapsTest : public CliTwinTest {
  protected:
   // The dirty areas of `bitmap` in dir/name, as qemu-nbd serves them (x-dirty-bitmap: the
-  // dirty runs are the ones block status reports as holes).
+  // dirty runs are the ones block status reports as holes). The server is gone, its lock
+  // released, before this returns.
   std::string DirtyMap(const std::string& dir, const std::string& name, const std::string& bitmap) {
     const std::string sock = F(dir + ".sock");
     CommandResult r =
@@ -22,7 +23,9 @@ class BitmapsTest : public CliTwinTest {
            name + " & echo $! > " + dir + ".pid) && for i in $(seq 50); do [ -S " + sock +
            " ] && break; sleep 0.1; done && qemu-img map --output=json --image-opts "
            "driver=nbd,server.type=unix,server.path=" +
-           sock + ",x-dirty-bitmap=qemu:dirty-bitmap:" + bitmap + "; kill $(cat " + dir + ".pid)");
+           sock + ",x-dirty-bitmap=qemu:dirty-bitmap:" + bitmap + "; kill $(cat " + dir +
+           ".pid); for i in $(seq 200); do kill -0 $(cat " + dir +
+           ".pid) 2>/dev/null || break; sleep 0.05; done");
     EXPECT_EQ(r.exit_code, 0) << r.err;
     return r.out;
   }

@@ -192,15 +192,25 @@ TEST_F(NbdUri, ImageSpecsNameTheServerAsQemuDoes) {
 TEST_F(NbdUri, AOneClientServerIsEnough) {
   MustSh("qemu-img create -q -f qcow2 one.qcow2 4M && qemu-io -c 'write -P 0x42 1M 512k' one.qcow2");
   const std::string sock = F("one.sock");
+  // qemu-nbd exits after its one client has gone, but on its own time: the next server or
+  // the final qemu-img must wait for it to release the socket and the image's lock.
+  auto serve_once = [&] {
+    MustSh("qemu-nbd --fork --pid-file=qnbd.pid -k " + Quote(sock) + " -x exp -f qcow2 one.qcow2");
+  };
+  auto wait_server_gone = [&] {
+    MustSh("for i in $(seq 200); do kill -0 $(cat qnbd.pid) 2>/dev/null || exit 0; sleep 0.05; done; exit 1");
+  };
   for (const char* cmd : {"convert -f raw -O raw", "map -f raw --output=json"}) {
     SCOPED_TRACE(cmd);
-    MustSh("qemu-nbd --fork -k " + Quote(sock) + " -x exp -f qcow2 one.qcow2");
+    serve_once();
     const std::string uri = Quote("nbd+unix:///exp?socket=" + sock);
     auto r = V(std::string(cmd) + " " + uri + (std::string(cmd).starts_with("convert") ? " v.raw" : ""));
     EXPECT_EQ(r.exit_code, 0) << r.err;
+    wait_server_gone();
     if (std::string(cmd).starts_with("map")) {
-      MustSh("qemu-nbd --fork -k " + Quote(sock) + " -x exp -f qcow2 one.qcow2");
+      serve_once();
       EXPECT_EQ(Json(r), Json(Q(std::string(cmd) + " " + uri)));
+      wait_server_gone();
     }
   }
   MustSh("qemu-img convert -O raw one.qcow2 q.raw && cmp v.raw q.raw");
