@@ -499,6 +499,33 @@ TEST_F(CliIotestsTest, MapShowsHostHolesOnlyWhereQemuLooksForThem) {
   EXPECT_NE(q.out.find("\"zero\": true, \"data\": true"), std::string::npos) << q.out;
 }
 
+// iotest 112: a snapshot shares every cluster, so each refcount grows by one; where that
+// would pass the refcount width's maximum (a 2-bit count at 3, a 64-bit count at 2^64-1)
+// the snapshot is refused with qemu's errno and the image keeps its data and counts: a
+// 64-bit count must not wrap to zero (that would free a cluster in use).
+TEST_F(CliIotestsTest, SnapshotPastTheRefcountMaximumIsRefused) {
+  for (int bits : {2, 64}) {
+    SCOPED_TRACE(bits);
+    MustSh("rm -f t.qcow2 && qemu-img create -q -f qcow2 -o refcount_bits=" + std::to_string(bits) +
+           " t.qcow2 64M && qemu-io -c 'write -P 0x5a 0 512' t.qcow2 >/dev/null");
+    if (bits == 64) {
+      // The data cluster's count at the maximum, and no COPIED flag: qemu-iotests' setup.
+      Poke(F("t.qcow2"), 0x20028, std::vector<uint8_t>(8, 0xff));
+      Poke(F("t.qcow2"), 0x40000, {0, 0, 0, 0, 0, 5, 0, 0});
+    } else {
+      MustSh("qemu-img snapshot -c s1 t.qcow2 && qemu-img snapshot -c s2 t.qcow2");  // count 3
+    }
+    Copies("t.qcow2");
+    CommandResult before = Q("check v.qcow2");
+    Both("snapshot -c foo");
+    EXPECT_EQ(Named(Q("snapshot -l v.qcow2").out, "v.qcow2"), Named(Q("snapshot -l t.qcow2").out, "t.qcow2"));
+    Ok(Io("-c 'read -P 0x5a 0 512' v.qcow2"));
+    CommandResult after = Q("check v.qcow2");
+    EXPECT_EQ(after.exit_code, before.exit_code) << after.out;
+    EXPECT_EQ(after.out.find("ERROR"), std::string::npos) << after.out;
+  }
+}
+
 // qemu-img snapshot's words and exit codes: names may repeat; a failed create says its
 // errno; a format without snapshots cannot load one and finds none to delete.
 TEST_F(CliIotestsTest, SnapshotErrorsInQemusWords) {

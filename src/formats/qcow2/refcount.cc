@@ -70,8 +70,8 @@ Result<uint64_t> Qcow2Map::GetRefcount(uint64_t cluster) {
 
 Status Qcow2Map::SetRefcount(uint64_t cluster, uint64_t value) {
   if (value > refcount_max_)
-    return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", path_, cluster,
-                               refcount_bits_);
+    return Status::InvalidArgument("'{}': refcount of cluster {} would exceed the {}-bit maximum", path_,
+                                   cluster, refcount_bits_);
   uint64_t b = cluster / refblock_entries_;
   RETURN_IF_ERROR(EnsureRefBlock(b));
   uint64_t off = reftable_[b] & kOffsetMask;
@@ -88,8 +88,8 @@ Status Qcow2Map::AddRefcount(uint64_t cluster, int64_t delta) {
   if (delta < 0 && rc < static_cast<uint64_t>(-delta))
     return Status::Corrupt("'{}': refcount of cluster {} would drop below zero", path_, cluster);
   if (delta > 0 && refcount_max_ - rc < static_cast<uint64_t>(delta))
-    return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", path_, cluster,
-                               refcount_bits_);
+    return Status::InvalidArgument("'{}': refcount of cluster {} would exceed the {}-bit maximum", path_,
+                                   cluster, refcount_bits_);
   return SetRefcount(cluster, rc + delta);
 }
 

@@ -429,10 +429,6 @@ class MetadataSwitch {
     for (uint64_t i = 0; i < l1.size(); i++) StoreBE64(At(l1_off) + i * 8, l1[i]);
 
     ASSIGN_OR_RETURN(std::vector<uint64_t> reftable, LayOutRefcounts());
-    for (uint64_t c = 0; c < rc_.size(); c++)
-      if (rc_[c] > m_.refcount_max_)
-        return Status::Unsupported("'{}': refcount of cluster {} would exceed the {}-bit maximum", m_.path_,
-                                   c, m_.refcount_bits_);
 
     // Everything new is written and durable before the header names it.
     const uint64_t start = region_ << m_.cluster_bits_;
@@ -486,6 +482,10 @@ class MetadataSwitch {
                                off);
       if (delta < 0 && rc_[c] < static_cast<uint64_t>(-delta))
         return Status::Corrupt("'{}': refcount of cluster {} would drop below zero", m_.path_, c);
+      // Checked here, not only when the result is stored: a 64-bit count would wrap.
+      if (delta > 0 && m_.refcount_max_ - rc_[c] < static_cast<uint64_t>(delta))
+        return Status::InvalidArgument("'{}': refcount of cluster {} would exceed the {}-bit maximum",
+                                       m_.path_, c, m_.refcount_bits_);
       rc_[c] += delta;
     }
     return Status::Ok();
@@ -608,8 +608,8 @@ Status Qcow2Map::SnapshotCreate(const std::string& name) {
   if (name.size() > 0xffff) return Status::InvalidArgument("snapshot name is too long");
   // A name may repeat, as in qemu: each snapshot has its own ID.
   if (refcount_max_ < 2)
-    return Status::Unsupported("'{}': a refcount width of 1 bit cannot share clusters with a snapshot",
-                               path_);
+    return Status::InvalidArgument("'{}': a refcount width of 1 bit cannot share clusters with a snapshot",
+                                   path_);
   if (snapshots_.size() >= limits::kMaxSnapshots) return Status::NoSpace("'{}': too many snapshots", path_);
   RETURN_IF_ERROR(FlushAll());
   // The snapshot keeps the active L1 table as it is on disk; the active image moves to
