@@ -405,6 +405,9 @@ struct OpenOptions {
   // Only metadata is read (qemu-img info, qemu's BDRV_O_NO_IO): an encrypted image opens
   // without its key, and no guest data can be read.
   bool no_io = false;
+  // Lines the open has for the user, unprefixed: what the repair of a dirty qcow2 image
+  // found and fixed (qemu prints check -r all's lines then). May be empty.
+  std::function<void(const std::string&)> notice;
 };
 
 // A file an image names, opened.

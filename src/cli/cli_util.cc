@@ -339,6 +339,8 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
   opts.data_file = data_file;
   opts.backing_specs = backing_specs;
   opts.secrets = crypto::SecretStore::Process().Lookup();
+  // qemu-img prints these bare (a dirty image's repair, as check -r all words it).
+  opts.notice = [](const std::string& line) { fmt::print(stderr, "{}\n", line); };
   if (!o.format.empty() && IsUndrivenQemuFormat(o.format))
     return Status::Unsupported("Could not open '{}': image format '{}' is not supported", path, o.format);
   if (!o.format.empty() && !FindFormat(o.format))

@@ -31,6 +31,7 @@ OpenOptions BaseOptions(const ServeOptions& c) {
   o.data_file = c.data_file;
   o.backing_specs = c.backing_specs;
   if (c.cache_bytes) o.cache_bytes = *c.cache_bytes;
+  o.notice = c.warn;
   return o;
 }
 

@@ -485,23 +485,6 @@ Status Qcow2Map::RebuildRefcountStructure(std::vector<uint32_t>* refs) {
   return Status::Ok();
 }
 
-Status Qcow2Map::RebuildRefcounts() {
-  std::vector<uint32_t> refs;
-  CheckReport scratch;
-  bool rebuild = false;
-  RETURN_IF_ERROR(CountReferences(&refs, &scratch, RepairMode::kNone, &rebuild));
-  // Nothing below the end of the counted area may be allocated while counts are stale.
-  const uint64_t n = refs.size();
-  free_hint_ = std::max(free_hint_, n);
-  for (uint64_t c = 0; c < n; c++) {
-    ASSIGN_OR_RETURN(uint64_t rc, GetRefcount(c));
-    if (rc != refs[c]) RETURN_IF_ERROR(SetRefcount(c, std::min<uint64_t>(refs[c], refcount_max_)));
-  }
-  // Stale counts past the file end are only leaks; they are left for check -r.
-  free_hint_ = 0;
-  return Status::Ok();
-}
-
 Status Qcow2Map::CheckCopiedFlags(RepairMode mode, CheckReport* r) {
   // -r leaks fixes the flags only when the refcounts they follow are now known good.
   const bool repair = mode == RepairMode::kAll ||

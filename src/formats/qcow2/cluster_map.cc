@@ -124,11 +124,13 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   if (!m->read_only_) {
     bool rewrite = false;
     if ((h.incompatible_features & kIncompatDirty) && !ctx.options.for_check) {
-      // Lazy refcounts left the counts stale: recount from the tables before any write.
-      // (check -r finds and repairs them itself, and says so, as qemu-img does.)
-      RETURN_IF_ERROR(m->RebuildRefcounts().WithContext("'{}': repairing refcounts of a dirty image", path));
-      h.incompatible_features &= ~kIncompatDirty;
-      rewrite = true;
+      // Lazy refcounts left the counts stale: as qemu, check -r all runs before any write,
+      // says what it found, and clears the mark once nothing is left wrong.
+      ASSIGN_OR_RETURN(CheckReport fixed, m->Check(RepairMode::kAll));
+      if (ctx.options.notice)
+        for (const std::string& line : fixed.messages) ctx.options.notice(line);
+      if (fixed.check_errors || !fixed.failure.empty())
+        return Status::Io("Could not repair dirty image: Input/output error");
     }
     // Persistent bitmaps are kept up to date through the writes of this open (bitmaps.cc);
     // a bitmap directory that cannot be loaded is dropped as a program without bitmap

@@ -305,8 +305,6 @@ class Qcow2Map final : public ClusterMap {
   Status GrowRefTable(uint64_t min_entries);
   Result<uint64_t> FindFree(uint64_t n);
   uint64_t refblock_entries() const { return refblock_entries_; }
-  // Recomputes every refcount from the tables (dirty lazy-refcount images).
-  Status RebuildRefcounts();
 
   // Check (check.cc), step by step as qemu-img check goes.
   // Counts references of every cluster reachable from the header into `refs` and reports
