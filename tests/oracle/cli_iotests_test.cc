@@ -556,6 +556,57 @@ TEST_F(CliIotestsTest, SnapshotPastTheRefcountMaximumIsRefused) {
   }
 }
 
+// iotest 080: a damaged snapshot entry is found when the snapshot is used, not at open (as
+// qemu): the active image still reads and converts; loading, applying or deleting the
+// snapshot, and amend (which walks every snapshot), fail with qemu's reason. A snapshot
+// table past the end of the file reads as empty entries, as qemu reads it, and at qemu's
+// limit of 65536 snapshots another one is refused with qemu's errno.
+TEST_F(CliIotestsTest, DamagedSnapshotEntriesFailWhereTheyAreUsed) {
+  MustSh(
+      "qemu-img create -q -f qcow2 t.qcow2 64M && qemu-io -c 'write -P 0x61 0 512' t.qcow2 >/dev/null && "
+      "qemu-img snapshot -c test t.qcow2 && qemu-io -c 'write -P 0x62 0 512' t.qcow2 >/dev/null");
+  std::vector<uint8_t> img = ReadWholeFile(F("t.qcow2"));
+  uint64_t table = 0;
+  for (int i = 0; i < 8; i++) table = table << 8 | img[64 + i];
+  struct Damage {
+    const char* name;
+    uint64_t at;  // in the snapshot's entry
+    std::vector<uint8_t> bytes;
+    const char* reason;
+  };
+  for (const Damage& d : {Damage{"unaligned L1 offset", 0, {0, 0, 0, 0, 0, 0x40, 0x02, 0}, "offset invalid"},
+                          Damage{"L1 too large", 8, {0x10, 0, 0, 0}, "too large"}}) {
+    SCOPED_TRACE(d.name);
+    MustSh("cp t.qcow2 d.qcow2");
+    Poke(F("d.qcow2"), table + d.at, d.bytes);
+    Copies("d.qcow2");
+    Ok(V("convert -O raw v.qcow2 v.raw"));
+    Ok(Q("convert -O raw q.qcow2 q.raw"));
+    MustSh("cmp v.raw q.raw");
+    Ok(Io("-r -c 'read -P 0x62 0 512' v.qcow2"));
+    Both("convert -l test", "snap.raw");
+    Both("snapshot -d test");
+    for (const char* op : {"snapshot -a test", "amend -o compat=0.10"}) {
+      SCOPED_TRACE(op);
+      CommandResult v = V(std::string(op) + " v.qcow2");
+      EXPECT_EQ(v.exit_code, 1);
+      EXPECT_NE(v.err.find(std::string("Snapshot L1 table ") + d.reason), std::string::npos) << v.err;
+    }
+    // The failed operations left the image as it was: qemu-img check finds the same.
+    CommandResult cv = Q("check v.qcow2"), cq = Q("check q.qcow2");
+    EXPECT_EQ(cv.exit_code, cq.exit_code);
+    EXPECT_EQ(Named(cv.out + cv.err, "v.qcow2"), Named(cq.out + cq.err, "q.qcow2"));
+    Both("check");
+  }
+  // 65536 snapshots whose table lies past the end of the file (qemu-iotests' setup).
+  MustSh("qemu-img create -q -f qcow2 t.qcow2 64M");
+  Poke(F("t.qcow2"), 64, {0, 0, 0, 0, 1, 0, 0, 0});
+  Poke(F("t.qcow2"), 60, {0, 1, 0, 0});
+  Copies("t.qcow2");
+  Both("snapshot -c test");
+  Ok(V("compare v.qcow2 t.qcow2"));  // still opens, still the same disk
+}
+
 // qemu-img snapshot's words and exit codes: names may repeat; a failed create says its
 // errno; a format without snapshots cannot load one and finds none to delete.
 TEST_F(CliIotestsTest, SnapshotErrorsInQemusWords) {

@@ -223,13 +223,8 @@ Status Qcow2Map::ForEachL2Table(const std::function<Status(uint64_t l2_off, uint
                                 const Progress& progress) {
   std::vector<std::vector<uint64_t>> tables{l1_};
   for (const Snapshot& s : snapshots_) {
-    if (!IsAligned(s.l1_table_offset, cluster_size_) || s.l1_table_offset == 0)
-      return Status::InvalidArgument("Snapshot L1 table offset invalid");
-    std::vector<std::byte> raw(uint64_t{s.l1_size} * 8);
-    RETURN_IF_ERROR(
-        file_->PRead(s.l1_table_offset, raw).WithContext("'{}': reading a snapshot L1 table", path_));
-    std::vector<uint64_t>& t = tables.emplace_back(s.l1_size);
-    for (uint64_t i = 0; i < s.l1_size; i++) t[i] = LoadBE64(raw.data() + i * 8);
+    ASSIGN_OR_RETURN(std::vector<uint64_t> t, ReadSnapshotL1(s));
+    tables.push_back(std::move(t));
   }
   uint64_t total = 0, visited = 0;
   for (const std::vector<uint64_t>& l1 : tables) total += l1.size();

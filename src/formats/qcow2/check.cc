@@ -573,10 +573,8 @@ Result<CheckReport> Qcow2Map::Check(RepairMode mode) {
       r.failure = std::strerror(EFBIG);
       return r;
     }
-    ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
     SnapshotTableRepair fix;
-    ASSIGN_OR_RETURN(snapshots_,
-                     ParseSnapshotTable(*file_, path_, header_, file_size, SnapshotRead::kRepair, &fix));
+    ASSIGN_OR_RETURN(snapshots_, ParseSnapshotTable(*file_, path_, header_, SnapshotRead::kRepair, &fix));
     for (std::string& m : fix.messages) Report(&r, std::move(m));
     if (fix.discarded) {
       // The header first: the refcount check below counts what it names (the dropped

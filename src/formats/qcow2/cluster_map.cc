@@ -69,18 +69,19 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
 
   if (ctx.options.for_check) {
     // What qemu's limits refuse is the check's to report (and check -r all's to drop).
-    auto snaps = ParseSnapshotTable(*m->file_, path, h, file_size, SnapshotRead::kCheck);
+    auto snaps = ParseSnapshotTable(*m->file_, path, h, SnapshotRead::kCheck);
     if (snaps.ok()) {
       m->snapshots_ = std::move(*snaps);
     } else {
       m->snapshot_table_error_ = snaps.error();
     }
   } else {
-    ASSIGN_OR_RETURN(m->snapshots_, ParseSnapshotTable(*m->file_, path, h, file_size, SnapshotRead::kOpen));
+    ASSIGN_OR_RETURN(m->snapshots_, ParseSnapshotTable(*m->file_, path, h, SnapshotRead::kOpen));
   }
 
   uint64_t l1_offset = h.l1_table_offset;
   uint64_t l1_size = h.l1_size;
+  std::optional<std::vector<uint64_t>> snapshot_l1;
   if (m->snapshot_view_) {
     const Snapshot* found = nullptr;
     for (const Snapshot& s : m->snapshots_)
@@ -89,6 +90,9 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
       for (const Snapshot& s : m->snapshots_)
         if (s.name == ctx.options.snapshot) found = &s;
     if (!found) return Status::NotFound("Failed to load snapshot: Can't find snapshot");  // qemu-img's words
+    auto l1 = m->ReadSnapshotL1(*found);
+    if (!l1.ok()) return l1.error().WithContext("Failed to load snapshot");
+    snapshot_l1 = std::move(l1).value();
     l1_offset = found->l1_table_offset;
     l1_size = found->l1_size;
     if (found->has_disk_size) m->size_ = found->disk_size;
@@ -98,7 +102,9 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
   }
   m->l1_offset_ = l1_offset;
   m->l1_.resize(l1_size);
-  if (l1_size) {
+  if (snapshot_l1) {
+    m->l1_ = std::move(*snapshot_l1);
+  } else if (l1_size) {
     std::vector<std::byte> raw(l1_size * 8);
     RETURN_IF_ERROR(m->file_->PRead(l1_offset, raw).WithContext("'{}': reading the L1 table", path));
     for (uint64_t i = 0; i < l1_size; i++) m->l1_[i] = LoadBE64(raw.data() + i * 8);
@@ -154,11 +160,10 @@ Result<std::unique_ptr<ClusterMap>> Qcow2Map::Open(OpenContext ctx) {
 }
 
 Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path, const Header& h,
-                                                 uint64_t file_size, SnapshotRead how,
-                                                 SnapshotTableRepair* repair) {
-  const bool for_check = how != SnapshotRead::kOpen;
-  // For check, entries past the end of the file read as zeros, as qemu reads them.
-  const uint64_t end = for_check ? uint64_t{INT64_MAX} : file_size;
+                                                 SnapshotRead how, SnapshotTableRepair* repair) {
+  // Entries past the end of the file read as zeros, as qemu reads them (its limits on the
+  // table's size below bound what that costs).
+  const uint64_t end = uint64_t{INT64_MAX};
   uint64_t count = h.nb_snapshots;
   if (count > limits::kMaxSnapshots) {
     if (how != SnapshotRead::kRepair)
@@ -178,7 +183,7 @@ Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& 
     pos = AlignUp(pos, 8);
     table_length = AlignUp(table_length, 8);
     std::byte fixed[40];
-    if (pos + 40 > end)
+    if (pos > end - 40)
       return Status::InvalidFormat("'{}': snapshot table is past the end of the file", path);
     RETURN_IF_ERROR(file.PRead(pos, fixed));
     Snapshot s;
@@ -235,20 +240,25 @@ Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& 
     s.id.assign(reinterpret_cast<const char*>(names.data()), id_len);
     s.name.assign(reinterpret_cast<const char*>(names.data() + id_len), name_len);
     if (!s.has_disk_size) s.disk_size = h.size;
-    uint64_t cs = h.cluster_size();
-    if (for_check) {
-      // The check reports a bad L1 table of a snapshot as a corruption.
-    } else if (uint64_t{s.l1_size} * 8 > limits::kMaxL1Bytes) {
-      return Status::InvalidFormat("'{}': snapshot '{}' has an L1 table that is too large", path, s.name);
-    } else if (s.l1_size && (!IsAligned(s.l1_table_offset, cs) || s.l1_table_offset == 0 ||
-                             s.l1_table_offset + uint64_t{s.l1_size} * 8 > file_size)) {
-      return Status::InvalidFormat("'{}': snapshot '{}' has an invalid L1 table offset {:#x}", path, s.name,
-                                   s.l1_table_offset);
-    }
     out.push_back(std::move(s));
     pos = entry_end;
   }
   return out;
+}
+
+Result<std::vector<uint64_t>> Qcow2Map::ReadSnapshotL1(const Snapshot& s) {
+  if (uint64_t{s.l1_size} * 8 > limits::kMaxL1Bytes)
+    return Status::FromErrno(EFBIG, "Snapshot L1 table too large");
+  ASSIGN_OR_RETURN(uint64_t file_size, file_->Size());
+  const uint64_t bytes = uint64_t{s.l1_size} * 8;
+  if (bytes && (!IsAligned(s.l1_table_offset, cluster_size_) || s.l1_table_offset == 0 ||
+                s.l1_table_offset > file_size || bytes > file_size - s.l1_table_offset))
+    return Status::InvalidArgument("Snapshot L1 table offset invalid");
+  std::vector<std::byte> raw(bytes);
+  RETURN_IF_ERROR(file_->PRead(s.l1_table_offset, raw));
+  std::vector<uint64_t> l1(s.l1_size);
+  for (uint64_t i = 0; i < s.l1_size; i++) l1[i] = LoadBE64(raw.data() + i * 8);
+  return l1;
 }
 
 uint64_t SnapshotTableExtent(const std::vector<Snapshot>& snaps) {

@@ -223,8 +223,9 @@ Result<Header> ParseHeader(File& file, const std::string& path, uint64_t file_si
   if (h.nb_snapshots > limits::kMaxSnapshots && !for_check)
     return Status::InvalidFormat("'{}': Snapshot table too large", path);
   if (h.nb_snapshots > 0) {
-    if (!IsAligned(h.snapshots_offset, cs) ||
-        (!for_check && (h.snapshots_offset == 0 || h.snapshots_offset >= file_size)))
+    // Past the end of the file is allowed: qemu reads the entries there as zeros.
+    if (!IsAligned(h.snapshots_offset, cs) || h.snapshots_offset > uint64_t{INT64_MAX} ||
+        (!for_check && h.snapshots_offset == 0))
       return Status::InvalidFormat("'{}': snapshot table offset {:#x} is invalid", path, h.snapshots_offset);
   }
 

@@ -212,8 +212,7 @@ inline constexpr uint32_t kMaxSnapshotExtraData = 1024;
 Result<MeasureResult> Measure(const MeasureRequest& req);
 
 Result<std::vector<Snapshot>> ParseSnapshotTable(File& file, const std::string& path, const Header& h,
-                                                 uint64_t file_size, SnapshotRead how,
-                                                 SnapshotTableRepair* repair = nullptr);
+                                                 SnapshotRead how, SnapshotTableRepair* repair = nullptr);
 // Bytes the table spans on disk as read (the last entry unpadded, as qemu writes it).
 uint64_t SnapshotTableExtent(const std::vector<Snapshot>& snaps);
 std::vector<std::byte> SerializeSnapshotTable(const std::vector<Snapshot>& snaps);
@@ -305,6 +304,9 @@ class Qcow2Map final : public ClusterMap {
   Status GrowRefTable(uint64_t min_entries);
   Result<uint64_t> FindFree(uint64_t n);
   uint64_t refblock_entries() const { return refblock_entries_; }
+  // A snapshot's L1 table, checked when it is used, not at open (as qemu: a damaged
+  // snapshot entry leaves the active image usable): qemu's words and errnos.
+  Result<std::vector<uint64_t>> ReadSnapshotL1(const Snapshot& s);
 
   // Check (check.cc), step by step as qemu-img check goes.
   // Counts references of every cluster reachable from the header into `refs` and reports

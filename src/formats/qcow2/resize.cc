@@ -327,22 +327,6 @@ Status Qcow2Map::SetBacking(const std::optional<BackingRef>& ref) {
 
 namespace {
 
-// A snapshot's L1 table. Opened for check, the snapshot table is not validated (the check
-// reports bad entries), so its sizes and offsets are checked here before use.
-Result<std::vector<uint64_t>> ReadL1(Qcow2Map& m, uint64_t off, uint64_t entries) {
-  if (entries * 8 > limits::kMaxL1Bytes)
-    return Status::Corrupt("'{}': a snapshot L1 table of {} entries is too large", m.path_, entries);
-  ASSIGN_OR_RETURN(uint64_t file_size, m.file_->Size());
-  if (entries &&
-      (!IsAligned(off, m.cluster_size_) || off == 0 || off > file_size || entries * 8 > file_size - off))
-    return Status::Corrupt("'{}': snapshot L1 table offset {:#x} is invalid", m.path_, off);
-  std::vector<std::byte> raw(entries * 8);
-  RETURN_IF_ERROR(m.file_->PRead(off, raw));
-  std::vector<uint64_t> l1(entries);
-  for (uint64_t i = 0; i < entries; i++) l1[i] = LoadBE64(raw.data() + i * 8);
-  return l1;
-}
-
 // Snapshot create, delete and apply change refcounts and COPIED flags together: a data
 // cluster that gains a sharer must lose its COPIED flag at the instant its refcount
 // becomes 2, and one that loses its last sharer must get the flag back as its refcount
@@ -377,7 +361,7 @@ class MetadataSwitch {
     // What goes away: the active tree, every old snapshot, the snapshot and refcount tables.
     RETURN_IF_ERROR(Tree(m_.header_.l1_table_offset, m_.l1_, -1));
     for (const Snapshot& s : m_.snapshots_) {
-      ASSIGN_OR_RETURN(std::vector<uint64_t> l1, ReadL1(m_, s.l1_table_offset, s.l1_size));
+      ASSIGN_OR_RETURN(std::vector<uint64_t> l1, m_.ReadSnapshotL1(s));
       RETURN_IF_ERROR(Tree(s.l1_table_offset, l1, -1));
     }
     RETURN_IF_ERROR(Add(m_.header_.snapshots_offset, SnapshotTableExtent(m_.snapshots_), -1));
@@ -403,7 +387,7 @@ class MetadataSwitch {
     const uint64_t l1_off = l1.empty() ? 0 : Place(DivRoundUp(l1.size() * 8, cs));
     RETURN_IF_ERROR(Add(l1_off, l1.size() * 8, +1));
     for (const Snapshot& s : snaps) {
-      ASSIGN_OR_RETURN(std::vector<uint64_t> sl1, ReadL1(m_, s.l1_table_offset, s.l1_size));
+      ASSIGN_OR_RETURN(std::vector<uint64_t> sl1, m_.ReadSnapshotL1(s));
       RETURN_IF_ERROR(Tree(s.l1_table_offset, sl1, +1));
     }
     std::vector<std::byte> table = SerializeSnapshotTable(snaps);
@@ -610,7 +594,8 @@ Status Qcow2Map::SnapshotCreate(const std::string& name) {
   if (refcount_max_ < 2)
     return Status::InvalidArgument("'{}': a refcount width of 1 bit cannot share clusters with a snapshot",
                                    path_);
-  if (snapshots_.size() >= limits::kMaxSnapshots) return Status::NoSpace("'{}': too many snapshots", path_);
+  if (snapshots_.size() >= limits::kMaxSnapshots)
+    return Status::FromErrno(EFBIG, "'{}': too many snapshots", path_);  // qemu's errno
   RETURN_IF_ERROR(FlushAll());
   // The snapshot keeps the active L1 table as it is on disk; the active image moves to
   // copies (MetadataSwitch).
@@ -643,7 +628,7 @@ Status Qcow2Map::SnapshotApply(const std::string& name) {
   if (L1EntriesFor(new_size) > s->l1_size)
     return Status::Corrupt("'{}': snapshot '{}' has an L1 table too small for its size", path_, name);
   RETURN_IF_ERROR(FlushAll());
-  ASSIGN_OR_RETURN(std::vector<uint64_t> l1, ReadL1(*this, s->l1_table_offset, s->l1_size));
+  ASSIGN_OR_RETURN(std::vector<uint64_t> l1, ReadSnapshotL1(*s));
   l1.resize(std::max<uint64_t>(l1.size(), l1_.size()), 0);
   if (new_size != size_) RETURN_IF_ERROR(CheckBitmapsResizable());
   RETURN_IF_ERROR(MetadataSwitch(*this).Run(l1, snapshots_, new_size));
