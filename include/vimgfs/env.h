@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 
@@ -34,6 +35,10 @@ enum class OpenMode { kReadOnly, kReadWrite };
 struct HostExtent {
   bool data = true;     // false: a hole (reads as zeros)
   uint64_t length = 0;  // bytes from the queried offset; 0 at or past EOF
+  // An NBD server's block status read through another metadata context (qemu's
+  // x-dirty-bitmap), as base:allocation flags: bit 0 "hole", bit 1 "zero". They say nothing
+  // about the bytes (which read as data); only `map` shows them, as qemu-img map does.
+  std::optional<uint32_t> context_flags = std::nullopt;
 };
 
 // A host file. Thread-safe: PRead/PWrite at distinct offsets may run concurrently.

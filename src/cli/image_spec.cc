@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cli/cli_util.h"
+#include "io/nbd_file.h"
 #include "vimgfs/format.h"
 
 namespace vimgfs::cli {
@@ -130,19 +131,6 @@ bool IsTuningOption(const std::string& key) {
   return key.rfind("overlap-check.", 0) == 0;
 }
 
-// A socket path or export name inside an NBD URI: what is not unreserved is %-escaped.
-std::string UriEscape(const std::string& in) {
-  std::string out;
-  for (unsigned char c : in) {
-    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~' || c == '/') {
-      out += static_cast<char>(c);
-    } else {
-      out += fmt::format("%{:02X}", c);
-    }
-  }
-  return out;
-}
-
 using Take = std::function<std::optional<std::string>(const std::string&)>;
 
 // qemu's nbd protocol driver options under `prefix` (server.type=unix|inet, server.path,
@@ -157,28 +145,32 @@ Result<std::string> NbdUri(const Take& take, const std::string& prefix) {
   std::optional<std::string> port = take(prefix + "server.port");
   if (!port) port = take(prefix + "port");
   const std::string exported = take(prefix + "export").value_or("");
+  // qemu's experimental block-status context: carried to OpenNbd in the URI.
+  const std::optional<std::string> context = take(prefix + "x-dirty-bitmap");
+  auto with_context = [&](std::string uri) {
+    if (!context) return uri;
+    return uri + (uri.find('?') == std::string::npos ? "?" : "&") + "x-dirty-bitmap=" + UriEscape(*context);
+  };
   if (auto f = take(prefix + "filename")) {
     if (path || host) return Status::InvalidArgument("No valid URL specified");
-    return *f;
+    return with_context(*f);
   }
   for (const char* ignored : {"reconnect-delay", "open-timeout"}) take(prefix + ignored);
   for (const char* refused : {"tls-creds", "tls-hostname"})
     if (take(prefix + refused))
       return Status::Unsupported("the nbd option '{}' is not supported (an nbds:// URI takes TLS)", refused);
-  if (take(prefix + "x-dirty-bitmap"))
-    return Status::Unsupported("the nbd option 'x-dirty-bitmap' is not supported");
   if (!type) type = path ? "unix" : "inet";
   if (*type == "unix") {
     if (!path) return Status::InvalidArgument("Parameter 'path' is missing");
     // No export: no path at all, as qemu writes the name ("nbd+unix://?socket=S").
-    return fmt::format("nbd+unix://{}?socket={}", exported.empty() ? "" : "/" + UriEscape(exported),
-                       UriEscape(*path));
+    return with_context(fmt::format("nbd+unix://{}?socket={}",
+                                    exported.empty() ? "" : "/" + UriEscape(exported), UriEscape(*path)));
   }
   if (*type != "inet") return Status::InvalidArgument("Unsupported NBD server type '{}'", *type);
   if (!host) return Status::InvalidArgument("NBD server address missing");
   const std::string bracketed = host->find(':') != std::string::npos ? "[" + *host + "]" : *host;
-  return fmt::format("nbd://{}:{}{}", bracketed, port.value_or("10809"),
-                     exported.empty() ? "" : "/" + UriEscape(exported));
+  return with_context(fmt::format("nbd://{}:{}{}", bracketed, port.value_or("10809"),
+                                  exported.empty() ? "" : "/" + UriEscape(exported)));
 }
 
 // What the spec asks that cannot be done is reported after the -U conflict check, as

@@ -935,6 +935,12 @@ Result<std::vector<BlockStatus>> Image::MapImpl(uint64_t off, uint64_t len, bool
             bs.length = n;
             bs.host_offset = m.host_offset + done;
             bs.zero = ext.length == 0 || !ext.data;  // past EOF reads zeros too
+            // qemu-img map shows x-dirty-bitmap's flags; to copy, the bytes are data.
+            if (as_qemu && ext.context_flags && ext.length != 0) {
+              bs.data = (*ext.context_flags & 1) == 0;
+              bs.zero = (*ext.context_flags & 2) != 0;
+              bs.present = bs.has_offset = bs.data || bs.zero;
+            }
             push(bs);
             done += n;
           }

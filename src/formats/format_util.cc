@@ -33,7 +33,7 @@ Status LookupPlainExtents(File& file, uint64_t host_base, uint64_t off, uint64_t
     ASSIGN_OR_RETURN(HostExtent ext, file.ProbeExtent(host_base + off));
     Mapping m;
     m.length = ext.length == 0 ? end - off : std::min(ext.length, end - off);
-    m.kind = ext.data ? Mapping::Kind::kData : Mapping::Kind::kZero;
+    m.kind = ext.data || ext.context_flags ? Mapping::Kind::kData : Mapping::Kind::kZero;
     m.file = &file;
     m.host_offset = host_base + off;
     m.writable = writable;

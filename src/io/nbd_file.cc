@@ -8,7 +8,9 @@
 #include "io/nbd_file.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cstring>
+#include <string_view>
 #include <mutex>
 #include <vector>
 
@@ -25,6 +27,32 @@ bool IsNbdUri(const std::string& name) {
   return false;
 }
 
+std::string UriEscape(std::string_view in) {
+  std::string out;
+  for (unsigned char c : in) {
+    if (std::isalnum(c) || c == '-' || c == '.' || c == '_' || c == '~' || c == '/') {
+      out += static_cast<char>(c);
+    } else {
+      out += fmt::format("%{:02X}", c);
+    }
+  }
+  return out;
+}
+
+std::string UriUnescape(std::string_view in) {
+  std::string out;
+  for (size_t i = 0; i < in.size(); i++) {
+    if (in[i] == '%' && i + 2 < in.size() && std::isxdigit(static_cast<unsigned char>(in[i + 1])) &&
+        std::isxdigit(static_cast<unsigned char>(in[i + 2]))) {
+      out += static_cast<char>(std::stoi(std::string(in.substr(i + 1, 2)), nullptr, 16));
+      i += 2;
+    } else {
+      out += in[i];
+    }
+  }
+  return out;
+}
+
 Result<std::string> SameServerUri(const std::string& uri, const std::string& name) {
   if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
     return Status::Error(ErrorKind::kUnsupported, EXDEV,
@@ -36,13 +64,7 @@ Result<std::string> SameServerUri(const std::string& uri, const std::string& nam
   size_t path = uri.find('/', authority + 3);
   size_t query = uri.find_first_of("?#", authority + 3);
   if (path == std::string::npos || (query != std::string::npos && query < path)) path = query;
-  std::string out = uri.substr(0, path == std::string::npos ? uri.size() : path) + "/";
-  for (unsigned char ch : name) {  // percent-encoded, as the export part of a URI is
-    if (std::isalnum(ch) || ch == '-' || ch == '.' || ch == '_' || ch == '~')
-      out += static_cast<char>(ch);
-    else
-      out += fmt::format("%{:02X}", ch);
-  }
+  std::string out = uri.substr(0, path == std::string::npos ? uri.size() : path) + "/" + UriEscape(name);
   if (query != std::string::npos) out += uri.substr(query);
   return out;
 }
@@ -62,8 +84,8 @@ Status NbdError(const std::string& uri, const std::string& what) {
 
 class NbdFile final : public File {
  public:
-  NbdFile(nbd_handle* h, std::string uri, bool writable, uint64_t size)
-      : h_(h), uri_(std::move(uri)), writable_(writable), size_(size) {}
+  NbdFile(nbd_handle* h, std::string uri, std::string context, bool writable, uint64_t size)
+      : h_(h), uri_(std::move(uri)), context_(std::move(context)), writable_(writable), size_(size) {}
   ~NbdFile() override {
     nbd_shutdown(h_, 0);
     nbd_close(h_);
@@ -130,19 +152,25 @@ class NbdFile final : public File {
   Result<HostExtent> ProbeExtent(uint64_t off) override {
     if (off >= size_) return HostExtent{true, 0};
     std::lock_guard lock(mu_);
-    if (nbd_can_meta_context(h_, LIBNBD_CONTEXT_BASE_ALLOCATION) != 1) return HostExtent{true, size_ - off};
+    if (nbd_can_meta_context(h_, context_.c_str()) != 1) return HostExtent{true, size_ - off};
     struct First {
+      const std::string* context;
+      bool base;
       bool seen = false;
       HostExtent extent;
-    } first;
+    } first{&context_, context_ == LIBNBD_CONTEXT_BASE_ALLOCATION, false, HostExtent{}};
     nbd_extent_callback cb{};
     cb.user_data = &first;
     cb.callback = [](void* user, const char* context, uint64_t, uint32_t* entries, size_t count, int*) {
       auto* f = static_cast<First*>(user);
-      if (f->seen || count < 2 || std::strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0) return 0;
+      if (f->seen || count < 2 || *f->context != context) return 0;
       f->seen = true;
       f->extent.length = entries[0];
-      f->extent.data = (entries[1] & LIBNBD_STATE_ZERO) == 0;  // reads as zeros: a hole
+      if (f->base) {
+        f->extent.data = (entries[1] & LIBNBD_STATE_ZERO) == 0;  // reads as zeros: a hole
+      } else {
+        f->extent.context_flags = entries[1];  // a dirty area is a "hole", for instance
+      }
       return 0;
     };
     uint64_t ask = std::min<uint64_t>(size_ - off, 1ull << 30);
@@ -204,26 +232,56 @@ class NbdFile final : public File {
   std::mutex mu_;
   nbd_handle* h_;
   std::string uri_;
+  std::string context_;  // the metadata context block status reads
   bool writable_;
   uint64_t size_;
 };
 
-Result<nbd_handle*> Connect(const std::string& uri) {
+constexpr std::string_view kContextParameter = "x-dirty-bitmap=";
+
+// The URI without its x-dirty-bitmap query parameter (qemu's nbd option of that name, which
+// image_spec.cc carries here), and the metadata context it names (base:allocation if none).
+std::pair<std::string, std::string> SplitContext(const std::string& uri) {
+  const size_t query = uri.find('?');
+  if (query == std::string::npos) return {uri, LIBNBD_CONTEXT_BASE_ALLOCATION};
+  std::string kept = uri.substr(0, query), context = LIBNBD_CONTEXT_BASE_ALLOCATION;
+  char sep = '?';
+  for (size_t pos = query + 1; pos <= uri.size();) {
+    size_t amp = uri.find('&', pos);
+    if (amp == std::string::npos) amp = uri.size();
+    std::string_view param(uri.data() + pos, amp - pos);
+    if (param.starts_with(kContextParameter)) {
+      context = UriUnescape(param.substr(kContextParameter.size()));
+    } else if (!param.empty()) {
+      kept += sep;
+      kept += param;
+      sep = '&';
+    }
+    pos = amp + 1;
+  }
+  return {kept, context};
+}
+
+Result<nbd_handle*> Connect(const std::string& uri, const std::string& context) {
   nbd_handle* h = nbd_create();
   if (h == nullptr) return NbdError(uri, "cannot create an NBD handle");
-  if (nbd_add_meta_context(h, LIBNBD_CONTEXT_BASE_ALLOCATION) == -1 ||
-      nbd_connect_uri(h, uri.c_str()) == -1) {
+  if (nbd_add_meta_context(h, context.c_str()) == -1 || nbd_connect_uri(h, uri.c_str()) == -1) {
     Status st = NbdError(uri, "cannot connect");
     nbd_close(h);
     return st;
+  }
+  if (context != LIBNBD_CONTEXT_BASE_ALLOCATION && nbd_can_meta_context(h, context.c_str()) != 1) {
+    nbd_close(h);
+    return Status::InvalidArgument("'{}': requested x-dirty-bitmap {} not found", uri, context);
   }
   return h;
 }
 
 }  // namespace
 
-Result<std::unique_ptr<File>> OpenNbd(const std::string& uri, OpenMode mode) {
-  ASSIGN_OR_RETURN(nbd_handle * h, Connect(uri));
+Result<std::unique_ptr<File>> OpenNbd(const std::string& name, OpenMode mode) {
+  auto [uri, context] = SplitContext(name);
+  ASSIGN_OR_RETURN(nbd_handle * h, Connect(uri, context));
   int64_t size = nbd_get_size(h);
   bool read_only = nbd_is_read_only(h) == 1;
   if (size < 0 || (mode == OpenMode::kReadWrite && read_only)) {
@@ -233,7 +291,7 @@ Result<std::unique_ptr<File>> OpenNbd(const std::string& uri, OpenMode mode) {
     return st;
   }
   return std::unique_ptr<File>(
-      new NbdFile(h, uri, mode == OpenMode::kReadWrite, static_cast<uint64_t>(size)));
+      new NbdFile(h, name, context, mode == OpenMode::kReadWrite, static_cast<uint64_t>(size)));
 }
 
 Result<FileStat> StatNbd(const std::string& uri) {

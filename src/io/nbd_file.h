@@ -11,6 +11,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 
 #include "vimgfs/env.h"
 
@@ -18,6 +19,10 @@ namespace vimgfs {
 
 // Whether name is an NBD URI.
 bool IsNbdUri(const std::string& name);
+// A socket path, export name or query value inside an NBD URI: what is not unreserved (or
+// '/') %-escaped; and back.
+std::string UriEscape(std::string_view in);
+std::string UriUnescape(std::string_view in);
 
 // Connects to the export (read-only exports refuse kReadWrite). Each File is one connection.
 Result<std::unique_ptr<File>> OpenNbd(const std::string& uri, OpenMode mode);
