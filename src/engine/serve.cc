@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "engine/image_lock.h"
+#include "io/nbd_file.h"
 
 namespace vimgfs {
 namespace {
@@ -36,8 +37,10 @@ OpenOptions BaseOptions(const ServeOptions& c) {
 }
 
 // The name the overlay stores for its backing image: relative to the overlay's folder when
-// the image lies inside that folder tree, absolute otherwise.
+// the image lies inside that folder tree, absolute otherwise; an image on an NBD server by
+// its URI (qemu follows it; vimgfs opens it from the command line, never from the overlay).
 std::string BackingName(const std::string& image, const std::string& overlay) {
+  if (IsNbdUri(image)) return image;
   std::error_code ec;
   fs::path img = fs::weakly_canonical(fs::absolute(image), ec);
   if (ec) return image;
@@ -67,13 +70,18 @@ Result<std::unique_ptr<Image>> OpenOverlay(const ServeOptions& c) {
     ctx.size = base->size();
     ctx.backing = BackingRef{BackingName(c.image, c.overlay), base->format()};
     base.reset();
-    RETURN_IF_ERROR(Image::Create("qcow2", ctx).WithContext("creating overlay '{}'", c.overlay));
+    // The base was just opened; a URI stored as its name is not opened again (nor followed).
+    RETURN_IF_ERROR(
+        Image::Create("qcow2", ctx, IsNbdUri(c.image)).WithContext("creating overlay '{}'", c.overlay));
   } else if (!st.regular) {
     return Status::InvalidArgument("'{}': overlay is not a regular file", c.overlay);
   }
   OpenOptions oo = BaseOptions(c);
   oo.format = "qcow2";
   oo.read_only = c.read_only;
+  // A protocol name stored in an image is never followed: the command line's URI is.
+  const bool remote_base = IsNbdUri(c.image);
+  if (remote_base) oo.backing_specs = {BackingSpec{c.format, c.image, ""}};
   auto overlay = Image::Open(c.overlay, oo);
   if (!overlay.ok()) {
     if (overlay.error().kind() == ErrorKind::kInvalidFormat)
@@ -84,7 +92,9 @@ Result<std::unique_ptr<Image>> OpenOverlay(const ServeOptions& c) {
     return overlay.error();
   }
   Image* backing = (*overlay)->backing();
-  if (backing == nullptr || !SameFile(backing->path(), c.image)) {
+  const bool same = remote_base ? (*overlay)->backing_ref() && (*overlay)->backing_ref()->name == c.image
+                                : backing != nullptr && SameFile(backing->path(), c.image);
+  if (backing == nullptr || !same) {
     return Status::InvalidArgument(
         "'{}' exists but its backing file is not '{}'; refusing "
         "to use it as the overlay",

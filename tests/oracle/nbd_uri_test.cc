@@ -121,6 +121,25 @@ TEST_F(NbdUri, MountsAnImageOnAServer) {
   auto r = Sh("cmp mnt/disk.raw local.raw");
   Sh("fusermount3 -u mnt");
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  // A local overlay over the image on the server: writes land in the overlay, which
+  // stores the URI as its backing name (qemu follows it); the export is left as it was.
+  const std::string before = Sha256OfFile(F("exports/m.qcow2"));
+  MustSh(Quote(VimgfsBinary()) + " --overlay ov.qcow2 " + Uri("m.qcow2") + " mnt");
+  r = Sh("dd if=/dev/zero of=mnt/disk.raw bs=64k seek=17 count=1 conv=notrunc oflag=direct status=none");
+  Sh("fusermount3 -u mnt");
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  for (int i = 0; i < 100 && Sh("qemu-img info ov.qcow2").exit_code != 0; ++i)
+    usleep(50000);  // lock released
+  EXPECT_EQ(Sha256OfFile(F("exports/m.qcow2")), before);
+  Ok(Q("check ov.qcow2"));
+  EXPECT_NE(Ok(Q("info ov.qcow2")).find("backing file: nbd+unix:///m.qcow2?socket="), std::string::npos);
+  Ok(Io("-r -c 'read -P 0x5c 1M 64k' -c 'read -P 0 1088k 64k' -c 'read -P 0x5c 1152k 64k' ov.qcow2"));
+  // Mounted again, read-only: the same overlay, the same disk.
+  MustSh("qemu-img convert -O raw ov.qcow2 ov.raw");
+  MustSh(Quote(VimgfsBinary()) + " -r --overlay ov.qcow2 " + Uri("m.qcow2") + " mnt");
+  r = Sh("cmp mnt/disk.raw ov.raw");
+  Sh("fusermount3 -u mnt");
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
 }
 
 // Names inside an image on a server reach that server only, by a bare export name.
