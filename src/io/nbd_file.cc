@@ -127,9 +127,13 @@ class NbdFile final : public File {
   Result<uint64_t> Size() override { return size_; }
 
   Status Truncate(uint64_t size) override {
-    if (size == size_) return Status::Ok();
+    if (size == size_ || (formatting_ && size < size_)) return Status::Ok();
     return Status::Unsupported("'{}': an NBD export has a fixed size ({} bytes)", uri_, size_);
   }
+
+  // While an image is created in the export, the format's shrinks (setting the length of
+  // what it wrote) leave the export as it is, as qemu's non-exact truncate of NBD nodes.
+  void SetFormatting() { formatting_ = true; }
 
   Status PunchHole(uint64_t off, uint64_t len) override {
     std::lock_guard lock(mu_);
@@ -234,6 +238,7 @@ class NbdFile final : public File {
   std::string uri_;
   std::string context_;  // the metadata context block status reads
   bool writable_;
+  bool formatting_ = false;
   uint64_t size_;
 };
 
@@ -294,6 +299,18 @@ Result<std::unique_ptr<File>> OpenNbd(const std::string& name, OpenMode mode) {
       new NbdFile(h, name, context, mode == OpenMode::kReadWrite, static_cast<uint64_t>(size)));
 }
 
+Result<std::unique_ptr<File>> CreateOnNbd(const std::string& uri) {
+  ASSIGN_OR_RETURN(std::unique_ptr<File> f, OpenNbd(uri, OpenMode::kReadWrite));
+  auto* nbd = static_cast<NbdFile*>(f.get());
+  nbd->SetFormatting();
+  // qemu's way for a protocol that cannot create: the export's first sector is wiped (no
+  // old header may show through), then the format writes its image into it.
+  ASSIGN_OR_RETURN(uint64_t size, f->Size());
+  const std::vector<std::byte> zeros(std::min<uint64_t>(size, 512));
+  RETURN_IF_ERROR(f->PWrite(0, zeros, IoTag::kHeader));
+  return f;
+}
+
 Result<FileStat> StatNbd(const std::string& uri) {
   // Not a connection of its own: a server that takes one client (qemu-nbd without
   // --persistent exits after it) must get the open's. Opening says what is wrong.
@@ -306,6 +323,9 @@ Result<FileStat> StatNbd(const std::string& uri) {
 
 Result<std::unique_ptr<File>> OpenNbd(const std::string& uri, OpenMode) {
   return Status::Unsupported("'{}': vimgfs was built without libnbd (apt-get install libnbd-dev)", uri);
+}
+Result<std::unique_ptr<File>> CreateOnNbd(const std::string& uri) {
+  return OpenNbd(uri, OpenMode::kReadWrite);
 }
 Result<FileStat> StatNbd(const std::string& uri) { return OpenNbd(uri, OpenMode::kReadOnly).status(); }
 

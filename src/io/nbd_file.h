@@ -26,6 +26,9 @@ std::string UriUnescape(std::string_view in);
 
 // Connects to the export (read-only exports refuse kReadWrite). Each File is one connection.
 Result<std::unique_ptr<File>> OpenNbd(const std::string& uri, OpenMode mode);
+// "Creates" an image file on a server as qemu does: the export must exist; its first
+// sector is zeroed and the image is written into it (it keeps the export's size).
+Result<std::unique_ptr<File>> CreateOnNbd(const std::string& uri);
 // An export is taken to exist, as a regular file of unknown size (0), without connecting:
 // the open is the one connection (a single-client server, qemu-nbd by default, serves just
 // one), and its errors say what is wrong.

@@ -227,11 +227,7 @@ class PosixEnv final : public Env {
   }
 
   Result<std::unique_ptr<File>> Create(const std::string& path, bool exclusive) override {
-    if (IsNbdUri(path))
-      return Status::Unsupported(
-          "'{}': an image cannot be created on an NBD server: write into an existing "
-          "export with convert -n",
-          path);
+    if (IsNbdUri(path)) return CreateOnNbd(path);
     int flags = O_RDWR | O_CREAT | O_CLOEXEC | (exclusive ? O_EXCL : O_TRUNC);
     int fd = ::open(path.c_str(), flags, 0644);
     if (fd < 0) return Status::FromErrno(errno, "Could not create '{}': {}", path, std::strerror(errno));

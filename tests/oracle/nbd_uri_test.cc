@@ -153,9 +153,36 @@ TEST_F(NbdUri, BackingNamesStayOnTheSameServer) {
   r = V("info --backing-chain " + Uri("abs.qcow2"));
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.err.find("by a bare name"), std::string::npos) << r.err;
+  // An image is "created" on a server only in an export that exists (as qemu does it).
   r = V("create -f qcow2 " + Uri("new.qcow2") + " 16M");
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.err.find("cannot be created on an NBD server"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("new.qcow2"), std::string::npos) << r.err;
+}
+
+// iotest 302: convert without -n into an existing export formats it, as qemu-img does (the
+// export's first sector is wiped, the image written into it, the export keeping its size):
+// how a qcow2 goes straight into a member of an OVA tar served by qemu-nbd --offset.
+TEST_F(NbdUri, ConvertFormatsAnExistingExport) {
+  MustSh(
+      "qemu-img create -q -f qcow2 disk.qcow2 1G && qemu-io -c 'write -P 0x3d 1M 64k' disk.qcow2 >/dev/null");
+  const nlohmann::json measure = Json(Q("measure -O qcow2 --output=json disk.qcow2"));
+  // Room for the image, after 4 KiB of something else (a tar member's header, say).
+  MustSh("head -c 4096 /dev/urandom > ova && truncate -s " +
+         std::to_string(4096 + measure["required"].get<uint64_t>()) + " ova && cp ova ova.before");
+  const std::string sock = F("ova.sock");
+  MustSh("qemu-nbd --fork --pid-file=ova.pid -t -f raw --offset 4096 -x exp -k " + Quote(sock) + " ova");
+  const std::string uri = Quote("nbd+unix:///exp?socket=" + sock);
+  Ok(V("convert -f qcow2 -O qcow2 -c disk.qcow2 " + uri));
+  Ok(Q("compare disk.qcow2 " + uri));
+  Ok(Q("check " + uri));
+  Ok(V("create -q -f qcow2 " + uri + " 64M"));  // again, a fresh image over the old one
+  EXPECT_NE(Ok(Q("info " + uri)).find("virtual size: 64 MiB"), std::string::npos);
+  Ok(Q("check " + uri));
+  MustSh(
+      "kill $(cat ova.pid); for i in $(seq 200); do kill -0 $(cat ova.pid) 2>/dev/null || break; sleep 0.05; "
+      "done");
+  // What lies before the export is untouched.
+  MustSh("cmp -n 4096 ova ova.before");
 }
 
 // qemu's way of naming a server in --image-opts and json: (libvirt writes these): the nbd
