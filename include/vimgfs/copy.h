@@ -28,9 +28,10 @@ class CopySource {
   // Runs within [off, off+len), ascending. With top_only, a run that is not in the top
   // image of its source has depth 1 (the target's backing file provides it).
   virtual Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool top_only) = 0;
-  // The one image whose host file holds this disk byte for byte (a raw image without a
-  // backing file), for copy offloading; nullptr when there is none.
-  virtual Image* RawImage() { return nullptr; }
+  // For copy offloading: a descriptor of the host file named `filename` (a run's
+  // BlockStatus::filename) when one of the source's images reads it as a plain local
+  // file, else -1. Owned by the image.
+  virtual int HostFd(const std::string& filename) { return -1; }
 };
 
 // One image as a source; nullptr: an empty disk (it reads as zeros past its end, which is
@@ -41,7 +42,7 @@ class ImageSource final : public CopySource {
   uint64_t size() const override { return image_ ? image_->size() : 0; }
   Status Read(uint64_t off, std::span<std::byte> buf) override;
   Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool top_only) override;
-  Image* RawImage() override;
+  int HostFd(const std::string& filename) override;
 
  private:
   Image* image_;
@@ -56,7 +57,7 @@ class ConcatSource final : public CopySource {
   Result<std::vector<BlockStatus>> Map(uint64_t off, uint64_t len, bool top_only) override;
   // Names the source that holds `off` (for error messages).
   const std::string& NameAt(uint64_t off) const;
-  Image* RawImage() override;
+  int HostFd(const std::string& filename) override;
 
  private:
   std::vector<std::unique_ptr<Image>> images_;

@@ -74,9 +74,21 @@ Image* RawAlone(Image* image) {
 
 }  // namespace
 
-Image* ImageSource::RawImage() { return RawAlone(image_); }
+// The descriptor of `filename` among the image files of a chain (not the data files,
+// which the engine keeps to itself: their runs are copied through the pipeline).
+int ChainFd(Image* image, const std::string& filename) {
+  for (Image* i = image; i != nullptr; i = i->backing())
+    if (i->file().path() == filename) return i->file().fd();
+  return -1;
+}
 
-Image* ConcatSource::RawImage() { return images_.size() == 1 ? RawAlone(images_[0].get()) : nullptr; }
+int ImageSource::HostFd(const std::string& filename) { return ChainFd(image_, filename); }
+
+int ConcatSource::HostFd(const std::string& filename) {
+  for (const auto& image : images_)
+    if (int fd = ChainFd(image.get(), filename); fd >= 0) return fd;
+  return -1;
+}
 
 Status ImageSource::Read(uint64_t off, std::span<std::byte> buf) {
   if (!image_) return buf.empty() ? Status::Ok() : Status::OutOfRange("read past the end of an empty disk");
@@ -685,17 +697,21 @@ Status CopyCompressed(CopySource& src, Image& target, const CopyOptions& s, Prog
   });
 }
 
-// convert -C (CopyOptions::copy_offload): the source's data runs copied by the kernel
-// between the two raw files. nullopt: not two plain raw files, or the kernel cannot copy
-// between them (another file system, say) before anything was copied: copy as usual.
+// convert -C (CopyOptions::copy_offload) into a plain raw image: each run the source holds
+// as plain data in a local image file (a raw image, a qcow2 data cluster, in any image of
+// the chain) is copied by the kernel from there into the target's file, as qemu offloads
+// them; zeros stay holes; runs without plain host bytes (compressed, encrypted, in a data
+// file, on a server) are read and written as usual. nullopt: the target is not a plain
+// raw file, or the kernel cannot copy between the files before anything was copied (another
+// file system, say): the pipeline copies instead.
 std::optional<Status> CopyByRange(CopySource& src, Image& target, const CopyOptions& s,
                                   ProgressCount& count) {
   if (!s.copy_offload || s.compress || s.unless_same_as || s.rate_limit || s.target_has_backing)
     return std::nullopt;
-  Image* in = src.RawImage();
-  if (!in || !RawAlone(&target)) return std::nullopt;
-  const int in_fd = in->file().fd(), out_fd = target.file().fd();
+  if (!RawAlone(&target)) return std::nullopt;
+  const int out_fd = target.file().fd();
   bool copied = false;
+  std::vector<std::byte> buf;
   const uint64_t size = src.size();
   for (uint64_t win = 0; win < size; win += kMapWindow) {
     auto runs = src.Map(win, std::min(kMapWindow, size - win), false);
@@ -707,9 +723,22 @@ std::optional<Status> CopyByRange(CopySource& src, Image& target, const CopyOpti
         if (!st.ok()) return WithOffset(st, "writing", r.offset);
         continue;
       }
+      const int in_fd = r.has_offset && r.data && !r.compressed ? src.HostFd(r.filename) : -1;
       for (uint64_t pos = r.offset; pos < r.offset + r.length;) {
-        loff_t in_off = static_cast<loff_t>(pos), out_off = static_cast<loff_t>(pos);
-        const ssize_t n = ::copy_file_range(in_fd, &in_off, out_fd, &out_off, r.offset + r.length - pos, 0);
+        const uint64_t left = r.offset + r.length - pos;
+        if (in_fd < 0) {  // no plain host bytes to hand to the kernel
+          buf.resize(std::min<uint64_t>(left, 1 << 20));
+          Status st = src.Read(pos, buf);
+          if (!st.ok()) return WithOffset(st, "reading", pos);
+          st = target.Write(pos, buf);
+          if (!st.ok()) return WithOffset(st, "writing", pos);
+          pos += buf.size();
+          count.Add(buf.size());
+          continue;
+        }
+        loff_t in_off = static_cast<loff_t>(r.host_offset + (pos - r.offset)),
+               out_off = static_cast<loff_t>(pos);
+        const ssize_t n = ::copy_file_range(in_fd, &in_off, out_fd, &out_off, left, 0);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && !copied && (errno == EXDEV || errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL))
           return std::nullopt;
