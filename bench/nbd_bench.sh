@@ -5,6 +5,7 @@
 #            nbdkit vimgfs (the plugin), qemu-nbd, and qemu-storage-daemon's NBD export
 #   convert: the qcow2 served as raw bytes by nbdkit's file plugin, converted to a local
 #            raw file by `vimgfs convert nbd+unix://...` and `qemu-img convert nbd+unix://...`
+#            (the two alternate, round by round)
 # Prints seconds and the ratio to the best qemu row (< 1: vimgfs faster).
 #
 # Usage: bench/nbd_bench.sh [VIMGFS_BINARY [PLUGIN.so]]
@@ -68,6 +69,26 @@ print(f"{best:.3f}")
 EOF
 }
 
+# best seconds of REPEAT alternating runs of two commands (A then B each round, so neither
+# always meets the host's writeback of what the other just wrote): prints "bestA bestB".
+# Usage: best_of_pair CMD_A... -- CMD_B...
+best_of_pair() {
+  python3 - "$REPEAT" "$@" <<'EOF'
+import subprocess, sys, time
+args = sys.argv[2:]
+cut = args.index("--")
+cmds = [args[:cut], args[cut + 1:]]
+best = [None, None]
+for _ in range(int(sys.argv[1])):
+    for i, cmd in enumerate(cmds):
+        t = time.monotonic()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        dt = time.monotonic() - t
+        best[i] = dt if best[i] is None or dt < best[i] else best[i]
+print(f"{best[0]:.3f} {best[1]:.3f}")
+EOF
+}
+
 declare -A secs
 # serve rows: start the server, nbdcopy from it
 nbdkit -f -U s.sock "$PLUGIN" file=exports/img.qcow2 readonly=true & SERVER_PID=$!
@@ -89,8 +110,8 @@ stop_server
 nbdkit -f -U s.sock file dir=exports & SERVER_PID=$!
 wait_socket img.qcow2
 uri="nbd+unix:///img.qcow2?socket=$WORK/s.sock"
-secs[convert_vimgfs]=$(best_of "$VIMGFS" convert -O raw "$uri" out.v)
-secs[convert_qemu]=$(best_of qemu-img convert -f qcow2 -O raw "$uri" out.q)
+read -r "secs[convert_vimgfs]" "secs[convert_qemu]" < <(best_of_pair "$VIMGFS" convert -O raw "$uri" out.v -- \
+  qemu-img convert -f qcow2 -O raw "$uri" out.q)
 cmp out.v out.q || die "the two conversions differ"
 stop_server
 
