@@ -53,7 +53,38 @@ std::string UriUnescape(std::string_view in) {
   return out;
 }
 
-Result<std::string> SameServerUri(const std::string& uri, const std::string& name) {
+namespace {
+
+constexpr std::string_view kContextParameter = "x-dirty-bitmap=";
+
+// The URI without its x-dirty-bitmap query parameter (qemu's nbd option of that name, which
+// image_spec.cc carries here), and the metadata context it names ("" if none). The option
+// belongs to the image it was given for: exports named from inside it do not inherit it.
+std::pair<std::string, std::string> SplitContext(const std::string& uri) {
+  const size_t query = uri.find('?');
+  if (query == std::string::npos) return {uri, ""};
+  std::string kept = uri.substr(0, query), context;
+  char sep = '?';
+  for (size_t pos = query + 1; pos <= uri.size();) {
+    size_t amp = uri.find('&', pos);
+    if (amp == std::string::npos) amp = uri.size();
+    std::string_view param(uri.data() + pos, amp - pos);
+    if (param.starts_with(kContextParameter)) {
+      context = UriUnescape(param.substr(kContextParameter.size()));
+    } else if (!param.empty()) {
+      kept += sep;
+      kept += param;
+      sep = '&';
+    }
+    pos = amp + 1;
+  }
+  return {kept, context};
+}
+
+}  // namespace
+
+Result<std::string> SameServerUri(const std::string& referrer, const std::string& name) {
+  const std::string uri = SplitContext(referrer).first;
   if (name.empty() || name == "." || name == ".." || name.find('/') != std::string::npos)
     return Status::Error(ErrorKind::kUnsupported, EXDEV,
                          fmt::format("'{}' refers to '{}': an image on an NBD server may name only an export "
@@ -242,31 +273,6 @@ class NbdFile final : public File {
   uint64_t size_;
 };
 
-constexpr std::string_view kContextParameter = "x-dirty-bitmap=";
-
-// The URI without its x-dirty-bitmap query parameter (qemu's nbd option of that name, which
-// image_spec.cc carries here), and the metadata context it names (base:allocation if none).
-std::pair<std::string, std::string> SplitContext(const std::string& uri) {
-  const size_t query = uri.find('?');
-  if (query == std::string::npos) return {uri, LIBNBD_CONTEXT_BASE_ALLOCATION};
-  std::string kept = uri.substr(0, query), context = LIBNBD_CONTEXT_BASE_ALLOCATION;
-  char sep = '?';
-  for (size_t pos = query + 1; pos <= uri.size();) {
-    size_t amp = uri.find('&', pos);
-    if (amp == std::string::npos) amp = uri.size();
-    std::string_view param(uri.data() + pos, amp - pos);
-    if (param.starts_with(kContextParameter)) {
-      context = UriUnescape(param.substr(kContextParameter.size()));
-    } else if (!param.empty()) {
-      kept += sep;
-      kept += param;
-      sep = '&';
-    }
-    pos = amp + 1;
-  }
-  return {kept, context};
-}
-
 Result<nbd_handle*> Connect(const std::string& uri, const std::string& context) {
   nbd_handle* h = nbd_create();
   if (h == nullptr) return NbdError(uri, "cannot create an NBD handle");
@@ -286,6 +292,7 @@ Result<nbd_handle*> Connect(const std::string& uri, const std::string& context) 
 
 Result<std::unique_ptr<File>> OpenNbd(const std::string& name, OpenMode mode) {
   auto [uri, context] = SplitContext(name);
+  if (context.empty()) context = LIBNBD_CONTEXT_BASE_ALLOCATION;
   ASSIGN_OR_RETURN(nbd_handle * h, Connect(uri, context));
   int64_t size = nbd_get_size(h);
   bool read_only = nbd_is_read_only(h) == 1;
