@@ -367,6 +367,19 @@ void Poke(const std::string& path, uint64_t offset, const std::vector<uint8_t>& 
   std::copy(bytes.begin(), bytes.end(), img.begin() + static_cast<std::ptrdiff_t>(offset));
   WriteWholeFile(path, img);
 }
+// Bytes [from, to) of a file (zeros past its end).
+std::vector<uint8_t> Peek(const std::string& path, uint64_t from, uint64_t to) {
+  std::vector<uint8_t> img = ReadWholeFile(path);
+  img.resize(std::max<uint64_t>(img.size(), to), 0);
+  return std::vector<uint8_t>(img.begin() + static_cast<std::ptrdiff_t>(from),
+                              img.begin() + static_cast<std::ptrdiff_t>(to));
+}
+// The big-endian 64-bit word at `offset` of a file (a qcow2 header field, say).
+uint64_t Peek64(const std::string& path, uint64_t offset) {
+  uint64_t v = 0;
+  for (uint8_t b : Peek(path, offset, offset + 8)) v = v << 8 | b;
+  return v;
+}
 
 // iotests 108 and 039: check -r all rebuilds a refcount structure it cannot trust where
 // qemu rebuilds it (the first free clusters, so a file that cannot grow is rebuilt inside
@@ -409,24 +422,13 @@ TEST_F(CliIotestsTest, RepairRebuildsRefcountsWhereAndAsQemuDoes) {
     SCOPED_TRACE(c.name);
     MustSh("rm -f t.qcow2 v.qcow2 q.qcow2 && " + std::string(c.make));
     for (const auto& [offset, bytes] : c.pokes) Poke(F("t.qcow2"), offset, bytes);
-    if (c.zero_first_refcount) {
-      std::vector<uint8_t> img = ReadWholeFile(F("t.qcow2"));
-      auto be64 = [&](size_t at) {
-        uint64_t v = 0;
-        for (int i = 0; i < 8; i++) v = v << 8 | img[at + i];
-        return v;
-      };
-      Poke(F("t.qcow2"), be64(be64(48)), {0, 0});
-    }
+    if (c.zero_first_refcount) Poke(F("t.qcow2"), Peek64(F("t.qcow2"), Peek64(F("t.qcow2"), 48)), {0, 0});
     Copies("t.qcow2");
     Both("check -r all");
-    std::vector<uint8_t> v = ReadWholeFile(F("v.qcow2")), q = ReadWholeFile(F("q.qcow2"));
     // Where the new refcount table went (offset and clusters), and the feature marks.
-    EXPECT_EQ(std::vector<uint8_t>(v.begin() + 48, v.begin() + 60),
-              std::vector<uint8_t>(q.begin() + 48, q.begin() + 60));
-    EXPECT_EQ(std::vector<uint8_t>(v.begin() + 72, v.begin() + 80),
-              std::vector<uint8_t>(q.begin() + 72, q.begin() + 80));
-    EXPECT_EQ(v.size(), q.size());
+    EXPECT_EQ(Peek(F("v.qcow2"), 48, 60), Peek(F("q.qcow2"), 48, 60));
+    EXPECT_EQ(Peek(F("v.qcow2"), 72, 80), Peek(F("q.qcow2"), 72, 80));
+    EXPECT_EQ(ReadWholeFile(F("v.qcow2")).size(), ReadWholeFile(F("q.qcow2")).size());
     ExpectSame();
   }
 }
@@ -449,13 +451,10 @@ TEST_F(CliIotestsTest, WritingCommandsRepairADirtyImageAsQemuOpensIt) {
     SCOPED_TRACE(c.args);
     Copies("t.qcow2");
     Both(c.args, c.after);
-    std::vector<uint8_t> v = ReadWholeFile(F("v.qcow2")), q = ReadWholeFile(F("q.qcow2"));
     if (c.same_layout) {
-      EXPECT_EQ(std::vector<uint8_t>(v.begin() + 48, v.begin() + 60),
-                std::vector<uint8_t>(q.begin() + 48, q.begin() + 60));
+      EXPECT_EQ(Peek(F("v.qcow2"), 48, 60), Peek(F("q.qcow2"), 48, 60));
     }
-    EXPECT_EQ(std::vector<uint8_t>(v.begin() + 72, v.begin() + 80),
-              std::vector<uint8_t>(q.begin() + 72, q.begin() + 80));
+    EXPECT_EQ(Peek(F("v.qcow2"), 72, 80), Peek(F("q.qcow2"), 72, 80));
     ExpectSame();
     Ok(Io("-c 'read -P 0x2a 0 128k' v.qcow2"));
   }
@@ -468,9 +467,7 @@ TEST_F(CliIotestsTest, SnapshotTablePastQemusLimitsIsRefusedAndRepairedAsQemu) {
   MustSh(
       "qemu-img create -q -f qcow2 t.qcow2 64M && qemu-io -c 'write -P 7 0 64k' t.qcow2 >/dev/null && "
       "qemu-img snapshot -c one t.qcow2 && qemu-img snapshot -c two t.qcow2");
-  std::vector<uint8_t> img = ReadWholeFile(F("t.qcow2"));
-  uint64_t table = 0;
-  for (int i = 0; i < 8; i++) table = table << 8 | img[64 + i];
+  const uint64_t table = Peek64(F("t.qcow2"), 64);
   struct Case {
     const char* name;
     uint64_t offset;
@@ -565,9 +562,7 @@ TEST_F(CliIotestsTest, DamagedSnapshotEntriesFailWhereTheyAreUsed) {
   MustSh(
       "qemu-img create -q -f qcow2 t.qcow2 64M && qemu-io -c 'write -P 0x61 0 512' t.qcow2 >/dev/null && "
       "qemu-img snapshot -c test t.qcow2 && qemu-io -c 'write -P 0x62 0 512' t.qcow2 >/dev/null");
-  std::vector<uint8_t> img = ReadWholeFile(F("t.qcow2"));
-  uint64_t table = 0;
-  for (int i = 0; i < 8; i++) table = table << 8 | img[64 + i];
+  const uint64_t table = Peek64(F("t.qcow2"), 64);
   struct Damage {
     const char* name;
     uint64_t at;  // in the snapshot's entry
