@@ -25,7 +25,9 @@
 #        (image format of both mounted images: qcow2 (default), vhdx, vpc, vdi, vmdk).
 #        The image is checked afterwards with qemu-img check (vimgfs check for vpc, which
 #        qemu-img cannot check). E2E_REPEAT (default 3; 0 skips the e2e rows).
-#        VIMGFS_OPTS: extra mount options for vimgfs (e.g. "-o nowriteback_cache").
+#        VIMGFS_OPTS: extra mount options for vimgfs (e.g. "-o nowriteback_cache",
+#        "-o cache=none"). JOBS_MATCH: a regular expression; only the fio jobs whose names
+#        match run (default: all; "^$" runs none, for the e2e rows alone).
 set -euo pipefail
 
 VIMGFS=${1:-${VIMGFS:-$(dirname "$0")/../build/vimgfs}}
@@ -34,6 +36,7 @@ REPEAT=${REPEAT:-2}
 FORMAT=${FORMAT:-qcow2}
 SIZE=2G
 E2E_REPEAT=${E2E_REPEAT:-3}
+JOBS_MATCH=${JOBS_MATCH:-.}
 read -r -a VIMGFS_EXTRA <<<"${VIMGFS_OPTS:-}"
 
 die() { echo "mount_bench: $*" >&2; exit 1; }
@@ -147,6 +150,7 @@ for rep in $(seq "$REPEAT"); do
   for entry in "${JOBS[@]}"; do
     name=${entry%%|*}
     args=${entry#*|}
+    [[ "$name" =~ $JOBS_MATCH ]] || continue
     for t in $(target_order "$rep"); do
       run_job "${targets[$t]}" "${files[$t]}" "$name" "$args"
     done

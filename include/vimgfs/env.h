@@ -91,6 +91,8 @@ class Env {
   virtual ~Env() = default;
   // The process-wide POSIX Env. Never deleted.
   static Env* Default();
+  // Default() through NewDirectIoEnv (O_DIRECT where the request allows). Never deleted.
+  static Env* DefaultDirect();
 
   virtual Result<std::unique_ptr<File>> Open(const std::string& path, OpenMode mode) = 0;
   // Creates (or truncates, unless exclusive) a regular file for reading and writing.
@@ -118,6 +120,13 @@ Status SetFileCreateHints(File& file, bool nocow, uint32_t extent_size_hint);
 
 // `name` joined to folder `dir` ("." for none) as a path, lexically: an absolute name stays.
 std::string JoinPath(const std::string& dir, const std::string& name);
+
+// An Env whose host files are read and written around the host's page cache where the
+// request allows (O_DIRECT: qemu's cache.direct=on, "-t none"): aligned requests go direct,
+// the rest (headers, table entries, unaligned tails) through the page cache. Opening fails
+// on a file system without O_DIRECT. Files without a descriptor (NBD exports) are as `base`
+// gives them. `base` must outlive it.
+std::unique_ptr<Env> NewDirectIoEnv(Env* base);
 
 // Creates an in-memory Env (tests, fuzzing). Files persist for the Env's lifetime.
 std::unique_ptr<Env> NewMemEnv();

@@ -483,6 +483,10 @@ bool IsCacheMode(const std::string& mode) {
          mode == "writethrough";
 }
 
+bool IsDirectCacheMode(const std::string& mode) {
+  return mode == "none" || mode == "off" || mode == "directsync";
+}
+
 bool StdoutIsTty() { return isatty(STDOUT_FILENO) == 1; }
 
 void Progress::Print(float percent) {

@@ -109,6 +109,9 @@ std::string PathCombine(const std::string& base, const std::string& name);
 // Whether `mode` is one of qemu's cache modes (-t/-T): none, writeback, unsafe,
 // directsync, writethrough.
 bool IsCacheMode(const std::string& mode);
+// A cache mode that bypasses the host's page cache (qemu's cache.direct=on): none, off,
+// directsync. Files are then opened through Env::DefaultDirect() (or NewDirectIoEnv).
+bool IsDirectCacheMode(const std::string& mode);
 
 // Whether stdout is a terminal (progress bars).
 bool StdoutIsTty();

@@ -49,8 +49,10 @@ const char kUsage[] =
     "  --salvage        go on past read errors of the sources: each 512-byte sector that cannot\n"
     "                   be read is written as zeros, with a warning naming its offset\n"
     "  -t cache         output cache mode (default unsafe, as qemu-img: nothing is flushed;\n"
-    "                   any other mode makes the output durable before exit)\n"
-    "  -T src_cache     source cache mode (checked, no effect on reads)\n"
+    "                   any other mode makes the output durable before exit); none and\n"
+    "                   directsync write around the host's page cache (O_DIRECT)\n"
+    "  -T src_cache     source cache mode: none and directsync read around the host's\n"
+    "                   page cache (O_DIRECT); the others read through it\n"
     "  -U, --force-share  read the source images even while another process writes them (no lock)\n"
     "  --image-opts      the source image names are key=value lists (driver=qcow2,file.filename=F);\n"
     "                    json:{...} names are taken with or without it\n"
@@ -223,6 +225,7 @@ int RunConvert(int argc, char** argv) {
     o.format = fmt;
     o.untrusted = untrusted;
     o.snapshot = snapshot;
+    if (IsDirectCacheMode(in_cache)) o.env = Env::DefaultDirect();
     auto img = OpenOrReport(name, o);
     if (!img) return 1;
     images.push_back(std::move(img));
@@ -326,7 +329,11 @@ int RunConvert(int argc, char** argv) {
 
   // Flushes are deferred to one sync of each output file at the end, and skipped in the
   // default "unsafe" mode (a half-written conversion is worth nothing either way).
-  DeferredSyncEnv env(Env::Default());
+  // -t none and directsync write around the host's page cache (O_DIRECT), as qemu-img's
+  // cache.direct=on: a large conversion does not push everything else out of it.
+  DeferredSyncEnv deferred(Env::Default());
+  std::unique_ptr<Env> direct = IsDirectCacheMode(out_cache) ? NewDirectIoEnv(&deferred) : nullptr;
+  Env& env = direct ? *direct : deferred;
   const bool durable = out_cache != "unsafe";
   if (as_stream) {
     ctx.env = &env;
@@ -334,7 +341,7 @@ int RunConvert(int argc, char** argv) {
     if (!w.ok()) return create_failed(w.error());
     Status s = CopyToStream(src, **w, cs);
     w->reset();
-    if (s.ok() && durable) s = env.SyncAll();
+    if (s.ok() && durable) s = deferred.SyncAll();
     if (!s.ok()) {
       PrintFileError(out_name, s);
       return 1;
@@ -393,7 +400,7 @@ int RunConvert(int argc, char** argv) {
   }
   if (s.ok()) s = target->Close();
   target.reset();
-  if (s.ok() && durable) s = env.SyncAll();
+  if (s.ok() && durable) s = deferred.SyncAll();
   if (!s.ok()) {
     PrintFileError(out_name, s);
     return 1;

@@ -32,6 +32,7 @@ OpenOptions BaseOptions(const ServeOptions& c) {
   o.data_file = c.data_file;
   o.backing_specs = c.backing_specs;
   if (c.cache_bytes) o.cache_bytes = *c.cache_bytes;
+  if (c.direct_io) o.env = Env::DefaultDirect();
   o.notice = c.warn;
   return o;
 }
@@ -65,7 +66,7 @@ Result<std::unique_ptr<Image>> OpenOverlay(const ServeOptions& c) {
     io.read_only = true;
     ASSIGN_OR_RETURN(auto base, Image::Open(c.image, io));
     CreateContext ctx;
-    ctx.env = Env::Default();
+    ctx.env = c.direct_io ? Env::DefaultDirect() : Env::Default();
     ctx.path = c.overlay;
     ctx.size = base->size();
     ctx.backing = BackingRef{BackingName(c.image, c.overlay), base->format()};

@@ -22,11 +22,12 @@ struct ServeOptions {
   bool read_only = false;
   bool untrusted = false;
   std::optional<uint64_t> cache_bytes;
-  std::string key_secret;                        // OpenOptions::key_secret
-  bool open_backing = true;                      // OpenOptions::open_backing
-  std::string data_file;                         // OpenOptions::data_file
-  std::vector<BackingSpec> backing_specs;        // OpenOptions::backing_specs
-  SecretLookup secrets;                          // OpenOptions::secrets
+  bool direct_io = false;                  // image files around the host's page cache (Env::DefaultDirect)
+  std::string key_secret;                  // OpenOptions::key_secret
+  bool open_backing = true;                // OpenOptions::open_backing
+  std::string data_file;                   // OpenOptions::data_file
+  std::vector<BackingSpec> backing_specs;  // OpenOptions::backing_specs
+  SecretLookup secrets;                    // OpenOptions::secrets
   std::function<void(const std::string&)> warn;  // one line, no prefix
   // How to serve an image whose format cannot be written in place, in the front end's words.
   std::string cannot_write_hint =

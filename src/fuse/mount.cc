@@ -178,6 +178,7 @@ int RunMount(const MountConfig& c) {
   serve.read_only = c.read_only;
   serve.untrusted = c.untrusted;
   serve.cache_bytes = c.cache_bytes;
+  serve.direct_io = c.direct_io;
   for (const std::string& object : c.objects) {
     auto added = crypto::SecretStore::Process().AddObject(object);
     if (!added.ok()) {

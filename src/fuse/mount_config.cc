@@ -78,6 +78,12 @@ Status ApplyOption(MountConfig& c, std::string_view o) {
       return Status::InvalidArgument("invalid detect_zeroes value '{}' (on or off)", *v);
     return Status::Ok();
   }
+  if (auto v = value_of("cache")) {
+    if (*v != "none" && *v != "writeback")
+      return Status::InvalidArgument("invalid cache mode '{}' (none or writeback)", *v);
+    c.direct_io = *v == "none";
+    return Status::Ok();
+  }
   if (auto v = value_of("cache_size")) {
     auto size = ParseSize(*v);
     if (!size.ok()) return Status::InvalidArgument("invalid cache_size '{}'", *v);
@@ -288,6 +294,10 @@ std::string MountUsage(const std::string& prog) {
       "                          instead of caching them in the kernel until fsync,\n"
       "                          close or the kernel's writeback (default: cached)\n"
       "      detect_zeroes=on|off  write all-zero clusters as zero clusters (default on)\n"
+      "      cache=none          read and write the image files around the host's page\n"
+      "                          cache (O_DIRECT), as qemu's cache=none: the data is\n"
+      "                          cached once, in disk.raw's pages, not twice\n"
+      "      cache=writeback     through the host's page cache (the default)\n"
       "      cache_size=SIZE     metadata cache per image (default 32M)\n"
       "      allow_other, default_permissions, fsname=NAME, ... are passed to FUSE;\n"
       "      mount(8) options such as defaults, noauto, nofail, _netdev are ignored\n"

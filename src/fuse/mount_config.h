@@ -29,6 +29,7 @@ struct MountConfig {
   bool detect_zeroes = true;    // whole zero clusters written become WriteZeroes
   bool partitions = true;       // p1, p2, ... beside disk.raw
   bool writeback_cache = true;  // the kernel's writeback cache for buffered writers
+  bool direct_io = false;       // cache=none: image files opened O_DIRECT (Env::DefaultDirect)
   std::optional<uint64_t> cache_bytes;
   // --object arguments (qemu's secret objects) and the ID of the secret that unlocks an
   // encrypted image (--key-secret, -o key_secret=).

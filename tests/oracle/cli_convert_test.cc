@@ -293,6 +293,35 @@ TEST_F(CliConvertTest, CopyOffloadingCopiesDataClustersOfAChain) {
   MustSh("cmp t.raw q.raw");
 }
 
+// -t none and directsync write the target around the host's page cache (O_DIRECT, qemu's
+// cache.direct=on) and -T none reads the source so: the bytes are the same (qemu-img
+// compares and checks them), and the host's cache keeps little of either file, where the
+// default keeps the whole output.
+TEST_F(CliConvertTest, CacheNoneGoesAroundTheHostPageCache) {
+  if (Sh("dd if=/dev/zero of=probe bs=4096 count=1 oflag=direct status=none").exit_code != 0)
+    GTEST_SKIP() << "the file system of " << dir_.path() << " has no O_DIRECT";
+  MustSh(
+      "qemu-img create -q -f qcow2 s.qcow2 64M && "
+      "qemu-io -c 'write -P 0x3c 0 40M' -c 'write -P 0x11 50M 1k' s.qcow2 >/dev/null");
+  constexpr uint64_t kLittle = 4 << 20;  // metadata and unaligned tails go through the cache
+  for (const auto& [fmt, mode] : std::vector<std::pair<std::string, std::string>>{
+           {"qcow2", "none"}, {"raw", "none"}, {"vmdk", "directsync"}, {"vdi", "none"}}) {
+    SCOPED_TRACE(fmt + " -t " + mode);
+    const std::string out = "o." + fmt;
+    DropCachedPages(dir_.File("s.qcow2"));
+    Ok(V("convert -t " + mode + " -T none -O " + fmt + " s.qcow2 " + out));
+    EXPECT_LE(CachedBytes(dir_.File("s.qcow2")), kLittle) << "the source was read through the cache";
+    EXPECT_LE(CachedBytes(dir_.File(out)), kLittle) << "the output was written through the cache";
+    Ok(Q("compare -f qcow2 -F " + fmt + " s.qcow2 " + out));
+    if (fmt != "raw") Ok(Q("check -f " + fmt + " " + out));
+  }
+  Ok(V("convert -O raw s.qcow2 cached.raw"));
+  EXPECT_GE(CachedBytes(dir_.File("cached.raw")), 20u << 20) << "without -t none the output is cached";
+  CommandResult bad = V("convert -t bogus -O raw s.qcow2 x.raw");
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("Invalid cache option: bogus"), std::string::npos) << bad.err;
+}
+
 class CliConvertProgressTest : public CliTwinTest {};
 
 // -p prints qemu-img's figure even into a pipe: 0 first, then each time the share of the

@@ -1,6 +1,7 @@
 #include "support/test_util.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -131,6 +132,36 @@ std::vector<uint8_t> ReadWholeFile(const std::string& path) {
 void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+}
+
+uint64_t CachedBytes(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error("cannot open " + path);
+  struct stat st;
+  fstat(fd, &st);
+  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+  uint64_t cached = 0;
+  if (st.st_size > 0) {
+    void* map = mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_SHARED, fd, 0);
+    if (map == MAP_FAILED) {
+      close(fd);
+      throw std::runtime_error("cannot map " + path);
+    }
+    std::vector<unsigned char> vec((static_cast<size_t>(st.st_size) + page - 1) / page);
+    if (mincore(map, static_cast<size_t>(st.st_size), vec.data()) == 0)
+      for (unsigned char v : vec) cached += (v & 1) ? page : 0;
+    munmap(map, static_cast<size_t>(st.st_size));
+  }
+  close(fd);
+  return cached;
+}
+
+void DropCachedPages(const std::string& path) {
+  int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw std::runtime_error("cannot open " + path);
+  fdatasync(fd);
+  posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  close(fd);
 }
 
 std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed) {

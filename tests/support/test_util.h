@@ -54,6 +54,10 @@ std::vector<uint8_t> ReadWholeFile(const std::string& path);
 void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data);
 // Deterministic pseudo-random bytes.
 std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed);
+// Bytes of the file the host's page cache holds now (mincore), in whole pages.
+uint64_t CachedBytes(const std::string& path);
+// Writes the file's dirty pages back and asks the kernel to drop its cached ones.
+void DropCachedPages(const std::string& path);
 
 // Skips the current test when qemu-img is missing (CI always has it).
 #define REQUIRE_QEMU_IMG()                                                   \
