@@ -487,6 +487,16 @@ bool IsDirectCacheMode(const std::string& mode) {
   return mode == "none" || mode == "off" || mode == "directsync";
 }
 
+bool CheckCacheMode(const std::string& mode, bool source) {
+  if (mode.empty() || IsCacheMode(mode)) return true;
+  PrintError(fmt::format("Invalid {}cache option: {}", source ? "source " : "", mode));
+  return false;
+}
+
+Env* CacheModeEnv(const std::string& mode) {
+  return IsDirectCacheMode(mode) ? Env::DefaultDirect() : Env::Default();
+}
+
 bool StdoutIsTty() { return isatty(STDOUT_FILENO) == 1; }
 
 void Progress::Print(float percent) {

@@ -112,6 +112,11 @@ bool IsCacheMode(const std::string& mode);
 // A cache mode that bypasses the host's page cache (qemu's cache.direct=on): none, off,
 // directsync. Files are then opened through Env::DefaultDirect() (or NewDirectIoEnv).
 bool IsDirectCacheMode(const std::string& mode);
+// A -t (source = false) or -T (source = true) argument, as qemu-img checks it: an unknown
+// mode prints "Invalid cache option: X" ("Invalid source cache option: X") and returns
+// false; empty is the default. The Env the files it applies to are opened through.
+bool CheckCacheMode(const std::string& mode, bool source);
+Env* CacheModeEnv(const std::string& mode);
 
 // Whether stdout is a terminal (progress bars).
 bool StdoutIsTty();

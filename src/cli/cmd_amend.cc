@@ -23,7 +23,8 @@ const char kUsage[] =
     "  -o options      comma-separated; repeated -o are joined\n"
     "  -p              show progress\n"
     "  -q              quiet\n"
-    "  -t cache        qemu's cache mode (accepted; amend syncs every step)\n"
+    "  -t cache        qemu's cache mode (amend syncs every step either way); none and\n"
+    "                  directsync go around the host's page cache (O_DIRECT)\n"
     "  --force         erase the last active key slot, or overwrite an active one\n"
     "  --object secret,id=ID,data=...|file=...  a secret for key-secret=ID, new-secret=ID\n"
     "  --image-opts    the image name is a key=value list (driver=qcow2,file.filename=F)\n";
@@ -52,13 +53,11 @@ int RunAmend(int argc, char** argv) {
     PrintError("Expecting one image file name");
     return 1;
   }
-  if (!cache.empty() && !IsCacheMode(cache)) {
-    PrintError(fmt::format("Invalid cache option: {}", cache));
-    return 1;
-  }
+  if (!CheckCacheMode(cache, false)) return 1;
   const std::string& filename = operands[0];
 
   ImageOpen o;
+  o.env = CacheModeEnv(cache);
   o.format = fmt;
   o.read_only = false;
   o.untrusted = untrusted;

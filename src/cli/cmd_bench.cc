@@ -122,7 +122,7 @@ int RunBench(int argc, char** argv) {
     PrintError("Flush interval can't be smaller than depth");
     return 1;
   }
-  const bool direct = cache == "none" || cache == "off" || cache == "directsync";
+  const bool direct = IsDirectCacheMode(cache);
   if ((native_aio || aio == "native") && !direct) {
     PrintError(
         fmt::format("Could not open '{}': aio=native was specified, but it requires cache.direct=on, "
@@ -137,6 +137,7 @@ int RunBench(int argc, char** argv) {
   }
 
   ImageOpen o;
+  o.env = CacheModeEnv(cache);
   o.image_opts = image_opts;
   o.format = fmt;
   o.read_only = !is_write;

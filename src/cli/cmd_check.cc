@@ -10,14 +10,15 @@ namespace vimgfs::cli {
 namespace {
 
 const char kUsage[] =
-    "usage: vimgfs check [-f fmt] [--output=human|json] [-r leaks|all] [-q] [-U] [--untrusted]\n"
-    "                    filename\n"
+    "usage: vimgfs check [-f fmt] [--output=human|json] [-r leaks|all] [-T src_cache] [-q] [-U]\n"
+    "                    [--untrusted] filename\n"
     "\n"
     "Checks an image's metadata for consistency, and repairs it with -r.\n"
     "  -r leaks   free leaked clusters;  -r all   also fix corruptions\n"
     "             (a VHDX log left unreplayed is replayed by either, and refused without)\n"
     "Exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only,\n"
     "63 the format cannot be checked.\n"
+    "  -T src_cache  none or directsync: read around the host's page cache (O_DIRECT)\n"
     "  -U, --force-share  check the image even while another process writes it (no lock; not with -r)\n"
     "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
     "                    json:{...} names are taken with or without it\n";
@@ -72,7 +73,7 @@ void DumpJson(const CheckReport& r, const std::string& filename, const std::stri
 }  // namespace
 
 int RunCheck(int argc, char** argv) {
-  std::string fmt, output = "human";
+  std::string fmt, output = "human", src_cache;
   bool untrusted = false, quiet = false;
   bool image_opts = false;  // --image-opts: the image names are key=value lists
   RepairMode mode = RepairMode::kNone;
@@ -91,15 +92,16 @@ int RunCheck(int argc, char** argv) {
              return std::nullopt;
            })
       .Value(0, "output", &output)
-      .Accept('T', nullptr, true)
+      .Value('T', nullptr, &src_cache)
       .Flag('q', nullptr, &quiet)
       .Flag('U', "force-share", &force_share)
       .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (opts.operands().size() != 1) return UsageError("check", "Expecting one image file name");
-  if (!CheckOutputFormat(output)) return 1;
+  if (!CheckOutputFormat(output) || !CheckCacheMode(src_cache, true)) return 1;
   std::string filename = opts.operands()[0];
   ImageOpen o;
+  o.env = CacheModeEnv(src_cache);
   o.image_opts = image_opts;
   o.force_share = force_share;
   o.format = fmt;

@@ -14,7 +14,7 @@ namespace vimgfs::cli {
 namespace {
 
 const char kUsage[] =
-    "usage: vimgfs commit [-f fmt] [-b base] [-d] [-p] [-q] [-r rate] [--untrusted] filename\n"
+    "usage: vimgfs commit [-f fmt] [-t cache] [-b base] [-d] [-p] [-q] [-r rate] [--untrusted] filename\n"
     "\n"
     "Writes the data of 'filename' (an overlay) into its backing file, or into the image\n"
     "'base' further down the backing chain (-b): everything allocated above base is copied.\n"
@@ -24,6 +24,7 @@ const char kUsage[] =
     "  -b base   commit into this image of the backing chain\n"
     "  -p, -q    progress on a terminal; quiet\n"
     "  -r rate   write the base at most this many bytes per second (suffixes k, M, G)\n"
+    "  -t cache  none or directsync: read and write around the host's page cache (O_DIRECT)\n"
     "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
     "                    json:{...} names are taken with or without it\n";
 
@@ -62,7 +63,7 @@ std::string RealPath(const std::string& p) {
 }  // namespace
 
 int RunCommit(int argc, char** argv) {
-  std::string fmt, base_name;
+  std::string fmt, base_name, cache;
   bool progress = false, quiet = false, untrusted = false, keep = false;
   bool image_opts = false;  // --image-opts: the image names are key=value lists
   uint64_t rate_limit = 0;  // -r: bytes per second written to the base
@@ -72,16 +73,17 @@ int RunCommit(int argc, char** argv) {
       .Flag('d', nullptr, &keep)
       .Flag('p', nullptr, &progress)
       .Flag('q', nullptr, &quiet)
-      .Accept('t', nullptr, true)
+      .Value('t', nullptr, &cache)
       .Add('r', nullptr, true, RateLimitInto(&rate_limit))
       .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
   if (opts.operands().size() != 1) return UsageError("commit", "Expecting one image file name");
+  if (!CheckCacheMode(cache, false)) return 1;
   std::string filename = opts.operands()[0];
 
   ImageOpen o;
-
+  o.env = CacheModeEnv(cache);
   o.image_opts = image_opts;
   o.format = fmt;
   o.read_only = true;
@@ -150,6 +152,7 @@ int RunCommit(int argc, char** argv) {
   }
 
   ImageOpen bo;
+  bo.env = CacheModeEnv(cache);
   // A base probed as raw (qcow stores no backing format) is probed again, so its first
   // sector stays protected as in qemu (iotest 301).
   bo.format = base->probed_raw() ? "" : base_fmt;
@@ -193,6 +196,7 @@ int RunCommit(int argc, char** argv) {
   if (!keep && base_name.empty()) {
     top.reset();
     ImageOpen to;
+    to.env = CacheModeEnv(cache);
     to.format = fmt;
     to.read_only = false;
     to.untrusted = untrusted;

@@ -11,12 +11,14 @@ namespace vimgfs::cli {
 namespace {
 
 const char kUsage[] =
-    "usage: vimgfs compare [-f fmt] [-F fmt] [-s] [-p] [-q] [-U] [--untrusted] filename1 filename2\n"
+    "usage: vimgfs compare [-f fmt] [-F fmt] [-T src_cache] [-s] [-p] [-q] [-U] [--untrusted]\n"
+    "                      filename1 filename2\n"
     "\n"
     "Compares the guest-visible content of two images (of any formats).\n"
     "  -f fmt / -F fmt  formats of the first / second image\n"
     "  -s               strict: sizes and allocation must match too\n"
     "  -p               show progress;  -q  quiet\n"
+    "  -T src_cache     none or directsync: read around the host's page cache (O_DIRECT)\n"
     "Exit codes: 0 identical, 1 different, 2 error.\n"
     "  -U, --force-share  open the image even while another process writes it (no lock)\n"
     "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
@@ -71,14 +73,14 @@ class RunCursor {
 }  // namespace
 
 int RunCompare(int argc, char** argv) {
-  std::string fmt1, fmt2;
+  std::string fmt1, fmt2, src_cache;
   bool strict = false, progress = false, quiet = false, untrusted = false;
   bool image_opts = false;  // --image-opts: the image names are key=value lists
   bool force_share = false;
   OptionParser opts("compare", kUsage, 2);
   opts.Value('f', nullptr, &fmt1)
       .Value('F', nullptr, &fmt2)
-      .Accept('T', nullptr, true)
+      .Value('T', nullptr, &src_cache)
       .Flag('p', nullptr, &progress)
       .Flag('q', nullptr, &quiet)
       .Flag('s', nullptr, &strict)
@@ -87,8 +89,10 @@ int RunCompare(int argc, char** argv) {
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
   if (opts.operands().size() != 2) return UsageError("compare", "Expecting two image file names");
+  if (!CheckCacheMode(src_cache, true)) return 2;
   std::string f1 = opts.operands()[0], f2 = opts.operands()[1];
   ImageOpen o;
+  o.env = CacheModeEnv(src_cache);
   o.image_opts = image_opts;
   o.force_share = force_share;
   o.untrusted = untrusted;

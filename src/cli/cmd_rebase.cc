@@ -11,13 +11,15 @@ namespace vimgfs::cli {
 namespace {
 
 const char kUsage[] =
-    "usage: vimgfs rebase [-f fmt] [-u] [-p] [-q] [-U] -b backing_file [-F backing_fmt] [--untrusted]\n"
-    "                     filename\n"
+    "usage: vimgfs rebase [-f fmt] [-t cache] [-T src_cache] [-u] [-p] [-q] [-U] -b backing_file\n"
+    "                     [-F backing_fmt] [--untrusted] filename\n"
     "\n"
     "Changes the backing file of an image. Safe mode (default) first copies into the image\n"
     "every cluster it does not have whose content differs between the old and the new\n"
     "backing file, so the guest sees the same disk. -u only rewrites the reference.\n"
     "-b \"\" makes the image independent of any backing file.\n"
+    "  -t cache / -T src_cache  none or directsync: the image / the new backing file around\n"
+    "                     the host's page cache (O_DIRECT)\n"
     "  -U, --force-share  open the old and new backing files without locking them\n"
     "  --image-opts      the image names are key=value lists (driver=qcow2,file.filename=F);\n"
     "                    json:{...} names are taken with or without it\n";
@@ -77,7 +79,7 @@ class ThroughOldBacking final : public CopySource {
 }  // namespace
 
 int RunRebase(int argc, char** argv) {
-  std::string fmt, backing, backing_fmt;
+  std::string fmt, backing, backing_fmt, cache, src_cache;
   bool have_b = false, unsafe = false, progress = false, quiet = false, untrusted = false;
   bool image_opts = false;  // --image-opts: the image names are key=value lists
   bool force_share = false;
@@ -94,17 +96,19 @@ int RunRebase(int argc, char** argv) {
       .Flag('p', nullptr, &progress)
       .Flag('q', nullptr, &quiet)
       .Flag('U', "force-share", &force_share)
-      .Accept('t', nullptr, true)
-      .Accept('T', nullptr, true)
+      .Value('t', nullptr, &cache)
+      .Value('T', nullptr, &src_cache)
       .Accept('c', nullptr, false)
       .CommonImageOptions(&untrusted, &image_opts);
   if (auto stop = opts.Parse(argc, argv)) return *stop;
   if (quiet) progress = false;
   if (opts.operands().size() != 1) return UsageError("rebase", "Expecting one image file name");
   if (!have_b) return UsageError("rebase", "Must specify backing file (-b)");
+  if (!CheckCacheMode(cache, false) || !CheckCacheMode(src_cache, true)) return 1;
   std::string filename = opts.operands()[0];
   // -U applies to the backing files only, as in qemu-img: the image rebase writes is locked.
   ImageOpen o;
+  o.env = CacheModeEnv(cache);
   o.image_opts = image_opts;
   o.lock_backing = !force_share;
   o.format = fmt;
@@ -124,6 +128,7 @@ int RunRebase(int argc, char** argv) {
     std::unique_ptr<Image> new_base;
     if (!backing.empty()) {
       ImageOpen bo;
+      bo.env = CacheModeEnv(src_cache);
       bo.force_share = force_share;
       bo.format = backing_fmt;
       bo.untrusted = untrusted;

@@ -168,8 +168,8 @@ class DirectIoFile final : public ForwardingFile {
           return Status::Ok();
         }
         if (r < 0)
-          return Status::FromErrno(errno, "'{}': read of {} bytes at {:#x} failed: {}", path(), buf.size(), off,
-                                   std::strerror(errno));
+          return Status::FromErrno(errno, "'{}': read of {} bytes at {:#x} failed: {}", path(), buf.size(),
+                                   off, std::strerror(errno));
         got += static_cast<size_t>(r);
         if (r == 0 || got % off_align_ != 0) break;  // the end of the file
       }
@@ -197,8 +197,8 @@ class DirectIoFile final : public ForwardingFile {
       ssize_t put = ::pwrite(dfd_, part.data(), n, static_cast<off_t>(off + done));
       if (put < 0 && errno == EINTR) continue;
       if (put < 0 && errno != EINVAL)
-        return Status::FromErrno(errno, "'{}': write of {} bytes at {:#x} failed: {}", path(), buf.size(), off,
-                                 std::strerror(errno));
+        return Status::FromErrno(errno, "'{}': write of {} bytes at {:#x} failed: {}", path(), buf.size(),
+                                 off, std::strerror(errno));
       // Refused as unaligned after all, or cut short at an unaligned count: the rest goes
       // the cached way.
       if (put <= 0 || static_cast<size_t>(put) % off_align_ != 0) {
@@ -249,7 +249,8 @@ class DirectIoEnv final : public Env {
     const int dfd = ::open(self.c_str(), flags);
     if (dfd < 0) {
       if (errno == EINVAL)  // qemu's words
-        return Status::InvalidArgument("Could not open '{}': filesystem does not support O_DIRECT", f->path());
+        return Status::InvalidArgument("Could not open '{}': filesystem does not support O_DIRECT",
+                                       f->path());
       return Status::FromErrno(errno, "Could not open '{}': {}", f->path(), std::strerror(errno));
     }
     uint32_t mem_align = kDefaultDirectAlign, offset_align = kDefaultDirectAlign;
@@ -257,7 +258,8 @@ class DirectIoEnv final : public Env {
     if (::statx(dfd, "", AT_EMPTY_PATH, STATX_DIOALIGN, &sx) == 0 && (sx.stx_mask & STATX_DIOALIGN)) {
       if (sx.stx_dio_offset_align == 0) {
         ::close(dfd);
-        return Status::InvalidArgument("Could not open '{}': filesystem does not support O_DIRECT", f->path());
+        return Status::InvalidArgument("Could not open '{}': filesystem does not support O_DIRECT",
+                                       f->path());
       }
       mem_align = std::max<uint32_t>(sx.stx_dio_mem_align, 1);
       offset_align = sx.stx_dio_offset_align;

@@ -85,6 +85,35 @@ TEST_F(CliOptionsTest, WrongOperandCountsFailAsInQemuImg) {
   }
 }
 
+// -t and -T on every command that takes them: an unknown mode fails before anything is
+// done, with qemu-img's words and exit status; a known one (none bypasses the host's page
+// cache) works as the default does.
+TEST_F(CliOptionsTest, CacheModesAreCheckedAsInQemuImg) {
+  MustSh(
+      "qemu-img create -q -f qcow2 base.qcow2 1M && qemu-img create -q -f qcow2 -b base.qcow2 -F qcow2 "
+      "a.qcow2");
+  const std::vector<std::string> lines = {"check -T bogus a.qcow2",
+                                          "compare -T bogus a.qcow2 a.qcow2",
+                                          "rebase -u -b '' -t bogus a.qcow2",
+                                          "rebase -u -b '' -T bogus a.qcow2",
+                                          "commit -t bogus a.qcow2",
+                                          "amend -o compat=1.1 -t bogus a.qcow2",
+                                          "convert -t bogus a.qcow2 o.raw",
+                                          "convert -T bogus a.qcow2 o.raw",
+                                          "check -T none a.qcow2",
+                                          "compare -T directsync a.qcow2 base.qcow2",
+                                          "commit -t none a.qcow2",
+                                          "rebase -t none -T none -b '' a.qcow2"};
+  for (const std::string& line : lines) {
+    SCOPED_TRACE(line);
+    CommandResult q = Q(line);
+    CommandResult v = V(line);
+    EXPECT_EQ(v.exit_code, q.exit_code) << q.err << v.err;
+    EXPECT_EQ(FirstLine(v.err), q.err.empty() ? "" : AsVimgfs(FirstLine(q.err)));
+    EXPECT_EQ(v.out, q.out);
+  }
+}
+
 TEST_F(CliOptionsTest, HelpAndOptionsAfterOperands) {
   for (const std::string& cmd : kCommands) {
     CommandResult v = V(cmd + " --help");

@@ -56,11 +56,11 @@ class DirectIoTest : public ::testing::Test {
 };
 
 TEST_F(DirectIoTest, AlignedAndUnalignedRequestsReadBackAlikeEitherWay) {
-  Write(0, test::RandomBytes(kMiB, 1));                  // aligned, aligned buffer
-  Write(kMiB, test::RandomBytes(3 * kMiB, 2), 8);        // aligned, buffer off by 8: bounced
-  Write(4096 * 3 + 7, test::RandomBytes(100, 3));        // inside a block: through the cache
+  Write(0, test::RandomBytes(kMiB, 1));                     // aligned, aligned buffer
+  Write(kMiB, test::RandomBytes(3 * kMiB, 2), 8);           // aligned, buffer off by 8: bounced
+  Write(4096 * 3 + 7, test::RandomBytes(100, 3));           // inside a block: through the cache
   Write(5 * kMiB - 512, test::RandomBytes(4096 + 512, 4));  // 512-aligned, maybe not 4 KiB
-  Write(6 * kMiB + 5, test::RandomBytes(123, 5));        // an unaligned tail past the end
+  Write(6 * kMiB + 5, test::RandomBytes(123, 5));           // an unaligned tail past the end
   ASSERT_TRUE(file_->Sync().ok());
 
   auto size = file_->Size();
@@ -90,7 +90,7 @@ TEST_F(DirectIoTest, CachedAndDirectWritesOfOneBlockStayCoherent) {
   EXPECT_EQ(Read(**buffered, 0, 4096), before);
   Write(4096, test::RandomBytes(4096, 7));  // direct, over pages the buffered read cached
   EXPECT_EQ(Read(**buffered, 4096, 4096), Model(4096, 4096));
-  Write(8192 + 10, test::RandomBytes(50, 8));  // through the cache, left dirty
+  Write(8192 + 10, test::RandomBytes(50, 8));              // through the cache, left dirty
   EXPECT_EQ(Read(*file_, 8192, 4096), Model(8192, 4096));  // a direct read of that block
 }
 
