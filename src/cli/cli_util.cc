@@ -319,6 +319,7 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
     RETURN_IF_ERROR(spec.invalid);
     o.force_share = o.force_share || spec.force_share.value_or(false);
     no_locks = spec.no_locks;
+    if (spec.direct) o.env = *spec.direct ? Env::DefaultDirect() : Env::Default();
     o.open_backing = o.open_backing && !spec.no_backing;
     name = spec.filename;
     if (!spec.key_secret.empty()) o.key_secret = spec.key_secret;

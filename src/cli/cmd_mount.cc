@@ -45,6 +45,7 @@ int RunMount(int argc, char** argv) {
     config->image = spec->filename;
     config->format = spec->format;
     config->read_only = config->read_only || spec->read_only;
+    if (spec->direct) config->direct_io = *spec->direct;
     if (!spec->key_secret.empty()) config->key_secret = spec->key_secret;
     config->open_backing = !spec->no_backing;
     config->data_file = spec->data_file;

@@ -193,6 +193,8 @@ Result<ImageSpec> Interpret(Flat opts) {
   if (auto v = take("read-only")) spec.read_only = IsTrue(*v);
   if (auto v = take("force-share")) spec.force_share = IsTrue(*v);
   if (auto l = take("locking")) spec.no_locks = *l == "off" || *l == "false";
+  for (const char* key : {"cache.direct", "file.cache.direct"})
+    if (auto v = take(key)) spec.direct = IsTrue(*v);
   std::optional<std::string> filename;
   if (driver && *driver == "nbd") {
     spec.format = "raw";  // the nbd protocol alone: the export is the disk

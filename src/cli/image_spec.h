@@ -27,6 +27,7 @@ struct ImageSpec {
   bool read_only = false;
   std::optional<bool> force_share;   // given in the spec
   bool no_locks = false;             // file.locking=off: the user takes no lock, even to write
+  std::optional<bool> direct;        // cache.direct (or file.cache.direct): O_DIRECT or not
   std::string key_secret;            // the ID of the --object secret that unlocks the image
   std::string data_file;             // qcow2's external data file (data-file.filename)
   std::vector<BackingSpec> backing;  // backing.*, backing.backing.*, ...

@@ -315,8 +315,17 @@ TEST_F(CliConvertTest, CacheNoneGoesAroundTheHostPageCache) {
     Ok(Q("compare -f qcow2 -F " + fmt + " s.qcow2 " + out));
     if (fmt != "raw") Ok(Q("check -f " + fmt + " " + out));
   }
+  // The same asked for in an image spec, as qemu takes it (cache.direct, file.cache.direct).
+  for (const char* key : {"cache.direct", "file.cache.direct"}) {
+    DropCachedPages(dir_.File("s.qcow2"));
+    Ok(V(std::string("convert -O raw --image-opts driver=qcow2,file.filename=s.qcow2,") + key +
+         "=on spec.raw"));
+    EXPECT_LE(CachedBytes(dir_.File("s.qcow2")), kLittle) << key << "=on read the source through the cache";
+    Ok(Q("compare -f qcow2 -F raw s.qcow2 spec.raw"));
+  }
   Ok(V("convert -O raw s.qcow2 cached.raw"));
   EXPECT_GE(CachedBytes(dir_.File("cached.raw")), 20u << 20) << "without -t none the output is cached";
+  EXPECT_GE(CachedBytes(dir_.File("s.qcow2")), 20u << 20) << "without -T none the source is cached";
   CommandResult bad = V("convert -t bogus -O raw s.qcow2 x.raw");
   EXPECT_EQ(bad.exit_code, 1);
   EXPECT_NE(bad.err.find("Invalid cache option: bogus"), std::string::npos) << bad.err;
