@@ -2,7 +2,7 @@
 // engine as the mount (docs/ARCHITECTURE.md, "Serving over NBD").
 //
 //   nbdkit [-r] vimgfs IMAGE [format=FMT] [readonly=true] [untrusted=true] [overlay=FILE]
-//                            [snapshot=NAME] [cache_size=SIZE]
+//                            [snapshot=NAME] [cache_size=SIZE] [cache=none|writeback]
 //
 // One Image serves every connection (the parallel thread model, multi-conn): a flush on
 // any connection makes every write acknowledged before it durable, whichever connection
@@ -61,6 +61,12 @@ int Config(const char* key, const char* value) {
     int on = nbdkit_parse_bool(value);
     if (on < 0) return -1;
     (k == "readonly" ? g_options.read_only : g_options.untrusted) = on != 0;
+  } else if (k == "cache") {
+    if (std::strcmp(value, "none") != 0 && std::strcmp(value, "writeback") != 0) {
+      nbdkit_error("invalid cache mode '%s' (none or writeback)", value);
+      return -1;
+    }
+    g_options.direct_io = std::strcmp(value, "none") == 0;
   } else if (k == "cache_size") {
     int64_t bytes = nbdkit_parse_size(value);
     if (bytes < 0) return -1;
@@ -244,7 +250,8 @@ nbdkit_plugin MakePlugin() {
       "untrusted=true          follow no backing file, data file or extent outside its folder\n"
       "overlay=FILE            send writes to the qcow2 FILE backed by IMAGE (created if absent)\n"
       "snapshot=NAME           serve the qcow2 internal snapshot NAME, read-only\n"
-      "cache_size=SIZE         metadata cache per image (default 32M)";
+      "cache_size=SIZE         metadata cache per image (default 32M)\n"
+      "cache=none              read and write the image's files around the host's page cache";
   p.magic_config_key = "file";
   p.get_ready = GetReady;
   p.cleanup = Cleanup;

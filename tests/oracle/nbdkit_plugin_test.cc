@@ -167,6 +167,27 @@ TEST_F(NbdkitPlugin, FourClientsWriteAtOnce) {
   }
 }
 
+// cache=none: the image's files are written around the host's page cache (O_DIRECT), and
+// what clients wrote is there and checks clean; a cache mode it does not know stops nbdkit.
+TEST_F(NbdkitPlugin, CacheNoneKeepsTheImageOutOfTheHostPageCache) {
+  if (Sh("dd if=/dev/zero of=probe bs=4096 count=1 oflag=direct status=none").exit_code != 0)
+    GTEST_SKIP() << "the file system of " << dir_.path() << " has no O_DIRECT";
+  MustSh("qemu-img create -q -f qcow2 img 64M");
+  ASSERT_TRUE(server_.Start(dir_.path(), {"file=" + F("img"), "cache=none"}));
+  MustSh("qemu-io -f raw -c 'write -P 0x3d 0 24M' -c 'write -P 0x4e 30000001 777' -c flush " +
+         Quote(server_.uri()) + " >/dev/null");
+  ASSERT_EQ(server_.Stop(), 0);
+  EXPECT_LE(CachedBytes(F("img")), 4u << 20) << "the image went through the host's page cache";
+  Ok(Q("check -f qcow2 img"));
+  auto r = Io("-f qcow2 -c 'read -P 0x3d 0 24M' -c 'read -P 0x4e 30000001 777' img");
+  EXPECT_EQ(r.out.find("Pattern verification failed"), std::string::npos) << r.out;
+#ifndef VIMGFS_ASAN_RUNTIME  // a failed configuration: see AnImageThatCannotBeServedFailsAtStart
+  r = Sh(Nbdkit() + " -U - " + Quote(kPlugin) + " file=img cache=directsync --run true");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.err.find("invalid cache mode 'directsync' (none or writeback)"), std::string::npos) << r.err;
+#endif
+}
+
 // nbdinfo --map (block status through the plugin) classifies every byte as vimgfs map does:
 // data, zero clusters, unallocated parts, through a backing file.
 TEST_F(NbdkitPlugin, BlockStatusIsTheImagesMap) {
