@@ -75,10 +75,13 @@ class MountCrash : public ::testing::TestWithParam<std::string> {};
 TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
   REQUIRE_FUSE();
   // "FMT" or "FMT+direct": the latter writes through O_DIRECT, which the mount answers
-  // with FUSE direct I/O (parallel writes, no page cache).
+  // with FUSE direct I/O (parallel writes, no page cache). "FMT+cachenone": a buffered
+  // writer, the mount writing the image O_DIRECT (-o cache=none).
   const std::string param = GetParam();
   const bool direct = param.ends_with("+direct");
   const std::string fmt = param.substr(0, param.find('+'));
+  std::vector<std::string> mount_args = {"-F", fmt};
+  if (param.ends_with("+cachenone")) mount_args.insert(mount_args.begin(), {"-o", "cache=none"});
   test::TempDir dir;
   Mount mount;
   std::string image = dir.File("crash." + fmt), mnt = dir.File("mnt"), raw = dir.File("seen.raw");
@@ -95,7 +98,9 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
 
   for (int round = 0; round < kRounds; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
-    ASSERT_TRUE(mount.StartForeground({"-F", fmt, image, mnt}, mnt));
+    std::vector<std::string> args = mount_args;
+    args.insert(args.end(), {image, mnt});
+    ASSERT_TRUE(mount.StartForeground(args, mnt));
     int fd = open((mnt + "/disk.raw").c_str(), O_RDWR | (direct ? O_DIRECT : 0));
     ASSERT_GE(fd, 0);
     // The killer fires after a random delay; the writer goes on until I/O fails.
@@ -171,8 +176,8 @@ TEST_P(MountCrash, KillDuringRandomWritesNeverCorrupts) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Formats, MountCrash,
-                         ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow2+direct", "qcow",
-                                           "parallels", "qed", "raw"));
+                         ::testing::Values("qcow2", "vdi", "vmdk", "vpc", "vhdx", "qcow2+direct",
+                                           "qcow2+cachenone", "qcow", "parallels", "qed", "raw"));
 
 }  // namespace
 }  // namespace vimgfs::e2e
