@@ -30,7 +30,8 @@ struct FreeDeleter {
   void operator()(std::byte* p) const { std::free(p); }
 };
 
-// One aligned buffer per thread, grown on demand up to kBounceBytes.
+// One aligned buffer per thread, grown on demand up to kBounceBytes; empty when memory
+// ran out (the caller then goes through the cache).
 std::span<std::byte> BounceBuffer(size_t n, size_t align) {
   thread_local std::unique_ptr<std::byte, FreeDeleter> buf;
   thread_local size_t size = 0, alignment = 0;
@@ -38,9 +39,9 @@ std::span<std::byte> BounceBuffer(size_t n, size_t align) {
     const size_t want = std::max(n, size);
     const size_t a = std::max({align, alignment, sizeof(void*)});
     buf.reset(static_cast<std::byte*>(std::aligned_alloc(a, (want + a - 1) / a * a)));
-    if (!buf) throw std::bad_alloc();
-    size = want;
-    alignment = a;
+    size = buf ? want : 0;
+    alignment = buf ? a : 0;
+    if (!buf) return {};
   }
   return {buf.get(), n};
 }
@@ -158,6 +159,7 @@ class DirectIoFile final : public ForwardingFile {
       const size_t n = aligned ? buf.size() - done : std::min(buf.size() - done, kBounceBytes);
       std::span<std::byte> part = buf.subspan(done, n);
       std::span<std::byte> io = aligned ? part : BounceBuffer(n, mem_align_);
+      if (io.empty()) return ForwardingFile::PRead(off + done, buf.subspan(done));
       size_t got = 0;
       while (got < n) {
         ssize_t r = ::pread(dfd_, io.data() + got, n - got, static_cast<off_t>(off + done + got));
@@ -191,6 +193,7 @@ class DirectIoFile final : public ForwardingFile {
       std::span<const std::byte> part = buf.subspan(done, n);
       if (!aligned) {
         std::span<std::byte> copy = BounceBuffer(n, mem_align_);
+        if (copy.empty()) return ForwardingFile::PWrite(off + done, buf.subspan(done), tag);
         std::memcpy(copy.data(), part.data(), n);
         part = copy;
       }
@@ -263,6 +266,12 @@ class DirectIoEnv final : public Env {
       }
       mem_align = std::max<uint32_t>(sx.stx_dio_mem_align, 1);
       offset_align = sx.stx_dio_offset_align;
+    }
+    // Powers of two no larger than a bounce piece, or the file stays buffered.
+    auto usable = [](uint32_t a) { return (a & (a - 1)) == 0 && a <= kBounceBytes; };
+    if (!usable(mem_align) || !usable(offset_align)) {
+      ::close(dfd);
+      return f;
     }
     return std::unique_ptr<File>(new DirectIoFile(std::move(f), dfd, mem_align, offset_align));
   }
