@@ -368,8 +368,9 @@ Result<std::unique_ptr<Image>> OpenImage(const std::string& path, const ImageOpe
                  "         Specify the 'raw' format explicitly to remove the restrictions.\n",
                  host_path.c_str());
   if (!o.force_share && !no_locks)
-    RETURN_IF_ERROR(o.lock_backing ? LockImageChain(*img)
-                                   : LockImageFiles(*img, !img->read_only() || o.lock_as_writer));
+    RETURN_IF_ERROR(o.lock_backing
+                        ? LockImageChain(*img, !o.keep_raw_unchanged)
+                        : LockImageFiles(*img, !img->read_only() || o.lock_as_writer, !o.keep_raw_unchanged));
   return img;
 }
 

@@ -70,6 +70,10 @@ struct ImageOpen {
   // With lock_backing off: the image's own files are locked as a writer's although it is
   // opened read-only (commit writes it later; qemu-img opens it read-write from the start).
   bool lock_as_writer = false;
+  // A raw image read lets others write it (qemu-img's info, map, check, compare, measure,
+  // dd and bench do), unless the command needs its data unchanged meanwhile: convert's
+  // sources, which qemu-img convert locks against writers.
+  bool keep_raw_unchanged = false;
   // The name is a --image-opts list (json: names are always recognised).
   bool image_opts = false;
   bool for_check = false;     // OpenOptions::for_check

@@ -226,6 +226,7 @@ int RunConvert(int argc, char** argv) {
     o.untrusted = untrusted;
     o.snapshot = snapshot;
     if (IsDirectCacheMode(in_cache)) o.env = Env::DefaultDirect();
+    o.keep_raw_unchanged = true;  // qemu-img convert locks its sources against writers
     auto img = OpenOrReport(name, o);
     if (!img) return 1;
     images.push_back(std::move(img));

@@ -6,6 +6,7 @@
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "cli/option_parser.h"
+#include "cli/image_spec.h"
 #include "cli/info_render.h"
 
 namespace vimgfs::cli {
@@ -119,6 +120,14 @@ int RunInfo(int argc, char** argv) {
 
   std::vector<nlohmann::ordered_json> infos;
   for (Image* i = img.get(); i; i = chain ? i->backing() : nullptr) infos.push_back(ImageInfoJson(*i));
+  // A spec naming a protocol alone (driver=file, driver=nbd) has qemu name that protocol
+  // as the format; its nbd driver has no dirty flag to report.
+  if (image_opts || IsJsonName(filename)) {
+    if (auto spec = ParseImageSpec(filename, image_opts); spec.ok() && !spec->protocol.empty()) {
+      infos[0]["format"] = spec->protocol;
+      if (spec->protocol == "nbd") infos[0].erase("dirty-flag");
+    }
+  }
 
   if (output == "json") {
     if (chain) {

@@ -198,12 +198,14 @@ Result<ImageSpec> Interpret(Flat opts) {
   std::optional<std::string> filename;
   if (driver && *driver == "nbd") {
     spec.format = "raw";  // the nbd protocol alone: the export is the disk
+    spec.protocol = "nbd";
     auto uri = NbdUri(take, "");
     if (!uri.ok()) return Invalid(spec, uri.error());
     filename = *uri;
   } else if (driver && *driver == "file") {
     filename = take("filename");
     spec.format = "raw";  // the file protocol alone: the file is the disk
+    spec.protocol = "file";
   } else {
     filename = take("filename");
     spec.format = driver.value_or("");  // none: probed, as qemu probes it

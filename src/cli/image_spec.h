@@ -22,6 +22,8 @@ namespace vimgfs::cli {
 
 struct ImageSpec {
   std::string format;       // the format driver; "raw" for the file protocol alone
+  std::string protocol;     // "file" or "nbd" when the spec is that protocol alone (qemu's
+                            // info names it as the format)
   std::string filename;     // the host file
   bool no_backing = false;  // "backing": null
   bool read_only = false;

@@ -4,16 +4,19 @@
 
 namespace vimgfs {
 
-Status LockImageFiles(Image& img, bool write) {
-  RETURN_IF_ERROR(LockImage(img.file(), write));
+Status LockImageFiles(Image& img, bool write, bool raw_readers_share_writes) {
+  const bool sharing = !write && raw_readers_share_writes && img.format() == "raw";
+  auto lock = [&](File& f) { return sharing ? LockImageSharingWrites(f) : LockImage(f, write); };
+  RETURN_IF_ERROR(lock(img.file()));
   for (File* f : img.host_files())
-    if (f != nullptr && f != &img.file()) RETURN_IF_ERROR(LockImage(*f, write));
+    if (f != nullptr && f != &img.file()) RETURN_IF_ERROR(lock(*f));
   return Status::Ok();
 }
 
-Status LockImageChain(Image& top) {
-  RETURN_IF_ERROR(LockImageFiles(top, !top.read_only()));
-  for (Image* b = top.backing(); b != nullptr; b = b->backing()) RETURN_IF_ERROR(LockImageFiles(*b, false));
+Status LockImageChain(Image& top, bool raw_readers_share_writes) {
+  RETURN_IF_ERROR(LockImageFiles(top, !top.read_only(), raw_readers_share_writes));
+  for (Image* b = top.backing(); b != nullptr; b = b->backing())
+    RETURN_IF_ERROR(LockImageFiles(*b, false, raw_readers_share_writes));
   return Status::Ok();
 }
 

@@ -152,6 +152,12 @@ Status LockImage(File& f, bool write, int wait_ms) { return LockWithRetries(f, P
 
 Status LockImageExclusive(File& f, int wait_ms) { return LockWithRetries(f, ExclusivePerms(), wait_ms); }
 
+Status LockImageSharingWrites(File& f, int wait_ms) {
+  PermSet s;
+  s.held = Bit(LockPerm::kConsistentRead);
+  return LockWithRetries(f, s, wait_ms);
+}
+
 void UnlockImage(File& f) {
   int fd = f.fd();
   if (fd < 0) return;

@@ -41,6 +41,11 @@ enum class LockPerm : int {
 // the next line of a script would otherwise race the exiting daemon.
 Status LockImage(File& f, bool write, int wait_ms = 1000);
 
+// LockImage for a reader that lets others write: what qemu-img's readers (info, map,
+// check, compare, measure, dd, bench) take on a raw image, whose file is all data (no
+// metadata to keep consistent): only CONSISTENT_READ held, nothing refused.
+Status LockImageSharingWrites(File& f, int wait_ms = 1000);
+
 // LockImage for a writer that also refuses to share reading (qemu's crypto driver while
 // it rewrites LUKS key slots): nobody else may have the file open at all.
 Status LockImageExclusive(File& f, int wait_ms = 1000);

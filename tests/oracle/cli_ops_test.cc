@@ -308,6 +308,52 @@ TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
   MustSh("kill $(cat holder.pid)");
 }
 
+// A raw image's file is all data, so qemu-img's readers let a writer (a VM, qemu-io) go on
+// writing it: info, map, check, compare, measure and dd read it while it is in use; convert,
+// which wants its sources unchanged while it copies, is refused, from a raw image or through
+// one as a backing file.
+TEST_F(CliOpsTest, RawImagesInUseAreReadAsQemuImgReadsThem) {
+  MustSh("qemu-img create -q -f raw a.raw 8M && qemu-img create -q -f qcow2 -b a.raw -F raw top.qcow2");
+  auto locked = [&] {
+    auto f = Env::Default()->Open(F("a.raw"), OpenMode::kReadOnly);
+    return f.ok() && !CheckImageLockable((*f)->fd(), F("a.raw"), true).ok();
+  };
+  MustSh(
+      "(sleep 60 </dev/null 2>/dev/null | qemu-io -f raw a.raw >/dev/null 2>holder.err & echo $! > "
+      "holder.pid)");
+  bool held = false;
+  for (int i = 0; i < 200 && !held; i++) {
+    held = locked();
+    if (!held) usleep(100000);
+  }
+  ASSERT_TRUE(held) << "qemu-io did not lock the image: " << Sh("cat holder.err").out;
+  const std::vector<std::pair<std::string, int>> cases = {
+      {"info a.raw", 0},
+      {"map -f raw a.raw", 0},
+      {"check -f raw a.raw", 63},
+      {"compare a.raw a.raw", 0},
+      {"measure -O qcow2 a.raw", 0},
+      {"dd -O raw if=a.raw of=o.raw bs=1M count=1", 0},
+      {"info --backing-chain top.qcow2", 0},
+      {"convert -f raw -O raw a.raw o.raw", 1},
+      {"convert -O raw top.qcow2 o.raw", 1},
+  };
+  for (const auto& [args, code] : cases) {
+    SCOPED_TRACE(args);
+    MustSh("rm -f o.raw");
+    CommandResult v = V(args);
+    MustSh("rm -f o.raw");
+    CommandResult q = Q(args);
+    EXPECT_EQ(q.exit_code, code) << q.err;
+    EXPECT_EQ(v.exit_code, code) << v.err;
+    EXPECT_EQ(v.out, q.out);
+    if (code == 1) {
+      EXPECT_NE(v.err.find("Failed to get shared \"write\" lock"), std::string::npos) << v.err;
+    }
+  }
+  MustSh("kill $(cat holder.pid)");
+}
+
 // -U (force-share) is for readers only: every command that would write the image refuses
 // it as qemu-img does, and leaves the image as it was.
 TEST_F(CliOpsTest, ForceShareIsRefusedByCommandsThatWrite) {
