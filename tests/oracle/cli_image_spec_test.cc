@@ -54,6 +54,9 @@ TEST_F(CliImageSpecTest, ImageOptsListsReadAsQemu) {
     ExpectSame(std::string("info --image-opts ") + opts + " | head -2");
   }
   ExpectSame("check --image-opts driver=qcow2,file.filename=t.qcow2");
+  // The file protocol alone: qemu-img info names it as the format ("file").
+  ExpectSame("info --output=json --image-opts driver=file,filename=b.qcow2 | grep -v actual-size");
+  ExpectSame(R"(info 'json:{"driver": "file", "filename": "b.qcow2"}' | head -2)");
   // convert's target as a list: only into an existing image (-n), its driver its own.
   InBoth("qemu-img create -q -f qcow2 o.qcow2 1M");
   ExpectSame(
