@@ -1,7 +1,8 @@
 #!/bin/bash
 # Convert benchmark: vimgfs vs qemu-img on the same 2 GiB mixed image (random data,
 # text-like data and zero regions, a third each, in 64 MiB stripes), best of REPEAT runs:
-#   raw->qcow2, qcow2->raw, raw->qcow2 -c (zlib), raw->qcow2 -c zstd,
+#   raw->qcow2, qcow2->raw, qcow2->raw and raw->qcow2 with -t none (O_DIRECT),
+#   raw->qcow2 -c (zlib), raw->qcow2 -c zstd,
 #   qcow2->vmdk streamOptimized, vmdk->qcow2, vdi->qcow2, qcow2->vpc, vpc->qcow2,
 #   qcow2->vhdx, vhdx->qcow2, check (qcow2, vhdx)
 # Prints seconds (best of REPEAT runs each), the vimgfs/qemu-img time ratio (< 1: vimgfs
@@ -83,6 +84,9 @@ row() {
 
 row "raw->qcow2"              src.raw   -f raw -O qcow2
 row "qcow2->raw"              src.qcow2 -f qcow2 -O raw
+# The cache mode OpenStack converts with: both files around the host's page cache.
+row "qcow2->raw -t none -T none" src.qcow2 -f qcow2 -O raw -t none -T none
+row "raw->qcow2 -t none"       src.raw   -f raw -O qcow2 -t none
 row "raw->qcow2 -c zlib"      src.raw   -f raw -O qcow2 -c
 row "raw->qcow2 -c zstd"      src.raw   -f raw -O qcow2 -c -o compression_type=zstd
 row "qcow2->vmdk streamOpt"   src.qcow2 -f qcow2 -O vmdk -o subformat=streamOptimized
