@@ -225,7 +225,7 @@ int RunConvert(int argc, char** argv) {
     o.format = fmt;
     o.untrusted = untrusted;
     o.snapshot = snapshot;
-    if (IsDirectCacheMode(in_cache)) o.env = Env::DefaultDirect();
+    o.env = CacheModeEnv(in_cache);
     o.keep_raw_unchanged = true;  // qemu-img convert locks its sources against writers
     auto img = OpenOrReport(name, o);
     if (!img) return 1;
