@@ -94,13 +94,8 @@ TEST_F(MountWriteback, SigtermWritesBackDirtyPagesFirst) {
 // writers, an unaligned one among them, land in the image as written; the host's cache
 // holds little of the image afterwards.
 TEST_F(MountWriteback, CacheNoneKeepsTheImageOutOfTheHostPageCache) {
-  {
-    test::TempDir probe;
-    if (RunCommand("dd if=/dev/zero of=" + Quote(probe.File("p")) +
-                   " bs=4096 count=1 oflag=direct status=none")
-            .exit_code != 0)
-      GTEST_SKIP() << "the file system of the test folder has no O_DIRECT";
-  }
+  if (std::string why = test::PageCacheBypassUnavailableReason(dir_.path()); !why.empty())
+    GTEST_SKIP() << why;
   ASSERT_TRUE(mount_.StartForeground({"-o", "cache=none", "-F", "qcow2", image_, mnt_}, mnt_));
   auto bulk = RandomBytes(24 * kMiB, 7), odd = RandomBytes(1000, 8), direct = RandomBytes(kMiB, 9);
   int fd = open(Disk().c_str(), O_RDWR);

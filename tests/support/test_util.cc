@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <linux/magic.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -154,6 +156,29 @@ uint64_t CachedBytes(const std::string& path) {
   }
   close(fd);
   return cached;
+}
+
+std::string PageCacheBypassUnavailableReason(const std::string& dir) {
+  struct statfs fs {};
+  if (statfs(dir.c_str(), &fs) == 0 && (fs.f_type == TMPFS_MAGIC || fs.f_type == RAMFS_MAGIC))
+    return dir + " is on tmpfs/ramfs, whose files are the page cache";
+  return DirectIoUnavailableReason(dir);
+}
+
+std::string DirectIoUnavailableReason(const std::string& dir) {
+  const std::string probe = dir + "/direct-io-probe";
+  int fd = open(probe.c_str(), O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0644);
+  if (fd < 0) return dir + " has no O_DIRECT (" + std::strerror(errno) + ")";
+  void* buf = nullptr;
+  bool ok = posix_memalign(&buf, 4096, 4096) == 0;
+  if (ok) {
+    std::memset(buf, 0, 4096);
+    ok = pwrite(fd, buf, 4096, 0) == 4096;
+  }
+  free(buf);
+  close(fd);
+  unlink(probe.c_str());
+  return ok ? "" : dir + " refused an O_DIRECT write";
 }
 
 void DropCachedPages(const std::string& path) {

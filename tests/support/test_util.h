@@ -56,6 +56,11 @@ void WriteWholeFile(const std::string& path, const std::vector<uint8_t>& data);
 std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed);
 // Bytes of the file the host's page cache holds now (mincore), in whole pages.
 uint64_t CachedBytes(const std::string& path);
+// Why files in folder `dir` cannot be opened O_DIRECT ("" when they can).
+std::string DirectIoUnavailableReason(const std::string& dir);
+// Why a test that files stay out of the host's page cache cannot run in folder `dir` (""
+// when it can): no O_DIRECT there, or a file system whose files live in the page cache.
+std::string PageCacheBypassUnavailableReason(const std::string& dir);
 // Writes the file's dirty pages back and asks the kernel to drop its cached ones.
 void DropCachedPages(const std::string& path);
 

@@ -21,10 +21,9 @@ constexpr uint64_t kMiB = 1 << 20;
 class DirectIoTest : public ::testing::Test {
  protected:
   void SetUp() override {
+    if (std::string why = test::DirectIoUnavailableReason(dir_.path()); !why.empty()) GTEST_SKIP() << why;
     path_ = dir_.File("f.img");
     auto f = Env::DefaultDirect()->Create(path_, true);
-    if (!f.ok() && f.error().message().find("does not support O_DIRECT") != std::string::npos)
-      GTEST_SKIP() << "the file system of " << dir_.path() << " has no O_DIRECT";
     ASSERT_TRUE(f.ok()) << f.error().ToString();
     file_ = std::move(*f);
   }
@@ -139,6 +138,8 @@ TEST_F(DirectIoTest, APartialWriteNeverPutsOldBytesBackOverADirectOne) {
 
 // What it is for: a large aligned write leaves (almost) nothing in the host's cache.
 TEST_F(DirectIoTest, AlignedWritesLeaveTheHostPageCacheAlone) {
+  if (std::string why = test::PageCacheBypassUnavailableReason(dir_.path()); !why.empty())
+    GTEST_SKIP() << why;
   Write(0, test::RandomBytes(16 * kMiB, 9), 1);
   Write(16 * kMiB + 3, test::RandomBytes(10, 10));  // one cached page
   ASSERT_TRUE(file_->Sync().ok());
