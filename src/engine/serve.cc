@@ -131,6 +131,12 @@ Result<std::unique_ptr<Image>> OpenImage(const ServeOptions& c) {
 
 }  // namespace
 
+Result<bool> DirectIoForCacheMode(const std::string& mode) {
+  if (mode != "none" && mode != "writeback")
+    return Status::InvalidArgument("invalid cache mode '{}' (none or writeback)", mode);
+  return mode == "none";
+}
+
 Result<std::unique_ptr<Image>> OpenForServing(const ServeOptions& options) {
   ASSIGN_OR_RETURN(std::unique_ptr<Image> image, OpenImage(options));
   RETURN_IF_ERROR(LockImageChain(*image));

@@ -34,6 +34,10 @@ struct ServeOptions {
       "open it read-only, write to an overlay, or convert it (vimgfs convert -O qcow2)";
 };
 
+// A front end's cache=MODE option (the mount's -o cache=, the nbdkit plugin's cache=):
+// true for none (ServeOptions::direct_io), false for writeback; else one error line.
+Result<bool> DirectIoForCacheMode(const std::string& mode);
+
 // The image (or overlay) opened and locked.
 Result<std::unique_ptr<Image>> OpenForServing(const ServeOptions& options);
 

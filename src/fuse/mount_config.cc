@@ -4,6 +4,7 @@
 #include <string_view>
 
 #include "crypto/secrets.h"
+#include "engine/serve.h"
 #include "vimgfs/image.h"
 
 namespace vimgfs::mount {
@@ -79,9 +80,7 @@ Status ApplyOption(MountConfig& c, std::string_view o) {
     return Status::Ok();
   }
   if (auto v = value_of("cache")) {
-    if (*v != "none" && *v != "writeback")
-      return Status::InvalidArgument("invalid cache mode '{}' (none or writeback)", *v);
-    c.direct_io = *v == "none";
+    ASSIGN_OR_RETURN(c.direct_io, DirectIoForCacheMode(*v));
     return Status::Ok();
   }
   if (auto v = value_of("cache_size")) {

@@ -62,11 +62,12 @@ int Config(const char* key, const char* value) {
     if (on < 0) return -1;
     (k == "readonly" ? g_options.read_only : g_options.untrusted) = on != 0;
   } else if (k == "cache") {
-    if (std::strcmp(value, "none") != 0 && std::strcmp(value, "writeback") != 0) {
-      nbdkit_error("invalid cache mode '%s' (none or writeback)", value);
+    auto direct = vimgfs::DirectIoForCacheMode(value);
+    if (!direct.ok()) {
+      nbdkit_error("%s", direct.error().message().c_str());
       return -1;
     }
-    g_options.direct_io = std::strcmp(value, "none") == 0;
+    g_options.direct_io = *direct;
   } else if (k == "cache_size") {
     int64_t bytes = nbdkit_parse_size(value);
     if (bytes < 0) return -1;

@@ -33,6 +33,46 @@ class CliOpsTest : public CliTest {
     nlohmann::json vi = Json(Q("info --output=json v." + ext)), qi = Json(Q("info --output=json q." + ext));
     EXPECT_EQ(vi["virtual-size"], qi["virtual-size"]);
   }
+  // Starts qemu-io holding `image` open (qemu-io ARGS image; killed through holder.pid) and
+  // waits until its locks are there, with a probe that takes none (polling with qemu-img
+  // would hold a shared lock for a moment, and a qemu-io starting right then gives up).
+  bool HoldWithQemuIo(const std::string& args, const std::string& image) {
+    MustSh("(sleep 60 </dev/null 2>/dev/null | qemu-io " + args + " " + image +
+           " >/dev/null 2>holder.err & echo $! > holder.pid)");
+    for (int i = 0; i < 200; i++) {  // up to about 20 s on a loaded machine
+      auto f = Env::Default()->Open(F(image), OpenMode::kReadOnly);
+      if (f.ok() && !CheckImageLockable((*f)->fd(), F(image), true).ok()) return true;
+      usleep(100000);
+    }
+    ADD_FAILURE() << "qemu-io did not lock " << image << ": "
+                  << Sh("cat holder.err; ps -ef | grep qemu-io").out;
+    return false;
+  }
+  // Each line run by vimgfs and by qemu-img (o.raw and o.qcow2 removed before each): both
+  // exit with `code`, and both say `msg` when it is not empty.
+  struct LockCase {
+    std::string args;
+    int code;
+    std::string msg;
+  };
+  void ExpectLikeQemuImg(const std::vector<LockCase>& cases, bool same_stdout) {
+    for (const auto& [args, code, msg] : cases) {
+      SCOPED_TRACE(args);
+      MustSh("rm -f o.raw o.qcow2");
+      CommandResult v = V(args);
+      MustSh("rm -f o.raw o.qcow2");
+      CommandResult q = Q(args);
+      EXPECT_EQ(v.exit_code, code) << v.err;
+      EXPECT_EQ(q.exit_code, code) << q.err;
+      if (!msg.empty()) {
+        EXPECT_NE(v.err.find(msg), std::string::npos) << v.err;
+        EXPECT_NE(q.err.find(msg), std::string::npos) << q.err;
+      }
+      if (same_stdout) {
+        EXPECT_EQ(v.out, q.out);
+      }
+    }
+  }
 };
 
 TEST_F(CliOpsTest, ResizeEveryResizableFormat) {
@@ -251,54 +291,30 @@ TEST_F(CliOpsTest, CommitKeepsTheOverlayWithDOrB) {
 TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
   MustSh("qemu-img create -q -f qcow2 a.qcow2 8M && qemu-img create -q -f qcow2 b.qcow2 8M");
   MustSh("qemu-img create -q -f qcow2 -b a.qcow2 -F qcow2 top.qcow2");  // a.qcow2 is its backing
-  // Wait for qemu-io's locks with a probe that takes none (polling with qemu-img would
-  // hold a shared lock for a moment, and a qemu-io starting right then gives up).
-  auto locked = [&] {
-    auto f = Env::Default()->Open(F("a.qcow2"), OpenMode::kReadOnly);
-    return f.ok() && !CheckImageLockable((*f)->fd(), F("a.qcow2"), true).ok();
-  };
-  MustSh(
-      "(sleep 60 </dev/null 2>/dev/null | qemu-io a.qcow2 >/dev/null 2>holder.err & echo $! > holder.pid)");
-  bool held = false;
-  for (int i = 0; i < 200 && !held; i++) {  // up to about 20 s on a loaded machine
-    held = locked();
-    if (!held) usleep(100000);
-  }
-  ASSERT_TRUE(held) << "qemu-io did not lock the image: " << Sh("cat holder.err; ps -ef | grep qemu-io").out;
-  const std::vector<std::tuple<std::string, int, std::string>> cases = {
-      {"info a.qcow2", 1, "Failed to get shared \"write\" lock"},
-      {"map a.qcow2", 1, "Failed to get shared \"write\" lock"},
-      {"convert -O raw a.qcow2 o.raw", 1, "Failed to get shared \"write\" lock"},
-      {"resize a.qcow2 16M", 1, "Failed to get \"write\" lock"},
-      {"convert -n -O qcow2 b.qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
-      {"info -U a.qcow2", 0, ""},
-      {"check -U a.qcow2", 0, ""},
-      {"create -q -f qcow2 -b a.qcow2 -F qcow2 o.qcow2", 0, ""},
-      // An image in use is not truncated by a create or convert over it.
-      {"create -q -f qcow2 a.qcow2 8M", 1, "Failed to get \"write\" lock"},
-      {"convert -O qcow2 b.qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
-      // Backing files are locked shared too, except where only the name is read.
-      {"map top.qcow2", 1, "\"write\" lock"},
-      {"info --backing-chain top.qcow2", 1, "\"write\" lock"},
-      {"commit top.qcow2", 1, "\"write\" lock"},
-      {"info top.qcow2", 0, ""},
-      // -U shares what a command reads, never the image it writes.
-      {"convert -U -n -O qcow2 b.qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
-      {"rebase -U -u -b b.qcow2 -F qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
-  };
-  for (const auto& [args, code, msg] : cases) {
-    SCOPED_TRACE(args);
-    MustSh("rm -f o.raw o.qcow2");
-    CommandResult v = V(args);
-    MustSh("rm -f o.raw o.qcow2");
-    CommandResult q = Q(args);
-    EXPECT_EQ(v.exit_code, code) << v.err;
-    EXPECT_EQ(q.exit_code, code) << q.err;
-    if (!msg.empty()) {
-      EXPECT_NE(v.err.find(msg), std::string::npos) << v.err;
-      EXPECT_NE(q.err.find(msg), std::string::npos) << q.err;
-    }
-  }
+  ASSERT_TRUE(HoldWithQemuIo("", "a.qcow2"));
+  ExpectLikeQemuImg(
+      {
+          {"info a.qcow2", 1, "Failed to get shared \"write\" lock"},
+          {"map a.qcow2", 1, "Failed to get shared \"write\" lock"},
+          {"convert -O raw a.qcow2 o.raw", 1, "Failed to get shared \"write\" lock"},
+          {"resize a.qcow2 16M", 1, "Failed to get \"write\" lock"},
+          {"convert -n -O qcow2 b.qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
+          {"info -U a.qcow2", 0, ""},
+          {"check -U a.qcow2", 0, ""},
+          {"create -q -f qcow2 -b a.qcow2 -F qcow2 o.qcow2", 0, ""},
+          // An image in use is not truncated by a create or convert over it.
+          {"create -q -f qcow2 a.qcow2 8M", 1, "Failed to get \"write\" lock"},
+          {"convert -O qcow2 b.qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
+          // Backing files are locked shared too, except where only the name is read.
+          {"map top.qcow2", 1, "\"write\" lock"},
+          {"info --backing-chain top.qcow2", 1, "\"write\" lock"},
+          {"commit top.qcow2", 1, "\"write\" lock"},
+          {"info top.qcow2", 0, ""},
+          // -U shares what a command reads, never the image it writes.
+          {"convert -U -n -O qcow2 b.qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
+          {"rebase -U -u -b b.qcow2 -F qcow2 a.qcow2", 1, "Failed to get \"write\" lock"},
+      },
+      /*same_stdout=*/false);
   // Run as qemu-img, the refusal reads as qemu-img's, hint line and all (iotest 153).
   MustSh("ln -sf " + Quote(VimgfsBinary()) + " qemu-img");
   CommandResult as_qemu = Sh("./qemu-img info a.qcow2"), q = Q("info a.qcow2");
@@ -314,43 +330,18 @@ TEST_F(CliOpsTest, CommandsHonourQemuLocks) {
 // one as a backing file.
 TEST_F(CliOpsTest, RawImagesInUseAreReadAsQemuImgReadsThem) {
   MustSh("qemu-img create -q -f raw a.raw 8M && qemu-img create -q -f qcow2 -b a.raw -F raw top.qcow2");
-  auto locked = [&] {
-    auto f = Env::Default()->Open(F("a.raw"), OpenMode::kReadOnly);
-    return f.ok() && !CheckImageLockable((*f)->fd(), F("a.raw"), true).ok();
-  };
-  MustSh(
-      "(sleep 60 </dev/null 2>/dev/null | qemu-io -f raw a.raw >/dev/null 2>holder.err & echo $! > "
-      "holder.pid)");
-  bool held = false;
-  for (int i = 0; i < 200 && !held; i++) {
-    held = locked();
-    if (!held) usleep(100000);
-  }
-  ASSERT_TRUE(held) << "qemu-io did not lock the image: " << Sh("cat holder.err").out;
-  const std::vector<std::pair<std::string, int>> cases = {
-      {"info a.raw", 0},
-      {"map -f raw a.raw", 0},
-      {"check -f raw a.raw", 63},
-      {"compare a.raw a.raw", 0},
-      {"measure -O qcow2 a.raw", 0},
-      {"dd -O raw if=a.raw of=o.raw bs=1M count=1", 0},
-      {"info --backing-chain top.qcow2", 0},
-      {"convert -f raw -O raw a.raw o.raw", 1},
-      {"convert -O raw top.qcow2 o.raw", 1},
-  };
-  for (const auto& [args, code] : cases) {
-    SCOPED_TRACE(args);
-    MustSh("rm -f o.raw");
-    CommandResult v = V(args);
-    MustSh("rm -f o.raw");
-    CommandResult q = Q(args);
-    EXPECT_EQ(q.exit_code, code) << q.err;
-    EXPECT_EQ(v.exit_code, code) << v.err;
-    EXPECT_EQ(v.out, q.out);
-    if (code == 1) {
-      EXPECT_NE(v.err.find("Failed to get shared \"write\" lock"), std::string::npos) << v.err;
-    }
-  }
+  ASSERT_TRUE(HoldWithQemuIo("-f raw", "a.raw"));
+  const std::string refused = "Failed to get shared \"write\" lock";
+  ExpectLikeQemuImg({{"info a.raw", 0, ""},
+                     {"map -f raw a.raw", 0, ""},
+                     {"check -f raw a.raw", 63, ""},
+                     {"compare a.raw a.raw", 0, ""},
+                     {"measure -O qcow2 a.raw", 0, ""},
+                     {"dd -O raw if=a.raw of=o.raw bs=1M count=1", 0, ""},
+                     {"info --backing-chain top.qcow2", 0, ""},
+                     {"convert -f raw -O raw a.raw o.raw", 1, refused},
+                     {"convert -O raw top.qcow2 o.raw", 1, refused}},
+                    /*same_stdout=*/true);
   MustSh("kill $(cat holder.pid)");
 }
 
